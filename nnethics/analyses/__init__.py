@@ -1,0 +1,1 @@
+"""One technique per module: functions from (model, pairs, options) to an xarray Dataset."""

@@ -1,0 +1,92 @@
+"""Baseline decisions: which label each prompt of a pair makes the model choose (one batched trace)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ..prompts import SIDES, PromptPair
+from .common import PairBatch, encode_pairs
+
+
+@dataclass(frozen=True)
+class DecisionOptions:
+    labels: tuple[str, ...] = ("1", "2")
+    chat: bool | None = None
+
+
+def decision_logits(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One trace over every row: label logits ``[N, n_labels]``, log-normaliser ``[N]``, argmax token ``[N]``."""
+    ids = list(batch.label_ids)
+    with torch.no_grad(), model.trace(batch.encoded.inputs()):
+        last = model.lm.lm_head.output[:, -1, :]
+        label_logits = last[:, ids].float().clone().save()
+        lse = torch.logsumexp(last.float(), dim=-1).save()
+        top = last.argmax(dim=-1).save()
+    return label_logits.cpu(), lse.cpu(), top.cpu()
+
+
+def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: DecisionOptions = DecisionOptions(),
+                       label_ids: Sequence[int] | None = None) -> xr.Dataset:
+    """Decisions for every pair, both sides.
+
+    Returns a Dataset with dims ``prompt``, ``side`` (base, cf), ``option`` (labels), ``token``:
+    ``label_logit``/``label_prob (prompt, side, option)``, ``logit_diff (prompt, side)`` (label 1 −
+    label 2), ``chosen``, ``ethical_option``, ``chose_ethical (prompt, side)``, ``consistent (prompt)``,
+    ``label_is_top (prompt, side)`` (the model's argmax is one of the labels), ``prompt_text``,
+    ``input_ids (prompt, side, token)`` padded with −1, ``n_tokens``, and ``label_token_id (option)``.
+    """
+    labels = list(options.labels)
+    batch = encode_pairs(model, pairs, labels, options.chat, label_ids)
+    logits, lse, top = decision_logits(model, batch)
+    n = batch.n
+    lab = logits.numpy().reshape(2, n, len(labels)).transpose(1, 0, 2)
+    prob = np.exp(lab - lse.numpy().reshape(2, n).T[..., None])
+    chosen_idx = lab.argmax(-1)
+    chosen = np.array(labels, dtype=object)[chosen_idx]
+    ethical = np.array([[p.ethical(s) for s in SIDES] for p in pairs], dtype=object)
+    chose_ethical = chosen == ethical
+    top_ids = top.numpy().reshape(2, n).T
+    width = max(batch.encoded.lengths)
+    input_ids = np.full((n, 2, width), -1, dtype=np.int32)
+    n_tokens = np.zeros((n, 2), dtype=np.int32)
+    texts = np.empty((n, 2), dtype=object)
+    for i in range(n):
+        for j, side in enumerate(SIDES):
+            row = batch.row(i, side)
+            toks = batch.encoded.tokens(row)
+            input_ids[i, j, : len(toks)] = toks
+            n_tokens[i, j] = len(toks)
+            texts[i, j] = batch.encoded.texts[row]
+    tok = model.tokenizer
+    ds = xr.Dataset(
+        {
+            "label_logit": (("prompt", "side", "option"), lab.astype(np.float32)),
+            "label_prob": (("prompt", "side", "option"), prob.astype(np.float32)),
+            "logit_diff": (("prompt", "side"), (lab[..., 0] - lab[..., 1]).astype(np.float32)),
+            "chosen": (("prompt", "side"), chosen.astype(str)),
+            "ethical_option": (("prompt", "side"), ethical.astype(str)),
+            "chose_ethical": (("prompt", "side"), chose_ethical),
+            "consistent": (("prompt",), chose_ethical[:, 0] == chose_ethical[:, 1]),
+            "label_is_top": (("prompt", "side"), np.isin(top_ids, batch.label_ids)),
+            "top_token_id": (("prompt", "side"), top_ids.astype(np.int32)),
+            "prompt_text": (("prompt", "side"), texts.astype(str)),
+            "input_ids": (("prompt", "side", "token"), input_ids),
+            "n_tokens": (("prompt", "side"), n_tokens),
+            "category": (("prompt",), np.array([p.category for p in pairs], dtype=str)),
+        },
+        coords={
+            "prompt": [p.prompt_id for p in pairs],
+            "side": list(SIDES),
+            "option": labels,
+            "label_token_id": ("option", np.array(batch.label_ids, dtype=np.int32)),
+            "label_token": ("option", np.array(tok.convert_ids_to_tokens(batch.label_ids), dtype=str)),
+        },
+    )
+    ds["logit_diff"].attrs["description"] = "logit(label 1) - logit(label 2) at the last prompt token"
+    ds["label_prob"].attrs["description"] = "softmax probability over the full vocabulary"
+    return ds

@@ -1,0 +1,297 @@
+"""Load a model from any source nnethics accepts and wrap it for nnsight.
+
+``load_model(spec)`` accepts the built-in name (the default), a Hugging Face hub id (optionally
+``id@revision``), a local model folder, a ``.gguf`` file, or a key of ``config/models.json``.
+It returns a :class:`ModelHandle`: the nnsight model plus the adapter and the facts the
+analyses and the store need (layers, heads, dtype, device, provenance).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import builtin
+from .adapters import Adapter, adapter_for, get_path
+from .secrets import load_model_config, redact, resolve_token
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+QUANTIZE = ("4bit", "8bit")
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+@dataclass
+class ModelHandle:
+    """An nnsight-wrapped model with everything the analyses need to address it uniformly.
+
+    ``lm`` is the :class:`nnsight.TransformersModel`; ``remote`` is ``False`` for a local model,
+    ``True`` for NDIF, or a server URL.
+    """
+
+    lm: Any
+    tokenizer: Any
+    adapter: Adapter
+    name: str
+    revision: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    quantization: str | None = None
+    remote: bool | str = False
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def config(self) -> Any:
+        return self.lm.config if hasattr(self.lm, "config") else self.lm._module.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.config.num_hidden_layers if hasattr(self.config, "num_hidden_layers") else self.config.n_layer)
+
+    @property
+    def n_heads(self) -> int:
+        cfg = self.config
+        return int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
+
+    @property
+    def d_model(self) -> int:
+        cfg = self.config
+        return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+
+    @property
+    def slug(self) -> str:
+        """Folder name for this model under the store."""
+        base = self.name.rstrip("/").split("/")[-1] if "/" in self.name else self.name
+        base = re.sub(r"\.gguf$", "", base)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower()
+        if self.quantization:
+            slug += f"-{self.quantization}"
+        return slug or "model"
+
+    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
+        """``lm.trace`` with this handle's remote setting (callers may override it, e.g. ``remote="local"``)."""
+        kwargs.setdefault("remote", self.remote)
+        if kwargs["remote"] is False:
+            kwargs.pop("remote")
+        return self.lm.trace(*inputs, **kwargs)
+
+    def layer(self, i: int) -> Any:
+        return self.lm.model.layers[i]
+
+    def attn_out(self, i: int) -> Any:
+        return get_path(self.layer(i), self.adapter.attn_out)
+
+    def mlp_out(self, i: int) -> Any:
+        return get_path(self.layer(i), self.adapter.mlp_out)
+
+    def o_proj(self, i: int) -> Any:
+        return get_path(self.layer(i), self.adapter.o_proj)
+
+    def provenance(self) -> dict[str, str]:
+        return {
+            "model_id": self.name,
+            "model_revision": self.revision or "",
+            "model_family": self.adapter.family,
+            "model_type": str(self.config.model_type),
+            "dtype": self.dtype,
+            "device": self.device,
+            "quantization": self.quantization or "",
+            "remote": "ndif" if self.remote is True else (str(self.remote) if self.remote else ""),
+        }
+
+
+def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))} or 'auto'") from None
+
+
+def _quantization_config(quantize: str | None, compute_dtype: torch.dtype) -> Any:
+    if quantize is None:
+        return None
+    if quantize not in QUANTIZE:
+        raise ModelLoadError(f"unknown quantization {quantize!r}; use one of {QUANTIZE}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(
+            "quantization needs bitsandbytes; install it with: pip install 'nnethics[quantization]'"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _split_revision(spec: str) -> tuple[str, str | None]:
+    if "@" in spec and not Path(spec).exists():
+        name, rev = spec.rsplit("@", 1)
+        return name, rev or None
+    return spec, None
+
+
+def wrap_model(hf_model: Any, tokenizer: Any, *, name: str, revision: str | None = None,
+               dtype: str | None = None, device: str | None = None, quantization: str | None = None,
+               source: str = "", check: bool = True) -> ModelHandle:
+    """Wrap an already-loaded transformers model (e.g. a tiny one built from a config)."""
+    import nnsight
+
+    adapter = adapter_for(hf_model.config)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    hf_model.eval()
+    lm = nnsight.TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation", rename=dict(adapter.rename))
+    param = next(hf_model.parameters())
+    handle = ModelHandle(
+        lm=lm,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        name=name,
+        revision=revision,
+        dtype=dtype or str(param.dtype).removeprefix("torch."),
+        device=device or str(param.device),
+        quantization=quantization,
+        source=source,
+    )
+    if check:
+        from .checks import check_adapter
+
+        check_adapter(handle)
+    return handle
+
+
+def load_model(
+    spec: str = builtin.BUILTIN_NAME,
+    *,
+    revision: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    device_map: str | dict | None = None,
+    quantize: str | None = None,
+    token: str | None = None,
+    remote: bool | str = False,
+    check: bool = True,
+) -> ModelHandle:
+    """Load a model and wrap it with :class:`nnsight.TransformersModel`.
+
+    Args:
+        spec: built-in name (default), hub id (``org/name`` or ``org/name@revision``), local
+            folder, ``.gguf`` file, or a key of ``config/models.json``.
+        dtype: ``float32``/``bfloat16``/``float16``/``auto``. Defaults to float32 on CPU and
+            bfloat16 on CUDA.
+        device / device_map: ``cpu``, ``cuda``, ``cuda:1``...; ``device_map="auto"`` spreads a model
+            over the available devices (accelerate).
+        quantize: ``4bit`` (nf4) or ``8bit`` through bitsandbytes; works on CPU too.
+        token: a Hugging Face token; defaults to ``HF_TOKEN`` or the config entry. Never logged.
+        remote: ``True`` for NDIF, or a server URL: only the config and tokenizer are fetched.
+    """
+    configured = load_model_config().get(spec)
+    if configured is not None:
+        spec = configured.name
+        revision = revision or configured.revision
+        dtype = dtype or configured.dtype
+        remote = remote or configured.remote
+    token = resolve_token(token, configured)
+    spec, spec_rev = _split_revision(spec)
+    revision = revision or spec_rev
+    if remote:
+        from .remote import load_remote_model
+
+        return load_remote_model(spec, revision=revision, token=token, remote=remote)
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and device_map is None else "cpu"
+    if dtype is None:
+        dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
+    torch_dtype = _torch_dtype(dtype)
+    compute_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
+    qconfig = _quantization_config(quantize, compute_dtype)
+
+    name = spec
+    source = spec
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    path = Path(spec).expanduser()
+    if builtin.is_builtin(spec):
+        folder = builtin.ensure_cached()
+        name, source, load_from = builtin.BUILTIN_HUB_ID, f"builtin:{builtin.GGUF_NAME}", str(folder)
+        revision = revision or f"{builtin.WHEEL}=={builtin.WHEEL_VERSION}"
+    elif path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        load_from, kwargs["gguf_file"] = str(path.parent), path.name
+        name = path.name
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a folder without config.json; point --model at a saved transformers model")
+        load_from = str(path)
+        name = path.resolve().name
+    else:
+        load_from = spec
+        kwargs.update(revision=revision, token=token)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+        kwargs.setdefault("device_map", device_map or device)
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision", "token")}
+        tokenizer = AutoTokenizer.from_pretrained(load_from, **tok_kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        hint = ""
+        if not path.exists() and "/" in spec:
+            hint = " (is the hub reachable, and is HF_TOKEN set for gated models?)"
+        raise ModelLoadError(redact(f"could not load model {spec!r}{hint}: {e}", token)) from None
+    if qconfig is None and device_map is None:
+        hf_model.to(device)
+    return wrap_model(
+        hf_model,
+        tokenizer,
+        name=name,
+        revision=revision,
+        dtype=str(dtype) if not quantize else f"{quantize}/{str(compute_dtype).removeprefix('torch.')}",
+        device=str(device_map) if device_map else str(device),
+        quantization=quantize,
+        source=source,
+        check=check,
+    )
+
+
+def model_cache_info() -> dict[str, str]:
+    """Where the built-in model's de-quantized copy lives."""
+    return {"cache": str(builtin.cached_dir()), "exists": str(builtin.cached_dir().exists())}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -1,0 +1,377 @@
+"""Prompt pairs: loading, validation, chat formatting and answer-token resolution.
+
+Two input layouts are read:
+
+* the seed's: a folder with ``base_prompts.json`` and ``counterfactual_prompts.json`` (JSON arrays
+  of records ``{prompt_id, prompt, ethical_option, [category], [original_id]}``) matched by
+  ``prompt_id``;
+* one ``.jsonl`` file, one pair per line:
+  ``{"prompt_id", "category", "base": {"prompt", "ethical_option"}, "counterfactual": {...}}``.
+
+Every problem is reported with the file, the record and the fix; nothing is returned (and so
+nothing is written downstream) while any problem remains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+BASE_FILE = "base_prompts.json"
+CF_FILE = "counterfactual_prompts.json"
+SIDES = ("base", "cf")
+DEFAULT_LABELS = ("1", "2")
+_SEED_FIELDS = {"prompt_id", "prompt", "ethical_option", "category", "original_id"}
+_SEED_REQUIRED = ("prompt_id", "prompt", "ethical_option")
+_JSONL_FIELDS = {"prompt_id", "category", "base", "counterfactual"}
+_SIDE_FIELDS = {"prompt", "ethical_option"}
+MAX_LISTED = 25
+
+
+class PromptError(ValueError):
+    """Invalid prompt input. ``problems`` lists every problem found, each naming file, record and fix."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        shown = self.problems[:MAX_LISTED]
+        more = len(self.problems) - len(shown)
+        text = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
+        super().__init__(f"{len(self.problems)} problem(s) in the prompt input:\n{text}")
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """A dilemma and its counterfactual (same dilemma, options swapped or changed)."""
+
+    prompt_id: str
+    base: str
+    cf: str
+    base_ethical: str
+    cf_ethical: str
+    category: str = ""
+    original_id: str = ""
+
+    def text(self, side: str) -> str:
+        return self.base if side == "base" else self.cf
+
+    def ethical(self, side: str) -> str:
+        return self.base_ethical if side == "base" else self.cf_ethical
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Validated pairs plus what provenance needs: a name, the files read and their sha256."""
+
+    pairs: tuple[PromptPair, ...]
+    name: str
+    sha256: str
+    labels: tuple[str, ...] = DEFAULT_LABELS
+    files: tuple[str, ...] = field(default_factory=tuple)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def ids(self) -> list[str]:
+        return [p.prompt_id for p in self.pairs]
+
+    def subset(self, limit: int | None = None, ids: Sequence[str] | None = None) -> PromptSet:
+        pairs = self.pairs
+        if ids is not None:
+            wanted = set(ids)
+            pairs = tuple(p for p in pairs if p.prompt_id in wanted)
+        if limit is not None:
+            pairs = pairs[:limit]
+        return PromptSet(pairs, self.name, self.sha256, self.labels, self.files)
+
+
+def _read_json(path: Path, problems: list[str]) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append(f"{path}: file not found; create it or point --prompts at a folder holding {BASE_FILE} and {CF_FILE}")
+        return None
+    except UnicodeDecodeError as e:
+        problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8")
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        problems.append(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the syntax there")
+        return None
+
+
+def _norm_label(value: Any) -> Any:
+    return str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else value
+
+
+def _check_side(rec: dict, where: str, labels: Sequence[str], problems: list[str]) -> None:
+    prompt = rec.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        problems.append(f"{where}: 'prompt' is empty or not a string; give the dilemma text")
+    label = _norm_label(rec.get("ethical_option"))
+    if label not in labels:
+        problems.append(
+            f"{where}: ethical_option {rec.get('ethical_option')!r} is not one of the answer labels {list(labels)}; "
+            f"use one of them (or pass --labels to match your prompts)"
+        )
+
+
+def _seed_records(path: Path, data: Any, labels: Sequence[str], problems: list[str]) -> dict[str, dict]:
+    if data is None:
+        return {}
+    if not isinstance(data, list):
+        problems.append(f"{path}: expected a JSON array of prompt records, got {type(data).__name__}")
+        return {}
+    out: dict[str, dict] = {}
+    for i, rec in enumerate(data):
+        where = f"{path} record {i}"
+        if not isinstance(rec, dict):
+            problems.append(f"{where}: expected an object with {list(_SEED_REQUIRED)}, got {type(rec).__name__}")
+            continue
+        pid = rec.get("prompt_id")
+        if pid is not None:
+            where = f"{path} record {i} (prompt_id {pid!r})"
+        missing = [f for f in _SEED_REQUIRED if f not in rec]
+        if missing:
+            problems.append(f"{where}: missing field(s) {missing}; every record needs {list(_SEED_REQUIRED)}")
+            continue
+        unknown = sorted(set(rec) - _SEED_FIELDS)
+        if unknown:
+            problems.append(f"{where}: unknown field(s) {unknown}; allowed fields are {sorted(_SEED_FIELDS)}")
+        if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid).strip() == "":
+            problems.append(f"{where}: prompt_id must be a non-empty string")
+            continue
+        pid = str(pid)
+        if pid in out:
+            problems.append(f"{where}: duplicate prompt_id {pid!r} (first at record {out[pid]['_index']}); ids must be unique")
+            continue
+        _check_side(rec, where, labels, problems)
+        out[pid] = {**rec, "_index": i}
+    return out
+
+
+def _load_seed(folder: Path, labels: Sequence[str], problems: list[str]) -> list[PromptPair]:
+    base_path, cf_path = folder / BASE_FILE, folder / CF_FILE
+    base = _seed_records(base_path, _read_json(base_path, problems), labels, problems)
+    cf = _seed_records(cf_path, _read_json(cf_path, problems), labels, problems)
+    if not base or not cf:
+        return []
+    only_base = [k for k in base if k not in cf]
+    only_cf = [k for k in cf if k not in base]
+    if only_base:
+        problems.append(f"{cf_path}: no counterfactual for prompt_id(s) {only_base}; add them or remove them from {BASE_FILE}")
+    if only_cf:
+        problems.append(f"{base_path}: no base prompt for prompt_id(s) {only_cf}; add them or remove them from {CF_FILE}")
+    pairs = []
+    for pid, b in base.items():
+        if pid not in cf:
+            continue
+        c = cf[pid]
+        pairs.append(
+            PromptPair(
+                prompt_id=pid,
+                base=str(b.get("prompt", "")),
+                cf=str(c.get("prompt", "")),
+                base_ethical=str(_norm_label(b.get("ethical_option"))),
+                cf_ethical=str(_norm_label(c.get("ethical_option"))),
+                category=str(b.get("category") or c.get("category") or ""),
+                original_id=str(c.get("original_id") or b.get("original_id") or ""),
+            )
+        )
+    return pairs
+
+
+def _load_jsonl(path: Path, labels: Sequence[str], problems: list[str]) -> list[PromptPair]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        problems.append(f"{path}: file not found")
+        return []
+    pairs, seen = [], {}
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            problems.append(f"{where}: invalid JSON at column {e.colno}: {e.msg}; each line must be one JSON object")
+            continue
+        if not isinstance(rec, dict):
+            problems.append(f"{where}: expected a JSON object per line")
+            continue
+        missing = [f for f in ("prompt_id", "base", "counterfactual") if f not in rec]
+        if missing:
+            problems.append(f"{where}: missing field(s) {missing}; a line needs prompt_id, base and counterfactual")
+            continue
+        pid = str(rec["prompt_id"])
+        where = f"{path} line {n} (prompt_id {pid!r})"
+        unknown = sorted(set(rec) - _JSONL_FIELDS)
+        if unknown:
+            problems.append(f"{where}: unknown field(s) {unknown}; allowed fields are {sorted(_JSONL_FIELDS)}")
+        if pid in seen:
+            problems.append(f"{where}: duplicate prompt_id {pid!r} (first on line {seen[pid]}); ids must be unique")
+            continue
+        seen[pid] = n
+        ok = True
+        for side in ("base", "counterfactual"):
+            sub = rec[side]
+            if not isinstance(sub, dict):
+                problems.append(f"{where}: '{side}' must be an object with {sorted(_SIDE_FIELDS)}")
+                ok = False
+                continue
+            miss = sorted(_SIDE_FIELDS - set(sub))
+            extra = sorted(set(sub) - _SIDE_FIELDS)
+            if miss:
+                problems.append(f"{where}: '{side}' is missing {miss}")
+                ok = False
+                continue
+            if extra:
+                problems.append(f"{where}: '{side}' has unknown field(s) {extra}; allowed are {sorted(_SIDE_FIELDS)}")
+            _check_side(sub, f"{where} {side}", labels, problems)
+        if ok:
+            b, c = rec["base"], rec["counterfactual"]
+            pairs.append(
+                PromptPair(pid, str(b["prompt"]), str(c["prompt"]), str(_norm_label(b["ethical_option"])),
+                           str(_norm_label(c["ethical_option"])), str(rec.get("category") or ""), pid)
+            )
+    return pairs
+
+
+def _files_for(path: Path) -> tuple[str, list[Path]]:
+    if path.is_dir():
+        if (path / BASE_FILE).exists() or (path / CF_FILE).exists():
+            return "seed", [path / BASE_FILE, path / CF_FILE]
+        jsonl = sorted(path.glob("*.jsonl"))
+        if len(jsonl) == 1:
+            return "jsonl", jsonl
+        raise PromptError([
+            f"{path}: found no prompt files; expected {BASE_FILE} + {CF_FILE} (seed layout) or exactly one .jsonl file"
+            + (f" (found {len(jsonl)}: name one of them)" if jsonl else "")
+        ])
+    if path.name in (BASE_FILE, CF_FILE):
+        return "seed", [path.parent / BASE_FILE, path.parent / CF_FILE]
+    if path.suffix == ".jsonl":
+        return "jsonl", [path]
+    if not path.exists():
+        raise PromptError([f"{path}: no such file or folder; pass a folder with {BASE_FILE} + {CF_FILE} or a .jsonl file"])
+    raise PromptError([f"{path}: unknown prompt file type; use the seed layout ({BASE_FILE} + {CF_FILE}) or a .jsonl file"])
+
+
+def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> PromptSet:
+    """Load and validate prompt pairs; raises :class:`PromptError` listing every problem."""
+    path = Path(path)
+    labels = tuple(str(x) for x in labels)
+    if len(labels) != 2 or labels[0] == labels[1]:
+        raise PromptError([f"answer labels must be two different strings, got {list(labels)}"])
+    kind, files = _files_for(path)
+    problems: list[str] = []
+    pairs = _load_seed(files[0].parent, labels, problems) if kind == "seed" else _load_jsonl(files[0], labels, problems)
+    if not problems and not pairs:
+        problems.append(f"{path}: no prompt pairs found; add at least one pair")
+    if problems:
+        raise PromptError(problems)
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        digest.update(f.read_bytes())
+    name = path.name if path.is_dir() else path.stem
+    if path.is_dir() and path.resolve().name == "prompts":
+        name = "nnethics-prompts"
+    return PromptSet(tuple(pairs), name=name, sha256=digest.hexdigest(), labels=labels, files=tuple(str(f) for f in files))
+
+
+# --- formatting and tokens ---------------------------------------------------------------------
+
+
+def format_prompt(tokenizer: Any, text: str, chat: bool | None = None) -> str:
+    """The exact text given to the model: wrapped in the chat template when there is one (``chat=None``)."""
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if not use_chat:
+        return text
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat formatting was requested but the tokenizer has no chat template; use --no-chat")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+
+
+class LabelTokenError(ValueError):
+    """The answer labels do not map to distinct single next tokens."""
+
+
+def _continuation(tokenizer: Any, text: str, suffix: str) -> list[int] | None:
+    prefix = tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(text + suffix, add_special_tokens=False)["input_ids"]
+    if full[: len(prefix)] != prefix:
+        return None
+    return full[len(prefix):]
+
+
+def label_candidates(tokenizer: Any, text: str, label: str) -> list[tuple[str, list[int] | None]]:
+    """How ``label`` would continue ``text``: with a leading space, and without."""
+    variants = [" " + label, label] if text and not text[-1].isspace() else [label]
+    return [(v, _continuation(tokenizer, text, v)) for v in variants]
+
+
+def resolve_label_tokens(tokenizer: Any, texts: Sequence[str], labels: Sequence[str]) -> list[int]:
+    """The single token each label would be emitted as after every formatted prompt.
+
+    For each label the first variant (``" 1"`` after ``"Answer:"``, else ``"1"``) that is one
+    token is used. Every prompt must agree, and the labels' tokens must differ.
+    """
+    chosen: list[int] = []
+    for label in labels:
+        per_text = set()
+        for text in texts:
+            options = [ids[0] for _, ids in label_candidates(tokenizer, text, label) if ids and len(ids) == 1]
+            if not options:
+                shown = ", ".join(f"{v!r} -> {ids}" for v, ids in label_candidates(tokenizer, text, label))
+                raise LabelTokenError(
+                    f"Cannot find distinct token IDs: label {label!r} is not a single next token after the prompt "
+                    f"(tokenizations: {shown}). Use labels that are single tokens for this tokenizer (e.g. --labels A,B), "
+                    "or end the prompt so the label follows as one token (run `nnethics tokens` to see the details)."
+                )
+            per_text.add(options[0])
+        if len(per_text) != 1:
+            raise LabelTokenError(
+                f"Cannot find distinct token IDs: label {label!r} tokenizes differently across prompts ({sorted(per_text)}); "
+                "end every prompt the same way (e.g. with 'Answer:')."
+            )
+        chosen.append(per_text.pop())
+    if len(set(chosen)) != len(chosen):
+        raise LabelTokenError(
+            f"Cannot find distinct token IDs: labels {list(labels)} map to the same token(s) {chosen}; use distinct labels."
+        )
+    return chosen
+
+
+def tokenization_report(tokenizer: Any, prompts: PromptSet, chat: bool | None = None, limit: int = 5) -> str:
+    """Human-readable diagnostics: label tokens, prompt ends, base/cf length alignment (the seed's analyze_tokenization)."""
+    lines = []
+    texts = [format_prompt(tokenizer, p.text(s), chat) for p in prompts.pairs for s in SIDES]
+    sample = texts[0]
+    lines.append(f"prompt set: {prompts.name} ({len(prompts)} pairs), labels {list(prompts.labels)}")
+    lines.append(f"chat template: {'on' if sample != prompts.pairs[0].base else 'off'}")
+    for label in prompts.labels:
+        for variant, ids in label_candidates(tokenizer, sample, label):
+            toks = tokenizer.convert_ids_to_tokens(ids) if ids else None
+            lines.append(f"  label {label!r} as {variant!r}: ids {ids} tokens {toks}")
+    try:
+        ids = resolve_label_tokens(tokenizer, texts, prompts.labels)
+        lines.append(f"resolved label tokens: {dict(zip(prompts.labels, ids))}")
+    except LabelTokenError as e:
+        lines.append(f"ERROR: {e}")
+    lengths = [(p.prompt_id, len(tokenizer(format_prompt(tokenizer, p.base, chat), add_special_tokens=False)["input_ids"]),
+                len(tokenizer(format_prompt(tokenizer, p.cf, chat), add_special_tokens=False)["input_ids"]))
+               for p in prompts.pairs]
+    same = sum(b == c for _, b, c in lengths)
+    lines.append(f"base/cf token lengths equal for {same}/{len(lengths)} pairs (needed for --positions grid)")
+    for pid, b, c in lengths[:limit]:
+        lines.append(f"  {pid}: base {b} tokens, cf {c} tokens")
+    end = tokenizer(sample, add_special_tokens=False)["input_ids"][-8:]
+    lines.append(f"last tokens of the first prompt: {tokenizer.convert_ids_to_tokens(end)}")
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""Chunked, resumable execution of an analysis over a prompt set.
+
+The analysis itself is a pure function ``fn(model, pairs) -> xr.Dataset`` (dim ``prompt``); this
+module feeds it chunks, writes each finished chunk as an atomic part, halves the chunk on
+out-of-memory without losing finished prompts, shows progress on stderr, and consolidates the
+parts into ``store/<slug>/<analysis>.nc``.
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+import click
+import torch
+import xarray as xr
+
+from .prompts import PromptPair, PromptSet
+from .store import PartStore, provenance
+
+AnalysisFn = Callable[[Any, Sequence[PromptPair]], xr.Dataset]
+
+
+def is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_analysis(
+    name: str,
+    fn: AnalysisFn,
+    model: Any,
+    prompts: PromptSet,
+    store: str,
+    options: Mapping[str, Any],
+    batch_size: int = 8,
+    progress: bool | None = None,
+    extra_attrs: Mapping[str, Any] | None = None,
+) -> xr.Dataset:
+    """Run ``fn`` over every pair in chunks of ``batch_size`` pairs, resumably; return the consolidated Dataset."""
+    if batch_size < 1:
+        raise click.BadParameter(f"batch size must be at least 1, got {batch_size}")
+    attrs = provenance(name, model, prompts, options, **(extra_attrs or {}))
+    parts = PartStore(store, model.slug, name, attrs)
+    done = parts.done_ids()
+    todo = [p for p in prompts.pairs if p.prompt_id not in done]
+    show = sys.stderr.isatty() if progress is None else progress
+    size = batch_size
+    with click.progressbar(length=len(prompts), label=f"{name} [{model.slug}]", file=sys.stderr,
+                           hidden=not show, show_pos=True) as bar:
+        bar.update(len(prompts) - len(todo))
+        i = 0
+        while i < len(todo):
+            chunk = todo[i:i + size]
+            try:
+                ds = fn(model, chunk)
+            except Exception as err:  # noqa: BLE001 - only OOM is retried
+                if not is_oom(err) or size == 1:
+                    raise
+                free_memory()
+                size = max(1, size // 2)
+                continue
+            parts.write_part(ds)
+            i += len(chunk)
+            bar.update(len(chunk))
+    return parts.consolidate(order=prompts.ids())
