@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -113,16 +114,16 @@ def cli() -> None:
 @prompt_options
 @click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Pairs per batch (halved on out-of-memory).")
-@click.option("--analyses", default="decisions", show_default=True,
-              help="Comma-separated analyses to run.")
+@click.option("--analyses", default=None,
+              help="Comma-separated analyses to run (default: all: decisions, patching, attribution, lens).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @friendly
 def run(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat, limit,
         store, batch_size, analyses, progress) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
-    from .pipeline import ANALYSES, run_all
+    from .pipeline import ANALYSES, DEFAULT_ANALYSES, run_all
 
-    wanted = [a.strip() for a in analyses.split(",") if a.strip()]
+    wanted = [a.strip() for a in analyses.split(",") if a.strip()] if analyses else list(DEFAULT_ANALYSES)
     unknown = [a for a in wanted if a not in ANALYSES]
     if unknown:
         raise BadInput(f"unknown analyses {unknown}; choose from {sorted(ANALYSES)}")
@@ -207,6 +208,17 @@ def show(path: Path) -> None:
         except (OSError, ValueError) as e:
             raise BadInput(f"{f}: not a readable NetCDF file ({e})") from None
         click.echo()
+
+
+# Analysis-specific commands live in their own modules; each exposes ``register(cli)``.
+for _name in ("patch", "attribute", "lens", "report"):
+    try:
+        _module = importlib.import_module(f"nnethics.commands.{_name}")
+    except ModuleNotFoundError as _e:
+        if _e.name != f"nnethics.commands.{_name}":
+            raise
+        continue
+    _module.register(cli)
 
 
 def main() -> None:

@@ -2,69 +2,61 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable, Sequence
-
-import xarray as xr
+import importlib
+from typing import Any, Sequence
 
 from .analyses.common import format_pairs
+from .analyses.spec import AnalysisSpec, RunContext
 from .prompts import PromptSet, resolve_label_tokens
 from .runner import run_analysis
-from .store import result_path
+from .store import result_path, write_atomic
+
+# Modules that expose ``SPEC: AnalysisSpec``, in the order ``nnethics run`` runs them.
+ANALYSIS_MODULES = ("decisions", "patching", "attribution", "lens")
 
 
-@dataclass(frozen=True)
-class AnalysisSpec:
-    """How to run one analysis: ``build(model, prompts, label_ids, chat) -> fn(model, pairs) -> Dataset``,
-    the options recorded in provenance, and a one-line summary of the result."""
-
-    build: Callable[..., Callable]
-    summary: Callable[[xr.Dataset], str]
-    options: Callable[[PromptSet, Any], dict]
-
-
-def _decisions_build(model, prompts, label_ids, chat):
-    from .analyses.decisions import DecisionOptions, baseline_decisions
-
-    opts = DecisionOptions(labels=prompts.labels, chat=chat)
-    return partial(_call_decisions, opts=opts, label_ids=label_ids, fn=baseline_decisions)
+def _collect() -> dict[str, AnalysisSpec]:
+    specs = {}
+    for mod in ANALYSIS_MODULES:
+        try:
+            module = importlib.import_module(f"nnethics.analyses.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name == f"nnethics.analyses.{mod}":
+                continue
+            raise
+        spec = getattr(module, "SPEC", None)
+        if spec is not None:
+            specs[spec.name] = spec
+    return specs
 
 
-def _call_decisions(model, pairs, *, opts, label_ids, fn):
-    return fn(model, pairs, opts, label_ids=label_ids)
+ANALYSES: dict[str, AnalysisSpec] = _collect()
+DEFAULT_ANALYSES = tuple(name for name, spec in ANALYSES.items() if spec.default)
 
 
-def _decisions_summary(ds: xr.Dataset) -> str:
-    n = ds.sizes["prompt"]
-    base = float(ds["chose_ethical"].sel(side="base").mean())
-    cf = float(ds["chose_ethical"].sel(side="cf").mean())
-    both = float(ds["chose_ethical"].all("side").mean())
-    consistent = float(ds["consistent"].mean())
-    top = float(ds["label_is_top"].mean())
-    return (f"{n} pairs: ethical on base {base:.0%}, on counterfactual {cf:.0%}, on both {both:.0%}; "
-            f"consistent {consistent:.0%}; a label is the top-1 token in {top:.0%} of prompts")
-
-
-ANALYSES: dict[str, AnalysisSpec] = {
-    "decisions": AnalysisSpec(
-        build=_decisions_build,
-        summary=_decisions_summary,
-        options=lambda prompts, chat: {"labels": list(prompts.labels), "chat": chat},
-    ),
-}
-
-
-def run_all(model: Any, prompts: PromptSet, store: str, analyses: Sequence[str] = ("decisions",), chat: bool | None = None,
-            batch_size: int = 8, progress: bool | None = None) -> dict[str, tuple[str, str]]:
-    """Run each named analysis over the prompt set; returns ``{name: (path, summary)}``."""
+def make_context(model: Any, prompts: PromptSet, chat: bool | None = None, extra: dict | None = None) -> RunContext:
     texts = format_pairs(model.tokenizer, prompts.pairs, chat)
     label_ids = resolve_label_tokens(model.tokenizer, texts, prompts.labels)
-    results = {}
-    for name in analyses:
-        spec = ANALYSES[name]
-        fn = spec.build(model, prompts, label_ids, chat)
-        ds = run_analysis(name, fn, model, prompts, store, spec.options(prompts, chat), batch_size=batch_size,
-                          progress=progress, extra_attrs={"label_token_ids": list(label_ids)})
-        results[name] = (str(result_path(store, model.slug, name)), spec.summary(ds))
-    return results
+    return RunContext(labels=tuple(prompts.labels), label_ids=tuple(label_ids), chat=chat, extra=extra or {})
+
+
+def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunContext, batch_size: int = 8,
+            progress: bool | None = None) -> tuple[str, str]:
+    spec = ANALYSES[name]
+    fn, options = spec.build(model, ctx)
+    options = {"labels": list(ctx.labels), "chat": ctx.chat, **options}
+    ds = run_analysis(name, fn, model, prompts, store, options, batch_size=batch_size, progress=progress,
+                      extra_attrs={"label_token_ids": list(ctx.label_ids)})
+    path = result_path(store, model.slug, name)
+    if spec.finalize is not None:
+        ds = spec.finalize(ds)
+        write_atomic(ds, path)
+    return str(path), spec.summary(ds)
+
+
+def run_all(model: Any, prompts: PromptSet, store: str, analyses: Sequence[str] | None = None, chat: bool | None = None,
+            batch_size: int = 8, progress: bool | None = None, extra: dict | None = None) -> dict[str, tuple[str, str]]:
+    """Run each named analysis over the prompt set; returns ``{name: (path, summary)}``."""
+    ctx = make_context(model, prompts, chat, extra)
+    return {name: run_one(name, model, prompts, store, ctx, batch_size, progress)
+            for name in (analyses or DEFAULT_ANALYSES)}

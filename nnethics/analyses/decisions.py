@@ -11,6 +11,7 @@ import xarray as xr
 
 from ..prompts import SIDES, PromptPair
 from .common import PairBatch, encode_pairs
+from .spec import AnalysisSpec
 
 
 @dataclass(frozen=True)
@@ -90,3 +91,22 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
     ds["logit_diff"].attrs["description"] = "logit(label 1) - logit(label 2) at the last prompt token"
     ds["label_prob"].attrs["description"] = "softmax probability over the full vocabulary"
     return ds
+
+
+def _build(model, ctx):
+    opts = DecisionOptions(labels=ctx.labels, chat=ctx.chat)
+    return (lambda m, pairs: baseline_decisions(m, pairs, opts, label_ids=ctx.label_ids)), {}
+
+
+def summarize(ds: xr.Dataset) -> str:
+    n = ds.sizes["prompt"]
+    base = float(ds["chose_ethical"].sel(side="base").mean())
+    cf = float(ds["chose_ethical"].sel(side="cf").mean())
+    both = float(ds["chose_ethical"].all("side").mean())
+    consistent = float(ds["consistent"].mean())
+    top = float(ds["label_is_top"].mean())
+    return (f"{n} pairs: ethical on base {base:.0%}, on counterfactual {cf:.0%}, on both {both:.0%}; "
+            f"consistent {consistent:.0%}; a label is the top-1 token in {top:.0%} of prompts")
+
+
+SPEC = AnalysisSpec(name="decisions", build=_build, summary=summarize)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import nnsight
 import torch
 
 from .adapters import UnsupportedArchitectureError
@@ -32,7 +33,7 @@ def check_adapter(handle) -> None:
     probe = sorted({0, n_layers - 1})
     try:
         with torch.no_grad(), lm.trace(ids):
-            shapes = {}
+            shapes = nnsight.save({})
             for i in probe:
                 layer = lm.model.layers[i]
                 shapes[f"layers[{i}].input"] = tuple(layer.inputs[0][0].shape)
@@ -42,7 +43,6 @@ def check_adapter(handle) -> None:
                 shapes[f"layers[{i}].output"] = tuple(_first(layer.output).shape)
             shapes["norm.output"] = tuple(lm.model.norm.output.shape)
             shapes["lm_head.output"] = tuple(lm.lm_head.output.shape)
-            shapes = shapes.save() if hasattr(shapes, "save") else shapes
     except Exception as e:  # noqa: BLE001 - rethrown with the adapter named
         raise AdapterCheckError(f"{ad.family} adapter failed its load-time trace: {type(e).__name__}: {e}") from e
     vocab = handle.config.vocab_size

@@ -1,0 +1,1 @@
+"""Analysis-specific CLI commands; each module exposes ``register(cli)``."""

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random models of every supported family, and the built-in model.
+
+Tiny models use the built-in model's real tokenizer (SmolLM2, with its chat template) so prompt
+formatting and label resolution are exercised as in real runs; their weights are random and seeded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as T
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "prompts"
+
+# Keep test runs off the user's real config and cache locations unless CI already set them.
+os.environ.setdefault("NNETHICS_CONFIG", str(ROOT / "tests" / "data" / "no-models.json"))
+
+
+def _common(vocab: int) -> dict:
+    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+
+
+def tiny_config(family: str, vocab: int):
+    """A small random config per family (3 layers, d=64, 4 heads)."""
+    c = _common(vocab)
+    if family == "llama":
+        return T.LlamaConfig(**c)
+    if family == "mistral":
+        return T.MistralConfig(**c)
+    if family == "qwen2":
+        return T.Qwen2Config(**c)
+    if family == "gemma2":
+        return T.Gemma2Config(**c, head_dim=16, final_logit_softcapping=5.0)
+    if family == "gemma3":
+        return T.Gemma3TextConfig(**c, head_dim=16)
+    if family == "phi3":
+        return T.Phi3Config(**c, pad_token_id=0)
+    if family == "mixtral":
+        return T.MixtralConfig(**c, num_local_experts=4, num_experts_per_tok=2)
+    if family == "gpt2":
+        return T.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=512,
+                            bos_token_id=0, eos_token_id=0)
+    if family == "gpt_neox":
+        return T.GPTNeoXConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                               num_attention_heads=4, max_position_embeddings=512, bos_token_id=0, eos_token_id=0)
+    raise KeyError(family)
+
+
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2", "gemma3", "phi3", "mixtral", "gpt2", "gpt_neox")
+
+
+@pytest.fixture(scope="session")
+def builtin_dir() -> Path:
+    """Folder of the de-quantized built-in model (created once per machine)."""
+    from nnethics.models.builtin import ensure_cached
+
+    return ensure_cached()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(builtin_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(builtin_dir)
+
+
+def make_tiny(family: str, tokenizer, seed: int = 0):
+    """A tiny random nnsight-wrapped model of ``family`` (float32, eval mode)."""
+    from nnethics.models import wrap_model
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, len(tokenizer))
+    hf = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    # Random init leaves norm gains at 1 and biases at 0; perturb them so norm handling is really tested.
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return wrap_model(hf, tokenizer, name=f"tiny-{family}")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tokenizer):
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = make_tiny(family, tokenizer)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def builtin_model(builtin_dir):
+    from nnethics.models import load_model
+
+    return load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def prompt_set():
+    from nnethics.prompts import load_prompts
+
+    return load_prompts(PROMPTS)
