@@ -147,11 +147,32 @@ class PartStore:
             n += 1
         return write_atomic(ds, self.dir / f"{n:06d}.nc")
 
+    @staticmethod
+    def _pad_ragged(parts: list[xr.Dataset]) -> list[xr.Dataset]:
+        """Pad coordinate-less dims (e.g. ``token``) to a common size: −1 for ints, "" for strings, NaN for floats."""
+        dims = {d for ds in parts for d in ds.dims if d != "prompt" and d not in ds.coords}
+        for dim in dims:
+            size = max(ds.sizes.get(dim, 0) for ds in parts)
+            padded = []
+            for ds in parts:
+                missing = size - ds.sizes.get(dim, size)
+                if missing > 0:
+                    ds = ds.copy()
+                    for name, var in ds.data_vars.items():
+                        if dim in var.dims:
+                            fill = _fill_value(var.dtype)
+                            widths = [(0, missing if d == dim else 0) for d in var.dims]
+                            ds[name] = (var.dims, np.pad(var.values, widths, constant_values=fill), var.attrs)
+                padded.append(ds)
+            parts = padded
+        return parts
+
     def consolidate(self, order: Iterable[str] | None = None, extra_attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
         """Concatenate the parts along ``prompt`` (in ``order``), write the final file, remove the parts."""
         parts = self.load_parts()
         if not parts:
             raise RuntimeError(f"no finished parts in {self.dir} to consolidate")
+        parts = self._pad_ragged(parts)
         ds = xr.concat(parts, dim="prompt", data_vars="all", coords="different", compat="equals",
                        join="outer", combine_attrs="override")
         _, unique = np.unique(ds["prompt"].values, return_index=True)
@@ -169,6 +190,16 @@ class PartStore:
         except OSError:
             pass
         return ds
+
+
+def _fill_value(dtype: np.dtype) -> Any:
+    if np.issubdtype(dtype, np.integer):
+        return -1
+    if np.issubdtype(dtype, np.floating):
+        return np.nan
+    if np.issubdtype(dtype, np.bool_):
+        return False
+    return ""
 
 
 def summarize(path: str | Path) -> str:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-import transformers as T
-
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ROOT / "prompts"
-
 # Keep test runs off the user's real config and cache locations unless CI already set them.
 os.environ.setdefault("NNETHICS_CONFIG", str(ROOT / "tests" / "data" / "no-models.json"))
+# The tests never use the hub; offline mode makes hub look-ups fail at once instead of timing out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers as T  # noqa: E402
+
+PROMPTS = ROOT / "prompts"
+
 
 
 def _common(vocab: int) -> dict:
@@ -108,3 +111,13 @@ def prompt_set():
     from nnethics.prompts import load_prompts
 
     return load_prompts(PROMPTS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved as a local model folder, so the CLI can load it by path."""
+    model = make_tiny("llama", tokenizer, seed=1)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.lm._module.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

@@ -1,0 +1,263 @@
+"""Direct logit attribution (DLA): what each layer, head and expert writes straight into the answer logits.
+
+At the decision position (every prompt's last token) the final residual is a sum of parts: the
+embedding, each layer's attention output, each layer's MLP output. The final norm is linear in its
+input once its scale is frozen at the value of the actual run, so the label logits split exactly into
+one term per part, plus the norm's bias (LayerNorm) and the lm_head bias as constant terms:
+
+    logit(o) = s · Σ_parts part · (W_U[o] ⊙ gain)  +  bias_o              (RMSNorm; Gemma: gain = 1 + w)
+    logit(o) = s · Σ_parts part · centre(W_U[o] ⊙ gain)  +  W_U[o]·b + b_U  (LayerNorm: s = rsqrt(var + eps))
+
+Centring the direction is the same as centring every part (LayerNorm subtracts the mean). Attention
+outputs split further by head through the o_proj input (Gemma: through its post-attention norm with
+that norm's scale frozen from the actual o_proj output), plus the o_proj bias; Mixtral MLPs split by
+expert (each expert recomputed from the fused weights × its routing weight). Gemma-2's final-logit
+soft-cap is not linear, so ``softcap = true LD − pre-softcap LD`` is its own term and everything sums
+exactly to the model's logit difference.
+
+Everything for a chunk of pairs comes from one trace over all base and counterfactual rows. The trace
+only brings back small per-row vectors at the last position; the arithmetic happens afterwards in
+float64. The readout weights (W_U rows, norm gains, o_proj weights projected onto the readout
+directions) are read from the local module, or, for a remote model, computed inside a trace from the
+envoys' weights so only the small projections come back.
+
+Stored as ``store/<slug>/attribution.nc``. Dims ``prompt``, ``side`` (base, cf), ``layer``,
+``component`` (attn, mlp), ``option`` (the labels), ``head``, and ``expert`` for MoE models.
+
+* ``logit_contribution (prompt, side, layer, component, option)``; ``diff_contribution`` is option 1
+  minus option 2 ``(prompt, side, layer, component)``.
+* ``head_contribution (prompt, side, layer, head)`` and ``head_logit_contribution (…, option)``
+  (with heads on); ``attn_bias_contribution (prompt, side, layer)`` (o_proj bias):
+  ``head_contribution.sum("head") + attn_bias_contribution == diff_contribution.sel(component="attn")``.
+* ``expert_contribution (prompt, side, layer, expert)`` (MoE): its sum over ``expert`` is the mlp part.
+* ``embed_contribution``, ``bias_contribution`` (final-norm bias + lm_head bias), ``softcap_contribution``,
+  ``other_layers_contribution`` (the layers not stored when ``layers`` was restricted, else 0), all
+  ``(prompt, side)``, each with a per-option ``*_logit_contribution``. Then
+  ``embed + bias + softcap + other_layers + diff_contribution.sum(("layer", "component")) == logit_diff``.
+* ``logit_diff``/``label_logit``: the model's actual values; ``final_norm_scale``; ``attn_mlp_ratio
+  (prompt, side, layer)`` = |attn| / (|attn| + |mlp|) of ``diff_contribution`` (NaN when both are 0).
+* attr ``complete_layers``: ``"true"`` when every layer is stored.
+
+The seed's CSV columns, for a layer ``L`` and label ``"1"``::
+
+    attn_to_1  = ds.logit_contribution.sel(layer=L, component="attn", option="1")
+    mlp_to_1   = ds.logit_contribution.sel(layer=L, component="mlp", option="1")
+    total_to_1 = ds.logit_contribution.sel(layer=L, option="1").sum("component")
+    attn_mlp_ratio = ds.attn_mlp_ratio.sel(layer=L)   # on the label-1-minus-label-2 difference;
+    # the seed's ratio on the label-1 logit itself: abs(attn_to_1) / (abs(attn_to_1) + abs(mlp_to_1))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import nnsight
+import numpy as np
+import torch
+import xarray as xr
+from torch import Tensor
+
+from ..models.adapters import final_norm_eps, get_path
+from ..prompts import SIDES, PromptPair
+from .common import encode_pairs
+from .spec import AnalysisSpec
+
+COMPONENTS = ("attn", "mlp")
+F64 = torch.float64
+
+
+@dataclass(frozen=True)
+class AttributionOptions:
+    labels: tuple[str, ...] = ("1", "2")
+    chat: bool | None = None
+    layers: tuple[int, ...] | None = None  # store only these layers (the seed's target_layers); None = all
+    heads: bool = True
+
+
+@dataclass
+class Readout:
+    """The linear readout of the label logits from the final residual, float64 on CPU.
+
+    ``direction [O, d]``: W_U rows ⊙ final-norm gain (centred for LayerNorm); ``const [O]``: norm
+    bias + lm_head bias; ``head_dir [L, O, H·dh]``: the direction (⊙ Gemma's post-attention gain)
+    pulled back through each o_proj; ``attn_bias [L, O]``: the o_proj bias on that direction.
+    """
+
+    direction: Tensor
+    const: Tensor
+    head_dir: Tensor
+    attn_bias: Tensor
+    eps: float
+    centre: bool
+    n_heads: int
+    post_eps: tuple[float, ...] | None  # Gemma: each layer's post-attention norm epsilon
+
+
+@dataclass
+class Activations:
+    """What the trace brings back, per row at the last position (rows first).
+
+    ``embed [N, d]``, ``attn``/``mlp [N, L, d]``, ``z [N, L, H·dh]`` (o_proj input, with heads),
+    ``o_out [N, L, d]`` (o_proj output, Gemma), ``experts [N, L, k, d]`` with ``expert_idx [N, L, k]``
+    (MoE, routing weight applied), ``final [N, d]`` (final-norm input), ``pre_logits``/``logits [N, O]``
+    (label logits before / after the soft-cap).
+    """
+
+    embed: Tensor
+    attn: Tensor
+    mlp: Tensor
+    final: Tensor
+    pre_logits: Tensor
+    logits: Tensor
+    z: Tensor | None = None
+    o_out: Tensor | None = None
+    experts: Tensor | None = None
+    expert_idx: Tensor | None = None
+
+
+def _readout_tensors(lm_head: Any, norm: Any, o_projs: Sequence[Any], post_norms: Sequence[Any] | None,
+                     ids: list[int], offset: bool, centre: bool, conv1d: bool) -> dict[str, Tensor]:
+    """Readout weights from envoys (or modules); plain torch ops only, so it also runs inside a remote trace."""
+    u = lm_head.weight[ids].double()
+    nw = getattr(norm, "weight", None)
+    gain = u.new_ones(u.shape[-1]) if nw is None else nw.double().to(u.device)
+    direction = u * (gain + 1.0 if offset else gain)
+    if centre:
+        direction = direction - direction.mean(-1, keepdim=True)
+    const = u.new_zeros(len(ids))
+    nb = getattr(norm, "bias", None)
+    if nb is not None:
+        const = const + u @ nb.double().to(u.device)
+    hb = getattr(lm_head, "bias", None)
+    if hb is not None:
+        const = const + hb[ids].double().to(u.device)
+    head_dir, attn_bias = [], []
+    for i, proj in enumerate(o_projs):
+        w = proj.weight.double()
+        d_i = direction.to(w.device)
+        if post_norms is not None:
+            d_i = d_i * (post_norms[i].weight.double().to(w.device) + 1.0)
+        head_dir.append((d_i @ (w.T if conv1d else w)).cpu())
+        b = getattr(proj, "bias", None)
+        attn_bias.append((d_i @ b.double()).cpu() if b is not None else torch.zeros(len(ids), dtype=F64))
+    return {"direction": direction.cpu(), "const": const.cpu(), "head_dir": torch.stack(head_dir),
+            "attn_bias": torch.stack(attn_bias)}
+
+
+def readout(model: Any, label_ids: Sequence[int], remote: Any = None) -> Readout:
+    """The readout weights for ``label_ids``: read locally, or through a one-token trace for a remote
+    model (``remote`` overrides the handle's setting, e.g. ``"local"`` for nnsight's serialization dry run)."""
+    lm, ad = model.lm, model.adapter
+    L = model.n_layers
+    o_projs = [model.o_proj(i) for i in range(L)]
+    post = [get_path(model.layer(i), ad.attn_post_norm) for i in range(L)] if ad.attn_post_norm else None
+    args = dict(ids=[int(i) for i in label_ids], offset=ad.norm == "rms_offset", centre=ad.norm == "layer",
+                conv1d=ad.o_proj_conv1d)
+    use_trace = remote if remote is not None else model.remote
+    if use_trace:
+        tiny = {"input_ids": torch.tensor([[args["ids"][0]]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+        with torch.no_grad(), model.trace(tiny, remote=use_trace) as tracer:
+            got = nnsight.save(_readout_tensors(lm.lm_head, lm.model.norm, o_projs, post, **args))
+            tracer.stop()
+    else:
+        with torch.no_grad():
+            got = _readout_tensors(lm.lm_head, lm.model.norm, o_projs, post, **args)
+    post_eps = tuple(final_norm_eps(ad, p._module) for p in post) if post else None
+    return Readout(eps=final_norm_eps(ad, lm.model.norm._module), centre=ad.norm == "layer", post_eps=post_eps,
+                   n_heads=model.n_heads,
+                   **{k: v.to(F64) for k, v in got.items()})
+
+
+def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], heads: bool = True,
+            remote: Any = None) -> Activations:
+    """One trace over every row; reads in forward order and clones every last-position slice (remote-safe)."""
+    lm, ad = model.lm, model.adapter
+    L, ids = model.n_layers, [int(i) for i in label_ids]
+    n_rows = int(inputs["input_ids"].shape[0])
+    first_layer = model.layer(0)
+    o_projs = [model.o_proj(i) for i in range(L)]
+    attn_outs = [model.attn_out(i) for i in range(L)]
+    mlp_outs = [model.mlp_out(i) for i in range(L)]
+    attn_tuple, post, moe = ad.attn_out_is_tuple, ad.attn_post_norm is not None, ad.moe
+    kw = {} if remote is None else {"remote": remote}
+    with torch.no_grad(), model.trace(inputs, **kw):
+        got = nnsight.save({"attn": [], "mlp": [], "z": [], "o": [], "ex": [], "idx": []})
+        got["embed"] = first_layer.inputs[0][0][:, -1].clone()
+        for i in range(L):
+            if heads:
+                got["z"].append(o_projs[i].input[:, -1].clone())
+            if post:
+                got["o"].append(o_projs[i].output[:, -1].clone())
+            a = attn_outs[i].output
+            got["attn"].append((a[0] if attn_tuple else a)[:, -1].clone())
+            if moe:
+                # Recompute every expert at the last position from the fused weights; keep the routed top-k.
+                block = mlp_outs[i]
+                h = block.input[:, -1]
+                gate_out = block.gate.output
+                k = gate_out[1].shape[-1]
+                weight = gate_out[1].reshape(n_rows, -1, k)[:, -1]
+                idx = gate_out[2].reshape(n_rows, -1, k)[:, -1]
+                gate, up = torch.einsum("eod,nd->neo", block.experts.gate_up_proj, h).chunk(2, dim=-1)
+                out = torch.einsum("edi,nei->ned", block.experts.down_proj, block.experts.act_fn(gate) * up)
+                routed = out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1]))
+                got["ex"].append((routed.float() * weight[..., None].float()).clone())
+                got["idx"].append(idx.clone())
+            m = mlp_outs[i].output
+            got["mlp"].append((m[0] if isinstance(m, tuple) else m)[:, -1].clone())
+        got["final"] = lm.model.norm.input[:, -1].clone()
+        got["pre"] = lm.lm_head.output[:, -1, ids].clone()
+        got["logits"] = lm.output.logits[:, -1, ids].clone()
+
+    def rows(key: str) -> Tensor | None:
+        return torch.stack([t.cpu() for t in got[key]], dim=1) if got[key] else None
+
+    return Activations(embed=got["embed"].cpu(), attn=rows("attn"), mlp=rows("mlp"), final=got["final"].cpu(),
+                       pre_logits=got["pre"].cpu(), logits=got["logits"].cpu(), z=rows("z"), o_out=rows("o"),
+                       experts=rows("ex"), expert_idx=rows("idx"))
+
+
+def contributions(acts: Activations, ro: Readout, n_experts: int | None = None) -> dict[str, Tensor]:
+    """Per-row contributions to each label logit, float64, rows first.
+
+    Returns ``scale [N]``, ``embed``/``const``/``softcap``/``logits``/``pre_logits [N, O]``, ``layers
+    [N, L, 2, O]`` (attn, mlp), ``attn_bias [N, L, O]``, and ``heads [N, L, H, O]`` / ``experts [N, L, E, O]``
+    when the activations carry them.
+    """
+    x = acts.final.to(F64)
+    var = x.var(-1, unbiased=False) if ro.centre else x.pow(2).mean(-1)
+    s = torch.rsqrt(var + ro.eps)  # the frozen final-norm scale, one per row
+    D = ro.direction
+
+    def proj(v: Tensor) -> Tensor:
+        out = v.to(F64) @ D.T
+        return out * s.view(-1, *([1] * (out.dim() - 1)))
+
+    n, L = x.shape[0], acts.attn.shape[1]
+    post = torch.ones(n, L, dtype=F64)
+    if ro.post_eps is not None:  # Gemma: freeze the post-attention norm scale from the actual o_proj output
+        o = acts.o_out.to(F64)
+        post = torch.rsqrt(o.pow(2).mean(-1) + torch.tensor(ro.post_eps, dtype=F64))
+    pre, logits = acts.pre_logits.to(F64), acts.logits.to(F64)
+    res = {
+        "scale": s,
+        "embed": proj(acts.embed),
+        "layers": torch.stack([proj(acts.attn), proj(acts.mlp)], dim=2),
+        "attn_bias": ro.attn_bias[None] * (post * s[:, None])[..., None],
+        "const": ro.const.expand(n, -1),
+        "softcap": logits - pre,
+        "logits": logits,
+        "pre_logits": pre,
+    }
+    if acts.z is not None:
+        H = ro.n_heads
+        z = acts.z.to(F64).reshape(n, L, H, -1)
+        hd = ro.head_dir.reshape(L, ro.head_dir.shape[1], H, -1)
+        res["heads"] = torch.einsum("nlhk,lohk->nlho", z, hd) * (post * s[:, None])[..., None, None]
+    if acts.experts is not None:
+        ex = proj(acts.experts)  # [N, L, k, O]
+        E = n_experts or int(acts.expert_idx.max()) + 1
+        full = torch.zeros(n, L, E, ex.shape[-1], dtype=F64)
+        res["experts"] = full.scatter_add_(2, acts.expert_idx.long()[..., None].expand_as(ex), ex)
+    return res

@@ -1,0 +1,272 @@
+"""Small synthetic Datasets that follow the store contracts, for render/report/export tests.
+
+Every builder is deterministic given ``seed`` and internally consistent (DLA parts add up to the
+logit difference, the lens crossing layer is where the option logits cross, patching peaks are
+where the effect is largest), so tests can check rendered data against known values.
+No torch: these are plain numpy/xarray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import xarray as xr
+
+from nnethics.store import write_atomic
+
+SIDES = ("base", "cf")
+COMPONENTS = ("resid", "attn", "mlp")
+CATEGORIES = ("harm_care", "fairness", "honesty")
+ALL = ("decisions", "patching", "patching_grid", "patching_noise", "attribution", "lens")
+VOCAB = np.array(["Ġthe", "Ġa", "1", "2", "Ġto", "▁hello", "naïve", "中文", "🙂", "line\nbreak", "<b>x</b>", "Ġ1"])
+
+
+def prompt_ids(n: int) -> list[str]:
+    return [f"case_{i:03d}" for i in range(n)]
+
+
+def _attrs(analysis: str, slug: str, n_layers: int) -> dict:
+    return {"analysis": analysis, "nnethics_version": "0.1.0", "model_id": f"synthetic/{slug}", "model_slug": slug,
+            "n_layers": n_layers, "prompt_set": "synthetic", "labels": json.dumps(["1", "2"]),
+            "created": "2026-01-01T00:00:00+00:00", "options": json.dumps({"synthetic": True})}
+
+
+def decisions(n_prompts: int = 6, seed: int = 0, labels: tuple[str, str] = ("1", "2"), slug: str = "synthetic",
+              n_layers: int = 6, n_tokens: int = 12) -> xr.Dataset:
+    """decisions.nc: dims prompt, side, option, token."""
+    rng = np.random.default_rng(seed)
+    n = n_prompts
+    logit = rng.normal(20.0, 1.5, size=(n, 2, 2)).astype(np.float32)
+    lse = logit.max(-1) + 2.0
+    prob = np.exp(logit - lse[..., None]).astype(np.float32)
+    chosen_idx = logit.argmax(-1)
+    chosen = np.array(labels)[chosen_idx]
+    ethical = np.array([[labels[i % 2], labels[(i + 1) % 2]] for i in range(n)])
+    chose = chosen == ethical
+    ids = np.full((n, 2, n_tokens), -1, dtype=np.int32)
+    n_tok = rng.integers(n_tokens // 2, n_tokens + 1, size=(n, 2)).astype(np.int32)
+    texts = np.empty((n, 2), dtype=object)
+    for i in range(n):
+        for j, side in enumerate(SIDES):
+            ids[i, j, : n_tok[i, j]] = rng.integers(0, 1000, size=n_tok[i, j])
+            texts[i, j] = (f"<|im_start|>user\nDilemma {i} ({side}) <script>alert('x')</script> & 🙂\n"
+                           f"Option 1: act.\nOption 2: wait.<|im_end|>")
+    ds = xr.Dataset(
+        {
+            "label_logit": (("prompt", "side", "option"), logit),
+            "label_prob": (("prompt", "side", "option"), prob),
+            "logit_diff": (("prompt", "side"), (logit[..., 0] - logit[..., 1]).astype(np.float32)),
+            "chosen": (("prompt", "side"), chosen.astype(str)),
+            "ethical_option": (("prompt", "side"), ethical.astype(str)),
+            "chose_ethical": (("prompt", "side"), chose),
+            "consistent": (("prompt",), chose[:, 0] == chose[:, 1]),
+            "label_is_top": (("prompt", "side"), rng.random((n, 2)) > 0.3),
+            "prompt_text": (("prompt", "side"), texts.astype(str)),
+            "input_ids": (("prompt", "side", "token"), ids),
+            "n_tokens": (("prompt", "side"), n_tok),
+            "category": (("prompt",), np.array([CATEGORIES[i % len(CATEGORIES)] for i in range(n)])),
+        },
+        coords={"prompt": prompt_ids(n), "side": list(SIDES), "option": list(labels),
+                "label_token_id": ("option", np.array([33, 34], dtype=np.int32)),
+                "label_token": ("option", np.array(list(labels)))},
+        attrs=_attrs("decisions", slug, n_layers),
+    )
+    return ds
+
+
+def peak_layers(n_prompts: int, n_layers: int, seed: int = 0) -> np.ndarray:
+    """The layer at which each synthetic prompt's resid effect peaks."""
+    return np.random.default_rng(seed + 100).integers(1, n_layers - 1, size=n_prompts)
+
+
+def _bump(n_layers: int, centre: np.ndarray, width: float = 1.0) -> np.ndarray:
+    layers = np.arange(n_layers)
+    return np.exp(-0.5 * ((layers[None, :] - centre[:, None]) / width) ** 2)
+
+
+def patching(n_prompts: int = 6, n_layers: int = 6, seed: int = 0, slug: str = "synthetic",
+             with_ci: bool = True) -> xr.Dataset:
+    """patching.nc: dims prompt, layer, component."""
+    rng = np.random.default_rng(seed)
+    n = n_prompts
+    base = rng.normal(2.0, 0.5, size=n).astype(np.float32)
+    cf = (-base + rng.normal(0, 0.3, size=n)).astype(np.float32)
+    peak = peak_layers(n, n_layers, seed)
+    span = cf - base
+    effect = np.zeros((n, n_layers, 3), dtype=np.float32)
+    effect[..., 0] = span[:, None] * _bump(n_layers, peak)
+    effect[..., 1] = 0.4 * span[:, None] * _bump(n_layers, peak - 0.5)
+    effect[..., 2] = 0.6 * span[:, None] * _bump(n_layers, peak + 0.5)
+    patched = base[:, None, None] + effect
+    flipped = np.sign(patched) != np.sign(base)[:, None, None]
+    atp = (effect + rng.normal(0, 0.1, size=effect.shape)).astype(np.float32)
+    resid = np.abs(effect[..., 0])
+    srt = np.sort(resid, axis=1)
+    cum = np.cumsum(srt, axis=1)
+    gini = ((n_layers + 1 - 2 * (cum / cum[:, -1:]).sum(1)) / n_layers).astype(np.float32)
+    top5 = (srt[:, -5:].sum(1) / srt.sum(1)).astype(np.float32)
+    ds = xr.Dataset(
+        {
+            "base_logit_diff": (("prompt",), base),
+            "cf_logit_diff": (("prompt",), cf),
+            "patched_logit_diff": (("prompt", "layer", "component"), patched.astype(np.float32)),
+            "effect": (("prompt", "layer", "component"), effect),
+            "flipped": (("prompt", "layer", "component"), flipped),
+            "atp_effect": (("prompt", "layer", "component"), atp),
+            "peak_layer": (("prompt",), peak.astype(np.int32)),
+            "num_choice_flips": (("prompt",), flipped[..., 0].sum(1).astype(np.int32)),
+            "gini_coefficient": (("prompt",), gini),
+            "top5_concentration": (("prompt",), top5),
+            "chose_ethical_base": (("prompt",), np.arange(n) % 3 != 0),
+        },
+        coords={"prompt": prompt_ids(n), "layer": np.arange(n_layers), "component": list(COMPONENTS)},
+        attrs=_attrs("patching", slug, n_layers),
+    )
+    if with_ci:
+        mean = effect.mean(0)
+        sem = effect.std(0, ddof=1) / np.sqrt(n)
+        ds["mean_effect"] = (("layer", "component"), mean.astype(np.float32))
+        ds["ci_low"] = (("layer", "component"), (mean - 1.96 * sem).astype(np.float32))
+        ds["ci_high"] = (("layer", "component"), (mean + 1.96 * sem).astype(np.float32))
+    return ds
+
+
+def patching_positions(n_prompts: int = 6, n_layers: int = 6, n_positions: int = 5, seed: int = 0,
+                       kind: str = "grid", slug: str = "synthetic") -> xr.Dataset:
+    """patching_grid.nc / patching_noise.nc: ``effect`` with an extra ``position`` dim (−1 = last token).
+
+    The grid file has dims (prompt, layer, component, position); the noise file (prompt, position, layer),
+    so both layouts of the contract are exercised. The effect is largest at position −1 late in the
+    network and at position −3 early (the ROME picture).
+    """
+    rng = np.random.default_rng(seed + 7)
+    n = n_prompts
+    pos = -np.arange(n_positions, 0, -1)
+    layers = np.arange(n_layers)
+    early = np.exp(-0.5 * ((layers - 1) / 1.0) ** 2)
+    late = np.exp(-0.5 * ((layers - (n_layers - 1)) / 1.5) ** 2)
+    grid = np.zeros((n_positions, n_layers))
+    grid[pos == -1] = late
+    grid[pos == -3] = early
+    scale = rng.uniform(0.5, 1.5, size=n)
+    eff = scale[:, None, None] * grid[None] + rng.normal(0, 0.05, size=(n, n_positions, n_layers))
+    attrs = _attrs(f"patching_{kind}", slug, n_layers)
+    coords = {"prompt": prompt_ids(n), "layer": layers, "position": pos}
+    if kind == "noise":
+        return xr.Dataset({"effect": (("prompt", "position", "layer"), eff.astype(np.float32))},
+                          coords=coords, attrs=attrs)
+    comps = np.stack([eff, 0.3 * eff, 0.7 * eff], axis=-1).transpose(0, 2, 3, 1)  # prompt, layer, component, position
+    return xr.Dataset({"effect": (("prompt", "layer", "component", "position"), comps.astype(np.float32))},
+                      coords={**coords, "component": list(COMPONENTS)}, attrs=attrs)
+
+
+def attribution(n_prompts: int = 6, n_layers: int = 6, n_heads: int = 4, seed: int = 0, slug: str = "synthetic",
+                labels: tuple[str, str] = ("1", "2")) -> xr.Dataset:
+    """attribution.nc: dims prompt, side, layer, component (attn, mlp), option, head."""
+    rng = np.random.default_rng(seed + 3)
+    n = n_prompts
+    heads = rng.normal(0, 0.3, size=(n, 2, n_layers, n_heads, 2))
+    heads[:, :, -1, 0, 0] += 1.5  # a clear "head L-1.0 pushes option 1" signal
+    attn = heads.sum(3)  # prompt, side, layer, option
+    mlp = rng.normal(0, 0.5, size=(n, 2, n_layers, 2))
+    mlp[:, :, n_layers // 2, 1] += 1.0
+    logit = np.stack([attn, mlp], axis=3).astype(np.float32)  # prompt, side, layer, component, option
+    embed = rng.normal(0, 0.2, size=(n, 2, 2)).astype(np.float32)
+    bias = rng.normal(0, 0.05, size=(n, 2, 2)).astype(np.float32)
+    diff = logit[..., 0] - logit[..., 1]
+    head_diff = (heads[..., 0] - heads[..., 1]).astype(np.float32)
+    total = logit.sum((2, 3)) + embed + bias
+    a1, m1 = np.abs(logit[:, :, :, 0, 0]), np.abs(logit[:, :, :, 1, 0])
+    ds = xr.Dataset(
+        {
+            "logit_contribution": (("prompt", "side", "layer", "component", "option"), logit),
+            "diff_contribution": (("prompt", "side", "layer", "component"), diff.astype(np.float32)),
+            "head_contribution": (("prompt", "side", "layer", "head"), head_diff),
+            "embed_contribution": (("prompt", "side", "option"), embed),
+            "bias_contribution": (("prompt", "side", "option"), bias),
+            "logit_diff": (("prompt", "side"), (total[..., 0] - total[..., 1]).astype(np.float32)),
+            "attn_mlp_ratio": (("prompt", "side", "layer"), (a1 / (a1 + m1 + 1e-8)).astype(np.float32)),
+        },
+        coords={"prompt": prompt_ids(n), "side": list(SIDES), "layer": np.arange(n_layers),
+                "component": ["attn", "mlp"], "option": list(labels), "head": np.arange(n_heads)},
+        attrs=_attrs("attribution", slug, n_layers),
+    )
+    return ds
+
+
+def crossing_layer(diff: np.ndarray) -> np.ndarray:
+    """First layer from which the sign of ``diff [..., layer]`` equals its final sign (−1 if none)."""
+    final = np.sign(diff[..., -1:])
+    agree = np.sign(diff) == final
+    # from the last layer backwards, the first disagreement ends the run
+    run = np.flip(np.cumprod(np.flip(agree, -1), -1), -1).astype(bool)
+    first = np.argmax(run, axis=-1)
+    return np.where(run.any(-1), first, -1)
+
+
+def lens(n_prompts: int = 6, n_layers: int = 6, k: int = 5, seed: int = 0, slug: str = "synthetic",
+         lenses: Iterable[str] = ("logit", "tuned"), labels: tuple[str, str] = ("1", "2")) -> xr.Dataset:
+    """lens.nc: dims prompt, side, lens, layer, k, option."""
+    rng = np.random.default_rng(seed + 5)
+    lenses = list(lenses)
+    n, nl = n_prompts, len(lenses)
+    shape = (n, 2, nl, n_layers)
+    top_ids = rng.integers(0, len(VOCAB), size=(*shape, k)).astype(np.int32)
+    top_logit = np.sort(rng.normal(5, 2, size=(*shape, k)), axis=-1)[..., ::-1].astype(np.float32)
+    top_prob = np.exp(top_logit - top_logit[..., :1] - 1.0).astype(np.float32)
+    t = np.linspace(0, 1, n_layers)
+    target = np.where(rng.random((n, 2, 1)) > 0.5, 1.0, -1.0)
+    shift = rng.uniform(0.2, 0.8, size=(n, 2, nl, 1))
+    diff = 4 * target[..., None] * (t - shift)  # crosses zero at layer fraction ``shift``
+    o1 = 2 + t * 6 + diff / 2
+    o2 = 2 + t * 6 - diff / 2
+    opt_logit = np.stack([o1, o2], axis=-1).astype(np.float32)
+    opt_prob = (1 / (1 + np.exp(-(opt_logit - 10)))).astype(np.float32)
+    kl = (3.0 * (1 - t) ** 2 + rng.uniform(0, 0.1, size=shape)).astype(np.float32)
+    if "tuned" in lenses:
+        kl[:, :, lenses.index("tuned")] *= 0.4
+    cross = crossing_layer(opt_logit[..., 0] - opt_logit[..., 1]).astype(np.int32)
+    ds = xr.Dataset(
+        {
+            "top_token": (("prompt", "side", "lens", "layer", "k"), VOCAB[top_ids]),
+            "top_token_id": (("prompt", "side", "lens", "layer", "k"), top_ids),
+            "top_prob": (("prompt", "side", "lens", "layer", "k"), top_prob),
+            "top_logit": (("prompt", "side", "lens", "layer", "k"), top_logit),
+            "option_logit": (("prompt", "side", "lens", "layer", "option"), opt_logit),
+            "option_prob": (("prompt", "side", "lens", "layer", "option"), opt_prob),
+            "kl_to_final": (("prompt", "side", "lens", "layer"), kl),
+            "crossing_layer": (("prompt", "side", "lens"), cross),
+        },
+        coords={"prompt": prompt_ids(n), "side": list(SIDES), "lens": lenses, "layer": np.arange(n_layers),
+                "k": np.arange(k), "option": list(labels)},
+        attrs=_attrs("lens", slug, n_layers),
+    )
+    return ds
+
+
+def build(name: str, n_prompts: int = 6, n_layers: int = 6, seed: int = 0, slug: str = "synthetic") -> xr.Dataset:
+    if name == "decisions":
+        return decisions(n_prompts, seed, slug=slug, n_layers=n_layers)
+    if name == "patching":
+        return patching(n_prompts, n_layers, seed, slug=slug)
+    if name == "patching_grid":
+        return patching_positions(n_prompts, n_layers, seed=seed, kind="grid", slug=slug)
+    if name == "patching_noise":
+        return patching_positions(n_prompts, n_layers, seed=seed, kind="noise", slug=slug)
+    if name == "attribution":
+        return attribution(n_prompts, n_layers, seed=seed, slug=slug)
+    if name == "lens":
+        return lens(n_prompts, n_layers, seed=seed, slug=slug)
+    raise ValueError(f"unknown synthetic analysis {name!r}")
+
+
+def write_store(root: str | Path, slug: str = "synthetic-model", n_prompts: int = 6, n_layers: int = 6,
+                analyses: Iterable[str] = ALL, seed: int = 0) -> Path:
+    """Write ``root/<slug>/<analysis>.nc`` for each analysis; return the model folder."""
+    folder = Path(root) / slug
+    for name in analyses:
+        write_atomic(build(name, n_prompts, n_layers, seed, slug), folder / f"{name}.nc")
+    return folder

@@ -1,0 +1,55 @@
+"""Baseline decisions: one batched trace; values equal an unpadded plain forward per prompt."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from nnethics.analyses.decisions import DecisionOptions, baseline_decisions
+from reference.patching import logit_diff
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "mixtral"])
+def test_decisions_match_unpadded_reference(family, tiny_models, prompt_set):
+    model = tiny_models(family)
+    pairs = list(prompt_set.pairs[:3])
+    ds = baseline_decisions(model, pairs, DecisionOptions())
+    hf = model.lm._module
+    ids = [int(x) for x in ds["label_token_id"].values]
+    for i, p in enumerate(pairs):
+        for j, side in enumerate(("base", "cf")):
+            toks = ds["input_ids"].values[i, j]
+            toks = torch.from_numpy(toks[toks >= 0][None].astype("int64"))
+            ref = logit_diff(hf, toks, ids)
+            assert abs(float(ds["logit_diff"].values[i, j]) - ref) < 1e-4
+            assert ds["prompt_text"].values[i, j].startswith("<|im_start|>system")
+    probs = ds["label_prob"].values
+    assert ((probs > 0) & (probs < 1)).all()
+    np.testing.assert_array_equal(ds["chosen"].values == ds["ethical_option"].values, ds["chose_ethical"].values)
+    assert list(ds["consistent"].values) == list(ds["chose_ethical"].values.all(-1) | ~ds["chose_ethical"].values.any(-1))
+
+
+def test_decisions_trace_is_remote_safe(tiny_models, prompt_set):
+    """The decision trace survives nnsight's serialize/deserialize dry run."""
+    model = tiny_models("llama")
+    from nnethics.analyses.common import encode_pairs
+    from nnethics.analyses.decisions import decision_logits
+
+    batch = encode_pairs(model, prompt_set.pairs[:2], ("1", "2"))
+    local = decision_logits(model, batch)
+    model.remote = "local"
+    try:
+        dry = decision_logits(model, batch)
+    finally:
+        model.remote = False
+    for a, b in zip(local, dry):
+        torch.testing.assert_close(a, b)
+
+
+
+@pytest.mark.slow
+def test_builtin_model_decisions(builtin_model, prompt_set):
+    ds = baseline_decisions(builtin_model, list(prompt_set.pairs[:4]), DecisionOptions())
+    assert ds["label_is_top"].any()
+    assert list(ds["label_token"].values) == ["1", "2"]

@@ -1,0 +1,141 @@
+"""Prompt loading and validation: every bad-input case names the file, the record and the fix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import PROMPTS
+from nnethics.prompts import (
+    LabelTokenError,
+    PromptError,
+    format_prompt,
+    load_prompts,
+    resolve_label_tokens,
+)
+
+
+def _write_seed(folder: Path, base: list, cf: list) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "base_prompts.json").write_text(json.dumps(base))
+    (folder / "counterfactual_prompts.json").write_text(json.dumps(cf))
+    return folder
+
+
+def _rec(pid="p1", prompt="Dilemma.\nOption 1: a.\nOption 2: b.\nAnswer:", eth="1", **kw):
+    return {"prompt_id": pid, "prompt": prompt, "ethical_option": eth, **kw}
+
+
+def _problems(path, **kw) -> list[str]:
+    with pytest.raises(PromptError) as err:
+        load_prompts(path, **kw)
+    return err.value.problems
+
+
+def test_shipped_prompts_are_valid():
+    ps = load_prompts(PROMPTS)
+    assert len(ps) >= 60
+    cats = {p.category for p in ps.pairs}
+    assert len(cats) >= 6
+    for p in ps.pairs:
+        assert p.base_ethical != p.cf_ethical, p.prompt_id  # options swapped, so the ethical label flips
+    assert len(ps.sha256) == 64
+
+
+def test_jsonl_layout(tmp_path):
+    ps = load_prompts(PROMPTS / "example_pairs.jsonl")
+    assert len(ps) == 3 and ps.pairs[0].prompt_id == "example_001"
+
+
+def test_missing_file(tmp_path):
+    (tmp_path / "base_prompts.json").write_text("[]")
+    probs = _problems(tmp_path)
+    assert any("counterfactual_prompts.json: file not found" in p for p in probs)
+
+
+def test_invalid_json_reports_line_and_column(tmp_path):
+    _write_seed(tmp_path, [_rec()], [_rec(eth="2")])
+    (tmp_path / "counterfactual_prompts.json").write_text('[\n  {"prompt_id": "p1",\n  "prompt": }\n]')
+    probs = _problems(tmp_path)
+    assert any("counterfactual_prompts.json: invalid JSON at line 3, column" in p for p in probs)
+
+
+def test_missing_and_unknown_fields(tmp_path):
+    base = [{"prompt_id": "p1", "prompt": "x"}, _rec("p2", colour="red")]
+    _write_seed(tmp_path, base, [_rec("p1", eth="2"), _rec("p2", eth="2")])
+    probs = _problems(tmp_path)
+    assert any("record 0 (prompt_id 'p1'): missing field(s) ['ethical_option']" in p for p in probs)
+    assert any("record 1 (prompt_id 'p2'): unknown field(s) ['colour']" in p for p in probs)
+
+
+def test_duplicate_ids(tmp_path):
+    _write_seed(tmp_path, [_rec("p1"), _rec("p1")], [_rec("p1", eth="2")])
+    probs = _problems(tmp_path)
+    assert any("duplicate prompt_id 'p1' (first at record 0)" in p and "base_prompts.json record 1" in p for p in probs)
+
+
+def test_ids_on_one_side_only_are_listed(tmp_path):
+    _write_seed(tmp_path, [_rec("p1"), _rec("p2"), _rec("p3")], [_rec("p1", eth="2"), _rec("p9", eth="2")])
+    probs = _problems(tmp_path)
+    assert any("no counterfactual for prompt_id(s) ['p2', 'p3']" in p for p in probs)
+    assert any("no base prompt for prompt_id(s) ['p9']" in p for p in probs)
+
+
+def test_ethical_option_must_be_a_label(tmp_path):
+    _write_seed(tmp_path, [_rec("p1", eth="3")], [_rec("p1", eth="2")])
+    probs = _problems(tmp_path)
+    assert any("ethical_option '3' is not one of the answer labels ['1', '2']" in p for p in probs)
+    # the same files are fine with other labels only if they match
+    _write_seed(tmp_path, [_rec("p1", eth="A")], [_rec("p1", eth="B")])
+    assert len(load_prompts(tmp_path, labels=("A", "B"))) == 1
+
+
+def test_integer_labels_are_accepted(tmp_path):
+    _write_seed(tmp_path, [_rec("p1", eth=1)], [_rec("p1", eth=2)])
+    ps = load_prompts(tmp_path)
+    assert ps.pairs[0].base_ethical == "1" and ps.pairs[0].cf_ethical == "2"
+
+
+def test_empty_prompt(tmp_path):
+    _write_seed(tmp_path, [_rec("p1", prompt="  ")], [_rec("p1", eth="2")])
+    probs = _problems(tmp_path)
+    assert any("'prompt' is empty" in p and "base_prompts.json record 0" in p for p in probs)
+
+
+def test_jsonl_errors_name_the_line(tmp_path):
+    f = tmp_path / "pairs.jsonl"
+    good = {"prompt_id": "a", "base": {"prompt": "x", "ethical_option": "1"},
+            "counterfactual": {"prompt": "y", "ethical_option": "2"}}
+    f.write_text("\n".join([json.dumps(good), "{not json", json.dumps(good),
+                            json.dumps({"prompt_id": "b", "base": {"prompt": "x"}, "counterfactual": good["counterfactual"]})]))
+    probs = _problems(f)
+    assert any("pairs.jsonl line 2: invalid JSON" in p for p in probs)
+    assert any("line 3 (prompt_id 'a'): duplicate prompt_id 'a' (first on line 1)" in p for p in probs)
+    assert any("line 4 (prompt_id 'b'): 'base' is missing ['ethical_option']" in p for p in probs)
+
+
+def test_folder_without_prompt_files(tmp_path):
+    probs = _problems(tmp_path)
+    assert "found no prompt files" in probs[0]
+
+
+def test_label_tokens_after_chat_template(tokenizer):
+    text = format_prompt(tokenizer, "Option 1: a.\nOption 2: b.\nAnswer with 1 or 2.")
+    assert text.startswith("<|im_start|>") and text.endswith("assistant\n")
+    ids = resolve_label_tokens(tokenizer, [text], ("1", "2"))
+    assert tokenizer.convert_ids_to_tokens(ids) == ["1", "2"]
+
+
+def test_label_tokens_without_chat_use_the_natural_next_token(tokenizer):
+    text = format_prompt(tokenizer, "Which is better?\nAnswer:", chat=False)
+    ids = resolve_label_tokens(tokenizer, [text], ("A", "B"))
+    # ' A' is one token in this vocabulary, so it is the natural continuation after "Answer:"
+    assert tokenizer.convert_ids_to_tokens(ids) == ["ĠA", "ĠB"]
+
+
+def test_labels_that_are_not_single_tokens_fail_clearly(tokenizer):
+    text = format_prompt(tokenizer, "Pick one.", chat=False)
+    with pytest.raises(LabelTokenError, match="Cannot find distinct token IDs.*supercalifragilistic"):
+        resolve_label_tokens(tokenizer, [text], ("supercalifragilistic", "2"))

@@ -1,0 +1,122 @@
+"""NetCDF store: round trip, atomic writes, resumable runs, provenance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from nnethics.prompts import load_prompts
+from nnethics.runner import run_analysis
+from nnethics.store import PartStore, load, provenance, result_path, write_atomic
+from conftest import PROMPTS
+
+
+def _sample() -> xr.Dataset:
+    rng = np.random.default_rng(0)
+    return xr.Dataset(
+        {
+            "effect": (("prompt", "layer", "component"), rng.normal(size=(3, 4, 3)).astype(np.float32)),
+            "top_token": (("prompt", "k"), np.array([["Ġthe", "🙂"], ["naïve", "中文"], ["line\nbreak", ""]], dtype=str)),
+            "flag": (("prompt",), np.array([True, False, True])),
+            "ids": (("prompt", "k"), np.array([[1, -1], [2, 3], [4, 5]], dtype=np.int32)),
+        },
+        coords={"prompt": ["a", "b", "c"], "layer": np.arange(4), "component": ["resid", "attn", "mlp"]},
+        attrs={"analysis": "test", "options": json.dumps({"x": 1}), "n": 3, "f": 1.5},
+    )
+
+
+def test_round_trip_is_identical(tmp_path):
+    ds = _sample()
+    path = write_atomic(ds, tmp_path / "m" / "x.nc")
+    xr.testing.assert_identical(ds, load(path))
+    assert not list((tmp_path / "m").glob(".tmp-*"))
+
+
+def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
+    path = write_atomic(_sample(), tmp_path / "x.nc")
+    bad = _sample().assign_attrs(bad={"a": 1})  # NetCDF rejects dict attrs
+    with pytest.raises(TypeError):
+        write_atomic(bad, path)
+    xr.testing.assert_identical(load(path), _sample())
+    assert [p.name for p in tmp_path.iterdir()] == ["x.nc"]
+
+
+def test_provenance_attrs_are_netcdf_safe():
+    attrs = provenance("decisions", options={"layers": [1, 2], "flag": True, "none": None})
+    assert all(isinstance(v, (str, int, float)) for v in attrs.values())
+    assert json.loads(attrs["options"]) == {"flag": True, "layers": [1, 2], "none": None}
+
+
+def _fake_analysis(calls):
+    def fn(model, pairs):
+        calls.extend(p.prompt_id for p in pairs)
+        n = len(pairs)
+        return xr.Dataset(
+            {"value": (("prompt", "layer"), np.array([[hash(p.prompt_id) % 97 + j for j in range(3)] for p in pairs], dtype=float))},
+            coords={"prompt": [p.prompt_id for p in pairs], "layer": np.arange(3)},
+        ) if n else None
+    return fn
+
+
+class _FakeModel:
+    slug = "fake"
+
+    def provenance(self):
+        return {"model_id": "fake/model", "dtype": "float32"}
+
+
+def test_resume_after_interrupted_run(tmp_path):
+    prompts = load_prompts(PROMPTS).subset(limit=7)
+    calls: list[str] = []
+    inner = _fake_analysis(calls)
+    state = {"chunks": 0}
+
+    def crashing(model, pairs):
+        state["chunks"] += 1
+        if state["chunks"] == 3:
+            raise KeyboardInterrupt  # the process dies mid-run
+        return inner(model, pairs)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_analysis("fake", crashing, _FakeModel(), prompts, str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    assert not result_path(tmp_path, "fake", "fake").exists()
+    assert sorted(calls) == sorted(prompts.ids()[:4])  # two chunks finished and were kept
+
+    calls.clear()
+    ds = run_analysis("fake", inner, _FakeModel(), prompts, str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    assert calls == prompts.ids()[4:]  # only the unfinished prompts ran again
+    assert list(ds["prompt"].values) == prompts.ids()
+    calls.clear()
+    fresh = run_analysis("fake", inner, _FakeModel(), prompts, str(tmp_path / "fresh"), {"o": 1}, batch_size=3, progress=False)
+    np.testing.assert_array_equal(ds["value"].values, fresh["value"].values)
+    assert not (tmp_path / "fake" / ".parts").exists()
+
+
+def test_parts_from_other_options_are_not_reused(tmp_path):
+    prompts = load_prompts(PROMPTS).subset(limit=4)
+    calls: list[str] = []
+    parts = PartStore(tmp_path, "fake", "fake", provenance("fake", _FakeModel(), prompts, {"o": 1}))
+    parts.write_part(_fake_analysis([])(None, prompts.pairs[:2]))
+    run_analysis("fake", _fake_analysis(calls), _FakeModel(), prompts, str(tmp_path), {"o": 2}, batch_size=4, progress=False)
+    assert calls == prompts.ids()  # different options: everything recomputed
+
+
+def test_out_of_memory_halves_the_batch_without_losing_work(tmp_path):
+    import torch
+
+    prompts = load_prompts(PROMPTS).subset(limit=6)
+    calls: list[str] = []
+    inner = _fake_analysis(calls)
+    sizes = []
+
+    def picky(model, pairs):
+        sizes.append(len(pairs))
+        if len(pairs) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return inner(model, pairs)
+
+    ds = run_analysis("fake", picky, _FakeModel(), prompts, str(tmp_path), {}, batch_size=8, progress=False)
+    assert sizes[:3] == [6, 4, 2] and list(ds["prompt"].values) == prompts.ids()
