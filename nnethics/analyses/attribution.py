@@ -261,3 +261,138 @@ def contributions(acts: Activations, ro: Readout, n_experts: int | None = None) 
         full = torch.zeros(n, L, E, ex.shape[-1], dtype=F64)
         res["experts"] = full.scatter_add_(2, acts.expert_idx.long()[..., None].expand_as(ex), ex)
     return res
+
+
+def _pairs_first(t: Tensor, n: int) -> np.ndarray:
+    """Rows ``[base_0..base_{n-1}, cf_0..cf_{n-1}, ...]`` -> ``[n, side, ...]`` float32."""
+    return t.reshape(2, n, *t.shape[1:]).transpose(0, 1).numpy().astype(np.float32)
+
+
+def _diff(x: np.ndarray) -> np.ndarray:
+    return x[..., 0] - x[..., 1]
+
+
+def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
+                             options: AttributionOptions = AttributionOptions(),
+                             label_ids: Sequence[int] | None = None, ro: Readout | None = None,
+                             remote: Any = None) -> xr.Dataset:
+    """DLA for every pair, both sides, at the last prompt token (one trace for the whole chunk).
+
+    ``ro`` reuses a :func:`readout` across chunks; ``remote`` overrides the handle's remote setting
+    (``"local"`` dry-runs nnsight's serialization). Returns the Dataset described in the module docstring.
+    """
+    labels = list(options.labels)
+    if len(labels) < 2:
+        raise ValueError(f"attribution needs at least two labels, got {labels}")
+    L = model.n_layers
+    keep = list(range(L)) if options.layers is None else sorted(set(int(i) for i in options.layers))
+    bad = [i for i in keep if not 0 <= i < L]
+    if bad or not keep:
+        raise ValueError(f"layers {bad or keep} are out of range: the model has layers 0-{L - 1}")
+    batch = encode_pairs(model, pairs, labels, options.chat, label_ids)
+    ro = ro if ro is not None else readout(model, batch.label_ids, remote=remote)
+    acts = collect(model, batch.encoded.inputs(), batch.label_ids, heads=options.heads, remote=remote)
+    n_experts = int(model.config.num_local_experts) if model.adapter.moe else None
+    c = contributions(acts, ro, n_experts)
+    n = batch.n
+
+    layer_logit = _pairs_first(c["layers"], n)  # [n, 2, L, 2, O]
+    rest = [i for i in range(L) if i not in keep]
+    other = layer_logit[:, :, rest].sum((2, 3)) if rest else np.zeros_like(layer_logit[:, :, 0, 0])
+    per_option = {
+        "embed": _pairs_first(c["embed"], n),
+        "bias": _pairs_first(c["const"], n),
+        "softcap": _pairs_first(c["softcap"], n),
+        "other_layers": other.astype(np.float32),
+    }
+    logit = layer_logit[:, :, keep]
+    diff = _diff(logit)
+    PS, PSL = ("prompt", "side"), ("prompt", "side", "layer")
+    data: dict[str, tuple] = {
+        "logit_contribution": (PSL + ("component", "option"), logit),
+        "diff_contribution": (PSL + ("component",), diff),
+        "attn_bias_contribution": (PSL, _diff(_pairs_first(c["attn_bias"], n))[:, :, keep]),
+        "attn_bias_logit_contribution": (PSL + ("option",), _pairs_first(c["attn_bias"], n)[:, :, keep]),
+        "logit_diff": (PS, _diff(_pairs_first(c["logits"], n))),
+        "label_logit": (PS + ("option",), _pairs_first(c["logits"], n)),
+        "final_norm_scale": (PS, _pairs_first(c["scale"], n)),
+        "category": (("prompt",), np.array([p.category for p in pairs], dtype=str)),
+    }
+    for name, values in per_option.items():
+        data[f"{name}_contribution"] = (PS, _diff(values))
+        data[f"{name}_logit_contribution"] = (PS + ("option",), values)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mag = np.abs(diff)
+        data["attn_mlp_ratio"] = (PSL, (mag[..., 0] / (mag[..., 0] + mag[..., 1])).astype(np.float32))
+    coords: dict[str, Any] = {
+        "prompt": [p.prompt_id for p in pairs], "side": list(SIDES), "layer": keep, "component": list(COMPONENTS),
+        "option": labels, "label_token_id": ("option", np.array(batch.label_ids, dtype=np.int32)),
+        "n_model_layers": L,
+    }
+    if "heads" in c:
+        heads = _pairs_first(c["heads"], n)[:, :, keep]
+        data["head_logit_contribution"] = (PSL + ("head", "option"), heads)
+        data["head_contribution"] = (PSL + ("head",), _diff(heads))
+        coords["head"] = np.arange(heads.shape[3])
+    if "experts" in c:
+        experts = _pairs_first(c["experts"], n)[:, :, keep]
+        data["expert_logit_contribution"] = (PSL + ("expert", "option"), experts)
+        data["expert_contribution"] = (PSL + ("expert",), _diff(experts))
+        coords["expert"] = np.arange(experts.shape[3])
+    ds = xr.Dataset(data, coords=coords)
+    ds["diff_contribution"].attrs["description"] = (
+        f"direct contribution to logit({labels[0]}) - logit({labels[1]}) at the last prompt token, final-norm scale frozen")
+    ds["logit_diff"].attrs["description"] = "the model's actual logit difference (after any soft-cap)"
+    ds["bias_contribution"].attrs["description"] = "final-norm bias + lm_head bias terms"
+    ds["softcap_contribution"].attrs["description"] = "true minus pre-soft-cap logit difference (Gemma-2), else 0"
+    ds["other_layers_contribution"].attrs["description"] = "summed direct contribution of the layers not stored"
+    return _finalize(ds)
+
+
+def _finalize(ds: xr.Dataset) -> xr.Dataset:
+    complete = set(ds["layer"].values.tolist()) == set(range(int(ds["n_model_layers"])))
+    return ds.assign_attrs(complete_layers="true" if complete else "false")
+
+
+def _build(model: Any, ctx: Any):
+    extra = ctx.extra or {}
+    layers = extra.get("layers")
+    heads = extra.get("heads")
+    opts = AttributionOptions(labels=tuple(ctx.labels), chat=ctx.chat,
+                              layers=tuple(int(i) for i in layers) if layers else None,
+                              heads=True if heads is None else bool(heads))
+    cache: dict[str, Readout] = {}
+
+    def fn(m: Any, pairs: Sequence[PromptPair]) -> xr.Dataset:
+        if "ro" not in cache:  # the readout depends only on the labels: compute it once per run
+            cache["ro"] = readout(m, ctx.label_ids)
+        return direct_logit_attribution(m, pairs, opts, label_ids=ctx.label_ids, ro=cache["ro"])
+
+    return fn, {"layers": list(opts.layers) if opts.layers else None, "heads": opts.heads}
+
+
+def summarize(ds: xr.Dataset, top: int = 5) -> str:
+    """One line: the parts with the largest mean |diff_contribution|, the largest heads, the sum check."""
+    mean_abs = np.abs(ds["diff_contribution"]).mean(("prompt", "side"))
+    mean = ds["diff_contribution"].mean(("prompt", "side"))
+    order = np.argsort(-mean_abs.values, axis=None)[:top]
+    layers, comps = ds["layer"].values, ds["component"].values
+    parts = []
+    for flat in order:
+        li, ci = np.unravel_index(flat, mean_abs.shape)
+        parts.append(f"L{layers[li]} {comps[ci]} {float(mean_abs[li, ci]):.2f} (mean {float(mean[li, ci]):+.2f})")
+    text = f"{ds.sizes['prompt']} pairs; largest mean |diff|: " + ", ".join(parts)
+    if "head_contribution" in ds:
+        h_abs = np.abs(ds["head_contribution"]).mean(("prompt", "side"))
+        heads = []
+        for flat in np.argsort(-h_abs.values, axis=None)[:3]:
+            li, hi = np.unravel_index(flat, h_abs.shape)
+            heads.append(f"L{layers[li]}H{hi} {float(h_abs[li, hi]):.2f}")
+        text += "; heads: " + ", ".join(heads)
+    total = (ds["embed_contribution"] + ds["bias_contribution"] + ds["softcap_contribution"]
+             + ds["other_layers_contribution"] + ds["diff_contribution"].sum(("layer", "component")))
+    err = float(np.abs(total - ds["logit_diff"]).max())
+    return text + f"; parts sum to logit_diff within {err:.1e}"
+
+
+SPEC = AnalysisSpec(name="attribution", build=_build, summary=summarize, finalize=_finalize)

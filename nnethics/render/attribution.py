@@ -1,0 +1,190 @@
+"""Direct logit attribution figures from ``attribution.nc``.
+
+dims prompt, side (base, cf), layer, component (attn, mlp), option, head: ``logit_contribution
+(prompt, side, layer, component, option)``, ``diff_contribution (prompt, side, layer, component)``
+(option 1 − option 2), ``head_contribution (prompt, side, layer, head)``, ``attn_mlp_ratio``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import holoviews as hv
+import numpy as np
+import xarray as xr
+
+from ._base import (
+    COMPONENT_COLORS,
+    HEIGHT,
+    SIDE_DASH,
+    WIDE,
+    WIDTH,
+    Figure,
+    MissingData,
+    band_and_curve,
+    collect,
+    empty_curve,
+    layers_of,
+    mean_ci,
+    prompt_map,
+    require,
+    side_name,
+    values,
+)
+
+SECTION = "Direct logit attribution"
+
+
+def _sides(ds: xr.Dataset) -> list[str]:
+    return [str(s) for s in values(ds["side"])] if "side" in ds.dims else [None]
+
+
+def _side(da: xr.DataArray, side: str | None) -> xr.DataArray:
+    return da.sel(side=side) if side is not None and "side" in da.dims else da
+
+
+def _options(ds: xr.Dataset) -> list[str]:
+    return [str(o) for o in values(ds["option"])]
+
+
+def component_contributions(ds: xr.Dataset, option: str | None = None) -> hv.Layout:
+    """The seed's "component contributions to '1'": attention, MLP and their total by layer (mean ±95% CI),
+    one panel per side."""
+    require(ds, "logit_contribution", "option")
+    option = option or _options(ds)[0]
+    layers = layers_of(ds)
+    lc = ds["logit_contribution"].sel(option=option)
+    panels = []
+    for side in _sides(ds):
+        d = _side(lc, side)
+        parts = []
+        series = {str(c): d.sel(component=c) for c in values(ds["component"])}
+        series["total"] = d.sum("component")
+        for name, da in series.items():
+            m, lo, hi = (values(x.transpose("layer")) for x in mean_ci(da, "prompt"))
+            parts.append(band_and_curve(layers, m, lo, hi, f"{name} → {option!s}", COMPONENT_COLORS.get(name, "#444"),
+                                        vdim="contribution", dash="dashed" if name == "total" else "solid"))
+        parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
+        panels.append(hv.Overlay(parts).opts(title=f"Contributions to '{option}' ({side_name(side) if side else 'all'})",
+                                             width=WIDTH, height=HEIGHT, legend_position="top_left",
+                                             xlabel="layer", ylabel="logit contribution"))
+    return hv.Layout(panels).cols(2)
+
+
+def decision_differential(ds: xr.Dataset) -> hv.Bars:
+    """Mean (attention + MLP) contribution to option 1 − option 2 per layer, base vs counterfactual."""
+    require(ds, "diff_contribution")
+    total = ds["diff_contribution"].sum("component") if "component" in ds["diff_contribution"].dims \
+        else ds["diff_contribution"]
+    mean = total.mean("prompt")
+    rows = []
+    for side in _sides(ds):
+        m = values(_side(mean, side).transpose("layer"))
+        rows += [(str(layer), side_name(side) if side else "all", float(v)) for layer, v in zip(layers_of(ds), m)]
+    opts = _options(ds) if "option" in ds.dims else ["1", "2"]
+    bars = hv.Bars(rows, kdims=["layer", "side"], vdims=["contribution diff"])
+    return bars.opts(title=f"Layer-wise decision preference (+ = '{opts[0]}', − = '{opts[-1]}')", width=WIDE,
+                     height=HEIGHT, tools=["hover"], xlabel="layer", ylabel=f"contribution '{opts[0]}' − '{opts[-1]}'",
+                     multi_level=False, cmap={"base": "#4c72b0", "counterfactual": "#c44e52", "all": "#4c72b0"},
+                     color="side", show_legend=True, legend_position="top_left")
+
+
+def layer_component_heatmap(ds: xr.Dataset) -> hv.HeatMap:
+    """Mean logit-difference contribution for each (side, component) row and layer column."""
+    require(ds, "diff_contribution", "component")
+    mean = ds["diff_contribution"].mean("prompt")
+    layers = layers_of(ds)
+    xs, ys, zs = [], [], []
+    for side in _sides(ds):
+        for comp in values(ds["component"]):
+            v = values(_side(mean, side).sel(component=comp).transpose("layer")).astype(float)
+            xs += layers.tolist()
+            ys += [f"{side_name(side)} · {comp}" if side else str(comp)] * len(layers)
+            zs += v.tolist()
+    return hv.HeatMap((xs, ys, zs), kdims=["layer", "row"], vdims=["contribution diff"]).opts(
+        cmap="RdBu_r", symmetric=True, colorbar=True, tools=["hover"], width=WIDTH, height=HEIGHT,
+        invert_yaxis=True, title="Contribution heatmap (option 1 − option 2)", xlabel="layer", ylabel="")
+
+
+def attn_mlp_ratio(ds: xr.Dataset) -> hv.Overlay:
+    """Attention / (attention + MLP) by layer: above 0.5 attention dominates, below MLPs do."""
+    if "attn_mlp_ratio" in ds:
+        ratio = ds["attn_mlp_ratio"]
+    else:
+        require(ds, "logit_contribution")
+        first = ds["logit_contribution"].sel(option=_options(ds)[0])
+        a, m = abs(first.sel(component="attn")), abs(first.sel(component="mlp"))
+        ratio = a / (a + m + 1e-8)
+    layers = layers_of(ds)
+    parts = [hv.HSpan(0.5, 1).opts(color="#4c72b0", alpha=0.06), hv.HSpan(0, 0.5).opts(color="#dd8452", alpha=0.06),
+             hv.HLine(0.5).opts(color="gray", line_dash="dashed", line_width=1)]
+    for side in _sides(ds):
+        m, lo, hi = (values(x.transpose("layer")) for x in mean_ci(_side(ratio, side), "prompt"))
+        parts.append(band_and_curve(layers, m, lo, hi, side_name(side) if side else "all", "#8172b3", vdim="ratio",
+                                    dash=SIDE_DASH.get(side, "solid")))
+    return hv.Overlay(parts).opts(title="Attention / (attention + MLP): >0.5 attention-dominant",
+                                  width=WIDTH, height=HEIGHT, ylim=(0, 1), legend_position="top_left",
+                                  xlabel="layer", ylabel="attention share")
+
+
+def head_heatmap(ds: xr.Dataset) -> hv.Layout:
+    """Mean per-head contribution to option 1 − option 2 (layer × head), one panel per side."""
+    require(ds, "head_contribution", "head")
+    mean = ds["head_contribution"].mean("prompt")
+    layers = layers_of(ds)
+    heads = values(ds["head"]).astype(int)
+    panels = []
+    for side in _sides(ds):
+        d = values(_side(mean, side).transpose("layer", "head")).astype(float)
+        hm = hv.HeatMap((np.repeat(layers, len(heads)), np.tile(heads, len(layers)), d.ravel()),
+                        kdims=["layer", "head"], vdims=["contribution diff"])
+        panels.append(hm.opts(cmap="RdBu_r", symmetric=True, colorbar=True, tools=["hover"], width=WIDTH,
+                              height=int(min(600, max(240, 14 * len(heads) + 100))),
+                              title=f"Head contributions ({side_name(side) if side else 'all'})"))
+    return hv.Layout(panels).cols(2)
+
+
+def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.HoloMap:
+    """Per-prompt attention and MLP contributions to option 1 − option 2 by layer (base solid, cf dashed)."""
+    require(ds, "diff_contribution")
+    prompts = list(prompts) if prompts is not None else [str(p) for p in values(ds["prompt"])]
+    layers = layers_of(ds)
+
+    def frame(p: str) -> hv.Overlay:
+        one = ds.sel(prompt=p)
+        parts = []
+        for side in _sides(ds):
+            for comp in values(ds["component"]):
+                v = values(_side(one["diff_contribution"], side).sel(component=comp).transpose("layer")).astype(float)
+                parts.append(hv.Curve((layers, v), "layer", "contribution diff",
+                                      label=f"{comp} ({side_name(side) if side else 'all'})").opts(
+                    color=COMPONENT_COLORS.get(str(comp), "#444"), line_dash=SIDE_DASH.get(side, "solid"),
+                    line_width=2, tools=["hover"]))
+        parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
+        title = f"{p}: contributions to option 1 − option 2"
+        if "logit_diff" in one:
+            lds = [f"{side_name(s)} {float(_side(one['logit_diff'], s)):+.2f}" for s in _sides(ds)]
+            title += " (logit diff " + ", ".join(lds) + ")"
+        return hv.Overlay(parts).opts(title=title)
+
+    hmap = prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
+                      empty_curve("no attribution", "layer", "contribution diff"))
+    return hmap.opts(hv.opts.Overlay(width=WIDE, height=HEIGHT, legend_position="top_left",
+                                     xlabel="layer", ylabel="contribution diff"))
+
+
+def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[Figure], list[str]]:
+    """The attribution figures (figures whose inputs are missing are skipped)."""
+    if "prompt" not in ds.dims:
+        raise MissingData("attribution: no prompt dim")
+    return collect([
+        lambda: Figure("attribution_components", "Component contributions", component_contributions(ds), SECTION,
+                       note="Direct logit attribution at the last token: each layer's attention and MLP output "
+                            "projected through the final norm and unembedding onto the label tokens."),
+        lambda: Figure("attribution_differential", "Decision differential", decision_differential(ds), SECTION),
+        lambda: Figure("attribution_heatmap", "Layer × component heatmap", layer_component_heatmap(ds), SECTION),
+        lambda: Figure("attribution_ratio", "Attention/MLP ratio", attn_mlp_ratio(ds), SECTION),
+        lambda: Figure("attribution_heads", "Head contributions", head_heatmap(ds), SECTION),
+        lambda: Figure("attribution_per_prompt", "Per-prompt attribution", prompt_view(ds, prompts), SECTION,
+                       per_prompt=True),
+    ])
