@@ -54,10 +54,14 @@ def _labels(value: str) -> tuple[str, ...]:
     return labels
 
 
-def model_options(fn: Callable) -> Callable:
+def model_options(fn: Callable | None = None, *, multiple: bool = False) -> Callable:
+    if fn is None:
+        return functools.partial(model_options, multiple=multiple)
     options = [
-        click.option("--model", "model_spec", default="smollm2-135m-instruct", show_default=True,
-                     help="Built-in name, hub id (org/name[@revision]), local folder, .gguf file or config/models.json key."),
+        click.option("--model", "model_spec", default=("smollm2-135m-instruct",) if multiple else "smollm2-135m-instruct",
+                     show_default=True, multiple=multiple,
+                     help="Built-in name, hub id (org/name[@revision]), local folder, .gguf file or config/models.json key."
+                     + (" Repeat for several models: each is loaded, analysed and unloaded in turn." if multiple else "")),
         click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
         click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--device-map", default=None, help="accelerate device map, e.g. 'auto' for models larger than one device."),
@@ -110,7 +114,7 @@ def cli() -> None:
 
 
 @cli.command()
-@model_options
+@model_options(multiple=True)
 @prompt_options
 @click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path), help="Output folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Pairs per batch (halved on out-of-memory).")
@@ -121,6 +125,7 @@ def cli() -> None:
 def run(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat, limit,
         store, batch_size, analyses, progress) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
+    from .models.registry import ModelRegistry
     from .pipeline import ANALYSES, DEFAULT_ANALYSES, run_all
 
     wanted = [a.strip() for a in analyses.split(",") if a.strip()] if analyses else list(DEFAULT_ANALYSES)
@@ -128,13 +133,34 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
     if unknown:
         raise BadInput(f"unknown analyses {unknown}; choose from {sorted(ANALYSES)}")
     prompts = _prompts(prompts_path, labels, limit)
-    model = _load(model_spec, revision, device, device_map, dtype, quantize, remote, token)
-    results = run_all(model, prompts, store=str(store), analyses=wanted, chat=chat, batch_size=batch_size,
-                      progress=progress)
-    for name, (path, summary) in results.items():
-        click.echo(f"{name}: {path}")
-        if summary:
-            click.echo(f"  {summary}")
+    registry = ModelRegistry()
+    for spec in model_spec:
+        model = registry.add(spec, _load(spec, revision, device, device_map, dtype, quantize, remote, token))
+        results = run_all(model, prompts, store=str(store), analyses=wanted, chat=chat, batch_size=batch_size,
+                          progress=progress)
+        for name, (path, summary) in results.items():
+            click.echo(f"{name}: {path}")
+            if summary:
+                click.echo(f"  {summary}")
+        _finish_store(Path(store) / model.slug)
+        if len(model_spec) > 1:
+            info = registry.memory_info()
+            registry.unload(spec)
+            after = registry.memory_info()
+            click.echo(f"unloaded {spec}: process memory {info['rss_bytes'] / 2**20:.0f} MiB -> "
+                       f"{after['rss_bytes'] / 2**20:.0f} MiB", err=True)
+
+
+def _finish_store(model_dir: Path) -> None:
+    """Write the HTML report for a model's store when the render layer is available."""
+    try:
+        from .render.report import write_report
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("nnethics.render"):
+            return
+        raise
+    path = write_report(model_dir)
+    click.echo(f"report: {path}")
 
 
 @cli.command()

@@ -7,7 +7,9 @@ Layout::
 
 A run writes each finished chunk of prompts as its own part (atomically); a rerun after a crash
 skips the prompts found in parts written with the same options, then consolidates them into one
-file and removes the parts. Files are never modified in place (HDF5 locks and truncates files
+file and removes the parts. The consolidated file keeps the run's fingerprint, so a rerun with the
+same model, prompts and options only computes prompts that are not in it yet (e.g. newly added
+pairs); any change of options recomputes everything. Files are never modified in place (HDF5 locks and truncates files
 that a reader holds open; ``os.replace`` is safe while readers are open).
 """
 
@@ -137,8 +139,22 @@ class PartStore:
             parts.append(ds)
         return parts
 
+    def previous(self) -> xr.Dataset | None:
+        """The consolidated result of an earlier run with the same fingerprint, if any."""
+        if not self.final.exists():
+            return None
+        try:
+            ds = load(self.final)
+        except (OSError, ValueError):
+            return None
+        return ds if ds.attrs.get("fingerprint") == self.key else None
+
     def done_ids(self) -> set[str]:
-        return {str(x) for ds in self.load_parts() for x in ds["prompt"].values}
+        done = {str(x) for ds in self.load_parts() for x in ds["prompt"].values}
+        prev = self.previous()
+        if prev is not None:
+            done |= {str(x) for x in prev["prompt"].values}
+        return done
 
     def write_part(self, ds: xr.Dataset) -> Path:
         ds = ds.assign_attrs(fingerprint=self.key)
@@ -170,6 +186,9 @@ class PartStore:
     def consolidate(self, order: Iterable[str] | None = None, extra_attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
         """Concatenate the parts along ``prompt`` (in ``order``), write the final file, remove the parts."""
         parts = self.load_parts()
+        prev = self.previous()
+        if prev is not None:
+            parts = [prev, *parts]
         if not parts:
             raise RuntimeError(f"no finished parts in {self.dir} to consolidate")
         parts = self._pad_ragged(parts)
@@ -178,10 +197,11 @@ class PartStore:
         _, unique = np.unique(ds["prompt"].values, return_index=True)
         ds = ds.isel(prompt=np.sort(unique))
         if order is not None:
-            wanted = [p for p in order if p in set(ds["prompt"].values.tolist())]
-            ds = ds.sel(prompt=wanted)
-        attrs = {**self.attrs, **(extra_attrs or {})}
-        attrs.pop("fingerprint", None)
+            # Requested prompts in their order, then any others already stored (never dropped).
+            present = [str(p) for p in ds["prompt"].values.tolist()]
+            first = [p for p in order if p in set(present)]
+            ds = ds.sel(prompt=first + [p for p in present if p not in set(first)])
+        attrs = {**self.attrs, **(extra_attrs or {}), "fingerprint": self.key}
         ds.attrs = {k: _attr_value(v) for k, v in attrs.items()}
         write_atomic(ds, self.final)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -120,3 +120,24 @@ def test_out_of_memory_halves_the_batch_without_losing_work(tmp_path):
 
     ds = run_analysis("fake", picky, _FakeModel(), prompts, str(tmp_path), {}, batch_size=8, progress=False)
     assert sizes[:3] == [6, 4, 2] and list(ds["prompt"].values) == prompts.ids()
+
+
+def test_completed_run_is_reused_and_extended(tmp_path):
+    prompts = load_prompts(PROMPTS)
+    calls: list[str] = []
+    fn = _fake_analysis(calls)
+    run_analysis("fake", fn, _FakeModel(), prompts.subset(limit=3), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    calls.clear()
+    # same prompt set file, more pairs requested: only the new ones are computed
+    ds = run_analysis("fake", fn, _FakeModel(), prompts.subset(limit=5), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    assert calls == prompts.ids()[3:5]
+    assert list(ds["prompt"].values) == prompts.ids()[:5]
+    assert "fingerprint" in load(result_path(tmp_path, "fake", "fake")).attrs
+
+
+def test_a_smaller_rerun_never_drops_stored_prompts(tmp_path):
+    prompts = load_prompts(PROMPTS)
+    fn = _fake_analysis([])
+    run_analysis("fake", fn, _FakeModel(), prompts.subset(limit=4), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    ds = run_analysis("fake", fn, _FakeModel(), prompts.subset(limit=2), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    assert list(ds["prompt"].values) == prompts.ids()[:4]

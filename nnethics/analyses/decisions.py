@@ -23,7 +23,8 @@ class DecisionOptions:
 def decision_logits(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One trace over every row: label logits ``[N, n_labels]``, log-normaliser ``[N]``, argmax token ``[N]``."""
     ids = list(batch.label_ids)
-    with torch.no_grad(), model.trace(batch.encoded.inputs()):
+    # Only the last position's logits are needed: skip the unembedding of every other position.
+    with torch.no_grad(), model.trace(batch.encoded.inputs(), logits_to_keep=1):
         last = model.lm.lm_head.output[:, -1, :]
         label_logits = last[:, ids].float().clone().save()
         lse = torch.logsumexp(last.float(), dim=-1).save()

@@ -13,8 +13,8 @@ import holoviews.plotting.bokeh  # noqa: F401  (registers the bokeh backend and 
 import numpy as np
 import xarray as xr
 
-if hv.Store.current_backend != "bokeh":
-    hv.Store.set_current_backend("bokeh")
+# Also fills ``hv.opts.<Element>`` for bokeh (a backend-switch hook); a no-op after hv.extension('bokeh').
+hv.Store.set_current_backend("bokeh")
 
 WIDTH = 520
 WIDE = 1060

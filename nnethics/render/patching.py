@@ -193,17 +193,17 @@ def summary_histograms(ds: xr.Dataset) -> hv.Layout:
     if "peak_layer" in ds:
         v = _per_prompt(ds, "peak_layer")
         freq, edges = np.histogram(v[np.isfinite(v)], bins=np.arange(-0.5, n_layers + 0.5))
-        plots.append(hv.Histogram((edges, freq), "peak layer", "prompts").opts(title="Peak layer", color="#a23b72"))
+        plots.append(hv.Histogram((edges, freq), kdims=["peak layer"], vdims=["prompts"]).opts(title="Peak layer", color="#a23b72"))
     if "num_choice_flips" in ds:
         v = _per_prompt(ds, "num_choice_flips")
         top = int(np.nanmax(v)) if np.isfinite(v).any() else 0
         freq, edges = np.histogram(v[np.isfinite(v)], bins=np.arange(-0.5, top + 1.5))
-        plots.append(hv.Histogram((edges, freq), "layers that flip the choice", "prompts").opts(
+        plots.append(hv.Histogram((edges, freq), kdims=["layers that flip the choice"], vdims=["prompts"]).opts(
             title="Choice flips", color="#f18f01"))
     if "gini_coefficient" in ds:
         v = _per_prompt(ds, "gini_coefficient")
         freq, edges = np.histogram(v[np.isfinite(v)], bins=np.linspace(0, 1, 11))
-        plots.append(hv.Histogram((edges, freq), "Gini coefficient", "prompts").opts(
+        plots.append(hv.Histogram((edges, freq), kdims=["Gini coefficient"], vdims=["prompts"]).opts(
             title="Concentration of effects (Gini)", color="#9b59b6"))
     if not plots:
         raise MissingData("patching: no per-prompt summaries (peak_layer, num_choice_flips, gini_coefficient)")

@@ -1,0 +1,301 @@
+"""Causal tracing / activation patching of the decision, with attribution patching beside it.
+
+For each prompt pair the base run receives states from a source run, one (layer, component,
+positions) cell at a time, and the decision ``LD = logit(label 1) - logit(label 2)`` at the last
+prompt token is measured:
+
+* ``corruption="counterfactual"``: the source is the counterfactual prompt (options swapped);
+* ``corruption="noise"`` (Meng et al. 2022): the receiver is the base with Gaussian noise added to
+  the layer-0 input over a token span, the source is the clean base ("restoring" clean states);
+  ``window`` restores a window of neighbouring layers around each layer (ROME's convention).
+
+Components: ``resid`` (output of decoder layer i), ``attn`` / ``mlp`` (their contributions to the
+residual stream, through the adapter). Positions (counted from the end, -1 = decision position):
+``last`` (the decision position), ``all`` (every position at once) and ``grid`` (each position on
+its own, dim ``position``); ``all``/``grid`` need base and counterfactual of equal token length,
+and a pair that differs is skipped with the reason stored.
+
+Every cell of a pair runs in a few batched forwards (see :mod:`.patching_engine`); patching only
+the last position reuses the prefix's key/value cache, so each cell costs about one token's forward.
+Attribution patching ``(cf - base) . dLD/dstate`` for every cell comes from one forward and one
+backward and is stored beside the exact values (``atp_delta``, ``atp_effect``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import xarray as xr
+
+from ..metrics import DEFAULT_MIN_GAP
+from ..prompts import PromptPair
+from . import patching_results as results
+from .common import PairBatch, encode_pairs
+from .patching_engine import COMPONENTS, Noise, Patch, Row, attribution, forward_keys, kv_possible, run_groups, run_prefix
+from .patching_noise import SpanError, pair_seed, restore_layers, span_chars, span_tokens
+from .spec import AnalysisSpec
+
+POSITIONS = ("last", "all", "grid")
+CORRUPTIONS = ("counterfactual", "noise")
+KV_CACHE = ("auto", "on", "off")
+
+
+@dataclass(frozen=True)
+class PatchingOptions:
+    """Options of :func:`activation_patching` (all of them are recorded in provenance).
+
+    ``layers`` None means every layer. ``noise_std`` (absolute) overrides ``noise_scale`` times the
+    std of the clean layer-0 input over the span. ``kv_cache``: ``auto`` uses the prefix-cache path
+    where it applies, ``on`` insists on it, ``off`` always runs full forwards. ``max_tokens`` bounds
+    the tokens of one forward (rows x width); the rows per forward halve on out-of-memory.
+    ``remote`` overrides the model's remote setting for every trace (``"local"``: NDIF dry run).
+    """
+
+    labels: tuple[str, ...] = ("1", "2")
+    chat: bool | None = None
+    components: tuple[str, ...] = COMPONENTS
+    positions: str = "last"
+    corruption: str = "counterfactual"
+    layers: tuple[int, ...] | None = None
+    window: int = 1
+    noise_scale: float = 3.0
+    noise_std: float | None = None
+    noise_span: str = "option1"
+    seed: int = 0
+    atp: bool = True
+    kv_cache: str = "auto"
+    min_gap: float = DEFAULT_MIN_GAP
+    max_tokens: int = 16384
+    remote: bool | str | None = None
+
+    def __post_init__(self) -> None:
+        bad = [c for c in self.components if c not in COMPONENTS]
+        if bad or not self.components:
+            raise ValueError(f"unknown components {bad}; choose from {COMPONENTS}")
+        for name, value, allowed in (("positions", self.positions, POSITIONS),
+                                     ("corruption", self.corruption, CORRUPTIONS), ("kv_cache", self.kv_cache, KV_CACHE)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, got {self.window}")
+        if self.noise_scale < 0 or (self.noise_std is not None and self.noise_std < 0):
+            raise ValueError("the noise scale/std must not be negative")
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers must not be empty")
+
+    def record(self) -> dict:
+        d = asdict(self)
+        for k in ("labels", "chat", "remote"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class _Plan:
+    groups: list[list[Row]]
+    cells: list[list[tuple]]         # per group, per patched row: index into the cell array
+    positions: list[int] | None      # grid coordinate
+    skip: list[str]                  # per pair, "" when run
+    extra: dict                      # per-prompt variables (noise span etc.)
+
+
+def _positions_of(pair_len: int, mode: str) -> list[tuple[int, ...]]:
+    if mode == "last":
+        return [(-1,)]
+    if mode == "all":
+        return [tuple(range(-pair_len, 0))]
+    return [(p,) for p in range(-pair_len, 0)]
+
+
+def _plan(model: Any, batch: PairBatch, opts: PatchingOptions, layers: Sequence[int]) -> _Plan:
+    n, L = batch.n, model.n_layers
+    enc = batch.encoded
+    comps = list(opts.components)
+    noise_mode = opts.corruption == "noise"
+    groups, cells, skip = [], [], []
+    starts, ends, texts = np.full(n, -1, np.int32), np.full(n, -1, np.int32), [""] * n
+    for i, pair in enumerate(batch.pairs):
+        b, c = batch.row(i, "base"), batch.row(i, "cf")
+        tb, tc = enc.lengths[b], enc.lengths[c]
+        reason, noise = "", None
+        if noise_mode:
+            rows = [Row(b)]
+            try:
+                lo, hi = span_chars(enc.texts[b], opts.noise_span, opts.labels)
+                s, e = span_tokens(model.tokenizer, enc.texts[b], enc.tokens(b), (lo, hi))
+                noise = Noise(s - tb, e - tb, pair_seed(opts.seed, pair.prompt_id), opts.noise_scale, opts.noise_std)
+                starts[i], ends[i], texts[i] = s, e, enc.texts[b][lo:hi]
+                rows.append(Row(b, noise))
+            except SpanError as err:
+                reason = f"noise span {opts.noise_span!r} not found: {err}"
+            length = tb
+        else:
+            rows = [Row(c), Row(b)]
+            if opts.positions != "last" and tb != tc:
+                reason = f"base and counterfactual tokenize to different lengths ({tb} vs {tc})"
+            length = tb
+        group_cells = []
+        if not reason:
+            pos_sets = _positions_of(length, opts.positions)
+            width = max(enc.lengths)
+            for ci, comp in enumerate(comps):
+                for li, layer in enumerate(layers):
+                    window = restore_layers(L, layer, opts.window)
+                    for pos in pos_sets:
+                        rows.append(Row(b, noise, Patch(window, comp, pos)))
+                        pi = width + pos[0] if opts.positions == "grid" else None
+                        group_cells.append((pi, li, ci))
+        groups.append(rows)
+        cells.append(group_cells)
+        skip.append(reason)
+    positions = list(range(-max(enc.lengths), 0)) if opts.positions == "grid" else None
+    extra: dict = {"skipped": (("prompt",), np.array([bool(r) for r in skip])),
+                   "skip_reason": (("prompt",), np.array(skip, dtype=str)),
+                   "n_tokens_base": (("prompt",), np.array([enc.lengths[batch.row(i, "base")] for i in range(n)], np.int32)),
+                   "n_tokens_cf": (("prompt",), np.array([enc.lengths[batch.row(i, "cf")] for i in range(n)], np.int32))}
+    if noise_mode:
+        extra.update(noise_start=(("prompt",), starts), noise_end=(("prompt",), ends),
+                     noise_span_text=(("prompt",), np.array(texts, dtype=str)))
+    return _Plan(groups, cells, positions, skip, extra)
+
+
+def _choose_path(model: Any, batch: PairBatch, plan: _Plan, opts: PatchingOptions) -> tuple[bool, str]:
+    remote = model.remote if opts.remote is None else opts.remote
+    if opts.kv_cache == "off":
+        return False, "off"
+    why = "remote model: the prefix cache would have to travel between traces" if remote not in (False, "local") else None
+    why = why or kv_possible(model, batch.encoded, plan.groups)
+    if why and opts.kv_cache == "on":
+        raise ValueError(f"the KV-cache path cannot run here: {why}")
+    return why is None, why or ""
+
+
+def activation_patching(model: Any, pairs: Sequence[PromptPair], options: PatchingOptions = PatchingOptions(),
+                        label_ids: Sequence[int] | None = None) -> xr.Dataset:
+    """Patch every (layer, component[, position]) cell of every pair and measure the decision.
+
+    Returns a Dataset with dims ``prompt``, ``layer``, ``component`` (and ``position`` in grid mode):
+    ``base_logit_diff``, ``cf_logit_diff`` (noise: ``corrupted_logit_diff``) ``(prompt)``,
+    ``patched_logit_diff``, ``effect``, ``flipped`` and (counterfactual, window 1) ``atp_delta``,
+    ``atp_effect`` over the cells; ``effect_defined``, ``atp_correlation``, ``chose_ethical_base``,
+    ``skipped``/``skip_reason``, token counts and, without positions, the per-prompt summary
+    ``peak_layer``, ``num_choice_flips``, ``gini_coefficient``, ``top5_concentration``
+    ``(prompt, component)``. ``forward_path`` says whether the KV-cache path ran.
+    """
+    opts = options
+    pairs = list(pairs)
+    L = model.n_layers
+    layers = list(range(L)) if opts.layers is None else sorted(set(opts.layers))
+    if layers[0] < 0 or layers[-1] >= L:
+        raise ValueError(f"layers must lie in 0..{L - 1}, got {opts.layers}")
+    batch = encode_pairs(model, pairs, list(opts.labels), opts.chat, label_ids)
+    ids = (batch.label_ids[0], batch.label_ids[1])
+    trace_kw = {} if opts.remote is None else {"remote": opts.remote}
+    plan = _plan(model, batch, opts, layers)
+    use_kv, why = _choose_path(model, batch, plan, opts)
+    prefix = run_prefix(model, batch.encoded, plan.groups, trace_kw) if use_kv else None
+    lds, sigma = run_groups(model, batch.encoded, plan.groups, ids, prefix=prefix, max_tokens=opts.max_tokens,
+                            trace_kw=trace_kw)
+    n, nL, nC = batch.n, len(layers), len(opts.components)
+    shape = (n, len(plan.positions), nL, nC) if plan.positions is not None else (n, nL, nC)
+    patched = np.full(shape, np.nan)
+    for g, group_cells in enumerate(plan.cells):
+        for j, (pi, li, ci) in enumerate(group_cells):
+            patched[(g, pi, li, ci) if pi is not None else (g, li, ci)] = lds[g][j + 2]
+    src = np.array([lds[g][0] for g in range(n)])
+    recv = np.array([lds[g][1] if len(lds[g]) > 1 else np.nan for g in range(n)])
+    atp = None
+    if opts.atp and opts.corruption == "counterfactual" and opts.window == 1:
+        atp = _attribution(model, batch, plan, opts, layers, ids, prefix, trace_kw)
+    base_ld = src if opts.corruption == "noise" else recv
+    labels = list(opts.labels)
+    chose = [labels[0 if v > 0 else 1] == p.base_ethical for v, p in zip(base_ld, pairs)]
+    chose_cf = None
+    if opts.corruption == "counterfactual":
+        chose_cf = [labels[0 if v > 0 else 1] == p.cf_ethical for v, p in zip(src, pairs)]
+    extra = dict(plan.extra)
+    extra["forward_path"] = (("prompt",), np.array(["kv_cache" if use_kv else "full"] * n, dtype=str))
+    if opts.corruption == "noise":
+        extra["noise_std"] = (("prompt",), np.array([sigma.get(g, np.nan) for g in range(n)], np.float32))
+    ds = results.build_dataset(
+        prompt_ids=[p.prompt_id for p in pairs], categories=[p.category for p in pairs], layers=layers,
+        components=list(opts.components), positions=plan.positions, corruption=opts.corruption,
+        receiver_ld=recv, source_ld=src, patched_ld=patched, atp_delta=atp, min_gap=opts.min_gap,
+        base_ethical=chose, cf_ethical=chose_cf, per_prompt=extra)
+    ds["forward_path"].attrs["description"] = "kv_cache: one-token rows over the prefix cache; full: full forwards" + (
+        f" ({why})" if why else "")
+    return ds
+
+
+def _attribution(model, batch: PairBatch, plan: _Plan, opts: PatchingOptions, layers, ids, prefix, trace_kw):
+    """AtP estimates shaped like ``patched`` (NaN for skipped pairs and padding positions)."""
+    n = batch.n
+    comps = list(opts.components)
+    keys = forward_keys([(la, c) for la in layers for c in comps])
+    recv = [batch.row(i, "base") for i in range(n)]
+    src = [batch.row(i, "cf") for i in range(n)]
+    lens = np.array([batch.encoded.lengths[r] for r in recv])
+    positions = [-1] if opts.positions == "last" else plan.positions or list(range(-int(max(lens)), 0))
+    atp, _, _ = attribution(model, batch.encoded, recv, src, keys, positions, ids,
+                            prefix=prefix if opts.positions == "last" else None, trace_kw=trace_kw)
+    a = atp.numpy().astype(np.float64)                    # [K, n, P]
+    pos = np.array(positions)
+    valid = (-pos[None, :] <= lens[:, None]) & ~np.array([bool(s) for s in plan.skip])[:, None]
+    a = np.where(valid[None], a, np.nan)
+    nL, nC = len(layers), len(comps)
+    out = np.full((n, len(positions), nL, nC), np.nan)
+    for k, (layer, comp) in enumerate(keys):
+        out[:, :, layers.index(layer), comps.index(comp)] = a[k]
+    if opts.positions == "grid":
+        return out
+    if opts.positions == "all":
+        summed = np.nansum(out, axis=1)
+        return np.where(np.all(np.isnan(out), axis=1), np.nan, summed)
+    return out[:, 0]
+
+
+def causal_tracing(model: Any, pairs: Sequence[PromptPair], options: PatchingOptions = PatchingOptions(),
+                   label_ids: Sequence[int] | None = None) -> xr.Dataset:
+    """Noise corruption and clean-state restoration (ROME): :func:`activation_patching` with
+    ``corruption="noise"``."""
+    return activation_patching(model, pairs, _replace(options, corruption="noise"), label_ids)
+
+
+def _replace(opts: PatchingOptions, **kw) -> PatchingOptions:
+    return PatchingOptions(**{**asdict(opts), **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# nnethics run / nnethics patch
+
+# (corruption, positions) -> stored analysis name (file store/<slug>/<name>.nc)
+NAMES = {("counterfactual", "last"): "patching", ("counterfactual", "grid"): "patching_grid",
+         ("counterfactual", "all"): "patching_all", ("noise", "last"): "patching_noise",
+         ("noise", "grid"): "patching_noise_grid", ("noise", "all"): "patching_noise_all"}
+
+_CLI_KEYS = ("components", "layers", "window", "noise_scale", "noise_std", "noise_span", "seed", "atp", "kv_cache",
+             "min_gap", "max_tokens")
+
+
+def options_from_context(ctx, corruption: str, positions: str) -> PatchingOptions:
+    extra = dict(ctx.extra or {})
+    kw = {k: extra[k] for k in _CLI_KEYS if extra.get(k) is not None}
+    for k in ("components", "layers"):
+        if k in kw:
+            kw[k] = tuple(kw[k])
+    return PatchingOptions(labels=tuple(ctx.labels), chat=ctx.chat, corruption=corruption, positions=positions, **kw)
+
+
+def _make_spec(corruption: str, positions: str) -> AnalysisSpec:
+    def build(model, ctx):
+        opts = options_from_context(ctx, corruption, positions)
+        return (lambda m, pairs: activation_patching(m, pairs, opts, label_ids=ctx.label_ids)), opts.record()
+
+    return AnalysisSpec(name=NAMES[(corruption, positions)], build=build, summary=results.summarize,
+                        finalize=results.finalize, default=(corruption, positions) == ("counterfactual", "last"))
+
+
+SPEC = _make_spec("counterfactual", "last")
+SPECS = (SPEC,) + tuple(_make_spec(c, p) for c, p in NAMES if (c, p) != ("counterfactual", "last"))

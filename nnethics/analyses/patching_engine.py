@@ -1,0 +1,403 @@
+"""The one generic patching engine: batched rows, each carrying its own intervention.
+
+A *group* is the list of rows that one prompt pair needs::
+
+    group[0]   the source run (counterfactual, or the clean base for noise corruption), never edited
+    group[1]   the receiver run (base, or the noised base), never patched
+    group[2:]  receiver copies, each patched at its own (layers, component, positions) from group[0]
+
+Rows of several groups share a forward pass: at each layer the engine copies, for every patched
+row at once, the source row's state into it (``h[R, C] = h[S, C]``, one indexing op per layer and
+component), so every patch of a pair comes out of a few batched forwards instead of one forward per
+cell. Two ways to run the rows:
+
+* ``full``: every row is the whole (left-padded) sequence. Works for any position and remotely.
+* ``kv``: when only the last position is patched, every earlier position is identical in all the
+  receiver rows at every layer. One *prefix* forward (all tokens but the last) of each distinct
+  (sequence, noise) gives its key/value cache; the rows then run as one-token forwards reading
+  that cache through :class:`SharedPrefixCache`, so a patched row costs about one token's compute.
+
+The trace bodies only touch envoys, Python ints/lists and tensors created inside the trace, so they
+serialise for NDIF (checked with ``remote="local"`` in the tests). The KV path keeps a cache object
+on this side between traces, so it is local only; remote runs take the ``full`` path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import nnsight
+import torch
+from transformers import DynamicCache
+
+from .common import Encoded
+
+COMPONENTS = ("resid", "attn", "mlp")
+FORWARD_ORDER = ("attn", "mlp", "resid")  # order in which a decoder layer produces them
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Gaussian noise added to the layer-0 input of a row over token positions ``[start, end)``,
+    counted from the end (``end`` 0 = through the last token). ``std`` None: ``scale`` times the
+    standard deviation of the clean row's layer-0 input over the span. Seeded on a CPU generator,
+    so :func:`noise_sample` reproduces it exactly."""
+
+    start: int
+    end: int
+    seed: int
+    scale: float = 3.0
+    std: float | None = None
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Copy the source row's ``component`` state into this row at ``positions`` (from the end) at
+    each of ``layers``."""
+
+    layers: tuple[int, ...]
+    component: str
+    positions: tuple[int, ...] = (-1,)
+
+
+@dataclass(frozen=True)
+class Row:
+    seq: int                  # row of the Encoded batch this row runs
+    noise: Noise | None = None
+    patch: Patch | None = None
+
+
+def noise_sample(seed: int, n_tokens: int, d_model: int) -> torch.Tensor:
+    """The standard-normal draw ``[n_tokens, d_model]`` (float32, CPU) behind :class:`Noise`."""
+    return torch.randn((n_tokens, d_model), generator=torch.Generator().manual_seed(seed))
+
+
+class SharedPrefixCache(DynamicCache):
+    """A read-only view of a prefix cache of ``n`` sequences for ``R`` rows: row ``r`` attends to
+    prefix row ``rows[r]``. It never grows, so one prefix serves any number of one-token forwards,
+    and the per-row keys/values exist for one layer at a time."""
+
+    def __init__(self, prefix: DynamicCache, rows: torch.Tensor):  # noqa: D107 - adopts prefix's layers
+        self.__dict__.update(prefix.__dict__)
+        self._rows = rows
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        keys = layer.keys.index_select(0, self._rows)
+        values = layer.values.index_select(0, self._rows)
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+def envoys(model: Any, layers: Sequence[int], components: Sequence[str]) -> dict[tuple[int, str], Any]:
+    """``(layer, component) -> envoy`` whose output is that state, resolved outside any trace."""
+    out = {}
+    for layer in layers:
+        for comp in components:
+            if comp == "resid":
+                out[(layer, comp)] = model.layer(layer)
+            elif comp == "attn":
+                out[(layer, comp)] = model.attn_out(layer)
+            elif comp == "mlp":
+                out[(layer, comp)] = model.mlp_out(layer)
+            else:
+                raise ValueError(f"unknown component {comp!r}; use one of {COMPONENTS}")
+    return out
+
+
+def forward_keys(keys) -> list[tuple[int, str]]:
+    return sorted(set(keys), key=lambda k: (k[0], FORWARD_ORDER.index(k[1])))
+
+
+def _is_oom(err: BaseException) -> bool:
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+# ---------------------------------------------------------------------------------------------
+# trace bodies (remote-safe: envoys, ints, lists; tensors created inside the trace)
+
+
+def _trace_rows(model: Any, inputs: dict, plan: dict, noise: list, ids: tuple[int, int], trace_kw: dict,
+                keep_cache: bool = False) -> tuple[torch.Tensor | None, list, Any]:
+    """One forward of a batch of rows: add noise at layer 0, apply the patches, return the LD per row."""
+    env, keys, patches = plan["envoys"], plan["keys"], plan["patches"]
+    a, b = ids
+    ld = cache = None  # only saved names come back from the trace
+    with torch.no_grad(), model.trace(inputs, logits_to_keep=1, **trace_kw):
+        sigmas = nnsight.save([])
+        if noise:
+            x = model.lm.model.layers[0].inputs[0][0]
+            for rows, src, lo, hi, seed, scale, std in noise:
+                z = torch.randn((hi - lo, x.shape[-1]), generator=torch.Generator().manual_seed(seed))
+                s = std if std is not None else scale * float(x[src, lo:hi].float().std())
+                sigmas.append(s)
+                x[rows, lo:hi] += (s * z).to(device=x.device, dtype=x.dtype)
+        for key in keys:
+            out = env[key].output
+            h = out[0] if isinstance(out, tuple) else out
+            rows, src, cols = patches[key]
+            h[rows, cols] = h[src, cols]
+        if keep_cache:
+            cache = model.lm.output.cache.save()
+        else:
+            logits = model.lm.output.logits[:, -1]
+            ld = (logits[:, a] - logits[:, b]).float().clone().save()
+    return ld, list(sigmas), cache
+
+
+def _trace_atp(model: Any, inputs: dict, env: dict, keys: list, recv: list[int], src: list[int], cols: list[int],
+               ids: tuple[int, int], trace_kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward + one backward: ``(h[src] - h[recv]) . dLD(recv)/dh`` at ``cols`` for every key.
+
+    Returns ``atp [K, n, len(cols)]`` and the LD of every row.
+    """
+    a, b = ids
+    with torch.enable_grad(), model.trace(inputs, logits_to_keep=1, **trace_kw):
+        x = model.lm.model.layers[0].inputs[0][0]
+        if not x.requires_grad:  # frozen parameters: make the graph start at the layer-0 input
+            x.requires_grad_(True)
+        states = []
+        for key in keys:
+            out = env[key].output
+            states.append(out[0] if isinstance(out, tuple) else out)
+        logits = model.lm.output.logits[:, -1]
+        ld = (logits[:, a] - logits[:, b]).float()
+        grads = torch.autograd.grad(ld[recv].sum(), states, allow_unused=True)
+        est = []
+        for h, g in zip(states, grads):
+            if g is None:
+                est.append(torch.zeros(len(recv), len(cols), device=ld.device))
+            else:
+                delta = (h[src][:, cols] - h[recv][:, cols]).float()
+                est.append((delta * g[recv][:, cols].float()).sum(-1))
+        atp = torch.stack(est).detach().clone().save()
+        lds = ld.detach().clone().save()
+    return atp, lds
+
+
+# ---------------------------------------------------------------------------------------------
+# planning and running
+
+
+def _inputs_full(enc: Encoded, seqs: list[int]) -> tuple[dict, int]:
+    inp = enc.inputs(seqs)
+    return inp, int(inp["input_ids"].shape[1])
+
+
+def _compile(group_rows: list[tuple[int, int]], groups: list[list[Row]], width: int, env: dict,
+             local: dict[tuple[int, int], int], last_only: bool) -> tuple[dict, list]:
+    """Patch plan ``{key: (rows, src rows, cols)}`` and noise ops for one forward's rows."""
+    patches: dict[tuple[int, str], tuple[list, list, list]] = {}
+    noise_by: dict[tuple[int, Noise], list[int]] = {}
+    for g, j in group_rows:
+        row = groups[g][j]
+        r = local[(g, j)]
+        if row.noise is not None and not last_only:
+            noise_by.setdefault((g, row.noise), []).append(r)
+        if row.patch is None:
+            continue
+        s = local[(g, 0)]
+        for layer in row.patch.layers:
+            R, S, C = patches.setdefault((layer, row.patch.component), ([], [], []))
+            for p in row.patch.positions:
+                R.append(r)
+                S.append(s)
+                C.append(width + p)
+    noise = [(rows, local[(g, 0)], width + nz.start, width + nz.end, nz.seed, nz.scale, nz.std)
+             for (g, nz), rows in noise_by.items()]
+    plan = {"envoys": {k: env[k] for k in patches}, "keys": forward_keys(patches), "patches": patches}
+    return plan, noise
+
+
+def _chunks(groups: list[list[Row]], max_rows: int) -> list[list[tuple[int, int]]]:
+    """Pack rows into forwards of at most ``max_rows`` (more when one group's source + receiver need it).
+
+    Every forward holding a patched row of a group also holds that group's source (row 0); the
+    receiver (row 1) rides in the group's first forward.
+    """
+    out: list[list[tuple[int, int]]] = []
+    cur: list[tuple[int, int]] = []
+    have: set[int] = set()
+    for g, rows in enumerate(groups):
+        for j in range(len(rows)):
+            if j == 0:
+                continue
+            need = 1 if g in have else 2
+            if cur and len(cur) + need > max_rows:
+                out.append(cur)
+                cur, have = [], set()
+                need = 2
+            if g not in have:
+                cur.append((g, 0))
+                have.add(g)
+            cur.append((g, j))
+        if len(rows) == 1:
+            if cur and len(cur) + 1 > max_rows:
+                out.append(cur)
+                cur, have = [], set()
+            cur.append((g, 0))
+            have.add(g)
+    if cur:
+        out.append(cur)
+    return out
+
+
+def kv_possible(model: Any, enc: Encoded, groups: list[list[Row]]) -> str | None:
+    """Why the one-token KV path cannot run these groups (None when it can)."""
+    if model.remote:
+        return "remote model: the prefix cache would have to travel between traces"
+    if min(enc.lengths[r.seq] for g in groups for r in g) < 2:
+        return "a prompt has fewer than 2 tokens"
+    for g in groups:
+        for r in g:
+            if r.patch is not None and r.patch.positions != (-1,):
+                return "positions other than the last one are patched"
+            if r.noise is not None and r.noise.end == 0:
+                return "the noise span includes the last token"
+    window = getattr(model.config, "sliding_window", None)
+    if window and max(enc.lengths) > int(window):
+        return "prompts are longer than the sliding attention window"
+    return None
+
+
+@dataclass
+class Prefix:
+    """The key/value cache of every distinct (sequence, noise) over all tokens but the last."""
+
+    cache: DynamicCache
+    index: dict            # (seq, noise) -> row of the cache
+    width: int             # cached positions (left-padded width - 1)
+    sigma: dict            # group -> noise std used
+
+
+def run_prefix(model: Any, enc: Encoded, groups: list[list[Row]], trace_kw: dict | None = None) -> Prefix:
+    """One forward of every distinct (sequence, noise) of ``groups`` over all tokens but the last.
+
+    A noised row gets its noise here (its clean row, ``(seq, None)``, must be among the rows: it
+    is the one the noise std is measured on); the last token is never in a noise span on this path.
+    """
+    index: dict[tuple[int, Noise | None], int] = {}
+    seqs, owners = [], []
+    for g, rows in enumerate(groups):
+        for row in rows:
+            key = (row.seq, row.noise)
+            if key not in index:
+                index[key] = len(seqs)
+                seqs.append(row.seq)
+                owners.append((g, row.noise))
+    inp, width = _inputs_full(enc, seqs)
+    inputs = {k: v[:, :-1] for k, v in inp.items()}
+    noise, noised = [], []
+    for i, (g, nz) in enumerate(owners):
+        if nz is not None:
+            clean = index[(seqs[i], None)]
+            noise.append(([i], clean, width + nz.start, width + nz.end, nz.seed, nz.scale, nz.std))
+            noised.append(g)
+    plan = {"envoys": {}, "keys": [], "patches": {}}
+    _, sigmas, cache = _trace_rows(model, inputs, plan, noise, (0, 0), {**dict(trace_kw or {}), "use_cache": True},
+                                   keep_cache=True)
+    return Prefix(cache, index, width - 1, {g: float(s) for g, s in zip(noised, sigmas)})
+
+
+def run_groups(model: Any, enc: Encoded, groups: list[list[Row]], ids: tuple[int, int], *,
+               prefix: Prefix | None = None, max_tokens: int = 16384,
+               trace_kw: dict | None = None) -> tuple[list[list[float]], dict[int, float]]:
+    """Run every row of every group; return the LD of each row (``[group][row]``) and the noise std
+    used per group.
+
+    With ``prefix`` (from :func:`run_prefix` on the same groups) the rows run as one-token forwards
+    over the cached prefix; without, as full forwards. On out-of-memory the rows per forward are
+    halved and the forward retried.
+    """
+    trace_kw = dict(trace_kw or {})
+    keys = {(la, r.patch.component) for g in groups for r in g if r.patch for la in r.patch.layers}
+    env = envoys(model, sorted({k[0] for k in keys}), sorted({k[1] for k in keys}))
+    lds: list[list[float]] = [[float("nan")] * len(g) for g in groups]
+    sigma: dict[int, float] = dict(prefix.sigma) if prefix is not None else {}
+    width = max(enc.lengths[r.seq] for g in groups for r in g)
+    max_rows = max(2, max_tokens // width) if prefix is None else max(2, min(4096, max_tokens // 4))
+    todo = _chunks(groups, max_rows)
+    while todo:
+        chunk = todo.pop(0)
+        seqs = [groups[g][j].seq for g, j in chunk]
+        local = {gj: i for i, gj in enumerate(chunk)}
+        try:
+            if prefix is not None:
+                rows_idx = [prefix.index[(groups[g][j].seq, groups[g][j].noise)] for g, j in chunk]
+                inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, rows_idx)
+                plan, noise = _compile(chunk, groups, 1, env, local, last_only=True)
+                kw = trace_kw
+            else:
+                inputs, w = _inputs_full(enc, seqs)
+                plan, noise = _compile(chunk, groups, w, env, local, last_only=False)
+                kw = {**trace_kw, "use_cache": False}
+            ld, sigmas, _ = _trace_rows(model, inputs, plan, noise, ids, kw)
+        except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+            if not _is_oom(err) or len(chunk) <= 2:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            max_rows = max(2, len(chunk) // 2)
+            todo = _chunks_subset(groups, chunk, max_rows) + todo
+            continue
+        for (g, j), v in zip(chunk, ld.cpu().tolist()):
+            lds[g][j] = v
+        owner = {i: g for (g, j), i in local.items() if j == 0}
+        for (_rows, src, *_), s in zip(noise, sigmas):
+            sigma[owner[src]] = float(s)
+    return lds, sigma
+
+
+def _chunks_subset(groups: list[list[Row]], chunk: list[tuple[int, int]], max_rows: int) -> list[list[tuple[int, int]]]:
+    """Re-pack the rows of a failed forward into smaller forwards."""
+    sub: dict[int, list[int]] = {}
+    for g, j in chunk:
+        sub.setdefault(g, []).append(j)
+    out = []
+    for g, js in sub.items():
+        rest = [j for j in js if j != 0]
+        for i in range(0, max(1, len(rest)), max(1, max_rows - 1)):
+            out.append([(g, 0)] + [(g, j) for j in rest[i:i + max_rows - 1]])
+    return out
+
+
+def _inputs_token(enc: Encoded, seqs: list[int], prefix_width: int, cache: DynamicCache, rows: list[int]) -> dict:
+    device = enc.input_ids.device
+    return {
+        "input_ids": enc.input_ids[seqs][:, -1:],
+        "attention_mask": enc.attention_mask[seqs][:, -(prefix_width + 1):],
+        "position_ids": enc.position_ids[seqs][:, -1:],
+        "cache": SharedPrefixCache(cache, torch.tensor(rows, dtype=torch.long, device=device)),
+    }
+
+
+def attribution(model: Any, enc: Encoded, recv: list[int], src: list[int], keys: list[tuple[int, str]],
+                positions: Sequence[int], ids: tuple[int, int], *, prefix: Prefix | None = None,
+                trace_kw: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attribution patching for pairs ``(recv[i], src[i])`` (rows of ``enc``) at ``positions`` (from the end).
+
+    One forward and one backward for all pairs: ``atp [K, n, P]`` estimates patched LD − receiver LD
+    for every key of ``keys`` (in forward order) and position. With ``prefix`` (which must hold the
+    clean rows of ``recv`` and ``src``) only the last position is attributed, as a one-token forward
+    over the cached prefix: the last position's states do not reach earlier positions, so its
+    gradient needs nothing else. Also returns the receiver and source LDs ``[n]``.
+    """
+    trace_kw = dict(trace_kw or {})
+    keys = forward_keys(keys)
+    env = envoys(model, sorted({k[0] for k in keys}), sorted({k[1] for k in keys}))
+    n = len(recv)
+    seqs = list(recv) + list(src)
+    if prefix is not None:
+        if tuple(positions) != (-1,):
+            raise ValueError("the KV path attributes the last position only")
+        inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs])
+        cols = [0]
+    else:
+        inputs, width = _inputs_full(enc, seqs)
+        cols = [width + p for p in positions]
+        trace_kw["use_cache"] = False
+    atp, lds = _trace_atp(model, inputs, {k: env[k] for k in keys}, keys, list(range(n)), list(range(n, 2 * n)),
+                          cols, ids, trace_kw)
+    return atp.cpu(), lds[:n].cpu(), lds[n:].cpu()

@@ -1,0 +1,153 @@
+"""Baseline-decision figures from ``decisions.nc``.
+
+dims prompt, side (base, cf), option: ``chose_ethical (prompt, side)``, ``consistent (prompt)``,
+``logit_diff (prompt, side)``, ``label_prob (prompt, side, option)``, ``category (prompt)``,
+``prompt_text (prompt, side)``.
+"""
+
+from __future__ import annotations
+
+import html
+from typing import Sequence
+
+import holoviews as hv
+import numpy as np
+import xarray as xr
+
+from ._base import HEIGHT, WIDE, WIDTH, Figure, collect, prompt_map, require, side_name, values
+
+SECTION = "Decisions"
+MEASURE_COLORS = {"base": "#4c72b0", "counterfactual": "#c44e52", "both sides": "#55a868", "consistent": "#8172b3"}
+
+
+def wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson 95% interval for k successes out of n (well behaved at 0% and 100%)."""
+    k, n = np.asarray(k, float), np.asarray(n, float)
+    safe = np.where(n > 0, n, 1)
+    p = k / safe
+    centre = (p + z * z / (2 * safe)) / (1 + z * z / safe)
+    half = z * np.sqrt(p * (1 - p) / safe + z * z / (4 * safe * safe)) / (1 + z * z / safe)
+    return np.where(n > 0, centre - half, np.nan), np.where(n > 0, centre + half, np.nan)
+
+
+def _measures(ds: xr.Dataset) -> dict[str, np.ndarray]:
+    """Boolean per-prompt outcomes: ethical on each side, on both, and consistency."""
+    require(ds, "chose_ethical")
+    ce = ds["chose_ethical"]
+    out = {side_name(s): values(ce.sel(side=s)).astype(bool) for s in values(ds["side"])}
+    out["both sides"] = values(ce.all("side")).astype(bool)
+    if "consistent" in ds:
+        out["consistent"] = values(ds["consistent"]).astype(bool)
+    return out
+
+
+def ethical_rates(ds: xr.Dataset) -> hv.Overlay:
+    """How often the model chose the ethical option: base, counterfactual, both, and consistency (Wilson 95% CI)."""
+    m = _measures(ds)
+    names = list(m)
+    k = np.array([m[x].sum() for x in names])
+    n = np.array([m[x].size for x in names])
+    lo, hi = wilson(k, n)
+    rate = k / np.maximum(n, 1)
+    bars = hv.Bars((names, rate, k, n), kdims=["measure"], vdims=["rate", "count", "prompts"]).opts(
+        color="measure", cmap=MEASURE_COLORS, tools=["hover"], ylim=(0, 1.05), show_legend=False)
+    err = hv.ErrorBars((names, rate, rate - lo, hi - rate), kdims=["measure"], vdims=["rate", "neg", "pos"],
+                       ).opts(line_width=1.5, color="black")
+    return (bars * err).opts(title=f"Chose the ethical option (n={len(values(ds['prompt']))} pairs)", width=WIDTH,
+                             height=HEIGHT, ylabel="fraction of prompts", xlabel="")
+
+
+def by_category(ds: xr.Dataset) -> hv.Bars:
+    """Ethical-choice rates per prompt category, base vs counterfactual, and consistency."""
+    require(ds, "category")
+    m = _measures(ds)
+    cats = values(ds["category"]).astype(str)
+    cats = np.where(cats == "", "(none)", cats)
+    rows = []
+    for cat in sorted(set(cats.tolist())):
+        mask = cats == cat
+        for name in [x for x in m if x != "both sides"]:
+            rows.append((cat, name, float(m[name][mask].mean()), int(m[name][mask].sum()), int(mask.sum())))
+    bars = hv.Bars(rows, kdims=["category", "measure"], vdims=["rate", "count", "prompts"])
+    return bars.opts(title="Ethical choices by category", width=WIDE if len(set(cats)) > 4 else WIDTH, height=HEIGHT,
+                     ylim=(0, 1.05), tools=["hover"], color="measure", cmap=MEASURE_COLORS, multi_level=True,
+                     xrotation=0, ylabel="fraction of prompts", xlabel="")
+
+
+def logit_diff_scatter(ds: xr.Dataset) -> hv.Overlay:
+    """Each pair's logit difference (label 1 − label 2) on the base prompt against the counterfactual."""
+    require(ds, "logit_diff", "side")
+    base = values(ds["logit_diff"].sel(side="base")).astype(float)
+    cf = values(ds["logit_diff"].sel(side="cf")).astype(float)
+    prompts = values(ds["prompt"]).astype(str)
+    cats = values(ds["category"]).astype(str) if "category" in ds else np.full(len(prompts), "")
+    both = values(ds["chose_ethical"].all("side")).astype(bool) if "chose_ethical" in ds else np.zeros(len(base), bool)
+    outcome = np.where(both, "ethical on both", "not ethical on both")
+    pts = hv.Points((base, cf, prompts, cats, outcome), kdims=["base logit diff", "counterfactual logit diff"],
+                    vdims=["prompt", "category", "outcome"])
+    pts = pts.opts(color="outcome", cmap={"ethical on both": "#55a868", "not ethical on both": "#c44e52"}, size=8,
+                   alpha=0.8, tools=["hover"], legend_position="top_left")
+    zero_x = hv.VLine(0).opts(color="gray", line_dash="dotted", line_width=1)
+    zero_y = hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)
+    return (pts * zero_x * zero_y).opts(title="Logit diff ('1' − '2'): base vs counterfactual", width=WIDTH,
+                                        height=HEIGHT)
+
+
+def label_mass(ds: xr.Dataset) -> hv.Overlay:
+    """How much probability the two labels get at the answer position, per side."""
+    require(ds, "label_prob")
+    mass = ds["label_prob"].sum("option")
+    edges = np.linspace(0, 1, 21)
+    parts = []
+    for s in values(ds["side"]):
+        freq, _ = np.histogram(values(mass.sel(side=s)).astype(float), bins=edges)
+        parts.append(hv.Histogram((edges, freq), kdims=["probability on the labels"], vdims=["prompts"], label=side_name(s)).opts(
+            alpha=0.5, color=MEASURE_COLORS.get(side_name(s), "#444"), tools=["hover"]))
+    title = "Probability mass on the answer labels"
+    if "label_is_top" in ds:
+        title += f" (a label is the top token in {float(ds['label_is_top'].mean()):.0%})"
+    return hv.Overlay(parts).opts(title=title, width=WIDTH, height=HEIGHT, legend_position="top_left")
+
+
+def prompt_text_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.HoloMap:
+    """The text of each pair and what the model chose, following the prompt selector."""
+    require(ds, "prompt_text")
+    prompts = list(prompts) if prompts is not None else [str(p) for p in values(ds["prompt"])]
+
+    def cell(one: xr.Dataset, side: str) -> str:
+        text = html.escape(str(one["prompt_text"].sel(side=side).values))
+        parts = []
+        if "chosen" in one:
+            parts.append(f"chose <b>{html.escape(str(one['chosen'].sel(side=side).values))}</b>")
+        if "ethical_option" in one:
+            parts.append(f"ethical <b>{html.escape(str(one['ethical_option'].sel(side=side).values))}</b>")
+        if "logit_diff" in one:
+            parts.append(f"logit diff {float(one['logit_diff'].sel(side=side)):+.2f}")
+        return (f"<div style='flex:1;min-width:0'><h4 style='margin:4px 0'>{side_name(side)}: "
+                f"{' · '.join(parts)}</h4><pre style='white-space:pre-wrap;font-size:11px;background:#f6f6f6;"
+                f"padding:6px;margin:0;max-height:220px;overflow:auto'>{text}</pre></div>")
+
+    def frame(p: str) -> hv.Div:
+        one = ds.sel(prompt=p)
+        cat = f" · {html.escape(str(one['category'].values))}" if "category" in one else ""
+        body = "".join(cell(one, str(s)) for s in values(ds["side"]))
+        return hv.Div(f"<div><b>{html.escape(p)}</b>{cat}<div style='display:flex;gap:12px'>{body}</div></div>"
+                      ).opts(width=WIDE, height=290)
+
+    def empty(p: str) -> hv.Div:
+        return hv.Div(f"<div><b>{html.escape(p)}</b>: no decision data</div>").opts(width=WIDE, height=290)
+
+    return prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])], empty)
+
+
+def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[Figure], list[str]]:
+    """The decision figures (figures whose inputs are missing are skipped)."""
+    return collect([
+        lambda: Figure("decisions_rates", "Ethical choices", ethical_rates(ds), SECTION,
+                       note="Which label the model prefers at the answer position (argmax over the label logits)."),
+        lambda: Figure("decisions_by_category", "By category", by_category(ds), SECTION),
+        lambda: Figure("decisions_logit_diff", "Logit differences", logit_diff_scatter(ds), SECTION),
+        lambda: Figure("decisions_label_mass", "Label probability", label_mass(ds), SECTION),
+        lambda: Figure("decisions_prompts", "Prompt viewer", prompt_text_view(ds, prompts), SECTION,
+                       per_prompt=True),
+    ])

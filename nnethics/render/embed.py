@@ -1,0 +1,167 @@
+"""Static embedding of HoloViews figures, HoloMap frames included, as plain Bokeh models.
+
+Panel's ``save(embed=True)`` replays every widget state through a live Bokeh Document, which
+recomputes the whole document's model graph on every change: a report with ~30 figures and a
+prompt selector took ~4 s per prompt. Here each HoloViews object is rendered once with HoloViews'
+own Bokeh renderer (no Document attached), each HoloMap frame is applied with ``plot.update(key)``
+and the properties that change between frames (data sources, titles, spans, divs, visibility, colour
+ranges) are recorded. A Bokeh ``Select`` replays them in the browser through a ``CustomJS``
+callback, so the file needs no server and no kernel. All prompt selectors of a page are linked.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import holoviews as hv
+import numpy as np
+from bokeh.models import (
+    BoxAnnotation,
+    ColorMapper,
+    ColumnDataSource,
+    CustomJS,
+    DataRange1d,
+    Div,
+    FactorRange,
+    GlyphRenderer,
+    LegendItem,
+    Range1d,
+    Select,
+    Span,
+    Title,
+)
+from bokeh.models import Model as BokehModel
+
+#: Bokeh properties that a HoloMap frame may change (everything else is fixed by HoloViews' plot init).
+DYNAMIC: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (ColumnDataSource, ("data",)),
+    (Title, ("text",)),
+    (Span, ("location", "visible")),
+    (BoxAnnotation, ("left", "right", "bottom", "top", "visible")),
+    (Div, ("text",)),
+    (GlyphRenderer, ("visible",)),
+    (ColorMapper, ("low", "high")),
+    (Range1d, ("start", "end")),
+    (DataRange1d, ("start", "end")),
+    (FactorRange, ("factors",)),
+    (LegendItem, ("label", "visible")),
+)
+
+APPLY_JS = """
+const key = cb_obj.value;
+const frame = frames instanceof Map ? frames.get(key) : frames[key];
+if (frame != null) {
+  for (const [i, prop, value] of frame) {
+    const model = targets[i];
+    let v = value;
+    if (prop === "data" && v instanceof Map && !(model.data instanceof Map)) {
+      v = Object.fromEntries(v);
+    }
+    model.setv({[prop]: v});
+  }
+}
+for (const other of group) {
+  if (other !== cb_obj && other.value !== key && other.options.includes(key)) {
+    other.value = key;
+  }
+}
+"""
+
+
+@dataclass
+class Rendered:
+    """A rendered figure: its Bokeh model and, for a HoloMap, the selector that replays its frames."""
+
+    model: Any
+    select: Select | None = None
+    keys: tuple[str, ...] = ()
+    frames: dict | None = None
+    targets: list | None = None
+
+
+def _props(model: BokehModel) -> tuple[str, ...]:
+    for cls, names in DYNAMIC:
+        if isinstance(model, cls):
+            return names
+    return ()
+
+
+def _targets(root: BokehModel) -> list[BokehModel]:
+    return sorted((m for m in root.references() if _props(m)), key=lambda m: m.id)
+
+
+def _snapshot(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else copy.deepcopy(v)) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        try:
+            return np.array_equal(np.asarray(a), np.asarray(b), equal_nan=np.asarray(a).dtype.kind == "f")
+        except (TypeError, ValueError):
+            return False
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):
+        return False
+
+
+def _holomap_dim(obj: Any) -> str | None:
+    """The single key dimension of the HoloMaps in ``obj`` (a HoloMap or a Layout of them), else None."""
+    maps = [obj] if isinstance(obj, hv.HoloMap) else [o for o in obj if isinstance(o, hv.HoloMap)] \
+        if isinstance(obj, hv.Layout) else []
+    dims = {tuple(d.name for d in m.kdims) for m in maps}
+    if len(dims) == 1:
+        (names,) = dims
+        if len(names) == 1:
+            return names[0]
+    if dims:
+        raise ValueError(f"static embedding supports HoloMaps over one shared dimension, got {sorted(dims)}")
+    return None
+
+
+def render(obj: Any) -> Rendered:
+    """Render a HoloViews object to Bokeh; for HoloMaps, record every frame for the JS selector."""
+    dim = _holomap_dim(obj)
+    plot = hv.renderer("bokeh").get_plot(obj)
+    if dim is None:
+        return Rendered(plot.state)
+    keys = list(plot.keys)
+    labels = [str(k[0]) if isinstance(k, tuple) else str(k) for k in keys]
+    targets = _targets(plot.state)
+    snaps: list[list[Any]] = []
+    for key in keys:
+        plot.update(key)
+        snaps.append([_snapshot(getattr(m, p)) for m in targets for p in _props(m)])
+    final = _targets(plot.state)
+    if [m.id for m in final] != [m.id for m in targets]:  # a frame added models: record again with all of them
+        targets = final
+        snaps = []
+        for key in keys:
+            plot.update(key)
+            snaps.append([_snapshot(getattr(m, p)) for m in targets for p in _props(m)])
+    plot.update(keys[0])
+    slots = [(i, p) for i, m in enumerate(targets) for p in _props(m)]
+    varying = [j for j in range(len(slots)) if any(not _same(snaps[0][j], s[j]) for s in snaps[1:])]
+    used = sorted({slots[j][0] for j in varying})
+    index = {i: n for n, i in enumerate(used)}
+    frames = {label: [[index[slots[j][0]], slots[j][1], snap[j]] for j in varying]
+              for label, snap in zip(labels, snaps)}
+    select = Select(title=dim, value=labels[0], options=labels, width=320)
+    return Rendered(plot.state, select, tuple(labels), frames, [targets[i] for i in used])
+
+
+def link_selectors(rendered: Sequence[Rendered]) -> None:
+    """Attach the frame-replay callbacks; every selector of the page follows the others."""
+    group = [r.select for r in rendered if r.select is not None]
+    for r in rendered:
+        if r.select is None:
+            continue
+        r.select.js_on_change("value", CustomJS(args=dict(frames=r.frames, targets=r.targets, group=group),
+                                                code=APPLY_JS))

@@ -1,0 +1,190 @@
+"""Self-contained HTML and PNG output.
+
+``save_bokeh`` writes every script and style inline, so the file opens offline with no server and
+no network request. Bokeh's inline bundle includes Panel's extension (HoloViews imports Panel),
+which references a server-relative ``static/extensions/panel/...`` script and, in Panel models,
+stylesheets and icons on ``cdn.holoviz.org``; both are inlined from the copies shipped in
+``panel/dist`` (CDN URLs become ``data:`` URIs, nested ``url(...)`` references included).
+``export_pngs`` screenshots figures with one reused headless Chromium (selenium + chromedriver).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import functools
+import io
+import mimetypes
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import holoviews as hv
+
+CDN_URL = re.compile(r"https?:(?:\\?/){2}cdn\.holoviz\.org/panel/[^/\"'\s]+/dist/([^\"'\s)?#]+)(?:\?[^\"'\s)#]*)?")
+CSS_URL = re.compile(r"url\(\s*(['\"]?)([^'\")]+)\1\s*\)")
+
+
+class PngExportError(RuntimeError):
+    """PNG export needs Chromium + chromedriver + selenium; raised with an install hint when missing."""
+
+
+def _panel_dist() -> Path:
+    import panel
+
+    return Path(panel.__file__).parent / "dist"
+
+
+def _data_uri(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+@functools.lru_cache(maxsize=None)
+def _dist_file_uri(rel: str) -> str:
+    """A ``data:`` URI for ``panel/dist/<rel>``; CSS gets its relative ``url(...)`` references inlined too.
+
+    A file Panel does not ship locally becomes an empty ``data:`` URI, so the browser requests nothing.
+    """
+    dist = _panel_dist()
+    path = (dist / rel).resolve()
+    if dist.resolve() not in path.parents or not path.is_file():
+        return "data:,"
+    mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if path.suffix == ".css":
+        text = path.read_text(encoding="utf-8")
+
+        def inline(m: re.Match) -> str:
+            ref = m.group(2).strip()
+            if ref.startswith(("data:", "#")) or re.match(r"^[a-z]+:", ref):
+                return m.group(0)
+            target = (path.parent / ref.split("?")[0].split("#")[0]).resolve()
+            if dist.resolve() not in target.parents or not target.is_file():
+                return "url(data:,)"
+            sub = mimetypes.guess_type(target.name)[0] or ("image/svg+xml" if target.suffix == ".svg" else
+                                                           "application/octet-stream")
+            return f"url('{_data_uri(target.read_bytes(), sub)}')"
+
+        return _data_uri(CSS_URL.sub(inline, text).encode("utf-8"), "text/css")
+    return _data_uri(path.read_bytes(), mime)
+
+
+def inline_cdn(html: str) -> str:
+    """Rewrite every ``https://cdn.holoviz.org/panel/<version>/dist/<file>`` in ``html`` to a ``data:`` URI."""
+    return CDN_URL.sub(lambda m: _dist_file_uri(m.group(1)), html)
+
+
+def write_text_atomic(text: str, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+LOCAL_SCRIPT = re.compile(r'<script(?P<attrs>[^>]*?)\ssrc="static/extensions/panel/(?P<rel>[^"]+)"(?P<rest>[^>]*)>\s*</script>')
+
+
+def inline_local_scripts(html: str) -> str:
+    """Inline the scripts that Bokeh references relative to a server (Panel's ``static/extensions/panel/...``)
+    from ``panel/dist``; drop those Panel does not ship."""
+    dist = _panel_dist()
+
+    def repl(m: re.Match) -> str:
+        path = (dist / m.group("rel")).resolve()
+        if dist.resolve() not in path.parents or not path.is_file():
+            return ""
+        code = path.read_text(encoding="utf-8").replace("</script", "<\\/script")
+        return f"<script{m.group('attrs')}{m.group('rest')}>{code}</script>"
+
+    return LOCAL_SCRIPT.sub(repl, html)
+
+
+def save_bokeh(model: Any, path: str | Path, title: str = "nnethics report") -> Path:
+    """Save a Bokeh model as one self-contained, offline HTML file (every script inline; written atomically)."""
+    from bokeh.embed import file_html
+    from bokeh.resources import INLINE
+
+    html = file_html(model, INLINE, title)
+    return write_text_atomic(inline_cdn(inline_local_scripts(html)), Path(path))
+
+
+def save_html(obj: Any, path: str | Path, title: str = "nnethics figure") -> Path:
+    """Save one HoloViews object (HoloMaps with a working selector) as an offline HTML file."""
+    from bokeh.layouts import column
+
+    from .embed import link_selectors, render
+
+    r = render(obj)
+    link_selectors([r])
+    return save_bokeh(column(r.select, r.model) if r.select is not None else r.model, path, title)
+
+
+def static(obj: Any) -> Any:
+    """The first frame of every HoloMap in ``obj`` (for still images)."""
+    if isinstance(obj, hv.HoloMap):
+        return obj.data[next(iter(obj.data))] if obj.data else hv.Curve([])
+    if isinstance(obj, hv.Layout):
+        items = [static(o) for o in obj]
+        return hv.Layout(items).cols(obj._max_cols) if items else obj
+    return obj
+
+
+def _browser_paths() -> tuple[str, str]:
+    browser = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"),
+                                shutil.which("google-chrome"), "/usr/bin/chromium") if p and Path(p).exists()), None)
+    driver = next((p for p in (shutil.which("chromedriver"), "/usr/bin/chromedriver") if p and Path(p).exists()), None)
+    if not browser or not driver:
+        raise PngExportError("PNG export needs Chromium and chromedriver (Debian: apt-get install chromium "
+                             "chromium-driver) and the selenium package (pip install selenium)")
+    return browser, driver
+
+
+@contextlib.contextmanager
+def chromium_driver():
+    """One headless Chromium driven by selenium, sandbox off (needed when running as root in containers)."""
+    browser, driver_path = _browser_paths()
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+    except ImportError as e:
+        raise PngExportError("PNG export needs the selenium package (pip install selenium)") from e
+    opts = Options()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+                "--force-device-scale-factor=1", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run", "--disable-sync"):
+        opts.add_argument(arg)
+    opts.binary_location = browser
+    drv = webdriver.Chrome(options=opts, service=Service(driver_path))
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def export_pngs(figures: Iterable[Any], out_dir: str | Path) -> list[Path]:
+    """One PNG per figure (``figure.name + '.png'``, first frame of per-prompt figures) in ``out_dir``."""
+    from bokeh.io import export_png
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = list(figures)
+    written: list[Path] = []
+    if not figures:
+        return written
+    with chromium_driver() as drv, contextlib.redirect_stdout(io.StringIO()):
+        for fig in figures:
+            model = hv.render(static(fig.obj), backend="bokeh")
+            path = out / f"{fig.name}.png"
+            export_png(model, filename=str(path), webdriver=drv)
+            written.append(path)
+    return written
