@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .analyses.common import format_pairs
 from .analyses.spec import AnalysisSpec, RunContext

@@ -5,8 +5,8 @@ from __future__ import annotations
 import nnsight
 import pytest
 import torch
-
 from conftest import FAMILIES
+
 from nnethics.analyses.common import encode
 from nnethics.models.adapters import UnsupportedArchitectureError, adapter_for
 

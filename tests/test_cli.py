@@ -7,8 +7,8 @@ import json
 import pytest
 import xarray as xr
 from click.testing import CliRunner
-
 from conftest import PROMPTS
+
 from nnethics.cli import cli
 
 SECRET = "hf_SuperSecretToken1234567890"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from reference.patching import logit_diff
 
 from nnethics.analyses.decisions import DecisionOptions, baseline_decisions
-from reference.patching import logit_diff
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "mixtral"])
@@ -17,8 +17,8 @@ def test_decisions_match_unpadded_reference(family, tiny_models, prompt_set):
     ds = baseline_decisions(model, pairs, DecisionOptions())
     hf = model.lm._module
     ids = [int(x) for x in ds["label_token_id"].values]
-    for i, p in enumerate(pairs):
-        for j, side in enumerate(("base", "cf")):
+    for i in range(len(pairs)):
+        for j in range(2):
             toks = ds["input_ids"].values[i, j]
             toks = torch.from_numpy(toks[toks >= 0][None].astype("int64"))
             ref = logit_diff(hf, toks, ids)

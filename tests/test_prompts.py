@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import PROMPTS
+
 from nnethics.prompts import (
     LabelTokenError,
     PromptError,

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 import xarray as xr
+from conftest import PROMPTS
 
 from nnethics.prompts import load_prompts
 from nnethics.runner import run_analysis
 from nnethics.store import PartStore, load, provenance, result_path, write_atomic
-from conftest import PROMPTS
 
 
 def _sample() -> xr.Dataset:
@@ -33,6 +33,7 @@ def test_round_trip_is_identical(tmp_path):
     path = write_atomic(ds, tmp_path / "m" / "x.nc")
     xr.testing.assert_identical(ds, load(path))
     assert not list((tmp_path / "m").glob(".tmp-*"))
+    assert path.stat().st_mode & 0o044  # readable by group/others like any file written under a normal umask
 
 
 def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):

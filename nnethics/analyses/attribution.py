@@ -17,12 +17,13 @@ exactly to the model's logit difference.
 
 Everything for a chunk of pairs comes from one trace over all base and counterfactual rows. The trace
 only brings back small per-row vectors at the last position; the arithmetic happens afterwards in
-float64. The readout weights (W_U rows, norm gains, o_proj weights projected onto the readout
-directions) are read from the local module, or, for a remote model, computed inside a trace from the
-envoys' weights so only the small projections come back.
+float64. The readout weights (W_U rows ⊙ norm gains, o_proj weights projected onto those directions)
+are computed in one early-stopped trace from the envoys' weights, so only small projections come back
+and the same code serves local and remote (NDIF) models.
 
 Stored as ``store/<slug>/attribution.nc``. Dims ``prompt``, ``side`` (base, cf), ``layer``,
-``component`` (attn, mlp), ``option`` (the labels), ``head``, and ``expert`` for MoE models.
+``component`` (attn, mlp), ``option`` (the labels), ``head`` (read it as ``ds["head"]``: ``ds.head``
+is xarray's method), and ``expert`` for MoE models.
 
 * ``logit_contribution (prompt, side, layer, component, option)``; ``diff_contribution`` is option 1
   minus option 2 ``(prompt, side, layer, component)``.
@@ -49,8 +50,9 @@ The seed's CSV columns, for a layer ``L`` and label ``"1"``::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import nnsight
 import numpy as np
@@ -116,57 +118,48 @@ class Activations:
     expert_idx: Tensor | None = None
 
 
-def _readout_tensors(lm_head: Any, norm: Any, o_projs: Sequence[Any], post_norms: Sequence[Any] | None,
-                     ids: list[int], offset: bool, centre: bool, conv1d: bool) -> dict[str, Tensor]:
-    """Readout weights from envoys (or modules); plain torch ops only, so it also runs inside a remote trace."""
-    u = lm_head.weight[ids].double()
-    nw = getattr(norm, "weight", None)
-    gain = u.new_ones(u.shape[-1]) if nw is None else nw.double().to(u.device)
-    direction = u * (gain + 1.0 if offset else gain)
-    if centre:
-        direction = direction - direction.mean(-1, keepdim=True)
-    const = u.new_zeros(len(ids))
-    nb = getattr(norm, "bias", None)
-    if nb is not None:
-        const = const + u @ nb.double().to(u.device)
-    hb = getattr(lm_head, "bias", None)
-    if hb is not None:
-        const = const + hb[ids].double().to(u.device)
-    head_dir, attn_bias = [], []
-    for i, proj in enumerate(o_projs):
-        w = proj.weight.double()
-        d_i = direction.to(w.device)
-        if post_norms is not None:
-            d_i = d_i * (post_norms[i].weight.double().to(w.device) + 1.0)
-        head_dir.append((d_i @ (w.T if conv1d else w)).cpu())
-        b = getattr(proj, "bias", None)
-        attn_bias.append((d_i @ b.double()).cpu() if b is not None else torch.zeros(len(ids), dtype=F64))
-    return {"direction": direction.cpu(), "const": const.cpu(), "head_dir": torch.stack(head_dir),
-            "attn_bias": torch.stack(attn_bias)}
-
-
 def readout(model: Any, label_ids: Sequence[int], remote: Any = None) -> Readout:
-    """The readout weights for ``label_ids``: read locally, or through a one-token trace for a remote
-    model (``remote`` overrides the handle's setting, e.g. ``"local"`` for nnsight's serialization dry run)."""
+    """The readout weights for ``label_ids``, computed from the envoys' weights in one early-stopped trace.
+
+    Only the small projections come back, so the same code serves local and remote (NDIF) models;
+    ``remote`` overrides the handle's setting (``"local"`` dry-runs nnsight's serialization). The body
+    calls no nnethics function: those would be pickled by reference and missing on an NDIF server.
+    """
     lm, ad = model.lm, model.adapter
-    L = model.n_layers
+    L, ids = model.n_layers, [int(i) for i in label_ids]
+    head, norm = lm.lm_head, lm.model.norm
     o_projs = [model.o_proj(i) for i in range(L)]
     post = [get_path(model.layer(i), ad.attn_post_norm) for i in range(L)] if ad.attn_post_norm else None
-    args = dict(ids=[int(i) for i in label_ids], offset=ad.norm == "rms_offset", centre=ad.norm == "layer",
-                conv1d=ad.o_proj_conv1d)
-    use_trace = remote if remote is not None else model.remote
-    if use_trace:
-        tiny = {"input_ids": torch.tensor([[args["ids"][0]]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
-        with torch.no_grad(), model.trace(tiny, remote=use_trace) as tracer:
-            got = nnsight.save(_readout_tensors(lm.lm_head, lm.model.norm, o_projs, post, **args))
-            tracer.stop()
-    else:
-        with torch.no_grad():
-            got = _readout_tensors(lm.lm_head, lm.model.norm, o_projs, post, **args)
+    offset, centre, conv1d = ad.norm == "rms_offset", ad.norm == "layer", ad.o_proj_conv1d
+    tiny = {"input_ids": torch.tensor([ids[:1]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    kw = {} if remote is None else {"remote": remote}
+    with torch.no_grad(), model.trace(tiny, **kw) as tracer:
+        u = head.weight[ids].double()
+        nw = getattr(norm, "weight", None)
+        gain = u.new_ones(u.shape[-1]) if nw is None else nw.double().to(u.device)
+        direction = u * (gain + 1.0 if offset else gain)
+        if centre:  # LayerNorm: centring the direction == centring every part
+            direction = direction - direction.mean(-1, keepdim=True)
+        const = u.new_zeros(len(ids))
+        nb, hb = getattr(norm, "bias", None), getattr(head, "bias", None)
+        if nb is not None:
+            const = const + u @ nb.double().to(u.device)
+        if hb is not None:
+            const = const + hb[ids].double().to(u.device)
+        got = nnsight.save({"direction": direction.cpu(), "const": const.cpu(), "head_dir": [], "attn_bias": []})
+        for i in range(L):
+            w = o_projs[i].weight.double()
+            d_i = direction.to(w.device)
+            if post is not None:
+                d_i = d_i * (post[i].weight.double().to(w.device) + 1.0)
+            got["head_dir"].append((d_i @ (w.T if conv1d else w)).cpu())  # [O, H*dh]
+            b = getattr(o_projs[i], "bias", None)
+            got["attn_bias"].append((d_i @ b.double()).cpu() if b is not None else d_i.new_zeros(len(ids)).cpu())
+        tracer.stop()
     post_eps = tuple(final_norm_eps(ad, p._module) for p in post) if post else None
-    return Readout(eps=final_norm_eps(ad, lm.model.norm._module), centre=ad.norm == "layer", post_eps=post_eps,
-                   n_heads=model.n_heads,
-                   **{k: v.to(F64) for k, v in got.items()})
+    return Readout(direction=got["direction"], const=got["const"], head_dir=torch.stack(got["head_dir"]),
+                   attn_bias=torch.stack(got["attn_bias"]), eps=final_norm_eps(ad, norm._module), centre=centre,
+                   n_heads=model.n_heads, post_eps=post_eps)
 
 
 def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], heads: bool = True,

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,8 @@ def decision_logits(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.T
     ids = list(batch.label_ids)
     # Only the last position's logits are needed: skip the unembedding of every other position.
     with torch.no_grad(), model.trace(batch.encoded.inputs(), logits_to_keep=1):
-        last = model.lm.lm_head.output[:, -1, :]
+        # The model's output logits, after any final soft-cap (Gemma 2), not lm_head's raw output.
+        last = model.lm.output.logits[:, -1, :]
         label_logits = last[:, ids].float().clone().save()
         lse = torch.logsumexp(last.float(), dim=-1).save()
         top = last.argmax(dim=-1).save()

@@ -17,8 +17,9 @@ tiny trace at load time and fails loudly if any accessor does not have the expec
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 NORM_KINDS = ("rms", "rms_offset", "layer")
 

@@ -23,10 +23,11 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from nnsight.intervention.backends.display import StatusDisplay
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
@@ -181,7 +182,11 @@ class RemoteStats:
             return label
         frame = getattr(getattr(tracer, "info", None), "frame", None)
         module = frame.f_globals.get("__name__", "") if frame is not None else ""
-        return module.removeprefix("nnethics.analyses.") or "other"
+        name = module.removeprefix("nnethics.analyses.")
+        head = name.split("_")[0]  # patching_engine.py belongs to the patching analysis
+        if name != module and head != name and f"nnethics.analyses.{head}" in sys.modules:
+            name = head
+        return name.removeprefix("nnethics.") or "other"
 
     def start(self, label: str, host: str) -> RequestRecord:
         record = RequestRecord(label=label, host=host)
@@ -332,7 +337,6 @@ class NdifBackend(RemoteBackend):
 
     def _post_counted(self, request: RequestModel, blob: bytes, record: RequestRecord) -> ResponseModel:
         import httpx
-
         from nnsight.intervention.backends.remote import _NNSIGHT_VERSION
 
         headers = {"ndif-timestamp": repr(time.time()), "nnsight-version": _NNSIGHT_VERSION,
@@ -433,7 +437,7 @@ class NdifModel(TransformersModel):
     def __reduce_ex__(self, protocol: int) -> tuple:
         state = {k: v for k, v in self.__getstate__().items() if not k.startswith("_ndif")}
         state["kwargs"] = {k: v for k, v in (state.get("kwargs") or {}).items() if k not in ("token", "config")}
-        return (copyreg.__newobj__, (TransformersModel,), state)
+        return (copyreg._reconstructor, (TransformersModel, object, None), state)
 
 
 def _fetch(spec: str, revision: str | None, token: str | None) -> tuple[Any, Any]:

@@ -63,15 +63,19 @@ def by_category(ds: xr.Dataset) -> hv.Bars:
     m = _measures(ds)
     cats = values(ds["category"]).astype(str)
     cats = np.where(cats == "", "(none)", cats)
+    names = [x for x in m if x != "both sides"]
     rows = []
     for cat in sorted(set(cats.tolist())):
         mask = cats == cat
-        for name in [x for x in m if x != "both sides"]:
+        for name in names:
             rows.append((cat, name, float(m[name][mask].mean()), int(m[name][mask].sum()), int(mask.sum())))
-    bars = hv.Bars(rows, kdims=["category", "measure"], vdims=["rate", "count", "prompts"])
-    return bars.opts(title="Ethical choices by category", width=WIDE if len(set(cats)) > 4 else WIDTH, height=HEIGHT,
-                     ylim=(0, 1.05), tools=["hover"], color="measure", cmap=MEASURE_COLORS, multi_level=True,
-                     xrotation=0, ylabel="fraction of prompts", xlabel="")
+    measure = hv.Dimension("measure", values=names)
+    bars = hv.Bars(rows, kdims=["category", measure], vdims=["rate", "count", "prompts"])
+    n_cats = len(set(cats.tolist()))
+    return bars.opts(title="Ethical choices by category", width=WIDE if n_cats > 4 else WIDTH, height=HEIGHT,
+                     ylim=(0, 1.05), tools=["hover"], color="measure", cmap=MEASURE_COLORS, multi_level=False,
+                     show_legend=True, legend_position="top", xrotation=30 if n_cats > 6 else 0,
+                     ylabel="fraction of prompts", xlabel="")
 
 
 def logit_diff_scatter(ds: xr.Dataset) -> hv.Overlay:
@@ -131,7 +135,8 @@ def prompt_text_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv
         one = ds.sel(prompt=p)
         cat = f" · {html.escape(str(one['category'].values))}" if "category" in one else ""
         body = "".join(cell(one, str(s)) for s in values(ds["side"]))
-        return hv.Div(f"<div><b>{html.escape(p)}</b>{cat}<div style='display:flex;gap:12px'>{body}</div></div>"
+        return hv.Div(f"<div style='width:{WIDE - 10}px'><b>{html.escape(p)}</b>{cat}"
+                      f"<div style='display:flex;gap:12px'>{body}</div></div>"
                       ).opts(width=WIDE, height=290)
 
     def empty(p: str) -> hv.Div:

@@ -11,7 +11,6 @@ callback, so the file needs no server and no kernel. All prompt selectors of a p
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -93,9 +92,14 @@ def _targets(root: BokehModel) -> list[BokehModel]:
 
 
 def _snapshot(value: Any) -> Any:
+    """A copy that later frames cannot mutate. Not ``deepcopy`` for other values: it would clone
+    Bokeh's ``Unspecified`` sentinel inside ``value()`` specs, which the serializer matches by identity."""
     if isinstance(value, dict):
-        return {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else copy.deepcopy(v)) for k, v in value.items()}
-    return copy.deepcopy(value)
+        return {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else list(v) if isinstance(v, list) else v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return list(value)
+    return value
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -126,9 +130,26 @@ def _holomap_dim(obj: Any) -> str | None:
     return None
 
 
+def _div_map(hmap: hv.HoloMap) -> Rendered:
+    """A HoloMap of ``hv.Div`` as a plain Bokeh ``Div`` (HoloViews renders Divs as Panel models, which
+    would pull Panel's whole JS bundle into the page)."""
+    labels = [str(k[0]) if isinstance(k, tuple) else str(k) for k in hmap.keys()]
+    divs = list(hmap.values())
+    opts = hv.Store.lookup_options("bokeh", divs[0], "plot").kwargs
+    model = Div(text=str(divs[0].data), width=opts.get("width", 600), height=opts.get("height", 300))
+    frames = {label: [[0, "text", str(d.data)]] for label, d in zip(labels, divs)}
+    select = Select(title=hmap.kdims[0].name, value=labels[0], options=labels, width=320)
+    return Rendered(model, select, tuple(labels), frames, [model])
+
+
 def render(obj: Any) -> Rendered:
     """Render a HoloViews object to Bokeh; for HoloMaps, record every frame for the JS selector."""
     dim = _holomap_dim(obj)
+    if isinstance(obj, hv.HoloMap) and obj.data and all(isinstance(v, hv.Div) for v in obj.values()):
+        return _div_map(obj)
+    if isinstance(obj, hv.Div):
+        opts = hv.Store.lookup_options("bokeh", obj, "plot").kwargs
+        return Rendered(Div(text=str(obj.data), width=opts.get("width", 600), height=opts.get("height", 300)))
     plot = hv.renderer("bokeh").get_plot(obj)
     if dim is None:
         return Rendered(plot.state)

@@ -82,15 +82,15 @@ def trajectories(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Lay
                 c = _crossing(one, side, lens)
                 crosses.append(f"{lens} {c if c is not None else '–'}")
                 if c is not None:
-                    parts.append(hv.VLine(c).opts(color=LENS_COLORS.get(lens, "gray"), line_dash=LENS_DASH.get(lens, "dotdash"),
-                                                  line_width=1.5, alpha=0.8))
+                    parts.append(hv.VLine(c).opts(color="black", line_dash=LENS_DASH.get(lens, "dotdash"),
+                                                  line_width=1.2, alpha=0.7))
             return hv.Overlay(parts).opts(title=f"{p} ({side_name(side)}): decided from layer " + ", ".join(crosses))
 
         hmap = prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
                           empty_curve(f"no lens data ({side_name(side)})", "layer", "logit"))
         panels.append(hmap.opts(hv.opts.Overlay(width=WIDTH, height=HEIGHT, legend_position="top_left",
                                                 xlabel="layer", ylabel="option logit")))
-    return hv.Layout(panels).cols(2)
+    return hv.Layout(panels).cols(2).opts(title="")
 
 
 def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str | None = None) -> hv.Layout:
@@ -127,7 +127,7 @@ def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str |
         hmap = prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])], empty)
         panels.append(hmap.opts(hv.opts.Overlay(width=WIDTH, height=height, xlabel="rank", ylabel="layer"),
                                 hv.opts.HeatMap(width=WIDTH, height=height)))
-    return hv.Layout(panels).cols(2)
+    return hv.Layout(panels).cols(2).opts(title="")
 
 
 def decision_emergence(ds: xr.Dataset) -> hv.Overlay:

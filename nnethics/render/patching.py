@@ -146,6 +146,7 @@ def position_heatmap(ds: xr.Dataset, component: str | None = None, var: str = "e
     return hm.redim.values(position=order).opts(
         cmap="Reds" if float(np.nanmin(values(da))) >= 0 else "RdBu_r",
         symmetric=float(np.nanmin(values(da))) < 0, colorbar=True, tools=["hover"], width=WIDTH, height=height,
+        invert_yaxis=True,
         title=title or f"mean {var} by token position × layer", xlabel="layer", ylabel="token position (−1 = last)")
 
 

@@ -1,0 +1,111 @@
+"""Benchmark activation patching on the built-in model: nnethics vs a seed-style hook loop.
+
+Times, in one process and on the same pairs (median of ``--repeats``):
+
+(a) one plain Hugging Face forward of each base prompt (the unit of "forward-equivalents");
+(b) the seed-style reference: plain PyTorch forward hooks, one forward per layer per component
+    (``tests/reference/patching.py::patch_sweep``: 1 counterfactual + 3L patched forwards per pair);
+(c) nnethics' activation patching of the same pairs (resid + attn + mlp at the decision position,
+    every layer, with attribution patching), plus variants without AtP and with the KV cache off.
+
+Prints forward-equivalents per pair (c / a) and the speed-up (b / c), and checks that (c) equals (b).
+
+    .venv/bin/python scripts/bench_patching.py --pairs 5 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for tests.reference (the independent hook implementation)
+
+from nnethics.analyses.common import encode_pairs  # noqa: E402
+from nnethics.analyses.patching import PatchingOptions, activation_patching  # noqa: E402
+from nnethics.models import load_model  # noqa: E402
+from nnethics.prompts import load_prompts  # noqa: E402
+from tests.reference.patching import COMPONENTS, patch_sweep  # noqa: E402
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--prompts", default=str(ROOT / "prompts"))
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    model = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
+    hf = model.lm._module
+    pairs = list(load_prompts(args.prompts).pairs[: args.pairs])
+    batch = encode_pairs(model, pairs, ["1", "2"])
+    ids = tuple(batch.label_ids)
+    base = [torch.tensor([batch.encoded.tokens(batch.row(i, "base"))]) for i in range(len(pairs))]
+    cf = [torch.tensor([batch.encoded.tokens(batch.row(i, "cf"))]) for i in range(len(pairs))]
+    lengths = [b.shape[1] for b in base]
+    print(f"model {model.name}: {model.n_layers} layers, d={model.d_model}; {len(pairs)} pairs, "
+          f"base tokens {min(lengths)}-{max(lengths)}; torch threads {torch.get_num_threads()}")
+
+    # warm-up (first calls pay one-off costs)
+    with torch.no_grad():
+        hf(input_ids=base[0])
+    activation_patching(model, pairs[:1], PatchingOptions())
+
+    def plain():
+        with torch.no_grad():
+            for b in base:
+                hf(input_ids=b)
+
+    ref_out = {}
+
+    def reference():
+        for i, (b, c) in enumerate(zip(base, cf)):
+            ref_out[i] = patch_sweep(hf, b, c, ids, COMPONENTS)
+
+    out = {}
+    variants = {
+        "nnethics (KV cache + AtP, default)": PatchingOptions(),
+        "nnethics (KV cache, no AtP)": PatchingOptions(atp=False),
+        "nnethics (full forwards + AtP)": PatchingOptions(kv_cache="off"),
+    }
+    n = len(pairs)
+    t_a = median_time(plain, args.repeats) / n
+    t_b = median_time(reference, args.repeats) / n
+    results = {}
+    for name, opts in variants.items():
+        results[name] = median_time(lambda o=opts, k=name: out.__setitem__(k, activation_patching(model, pairs, o)),
+                                    args.repeats) / n
+
+    ds = out["nnethics (KV cache + AtP, default)"]
+    err = max(float((torch.tensor(ds["patched_logit_diff"].values[i, :, j]) - ref_out[i][c]).abs().max())
+              for i in range(n) for j, c in enumerate(COMPONENTS))
+    print(f"(a) plain HF forward of a base prompt:        {t_a * 1e3:8.1f} ms")
+    print(f"(b) seed-style hook loop ({1 + 3 * model.n_layers} forwards/pair):  {t_b * 1e3:8.1f} ms/pair "
+          f"= {t_b / t_a:5.1f} forward-equivalents")
+    for name, t_c in results.items():
+        print(f"(c) {name:40s} {t_c * 1e3:8.1f} ms/pair = {t_c / t_a:5.2f} forward-equivalents; "
+              f"speed-up over (b) {t_b / t_c:5.1f}x")
+    print(f"max |nnethics - reference| patched LD: {err:.2e}")
+    r = ds["atp_correlation"].values
+    print(f"AtP vs exact, per-pair Pearson r: {', '.join(f'{x:.3f}' for x in r)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""Remote (NDIF) runs against the loopback server in tests/ndif_server.py.
+
+The server runs in a child process that cannot import nnethics (like the real NDIF) and serves the
+tiny Llama of ``tiny_model_dir`` under the hub id ``org/tiny-llama`` (and a tiny GPT-2 for the
+``rename=`` aliases). The client builds its weightless model from the folder's config and tokenizer;
+``_ID_CACHE`` maps the folder to the hub id offline. The CLI tests run the real ``nnethics run --remote``
+with ``NDIF_HOST`` pointing at the server.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from click.testing import CliRunner
+
+from conftest import PROMPTS, make_tiny
+from ndif_server import NdifServer, ServerProcess
+from nnethics.cli import cli
+from nnethics.models import load_model
+from nnethics.models.remote import (ENV_BACKOFF, ENV_RETRIES, ENV_TIMEOUT, STATS, NdifError, RemoteAuthError,
+                                    RemoteExecutionError, RemoteTimeoutError, register_nnethics, resolve_host)
+from nnethics.store import PARTS
+
+KEY = "ndif-test-key-6f1c0a9e"  # must never show up in output, errors or payloads
+LLAMA, GPT2 = "org/tiny-llama", "org/tiny-gpt2"
+MAX_KB_PER_PAIR = 16.0
+# Requests per chunk that each analysis may make (the target is one; the extra ones are reported).
+REQUESTS_PER_CHUNK = {"patching": 2}  # patched forwards + the AtP gradient trace are two requests
+SETUP_REQUESTS = {"attribution": 1}  # the readout weights, once per run
+# Per-prompt summaries of near-zero effects (random tiny model) that amplify float noise between the
+# local KV-cache path and the full path patching takes remotely.
+LOOSE = {"gini_coefficient", "top5_concentration"}
+DIFFERS_BY_DESIGN = {"forward_path"}
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tokenizer, tmp_path_factory):
+    model = make_tiny("gpt2", tokenizer, seed=2)
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    model.lm._module.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir, gpt2_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("ndif") / "server.log"
+    proc = ServerProcess({LLAMA: tiny_model_dir, GPT2: gpt2_dir}, api_key=KEY, log=log, max_seconds=1800)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture()
+def server(served, tiny_model_dir, gpt2_dir, monkeypatch):
+    from nnsight.modeling.huggingface import _ID_CACHE
+
+    _ID_CACHE[str(tiny_model_dir)] = LLAMA
+    _ID_CACHE[str(gpt2_dir)] = GPT2
+    served.clear_faults()
+    monkeypatch.setenv("NDIF_HOST", served.url)
+    monkeypatch.setenv("NDIF_API_KEY", KEY)
+    monkeypatch.setenv(ENV_BACKOFF, "0.05")
+    STATS.reset()
+    return served
+
+
+def _run(store, model_dir, *extra, remote=True):
+    args = ["run", "--model", str(model_dir), "--prompts", str(PROMPTS), "--store", str(store), "--no-progress",
+            *(["--remote"] if remote else []), *extra]
+    return CliRunner().invoke(cli, args)
+
+
+def _message(res) -> str:
+    return res.output + (str(res.exception) if res.exception is not None else "")
+
+
+def _assert_same(local: xr.Dataset, remote: xr.Dataset) -> None:
+    local, remote = local.drop_vars(DIFFERS_BY_DESIGN, errors="ignore"), remote.drop_vars(DIFFERS_BY_DESIGN, errors="ignore")
+    xr.testing.assert_allclose(local.drop_vars(LOOSE, errors="ignore"), remote.drop_vars(LOOSE, errors="ignore"),
+                               rtol=1e-4, atol=1e-5)
+    for name in LOOSE & set(local.data_vars):
+        np.testing.assert_allclose(local[name].values, remote[name].values, atol=2e-3)
+
+
+def test_loopback_server_lacks_nnethics_so_nnethics_ships_by_value(server, tiny_model_dir):
+    from cloudpickle.cloudpickle import _PICKLE_BY_VALUE_MODULES
+    from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
+
+    assert server.snapshot()["nnethics_importable"] is False
+    handle = load_model(str(tiny_model_dir), remote=True)
+    ids = torch.tensor([[1, 2, 3]])
+    _PICKLE_BY_VALUE_MODULES.discard("nnethics")  # the trace refers to the handle: pickled by reference now
+    try:
+        plain = RemoteBackend(handle.lm.to_model_key(), host=server.url, api_key=KEY)
+        plain.display.enabled = False
+        with pytest.raises(RemoteError, match="No module named 'nnethics"):
+            with torch.no_grad(), handle.lm.trace(ids, backend=plain):
+                out = handle.layer(0).output[:, -1].clone().save()
+    finally:
+        register_nnethics()
+    with torch.no_grad(), handle.trace(ids):
+        out = handle.layer(0).output[:, -1].clone().save()
+    local = load_model(str(tiny_model_dir))
+    with torch.no_grad(), local.trace(ids):
+        want = local.layer(0).output[:, -1].clone().save()
+    torch.testing.assert_close(out, want)
+    assert not out.requires_grad  # the server runs with autograd on; results come back detached
+
+
+def test_remote_handle_is_weightless_and_keeps_secrets_local(server, tiny_model_dir):
+    from nnsight.schema.request import RequestModel
+    from nnsight.tracing.backend import Backend
+
+    hf_token = "hf_NotARealTokenButShaped1234"
+    handle = load_model(str(tiny_model_dir), remote=True, token=hf_token)
+    assert (handle.device, handle.dtype, handle.remote, handle.name) == ("ndif", "float32", True, LLAMA)
+    assert handle.lm.to_model_key().startswith("nnsight.modeling.transformers.TransformersModel:")
+    assert all(p.device.type == "meta" for p in handle.lm._module.parameters())
+    with pytest.raises(Exception, match="runs on NDIF and has no local weights"):
+        with handle.lm.trace(torch.tensor([[1, 2]])):  # no remote=: would need local weights
+            handle.lm.lm_head.output.save()
+
+    class Capture(Backend):
+        def __call__(self, tracer):
+            register_nnethics()
+            self.blob = RequestModel.serialize(tracer, compress=False)
+
+    cap = Capture()
+    with torch.no_grad(), handle.lm.trace(torch.tensor([[1, 2]]), backend=cap):
+        handle.lm.lm_head.output[:, -1].clone().save()
+    assert hf_token.encode() not in cap.blob and KEY.encode() not in cap.blob
+    assert b"NdifModel" not in cap.blob  # the model travels as a plain TransformersModel
+    assert b"def provenance(self)" in cap.blob  # nnethics code ships by value (source)
+    restored = pickle.loads(pickle.dumps(handle.adapter))
+    assert restored == handle.adapter
+
+
+def test_host_comes_from_ndif_host_at_load_time(monkeypatch):
+    monkeypatch.setenv("NDIF_HOST", "http://127.0.0.1:9/")
+    assert resolve_host(True) == "http://127.0.0.1:9"
+    assert resolve_host("https://example.org") == "https://example.org"
+    with pytest.raises(Exception, match="must start with http"):
+        resolve_host("example.org")
+
+
+def test_public_ndif_without_a_key_is_a_clear_bad_input(monkeypatch, tiny_model_dir):
+    monkeypatch.delenv("NDIF_HOST", raising=False)
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    import nnsight.schema.config as cfg
+
+    monkeypatch.setattr(cfg.CONFIG.API, "APIKEY", None)
+    monkeypatch.setattr(cfg.CONFIG.API, "HOST", "https://api.ndif.us")
+    res = CliRunner().invoke(cli, ["tokens", "--model", "meta-llama/Llama-3.1-70B-Instruct", "--remote", "--limit", "1"])
+    assert res.exit_code == 2 and "set NDIF_API_KEY" in res.output
+
+
+def test_cli_remote_run_matches_local_with_one_request_per_chunk(server, tiny_model_dir, tmp_path):
+    limit, batch = 4, 2
+    chunks = limit // batch
+    res = _run(tmp_path / "local", tiny_model_dir, "--limit", str(limit), "--batch-size", str(batch), remote=False)
+    assert res.exit_code == 0, _message(res)
+    before = server.snapshot()
+    res = _run(tmp_path / "remote", tiny_model_dir, "--limit", str(limit), "--batch-size", str(batch))
+    assert res.exit_code == 0, _message(res)
+    after = server.snapshot()
+    assert KEY not in res.output
+    local_files = sorted((tmp_path / "local").glob("*/*.nc"))
+    assert any(f.name == "decisions.nc" for f in local_files)
+    for f in local_files:
+        (remote_file,) = (tmp_path / "remote").glob(f"*/{f.name}")
+        with xr.open_dataset(f) as a, xr.open_dataset(remote_file) as b:
+            _assert_same(a.load(), b.load())
+            assert b.attrs["device"] == "ndif" and b.attrs["remote"] == "ndif"
+    # accounting: the client's counts agree with the server's, per analysis within the bounds
+    total = STATS.totals()
+    assert total["requests"] == after["requests"] - before["requests"] == total["attempts"]
+    assert total["bytes_sent"] == after["bytes_in"] - before["bytes_in"]
+    print()
+    for label in STATS.labels():
+        t = STATS.totals(label)
+        per_pair = (t["bytes_sent"] + t["bytes_received"]) / 1024 / limit
+        print(f"{label}: {t['requests']} requests for {chunks} chunks of {batch} pairs, "
+              f"{t['bytes_sent'] / limit / 1024:.2f} KB up + {t['bytes_received'] / limit / 1024:.2f} KB down per pair")
+        assert chunks <= t["requests"] <= chunks * REQUESTS_PER_CHUNK.get(label, 1) + SETUP_REQUESTS.get(label, 0), label
+        assert per_pair <= MAX_KB_PER_PAIR, (label, per_pair)
+    assert STATS.totals("decisions")["requests"] == chunks
+
+
+def test_gpt2_aliases_work_remotely(server, gpt2_dir):
+    from nnethics.analyses.decisions import baseline_decisions
+    from nnethics.prompts import load_prompts
+
+    pairs = load_prompts(PROMPTS).pairs[:3]
+    remote = load_model(str(gpt2_dir), remote=True)
+    assert remote.layer(0).path == "model.transformer.h.0"
+    xr.testing.assert_allclose(baseline_decisions(load_model(str(gpt2_dir)), pairs), baseline_decisions(remote, pairs))
+    assert STATS.totals()["requests"] == 1
+
+
+def test_session_is_one_request(server, tiny_model_dir):
+    handle = load_model(str(tiny_model_dir), remote=True)
+    a, b = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9, 10]])
+    last = handle.n_layers - 1
+    with torch.no_grad(), handle.lm.session(remote=handle.remote):
+        with handle.lm.trace(a):
+            h = handle.layer(last).output[:, -1].clone()
+        with handle.lm.trace(b):
+            handle.layer(last).output[:, -1] = h
+            patched = handle.lm.lm_head.output[:, -1, :4].clone().save()
+    with torch.no_grad(), handle.trace(a):
+        clean = handle.lm.lm_head.output[:, -1, :4].clone().save()
+    torch.testing.assert_close(patched, clean, atol=1e-5, rtol=1e-5)  # the last layer's residual decides the logits
+    assert STATS.totals()["requests"] == 2
+
+
+def test_server_error_is_not_retried_and_finished_chunks_resume(server, tiny_model_dir, tmp_path):
+    args = ("--analyses", "decisions", "--limit", "4", "--batch-size", "2")
+    server.inject("error", times=1, after=1)  # the second chunk fails
+    before = server.snapshot()["requests"]
+    res = _run(tmp_path / "remote", tiny_model_dir, *args)
+    assert res.exit_code != 0
+    assert isinstance(res.exception, RemoteExecutionError), _message(res)
+    msg = _message(res)
+    assert server.url in msg and "not retried" in msg and "InjectedFault" in msg and KEY not in msg
+    assert server.snapshot()["requests"] - before == 2  # one per chunk, no retry
+    (slug,) = [p.name for p in (tmp_path / "remote").iterdir()]
+    assert len(list((tmp_path / "remote" / slug / PARTS / "decisions").glob("*.nc"))) == 1
+    before = server.snapshot()["requests"]
+    res = _run(tmp_path / "remote", tiny_model_dir, *args)
+    assert res.exit_code == 0, _message(res)
+    assert server.snapshot()["requests"] - before == 1  # only the unfinished chunk
+    local = _run(tmp_path / "local", tiny_model_dir, *args, remote=False)
+    assert local.exit_code == 0, _message(local)
+    with xr.open_dataset(next((tmp_path / "local").glob("*/decisions.nc"))) as a, \
+            xr.open_dataset(tmp_path / "remote" / slug / "decisions.nc") as b:
+        xr.testing.assert_allclose(a.load(), b.load())
+
+
+def test_dropped_connection_is_retried(server, tiny_model_dir, tmp_path):
+    server.inject("drop", times=1)
+    before = server.snapshot()
+    res = _run(tmp_path / "remote", tiny_model_dir, "--analyses", "decisions", "--limit", "4", "--batch-size", "2")
+    assert res.exit_code == 0, _message(res)
+    after = server.snapshot()
+    assert after["dropped"] - before["dropped"] == 1
+    assert STATS.totals() | {"bytes_sent": 0, "bytes_received": 0} == {
+        "requests": 2, "attempts": 3, "failed": 0, "bytes_sent": 0, "bytes_received": 0}
+
+
+def test_timeout_is_retried_then_reported(server, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_TIMEOUT, "1")
+    monkeypatch.setenv(ENV_RETRIES, "2")
+    args = ("--analyses", "decisions", "--limit", "2", "--batch-size", "2")
+    server.inject("delay", times=1, seconds=3)
+    res = _run(tmp_path / "ok", tiny_model_dir, *args)
+    assert res.exit_code == 0, _message(res)
+    assert STATS.totals()["attempts"] == 2
+    server.inject("delay", times=3, seconds=3)
+    res = _run(tmp_path / "fail", tiny_model_dir, *args)
+    assert res.exit_code != 0 and isinstance(res.exception, RemoteTimeoutError), _message(res)
+    msg = _message(res)
+    assert "sent nothing for 1 s on each of 3 attempts" in msg and server.url in msg and KEY not in msg
+    assert "rerun the same command to resume" in msg
+
+
+def test_wrong_key_is_rejected_without_retry_or_echo(server, tiny_model_dir, tmp_path, monkeypatch):
+    wrong = "ndif-wrong-key-31415926"
+    monkeypatch.setenv("NDIF_API_KEY", wrong)
+    res = _run(tmp_path / "remote", tiny_model_dir, "--analyses", "decisions", "--limit", "2")
+    assert isinstance(res.exception, RemoteAuthError), _message(res)
+    msg = _message(res)
+    assert "NDIF_API_KEY" in msg and wrong not in msg and server.url in msg
+    assert STATS.totals()["attempts"] == 1 and isinstance(res.exception, NdifError)
+
+
+def test_in_process_server_and_large_results_by_url(tiny_model_dir, monkeypatch):
+    """The in-process mode (blocking unpickler only) with every result staged for download."""
+    from nnsight.modeling.huggingface import _ID_CACHE
+
+    from nnethics.analyses.decisions import baseline_decisions
+    from nnethics.prompts import load_prompts
+
+    _ID_CACHE[str(tiny_model_dir)] = LLAMA
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
+    srv = NdifServer({LLAMA: tiny_model_dir}, inline_limit=0)
+    url = srv.start()
+    try:
+        STATS.reset()
+        pairs = load_prompts(PROMPTS).pairs[:2]
+        remote = baseline_decisions(load_model(str(tiny_model_dir), remote=url), pairs)
+        xr.testing.assert_allclose(baseline_decisions(load_model(str(tiny_model_dir)), pairs), remote)
+        (record,) = STATS.records
+        assert record.result_bytes > 0 and record.status == "completed" and record.host == url
+        assert srv.snapshot()["completed"] == 1
+    finally:
+        srv.stop()
