@@ -33,6 +33,12 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     return (PromptError, LabelTokenError, ConfigError, UnsupportedArchitectureError, BuiltinModelMissing, ModelLoadError)
 
 
+def _remote_errors() -> tuple[type[BaseException], ...]:
+    from nnsight.intervention.backends.remote import RemoteError
+
+    return (RemoteError,)
+
+
 def friendly(fn: Callable) -> Callable:
     """Turn known bad-input exceptions into exit code 2 with a clear, secret-free message."""
 
@@ -44,6 +50,8 @@ def friendly(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except _bad_input_errors() as e:
             raise BadInput(redact(str(e))) from None
+        except _remote_errors() as e:
+            raise click.ClickException(redact(str(e))) from None
 
     return wrapper
 
@@ -127,6 +135,7 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
         store, batch_size, analyses, progress) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
     from .models.registry import ModelRegistry
+    from .models.remote import STATS
     from .pipeline import ANALYSES, DEFAULT_ANALYSES, run_all
 
     wanted = [a.strip() for a in analyses.split(",") if a.strip()] if analyses else list(DEFAULT_ANALYSES)
@@ -137,12 +146,15 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
     registry = ModelRegistry()
     for spec in model_spec:
         model = registry.add(spec, _load(spec, revision, device, device_map, dtype, quantize, remote, token))
+        STATS.reset()
         results = run_all(model, prompts, store=str(store), analyses=wanted, chat=chat, batch_size=batch_size,
                           progress=progress)
         for name, (path, summary) in results.items():
             click.echo(f"{name}: {path}")
             if summary:
                 click.echo(f"  {summary}")
+        if model.remote:
+            click.echo(STATS.report(n_pairs=len(prompts)), err=True)
         _finish_store(Path(store) / model.slug)
         if len(model_spec) > 1:
             info = registry.memory_info()

@@ -371,7 +371,7 @@ class TrainOptions:
     batch_tokens: int = 128
     seq_len: int = 128
     train_tokens: int = 16384
-    eval_tokens: int = 2048
+    eval_tokens: int = 1024
     heldout: float = 0.1
     seed: int = 0
     matmul_dtype: str = "auto"
@@ -439,6 +439,36 @@ def _lr_factor(step: int, options: TrainOptions) -> float:
     return 0.5 * (1 + np.cos(np.pi * min(1.0, frac)))
 
 
+def _kl_backward(n: Tensor, p: Tensor, p_w: Tensor, p_b: Any, neg_entropy: Tensor, unembed: Unembed,
+                 dtype: torch.dtype) -> Tensor:
+    """KL(p ‖ softmax(unembed(n))) per row of post-norm states ``n [B, d]``; backpropagates its mean into ``n``.
+
+    The gradient with respect to the logits is ``softmax(z) - p``; it goes through the frozen unembedding by
+    hand, so no ``[B, V]`` autograd graph is kept. ``p_w = p @ W`` and ``p_b = p · bias`` make Σ p·z a
+    ``[B, d]`` dot product when there is no soft-cap.
+    """
+    cap, w = unembed.softcap, unembed.weight(dtype)
+    with torch.no_grad():
+        nd = n.detach()
+        z = nd.to(dtype) @ w.T
+        if unembed._bias is not None:
+            z += unembed._bias.to(dtype)
+        if cap:
+            z = torch.tanh(z.float() / cap) * cap
+            p_z = (p * z).sum(-1)
+        else:
+            p_z = (nd.float() * p_w).sum(-1) + p_b
+        z_max, at = z.max(-1, keepdim=True)
+        q = torch.softmax(z, -1, dtype=torch.float32)
+        lse = (z_max.float() - q.gather(-1, at).log()).squeeze(-1)  # log-sum-exp from the softmax's max entry
+        grad = q.sub_(p)
+        if cap:  # z = cap·tanh(u/cap): dz/du = 1 - (z/cap)²
+            grad.mul_(1 - (z / cap) ** 2)
+        grad_n = (grad.to(dtype) @ w).to(n.dtype) / len(n)
+    n.backward(grad_n)
+    return neg_entropy - p_z + lse
+
+
 def fit_tuned_lens(lens: TunedLens, unembed: Unembed, resid: Tensor, options: TrainOptions = TrainOptions(), *,
                    state: dict | None = None, on_checkpoint: Any = None, progress: Any = None) -> list[float]:
     """Train ``lens``'s translators in place on cached residuals ``resid [n_layers, n_tokens, d]``.
@@ -462,7 +492,7 @@ def fit_tuned_lens(lens: TunedLens, unembed: Unembed, resid: Tensor, options: Tr
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start = int(state["step"])
-    cap, w = unembed.softcap, unembed.weight(dtype)
+    w32, bias = unembed.weight(torch.float32), unembed._bias
     history: list[float] = []
 
     def snapshot(step: int) -> dict:
@@ -472,24 +502,18 @@ def fit_tuned_lens(lens: TunedLens, unembed: Unembed, resid: Tensor, options: Tr
     for step in range(start, options.steps):
         gen = torch.Generator().manual_seed(options.seed * 1_000_003 + step)  # resumable without RNG state
         idx = torch.randint(n_tokens, (options.batch_tokens,), generator=gen)
-        hs = resid[:, idx].to(unembed._weight.device)
+        hs = resid[:, idx].to(w32.device)
         with torch.no_grad():
             log_p = unembed(hs[-1]).log_softmax(-1)
             p = log_p.exp()
             neg_entropy = (p * log_p).sum(-1)
+            p_w = p @ w32  # Σ_v p_v W_v: without a soft-cap, Σ_v p_v z_v = n · p_w (+ p · bias)
+            p_b = p @ bias.float() if bias is not None else 0.0
         kls = []
         for layer in range(n_layers - 1):
             t, h = lens.layer_translators[layer + 1], hs[layer]
             n = unembed.norm(h + t(h))
-            with torch.no_grad():
-                z = unembed.logits_from_normed(n.detach(), dtype)
-                lse = z.logsumexp(-1)
-                kls.append(float((neg_entropy - (p * z).sum(-1) + lse).mean()))
-                grad = (z - lse[:, None]).exp_().sub_(p).div_(len(idx))
-                if cap:  # z = cap·tanh(u/cap): dz/du = 1 - (z/cap)²
-                    grad.mul_(1 - (z / cap) ** 2)
-                grad_n = (grad.to(dtype) @ w).to(n.dtype)
-            n.backward(grad_n)
+            kls.append(float(_kl_backward(n, p, p_w, p_b, neg_entropy, unembed, dtype).mean()))
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()

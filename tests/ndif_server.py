@@ -10,8 +10,8 @@ It speaks what ``nnsight.intervention.backends.remote.RemoteBackend`` expects:
   there is a status); ``GET /result/{id}`` (large results).
 
 Requests run with nnsight's own deserialisation (``RequestModel.deserialize``) on ONE worker thread
-(greenlets are bound to a thread; nnsight's save set and depth are thread-local), with autograd on like
-NDIF, and with ``nnsight.tracing.globals.SOURCES/BLOCKS`` cleared for the client's file around each
+(greenlets are bound to a thread; nnsight's save set and depth are thread-local), with autograd on and
+frozen weights like NDIF (a trace that wants gradients marks an activation ``requires_grad``), and with ``nnsight.tracing.globals.SOURCES/BLOCKS`` cleared for the client's file around each
 request (nested ``with`` blocks are re-read from linecache under the client's filename).
 
 Like the real NDIF, the server does not have nnethics: its unpickler refuses every class, function or
@@ -137,6 +137,9 @@ def load_served_model(folder: str | Path) -> Any:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # Like NDIF: autograd is on, but the weights do not require grad, so a forward builds no graph
+    # unless the trace asks for one (requires_grad_ on an activation) -- see nnsight issue #251.
+    hf.requires_grad_(False)
     return nnsight.TransformersModel(hf, tokenizer=tok, task="text-generation")
 
 

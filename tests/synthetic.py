@@ -149,7 +149,7 @@ def patching_positions(n_prompts: int = 6, n_layers: int = 6, n_positions: int =
     early = np.exp(-0.5 * ((layers - 1) / 1.0) ** 2)
     late = np.exp(-0.5 * ((layers - (n_layers - 1)) / 1.5) ** 2)
     grid = np.zeros((n_positions, n_layers))
-    grid[pos == -1] = late
+    grid[pos == -1] = 1.5 * late
     grid[pos == -3] = early
     scale = rng.uniform(0.5, 1.5, size=n)
     eff = scale[:, None, None] * grid[None] + rng.normal(0, 0.05, size=(n, n_positions, n_layers))

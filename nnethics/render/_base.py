@@ -98,22 +98,79 @@ def band_and_curve(x: np.ndarray, mean: np.ndarray, lo: np.ndarray, hi: np.ndarr
 
 
 def prompt_map(prompts: Sequence[str], frame: Callable[[str], hv.Element], available: Iterable[str],
-               empty: Callable[[str], hv.Element]) -> hv.HoloMap:
-    """A HoloMap over ``prompt`` with one frame per entry of ``prompts``.
+               empty: Callable[[str], hv.Element], **frame_opts: Any) -> hv.HoloMap:
+    """A HoloMap over ``prompt`` with one frame per entry of ``prompts``, axes fixed across frames.
 
-    Every per-prompt figure of a report uses the same ``prompts`` list, so Panel merges their
-    selectors into one linked selector (widgets with the same name are linked when embedding) and
-    the embedded state grows with the number of prompts, not with its power. Prompts missing from
-    this Dataset get the ``empty`` frame.
+    Every per-prompt figure of a report uses the same ``prompts`` list, so their selectors can be
+    linked. Prompts missing from this Dataset get the ``empty`` frame. ``frame_opts`` are plot options
+    of each frame (e.g. width, legend_position). The axis limits are computed once over all frames
+    and ranges are then computed per frame (``framewise``): HoloViews otherwise recomputes the ranges
+    of every frame at each frame update, which is quadratic in the number of prompts. Options are set
+    on each frame before it goes into the HoloMap: options on a container re-tag every element inside.
     """
     have = set(available)
     frames = {p: (frame(p) if p in have else empty(p)) for p in prompts}
+    frames = fix_limits(frames, **frame_opts)
     return hv.HoloMap(frames, kdims=[hv.Dimension("prompt", label="prompt")], sort=False)
+
+
+def _axis_values(el: hv.Element) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    if isinstance(el, hv.VLine):
+        return [np.atleast_1d(np.asarray(el.data, dtype=float))], []
+    if isinstance(el, hv.HLine):
+        return [], [np.atleast_1d(np.asarray(el.data, dtype=float))]
+    if isinstance(el, (hv.HeatMap, hv.Labels)) or len(el.kdims) >= 2:
+        return [el.dimension_values(0)], [el.dimension_values(1)]
+    if el.kdims and el.vdims:
+        ys = [el.dimension_values(d) for d in el.vdims[:2 if isinstance(el, hv.Area) else 1]]
+        return [el.dimension_values(0)], ys
+    return [], []
+
+
+def _limits(arrays: list[np.ndarray], pad: float) -> tuple[float, float] | None:
+    vals = [np.asarray(a) for a in arrays if len(a)]
+    if not vals or any(v.dtype.kind not in "biuf" for v in vals):
+        return None  # categorical axis: fixed by its factors already
+    v = np.concatenate([x.astype(float).ravel() for x in vals])
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None
+    lo, hi = float(v.min()), float(v.max())
+    span = (hi - lo) or max(abs(hi), 1.0)
+    return lo - pad * span, hi + pad * span
+
+
+def fix_limits(frames: dict[str, Any], pad: float = 0.05, **frame_opts: Any) -> dict[str, Any]:
+    """The same x/y limits (and ``frame_opts``) on every frame; range computation made framewise."""
+    values_ = list(frames.values())
+    if not values_ or isinstance(values_[0], hv.Div):
+        return frames
+    xs: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    types: set[str] = set()
+    for fr in values_:
+        for el in (fr.values() if isinstance(fr, hv.Overlay) else [fr]):
+            types.add(type(el).__name__)
+            x, y = _axis_values(el)
+            xs += x
+            ys += y
+    heat = bool(types & {"HeatMap", "Labels"})  # cells of width 1 centred on their (numeric) coordinates
+    lims = {}
+    for name, arrays in (("xlim", xs), ("ylim", ys)):
+        lim = _limits(arrays, 0.0 if heat else pad)
+        if lim is not None:
+            lims[name] = (lim[0] - 0.5, lim[1] + 0.5) if heat else lim
+    out = {}
+    for key, fr in frames.items():
+        fr = fr if isinstance(fr, hv.Overlay) else hv.Overlay([fr])  # overlay options (legend) for every frame
+        inner = [getattr(hv.opts, t)(framewise=True) for t in sorted({type(e).__name__ for e in fr})]
+        out[key] = fr.opts(*inner, hv.opts.Overlay(framewise=True, **lims, **frame_opts))
+    return out
 
 
 def empty_curve(title: str, xlabel: str = "layer", ylabel: str = "value") -> Callable[[str], hv.Element]:
     def make(prompt: str) -> hv.Element:
-        return hv.Curve(([], []), xlabel, ylabel).opts(title=f"{prompt}: {title}")
+        return hv.Overlay([hv.Curve(([], []), xlabel, ylabel)]).opts(title=f"{prompt}: {title}")
 
     return make
 

@@ -86,7 +86,7 @@ def decision_differential(ds: xr.Dataset) -> hv.Bars:
     return bars.opts(title=f"Layer-wise decision preference (+ = '{opts[0]}', − = '{opts[-1]}')", width=WIDE,
                      height=HEIGHT, tools=["hover"], xlabel="layer", ylabel=f"contribution '{opts[0]}' − '{opts[-1]}'",
                      multi_level=False, cmap={"base": "#4c72b0", "counterfactual": "#c44e52", "all": "#4c72b0"},
-                     color="side", show_legend=True, legend_position="top_left")
+                     show_legend=True, legend_position="top_left")
 
 
 def layer_component_heatmap(ds: xr.Dataset) -> hv.HeatMap:
@@ -167,10 +167,9 @@ def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Holo
             title += " (logit diff " + ", ".join(lds) + ")"
         return hv.Overlay(parts).opts(title=title)
 
-    hmap = prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
-                      empty_curve("no attribution", "layer", "contribution diff"))
-    return hmap.opts(hv.opts.Overlay(width=WIDE, height=HEIGHT, legend_position="top_left",
-                                     xlabel="layer", ylabel="contribution diff"))
+    return prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
+                      empty_curve("no attribution", "layer", "contribution diff"), width=WIDE, height=HEIGHT,
+                      legend_position="top_left", xlabel="layer", ylabel="contribution diff")
 
 
 def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[Figure], list[str]]:

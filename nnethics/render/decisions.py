@@ -27,7 +27,8 @@ def wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, n
     p = k / safe
     centre = (p + z * z / (2 * safe)) / (1 + z * z / safe)
     half = z * np.sqrt(p * (1 - p) / safe + z * z / (4 * safe * safe)) / (1 + z * z / safe)
-    return np.where(n > 0, centre - half, np.nan), np.where(n > 0, centre + half, np.nan)
+    lo, hi = np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
+    return np.where(n > 0, lo, np.nan), np.where(n > 0, hi, np.nan)
 
 
 def _measures(ds: xr.Dataset) -> dict[str, np.ndarray]:
@@ -73,7 +74,7 @@ def by_category(ds: xr.Dataset) -> hv.Bars:
     bars = hv.Bars(rows, kdims=["category", measure], vdims=["rate", "count", "prompts"])
     n_cats = len(set(cats.tolist()))
     return bars.opts(title="Ethical choices by category", width=WIDE if n_cats > 4 else WIDTH, height=HEIGHT,
-                     ylim=(0, 1.05), tools=["hover"], color="measure", cmap=MEASURE_COLORS, multi_level=False,
+                     ylim=(0, 1.05), tools=["hover"], cmap=MEASURE_COLORS, multi_level=False,
                      show_legend=True, legend_position="top", xrotation=30 if n_cats > 6 else 0,
                      ylabel="fraction of prompts", xlabel="")
 

@@ -110,6 +110,8 @@ def _same(a: Any, b: Any) -> bool:
             return np.array_equal(np.asarray(a), np.asarray(b), equal_nan=np.asarray(a).dtype.kind == "f")
         except (TypeError, ValueError):
             return False
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True  # both NaN
     try:
         return bool(a == b)
     except (TypeError, ValueError):
@@ -142,9 +144,32 @@ def _div_map(hmap: hv.HoloMap) -> Rendered:
     return Rendered(model, select, tuple(labels), frames, [model])
 
 
+def _merge(parts: list[Rendered], ncols: int) -> Rendered:
+    """Side-by-side panels of a Layout of HoloMaps, replayed by one selector."""
+    from bokeh.layouts import gridplot
+
+    model = gridplot([p.model for p in parts], ncols=ncols, merge_tools=True)
+    with_frames = [p for p in parts if p.select is not None]
+    if not with_frames:
+        return Rendered(model)
+    labels = with_frames[0].keys
+    targets: list = []
+    frames: dict = {label: [] for label in labels}
+    for p in with_frames:
+        offset = len(targets)
+        targets += p.targets
+        for label in labels:
+            frames[label] += [[i + offset, prop, value] for i, prop, value in (p.frames or {}).get(label, [])]
+    select = Select(title=with_frames[0].select.title, value=labels[0], options=list(labels), width=320)
+    return Rendered(model, select, labels, frames, targets)
+
+
 def render(obj: Any) -> Rendered:
     """Render a HoloViews object to Bokeh; for HoloMaps, record every frame for the JS selector."""
     dim = _holomap_dim(obj)
+    if dim is not None and isinstance(obj, hv.Layout):
+        # Panel by panel: a LayoutPlot rebuilds the frame of every panel from all frames at each update.
+        return _merge([render(item) for item in obj], obj._max_cols or len(obj))
     if isinstance(obj, hv.HoloMap) and obj.data and all(isinstance(v, hv.Div) for v in obj.values()):
         return _div_map(obj)
     if isinstance(obj, hv.Div):

@@ -86,11 +86,10 @@ def trajectories(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Lay
                                                   line_width=1.2, alpha=0.7))
             return hv.Overlay(parts).opts(title=f"{p} ({side_name(side)}): decided from layer " + ", ".join(crosses))
 
-        hmap = prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
-                          empty_curve(f"no lens data ({side_name(side)})", "layer", "logit"))
-        panels.append(hmap.opts(hv.opts.Overlay(width=WIDTH, height=HEIGHT, legend_position="top_left",
-                                                xlabel="layer", ylabel="option logit")))
-    return hv.Layout(panels).cols(2).opts(title="")
+        panels.append(prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
+                                 empty_curve(f"no lens data ({side_name(side)})", "layer", "logit"), width=WIDTH,
+                                 height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel="option logit"))
+    return hv.Layout(panels).cols(2)
 
 
 def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str | None = None) -> hv.Layout:
@@ -121,13 +120,12 @@ def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str |
             return (hm * labels).opts(title=f"{p} ({side_name(side)}): top-{len(ranks)} tokens, {lens} lens")
 
         def empty(p: str, side: str = side) -> hv.Element:
-            return hv.HeatMap(([], [], []), kdims=["rank", "layer"], vdims=["probability"]).opts(
+            return hv.Overlay([hv.HeatMap(([], [], []), kdims=["rank", "layer"], vdims=["probability"])]).opts(
                 title=f"{p} ({side_name(side)}): no lens data")
 
-        hmap = prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])], empty)
-        panels.append(hmap.opts(hv.opts.Overlay(width=WIDTH, height=height, xlabel="rank", ylabel="layer"),
-                                hv.opts.HeatMap(width=WIDTH, height=height)))
-    return hv.Layout(panels).cols(2).opts(title="")
+        panels.append(prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])], empty, width=WIDTH,
+                                 height=height, xlabel="rank", ylabel="layer"))
+    return hv.Layout(panels).cols(2)
 
 
 def decision_emergence(ds: xr.Dataset) -> hv.Overlay:

@@ -103,6 +103,7 @@ def inline_local_scripts(html: str) -> str:
         if dist.resolve() not in path.parents or not path.is_file():
             return ""
         code = path.read_text(encoding="utf-8").replace("</script", "<\\/script")
+        code = re.sub(r"//# sourceMappingURL=\S*", "", code)
         return f"<script{m.group('attrs')}{m.group('rest')}>{code}</script>"
 
     return LOCAL_SCRIPT.sub(repl, html)
@@ -172,8 +173,14 @@ def chromium_driver():
 
 
 def export_pngs(figures: Iterable[Any], out_dir: str | Path) -> list[Path]:
-    """One PNG per figure (``figure.name + '.png'``, first frame of per-prompt figures) in ``out_dir``."""
+    """One PNG per plotted figure (``figure.name + '.png'``; the first prompt of per-prompt figures) in
+    ``out_dir``. Text-only figures (the prompt viewer) are skipped."""
+    import logging
+
     from bokeh.io import export_png
+    from bokeh.models import Div
+
+    from .embed import render
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -181,10 +188,18 @@ def export_pngs(figures: Iterable[Any], out_dir: str | Path) -> list[Path]:
     written: list[Path] = []
     if not figures:
         return written
-    with chromium_driver() as drv, contextlib.redirect_stdout(io.StringIO()):
-        for fig in figures:
-            model = hv.render(static(fig.obj), backend="bokeh")
-            path = out / f"{fig.name}.png"
-            export_png(model, filename=str(path), webdriver=drv)
-            written.append(path)
+    export_log = logging.getLogger("bokeh.io.export")
+    level = export_log.level
+    export_log.setLevel(logging.ERROR)  # harmless WebGL-fallback notices from headless Chromium
+    try:
+        with chromium_driver() as drv, contextlib.redirect_stdout(io.StringIO()):
+            for fig in figures:
+                model = render(static(fig.obj)).model
+                if isinstance(model, Div):
+                    continue
+                path = out / f"{fig.name}.png"
+                export_png(model, filename=str(path), webdriver=drv)
+                written.append(path)
+    finally:
+        export_log.setLevel(level)
     return written

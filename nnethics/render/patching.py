@@ -115,9 +115,9 @@ def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Holo
         parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
         return hv.Overlay(parts).opts(title=title)
 
-    hmap = prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])], empty_curve("not patched", "layer", "effect"))
-    return hmap.opts(hv.opts.Overlay(width=WIDE, height=HEIGHT, legend_position="top_left",
-                                     xlabel="layer", ylabel="effect on logit diff"))
+    return prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
+                      empty_curve("not patched", "layer", "effect"), width=WIDE, height=HEIGHT,
+                      legend_position="top_left", xlabel="layer", ylabel="effect on logit diff")
 
 
 def _position_effect(ds: xr.Dataset, var: str = "effect") -> xr.DataArray:

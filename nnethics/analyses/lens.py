@@ -1,0 +1,243 @@
+"""Logit lens and tuned lens at the decision position, for every layer, in one batched trace per lens.
+
+The logit lens decodes each layer's output with the model's own final norm and unembedding (and the
+Gemma-2 soft-cap); a tuned lens (:mod:`nnethics.lenses`) first applies its per-layer translator. Inside the
+trace the decoding is an ad-hoc call of the model's ``norm`` and ``lm_head`` on the stacked residuals of
+all layers, and only small results (top-k, label logits, KL) come back, so the same code runs on NDIF.
+Translators are never shipped into a trace: the residuals come back, are translated locally, and a
+second trace decodes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from ..lenses import CONFIG, PARAMS, TL_PARAMS, LensLoadError, TunedLens, find_cached_lens, softcap_of
+from ..prompts import SIDES, PromptPair
+from .common import encode_pairs
+from .spec import AnalysisSpec
+
+CROSSING_DOC = ("first layer from which the finally chosen label's logit stays strictly above every other label's, "
+                "up to the last layer; -1 if it is not strictly ahead even at the last layer (a tie)")
+
+
+@dataclass(frozen=True)
+class LensOptions:
+    labels: tuple[str, ...] = ("1", "2")
+    chat: bool | None = None
+    k: int = 10
+
+
+def lens_readout(model: Any, inputs: dict, option_ids: Sequence[int], k: int = 10, states: torch.Tensor | None = None,
+                 keep_states: bool = False) -> dict[str, torch.Tensor]:
+    """Decode every layer at the last position of each row, in one trace.
+
+    With ``states`` ``[N, L, d]`` (already translated by a tuned lens) those are decoded instead of the
+    layer outputs, and the forward is stopped early. Returns CPU tensors: ``top_logit``, ``top_id``,
+    ``top_prob`` ``[N, L, k]``, ``option_logit``, ``option_prob`` ``[N, L, n_options]``, ``kl`` ``[N, L]``
+    (KL of the last layer's distribution, i.e. the model's own, from each layer's), and with
+    ``keep_states`` also ``states`` ``[N, L, d]`` (the layer outputs).
+    """
+    lm, n_layers, cap, ids = model.lm, model.n_layers, softcap_of(model), list(option_ids)
+    kept = None
+    with torch.no_grad(), model.trace(inputs) as tracer:
+        if states is None:
+            outs = [lm.model.layers[i].output for i in range(n_layers)]
+            hs = torch.stack([(o[0] if isinstance(o, tuple) else o)[:, -1] for o in outs], dim=1)
+        else:
+            hs = states
+        logits = lm.lm_head(lm.model.norm(hs)).float()
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        log_q = logits.log_softmax(-1)
+        log_p = log_q[:, -1:]
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).save()
+        top_logit, top_id = logits.topk(k, dim=-1)
+        top_logit = top_logit.save()
+        top_id = top_id.save()
+        top_prob = log_q.gather(-1, top_id).exp().save()
+        option_logit = logits[..., ids].save()
+        option_prob = log_q[..., ids].exp().save()
+        if keep_states:
+            kept = hs.clone().save()
+        if states is not None:
+            tracer.stop()
+    out = {"top_logit": top_logit, "top_id": top_id, "top_prob": top_prob, "option_logit": option_logit,
+           "option_prob": option_prob, "kl": kl}
+    if kept is not None:
+        out["states"] = kept
+    return {key: value.detach().cpu() for key, value in out.items()}
+
+
+def crossing_layer(option_logit: np.ndarray) -> np.ndarray:
+    """``option_logit [..., layer, option]`` -> ``[...]``: see :data:`CROSSING_DOC`."""
+    chosen = option_logit[..., -1, :].argmax(-1)[..., None, None]
+    mine = np.take_along_axis(option_logit, np.broadcast_to(chosen, option_logit.shape[:-1] + (1,)), -1)[..., 0]
+    others = np.where(np.arange(option_logit.shape[-1]) == chosen, -np.inf, option_logit).max(-1)
+    ahead = mine > others  # [..., layer]
+    stays = np.flip(np.cumprod(np.flip(ahead, -1), -1), -1).astype(bool)  # ahead at this layer and all later ones
+    first = stays.argmax(-1)
+    return np.where(stays[..., -1], first, -1).astype(np.int32)
+
+
+def _token_strings(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
+    flat = tokenizer.convert_ids_to_tokens([int(i) for i in ids.ravel()])
+    # NetCDF cuts strings at NUL, so escape it; byte-level BPE vocabularies never contain it anyway
+    clean = [(t or "").replace("\x00", "\\x00") for t in flat]
+    return np.array(clean, dtype=object).reshape(ids.shape).astype(str)
+
+
+def logit_lens(model: Any, pairs: Sequence[PromptPair], options: LensOptions = LensOptions(),
+               label_ids: Sequence[int] | None = None, tuned_lens: TunedLens | None = None) -> xr.Dataset:
+    """The logit lens (and ``tuned_lens``, if given) at the decision position of every pair, both sides.
+
+    Returns a Dataset with dims ``prompt``, ``side`` (base, cf), ``lens`` (``logit`` and, with a tuned lens,
+    ``tuned``), ``layer``, ``k``, ``option``: ``top_token``/``top_token_id``/``top_prob``/``top_logit``
+    ``(prompt, side, lens, layer, k)``, ``option_logit``/``option_prob`` ``(prompt, side, lens, layer,
+    option)`` (the label trajectory), ``kl_to_final (prompt, side, lens, layer)`` in nats,
+    ``crossing_layer (prompt, side, lens)`` and ``final_choice (prompt, side)`` (the label the model prefers).
+    """
+    batch = encode_pairs(model, pairs, list(options.labels), options.chat, label_ids)
+    inputs = batch.encoded.inputs()
+    results = [lens_readout(model, inputs, batch.label_ids, options.k, keep_states=tuned_lens is not None)]
+    names = ["logit"]
+    if tuned_lens is not None:
+        states = results[0].pop("states")
+        translated = tuned_lens.transform_stack(states.float()).to(states.dtype)
+        if not model.remote:
+            translated = translated.to(model.lm.lm_head._module.weight.device)
+        results.append(lens_readout(model, inputs, batch.label_ids, options.k, states=translated))
+        names.append("tuned")
+    n, n_layers = batch.n, model.n_layers
+
+    def arrange(key: str) -> np.ndarray:  # rows [base..., cf...] -> [prompt, side, lens, ...]
+        stacked = np.stack([r[key].numpy() for r in results], axis=1)  # [2n, lens, ...]
+        return stacked.reshape(2, n, *stacked.shape[1:]).swapaxes(0, 1)
+
+    top_id, option_logit = arrange("top_id"), arrange("option_logit")
+    labels = list(options.labels)
+    final_choice = np.array(labels, dtype=object)[option_logit[:, :, 0, -1].argmax(-1)].astype(str)
+    tok = model.tokenizer
+    dims5 = ("prompt", "side", "lens", "layer", "k")
+    dimso = ("prompt", "side", "lens", "layer", "option")
+    ds = xr.Dataset(
+        {
+            "top_token": (dims5, _token_strings(tok, top_id)),
+            "top_token_id": (dims5, top_id.astype(np.int32)),
+            "top_prob": (dims5, arrange("top_prob").astype(np.float32)),
+            "top_logit": (dims5, arrange("top_logit").astype(np.float32)),
+            "option_logit": (dimso, option_logit.astype(np.float32)),
+            "option_prob": (dimso, arrange("option_prob").astype(np.float32)),
+            "kl_to_final": (("prompt", "side", "lens", "layer"), arrange("kl").astype(np.float32)),
+            "crossing_layer": (("prompt", "side", "lens"), crossing_layer(option_logit)),
+            "final_choice": (("prompt", "side"), final_choice),
+        },
+        coords={
+            "prompt": [p.prompt_id for p in pairs],
+            "side": list(SIDES),
+            "lens": names,
+            "layer": np.arange(n_layers, dtype=np.int32),
+            "k": np.arange(options.k, dtype=np.int32),
+            "option": labels,
+            "label_token_id": ("option", np.array(batch.label_ids, dtype=np.int32)),
+            "label_token": ("option", _token_strings(tok, np.array(batch.label_ids))),
+        },
+    )
+    ds["top_token"].attrs["description"] = "tokenizer.convert_ids_to_tokens of top_token_id (NUL escaped as \\x00)"
+    ds["kl_to_final"].attrs.update(units="nats", description="KL(final ‖ lens): the model's own next-token "
+                                   "distribution against the lens' at this layer")
+    ds["crossing_layer"].attrs["description"] = CROSSING_DOC
+    ds["option_logit"].attrs["description"] = "the lens' logit of each answer label, per layer (the trajectory)"
+    ds["final_choice"].attrs["description"] = "the label with the highest logit at the last layer"
+    return ds
+
+
+def _lens_digest(folder: Path) -> str:
+    params = folder / PARAMS if (folder / PARAMS).exists() else folder / TL_PARAMS
+    digest = hashlib.sha256((folder / CONFIG).read_bytes())
+    digest.update(params.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def resolve_tuned_lens(model: Any, spec: str | Path | None) -> tuple[TunedLens | None, dict]:
+    """Which tuned lens to use: ``spec`` a lens folder, ``""``/``"none"`` for none, ``None`` for the cached one
+    (:func:`nnethics.lenses.find_cached_lens`; a cached lens for another model is skipped with a warning)."""
+    if spec is not None and str(spec).lower() in ("", "none", "false"):
+        return None, {"tuned_lens": ""}
+    folder = Path(spec).expanduser() if spec is not None else find_cached_lens(model)
+    if folder is None:
+        return None, {"tuned_lens": ""}
+    try:
+        lens = TunedLens.load(folder, model)
+    except LensLoadError as e:
+        if spec is not None:
+            raise
+        print(f"warning: ignoring the cached tuned lens: {e}", file=sys.stderr)
+        return None, {"tuned_lens": ""}
+    return lens, {"tuned_lens": str(folder), "tuned_lens_digest": _lens_digest(folder)}
+
+
+def _build(model, ctx):
+    extra = ctx.extra or {}
+    k = int(extra.get("lens_k") or 10)
+    tuned, info = resolve_tuned_lens(model, extra.get("tuned_lens"))
+    opts = LensOptions(labels=ctx.labels, chat=ctx.chat, k=k)
+    return (lambda m, pairs: logit_lens(m, pairs, opts, label_ids=ctx.label_ids, tuned_lens=tuned)), {"k": k, **info}
+
+
+def summarize(ds: xr.Dataset) -> str:
+    parts = []
+    for name in ds["lens"].values:
+        cross = ds["crossing_layer"].sel(lens=name).values
+        valid = cross[cross >= 0]
+        med = f"{np.median(valid):.0f}" if valid.size else "n/a"
+        mid = ds["kl_to_final"].sel(lens=name).isel(layer=ds.sizes["layer"] // 2).mean()
+        parts.append(f"{name} lens: median crossing layer {med}, mean KL to final at layer {ds.sizes['layer'] // 2} "
+                     f"{float(mid):.2f} nats")
+    return f"{ds.sizes['prompt']} pairs, {ds.sizes['layer']} layers; " + "; ".join(parts)
+
+
+SPEC = AnalysisSpec(name="lens", build=_build, summary=summarize)
+
+
+def evaluate_lenses(model: Any, tuned_lens: TunedLens, corpus: Sequence[str | Path] | None = None,
+                    eval_tokens: int | None = None) -> xr.Dataset:
+    """Held-out per-layer KL(final ‖ lens) and top-1 agreement of the logit lens and ``tuned_lens``.
+
+    The held-out documents are those the lens was trained without (split, seed, window length and corpus
+    from its config, unless ``corpus`` is given). Returns dims ``lens`` (logit, tuned), ``layer``:
+    ``kl (lens, layer)`` in nats, ``top1_agreement (lens, layer)``; attrs ``n_tokens``, ``corpus_sha256``.
+    """
+    from ..data.corpus import read_documents, split_documents, token_windows
+    from ..lenses import LogitLens, TrainOptions, Unembed, collect_residuals, layer_kl
+
+    trained = tuned_lens.config.training or {}
+    known = TrainOptions.__dataclass_fields__
+    topts = TrainOptions(**{k: v for k, v in trained.get("options", {}).items() if k in known})
+    files = list(corpus) if corpus else trained.get("corpus_files") or None
+    docs, sha = read_documents(files)
+    _, held = split_documents(docs, topts.heldout, topts.seed)
+    windows = token_windows(model.tokenizer, held, topts.seq_len, eval_tokens or topts.eval_tokens)
+    resid = collect_residuals(model, windows)
+    fits = layer_kl(Unembed.from_model(model), resid, {"logit": LogitLens(model.n_layers), "tuned": tuned_lens})
+    names = ["logit", "tuned"]
+    ds = xr.Dataset(
+        {
+            "kl": (("lens", "layer"), np.stack([fits[n]["kl"].numpy() for n in names]).astype(np.float32)),
+            "top1_agreement": (("lens", "layer"), np.stack([fits[n]["top1"].numpy() for n in names]).astype(np.float32)),
+        },
+        coords={"lens": names, "layer": np.arange(model.n_layers, dtype=np.int32)},
+        attrs={"n_tokens": int(resid.shape[1]), "corpus_sha256": sha, "heldout_fraction": float(topts.heldout),
+               "split_seed": int(topts.seed), "corpus_files": ", ".join(map(str, files or [])) or "(default corpus)"},
+    )
+    ds["kl"].attrs.update(units="nats", description="mean over held-out positions of KL(final ‖ lens)")
+    ds["top1_agreement"].attrs["description"] = "fraction of held-out positions where the lens' top token is the model's"
+    return ds

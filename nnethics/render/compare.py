@@ -1,0 +1,217 @@
+"""The same figures overlaid across models: ``nnethics compare store/<a> store/<b> ...``.
+
+Models differ in depth, so layers are shown as relative depth (layer / (n_layers − 1)) whenever the
+models do not all have the same number of layers.
+"""
+
+from __future__ import annotations
+
+import html
+import warnings
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import holoviews as hv
+import numpy as np
+import xarray as xr
+
+from ._base import (
+    HEIGHT,
+    MODEL_COLORS,
+    WIDE,
+    WIDTH,
+    Figure,
+    MissingData,
+    band_and_curve,
+    collect,
+    mean_ci,
+    model_name,
+    values,
+)
+from .decisions import MEASURE_COLORS, _measures
+from .report import load_store
+
+SECTION = "Comparison"
+Stores = Mapping[str, Mapping[str, xr.Dataset]]
+
+
+def load_stores(store_dirs: Sequence[str | Path]) -> tuple[dict[str, dict[str, xr.Dataset]], list[str]]:
+    """Each folder's result files, keyed by a unique model label (model id, else folder name)."""
+    out: dict[str, dict[str, xr.Dataset]] = {}
+    notes: list[str] = []
+    for d in store_dirs:
+        data, n = load_store(d)
+        notes += [f"{Path(d).name}: {x}" for x in n]
+        label = model_name(next(iter(data.values())), Path(d).name)
+        if label in out:
+            label = f"{label} ({Path(d).name})"
+        k = 2
+        base = label
+        while label in out:
+            label, k = f"{base} #{k}", k + 1
+        out[label] = data
+    return out, notes
+
+
+def _layers(stores: Stores, name: str) -> dict[str, int]:
+    return {m: d[name].sizes["layer"] for m, d in stores.items() if name in d and "layer" in d[name].dims}
+
+
+def use_relative(stores: Stores) -> bool:
+    counts = set()
+    for name in ("patching", "attribution", "lens"):
+        counts |= set(_layers(stores, name).values())
+    return len(counts) > 1
+
+
+def _x(ds: xr.Dataset, relative: bool) -> np.ndarray:
+    layers = values(ds["layer"]).astype(float)
+    return layers / max(1.0, float(ds.sizes["layer"] - 1)) if relative else layers
+
+
+def _xlabel(relative: bool) -> str:
+    return "relative depth (layer / last layer)" if relative else "layer"
+
+
+def _curves(stores: Stores, name: str, pick, title: str, ylabel: str, relative: bool,
+            dim: str | Sequence[str] = "prompt") -> hv.Overlay:
+    parts = []
+    for i, (model, data) in enumerate(stores.items()):
+        if name not in data:
+            continue
+        try:
+            da = pick(data[name])
+        except (KeyError, ValueError):
+            continue
+        m, lo, hi = (values(x.transpose("layer")) for x in mean_ci(da, dim))
+        parts.append(band_and_curve(_x(data[name], relative), m, lo, hi, model, MODEL_COLORS[i % len(MODEL_COLORS)],
+                                    kdim="depth" if relative else "layer", vdim=ylabel))
+    if not parts:
+        raise MissingData(f"compare: no model has {name}.nc with the needed variables")
+    parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
+    return hv.Overlay(parts).opts(title=title, width=WIDE, height=HEIGHT, legend_position="top_left",
+                                  xlabel=_xlabel(relative), ylabel=ylabel)
+
+
+def decision_rates(stores: Stores) -> hv.Bars:
+    rows = []
+    for model, data in stores.items():
+        if "decisions" not in data:
+            continue
+        for measure, v in _measures(data["decisions"]).items():
+            rows.append((measure, model, float(v.mean()), int(v.sum()), int(v.size)))
+    if not rows:
+        raise MissingData("compare: no decisions.nc")
+    names = list(dict.fromkeys(r[0] for r in rows))
+    bars = hv.Bars(rows, kdims=[hv.Dimension("measure", values=names), "model"], vdims=["rate", "count", "prompts"])
+    return bars.opts(title="Chose the ethical option, by model", width=WIDE, height=HEIGHT, ylim=(0, 1.05),
+                     tools=["hover"], multi_level=False, cmap=list(MODEL_COLORS), show_legend=True,
+                     legend_position="top", ylabel="fraction of prompts", xlabel="")
+
+
+def _box(stores: Stores, name: str, var: str, title: str, relative: bool, transform=None) -> hv.BoxWhisker:
+    models, vals = [], []
+    for model, data in stores.items():
+        if name not in data or var not in data[name]:
+            continue
+        ds = data[name]
+        da = ds[var]
+        if "component" in da.dims:
+            comps = [str(c) for c in values(ds["component"])]
+            da = da.sel(component="resid" if "resid" in comps else comps[0])
+        v = values(transform(da) if transform is not None else da).astype(float).ravel()
+        v = v[np.isfinite(v) & (v >= 0)]
+        if relative:
+            v = v / max(1.0, float(ds.sizes["layer"] - 1))
+        models += [model] * len(v)
+        vals += v.tolist()
+    if not vals:
+        raise MissingData(f"compare: no {var} in any {name}.nc")
+    return hv.BoxWhisker((models, vals), kdims=["model"], vdims=[_xlabel(relative)]).opts(
+        title=title, width=WIDTH, height=HEIGHT, box_fill_color="#c6dbef", tools=["hover"], invert_axes=True)
+
+
+def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure], list[str]]:
+    """The comparison figures; figures no model has data for are skipped."""
+    rel = use_relative(stores) if relative is None else relative
+
+    def comp(c):
+        return lambda ds: ds["effect"].sel(component=c) if "component" in ds["effect"].dims else ds["effect"]
+
+    def effects() -> list[Figure]:
+        comps = []
+        for data in stores.values():
+            if "patching" in data and "component" in data["patching"].dims:
+                comps += [str(c) for c in values(data["patching"]["component"]) if str(c) not in comps]
+        return [Figure(f"compare_patching_{c}", f"Mean patching effect ({c})",
+                       _curves(stores, "patching", comp(c), f"Mean patching effect by depth: {c} (±95% CI)",
+                               "effect", rel), SECTION) for c in (comps or ["resid"])]
+
+    def attribution(component: str):
+        def pick(ds):
+            return ds["diff_contribution"].sel(component=component, side="base")
+        return lambda: Figure(f"compare_attribution_{component}", f"Attribution profile ({component})",
+                              _curves(stores, "attribution", pick,
+                                      f"{component} contribution to label 1 − label 2 (base prompts, ±95% CI)",
+                                      "contribution", rel), SECTION)
+
+    def lens_kl():
+        def pick(ds):
+            return ds["kl_to_final"].sel(lens=str(values(ds["lens"])[0])).stack(sample=("prompt", "side"))
+        return Figure("compare_lens_kl", "Lens KL to the final output",
+                      _curves(stores, "lens", pick, "KL to the final output by depth (first lens, ±95% CI)", "KL",
+                              rel, dim="sample"), SECTION)
+
+    return collect([
+        lambda: Figure("compare_decisions", "Ethical choices", decision_rates(stores), SECTION),
+        effects,
+        lambda: Figure("compare_peak_layers", "Peak layers", _box(stores, "patching", "peak_layer",
+                                                                  "Peak patching layer per prompt", rel), SECTION),
+        attribution("attn"),
+        attribution("mlp"),
+        lens_kl,
+        lambda: Figure("compare_crossing", "Crossing layers", _box(
+            stores, "lens", "crossing_layer", "Layer from which the final choice leads (first lens)", rel,
+            transform=lambda da: da.isel(lens=0) if "lens" in da.dims else da), SECTION),
+    ])
+
+
+def write_comparison(store_dirs: Sequence[str | Path], out: str | Path | None = None, png: bool = False,
+                     relative: bool | None = None) -> Path:
+    """Write ``compare.html`` for several model folders (default: next to the first one); return its path."""
+    from bokeh.layouts import column, row
+    from bokeh.models import Div
+
+    from .embed import render
+    from .offline import export_pngs, save_bokeh
+    from .report import _provenance_html
+
+    stores, notes = load_stores(store_dirs)
+    figs, skipped = figures(stores, relative)
+    if not figs:
+        raise MissingData("compare: nothing to compare in " + ", ".join(str(d) for d in store_dirs))
+    out = Path(out) if out is not None else Path(store_dirs[0]).parent / "compare.html"
+    intro = f"<h1 style='margin:4px 0'>nnethics comparison: {html.escape(', '.join(stores))}</h1>"
+    for i, (model, data) in enumerate(stores.items()):
+        intro += (f"<h3 style='margin:8px 0 0 0;color:{MODEL_COLORS[i % len(MODEL_COLORS)]}'>{html.escape(model)}"
+                  f"</h3>{_provenance_html(data)}")
+    if notes or skipped:
+        intro += ("<details style='font-size:12px;color:#666'><summary>skipped</summary><ul>"
+                  + "".join(f"<li>{html.escape(s)}</li>" for s in notes + skipped) + "</ul></details>")
+    items = [Div(text=intro, width=WIDE)]
+    narrow = []
+    for fig in figs:
+        block = column(Div(text=f"<h3 style='margin:14px 0 2px 0'>{html.escape(fig.title)}</h3>", width=WIDTH),
+                       render(fig.obj).model)
+        if isinstance(fig.obj, hv.BoxWhisker):
+            narrow.append(block)
+            continue
+        items.append(block)
+    if narrow:
+        items.append(row(*narrow))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        save_bokeh(column(*items, styles={"margin": "10px 20px"}), out, title="nnethics comparison")
+        if png:
+            export_pngs(figs, out.parent / f"{out.stem}_png")
+    return out

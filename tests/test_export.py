@@ -1,0 +1,115 @@
+"""CSV/JSON export of a model folder (the original scripts' file layout), on synthetic stores."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+import synthetic
+from nnethics.export import (
+    ExportError,
+    attribution_table,
+    detailed_layer_data,
+    export_store,
+    lens_topk_records,
+    summary_results,
+    trajectory_table,
+)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return synthetic.write_store(tmp_path_factory.mktemp("store"), n_prompts=5, n_layers=6)
+
+
+def test_detailed_layer_data_is_one_row_per_prompt_layer_component():
+    ds = synthetic.patching(n_prompts=4, n_layers=6)
+    df = detailed_layer_data(ds)
+    assert len(df) == 4 * 6 * 3
+    assert list(df.columns[:4]) == ["prompt_id", "layer", "component", "causal_score"]
+    row = df[(df.prompt_id == "case_002") & (df.layer == 4) & (df.component == "mlp")].iloc[0]
+    assert row.causal_score == pytest.approx(float(ds["effect"].sel(prompt="case_002", layer=4, component="mlp")))
+    assert row.atp_effect == pytest.approx(float(ds["atp_effect"].sel(prompt="case_002", layer=4, component="mlp")))
+    assert row.base_logit_diff == pytest.approx(float(ds["base_logit_diff"].sel(prompt="case_002")))
+    assert df["flipped"].dtype == bool
+
+
+def test_summary_results_has_the_seed_columns_and_thirds():
+    ds = synthetic.patching(n_prompts=4, n_layers=6)
+    dec = synthetic.decisions(n_prompts=4)
+    df = summary_results(ds, dec)
+    assert list(df.columns[:6]) == ["prompt_id", "peak_layer", "num_choice_flips", "gini_coefficient",
+                                    "top5_concentration", "chose_ethical_base"]
+    resid = ds["effect"].sel(component="resid")
+    assert df.early_mean.tolist() == pytest.approx(resid.isel(layer=[0, 1]).mean("layer").values.tolist())
+    assert df.late_mean.tolist() == pytest.approx(resid.isel(layer=[4, 5]).mean("layer").values.tolist())
+    assert df.category.tolist() == dec["category"].values.tolist()
+    # a per-component summary gets one column per component, and the plain name holds resid
+    per_comp = ds.assign(peak_layer=ds["effect"].argmin("layer"))
+    df = summary_results(per_comp)
+    assert df.peak_layer.tolist() == df.peak_layer_resid.tolist() and "peak_layer_mlp" in df
+
+
+def test_attribution_table_names_columns_after_the_labels():
+    ds = synthetic.attribution(n_prompts=3, n_layers=4)
+    df = attribution_table(ds)
+    assert len(df) == 3 * 2 * 4
+    for col in ("attn_to_1", "mlp_to_1", "total_to_1", "attn_to_2", "attn_mlp_ratio", "total_diff"):
+        assert col in df
+    np.testing.assert_allclose(df.total_to_1, df.attn_to_1 + df.mlp_to_1, rtol=1e-5)
+    np.testing.assert_allclose(df.total_diff, df.total_to_1 - df.total_to_2, rtol=1e-4, atol=1e-5)
+    relabeled = synthetic.attribution(n_prompts=2, n_layers=3, labels=("A", "B"))
+    assert "attn_to_B" in attribution_table(relabeled)
+
+
+def test_lens_records_and_trajectories():
+    ds = synthetic.lens(n_prompts=2, n_layers=4, k=3)
+    recs = lens_topk_records(ds)
+    assert len(recs) == 2 * 2 * 2 * 4
+    r = next(x for x in recs if x["prompt_id"] == "case_001" and x["side"] == "cf" and x["lens"] == "tuned"
+             and x["layer"] == 2)
+    sel = ds.sel(prompt="case_001", side="cf", lens="tuned", layer=2)
+    assert r["top_tokens"] == sel["top_token"].values.tolist()
+    assert r["top_probs"] == pytest.approx(sel["top_prob"].values.tolist())
+    df = trajectory_table(ds)
+    assert len(df) == 2 * 2 * 2 * 4
+    np.testing.assert_allclose(df.logit_diff, df.logit_1 - df.logit_2, rtol=1e-5, atol=1e-6)
+    row = df[(df.prompt_id == "case_000") & (df.side == "base") & (df.lens == "logit")]
+    assert set(row.crossing_layer) == {int(ds["crossing_layer"].sel(prompt="case_000", side="base", lens="logit"))}
+
+
+def test_export_store_csv_and_json(store, tmp_path):
+    paths = export_store(store, "csv", tmp_path / "csv")
+    names = sorted(p.name for p in paths)
+    assert names == sorted(["decisions.csv", "detailed_layer_data.csv", "summary_results.csv", "patching_grid.csv",
+                            "patching_noise.csv", "attribution.csv", "attribution_heads.csv",
+                            "token_trajectories.csv", "tuned_lens.json"])
+    summary = pd.read_csv(tmp_path / "csv" / "summary_results.csv")
+    assert len(summary) == 5 and summary.prompt_id.tolist()[0] == "case_000"
+    tokens = json.loads((tmp_path / "csv" / "tuned_lens.json").read_text(encoding="utf-8"))
+    assert any("🙂" in r["top_tokens"] or "line\nbreak" in r["top_tokens"] for r in tokens)
+    paths = export_store(store, "json", tmp_path / "json")
+    assert all(p.suffix == ".json" for p in paths)
+    records = json.loads((tmp_path / "json" / "detailed_layer_data.json").read_text())
+    assert len(records) == 5 * 6 * 3 and isinstance(records[0]["flipped"], bool)
+    with pytest.raises(ExportError):
+        export_store(store, "xlsx")
+    with pytest.raises(ExportError):
+        export_store(tmp_path / "csv")  # a folder without .nc files
+
+
+def test_export_cli(store, tmp_path):
+    from nnethics.cli import cli
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["export", str(store), "--format", "JSON", "--out", str(tmp_path / "e")])
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 9 and all("(" in ln for ln in lines)
+    assert (tmp_path / "e" / "attribution.json").exists()
+    res = runner.invoke(cli, ["export", str(tmp_path / "e")])
+    assert res.exit_code == 2 and "no result files" in res.stderr

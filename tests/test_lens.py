@@ -1,0 +1,403 @@
+"""Logit lens and tuned lens: exact identities, the independent reference, lens files, training, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from click.testing import CliRunner
+from conftest import FAMILIES, make_tiny
+from reference.lens import logit_lens as reference_logit_lens
+
+from nnethics import lenses as L
+from nnethics.analyses.common import encode_pairs
+from nnethics.analyses.lens import LensOptions, crossing_layer, evaluate_lenses, lens_readout, logit_lens
+from nnethics.lenses import LensLoadError, LogitLens, TrainOptions, TunedLens, Unembed
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def pairs(prompt_set):
+    return prompt_set.pairs[:3]  # prompts of different lengths: a left-padded batch
+
+
+def _random_lens(model, seed=0, scale=0.05) -> TunedLens:
+    lens = TunedLens.from_model(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=g))
+    return lens
+
+
+def _row_logits(model, batch, i, side):
+    ids = torch.tensor([batch.encoded.tokens(batch.row(i, side))])
+    return ids, model.lm._module(ids).logits[0, -1].detach()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_layer_is_the_model_output(tiny_models, pairs, family):
+    """The lens at the last layer is the model's own next-token distribution (soft-cap included)."""
+    model = tiny_models(family)
+    ds = logit_lens(model, pairs, LensOptions(k=K))
+    batch = encode_pairs(model, pairs, ["1", "2"])
+    last = ds.sel(lens="logit").isel(layer=-1)
+    for i in range(len(pairs)):
+        for side in ("base", "cf"):
+            _, logits = _row_logits(model, batch, i, side)
+            got = last.sel(prompt=pairs[i].prompt_id, side=side)
+            top = logits.topk(K)
+            torch.testing.assert_close(torch.tensor(got.top_logit.values), top.values, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.tensor(got.top_prob.values), logits.softmax(-1)[top.indices], atol=1e-5, rtol=1e-4)
+            assert got.top_token_id.values.tolist() == top.indices.tolist()
+            torch.testing.assert_close(torch.tensor(got.option_logit.values), logits[batch.label_ids], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.tensor(got.option_prob.values), logits.softmax(-1)[batch.label_ids],
+                                       atol=1e-5, rtol=1e-4)
+    assert np.abs(last.kl_to_final.values).max() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2", "gpt_neox"])
+def test_matches_reference_on_padded_batch(tiny_models, pairs, family):
+    model = tiny_models(family)
+    ds = logit_lens(model, pairs, LensOptions(k=K))
+    batch = encode_pairs(model, pairs, ["1", "2"])
+    for i in range(len(pairs)):
+        for side in ("base", "cf"):
+            ids, _ = _row_logits(model, batch, i, side)
+            ref = reference_logit_lens(model.lm._module, ids)  # [L, V]
+            log_q = ref.log_softmax(-1)
+            kl = (log_q[-1].exp() * (log_q[-1] - log_q)).sum(-1)
+            got = ds.sel(prompt=pairs[i].prompt_id, side=side, lens="logit")
+            torch.testing.assert_close(torch.tensor(got.option_logit.values), ref[:, batch.label_ids], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.tensor(got.top_logit.values), ref.topk(K).values, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.tensor(got.kl_to_final.values), kl.clamp_min(0), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.tensor(got.top_prob.values), log_q.exp().topk(K).values, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_zero_tuned_lens_is_the_logit_lens(tiny_models, pairs, family):
+    model = tiny_models(family)
+    ds = logit_lens(model, pairs, LensOptions(k=K), tuned_lens=TunedLens.from_model(model))
+    assert ds["lens"].values.tolist() == ["logit", "tuned"]
+    for var in ("top_logit", "top_prob", "option_logit", "option_prob", "kl_to_final"):
+        xr.testing.assert_allclose(ds[var].sel(lens="tuned", drop=True), ds[var].sel(lens="logit", drop=True), atol=1e-5)
+    xr.testing.assert_equal(ds["top_token_id"].sel(lens="tuned", drop=True), ds["top_token_id"].sel(lens="logit", drop=True))
+
+
+def test_tuned_lens_values(tiny_models, pairs):
+    """A trained-looking lens: layer l decodes h + A h + b with translator l+1; the last layer is untouched."""
+    model = tiny_models("llama")
+    lens = _random_lens(model)
+    ds = logit_lens(model, pairs, LensOptions(k=K), tuned_lens=lens)
+    batch = encode_pairs(model, pairs, ["1", "2"])
+    ids = torch.tensor([batch.encoded.tokens(batch.row(1, "cf"))])
+    hs = model.lm._module(ids, output_hidden_states=True).hidden_states
+    unembed = Unembed.from_model(model)
+    got = ds.sel(prompt=pairs[1].prompt_id, side="cf", lens="tuned")
+    for layer in range(model.n_layers - 1):
+        h = hs[layer + 1][0, -1]
+        t = lens.layer_translators[layer + 1]
+        want = unembed(h + t.weight @ h + t.bias)[batch.label_ids]
+        torch.testing.assert_close(torch.tensor(got.option_logit.values[layer]), want, atol=1e-4, rtol=1e-4)
+    xr.testing.assert_allclose(ds["option_logit"].sel(lens="tuned", drop=True).isel(layer=-1),
+                               ds["option_logit"].sel(lens="logit", drop=True).isel(layer=-1), atol=1e-5)
+    assert not np.allclose(ds["option_logit"].sel(lens="tuned").isel(layer=0), ds["option_logit"].sel(lens="logit").isel(layer=0))
+
+
+def test_remote_local_dry_run(tiny_models, pairs):
+    """Both traces (logit lens, decoding translated states) survive nnsight's serialize/deserialize round trip."""
+    model = tiny_models("gemma2")
+    lens = _random_lens(model)
+    local = logit_lens(model, pairs[:2], LensOptions(k=K), tuned_lens=lens)
+    dry = logit_lens(dataclasses.replace(model, remote="local"), pairs[:2], LensOptions(k=K), tuned_lens=lens)
+    xr.testing.assert_allclose(local.drop_vars("top_token"), dry.drop_vars("top_token"))
+    xr.testing.assert_equal(local["top_token"], dry["top_token"])
+
+
+def test_readout_brings_back_only_small_tensors(tiny_models, pairs):
+    model = tiny_models("llama")
+    batch = encode_pairs(model, pairs, ["1", "2"])
+    out = lens_readout(model, batch.encoded.inputs(), batch.label_ids, K)
+    n = 2 * len(pairs)
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "top_logit": (n, 3, K), "top_id": (n, 3, K), "top_prob": (n, 3, K), "option_logit": (n, 3, 2),
+        "option_prob": (n, 3, 2), "kl": (n, 3)}
+
+
+def test_crossing_layer():
+    # [case, layer, option]; the final choice is the argmax at the last layer
+    x = np.array([
+        [[0, 1], [1, 0], [0, 1], [0, 2]],  # option 1 ahead from layer 2 on (it led at 0 too, then fell back)
+        [[1, 0], [1, 0], [1, 0], [1, 0]],  # ahead everywhere -> 0
+        [[0, 1], [0, 1], [0, 1], [2, 1]],  # only at the last layer -> 3
+        [[0, 1], [0, 1], [1, 0], [1, 1]],  # tie at the last layer -> -1
+    ], dtype=float)
+    assert crossing_layer(x).tolist() == [2, 0, 3, -1]
+
+
+def test_token_strings_survive_netcdf(tmp_path, tokenizer):
+    from nnethics.analyses.lens import _token_strings
+    from nnethics.store import load, write_atomic
+
+    class Tok:
+        def convert_ids_to_tokens(self, ids):
+            return ["a\x00b", "ĠÃ©", "😀", None][: len(ids)]
+
+    strings = _token_strings(Tok(), np.array([0, 1, 2, 3]))
+    assert strings.tolist() == ["a\\x00b", "ĠÃ©", "😀", ""]
+    ds = xr.Dataset({"top_token": (("k",), strings)})
+    back = load(write_atomic(ds, tmp_path / "t.nc"))
+    assert back["top_token"].values.tolist() == strings.tolist()
+
+
+# ------------------------------------------------------------------------------------------------ lens files
+
+
+def test_config_json_round_trip(tiny_models):
+    cfg = TunedLens.from_model(tiny_models("llama")).config
+    cfg.training = {"options": TrainOptions().to_dict(), "corpus_sha256": "x"}
+    assert L.LensConfig.from_json(cfg.to_json()) == cfg
+
+
+@pytest.mark.parametrize("fmt", ["nnethics", "tuned-lens"])
+def test_save_load_round_trip(tiny_models, tmp_path, fmt):
+    model = tiny_models("llama")
+    lens = _random_lens(model)
+    folder = lens.save(tmp_path / "lens", format=fmt)
+    assert (folder / ("params.safetensors" if fmt == "nnethics" else "params.pt")).exists()
+    back = TunedLens.load(folder, model)
+    for (name, a), (_, b) in zip(lens.named_parameters(), back.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    hs = torch.randn(4, model.n_layers, model.d_model)
+    torch.testing.assert_close(back.transform_stack(hs), lens.transform_stack(hs))
+    torch.testing.assert_close(lens.transform_stack(hs)[:, 1], lens.transform(hs[:, 1], 1))
+    torch.testing.assert_close(lens.transform_stack(hs)[:, -1], hs[:, -1])
+    assert back.config.unembed_sha256 == L.unembed_sha256(model)
+
+
+def test_wrong_model_is_refused(tiny_models, tokenizer, tmp_path):
+    model = tiny_models("llama")
+    folder = _random_lens(model).save(tmp_path / "lens")
+    other = make_tiny("llama", tokenizer, seed=1)  # same shapes and name, other weights
+    with pytest.raises(LensLoadError, match="different model"):
+        TunedLens.load(folder, other)
+    gpt2 = tiny_models("gpt2")  # same d_model and layer count, other unembedding
+    with pytest.raises(LensLoadError, match="sha256"):
+        TunedLens.load(folder, gpt2)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_hidden_layers"] = 5
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LensLoadError, match="5 layers"):
+        TunedLens.load(folder, model)
+    with pytest.raises(LensLoadError, match="no config.json"):
+        TunedLens.load(tmp_path / "missing", model)
+
+
+@pytest.mark.parametrize("prefixed", [False, True])
+def test_tuned_lens_package_format_loads(tiny_models, tmp_path, prefixed):
+    """A folder as tuned-lens' ``TunedLens.save`` writes it: ``params.pt`` = ``layer_translators.state_dict()``
+    (keys ``{i}.weight``/``{i}.bias``; some copies carry a ``layer_translators.`` prefix) and a config.json
+    with exactly the ``TunedLensConfig`` fields."""
+    model = tiny_models("llama")
+    d, n = model.d_model, model.n_layers
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for i in range(n):
+        state[f"{i}.weight"] = 0.1 * torch.randn(d, d, generator=g)
+        state[f"{i}.bias"] = 0.1 * torch.randn(d, generator=g)
+    if prefixed:
+        state = {f"layer_translators.{k}": v for k, v in state.items()}
+    folder = tmp_path / "tl"
+    folder.mkdir()
+    torch.save(state, folder / "params.pt")
+    w = model.lm._module.lm_head.weight.detach().numpy()
+    config = {"base_model_name_or_path": "somewhere/else", "d_model": d, "num_hidden_layers": n, "bias": True,
+              "base_model_revision": None, "lens_type": "linear_tuned_lens",
+              "unembed_hash": hashlib.sha256(np.array_str(w, precision=1).encode()).hexdigest()}
+    (folder / "config.json").write_text(json.dumps(config))
+    lens = TunedLens.load(folder, model)  # another name, but the tuned-lens unembedding hash matches
+    h = torch.randn(2, d)
+    sd = {k.removeprefix("layer_translators."): v for k, v in state.items()}
+    torch.testing.assert_close(lens.transform(h, 0), h + h @ sd["1.weight"].T + sd["1.bias"])
+    config["unembed_hash"] = "0" * 64
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LensLoadError, match="somewhere/else"):
+        TunedLens.load(folder, model)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _kl_grad_reference(unembed, n, p):
+    n = n.detach().clone().requires_grad_(True)
+    log_q = unembed.logits_from_normed(n).log_softmax(-1)
+    kl = (p * (p.log() - log_q)).sum(-1)
+    kl.mean().backward()
+    return kl.detach(), n.grad
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_manual_kl_gradient_matches_autograd(tiny_models, family):
+    model = tiny_models(family)
+    unembed = Unembed.from_model(model)
+    g = torch.Generator().manual_seed(0)
+    n = torch.randn(6, model.d_model, generator=g)
+    p = torch.softmax(3 * torch.randn(6, model.config.vocab_size, generator=g), -1)
+    want_kl, want_grad = _kl_grad_reference(unembed, n, p)
+    leaf = n.clone().requires_grad_(True)
+    w = unembed.weight(torch.float32)
+    b = unembed._bias
+    kl = L._kl_backward(leaf, p, p @ w, p @ b if b is not None else 0.0, (p * p.log()).sum(-1), unembed, torch.float32)
+    torch.testing.assert_close(kl, want_kl, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(leaf.grad, want_grad, atol=1e-6, rtol=1e-4)
+
+
+def _tiny_corpus(tmp_path, prompt_set):
+    text = "\n\n".join(p.base for p in prompt_set.pairs) + "\n"
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return [path]
+
+
+TINY = TrainOptions(steps=30, lr=3e-3, batch_tokens=64, seq_len=32, train_tokens=1024, eval_tokens=256,
+                    heldout=0.2, checkpoint_every=5, matmul_dtype="float32")
+
+
+def test_training_lowers_heldout_kl(tiny_models, tmp_path, prompt_set):
+    model = tiny_models("llama")
+    corpus = _tiny_corpus(tmp_path, prompt_set)
+    lens, info = L.train_tuned_lens(model, corpus, TINY, out=tmp_path / "lens", progress=False, log=lambda m: None)
+    assert info["history"][-1] < info["history"][0]
+    assert not (tmp_path / "lens" / "checkpoint.pt").exists()
+    ds = evaluate_lenses(model, TunedLens.load(tmp_path / "lens", model))
+    kl = ds["kl"]
+    assert (kl.sel(lens="tuned") < kl.sel(lens="logit")).values[:-1].all(), kl.values
+    assert float(abs(kl.sel(lens="tuned").isel(layer=-1))) < 1e-5
+    assert ds.attrs["n_tokens"] == 256
+    assert lens.config.training["corpus_files"] == [str(corpus[0].resolve())]
+
+
+def test_training_resumes_from_checkpoint(tiny_models, tmp_path, prompt_set, monkeypatch):
+    model = tiny_models("llama")
+    corpus = _tiny_corpus(tmp_path, prompt_set)
+    opts = dataclasses.replace(TINY, steps=12)
+    whole, _ = L.train_tuned_lens(model, corpus, opts, out=tmp_path / "a", progress=False, log=lambda m: None)
+
+    real_fit = L.fit_tuned_lens
+
+    def interrupted(*args, on_checkpoint=None, **kwargs):
+        def save_then_stop(snap):
+            on_checkpoint(snap)
+            raise KeyboardInterrupt
+
+        return real_fit(*args, on_checkpoint=save_then_stop, **kwargs)
+
+    monkeypatch.setattr(L, "fit_tuned_lens", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        L.train_tuned_lens(model, corpus, opts, out=tmp_path / "b", progress=False, log=lambda m: None)
+    assert (tmp_path / "b" / "checkpoint.pt").exists()
+    monkeypatch.setattr(L, "fit_tuned_lens", real_fit)
+    said = []
+    resumed, _ = L.train_tuned_lens(model, corpus, opts, out=tmp_path / "b", progress=False, log=said.append)
+    assert any("resuming" in s and "step 5/12" in s for s in said), said
+    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = make_tiny("llama", tokenizer)
+    model.lm._module.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_train_eval_run_on_a_saved_tiny_model(tiny_model_dir, tmp_path, prompt_set):
+    from nnethics.cli import cli
+    from nnethics.store import load
+
+    corpus = _tiny_corpus(tmp_path, prompt_set)
+    runner = CliRunner()
+    lens_dir, store = tmp_path / "lens", tmp_path / "store"
+    model = ["--model", str(tiny_model_dir)]
+    res = runner.invoke(cli, ["lens", "train", *model, "--corpus", str(corpus[0]), "--out", str(lens_dir), "--steps", "20",
+                              "--lr", "3e-3", "--batch-tokens", "64", "--seq-len", "32", "--train-tokens", "1024",
+                              "--eval-tokens", "256", "--heldout", "0.2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert (lens_dir / "params.safetensors").exists() and "saved to" in res.output
+    res = runner.invoke(cli, ["lens", "eval", *model, "--lens", str(lens_dir), "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    ev = load(store / tiny_model_dir.name.lower() / "lens_eval.nc")
+    assert dict(ev.sizes) == {"lens": 2, "layer": 3} and ev.attrs["analysis"] == "lens_eval"
+    assert "tuned lens lower at 2 of 2 layers" in res.output
+    res = runner.invoke(cli, ["lens", "run", *model, "--limit", "2", "--store", str(store), "--tuned-lens", str(lens_dir),
+                              "--k", "4", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    ds = load(store / tiny_model_dir.name.lower() / "lens.nc")
+    assert dict(ds.sizes) == {"prompt": 2, "side": 2, "lens": 2, "layer": 3, "k": 4, "option": 2}
+    assert json.loads(ds.attrs["options"])["tuned_lens"] == str(lens_dir)
+
+
+def test_cli_refuses_a_lens_of_another_model(tiny_model_dir, tiny_models, tmp_path):
+    from nnethics.cli import cli
+
+    folder = _random_lens(tiny_models("gpt2")).save(tmp_path / "gpt2-lens")
+    res = CliRunner().invoke(cli, ["lens", "run", "--model", str(tiny_model_dir), "--limit", "1", "--store",
+                                   str(tmp_path / "s"), "--tuned-lens", str(folder)])
+    assert res.exit_code == 2, res.output
+    assert "was trained for tiny-gpt2" in res.output
+
+
+@pytest.mark.slow
+def test_cli_on_the_builtin_model(builtin_model, tmp_path):
+    from nnethics.cli import cli
+    from nnethics.store import load
+
+    runner = CliRunner()
+    lens_dir, store = tmp_path / "lens", tmp_path / "store"
+    res = runner.invoke(cli, ["lens", "train", "--out", str(lens_dir), "--steps", "3", "--train-tokens", "512",
+                              "--eval-tokens", "256", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["lens", "eval", "--lens", str(lens_dir), "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    ev = load(store / builtin_model.slug / "lens_eval.nc")
+    assert dict(ev.sizes) == {"lens": 2, "layer": builtin_model.n_layers}
+    res = runner.invoke(cli, ["lens", "run", "--limit", "2", "--store", str(store), "--tuned-lens", str(lens_dir)])
+    assert res.exit_code == 0, res.output
+    ds = load(store / builtin_model.slug / "lens.nc")
+    assert ds["lens"].values.tolist() == ["logit", "tuned"] and ds.sizes["layer"] == 30
+
+
+def test_spec_uses_cached_lens(tiny_models, pairs, tmp_path, monkeypatch):
+    from nnethics.analyses.lens import SPEC
+    from nnethics.analyses.spec import RunContext
+
+    model = tiny_models("llama")
+    monkeypatch.setattr(L, "lens_cache_dir", lambda slug: tmp_path / "lenses" / slug)
+    ctx = RunContext(labels=("1", "2"), label_ids=tuple(encode_pairs(model, pairs, ["1", "2"]).label_ids))
+    fn, opts = SPEC.build(model, ctx)
+    assert opts["tuned_lens"] == "" and fn(model, pairs[:1])["lens"].values.tolist() == ["logit"]
+    _random_lens(model).save(tmp_path / "lenses" / model.slug)
+    fn, opts = SPEC.build(model, ctx)
+    assert opts["tuned_lens"] == str(tmp_path / "lenses" / model.slug) and opts["tuned_lens_digest"]
+    ds = fn(model, pairs[:1])
+    assert ds["lens"].values.tolist() == ["logit", "tuned"]
+    assert "logit lens" in SPEC.summary(ds)
+    fn, opts = SPEC.build(model, RunContext(labels=ctx.labels, label_ids=ctx.label_ids, extra={"tuned_lens": ""}))
+    assert opts["tuned_lens"] == ""
+    # a cached lens made for another model is skipped, not fatal
+    other = tiny_models("gpt2")
+    _random_lens(other).save(tmp_path / "lenses" / model.slug)
+    _, opts = SPEC.build(model, ctx)
+    assert opts["tuned_lens"] == ""
+    assert isinstance(LogitLens.from_model(model), LogitLens)

@@ -1,0 +1,373 @@
+"""Activation patching, causal tracing and attribution patching against the independent hook
+references in tests/reference/patching.py, plus exact identities, the remote dry run and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from click.testing import CliRunner
+
+from conftest import FAMILIES, make_tiny, tiny_config
+from nnethics.analyses.common import encode_pairs
+from nnethics.analyses.patching import SPECS, PatchingOptions, activation_patching, causal_tracing
+from nnethics.analyses.patching_engine import noise_sample
+from nnethics.analyses.patching_noise import pair_seed, restore_layers
+from nnethics.analyses.patching_results import finalize
+from nnethics.prompts import PromptPair
+from reference import patching as ref
+from reference.hooks import add_at, edit, record, set_positions
+
+TOL = dict(rtol=0, atol=1e-4)
+COMPS = ("resid", "attn", "mlp")
+
+
+def _strong_tiny(family: str, tokenizer, seed: int = 0):
+    """A conftest-style tiny model with weights drawn at std 0.2 instead of 0.02: at 0.02 a patch
+    moves the LD by ~1e-3, too little for a 1e-4 comparison to mean much; at 0.2 it moves it by 0.1-3."""
+    from nnethics.models import wrap_model
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(family, len(tokenizer))
+    cfg.initializer_range = 0.2
+    hf = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "ln_" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return wrap_model(hf, tokenizer, name=f"tiny-{family}")
+
+
+@pytest.fixture(scope="module")
+def strong_models(tokenizer):
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = _strong_tiny(family, tokenizer)
+        return cache[family]
+
+    return get
+
+
+# Short plain-text pairs (no chat template) of different token lengths, so batches are left-padded
+# and tests stay fast; the shipped chat-formatted prompts (90-105 tokens) are used where noted.
+SHORT = [
+    PromptPair("s1", "A friend asks for help moving.\nOption 1: Help.\nOption 2: Refuse.\nAnswer:",
+               "A friend asks for help moving.\nOption 1: Refuse.\nOption 2: Help.\nAnswer:", "1", "2"),
+    PromptPair("s2", "You find a wallet full of cash on the street.\nOption 1: Keep the money.\n"
+               "Option 2: Return it to its owner.\nWhich is more ethical?\nAnswer:",
+               "You find a wallet full of cash on the street.\nOption 1: Return it to its owner.\n"
+               "Option 2: Keep the money.\nWhich is more ethical?\nAnswer:", "2", "1"),
+    PromptPair("s3", "Lie?\nOption 1: Yes.\nOption 2: No.\nAnswer:", "Lie?\nOption 1: No.\nOption 2: Yes.\nAnswer:",
+               "2", "1"),
+]
+PLAIN = dict(chat=False)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return SHORT
+
+
+@pytest.fixture(scope="module")
+def chat_pairs(prompt_set):
+    # shipped pairs of different lengths with the chat template (99, 92 tokens)
+    return [prompt_set.pairs[i] for i in (0, 3)]
+
+
+def _ids(model, pairs, chat=False):
+    batch = encode_pairs(model, pairs, ["1", "2"], chat=chat)
+    toks = [(torch.tensor([batch.encoded.tokens(batch.row(i, "base"))]),
+             torch.tensor([batch.encoded.tokens(batch.row(i, "cf"))])) for i in range(batch.n)]
+    assert len({b.shape[1] for b, _ in toks}) > 1, "the test wants pairs of different lengths"
+    return tuple(batch.label_ids), toks
+
+
+def _close(actual, expected):
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64), **TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_position_sweep_matches_reference(family, strong_models, pairs):
+    """Every layer x component at the decision position, KV-cache and full-forward paths, and AtP."""
+    model = strong_models(family)
+    hf = model.lm._module
+    ids, toks = _ids(model, pairs)
+    kv = activation_patching(model, pairs, PatchingOptions(**PLAIN, kv_cache="on"))
+    full = activation_patching(model, pairs, PatchingOptions(**PLAIN, kv_cache="off"))
+    assert set(kv["forward_path"].values) == {"kv_cache"} and set(full["forward_path"].values) == {"full"}
+    for i, (b, c) in enumerate(toks):
+        sweep = ref.patch_sweep(hf, b, c, ids, COMPS)
+        atp = ref.attribution_patching(hf, b, c, ids, components=COMPS)
+        for ds in (kv, full):
+            _close(ds["base_logit_diff"][i], ref.logit_diff(hf, b, ids))
+            _close(ds["cf_logit_diff"][i], ref.logit_diff(hf, c, ids))
+            for j, comp in enumerate(COMPS):
+                _close(ds["patched_logit_diff"].values[i, :, j], sweep[comp])
+                _close(ds["atp_delta"].values[i, :, j], atp[comp])
+    # the two paths agree with each other far below the tolerance
+    np.testing.assert_allclose(kv["patched_logit_diff"], full["patched_logit_diff"], rtol=0, atol=1e-5)
+
+
+def test_chat_formatted_prompts_match_reference(strong_models, chat_pairs):
+    """The shipped prompts with the chat template (90-105 tokens, different lengths): sweep, AtP, noise."""
+    model = strong_models("llama")
+    hf = model.lm._module
+    ids, toks = _ids(model, chat_pairs, chat=None)
+    ds = activation_patching(model, chat_pairs, PatchingOptions(components=("resid", "mlp")))
+    noised = causal_tracing(model, chat_pairs, PatchingOptions(positions="all", layers=(1,)))
+    for i, (b, c) in enumerate(toks):
+        sweep = ref.patch_sweep(hf, b, c, ids, ("resid", "mlp"))
+        atp = ref.attribution_patching(hf, b, c, ids, components=("resid", "mlp"))
+        for j, comp in enumerate(("resid", "mlp")):
+            _close(ds["patched_logit_diff"].values[i, :, j], sweep[comp])
+            _close(ds["atp_delta"].values[i, :, j], atp[comp])
+        span, noise = _noise(model, chat_pairs[i], noised, i)
+        assert str(noised["noise_span_text"].values[i]).startswith("Option 1: ")
+        _close(noised["corrupted_logit_diff"][i], ref.noise_corrupted_ld(hf, b, ids, span, noise))
+        _close(noised["patched_logit_diff"].values[i, 0, 1], ref.noise_restore(hf, b, ids, span, noise, 1, 1, "attn"))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "gemma2"])
+def test_grid_matches_reference(family, strong_models, pairs):
+    model = strong_models(family)
+    hf = model.lm._module
+    ids, toks = _ids(model, pairs[:2])
+    ds = activation_patching(model, pairs[:2], PatchingOptions(**PLAIN, positions="grid", layers=(0, 2)))
+    assert ds["patched_logit_diff"].dims == ("prompt", "position", "layer", "component")
+    assert list(ds["layer"].values) == [0, 2]
+    for i, (b, c) in enumerate(toks):
+        T_i = b.shape[1]
+        for p in (-1, -2, -9, -T_i):
+            sweep = ref.patch_sweep(hf, b, c, ids, COMPS, position=p)
+            atp = ref.attribution_patching(hf, b, c, ids, position=p, components=COMPS)
+            for j, comp in enumerate(COMPS):
+                _close(ds["patched_logit_diff"].sel(position=p).values[i, :, j], sweep[comp][[0, 2]])
+                _close(ds["atp_delta"].sel(position=p).values[i, :, j], atp[comp][[0, 2]])
+        # positions before a shorter prompt's first token are padding: NaN
+        width = ds.sizes["position"]
+        if T_i < width:
+            assert np.isnan(ds["patched_logit_diff"].values[i, : width - T_i]).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_all_positions(family, strong_models, pairs):
+    """Patching resid at every position of a layer gives the reference; at layer 0 the cf's own LD."""
+    model = strong_models(family)
+    hf = model.lm._module
+    ids, toks = _ids(model, pairs)
+    ds = activation_patching(model, pairs, PatchingOptions(**PLAIN, positions="all", components=("resid",)))
+    for i, (b, c) in enumerate(toks):
+        for layer in range(model.n_layers):
+            _close(ds["patched_logit_diff"].values[i, layer, 0], ref.patch_all_positions_resid(hf, b, c, ids, layer))
+    _close(ds["patched_logit_diff"].values[:, 0, 0], ds["cf_logit_diff"].values)
+    # AtP over all positions is the sum of the per-position estimates
+    grid = activation_patching(model, pairs[:1], PatchingOptions(**PLAIN, positions="grid", components=("resid",), layers=(1,)))
+    _close(ds["atp_delta"].values[0, 1, 0], np.nansum(grid["atp_delta"].values[0, :, 0, 0]))
+
+
+def test_unequal_lengths_are_skipped_with_a_reason(strong_models, pairs):
+    model = strong_models("llama")
+    odd = PromptPair("odd", pairs[0].base, pairs[0].cf + " Think about it carefully.", "2", "1")
+    ds = activation_patching(model, [pairs[1], odd], PatchingOptions(**PLAIN, positions="grid", components=("resid",)))
+    assert list(ds["skipped"].values) == [False, True]
+    assert "different lengths" in str(ds["skip_reason"].values[1])
+    assert np.isnan(ds["patched_logit_diff"].values[1]).all() and np.isnan(ds["atp_delta"].values[1]).all()
+    assert np.isfinite(ds["base_logit_diff"].values).all()
+
+
+def _noise(model, pair, ds, i):
+    s, e = int(ds["noise_start"][i]), int(ds["noise_end"][i])
+    return (s, e), noise_sample(pair_seed(0, pair.prompt_id), e - s, model.d_model) * float(ds["noise_std"][i])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2"])
+def test_noise_restoration_matches_reference(family, strong_models, pairs):
+    model = strong_models(family)
+    hf = model.lm._module
+    ids, toks = _ids(model, pairs[:2])
+    everywhere = causal_tracing(model, pairs[:2], PatchingOptions(**PLAIN, positions="all", window=3))
+    last_kv = causal_tracing(model, pairs[:2], PatchingOptions(**PLAIN, positions="last", window=3, kv_cache="on"))
+    last_full = causal_tracing(model, pairs[:2], PatchingOptions(**PLAIN, positions="last", window=3, kv_cache="off"))
+    for i, (b, _) in enumerate(toks):
+        span, noise = _noise(model, pairs[i], everywhere, i)
+        assert "Option 1" in str(everywhere["noise_span_text"].values[i])
+        clean = ref.logit_diff(hf, b, ids)
+        corrupted = ref.noise_corrupted_ld(hf, b, ids, span, noise)
+        T_i = b.shape[1]
+        for ds in (everywhere, last_kv, last_full):
+            _close(ds["base_logit_diff"][i], clean)
+            _close(ds["corrupted_logit_diff"][i], corrupted)
+        p = ref.parts(hf)
+        for j, comp in enumerate(COMPS):
+            for layer in range(model.n_layers):
+                _close(everywhere["patched_logit_diff"].values[i, layer, j],
+                       ref.noise_restore(hf, b, ids, span, noise, layer, 3, comp))
+                # restore the decision position only (hook reference built from the same helpers)
+                mods = {k: ref._module(p, k, comp) for k in restore_layers(model.n_layers, layer, 3)}
+                with record({str(k): m for k, m in mods.items()}) as cl:
+                    hf(b)
+                edits = [(p.resid0, add_at(noise, *span))]
+                edits += [(m, set_positions(cl[str(k)][0, T_i - 1], T_i - 1)) for k, m in mods.items()]
+                with torch.no_grad(), edit(edits):
+                    want = float(ref._ld(hf(b).logits, ids))
+                for ds in (last_kv, last_full):
+                    _close(ds["patched_logit_diff"].values[i, layer, j], want)
+
+
+def test_noise_span_not_found_is_skipped(strong_models, pairs):
+    model = strong_models("llama")
+    ds = causal_tracing(model, pairs[:2], PatchingOptions(**PLAIN, noise_span="regex:no such text"))
+    assert ds["skipped"].values.all() and "not found" in str(ds["skip_reason"].values[0])
+    assert np.isnan(ds["patched_logit_diff"].values).all()
+
+
+def test_identities(strong_models, pairs):
+    model = strong_models("llama")
+    same = PromptPair("same", pairs[0].base, pairs[0].base, "2", "2")
+    for kv in ("on", "off"):
+        ds = activation_patching(model, [same, pairs[1]], PatchingOptions(**PLAIN, kv_cache=kv))
+        # base patched with itself: nothing changes; the gap is 0 so the normalised effect is flagged
+        _close(ds["patched_logit_diff"].values[0], np.full((model.n_layers, 3), float(ds["base_logit_diff"][0])))
+        assert not bool(ds["effect_defined"][0]) and np.isnan(ds["effect"].values[0]).all()
+        assert not ds["flipped"].values[0].any()
+    # noise of scale 0: corrupted == clean, and restoring changes nothing
+    ds = causal_tracing(model, pairs[:2], PatchingOptions(**PLAIN, noise_scale=0.0, positions="all", window=2))
+    _close(ds["corrupted_logit_diff"], ds["base_logit_diff"])
+    _close(ds["patched_logit_diff"], np.broadcast_to(ds["base_logit_diff"].values[:, None, None], ds["patched_logit_diff"].shape))
+    assert (ds["noise_std"].values == 0).all()
+
+
+def test_effect_is_normalised_by_the_gap(strong_models, pairs):
+    model = strong_models("llama")
+    ds = activation_patching(model, pairs, PatchingOptions(**PLAIN, min_gap=0.0))
+    b, c, p = (ds[v].values.astype(np.float64) for v in ("base_logit_diff", "cf_logit_diff", "patched_logit_diff"))
+    np.testing.assert_allclose(ds["effect"].values, (p - b[:, None, None]) / (c - b)[:, None, None], rtol=1e-3, atol=1e-4)
+    # resid at the last layer carries everything at the decision position: effect 1
+    np.testing.assert_allclose(ds["effect"].values[:, -1, 0], 1.0, atol=1e-3)
+
+
+def test_attribution_is_exact_where_the_decision_is_linear(tokenizer, pairs):
+    """Without the final norm, LD is linear in the last layer's residual output (and its MLP output)."""
+    from nnethics.models import wrap_model
+
+    model = _strong_tiny("llama", tokenizer, seed=3)
+    hf = model.lm._module
+    hf.model.norm = torch.nn.Identity()
+    model = wrap_model(hf, tokenizer, name="tiny-llama-nonorm", check=False)
+    for kv in ("on", "off"):
+        ds = activation_patching(model, pairs[:2], PatchingOptions(**PLAIN, kv_cache=kv, components=("resid", "mlp")))
+        exact = ds["patched_logit_diff"].values - ds["base_logit_diff"].values[:, None, None]
+        np.testing.assert_allclose(ds["atp_delta"].values[:, -1], exact[:, -1], rtol=1e-4, atol=1e-4)
+        assert np.abs(exact[:, -1]).max() > 0.1  # a real change, not 0 == 0
+        # earlier layers go through nonlinearities: the estimate is no longer exact
+        assert np.abs(ds["atp_delta"].values[:, 0] - exact[:, 0]).max() > 1e-2
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_traces_pass_the_remote_dry_run(family, strong_models, pairs):
+    """Every trace serialises and runs under nnsight's remote="local" and gives the local numbers."""
+    model = strong_models(family)
+    for opts in (PatchingOptions(**PLAIN, kv_cache="off"), PatchingOptions(**PLAIN, kv_cache="on"),
+                 PatchingOptions(**PLAIN, positions="grid", layers=(1,), components=("attn",)),
+                 PatchingOptions(**PLAIN, corruption="noise", window=2, kv_cache="off")):
+        local = activation_patching(model, pairs[:2], opts)
+        dry = activation_patching(model, pairs[:2], PatchingOptions(**{**opts.__dict__, "remote": "local"}))
+        for v in ("patched_logit_diff", "base_logit_diff", "atp_delta", "corrupted_logit_diff"):
+            if v in local:
+                np.testing.assert_allclose(dry[v], local[v], rtol=0, atol=1e-6)
+
+
+def test_remote_models_take_the_full_path(strong_models, pairs):
+    model = strong_models("llama")
+    model.remote = "http://127.0.0.1:9"  # never contacted: the path is chosen before any trace
+    try:
+        with pytest.raises(ValueError, match="remote"):
+            activation_patching(model, pairs[:1], PatchingOptions(**PLAIN, kv_cache="on"))
+    finally:
+        model.remote = False
+
+
+def test_store_contract_summary_and_finalize(strong_models, pairs, tmp_path):
+    from nnethics.store import load, write_atomic
+
+    model = strong_models("gpt_neox")
+    ds = activation_patching(model, pairs, PatchingOptions(**PLAIN, min_gap=0.0))
+    assert ds["patched_logit_diff"].dims == ("prompt", "layer", "component")
+    assert list(ds["component"].values) == list(COMPS) and list(ds["layer"].values) == [0, 1, 2]
+    for v in ("base_logit_diff", "cf_logit_diff", "effect", "flipped", "atp_effect", "peak_layer", "num_choice_flips",
+              "gini_coefficient", "top5_concentration", "chose_ethical_base"):
+        assert v in ds, v
+    # summary columns agree with their definitions on |patched - base|
+    delta = np.abs(ds["patched_logit_diff"].values - ds["base_logit_diff"].values[:, None, None])
+    np.testing.assert_array_equal(ds["peak_layer"].values, delta.argmax(axis=1))
+    np.testing.assert_array_equal(ds["num_choice_flips"].values, ds["flipped"].values.sum(axis=1))
+    out = finalize(ds, n_boot=200)
+    assert out["mean_effect"].dims == ("layer", "component")
+    assert (out["effect_ci_low"] <= out["mean_effect"] + 1e-6).all() and (out["mean_effect"] <= out["effect_ci_high"] + 1e-6).all()
+    assert -1 <= float(out["atp_exact_correlation_pooled"]) <= 1
+    path = write_atomic(out, tmp_path / "patching.nc")
+    import xarray as xr
+
+    xr.testing.assert_identical(out, load(path))
+    assert {s.name for s in SPECS} >= {"patching", "patching_grid", "patching_noise"}
+    assert [s.name for s in SPECS if s.default] == ["patching"]
+
+
+def test_options_are_validated():
+    with pytest.raises(ValueError, match="components"):
+        PatchingOptions(components=("heads",))
+    with pytest.raises(ValueError, match="positions"):
+        PatchingOptions(positions="middle")
+    with pytest.raises(ValueError, match="window"):
+        PatchingOptions(window=0)
+
+
+def test_cli_bad_options_exit_2():
+    from nnethics.cli import cli
+
+    runner = CliRunner()
+    for args in (["patch", "--components", "resid,heads"], ["patch", "--positions", "diagonal"],
+                 ["patch", "--layers", "3-1"], ["patch", "--noise-span", "regex:("], ["patch", "--window", "0"]):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 2, (args, res.output)
+    assert "unknown components ['heads']" in runner.invoke(cli, ["patch", "--components", "resid,heads"]).output
+
+
+def test_cli_patch_end_to_end(tokenizer, tmp_path):
+    """``nnethics patch`` on a saved tiny model: the file holds the contract's dims and variables."""
+    from nnethics.cli import cli
+    from nnethics.store import load
+
+    model = make_tiny("llama", tokenizer)
+    folder = tmp_path / "tiny-llama"
+    model.lm._module.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    res = CliRunner().invoke(cli, ["patch", "--model", str(folder), "--limit", "3", "--store", str(tmp_path / "store"),
+                                   "--layers", "0-1", "--batch-size", "2", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    ds = load(tmp_path / "store" / "tiny-llama" / "patching.nc")
+    assert dict(ds.sizes) == {"prompt": 3, "layer": 2, "component": 3}
+    assert "mean_effect" in ds and "effect_ci_low" in ds and ds.attrs["analysis"] == "patching"
+    res = CliRunner().invoke(cli, ["patch", "--model", str(folder), "--limit", "1", "--store", str(tmp_path / "store"),
+                                   "--layers", "0-9", "--no-progress"])
+    assert res.exit_code == 2 and "layers 0..2" in res.output
+
+
+@pytest.mark.slow
+def test_builtin_model_reference_and_atp_correlation(builtin_model, prompt_set):
+    """The built-in model: one pair against the reference; AtP vs exact correlation (printed)."""
+    model = builtin_model
+    pairs = list(prompt_set.pairs[:6])
+    ds = activation_patching(model, pairs, PatchingOptions())
+    ids, toks = _ids(model, pairs[:1] + pairs[3:4], chat=None)
+    b, c = toks[0]
+    sweep = ref.patch_sweep(model.lm._module, b, c, ids, ("resid",))
+    _close(ds["patched_logit_diff"].values[0, :, 0], sweep["resid"])
+    out = finalize(ds, n_boot=200)
+    r = float(out["atp_exact_correlation_pooled"])
+    per = {str(k): round(float(v), 3) for k, v in zip(out["component"].values, out["atp_exact_correlation"].values)}
+    print(f"\nAtP vs exact on the built-in model ({len(pairs)} pairs): pooled r = {r:.3f}; per component {per}")
+    assert r > 0.5

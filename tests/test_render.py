@@ -1,0 +1,331 @@
+"""The HoloViews render layer, the report assembly and the report/compare CLI, on synthetic stores.
+
+The browser checks of the written HTML are in test_report_browser.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import holoviews as hv
+import numpy as np
+import pytest
+import xarray as xr
+from click.testing import CliRunner
+
+import synthetic
+from nnethics.render import MissingData, embed, mean_ci, offline, report_figures, write_report
+from nnethics.render import attribution as ra
+from nnethics.render import decisions as rd
+from nnethics.render import lens as rl
+from nnethics.render import patching as rp
+from nnethics.render.compare import figures as compare_figures
+from nnethics.render.compare import load_stores, write_comparison
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    return synthetic.write_store(tmp_path_factory.mktemp("store"), n_prompts=6, n_layers=6)
+
+
+def _curve(overlay: hv.Overlay, label: str) -> hv.Curve:
+    return next(el for el in overlay if type(el) is hv.Curve and el.label == label)  # not Area (a Curve subclass)
+
+
+def test_render_layer_never_imports_torch_or_nnsight():
+    code = ("import sys, nnethics.render, nnethics.render.report, nnethics.render.compare, nnethics.export, "
+            "nnethics.commands.report; bad = [m for m in ('torch', 'nnsight', 'transformers') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_mean_ci_matches_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(9, 4))
+    da = xr.DataArray(x, dims=("prompt", "layer"))
+    m, lo, hi = mean_ci(da, "prompt")
+    sem = x.std(0, ddof=1) / np.sqrt(9)
+    np.testing.assert_allclose(m.values, x.mean(0))
+    np.testing.assert_allclose(hi.values - m.values, 1.959963984540054 * sem)
+    np.testing.assert_allclose(m.values - lo.values, 1.959963984540054 * sem)
+    one = mean_ci(da.isel(prompt=[0]), "prompt")
+    np.testing.assert_allclose(one[1].values, one[0].values)  # a single sample: no spread, no NaN
+
+
+def test_effect_curve_uses_stored_ci_and_computes_it_otherwise():
+    ds = synthetic.patching(n_prompts=7, n_layers=5)
+    stored = rp.effect_curve(ds)
+    band = next(el for el in stored if isinstance(el, hv.Area) and el.label == "resid")
+    np.testing.assert_allclose(band.dimension_values(1), ds["ci_low"].sel(component="resid").values, rtol=1e-6)
+    np.testing.assert_allclose(band.dimension_values(2), ds["ci_high"].sel(component="resid").values, rtol=1e-6)
+    np.testing.assert_allclose(_curve(stored, "mlp").dimension_values(1),
+                               ds["effect"].sel(component="mlp").mean("prompt").values, rtol=1e-6)
+    bare = ds.drop_vars(["mean_effect", "ci_low", "ci_high"]).copy()
+    bare["ci_low"] = ds["ci_low"] * 0 - 99  # stale CI without a mean: must not be used
+    computed = rp.effect_curve(bare.drop_vars("ci_low"))
+    band = next(el for el in computed if isinstance(el, hv.Area) and el.label == "attn")
+    _, lo, hi = mean_ci(ds["effect"].sel(component="attn"))
+    np.testing.assert_allclose(band.dimension_values(1), lo.values, rtol=1e-6)
+    np.testing.assert_allclose(band.dimension_values(2), hi.values, rtol=1e-6)
+
+
+def test_effect_heatmap_holds_every_prompt_and_layer():
+    ds = synthetic.patching(n_prompts=4, n_layers=5)
+    hm = rp.effect_heatmap(ds, "attn")
+    got = {(int(x), str(y)): float(v) for x, y, v in zip(*(hm.dimension_values(i) for i in range(3)))}
+    assert len(got) == 20
+    assert got[(3, "case_002")] == pytest.approx(float(ds["effect"].sel(prompt="case_002", layer=3, component="attn")))
+    with pytest.raises(MissingData):
+        rp.effect_heatmap(ds, "nope")
+
+
+def test_prompt_view_frames_flips_and_missing_prompts():
+    ds = synthetic.patching(n_prompts=5, n_layers=6)
+    prompts = [*ds["prompt"].values.tolist(), "not_run"]
+    hmap = rp.prompt_view(ds, prompts)
+    assert [str(k) for k in hmap.keys()] == prompts
+    frame = hmap["case_003"]
+    np.testing.assert_allclose(_curve(frame, "resid").dimension_values(1),
+                               ds["effect"].sel(prompt="case_003", component="resid").values, rtol=1e-6)
+    marks = next(el for el in frame if isinstance(el, hv.Scatter) and el.label == "resid")
+    flipped = np.flatnonzero(ds["flipped"].sel(prompt="case_003", component="resid").values)
+    assert flipped.size and sorted(marks.dimension_values(0).astype(int)) == flipped.tolist()
+    assert "case_003" in frame.opts.get().kwargs["title"]
+    assert "not patched" in hmap["not_run"].opts.get().kwargs["title"]
+    lims = [hmap[p].opts.get().kwargs["ylim"] for p in prompts]
+    assert all(lim == lims[0] for lim in lims)  # one y axis for every frame
+
+
+def test_position_heatmaps_for_both_layouts():
+    for kind in ("grid", "noise"):
+        ds = synthetic.patching_positions(n_prompts=4, n_layers=6, n_positions=5, kind=kind)
+        hm = rp.position_heatmap(ds)
+        xs, ys, vs = (hm.dimension_values(i) for i in range(3))
+        best = int(np.argmax(vs))
+        assert (int(xs[best]), str(ys[best])) == (5, "-1")  # the ROME picture: last token, late layers
+        eff = ds["effect"].sel(component="resid") if "component" in ds["effect"].dims else ds["effect"]
+        assert vs.max() == pytest.approx(float(eff.mean("prompt").sel(position=-1, layer=5)), rel=1e-5)
+        figs, skipped = rp.position_figures(ds, kind)
+        assert len(figs) == (3 if kind == "grid" else 1) and not skipped
+    with pytest.raises(MissingData):
+        rp.position_heatmap(synthetic.patching())
+
+
+def test_atp_scatter_reports_correlation():
+    ds = synthetic.patching(n_prompts=6, n_layers=6)
+    ov = rp.atp_scatter(ds)
+    title = ov.opts.get().kwargs["title"]
+    r = np.corrcoef(ds["effect"].sel(component="resid").values.ravel(),
+                    ds["atp_effect"].sel(component="resid").values.ravel())[0, 1]
+    assert f"resid r={r:.2f}" in title
+    figs, skipped = rp.figures(ds.drop_vars("atp_effect"))
+    assert "patching_atp" not in [f.name for f in figs] and any("atp_effect" in s for s in skipped)
+
+
+def test_attribution_figures_match_the_data():
+    ds = synthetic.attribution(n_prompts=5, n_layers=4, n_heads=3)
+    panels = ra.component_contributions(ds)
+    base = panels.values()[0]
+    total = _curve(base, "total → 1").dimension_values(1)
+    want = ds["logit_contribution"].sel(option="1", side="base").sum("component").mean("prompt").values
+    np.testing.assert_allclose(total, want, rtol=1e-5)
+    bars = ra.decision_differential(ds)
+    got = {(str(layer), side): v for layer, side, v in zip(*(bars.dimension_values(i) for i in range(3)))}
+    want = ds["diff_contribution"].sum("component").mean("prompt")
+    assert got[("2", "counterfactual")] == pytest.approx(float(want.sel(layer=2, side="cf")), rel=1e-5)
+    heads = ra.head_heatmap(ds).values()[0]
+    vs = heads.dimension_values(2)
+    top = int(np.argmax(vs))
+    assert (int(heads.dimension_values(0)[top]), int(heads.dimension_values(1)[top])) == (3, 0)
+    ratio = ra.attn_mlp_ratio(ds)
+    assert ratio.opts.get().kwargs["ylim"] == (0, 1)
+    figs, skipped = ra.figures(ds)
+    assert [f.name for f in figs] == ["attribution_components", "attribution_differential", "attribution_heatmap",
+                                      "attribution_ratio", "attribution_heads", "attribution_per_prompt"]
+    assert not skipped
+
+
+def test_lens_trajectories_mark_the_crossing_layer():
+    ds = synthetic.lens(n_prompts=4, n_layers=8)
+    layout = rl.trajectories(ds)
+    base_map = layout.values()[0]
+    frame = base_map["case_001"]
+    cross = ds["crossing_layer"].sel(prompt="case_001", side="base")
+    vlines = sorted(float(el.data) for el in frame if isinstance(el, hv.VLine))
+    assert vlines == sorted(float(c) for c in cross.values if c >= 0)
+    logit1 = _curve(frame, "'1' (logit lens)").dimension_values(1)
+    np.testing.assert_allclose(logit1, ds["option_logit"].sel(prompt="case_001", side="base", lens="logit",
+                                                              option="1").values, rtol=1e-6)
+    tokens = rl.top_tokens(ds).values()[1]["case_000"]
+    labels = next(el for el in tokens if isinstance(el, hv.Labels))
+    shown = labels.dimension_values(2)
+    raw = ds["top_token"].sel(prompt="case_000", side="cf", lens="logit").values.ravel()
+    assert list(shown) == [rl.display_token(t) for t in raw]
+    assert rl.display_token("Ġthe") == "␣the" and rl.display_token("a\nb") == "a↵b" and rl.display_token("") == "∅"
+    assert rl.display_token("x" * 40).endswith("…") and len(rl.display_token("x" * 40)) == 12
+    kl = rl.kl_by_layer(ds)
+    tuned = _curve(kl, "tuned lens").dimension_values(1)
+    np.testing.assert_allclose(tuned, ds["kl_to_final"].sel(lens="tuned").mean(("prompt", "side")).values, rtol=1e-5)
+
+
+def test_decision_rates_and_wilson_interval():
+    ds = synthetic.decisions(n_prompts=10)
+    ov = rd.ethical_rates(ds)
+    bars = next(el for el in ov if isinstance(el, hv.Bars))
+    rates = dict(zip(bars.dimension_values(0), bars.dimension_values(1)))
+    assert rates["base"] == pytest.approx(float(ds["chose_ethical"].sel(side="base").mean()))
+    assert rates["consistent"] == pytest.approx(float(ds["consistent"].mean()))
+    lo, hi = rd.wilson(np.array([0, 5, 10]), np.array([10, 10, 10]))
+    assert lo[0] == 0 and 0 < hi[0] < 0.35 and lo[1] < 0.5 < hi[1] and hi[2] == pytest.approx(1)
+    cats = rd.by_category(ds)
+    rows = {(c, m): v for c, m, v in zip(*(cats.dimension_values(i) for i in range(3)))}
+    mask = ds["category"].values == "fairness"
+    assert rows[("fairness", "counterfactual")] == pytest.approx(
+        float(ds["chose_ethical"].sel(side="cf").values[mask].mean()))
+    text = rd.prompt_text_view(ds)["case_000"].data
+    assert "&lt;script&gt;" in text and "<script>" not in text  # prompt text is escaped
+
+
+def test_report_renders_whichever_files_exist(tmp_path):
+    folder = synthetic.write_store(tmp_path, analyses=("decisions", "lens"), n_prompts=4, n_layers=5)
+    from nnethics.render.report import load_store
+
+    data, notes = load_store(folder)
+    assert sorted(data) == ["decisions", "lens"] and not notes
+    figs, prompts, skipped = report_figures(data)
+    names = [f.name for f in figs]
+    assert names[0].startswith("decisions_") and "lens_top_tokens" in names
+    assert not any(n.startswith(("patching", "attribution")) for n in names)
+    assert prompts == [f"case_{i:03d}" for i in range(4)]
+    (folder / "attribution.nc").write_bytes(b"not a netcdf file")
+    data, notes = load_store(folder)
+    assert "attribution" not in data and notes and "unreadable" in notes[0]
+
+
+def test_embed_records_only_what_changes_between_frames():
+    ds = synthetic.patching(n_prompts=3, n_layers=4)
+    r = embed.render(rp.prompt_view(ds))
+    assert r.select is not None and r.select.options == ["case_000", "case_001", "case_002"]
+    assert set(r.frames) == set(r.select.options)
+    kinds = {(type(r.targets[i]).__name__, prop) for i, prop, _ in r.frames["case_001"]}
+    assert ("ColumnDataSource", "data") in kinds and ("Title", "text") in kinds
+    titles = [v for i, prop, v in r.frames["case_002"] if prop == "text"]
+    assert titles and "case_002" in titles[0]
+    datas = [v for i, prop, v in r.frames["case_002"] if prop == "data" and "effect" in v]
+    want = ds["effect"].sel(prompt="case_002").values
+    assert any(np.allclose(np.asarray(d["effect"], float), want[:, c]) for d in datas for c in range(3))
+    static = embed.render(rp.effect_curve(ds))
+    assert static.select is None and static.frames is None
+    merged = embed.render(rl.trajectories(synthetic.lens(n_prompts=3, n_layers=4)))
+    assert merged.select is not None and len(merged.frames) == 3
+    n_targets = len(merged.targets)
+    assert all(0 <= i < n_targets for f in merged.frames.values() for i, _, _ in f)
+    embed.link_selectors([r, merged])
+    assert r.select.js_property_callbacks["change:value"][0].args["group"] == [r.select, merged.select]
+
+
+def test_inline_cdn_and_local_scripts_leave_no_external_reference():
+    html = ('<link rel="icon" href="https://cdn.holoviz.org/panel/1.9.4/dist/images/favicon.ico">'
+            '"stylesheets": ["https://cdn.holoviz.org/panel/1.9.4/dist/css/loading.css?v=1.9.4",'
+            ' "https://cdn.holoviz.org/panel/9.9.9/dist/css/missing.css"]'
+            '<script src="static/extensions/panel/bundled/reactiveesm/es-module-shims@^1.10.0/dist/es-module-shims.min.js">'
+            '</script><script src="static/extensions/panel/nope.js"></script>')
+    out = offline.inline_cdn(offline.inline_local_scripts(html))
+    assert "cdn.holoviz.org" not in out and "static/extensions" not in out
+    assert 'href="data:image/' in out and '"data:,"' in out
+    css = out.split('"stylesheets": ["')[1].split('"')[0]
+    import base64
+
+    decoded = base64.b64decode(css.split(",", 1)[1]).decode()
+    assert ".pn-loading" in decoded and "../assets/" not in decoded and "data:image/svg+xml" in decoded
+    assert "<script src" not in out and "nope.js" not in out and "importShim" in out
+    assert "sourceMappingURL" not in out
+
+
+def test_write_report_is_self_contained_and_quiet(store, tmp_path, capfd):
+    out = write_report(store, out=tmp_path / "r.html")
+    assert capfd.readouterr().out == ""  # no embed progress bar or other chatter on stdout
+    html = out.read_text(encoding="utf-8")
+    assert 500_000 < out.stat().st_size < 8_000_000
+    assert "cdn.holoviz.org" not in html and "cdn.bokeh.org" not in html
+    assert "<script src=" not in html and "<link rel=\"stylesheet\"" not in html
+    for name in ("case_005", "Causal tracing", "Direct logit attribution", "Logit lens", "Decisions"):
+        assert name in html
+    assert "<script>alert" not in html
+
+
+def test_report_and_compare_cli(store, tmp_path):
+    from nnethics.cli import cli
+
+    runner = CliRunner()
+    res = runner.invoke(cli, ["report", str(store), "--out", str(tmp_path / "x.html"), "--max-prompts", "2"])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith(f"report: {tmp_path / 'x.html'} (") and "MB" in res.stdout
+    html = (tmp_path / "x.html").read_text()
+    assert "first 2 of 6 prompts" in html
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = runner.invoke(cli, ["report", str(empty)])
+    assert res.exit_code == 2 and "no result files" in res.stderr
+    other = synthetic.write_store(tmp_path / "b", slug="other-model", n_layers=9, seed=3,
+                                  analyses=("decisions", "patching", "lens"))
+    res = runner.invoke(cli, ["compare", str(store), str(other), "--out", str(tmp_path / "c.html")])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.startswith("comparison: ")
+    res = runner.invoke(cli, ["compare", str(store)])
+    assert res.exit_code == 2
+
+
+def test_compare_uses_relative_depth_when_layer_counts_differ(tmp_path):
+    a = synthetic.write_store(tmp_path, slug="a", n_layers=6, seed=1)
+    b = synthetic.write_store(tmp_path, slug="b", n_layers=11, seed=2, analyses=("patching",))
+    stores, _ = load_stores([a, b])
+    assert list(stores) == ["synthetic/a", "synthetic/b"]
+    figs, skipped = compare_figures(stores)
+    names = [f.name for f in figs]
+    assert {"compare_decisions", "compare_patching_resid", "compare_peak_layers", "compare_attribution_attn"} <= set(names)
+    resid = next(f for f in figs if f.name == "compare_patching_resid").obj
+    b_curve = _curve(resid, "synthetic/b")
+    assert b_curve.dimension_values(0)[-1] == pytest.approx(1.0) and len(b_curve) == 11
+    np.testing.assert_allclose(b_curve.dimension_values(1),
+                               xr.load_dataset(b / "patching.nc")["effect"].sel(component="resid").mean("prompt"),
+                               rtol=1e-5)
+    same, _ = compare_figures(stores, relative=False)
+    assert _curve(next(f for f in same if f.name == "compare_patching_resid").obj,
+                  "synthetic/b").dimension_values(0)[-1] == 10
+    out = write_comparison([a, b], out=tmp_path / "cmp.html")
+    assert "synthetic/b" in out.read_text()
+
+
+@pytest.mark.skipif(any(__import__("importlib").util.find_spec(m) is None for m in ("nbclient", "ipykernel")),
+                    reason="needs nbclient and ipykernel (pip install nbclient ipykernel)")
+def test_example_notebook_runs_headless(store, tmp_path):
+    import nbclient
+    import nbformat
+
+    nb = nbformat.read(ROOT / "scripts" / "example_notebook.ipynb", as_version=4)
+    env = {"NNETHICS_STORE_DIR": str(store)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "synthetic/synthetic-model 6 pairs" in text and "peak layer of the mean resid effect" in text
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert len(html) >= 5
+    assert not any("https://cdn.bokeh.org" in h for h in html)  # hv.extension(inline=True)

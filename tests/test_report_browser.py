@@ -1,0 +1,155 @@
+"""report.html / compare.html in real headless Chromium (Debian's, driven by playwright), and PNG export.
+
+Every request the page makes that is not file:/data:/blob: is blocked and recorded: the report must
+make none. Install: ``apt-get install -y chromium chromium-driver`` and ``pip install playwright selenium``
+(no ``playwright install``: the tests use /usr/bin/chromium). Screenshots go to $NNETHICS_SHOTS when set.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+import synthetic
+from nnethics.render import write_comparison, write_report
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install -y chromium)"),
+    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
+                       reason="needs playwright (pip install playwright; no 'playwright install' needed)"),
+]
+
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+NOTICES = ("WebGL", "GL Driver Message", "GPU stall", "swiftshader")
+READY = """() => window.Bokeh && Bokeh.documents.length > 0 &&
+  [...Bokeh.index.all_views()].some(v => v.model.type === 'Figure') &&
+  [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure').every(v => v.has_finished())"""
+FIGURES = """() => {
+  const models = [...Bokeh.documents[0].all_models].filter(m => m.type === 'Figure');
+  const views = [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure');
+  return {models: models.length, views: views.length,
+          finished: views.filter(v => v.has_finished()).length,
+          sized: views.filter(v => v.el.getBoundingClientRect().width > 50 &&
+                                   v.el.getBoundingClientRect().height > 50).length};
+}"""
+STATE = """() => {
+  const doc = Bokeh.documents[0];
+  const data = [...doc.all_models].filter(m => m.type === 'ColumnDataSource').map(m => {
+    const d = m.data instanceof Map ? Object.fromEntries(m.data) : m.data;
+    return Object.fromEntries(Object.entries(d).map(([k, v]) => [k, Array.from(v, x => String(x))]));
+  });
+  const titles = [...doc.all_models].filter(m => m.type === 'Title').map(m => m.text);
+  const divs = [...doc.all_models].filter(m => m.type === 'Div').map(m => m.text);
+  return JSON.stringify({data, titles, divs});
+}"""
+
+
+def _open(page_url: str, shot: Path | None = None, select: str | None = None) -> dict:
+    from playwright.sync_api import sync_playwright
+
+    external: list[str] = []
+    console: list[str] = []
+    errors: list[str] = []
+    out: dict = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+
+            def route(r):
+                url = r.request.url
+                if url.startswith(("file:", "data:", "blob:")):
+                    return r.continue_()
+                external.append(url)
+                return r.abort()
+
+            page.route("**/*", route)
+            page.on("console", lambda m: console.append(f"{m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(page_url)
+            page.wait_for_function(READY, timeout=60_000)
+            out["figures"] = page.evaluate(FIGURES)
+            if shot is not None:
+                page.screenshot(path=str(shot), full_page=True)
+            selects = page.locator("select")
+            out["n_selects"] = selects.count()
+            if select is not None and out["n_selects"]:
+                before = json.loads(page.evaluate(STATE))
+                selects.first.select_option(select)
+                page.wait_for_function(f"() => [...document.querySelectorAll('select')]"
+                                       f".every(s => s.value === {json.dumps(select)})", timeout=10_000)
+                page.wait_for_function(READY, timeout=30_000)
+                after = json.loads(page.evaluate(STATE))
+                out["before"], out["after"] = before, after
+                out["values"] = [selects.nth(i).input_value() for i in range(out["n_selects"])]
+                if shot is not None:
+                    page.screenshot(path=str(shot.with_name(shot.stem + "_selected.png")), full_page=True)
+        finally:
+            browser.close()
+    out["external"] = external
+    out["console_errors"] = [c for c in console if not any(n in c for n in NOTICES)]
+    out["page_errors"] = errors
+    return out
+
+
+def _shots(tmp_path: Path) -> Path:
+    d = Path(os.environ["NNETHICS_SHOTS"]) if os.environ.get("NNETHICS_SHOTS") else tmp_path / "shots"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def test_report_offline_renders_every_figure_and_the_selector_works(tmp_path):
+    store = synthetic.write_store(tmp_path / "store", n_prompts=6, n_layers=6)
+    report = write_report(store)
+    res = _open(report.as_uri(), _shots(tmp_path) / "report.png", select="case_004")
+    assert res["external"] == []
+    assert res["console_errors"] == [] and res["page_errors"] == []
+    figs = res["figures"]
+    assert figs["models"] >= 25  # every figure of every section
+    assert figs["views"] == figs["models"] == figs["finished"] == figs["sized"]
+    assert res["n_selects"] == 5  # the per-prompt figures; all linked
+    assert res["values"] == ["case_004"] * 5
+    before, after = res["before"], res["after"]
+    assert before["data"] != after["data"]
+    assert any("case_000" in t for t in before["titles"]) and not any("case_000" in t for t in after["titles"])
+    assert sum("case_004" in t for t in after["titles"]) >= 5  # patching, attribution, 2× lens trajectories, tokens
+    assert any("case_004" in d for d in after["divs"]) and not any("Dilemma 0 (base)" in d for d in after["divs"])
+    assert any("Dilemma 4 (base)" in d for d in after["divs"])
+
+
+def test_report_with_only_decisions_and_the_compare_page(tmp_path):
+    only = synthetic.write_store(tmp_path / "a", slug="only-decisions", analyses=("decisions",), n_prompts=3)
+    res = _open(write_report(only).as_uri(), _shots(tmp_path) / "report_decisions.png")
+    assert res["external"] == [] and res["console_errors"] == [] and res["page_errors"] == []
+    assert res["figures"]["models"] == res["figures"]["finished"] == 4 and res["n_selects"] == 1
+    a = synthetic.write_store(tmp_path / "b", slug="model-a", n_layers=6, seed=1)
+    b = synthetic.write_store(tmp_path / "b", slug="model-b", n_layers=10, seed=2, analyses=("decisions", "patching"))
+    res = _open(write_comparison([a, b]).as_uri(), _shots(tmp_path) / "compare.png")
+    assert res["external"] == [] and res["console_errors"] == [] and res["page_errors"] == []
+    assert res["figures"]["models"] >= 8 and res["figures"]["models"] == res["figures"]["finished"]
+
+
+@pytest.mark.skipif(not shutil.which("chromedriver") and not Path("/usr/bin/chromedriver").exists(),
+                    reason="needs chromedriver (apt-get install -y chromium-driver)")
+@pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="needs selenium (pip install selenium)")
+def test_png_export_writes_one_image_per_plot(tmp_path):
+    from PIL import Image
+
+    store = synthetic.write_store(tmp_path, analyses=("decisions", "lens"), n_prompts=3, n_layers=5)
+    report = write_report(store, png=True)
+    pngs = sorted((report.parent / "report_png").glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(["decisions_rates", "decisions_by_category", "decisions_logit_diff",
+                                             "decisions_label_mass", "lens_emergence", "lens_kl", "lens_crossing",
+                                             "lens_trajectories", "lens_top_tokens"])
+    for p in pngs:
+        im = Image.open(p).convert("RGB")
+        assert im.width > 300 and im.height > 200
+        assert len(im.getcolors(maxcolors=1 << 20) or []) > 20  # a plot, not a blank page
