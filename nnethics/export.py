@@ -8,7 +8,8 @@
 - ``summary_results.csv``: one row per prompt: ``peak_layer``, ``num_choice_flips``, ``gini_coefficient``,
   ``top5_concentration``, ``chose_ethical_base``, base/cf logit differences, ``early_mean``/``middle_mean``/
   ``late_mean`` (mean resid effect over each third of the layers) and the category.
-- ``patching_grid.csv`` / ``patching_noise.csv``: one row per (prompt, layer, [component,] position).
+- ``patching_grid.csv``, ``patching_noise_grid.csv``: one row per (prompt, layer, [component,] position);
+  ``patching_all.csv``, ``patching_noise.csv``, ``patching_noise_all.csv``: like ``detailed_layer_data.csv``.
 - ``attribution.csv``: one row per (prompt, side, layer): ``attn_to_<label>``, ``mlp_to_<label>``,
   ``total_to_<label>`` for each label, ``attn_diff``/``mlp_diff``/``total_diff`` (label 1 − label 2) and
   ``attn_mlp_ratio``; ``attribution_heads.csv``: one row per (prompt, side, layer, head).
@@ -24,14 +25,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 FORMATS = ("csv", "json")
+VARIANTS = ("patching_grid", "patching_all", "patching_noise", "patching_noise_grid", "patching_noise_all")
 SUMMARY_FIRST = ("prompt_id", "peak_layer", "num_choice_flips", "gini_coefficient", "top5_concentration",
                  "chose_ethical_base")
 
@@ -98,7 +101,7 @@ def detailed_layer_data(ds: xr.Dataset) -> pd.DataFrame:
     dims = [d for d in ("prompt", "layer", "component") if d in ds["effect"].dims]
     frame = xr.Dataset({new: ds[old].transpose(*dims) for old, new in names.items() if old in ds})
     df = frame.to_dataframe().reset_index().rename(columns={"prompt": "prompt_id"})
-    for v in ("base_logit_diff", "cf_logit_diff"):
+    for v in ("base_logit_diff", "cf_logit_diff", "corrupted_logit_diff"):
         if v in ds:
             df[v] = df["prompt_id"].map(dict(zip(_vals(ds["prompt"]).astype(str), _vals(ds[v]).astype(float))))
     df["prompt_id"] = df["prompt_id"].astype(str)
@@ -257,7 +260,7 @@ def export_store(store_dir: str | Path, fmt: str = "csv", out: str | Path | None
         path = folder / f"{name}.nc"
         return xr.load_dataset(path, engine="netcdf4") if path.exists() else None
 
-    data = {n: load(n) for n in ("decisions", "patching", "patching_grid", "patching_noise", "attribution", "lens")}
+    data = {n: load(n) for n in ("decisions", "patching", *VARIANTS, "attribution", "lens")}
     if not any(v is not None for v in data.values()):
         raise ExportError(f"{folder}: no result files (.nc) to export")
     jobs: list[tuple[str, str, Callable[[], pd.DataFrame]]] = []
@@ -266,9 +269,11 @@ def export_store(store_dir: str | Path, fmt: str = "csv", out: str | Path | None
     if (p := data["patching"]) is not None:
         jobs.append(("patching", "detailed_layer_data", lambda p=p: detailed_layer_data(p)))
         jobs.append(("patching", "summary_results", lambda p=p: summary_results(p, data["decisions"])))
-    for kind in ("patching_grid", "patching_noise"):
+    for kind in VARIANTS:
         if (g := data[kind]) is not None:
-            jobs.append((kind, kind, lambda g=g: position_table(g)))
+            has_position = "effect" in g and "position" in g["effect"].dims
+            jobs.append((kind, kind, (lambda g=g: position_table(g)) if has_position else
+                         (lambda g=g: detailed_layer_data(g))))
     if (a := data["attribution"]) is not None:
         jobs.append(("attribution", "attribution", lambda a=a: attribution_table(a)))
         if "head_contribution" in a:

@@ -364,7 +364,7 @@ class TrainOptions:
     ``matmul_dtype`` is the dtype of the unembedding matmuls while training (``auto``: bfloat16 where it
     is faster, e.g. CUDA or CPUs with bf16 units; the loss, softmax and evaluation stay in float32)."""
 
-    steps: int = 300
+    steps: int = 200
     lr: float = 1e-3
     warmup: float = 0.1
     weight_decay: float = 0.0
@@ -390,15 +390,16 @@ def collect_residuals(model: Any, windows: list[list[int]], batch_size: int = 8,
     import nnsight
 
     lm, n_layers = model.lm, model.n_layers
+    device = None if model.remote else lm.lm_head._module.weight.device
     total = sum(len(w) for w in windows)
     out = torch.empty(n_layers, total, model.d_model, dtype=torch.float32)
     at = 0
     groups: dict[int, list[list[int]]] = {}
     for w in windows:  # equal-length windows batch without padding
         groups.setdefault(len(w), []).append(w)
-    for length, ws in groups.items():
+    for ws in groups.values():
         for i in range(0, len(ws), batch_size):
-            ids = torch.tensor(ws[i:i + batch_size], dtype=torch.long)
+            ids = torch.tensor(ws[i:i + batch_size], dtype=torch.long, device=device)
             with model.trace({"input_ids": ids, "attention_mask": torch.ones_like(ids)}):
                 hs = nnsight.save([])
                 for layer in lm.model.layers:
@@ -439,34 +440,32 @@ def _lr_factor(step: int, options: TrainOptions) -> float:
     return 0.5 * (1 + np.cos(np.pi * min(1.0, frac)))
 
 
-def _kl_backward(n: Tensor, p: Tensor, p_w: Tensor, p_b: Any, neg_entropy: Tensor, unembed: Unembed,
-                 dtype: torch.dtype) -> Tensor:
-    """KL(p ‖ softmax(unembed(n))) per row of post-norm states ``n [B, d]``; backpropagates its mean into ``n``.
+@torch.no_grad()
+def _kl_and_grad(n: Tensor, p: Tensor, p_w: Tensor, p_b: Any, neg_entropy: Tensor, unembed: Unembed,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """KL(p ‖ softmax(unembed(n))) per row of post-norm states ``n [B, d]``, and the gradient of its mean
+    with respect to ``n``.
 
     The gradient with respect to the logits is ``softmax(z) - p``; it goes through the frozen unembedding by
     hand, so no ``[B, V]`` autograd graph is kept. ``p_w = p @ W`` and ``p_b = p · bias`` make Σ p·z a
     ``[B, d]`` dot product when there is no soft-cap.
     """
     cap, w = unembed.softcap, unembed.weight(dtype)
-    with torch.no_grad():
-        nd = n.detach()
-        z = nd.to(dtype) @ w.T
-        if unembed._bias is not None:
-            z += unembed._bias.to(dtype)
-        if cap:
-            z = torch.tanh(z.float() / cap) * cap
-            p_z = (p * z).sum(-1)
-        else:
-            p_z = (nd.float() * p_w).sum(-1) + p_b
-        z_max, at = z.max(-1, keepdim=True)
-        q = torch.softmax(z, -1, dtype=torch.float32)
-        lse = (z_max.float() - q.gather(-1, at).log()).squeeze(-1)  # log-sum-exp from the softmax's max entry
-        grad = q.sub_(p)
-        if cap:  # z = cap·tanh(u/cap): dz/du = 1 - (z/cap)²
-            grad.mul_(1 - (z / cap) ** 2)
-        grad_n = (grad.to(dtype) @ w).to(n.dtype) / len(n)
-    n.backward(grad_n)
-    return neg_entropy - p_z + lse
+    z = n.to(dtype) @ w.T
+    if unembed._bias is not None:
+        z += unembed._bias.to(dtype)
+    if cap:
+        z = torch.tanh(z.float() / cap) * cap
+        p_z = (p * z).sum(-1)
+    else:
+        p_z = (n.float() * p_w).sum(-1) + p_b
+    z_max, at = z.max(-1, keepdim=True)
+    q = torch.softmax(z, -1, dtype=torch.float32)
+    lse = (z_max.float() - q.gather(-1, at).log()).squeeze(-1)  # log-sum-exp from the softmax's max entry
+    grad = q.sub_(p)
+    if cap:  # z = cap·tanh(u/cap): dz/du = 1 - (z/cap)²
+        grad.mul_(1 - (z / cap) ** 2)
+    return neg_entropy - p_z + lse, (grad.to(dtype) @ w).to(n.dtype) / len(n)
 
 
 def fit_tuned_lens(lens: TunedLens, unembed: Unembed, resid: Tensor, options: TrainOptions = TrainOptions(), *,
@@ -484,7 +483,10 @@ def fit_tuned_lens(lens: TunedLens, unembed: Unembed, resid: Tensor, options: Tr
     dtype = _matmul_dtype(options.matmul_dtype, unembed)
     trained = list(lens.layer_translators[1:])
     params = [p for t in trained for p in t.parameters()]
-    opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    try:  # the fused kernel is ~7x faster than the per-parameter loop on CPU
+        opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, options))
     start = 0
     if state is not None:
@@ -509,11 +511,17 @@ def fit_tuned_lens(lens: TunedLens, unembed: Unembed, resid: Tensor, options: Tr
             neg_entropy = (p * log_p).sum(-1)
             p_w = p @ w32  # Σ_v p_v W_v: without a soft-cap, Σ_v p_v z_v = n · p_w (+ p · bias)
             p_b = p @ bias.float() if bias is not None else 0.0
-        kls = []
+        # all translators at once (few small ops), then one unembedding per layer, then one backward
+        weight = torch.stack([t.weight for t in trained])  # [L-1, d, d]
+        x = hs[:-1] + torch.bmm(hs[:-1], weight.transpose(1, 2))
+        if lens.config.bias:
+            x = x + torch.stack([t.bias for t in trained])[:, None, :]
+        n = unembed.norm(x)
+        grad_n, kls = torch.empty_like(n), []
         for layer in range(n_layers - 1):
-            t, h = lens.layer_translators[layer + 1], hs[layer]
-            n = unembed.norm(h + t(h))
-            kls.append(float(_kl_backward(n, p, p_w, p_b, neg_entropy, unembed, dtype).mean()))
+            kl, grad_n[layer] = _kl_and_grad(n[layer].detach(), p, p_w, p_b, neg_entropy, unembed, dtype)
+            kls.append(float(kl.mean()))
+        n.backward(grad_n)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
@@ -535,6 +543,8 @@ def layer_kl(unembed: Unembed, resid: Tensor, lenses: dict[str, Lens], chunk: in
     the lens' argmax token is the model's final argmax token.
     """
     n_layers, n_tokens, _ = resid.shape
+    for lens in lenses.values():
+        lens.to(unembed._weight.device)
     sums = {name: {"kl": torch.zeros(n_layers, dtype=torch.float64), "top1": torch.zeros(n_layers, dtype=torch.float64)}
             for name in lenses}
     for start in range(0, n_tokens, chunk):
@@ -571,7 +581,7 @@ def train_tuned_lens(model: Any, corpus: list[str | Path] | None = None, options
     show = sys.stderr.isatty() if progress is None else progress
     out = Path(out) if out is not None else lens_cache_dir(model.slug)
     unembed = Unembed.from_model(model)
-    lens = TunedLens.from_model(model)
+    lens = TunedLens.from_model(model).to(unembed._weight.device)
     files = [str(Path(f).expanduser().resolve()) for f in corpus] if corpus else []
     docs, corpus_sha = read_documents(files or None)
     train_docs, _ = split_documents(docs, options.heldout, options.seed)
@@ -603,6 +613,6 @@ def train_tuned_lens(model: Any, corpus: list[str | Path] | None = None, options
             "n_train_tokens": int(resid.shape[1]), "n_documents": len(docs), "cache_seconds": round(t_cache, 1),
             "train_seconds": round(t_train, 1), "final_train_kl": history[-1] if history else None}
     lens.config.training = info
-    lens.save(out)
+    lens.cpu().save(out)
     ckpt_file.unlink(missing_ok=True)
     return lens, {**info, "history": history, "path": str(out)}

@@ -9,8 +9,8 @@ No torch: these are plain numpy/xarray.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import xarray as xr
@@ -20,7 +20,7 @@ from nnethics.store import write_atomic
 SIDES = ("base", "cf")
 COMPONENTS = ("resid", "attn", "mlp")
 CATEGORIES = ("harm_care", "fairness", "honesty")
-ALL = ("decisions", "patching", "patching_grid", "patching_noise", "attribution", "lens")
+ALL = ("decisions", "patching", "patching_grid", "patching_noise", "patching_noise_grid", "attribution", "lens")
 VOCAB = np.array(["Ġthe", "Ġa", "1", "2", "Ġto", "▁hello", "naïve", "中文", "🙂", "line\nbreak", "<b>x</b>", "Ġ1"])
 
 
@@ -88,57 +88,84 @@ def _bump(n_layers: int, centre: np.ndarray, width: float = 1.0) -> np.ndarray:
 
 
 def patching(n_prompts: int = 6, n_layers: int = 6, seed: int = 0, slug: str = "synthetic",
-             with_ci: bool = True) -> xr.Dataset:
-    """patching.nc: dims prompt, layer, component."""
+             with_ci: bool = True, legacy: bool = False) -> xr.Dataset:
+    """patching.nc: dims prompt, layer, component.
+
+    As ``nnethics run`` writes it: ``effect`` normalised, (patched − base) / (cf − base), NaN for the
+    last prompt whose base and counterfactual logit differences are too close (``effect_defined``);
+    per-prompt summaries per component; ``mean_effect`` with ``effect_ci_low``/``effect_ci_high``.
+    ``legacy=True`` gives the first contract instead: ``effect`` = patched − base in logit-difference
+    units, per-prompt summaries without a component dim, ``ci_low``/``ci_high``.
+    """
     rng = np.random.default_rng(seed)
     n = n_prompts
     base = rng.normal(2.0, 0.5, size=n).astype(np.float32)
     cf = (-base + rng.normal(0, 0.3, size=n)).astype(np.float32)
+    if not legacy:
+        cf[-1] = base[-1] + 0.01  # too small a gap to normalise by
     peak = peak_layers(n, n_layers, seed)
     span = cf - base
-    effect = np.zeros((n, n_layers, 3), dtype=np.float32)
-    effect[..., 0] = span[:, None] * _bump(n_layers, peak)
-    effect[..., 1] = 0.4 * span[:, None] * _bump(n_layers, peak - 0.5)
-    effect[..., 2] = 0.6 * span[:, None] * _bump(n_layers, peak + 0.5)
-    patched = base[:, None, None] + effect
+    delta = np.zeros((n, n_layers, 3), dtype=np.float64)
+    delta[..., 0] = span[:, None] * _bump(n_layers, peak)
+    delta[..., 1] = 0.4 * span[:, None] * _bump(n_layers, peak - 0.5)
+    delta[..., 2] = 0.6 * span[:, None] * _bump(n_layers, peak + 0.5)
+    patched = (base[:, None, None] + delta).astype(np.float32)
     flipped = np.sign(patched) != np.sign(base)[:, None, None]
-    atp = (effect + rng.normal(0, 0.1, size=effect.shape)).astype(np.float32)
-    resid = np.abs(effect[..., 0])
-    srt = np.sort(resid, axis=1)
+    atp_delta = delta + rng.normal(0, 0.1, size=delta.shape)
+    defined = np.abs(span) >= 0.1
+    if legacy:
+        effect, atp = delta, atp_delta
+    else:
+        gap = np.where(defined, span, np.nan)[:, None, None]
+        effect, atp = (patched - base[:, None, None]) / gap, atp_delta / gap
+    size = np.abs(delta)
+    srt = np.sort(size, axis=1)
     cum = np.cumsum(srt, axis=1)
-    gini = ((n_layers + 1 - 2 * (cum / cum[:, -1:]).sum(1)) / n_layers).astype(np.float32)
-    top5 = (srt[:, -5:].sum(1) / srt.sum(1)).astype(np.float32)
+    gini = (n_layers + 1 - 2 * (cum / cum[:, -1:]).sum(1)) / n_layers  # prompt, component
+    top5 = srt[:, -5:].sum(1) / srt.sum(1)
+    peaks = size.argmax(1)
+    flips = flipped.sum(1)
+    per = ("prompt",) if legacy else ("prompt", "component")
+
+    def summary(a: np.ndarray) -> np.ndarray:
+        return a[:, 0] if legacy else a
+
     ds = xr.Dataset(
         {
             "base_logit_diff": (("prompt",), base),
             "cf_logit_diff": (("prompt",), cf),
-            "patched_logit_diff": (("prompt", "layer", "component"), patched.astype(np.float32)),
-            "effect": (("prompt", "layer", "component"), effect),
+            "patched_logit_diff": (("prompt", "layer", "component"), patched),
+            "effect": (("prompt", "layer", "component"), effect.astype(np.float32)),
             "flipped": (("prompt", "layer", "component"), flipped),
-            "atp_effect": (("prompt", "layer", "component"), atp),
-            "peak_layer": (("prompt",), peak.astype(np.int32)),
-            "num_choice_flips": (("prompt",), flipped[..., 0].sum(1).astype(np.int32)),
-            "gini_coefficient": (("prompt",), gini),
-            "top5_concentration": (("prompt",), top5),
+            "atp_effect": (("prompt", "layer", "component"), atp.astype(np.float32)),
+            "peak_layer": (per, summary(peaks).astype(np.int32)),
+            "num_choice_flips": (per, summary(flips).astype(np.int32)),
+            "gini_coefficient": (per, summary(gini).astype(np.float32)),
+            "top5_concentration": (per, summary(top5).astype(np.float32)),
             "chose_ethical_base": (("prompt",), np.arange(n) % 3 != 0),
         },
         coords={"prompt": prompt_ids(n), "layer": np.arange(n_layers), "component": list(COMPONENTS)},
         attrs=_attrs("patching", slug, n_layers),
     )
+    if not legacy:
+        ds["effect_defined"] = (("prompt",), defined)
+        ds["effect"].attrs["description"] = "(patched - base_logit_diff) / (cf_logit_diff - base_logit_diff)"
     if with_ci:
-        mean = effect.mean(0)
-        sem = effect.std(0, ddof=1) / np.sqrt(n)
+        ok = effect[defined]
+        mean = ok.mean(0)
+        sem = ok.std(0, ddof=1) / np.sqrt(len(ok))
+        lo, hi = ("ci_low", "ci_high") if legacy else ("effect_ci_low", "effect_ci_high")
         ds["mean_effect"] = (("layer", "component"), mean.astype(np.float32))
-        ds["ci_low"] = (("layer", "component"), (mean - 1.96 * sem).astype(np.float32))
-        ds["ci_high"] = (("layer", "component"), (mean + 1.96 * sem).astype(np.float32))
+        ds[lo] = (("layer", "component"), (mean - 1.5 * sem).astype(np.float32))  # not 1.96: must be read, not recomputed
+        ds[hi] = (("layer", "component"), (mean + 1.5 * sem).astype(np.float32))
     return ds
 
 
 def patching_positions(n_prompts: int = 6, n_layers: int = 6, n_positions: int = 5, seed: int = 0,
                        kind: str = "grid", slug: str = "synthetic") -> xr.Dataset:
-    """patching_grid.nc / patching_noise.nc: ``effect`` with an extra ``position`` dim (−1 = last token).
+    """patching_grid.nc / patching_noise_grid.nc: ``effect`` with an extra ``position`` dim (−1 = last token).
 
-    The grid file has dims (prompt, layer, component, position); the noise file (prompt, position, layer),
+    The grid file has dims (prompt, layer, component, position); the noise grid (prompt, position, layer),
     so both layouts of the contract are exercised. The effect is largest at position −1 late in the
     network and at position −3 early (the ROME picture).
     """
@@ -161,6 +188,18 @@ def patching_positions(n_prompts: int = 6, n_layers: int = 6, n_positions: int =
     comps = np.stack([eff, 0.3 * eff, 0.7 * eff], axis=-1).transpose(0, 2, 3, 1)  # prompt, layer, component, position
     return xr.Dataset({"effect": (("prompt", "layer", "component", "position"), comps.astype(np.float32))},
                       coords={**coords, "component": list(COMPONENTS)}, attrs=attrs)
+
+
+def noise_last(n_prompts: int = 6, n_layers: int = 6, seed: int = 0, slug: str = "synthetic") -> xr.Dataset:
+    """patching_noise.nc: clean states restored into a noised base at the last token (no position dim).
+
+    The receiver is the noised run (``corrupted_logit_diff``), the source the clean one (``base_logit_diff``).
+    """
+    ds = patching(n_prompts, n_layers, seed, slug)
+    out = ds.drop_vars(["base_logit_diff", "cf_logit_diff"]).assign(
+        corrupted_logit_diff=ds["base_logit_diff"], base_logit_diff=ds["cf_logit_diff"])
+    out.attrs = _attrs("patching_noise", slug, n_layers)
+    return out
 
 
 def attribution(n_prompts: int = 6, n_layers: int = 6, n_heads: int = 4, seed: int = 0, slug: str = "synthetic",
@@ -255,6 +294,8 @@ def build(name: str, n_prompts: int = 6, n_layers: int = 6, seed: int = 0, slug:
     if name == "patching_grid":
         return patching_positions(n_prompts, n_layers, seed=seed, kind="grid", slug=slug)
     if name == "patching_noise":
+        return noise_last(n_prompts, n_layers, seed, slug=slug)
+    if name == "patching_noise_grid":
         return patching_positions(n_prompts, n_layers, seed=seed, kind="noise", slug=slug)
     if name == "attribution":
         return attribution(n_prompts, n_layers, seed=seed, slug=slug)

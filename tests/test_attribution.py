@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -11,10 +13,14 @@ from conftest import FAMILIES, PROMPTS, make_tiny
 from reference.attribution import dla
 
 from nnethics.analyses.attribution import (
+    HEAD_BYTES_PER_ROW,
     AttributionOptions,
+    collect,
     direct_logit_attribution,
+    per_option_heads,
     readout,
     summarize,
+    wire_bytes,
 )
 from nnethics.analyses.common import encode_pairs
 from nnethics.analyses.decisions import baseline_decisions
@@ -153,6 +159,70 @@ def test_layer_subset_keeps_the_sum_exact(family, tiny_models, attributed):
     _close(_total(ds), ds["logit_diff"], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="out of range"):
         direct_logit_attribution(tiny_models(family), PAIRS, AttributionOptions(layers=(3,)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_difference_only_heads_match_the_per_option_split(family, tiny_models, attributed):
+    full = attributed(family)
+    ds = direct_logit_attribution(tiny_models(family), PAIRS, AttributionOptions(head_options=False))
+    assert "head_logit_contribution" not in ds and "head_contribution" in ds
+    _close(ds["head_contribution"], full["head_contribution"])
+    _close(ds["head_contribution"].sum("head") + ds["attn_bias_contribution"],
+           ds["diff_contribution"].sel(component="attn"), atol=1e-5, rtol=0)
+    xr.testing.assert_allclose(ds.drop_vars("head_contribution"),
+                               full.drop_vars(["head_contribution", "head_logit_contribution"]))
+
+
+@pytest.mark.parametrize("family, kept, heads, per_option", [
+    ("llama", [0, 1, 2], True, True), ("gemma2", [1, 2], True, False), ("mixtral", [0, 2], True, True),
+    ("gpt2", [1], False, True)])
+def test_the_trace_brings_back_only_what_wire_bytes_counts(family, kept, heads, per_option, tiny_models):
+    """The per-row results are exactly the numbers :func:`wire_bytes` counts, in fresh (unshared) storage."""
+    model = tiny_models(family)
+    batch = encode_pairs(model, PAIRS, ["1", "2"])
+    proj = collect(model, batch.encoded.inputs(), batch.label_ids, heads=heads, kept=kept, per_option=per_option)
+    cfg = model.config
+    want = wire_bytes(model.n_layers, model.n_heads, 2, kept=len(kept), heads=heads, head_options=per_option,
+                      top_k=getattr(cfg, "num_experts_per_tok", 0) if model.adapter.moe else 0,
+                      post=model.adapter.attn_post_norm is not None)
+    assert proj.per_row_bytes() == sum(want.values())
+    for name in ("scale", "embed", "layers", "const", "attn_bias", "heads", "post", "experts", "expert_idx",
+                 "pre_logits", "logits"):
+        t = getattr(proj, name)
+        if t is not None:
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+    assert proj.layers.shape == (4, model.n_layers, 2, 2) and proj.attn_bias.shape == (len(kept), 2)
+    assert (proj.heads is not None) == heads and (proj.heads is None or proj.heads.shape[-1] == (2 if per_option else 1))
+
+
+def test_a_70b_shaped_model_fits_the_remote_budget():
+    big = SimpleNamespace(n_layers=80, n_heads=64, dtype="bfloat16")
+    per_prompt = sum(wire_bytes(80, 64, 2, half=True, head_options=False).values())
+    assert per_prompt == 12856 and per_prompt <= 16 * 1024
+    assert sum(wire_bytes(80, 64, 2, heads=False).values()) == 2616
+    assert not per_option_heads(big, AttributionOptions(), 80, remote=True)  # 20 KB of per-option heads
+    assert per_option_heads(big, AttributionOptions(), 80, remote=False)  # nothing travels locally
+    assert per_option_heads(big, AttributionOptions(head_options=True), 80, remote=True)
+    assert per_option_heads(big, AttributionOptions(), 40, remote=True)  # --layers with half the layers fits
+    smol = SimpleNamespace(n_layers=30, n_heads=9, dtype="float32")
+    assert wire_bytes(30, 9, 2)["heads"] <= HEAD_BYTES_PER_ROW and per_option_heads(smol, AttributionOptions(), 30, True)
+
+
+def test_a_16_bit_model_sends_float16_heads(tokenizer):
+    from nnethics.models import wrap_model
+
+    hf = make_tiny("llama", tokenizer, seed=3).lm._module.to(torch.bfloat16)
+    model = wrap_model(hf, tokenizer, name="tiny-llama-bf16")
+    assert model.dtype == "bfloat16"
+    batch = encode_pairs(model, PAIRS, ["1", "2"])
+    proj = collect(model, batch.encoded.inputs(), batch.label_ids)
+    assert proj.heads.dtype == torch.float16 and proj.layers.dtype == torch.float64
+    ds = direct_logit_attribution(model, PAIRS)
+    # the model rounds its attention output and logits to bfloat16 (2^-8): the identities hold to that precision
+    attn = ds["diff_contribution"].sel(component="attn")
+    _close(ds["head_contribution"].sum("head") + ds["attn_bias_contribution"], attn, atol=2e-2 * float(abs(attn).max()),
+           rtol=0)
+    _close(_total(ds), ds["logit_diff"], atol=2**-6 * float(abs(ds["label_logit"]).max()), rtol=0)
 
 
 def test_pipeline_run_writes_a_consolidated_file(tiny_models, prompt_set, tmp_path):

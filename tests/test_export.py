@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import synthetic
 from click.testing import CliRunner
 
-import synthetic
 from nnethics.export import (
     ExportError,
     attribution_table,
@@ -45,13 +45,15 @@ def test_summary_results_has_the_seed_columns_and_thirds():
     assert list(df.columns[:6]) == ["prompt_id", "peak_layer", "num_choice_flips", "gini_coefficient",
                                     "top5_concentration", "chose_ethical_base"]
     resid = ds["effect"].sel(component="resid")
-    assert df.early_mean.tolist() == pytest.approx(resid.isel(layer=[0, 1]).mean("layer").values.tolist())
-    assert df.late_mean.tolist() == pytest.approx(resid.isel(layer=[4, 5]).mean("layer").values.tolist())
+    assert df.early_mean.tolist() == pytest.approx(resid.isel(layer=[0, 1]).mean("layer").values.tolist(), nan_ok=True)
+    assert df.late_mean.tolist() == pytest.approx(resid.isel(layer=[4, 5]).mean("layer").values.tolist(), nan_ok=True)
+    assert np.isnan(df.late_mean.iloc[-1])  # the effect is undefined for the last synthetic prompt
     assert df.category.tolist() == dec["category"].values.tolist()
-    # a per-component summary gets one column per component, and the plain name holds resid
-    per_comp = ds.assign(peak_layer=ds["effect"].argmin("layer"))
-    df = summary_results(per_comp)
-    assert df.peak_layer.tolist() == df.peak_layer_resid.tolist() and "peak_layer_mlp" in df
+    # per-component summaries get one column per component, and the plain name holds resid
+    assert df.peak_layer.tolist() == ds["peak_layer"].sel(component="resid").values.tolist()
+    assert df.peak_layer_mlp.tolist() == ds["peak_layer"].sel(component="mlp").values.tolist()
+    legacy = summary_results(synthetic.patching(n_prompts=4, n_layers=6, legacy=True))
+    assert "peak_layer_mlp" not in legacy and legacy.gini_coefficient.notna().all()
 
 
 def test_attribution_table_names_columns_after_the_labels():
@@ -86,8 +88,11 @@ def test_export_store_csv_and_json(store, tmp_path):
     paths = export_store(store, "csv", tmp_path / "csv")
     names = sorted(p.name for p in paths)
     assert names == sorted(["decisions.csv", "detailed_layer_data.csv", "summary_results.csv", "patching_grid.csv",
-                            "patching_noise.csv", "attribution.csv", "attribution_heads.csv",
-                            "token_trajectories.csv", "tuned_lens.json"])
+                            "patching_noise.csv", "patching_noise_grid.csv", "attribution.csv",
+                            "attribution_heads.csv", "token_trajectories.csv", "tuned_lens.json"])
+    noise = pd.read_csv(tmp_path / "csv" / "patching_noise.csv")
+    assert "corrupted_logit_diff" in noise and "position" not in noise
+    assert "position" in pd.read_csv(tmp_path / "csv" / "patching_noise_grid.csv")
     summary = pd.read_csv(tmp_path / "csv" / "summary_results.csv")
     assert len(summary) == 5 and summary.prompt_id.tolist()[0] == "case_000"
     tokens = json.loads((tmp_path / "csv" / "tuned_lens.json").read_text(encoding="utf-8"))
@@ -109,7 +114,7 @@ def test_export_cli(store, tmp_path):
     res = runner.invoke(cli, ["export", str(store), "--format", "JSON", "--out", str(tmp_path / "e")])
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 9 and all("(" in ln for ln in lines)
+    assert len(lines) == 10 and all("(" in ln for ln in lines)
     assert (tmp_path / "e" / "attribution.json").exists()
     res = runner.invoke(cli, ["export", str(tmp_path / "e")])
     assert res.exit_code == 2 and "no result files" in res.stderr

@@ -8,16 +8,16 @@ import pytest
 import torch
 import transformers as T
 from click.testing import CliRunner
-
 from conftest import FAMILIES, make_tiny, tiny_config
+from reference import patching as ref
+from reference.hooks import add_at, edit, record, set_positions
+
 from nnethics.analyses.common import encode_pairs
 from nnethics.analyses.patching import SPECS, PatchingOptions, activation_patching, causal_tracing
 from nnethics.analyses.patching_engine import noise_sample
 from nnethics.analyses.patching_noise import pair_seed, restore_layers
 from nnethics.analyses.patching_results import finalize
 from nnethics.prompts import PromptPair
-from reference import patching as ref
-from reference.hooks import add_at, edit, record, set_positions
 
 TOL = dict(rtol=0, atol=1e-4)
 COMPS = ("resid", "attn", "mlp")
@@ -272,7 +272,8 @@ def test_traces_pass_the_remote_dry_run(family, strong_models, pairs):
     model = strong_models(family)
     for opts in (PatchingOptions(**PLAIN, kv_cache="off"), PatchingOptions(**PLAIN, kv_cache="on"),
                  PatchingOptions(**PLAIN, positions="grid", layers=(1,), components=("attn",)),
-                 PatchingOptions(**PLAIN, corruption="noise", window=2, kv_cache="off")):
+                 PatchingOptions(**PLAIN, corruption="noise", window=2, kv_cache="off"),
+                 PatchingOptions(**PLAIN, corruption="noise", kv_cache="on")):
         local = activation_patching(model, pairs[:2], opts)
         dry = activation_patching(model, pairs[:2], PatchingOptions(**{**opts.__dict__, "remote": "local"}))
         for v in ("patched_logit_diff", "base_logit_diff", "atp_delta", "corrupted_logit_diff"):

@@ -373,3 +373,38 @@ def test_analysis_commands_run_remotely(server, tiny_model_dir, tmp_path, comman
         (other,) = (tmp_path / "remote").glob(f"*/{f.name}")
         with xr.open_dataset(f) as a, xr.open_dataset(other) as b:
             _assert_same(a.load(), b.load())
+
+
+def test_attribution_bytes_per_prompt(server, tiny_model_dir, tmp_path):
+    """Attribution is one request per chunk and brings back numbers per prompt, not vectors.
+
+    The tiny Llama (3 layers, 4 heads, float32, 2 labels) returns 248 bytes of numbers per prompt
+    (``wire_bytes``): 19 float64 (scale, embed, 3 x attn/mlp and the label logits per option) and 24
+    float32 heads. Each request also carries a fixed cost (status frames and the result container),
+    measured here with a trace that saves one number. The old code brought back 12 float32 vectors of
+    d=64 per prompt (about 3 KB) and made one more request for the readout weights.
+    """
+    from nnethics.analyses.attribution import wire_bytes
+    from nnethics.pipeline import make_context, run_one
+    from nnethics.prompts import load_prompts
+
+    handle = load_model(str(tiny_model_dir), remote=True)
+    with torch.no_grad(), handle.trace(torch.tensor([[1, 2]])):
+        handle.lm.lm_head.output[:, -1, :1].clone().save()
+    fixed = STATS.totals()["bytes_received"]
+    prompts = load_prompts(PROMPTS).subset(limit=4)
+    chunks, rows = 2, 2 * len(prompts.pairs)
+    print()
+    for heads in (True, False):
+        STATS.reset()
+        ctx = make_context(handle, prompts, extra={"layers": None, "heads": heads})
+        run_one("attribution", handle, prompts, str(tmp_path / str(heads)), ctx, batch_size=2, progress=False)
+        t = STATS.totals("attribution")
+        assert t["requests"] == t["attempts"] == chunks == STATS.totals()["requests"]  # one request per chunk
+        numbers = sum(wire_bytes(handle.n_layers, handle.n_heads, 2, heads=heads).values())
+        per_prompt = (t["bytes_received"] - chunks * fixed) / rows
+        print(f"attribution heads={heads}: {t['requests']} requests, {t['bytes_received'] / rows:.0f} B down per prompt "
+              f"({per_prompt:.0f} B above the fixed {fixed} B per request; {numbers} B of numbers), "
+              f"{t['bytes_sent'] / rows:.0f} B up per prompt")
+        # the numbers plus the container's per-tensor records (11 entries, ~60 B each) shared by a chunk's 4 rows
+        assert per_prompt <= numbers + 11 * 64 / 4, per_prompt

@@ -13,10 +13,10 @@ from pathlib import Path
 import holoviews as hv
 import numpy as np
 import pytest
+import synthetic
 import xarray as xr
 from click.testing import CliRunner
 
-import synthetic
 from nnethics.render import MissingData, embed, mean_ci, offline, report_figures, write_report
 from nnethics.render import attribution as ra
 from nnethics.render import decisions as rd
@@ -59,20 +59,30 @@ def test_mean_ci_matches_numpy():
 
 
 def test_effect_curve_uses_stored_ci_and_computes_it_otherwise():
-    ds = synthetic.patching(n_prompts=7, n_layers=5)
-    stored = rp.effect_curve(ds)
-    band = next(el for el in stored if isinstance(el, hv.Area) and el.label == "resid")
-    np.testing.assert_allclose(band.dimension_values(1), ds["ci_low"].sel(component="resid").values, rtol=1e-6)
-    np.testing.assert_allclose(band.dimension_values(2), ds["ci_high"].sel(component="resid").values, rtol=1e-6)
-    np.testing.assert_allclose(_curve(stored, "mlp").dimension_values(1),
-                               ds["effect"].sel(component="mlp").mean("prompt").values, rtol=1e-6)
-    bare = ds.drop_vars(["mean_effect", "ci_low", "ci_high"]).copy()
-    bare["ci_low"] = ds["ci_low"] * 0 - 99  # stale CI without a mean: must not be used
-    computed = rp.effect_curve(bare.drop_vars("ci_low"))
+    for legacy, names in ((False, ("effect_ci_low", "effect_ci_high")), (True, ("ci_low", "ci_high"))):
+        ds = synthetic.patching(n_prompts=7, n_layers=5, legacy=legacy)
+        stored = rp.effect_curve(ds)
+        band = next(el for el in stored if isinstance(el, hv.Area) and el.label == "resid")
+        np.testing.assert_allclose(band.dimension_values(1), ds[names[0]].sel(component="resid").values, rtol=1e-6)
+        np.testing.assert_allclose(band.dimension_values(2), ds[names[1]].sel(component="resid").values, rtol=1e-6)
+        np.testing.assert_allclose(_curve(stored, "mlp").dimension_values(1),
+                                   ds["effect"].sel(component="mlp").mean("prompt", skipna=True).values, rtol=1e-5)
+        want = "n=6 of 7 prompts defined" if not legacy else "n=7 prompts"
+        assert want in stored.opts.get().kwargs["title"]
+    bare = ds.drop_vars(["mean_effect", "ci_low"])  # an incomplete stored CI is not used
+    computed = rp.effect_curve(bare)
     band = next(el for el in computed if isinstance(el, hv.Area) and el.label == "attn")
     _, lo, hi = mean_ci(ds["effect"].sel(component="attn"))
     np.testing.assert_allclose(band.dimension_values(1), lo.values, rtol=1e-6)
     np.testing.assert_allclose(band.dimension_values(2), hi.values, rtol=1e-6)
+
+
+def test_effect_kind_is_read_from_the_data():
+    assert rp.effect_kind(synthetic.patching()) == "normalized"
+    assert rp.effect_kind(synthetic.patching(legacy=True)) == "raw"
+    odd = synthetic.patching()
+    odd["effect"] = odd["effect"] * 3
+    assert rp.effect_kind(odd) is None and rp.effect_label(odd) == "effect"
 
 
 def test_effect_heatmap_holds_every_prompt_and_layer():
@@ -92,14 +102,25 @@ def test_prompt_view_frames_flips_and_missing_prompts():
     assert [str(k) for k in hmap.keys()] == prompts
     frame = hmap["case_003"]
     np.testing.assert_allclose(_curve(frame, "resid").dimension_values(1),
-                               ds["effect"].sel(prompt="case_003", component="resid").values, rtol=1e-6)
+                               ds["patched_logit_diff"].sel(prompt="case_003", component="resid").values, rtol=1e-6)
     marks = next(el for el in frame if isinstance(el, hv.Scatter) and el.label == "resid")
     flipped = np.flatnonzero(ds["flipped"].sel(prompt="case_003", component="resid").values)
     assert flipped.size and sorted(marks.dimension_values(0).astype(int)) == flipped.tolist()
+    hlines = sorted(float(el.data) for el in frame if isinstance(el, hv.HLine))
+    want = sorted([0.0, float(ds["base_logit_diff"].sel(prompt="case_003")),
+                   float(ds["cf_logit_diff"].sel(prompt="case_003"))])
+    np.testing.assert_allclose(hlines, want, rtol=1e-6)
     assert "case_003" in frame.opts.get().kwargs["title"]
     assert "not patched" in hmap["not_run"].opts.get().kwargs["title"]
-    lims = [hmap[p].opts.get().kwargs["ylim"] for p in prompts]
-    assert all(lim == lims[0] for lim in lims)  # one y axis for every frame
+    xlims = [hmap[p].opts.get().kwargs["xlim"] for p in prompts]
+    assert all(lim == xlims[0] for lim in xlims)  # one x axis for every frame
+    lo, hi = hmap["case_004"].opts.get().kwargs["ylim"]  # y per prompt; the y = 0 guide does not stretch it
+    seen = np.r_[ds["patched_logit_diff"].sel(prompt="case_004").values.ravel(),
+                 float(ds["base_logit_diff"].sel(prompt="case_004")), float(ds["cf_logit_diff"].sel(prompt="case_004"))]
+    assert seen.min() > 0 and lo <= seen.min() and hi >= seen.max() and lo > 0
+    fallback = rp.prompt_view(ds.drop_vars("patched_logit_diff"))["case_001"]  # older files: the effect itself
+    np.testing.assert_allclose(_curve(fallback, "mlp").dimension_values(1),
+                               ds["effect"].sel(prompt="case_001", component="mlp").values, rtol=1e-6)
 
 
 def test_position_heatmaps_for_both_layouts():
@@ -117,8 +138,17 @@ def test_position_heatmaps_for_both_layouts():
         rp.position_heatmap(synthetic.patching())
 
 
+def test_noise_restoration_at_the_last_token():
+    ds = synthetic.noise_last(n_prompts=5, n_layers=6)
+    assert rp.effect_kind(ds) == "normalized"  # receiver = the noised run, source = the clean one
+    figs, skipped = rp.variant_figures(ds, "patching_noise")
+    assert [f.name for f in figs] == ["patching_noise_mean_effect", "patching_noise_heatmap"] and not skipped
+    frame = rp.prompt_view(ds)["case_001"]
+    assert "noised" in frame.opts.get().kwargs["title"] and "clean" in frame.opts.get().kwargs["title"]
+
+
 def test_atp_scatter_reports_correlation():
-    ds = synthetic.patching(n_prompts=6, n_layers=6)
+    ds = synthetic.patching(n_prompts=6, n_layers=6, legacy=True)
     ov = rp.atp_scatter(ds)
     title = ov.opts.get().kwargs["title"]
     r = np.corrcoef(ds["effect"].sel(component="resid").values.ravel(),
@@ -217,9 +247,10 @@ def test_embed_records_only_what_changes_between_frames():
     assert ("ColumnDataSource", "data") in kinds and ("Title", "text") in kinds
     titles = [v for i, prop, v in r.frames["case_002"] if prop == "text"]
     assert titles and "case_002" in titles[0]
-    datas = [v for i, prop, v in r.frames["case_002"] if prop == "data" and "effect" in v]
-    want = ds["effect"].sel(prompt="case_002").values
-    assert any(np.allclose(np.asarray(d["effect"], float), want[:, c]) for d in datas for c in range(3))
+    columns = [np.asarray(col, float) for i, prop, v in r.frames["case_002"] if prop == "data"
+               for col in v.values() if len(col) == 4]
+    want = ds["patched_logit_diff"].sel(prompt="case_002").values
+    assert all(any(np.allclose(col, want[:, c]) for col in columns) for c in range(3))
     static = embed.render(rp.effect_curve(ds))
     assert static.select is None and static.frames is None
     merged = embed.render(rl.trajectories(synthetic.lens(n_prompts=3, n_layers=4)))
@@ -245,7 +276,7 @@ def test_inline_cdn_and_local_scripts_leave_no_external_reference():
     decoded = base64.b64decode(css.split(",", 1)[1]).decode()
     assert ".pn-loading" in decoded and "../assets/" not in decoded and "data:image/svg+xml" in decoded
     assert "<script src" not in out and "nope.js" not in out and "importShim" in out
-    assert "sourceMappingURL" not in out
+    assert "sourceMappingURL=/sm/" not in out  # the trailing comment (not the string literal the code uses)
 
 
 def test_write_report_is_self_contained_and_quiet(store, tmp_path, capfd):

@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 import synthetic
+
 from nnethics.render import write_comparison, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")

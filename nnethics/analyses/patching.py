@@ -23,8 +23,9 @@ backward and is stored beside the exact values (``atp_delta``, ``atp_effect``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -33,7 +34,17 @@ from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import PromptPair
 from . import patching_results as results
 from .common import PairBatch, encode_pairs
-from .patching_engine import COMPONENTS, Noise, Patch, Row, attribution, forward_keys, kv_possible, run_groups, run_prefix
+from .patching_engine import (
+    COMPONENTS,
+    Noise,
+    Patch,
+    Row,
+    attribution,
+    forward_keys,
+    kv_possible,
+    run_groups,
+    run_prefix,
+)
 from .patching_noise import SpanError, pair_seed, restore_layers, span_chars, span_tokens
 from .spec import AnalysisSpec
 

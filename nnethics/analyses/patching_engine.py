@@ -24,8 +24,9 @@ on this side between traces, so it is local only; remote runs take the ``full`` 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import nnsight
 import torch
@@ -84,8 +85,9 @@ class SharedPrefixCache(DynamicCache):
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         layer = self.layers[layer_idx]
-        keys = layer.keys.index_select(0, self._rows)
-        values = layer.values.index_select(0, self._rows)
+        rows = self._rows if self._rows.device == layer.keys.device else self._rows.to(layer.keys.device)
+        keys = layer.keys.index_select(0, rows)
+        values = layer.values.index_select(0, rows)
         return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
 
 
@@ -143,7 +145,7 @@ def _trace_rows(model: Any, inputs: dict, plan: dict, noise: list, ids: tuple[in
             cache = model.lm.output.cache.save()
         else:
             logits = model.lm.output.logits[:, -1]
-            ld = (logits[:, a] - logits[:, b]).float().clone().save()
+            ld = (logits[:, a].float() - logits[:, b].float()).save()
     return ld, list(sigmas), cache
 
 
@@ -163,7 +165,7 @@ def _trace_atp(model: Any, inputs: dict, env: dict, keys: list, recv: list[int],
             out = env[key].output
             states.append(out[0] if isinstance(out, tuple) else out)
         logits = model.lm.output.logits[:, -1]
-        ld = (logits[:, a] - logits[:, b]).float()
+        ld = logits[:, a].float() - logits[:, b].float()
         grads = torch.autograd.grad(ld[recv].sum(), states, allow_unused=True)
         est = []
         for h, g in zip(states, grads):

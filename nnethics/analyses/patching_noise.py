@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 import zlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 SPANS = ("option1", "option2", "options")
 

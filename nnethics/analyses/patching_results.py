@@ -5,7 +5,7 @@ Pure NumPy/xarray (no torch, no model), so it is testable on hand-made arrays.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import xarray as xr

@@ -27,7 +27,7 @@ def lens_group() -> None:
                    "Default: the shipped corpus (MoralChoice scenarios + nnethics prompts).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Lens folder (default: $NNETHICS_CACHE/lenses/<model>/, which `nnethics run` picks up).")
-@click.option("--steps", type=click.IntRange(min=1), default=300, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="Optimizer steps.")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Positions per step.")
 @click.option("--train-tokens", type=click.IntRange(min=2), default=16384, show_default=True,

@@ -91,6 +91,9 @@ def register(cli: click.Group) -> None:
         model = _load(model_spec, revision, device, device_map, dtype, quantize, remote, token)
         if layers is not None and layers[-1] >= model.n_layers:
             raise BadInput(f"--layers {','.join(map(str, layers))}: the model has layers 0..{model.n_layers - 1}")
+        if kv_cache == "on" and remote:
+            raise BadInput("--kv-cache on cannot run remotely (the prefix cache would travel between traces); "
+                           "use --kv-cache auto")
         if kv_cache == "on" and positions != "last":
             raise BadInput("--kv-cache on needs --positions last (only the last position can reuse the prefix cache)")
         extra = dict(components=list(components), layers=list(layers) if layers else None, window=window,

@@ -5,8 +5,9 @@ Rendering only reads Datasets (``render -> storage``); it never imports torch or
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import holoviews as hv
 import holoviews.plotting.bokeh  # noqa: F401  (registers the bokeh backend and its options)
@@ -98,23 +99,33 @@ def band_and_curve(x: np.ndarray, mean: np.ndarray, lo: np.ndarray, hi: np.ndarr
 
 
 def prompt_map(prompts: Sequence[str], frame: Callable[[str], hv.Element], available: Iterable[str],
-               empty: Callable[[str], hv.Element], **frame_opts: Any) -> hv.HoloMap:
+               empty: Callable[[str], hv.Element], shared_y: bool = False, **frame_opts: Any) -> hv.HoloMap:
     """A HoloMap over ``prompt`` with one frame per entry of ``prompts``, axes fixed across frames.
 
     Every per-prompt figure of a report uses the same ``prompts`` list, so their selectors can be
     linked. Prompts missing from this Dataset get the ``empty`` frame. ``frame_opts`` are plot options
-    of each frame (e.g. width, legend_position). The axis limits are computed once over all frames
-    and ranges are then computed per frame (``framewise``): HoloViews otherwise recomputes the ranges
-    of every frame at each frame update, which is quadratic in the number of prompts. Options are set
-    on each frame before it goes into the HoloMap: options on a container re-tag every element inside.
+    of each frame (e.g. width, legend_position). The x limits are shared by all frames, the y limits
+    too with ``shared_y`` (else each prompt gets its own, ignoring ``reference`` lines such as y = 0).
+    Limits are explicit and ranges framewise: HoloViews otherwise recomputes the ranges of every frame
+    at each frame update, which is quadratic in the number of prompts. Options are set on each frame
+    before it goes into the HoloMap: options on a container re-tag every element inside.
     """
     have = set(available)
     frames = {p: (frame(p) if p in have else empty(p)) for p in prompts}
-    frames = fix_limits(frames, **frame_opts)
+    frames = fix_limits(frames, shared_y=shared_y, **frame_opts)
     return hv.HoloMap(frames, kdims=[hv.Dimension("prompt", label="prompt")], sort=False)
 
 
+REFERENCE = "Reference"  # group of guide lines (y = 0) that should not stretch a per-prompt axis
+
+
+def reference_hline(y: float = 0.0) -> hv.HLine:
+    return hv.HLine(y, group=REFERENCE).opts(color="gray", line_dash="dotted", line_width=1)
+
+
 def _axis_values(el: hv.Element) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    if el.group == REFERENCE:
+        return [], []
     if isinstance(el, hv.VLine):
         return [np.atleast_1d(np.asarray(el.data, dtype=float))], []
     if isinstance(el, hv.HLine):
@@ -140,28 +151,32 @@ def _limits(arrays: list[np.ndarray], pad: float) -> tuple[float, float] | None:
     return lo - pad * span, hi + pad * span
 
 
-def fix_limits(frames: dict[str, Any], pad: float = 0.05, **frame_opts: Any) -> dict[str, Any]:
-    """The same x/y limits (and ``frame_opts``) on every frame; range computation made framewise."""
+def _elements(fr: Any) -> list:
+    return list(fr.values()) if isinstance(fr, hv.Overlay) else [fr]
+
+
+def fix_limits(frames: dict[str, Any], pad: float = 0.05, shared_y: bool = True, **frame_opts: Any) -> dict[str, Any]:
+    """Explicit x/y limits (shared by all frames; y per frame unless ``shared_y``) and ``frame_opts``
+    on every frame; range computation made framewise."""
     values_ = list(frames.values())
     if not values_ or isinstance(values_[0], hv.Div):
         return frames
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    types: set[str] = set()
-    for fr in values_:
-        for el in (fr.values() if isinstance(fr, hv.Overlay) else [fr]):
-            types.add(type(el).__name__)
-            x, y = _axis_values(el)
-            xs += x
-            ys += y
+    types = {type(el).__name__ for fr in values_ for el in _elements(fr)}
     heat = bool(types & {"HeatMap", "Labels"})  # cells of width 1 centred on their (numeric) coordinates
-    lims = {}
-    for name, arrays in (("xlim", xs), ("ylim", ys)):
+
+    def limits(arrays: list[np.ndarray]) -> tuple[float, float] | None:
         lim = _limits(arrays, 0.0 if heat else pad)
-        if lim is not None:
-            lims[name] = (lim[0] - 0.5, lim[1] + 0.5) if heat else lim
+        return (lim[0] - 0.5, lim[1] + 0.5) if heat and lim is not None else lim
+
+    per_frame = {key: [_axis_values(el) for el in _elements(fr)] for key, fr in frames.items()}
+    xlim = limits([x for axes in per_frame.values() for xs, _ in axes for x in xs])
+    ylim = limits([y for axes in per_frame.values() for _, ys in axes for y in ys]) if shared_y else None
     out = {}
     for key, fr in frames.items():
+        lims = {"xlim": xlim} if xlim is not None else {}
+        own = ylim if shared_y else limits([y for _, ys in per_frame[key] for y in ys])
+        if own is not None:
+            lims["ylim"] = own
         fr = fr if isinstance(fr, hv.Overlay) else hv.Overlay([fr])  # overlay options (legend) for every frame
         inner = [getattr(hv.opts, t)(framewise=True) for t in sorted({type(e).__name__ for e in fr})]
         out[key] = fr.opts(*inner, hv.opts.Overlay(framewise=True, **lims, **frame_opts))

@@ -7,7 +7,7 @@ dims prompt, side (base, cf), layer, component (attn, mlp), option, head: ``logi
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import holoviews as hv
 import numpy as np
@@ -27,6 +27,7 @@ from ._base import (
     layers_of,
     mean_ci,
     prompt_map,
+    reference_hline,
     require,
     side_name,
     values,
@@ -160,7 +161,7 @@ def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Holo
                                       label=f"{comp} ({side_name(side) if side else 'all'})").opts(
                     color=COMPONENT_COLORS.get(str(comp), "#444"), line_dash=SIDE_DASH.get(side, "solid"),
                     line_width=2, tools=["hover"]))
-        parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
+        parts.append(reference_hline(0))
         title = f"{p}: contributions to option 1 − option 2"
         if "logit_diff" in one:
             lds = [f"{side_name(s)} {float(_side(one['logit_diff'], s)):+.2f}" for s in _sides(ds)]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import html
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import holoviews as hv
 import numpy as np
@@ -28,7 +28,7 @@ from ._base import (
     model_name,
     values,
 )
-from .decisions import MEASURE_COLORS, _measures
+from .decisions import _measures
 from .report import load_store
 
 SECTION = "Comparison"

@@ -8,7 +8,7 @@ dims prompt, side (base, cf), option: ``chose_ethical (prompt, side)``, ``consis
 from __future__ import annotations
 
 import html
-from typing import Sequence
+from collections.abc import Sequence
 
 import holoviews as hv
 import numpy as np

@@ -11,8 +11,9 @@ callback, so the file needs no server and no kernel. All prompt selectors of a p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import holoviews as hv
 import numpy as np

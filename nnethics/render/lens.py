@@ -7,7 +7,7 @@ layer)``, ``crossing_layer (prompt, side, lens)`` (−1 when the options never c
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import holoviews as hv
 import numpy as np
@@ -17,6 +17,7 @@ from ._base import (
     HEIGHT,
     LENS_DASH,
     OPTION_COLORS,
+    WIDE,
     WIDTH,
     Figure,
     MissingData,
@@ -103,6 +104,8 @@ def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str |
     layers = layers_of(ds)
     ranks = values(ds["k"]).astype(int) if "k" in ds.coords else np.arange(ds.sizes["k"])
     height = int(min(1000, max(260, 18 * len(layers) + 90)))
+    need = 80 * len(ranks) + 160  # room for the token text
+    width = WIDTH if need <= WIDTH + 60 else int(min(WIDE, need))
     panels = []
     for side in _sides(ds):
         def frame(p: str, side: str = side) -> hv.Overlay:
@@ -115,17 +118,18 @@ def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str |
             hm = hv.HeatMap((xs, ys, prob.ravel(), toks.ravel()), kdims=["rank", "layer"],
                             vdims=["probability", "token"]).opts(cmap="Blues", clim=(0, 1), colorbar=True,
                                                                  tools=["hover"])
-            labels = hv.Labels((xs, ys, shown), kdims=["rank", "layer"], vdims=["text"]).opts(
-                text_font_size="8pt", text_color="black")
+            ink = np.where(prob.ravel() > 0.55, "white", "black")  # readable on dark cells too
+            labels = hv.Labels((xs, ys, shown, ink), kdims=["rank", "layer"], vdims=["text", "ink"]).opts(
+                text_font_size="8pt", text_color="ink")
             return (hm * labels).opts(title=f"{p} ({side_name(side)}): top-{len(ranks)} tokens, {lens} lens")
 
         def empty(p: str, side: str = side) -> hv.Element:
             return hv.Overlay([hv.HeatMap(([], [], []), kdims=["rank", "layer"], vdims=["probability"])]).opts(
                 title=f"{p} ({side_name(side)}): no lens data")
 
-        panels.append(prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])], empty, width=WIDTH,
-                                 height=height, xlabel="rank", ylabel="layer"))
-    return hv.Layout(panels).cols(2)
+        panels.append(prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])], empty, shared_y=True,
+                                 width=width, height=height, xlabel="rank", ylabel="layer"))
+    return hv.Layout(panels).cols(2 if width == WIDTH else 1)
 
 
 def decision_emergence(ds: xr.Dataset) -> hv.Overlay:

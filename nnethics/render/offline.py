@@ -19,8 +19,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import holoviews as hv
 
@@ -42,7 +43,7 @@ def _data_uri(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dist_file_uri(rel: str) -> str:
     """A ``data:`` URI for ``panel/dist/<rel>``; CSS gets its relative ``url(...)`` references inlined too.
 
@@ -103,7 +104,7 @@ def inline_local_scripts(html: str) -> str:
         if dist.resolve() not in path.parents or not path.is_file():
             return ""
         code = path.read_text(encoding="utf-8").replace("</script", "<\\/script")
-        code = re.sub(r"//# sourceMappingURL=\S*", "", code)
+        code = re.sub(r"\n//# sourceMappingURL=\S*\s*$", "\n", code)  # the trailing comment only
         return f"<script{m.group('attrs')}{m.group('rest')}>{code}</script>"
 
     return LOCAL_SCRIPT.sub(repl, html)

@@ -2,12 +2,13 @@
 
 ``patching.nc``: dims prompt, layer, component; ``effect (prompt, layer, component)`` is the change of
 the base prompt's logit difference when that component's output at that layer is replaced by the
-counterfactual's. ``patching_grid.nc`` / ``patching_noise.nc`` add a ``position`` dim (−1 = last token).
+counterfactual's. The grid variants (``patching_grid.nc``, ``patching_noise_grid.nc``) add a ``position``
+dim (−1 = last token); ``patching_noise*.nc`` restore clean states into a noised run (ROME).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import holoviews as hv
 import numpy as np
@@ -26,6 +27,7 @@ from ._base import (
     layers_of,
     mean_ci,
     prompt_map,
+    reference_hline,
     require,
     values,
 )
@@ -37,21 +39,65 @@ def components(ds: xr.Dataset) -> list[str]:
     return [str(c) for c in values(ds["component"])] if "component" in ds.dims else []
 
 
+CI_NAMES = (("effect_ci_low", "effect_ci_high"), ("ci_low", "ci_high"))
+
+
+def _ends(ds: xr.Dataset) -> tuple[str, str] | None:
+    """(receiver, source) logit-difference variables: the run patched into and the run patched from."""
+    if "corrupted_logit_diff" in ds and "base_logit_diff" in ds:  # noise: clean states restored into the noised run
+        return "corrupted_logit_diff", "base_logit_diff"
+    if "base_logit_diff" in ds and "cf_logit_diff" in ds:
+        return "base_logit_diff", "cf_logit_diff"
+    return None
+
+
+def effect_kind(ds: xr.Dataset) -> str | None:
+    """'normalized' when ``effect`` = (patched − receiver) / (source − receiver), 'raw' when it is
+    patched − receiver (in logit-difference units), None when that cannot be told from the file."""
+    ends = _ends(ds)
+    if ends is None or "effect" not in ds or "patched_logit_diff" not in ds:
+        return None
+    eff = ds["effect"].astype(float)
+    patched = ds["patched_logit_diff"].astype(float).transpose(*eff.dims)
+    recv, src = ds[ends[0]].astype(float), ds[ends[1]].astype(float)
+    ok = np.isfinite(values(eff))
+    if not ok.any():
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        norm = values(((patched - recv) / (src - recv)).transpose(*eff.dims))
+    raw = values((patched - recv).transpose(*eff.dims))
+    e = values(eff)
+    if np.allclose(e[ok], norm[ok], rtol=1e-3, atol=1e-4):
+        return "normalized"
+    if np.allclose(e[ok], raw[ok], rtol=1e-3, atol=1e-4):
+        return "raw"
+    return None
+
+
+def effect_label(ds: xr.Dataset) -> str:
+    return {"normalized": "effect (1 = counterfactual's logit diff)",
+            "raw": "change of logit diff"}.get(effect_kind(ds) or "", "effect")
+
+
 def effect_curve(ds: xr.Dataset, var: str = "effect") -> hv.Overlay:
     """Mean ``var`` per layer for each component, with a 95% CI band over prompts.
 
-    Uses the stored ``mean_effect``/``ci_low``/``ci_high (layer, component)`` when present (the
-    analysis may use a better interval than the normal approximation), else computes mean ± 1.96·SEM.
+    Uses the stored ``mean_effect`` and ``effect_ci_low``/``effect_ci_high`` (or ``ci_low``/``ci_high``)
+    ``(layer, component)`` when present (the analysis may use a better interval, e.g. a bootstrap),
+    else computes mean ± 1.96·SEM over the prompts where ``var`` is defined.
     """
     require(ds, var, "layer")
     layers = layers_of(ds)
-    stored = var == "effect" and all(v in ds for v in ("mean_effect", "ci_low", "ci_high"))
+    ci = next((names for names in CI_NAMES if all(n in ds for n in names)), None)
+    stored = var == "effect" and "mean_effect" in ds and ci is not None
     parts = []
     comps = components(ds) or [None]
     for comp in comps:
-        sel = (lambda v: ds[v].sel(component=comp)) if comp is not None else (lambda v: ds[v])
+        def sel(v: str, comp: str | None = comp) -> xr.DataArray:
+            return ds[v].sel(component=comp) if comp is not None and "component" in ds[v].dims else ds[v]
+
         if stored:
-            mean, lo, hi = sel("mean_effect"), sel("ci_low"), sel("ci_high")
+            mean, lo, hi = sel("mean_effect"), sel(ci[0]), sel(ci[1])
         else:
             mean, lo, hi = mean_ci(sel(var), "prompt")
         label = comp or var
@@ -60,9 +106,11 @@ def effect_curve(ds: xr.Dataset, var: str = "effect") -> hv.Overlay:
                                     vdim=var))
     zero = hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)
     n = ds.sizes.get("prompt", 0)
+    defined = int(np.isfinite(values(ds[var])).reshape(n, -1).any(1).sum()) if n else 0
+    count = f"n={n} prompts" if defined == n else f"n={defined} of {n} prompts defined"
     return hv.Overlay([*parts, zero]).opts(
-        title=f"Mean patching effect by layer ±95% CI (n={n} prompts)", width=WIDTH, height=HEIGHT,
-        legend_position="top_left", xlabel="layer", ylabel="effect on logit diff")
+        title=f"Mean patching effect, 95% CI ({count})", width=WIDTH, height=HEIGHT,
+        legend_position="top_left", xlabel="layer", ylabel=effect_label(ds) if var == "effect" else var)
 
 
 def effect_heatmap(ds: xr.Dataset, component: str | None = "resid", var: str = "effect") -> hv.HeatMap:
@@ -86,38 +134,46 @@ def effect_heatmap(ds: xr.Dataset, component: str | None = "resid", var: str = "
 
 
 def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.HoloMap:
-    """Per-prompt effect curves (one per component) with flipped layers marked; a HoloMap over prompt."""
-    require(ds, "effect")
+    """Per prompt: the patched run's logit difference at every layer, one curve per component, against
+    the unpatched base and counterfactual logit differences, with the layers that flip the decision
+    marked (◆); a HoloMap over prompt. Falls back to ``effect`` when ``patched_logit_diff`` is absent."""
+    var = "patched_logit_diff" if "patched_logit_diff" in ds else "effect"
+    require(ds, var)
     prompts = list(prompts) if prompts is not None else [str(p) for p in values(ds["prompt"])]
     layers = layers_of(ds)
     comps = components(ds) or [None]
+    ends = _ends(ds) if var == "patched_logit_diff" else None
+    ylabel = "logit diff ('1' − '2')" if var == "patched_logit_diff" else effect_label(ds)
 
     def frame(p: str) -> hv.Overlay:
         one = ds.sel(prompt=p)
-        parts = []
+        parts = [reference_hline(0)]
+        title = p
+        if ends is not None:
+            recv, src = float(one[ends[0]]), float(one[ends[1]])
+            names = ("noised", "clean") if ends[0] == "corrupted_logit_diff" else ("base", "counterfactual")
+            parts += [hv.HLine(recv).opts(color="#555555", line_dash="dashed", line_width=1),
+                      hv.HLine(src).opts(color="black", line_dash="dotdash", line_width=1.5)]
+            title = (f"{p}: logit diff when patched; {names[0]} {recv:+.2f} (dashed), "
+                     f"{names[1]} {src:+.2f} (dot-dash), ◆ = decision flipped")
         for comp in comps:
-            eff = one["effect"].sel(component=comp) if comp is not None else one["effect"]
-            label = comp or "effect"
+            v = one[var].sel(component=comp) if comp is not None else one[var]
+            y = values(v.transpose("layer")).astype(float)
+            label = comp or var
             color = COMPONENT_COLORS.get(label, "#4c72b0")
-            parts.append(hv.Curve((layers, values(eff.transpose("layer")).astype(float)), "layer", "effect",
-                                  label=label).opts(color=color, line_width=2, tools=["hover"]))
+            parts.append(hv.Curve((layers, y), "layer", ylabel, label=label).opts(color=color, line_width=2,
+                                                                                  tools=["hover"]))
+            mask = np.zeros(len(layers), bool)
             if "flipped" in one:
                 fl = one["flipped"].sel(component=comp) if comp is not None else one["flipped"]
                 mask = values(fl.transpose("layer")).astype(bool)
-                parts.append(hv.Scatter((layers[mask], values(eff.transpose("layer"))[mask].astype(float)),
-                                        "layer", "effect", label=label).opts(
-                    color=color, size=9, marker="diamond", show_legend=False))
-        title = p
-        if "base_logit_diff" in one and "cf_logit_diff" in one:
-            b, c = float(one["base_logit_diff"]), float(one["cf_logit_diff"])
-            title = f"{p}: base logit diff {b:+.2f}, counterfactual {c:+.2f} (◆ = decision flipped)"
-            parts.append(hv.HLine(c - b).opts(color="black", line_dash="dashed", line_width=1))
-        parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
+            parts.append(hv.Scatter((layers[mask], y[mask]), "layer", ylabel, label=label).opts(
+                color=color, size=9, marker="diamond", show_legend=False))
         return hv.Overlay(parts).opts(title=title)
 
     return prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
-                      empty_curve("not patched", "layer", "effect"), width=WIDE, height=HEIGHT,
-                      legend_position="top_left", xlabel="layer", ylabel="effect on logit diff")
+                      empty_curve("not patched", "layer", ylabel), width=WIDE, height=HEIGHT,
+                      legend_position="top_left", xlabel="layer", ylabel=ylabel)
 
 
 def _position_effect(ds: xr.Dataset, var: str = "effect") -> xr.DataArray:
@@ -220,8 +276,9 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
 
     return collect([
         lambda: Figure("patching_mean_effect", "Mean effect by layer", effect_curve(ds), SECTION,
-                       note="Change of the base prompt's logit difference (label 1 − label 2) when one "
-                            "component's output at one layer (last token) comes from the counterfactual prompt."),
+                       note="Patching one component's output at one layer (last token) from the counterfactual "
+                            "run into the base run. effect: " + str(ds["effect"].attrs.get(
+                                "description", "change of the logit difference (label 1 − label 2)")) + "."),
         heatmaps,
         lambda: Figure("patching_per_prompt", "Per-prompt effect", prompt_view(ds, prompts), SECTION,
                        per_prompt=True),
@@ -230,18 +287,40 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
     ])
 
 
+VARIANTS = {
+    "patching_grid": "Counterfactual patching, one position at a time",
+    "patching_all": "Counterfactual patching of every position at once",
+    "patching_noise": "Noise restoration at the last token (causal tracing)",
+    "patching_noise_grid": "Noise restoration by position × layer (causal tracing)",
+    "patching_noise_all": "Noise restoration of every position at once",
+}
+
+
+def variant_figures(ds: xr.Dataset, name: str) -> tuple[list[Figure], list[str]]:
+    """Figures of the other patching files (``patching_grid``, ``patching_noise``, ``patching_noise_grid``, ...):
+    position × layer heatmaps (the ROME picture) when ``effect`` has a ``position`` dim, else the mean
+    effect by layer and the resid heatmap."""
+    what = VARIANTS.get(name, name.replace("_", " "))
+    if "effect" in ds and "position" in ds["effect"].dims:
+        def maps() -> list[Figure]:
+            comps = components(ds) if "component" in ds["effect"].dims else [None]
+            return [Figure(f"{name}_{c or 'effect'}", f"{what}" + (f" ({c})" if c else ""),
+                           position_heatmap(ds, c, title=f"{c or 'effect'}: mean effect by token position × layer"),
+                           SECTION) for c in comps]
+
+        return collect([maps])
+
+    def heatmap() -> Figure:
+        comp = "resid" if "resid" in components(ds) else (components(ds) or [None])[0]
+        return Figure(f"{name}_heatmap", f"{what}: per prompt × layer", effect_heatmap(ds, comp), SECTION)
+
+    return collect([
+        lambda: Figure(f"{name}_mean_effect", what, effect_curve(ds), SECTION,
+                       note="effect: " + str(ds["effect"].attrs.get("description", "see the file's attributes"))),
+        heatmap,
+    ])
+
+
 def position_figures(ds: xr.Dataset, kind: str) -> tuple[list[Figure], list[str]]:
-    """Position × layer heatmaps of ``patching_grid.nc`` (kind 'grid') or ``patching_noise.nc`` ('noise')."""
-    what = "noise restoration" if kind == "noise" else "grid patching"
-
-    def maps() -> list[Figure]:
-        da = _position_effect(ds)
-        comps = [str(c) for c in values(ds["component"])] if "component" in da.dims else [None]
-        out = []
-        for c in comps:
-            title = f"{what}: mean effect by position × layer" + (f" ({c})" if c else "")
-            out.append(Figure(f"patching_{kind}_{c or 'effect'}", title, position_heatmap(ds, c, title=title),
-                              SECTION))
-        return out
-
-    return collect([maps])
+    """Position × layer heatmaps of ``patching_grid.nc`` (kind 'grid') or a noise grid (kind 'noise')."""
+    return variant_figures(ds, "patching_noise_grid" if kind == "noise" else "patching_grid")

@@ -1,7 +1,8 @@
 """The per-model report: every figure of whichever result files exist, in one offline HTML file.
 
-``write_report(store/<model-slug>)`` reads ``decisions.nc``, ``patching.nc``, ``patching_grid.nc``,
-``patching_noise.nc``, ``attribution.nc`` and ``lens.nc`` (missing ones are skipped) and writes
+``write_report(store/<model-slug>)`` reads ``decisions.nc``, ``patching.nc`` and its variants
+(``patching_grid``, ``patching_all``, ``patching_noise``, ``patching_noise_grid``, ``patching_noise_all``),
+``attribution.nc`` and ``lens.nc`` (missing ones are skipped) and writes
 ``report.html`` next to them (plus ``report_png/<figure>.png`` with ``png=True``).
 """
 
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import html
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import xarray as xr
 
@@ -22,7 +24,7 @@ from ._base import WIDE, WIDTH, Figure, MissingData, model_name, prompt_order
 from .embed import Rendered, link_selectors, render
 from .offline import export_pngs, save_bokeh
 
-ANALYSIS_FILES = ("decisions", "patching", "patching_grid", "patching_noise", "attribution", "lens")
+ANALYSIS_FILES = ("decisions", "patching", *_patching.VARIANTS, "attribution", "lens")
 SECTIONS = (_decisions.SECTION, _patching.SECTION, _attribution.SECTION, _lens.SECTION)
 DEFAULT_MAX_PROMPTS = 100
 PROVENANCE_KEYS = ("model_id", "model_revision", "dtype", "device", "quantization", "prompt_set",
@@ -69,8 +71,7 @@ def report_figures(data: Mapping[str, xr.Dataset], max_prompts: int | None = DEF
     builders = [
         ("decisions", lambda ds: _decisions.figures(ds, prompts)),
         ("patching", lambda ds: _patching.figures(ds, prompts)),
-        ("patching_grid", lambda ds: _patching.position_figures(ds, "grid")),
-        ("patching_noise", lambda ds: _patching.position_figures(ds, "noise")),
+        *((name, lambda ds, name=name: _patching.variant_figures(ds, name)) for name in _patching.VARIANTS),
         ("attribution", lambda ds: _attribution.figures(ds, prompts)),
         ("lens", lambda ds: _lens.figures(ds, prompts)),
     ]
@@ -95,7 +96,7 @@ def _provenance_html(data: Mapping[str, xr.Dataset]) -> str:
             ds = data[name]
             dims = ", ".join(f"{k}={v}" for k, v in ds.sizes.items())
             files.append(f"<li><b>{name}.nc</b> ({html.escape(dims)}; {html.escape(str(ds.attrs.get('created', '')))})</li>")
-        else:
+        elif name in ("decisions", "patching", "attribution", "lens"):
             files.append(f"<li style='color:#888'>{name}.nc: not in this store</li>")
     table = "".join(f"<tr><td style='padding:1px 12px 1px 0;color:#555'>{html.escape(k)}</td>"
                     f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows)
