@@ -193,6 +193,9 @@ def test_the_trace_brings_back_only_what_wire_bytes_counts(family, kept, heads, 
             assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
     assert proj.layers.shape == (4, model.n_layers, 2, 2) and proj.attn_bias.shape == (len(kept), 2)
     assert (proj.heads is not None) == heads and (proj.heads is None or proj.heads.shape[-1] == (2 if per_option else 1))
+    ro = readout(model, batch.label_ids)  # the weights-only trace agrees with the in-trace directions
+    torch.testing.assert_close(proj.const, ro.const)
+    torch.testing.assert_close(proj.attn_bias, ro.attn_bias[kept])
 
 
 def test_a_70b_shaped_model_fits_the_remote_budget():

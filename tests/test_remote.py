@@ -29,7 +29,7 @@ LLAMA, GPT2 = "org/tiny-llama", "org/tiny-gpt2"
 MAX_KB_PER_PAIR = 16.0
 # Requests per chunk that each analysis may make (the target is one; the extra ones are reported).
 REQUESTS_PER_CHUNK = {"patching": 2}  # patched forwards + the AtP gradient trace are two requests
-SETUP_REQUESTS = {"attribution": 1}  # the readout weights, once per run
+SETUP_REQUESTS: dict[str, int] = {}  # no analysis needs a request beyond one per chunk
 # Per-prompt summaries of near-zero effects (random tiny model) that amplify float noise between the
 # local KV-cache path and the full path patching takes remotely.
 LOOSE = {"gini_coefficient", "top5_concentration"}

@@ -204,6 +204,16 @@ def test_lens_trajectories_mark_the_crossing_layer():
     np.testing.assert_allclose(tuned, ds["kl_to_final"].sel(lens="tuned").mean(("prompt", "side")).values, rtol=1e-5)
 
 
+def test_an_unexpected_layout_costs_one_figure_not_the_report():
+    ds = synthetic.lens(n_prompts=3, n_layers=5)
+    ds["crossing_layer"] = ds["crossing_layer"].isel(lens=0, drop=True)  # no lens dim, unlike the contract
+    with pytest.warns(RuntimeWarning, match="could not draw"):
+        figs, skipped = rl.figures(ds)
+    names = [f.name for f in figs]
+    assert "lens_trajectories" not in names and {"lens_kl", "lens_top_tokens"} <= set(names)
+    assert len(skipped) == 1 and skipped[0].startswith("could not draw a figure")
+
+
 def test_decision_rates_and_wilson_interval():
     ds = synthetic.decisions(n_prompts=10)
     ov = rd.ethical_rates(ds)

@@ -5,6 +5,7 @@ Rendering only reads Datasets (``render -> storage``); it never imports torch or
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,7 +57,11 @@ def require(ds: xr.Dataset, *names: str) -> None:
 
 
 def collect(builders: Iterable[Callable[[], Figure | list[Figure]]]) -> tuple[list[Figure], list[str]]:
-    """Run figure builders; a builder whose data is missing is skipped and its reason returned."""
+    """Run figure builders; one whose data is missing is skipped and its reason returned.
+
+    A builder that fails on an unexpected file layout is skipped too, with the error in the notes (and a
+    warning), so one odd variable cannot cost the whole report at the end of a long run.
+    """
     figures: list[Figure] = []
     skipped: list[str] = []
     for build in builders:
@@ -64,6 +69,11 @@ def collect(builders: Iterable[Callable[[], Figure | list[Figure]]]) -> tuple[li
             out = build()
         except MissingData as e:
             skipped.append(str(e))
+            continue
+        except Exception as e:  # noqa: BLE001 - reported in the page and as a warning
+            msg = f"could not draw a figure: {type(e).__name__}: {e}"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            skipped.append(msg)
             continue
         figures.extend(out if isinstance(out, list) else [out])
     return figures, skipped
