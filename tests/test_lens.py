@@ -313,9 +313,9 @@ def test_training_resumes_from_checkpoint(tiny_models, tmp_path, prompt_set, mon
 
 
 def test_cli_defaults_match_train_options():
-    from nnethics.commands.lens import lens_train
+    from nnethics.cli import cli
 
-    defaults = {p.name: p.default for p in lens_train.params}
+    defaults = {p.name: p.default for p in cli.commands["lens"].commands["train"].params}
     for name, value in TrainOptions().to_dict().items():
         if name in defaults:
             assert defaults[name] == value, name
