@@ -61,6 +61,12 @@ def register(cli: click.Group) -> None:
         options = TrainOptions(steps=steps, lr=lr, batch_tokens=batch_tokens, train_tokens=train_tokens,
                                eval_tokens=eval_tokens, seq_len=seq_len, heldout=heldout, weight_decay=weight_decay,
                                seed=seed, matmul_dtype=matmul_dtype)
+        from ..data.corpus import read_documents
+
+        try:
+            read_documents(list(corpus) or None)  # fail on a bad corpus before loading the model
+        except _corpus_errors() as e:
+            raise BadInput(str(e)) from None
         model = _load(model_spec, revision, device, device_map, dtype, quantize, remote, token)
         try:
             _, info = train_tuned_lens(model, list(corpus) or None, options, out=out, progress=progress,
