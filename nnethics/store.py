@@ -87,6 +87,11 @@ def write_atomic(ds: xr.Dataset, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=".nc")
     os.close(fd)
+    # Encodings inherited from files read earlier (e.g. a part's fixed-width string length) would
+    # silently truncate longer values written now: start from a clean slate.
+    ds = ds.copy(deep=False)
+    for var in ds.variables.values():
+        var.encoding = {}
     try:
         ds.to_netcdf(tmp, engine=ENGINE, encoding=_encoding(ds))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should be as readable as any file

@@ -142,3 +142,24 @@ def test_a_smaller_rerun_never_drops_stored_prompts(tmp_path):
     run_analysis("fake", fn, _FakeModel(), prompts.subset(limit=4), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
     ds = run_analysis("fake", fn, _FakeModel(), prompts.subset(limit=2), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
     assert list(ds["prompt"].values) == prompts.ids()[:4]
+
+
+def test_consolidation_keeps_longer_strings_of_later_parts(tmp_path):
+    """A part read back from disk carries its string width in its encoding; it must not truncate later parts."""
+    prompts = load_prompts(PROMPTS)
+    pairs = [prompts.pairs[0], prompts.pairs[30], prompts.pairs[31]]  # ids of 8, then 9-10 characters
+    assert len({len(p.prompt_id) for p in pairs}) > 1
+    sub = type(prompts)(tuple(pairs), prompts.name, prompts.sha256, prompts.labels, prompts.files)
+
+    def fn(model, chunk):
+        return xr.Dataset(
+            {"text": (("prompt",), np.array([p.cf for p in chunk], dtype=str)),
+             "category": (("prompt",), np.array([p.category * 3 for p in chunk], dtype=str))},
+            coords={"prompt": [p.prompt_id for p in chunk]},
+        )
+
+    ds = run_analysis("fake", fn, _FakeModel(), sub, str(tmp_path), {}, batch_size=1, progress=False)
+    stored = load(result_path(tmp_path, "fake", "fake"))
+    assert list(stored["prompt"].values) == [p.prompt_id for p in pairs] == list(ds["prompt"].values)
+    assert list(stored["text"].values) == [p.cf for p in pairs]
+    assert list(stored["category"].values) == [p.category * 3 for p in pairs]
