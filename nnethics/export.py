@@ -23,8 +23,6 @@ With ``fmt="json"`` every table is written as a JSON list of records instead of 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
+
+from .atomic import write_text_atomic
 
 FORMATS = ("csv", "json")
 VARIANTS = ("patching_grid", "patching_all", "patching_noise", "patching_noise_grid", "patching_noise_all")
@@ -227,17 +227,7 @@ def trajectory_table(ds: xr.Dataset) -> pd.DataFrame:
 
 
 def _write(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return write_text_atomic(text, path, newline="")
 
 
 def _table(df: pd.DataFrame, out: Path, stem: str, fmt: str) -> Path:

@@ -29,6 +29,7 @@ import numpy as np
 import xarray as xr
 
 from . import __version__
+from .atomic import umask
 
 ENGINE = "netcdf4"
 PARTS = ".parts"
@@ -94,7 +95,7 @@ def write_atomic(ds: xr.Dataset, path: str | Path) -> Path:
         var.encoding = {}
     try:
         ds.to_netcdf(tmp, engine=ENGINE, encoding=_encoding(ds))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; results should be as readable as any file
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600 files; results should be as readable as any file
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -108,12 +109,6 @@ def write_atomic(ds: xr.Dataset, path: str | Path) -> Path:
             os.remove(tmp)
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load(path: str | Path) -> xr.Dataset:

@@ -15,15 +15,15 @@ import contextlib
 import functools
 import io
 import mimetypes
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import holoviews as hv
+
+from ..atomic import write_text_atomic
 
 CDN_URL = re.compile(r"https?:(?:\\?/){2}cdn\.holoviz\.org/panel/[^/\"'\s]+/dist/([^\"'\s)?#]+)(?:\?[^\"'\s)#]*)?")
 CSS_URL = re.compile(r"url\(\s*(['\"]?)([^'\")]+)\1\s*\)")
@@ -75,20 +75,6 @@ def _dist_file_uri(rel: str) -> str:
 def inline_cdn(html: str) -> str:
     """Rewrite every ``https://cdn.holoviz.org/panel/<version>/dist/<file>`` in ``html`` to a ``data:`` URI."""
     return CDN_URL.sub(lambda m: _dist_file_uri(m.group(1)), html)
-
-
-def write_text_atomic(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 LOCAL_SCRIPT = re.compile(r'<script(?P<attrs>[^>]*?)\ssrc="static/extensions/panel/(?P<rel>[^"]+)"(?P<rest>[^>]*)>\s*</script>')
