@@ -6,7 +6,8 @@ Times, in one process and on the same pairs (median of ``--repeats``):
 (b) the seed-style reference: plain PyTorch forward hooks, one forward per layer per component
     (``tests/reference/patching.py::patch_sweep``: 1 counterfactual + 3L patched forwards per pair);
 (c) nnethics' activation patching of the same pairs (resid + attn + mlp at the decision position,
-    every layer, with attribution patching), plus variants without AtP and with the KV cache off.
+    every layer, with attribution patching), plus a variant without AtP and (``--full``) one with
+    the KV cache off.
 
 Prints forward-equivalents per pair (c / a) and the speed-up (b / c), and checks that (c) equals (b).
 
@@ -47,6 +48,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--full", action="store_true",
+                    help="also time the full-forward (remote) path: as many FLOPs as (b), so it takes as long")
     ap.add_argument("--prompts", default=str(ROOT / "prompts"))
     args = ap.parse_args()
     if args.threads:
@@ -90,9 +93,9 @@ def main() -> None:
     variants = {  # name: (options, repeats)
         "nnethics (KV cache + AtP, the default)": (PatchingOptions(), args.repeats),
         "nnethics (KV cache, no AtP)": (PatchingOptions(atp=False), args.repeats),
-        # every patched row is a full forward here: as many FLOPs as (b), so one repeat is enough
-        "nnethics (full forwards + AtP, remote path)": (PatchingOptions(kv_cache="off"), 1),
     }
+    if args.full:  # every patched row is a full forward here: as many FLOPs as (b), so one repeat
+        variants["nnethics (full forwards + AtP, remote path)"] = (PatchingOptions(kv_cache="off"), 1)
     for name, (opts, reps) in variants.items():
         t_c = median_time(lambda o=opts, k=name: out.__setitem__(k, activation_patching(model, pairs, o)), reps) / n
         print(f"(c) {name:44s} {t_c * 1e3:8.1f} ms/pair = {t_c / t_a:5.2f} forward-equivalents; "
