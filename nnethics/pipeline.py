@@ -25,9 +25,10 @@ def _collect() -> dict[str, AnalysisSpec]:
             if e.name == f"nnethics.analyses.{mod}":
                 continue
             raise
-        spec = getattr(module, "SPEC", None)
-        if spec is not None:
-            specs[spec.name] = spec
+        # A module exposes its main analysis as SPEC and optional variants (e.g. patching_grid) as SPECS.
+        for spec in [getattr(module, "SPEC", None), *getattr(module, "SPECS", ())]:
+            if spec is not None:
+                specs.setdefault(spec.name, spec)
     return specs
 
 
