@@ -72,12 +72,15 @@ def tokenizer(builtin_dir):
     return AutoTokenizer.from_pretrained(builtin_dir)
 
 
-def make_tiny(family: str, tokenizer, seed: int = 0):
-    """A tiny random nnsight-wrapped model of ``family`` (float32, eval mode)."""
+def make_tiny(family: str, tokenizer, seed: int = 0, init_std: float | None = None):
+    """A tiny random nnsight-wrapped model of ``family`` (float32, eval mode); ``init_std`` overrides
+    the config's weight init std."""
     from nnethics.models import wrap_model
 
     torch.manual_seed(seed)
     cfg = tiny_config(family, len(tokenizer))
+    if init_std is not None:
+        cfg.initializer_range = init_std
     hf = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     # Random init leaves norm gains at 1 and biases at 0; perturb them so norm handling is really tested.
     with torch.no_grad():

@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers as T
 from click.testing import CliRunner
-from conftest import FAMILIES, make_tiny, tiny_config
+from conftest import FAMILIES, make_tiny
 from reference import patching as ref
 from reference.hooks import add_at, edit, record, set_positions
 
@@ -26,17 +25,7 @@ COMPS = ("resid", "attn", "mlp")
 def _strong_tiny(family: str, tokenizer, seed: int = 0):
     """A conftest-style tiny model with weights drawn at std 0.2 instead of 0.02: at 0.02 a patch
     moves the LD by ~1e-3, too little for a 1e-4 comparison to mean much; at 0.2 it moves it by 0.1-3."""
-    from nnethics.models import wrap_model
-
-    torch.manual_seed(seed)
-    cfg = tiny_config(family, len(tokenizer))
-    cfg.initializer_range = 0.2
-    hf = T.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or "ln_" in name or name.endswith(".bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return wrap_model(hf, tokenizer, name=f"tiny-{family}")
+    return make_tiny(family, tokenizer, seed, init_std=0.2)
 
 
 @pytest.fixture(scope="module")
