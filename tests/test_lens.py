@@ -409,3 +409,26 @@ def test_spec_uses_cached_lens(tiny_models, pairs, tmp_path, monkeypatch):
     _, opts = SPEC.build(model, ctx)
     assert opts["tuned_lens"] == ""
     assert isinstance(LogitLens.from_model(model), LogitLens)
+
+
+def test_remote_runs_use_a_cached_tuned_lens_only_when_asked(tiny_models, pairs, tmp_path, monkeypatch, capsys):
+    """A remote tuned lens ships every layer's residual down and up again, so a cached lens is not
+    picked up silently: a note says what it would cost, and ``tuned_lens=PATH`` asks for it."""
+    from nnethics.analyses.lens import SPEC, residual_round_trip
+    from nnethics.analyses.spec import RunContext
+
+    model = tiny_models("llama")
+    monkeypatch.setattr(L, "lens_cache_dir", lambda slug: tmp_path / "lenses" / slug)
+    folder = tmp_path / "lenses" / model.slug
+    _random_lens(model).save(folder)
+    ctx = RunContext(labels=("1", "2"), label_ids=tuple(encode_pairs(model, pairs, ["1", "2"]).label_ids))
+    local = SPEC.build(model, ctx)[0](model, pairs[:2])
+    monkeypatch.setattr(model, "remote", "local")  # nnsight's serialise-and-run dry run of the remote path
+    _, opts = SPEC.build(model, ctx)
+    note = capsys.readouterr().err
+    assert opts["tuned_lens"] == "" and str(folder) in note and "--tuned-lens" in note
+    assert residual_round_trip(model) == 2 * model.n_layers * model.d_model * 4  # float32, both prompts
+    fn, opts = SPEC.build(model, RunContext(labels=ctx.labels, label_ids=ctx.label_ids,
+                                            extra={"tuned_lens": str(folder)}))
+    assert opts["tuned_lens"] == str(folder)
+    xr.testing.assert_allclose(fn(model, pairs[:2]), local)

@@ -270,16 +270,6 @@ def test_traces_pass_the_remote_dry_run(family, strong_models, pairs):
                 np.testing.assert_allclose(dry[v], local[v], rtol=0, atol=1e-6)
 
 
-def test_remote_models_take_the_full_path(strong_models, pairs):
-    model = strong_models("llama")
-    model.remote = "http://127.0.0.1:9"  # never contacted: the path is chosen before any trace
-    try:
-        with pytest.raises(ValueError, match="remote"):
-            activation_patching(model, pairs[:1], PatchingOptions(**PLAIN, kv_cache="on"))
-    finally:
-        model.remote = False
-
-
 def test_store_contract_summary_and_finalize(strong_models, pairs, tmp_path):
     from nnethics.store import load, write_atomic
 

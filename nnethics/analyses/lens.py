@@ -4,8 +4,9 @@ The logit lens decodes each layer's output with the model's own final norm and u
 Gemma-2 soft-cap); a tuned lens (:mod:`nnethics.lenses`) first applies its per-layer translator. Inside the
 trace the decoding is an ad-hoc call of the model's ``norm`` and ``lm_head`` on the stacked residuals of
 all layers, and only small results (top-k, label logits, KL) come back, so the same code runs on NDIF.
-Translators are never shipped into a trace: the residuals come back, are translated locally, and a
-second trace decodes them.
+Translators are never shipped into a trace (a 70B model's are 10.7 GB): the residuals come back, are
+translated locally, and a second trace decodes them. That round trip (:func:`residual_round_trip`,
+2.6 MB per pair each way for a 70B model) is why a remote run uses a tuned lens only when asked.
 """
 
 from __future__ import annotations
@@ -58,21 +59,22 @@ def lens_readout(model: Any, inputs: dict, option_ids: Sequence[int], k: int = 1
         logits = lm.lm_head(lm.model.norm(hs)).float()
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        log_q = logits.log_softmax(-1)
+        lse = logits.logsumexp(-1, keepdim=True)
+        log_q = logits - lse
         log_p = log_q[:, -1:]
         kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).save()
+        lse = lse.save()
         top_logit, top_id = logits.topk(k, dim=-1)
         top_logit = top_logit.save()
-        top_id = top_id.save()
-        top_prob = log_q.gather(-1, top_id).exp().save()
+        top_id = top_id.int().save()  # vocabularies fit int32: half the bytes of topk's int64
         option_logit = logits[..., ids].save()
-        option_prob = log_q[..., ids].exp().save()
         if keep_states:
             kept = hs.clone().save()
         if states is not None:
             tracer.stop()
-    out = {"top_logit": top_logit, "top_id": top_id, "top_prob": top_prob, "option_logit": option_logit,
-           "option_prob": option_prob, "kl": kl}
+    # probabilities are logit - logsumexp: computed here rather than sent back
+    out = {"top_logit": top_logit, "top_id": top_id.long(), "top_prob": (top_logit - lse).exp(),
+           "option_logit": option_logit, "option_prob": (option_logit - lse).exp(), "kl": kl}
     if kept is not None:
         out["states"] = kept
     return {key: value.detach().cpu() for key, value in out.items()}
@@ -176,6 +178,11 @@ def resolve_tuned_lens(model: Any, spec: str | Path | None) -> tuple[TunedLens |
     folder = Path(spec).expanduser() if spec is not None else find_cached_lens(model)
     if folder is None:
         return None, {"tuned_lens": ""}
+    if spec is None and model.remote:
+        print(f"note: not using the cached tuned lens {folder} remotely: it would bring every layer's residual back "
+              f"and send it up again ({residual_round_trip(model) / 2**20:.1f} MB per pair each way); ask for it with "
+              f"`nnethics lens run --remote --tuned-lens {folder}`", file=sys.stderr)
+        return None, {"tuned_lens": ""}
     try:
         lens = TunedLens.load(folder, model)
     except LensLoadError as e:
@@ -184,6 +191,13 @@ def resolve_tuned_lens(model: Any, spec: str | Path | None) -> tuple[TunedLens |
         print(f"warning: ignoring the cached tuned lens: {e}", file=sys.stderr)
         return None, {"tuned_lens": ""}
     return lens, {"tuned_lens": str(folder), "tuned_lens_digest": _lens_digest(folder)}
+
+
+def residual_round_trip(model: Any) -> int:
+    """Bytes per prompt pair that a remote tuned lens moves each way: every layer's residual at the
+    decision position of both prompts, in the model's dtype (translators never travel)."""
+    width = 2 if model.dtype in ("bfloat16", "float16") else 4
+    return 2 * model.n_layers * model.d_model * width
 
 
 def _build(model, ctx):

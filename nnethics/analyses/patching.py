@@ -33,7 +33,7 @@ import xarray as xr
 from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import PromptPair
 from . import patching_results as results
-from .common import PairBatch, encode_pairs
+from .common import PairBatch, encode_pairs, run_remote
 from .patching_engine import (
     COMPONENTS,
     Noise,
@@ -173,11 +173,9 @@ def _plan(model: Any, batch: PairBatch, opts: PatchingOptions, layers: Sequence[
 
 
 def _choose_path(model: Any, batch: PairBatch, plan: _Plan, opts: PatchingOptions) -> tuple[bool, str]:
-    remote = model.remote if opts.remote is None else opts.remote
     if opts.kv_cache == "off":
         return False, "off"
-    why = "remote model: the prefix cache would have to travel between traces" if remote not in (False, "local") else None
-    why = why or kv_possible(model, batch.encoded, plan.groups)
+    why = kv_possible(model, batch.encoded, plan.groups)
     if why and opts.kv_cache == "on":
         raise ValueError(f"the KV-cache path cannot run here: {why}")
     return why is None, why or ""
@@ -203,12 +201,16 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
         raise ValueError(f"layers must lie in 0..{L - 1}, got {opts.layers}")
     batch = encode_pairs(model, pairs, list(opts.labels), opts.chat, label_ids)
     ids = (batch.label_ids[0], batch.label_ids[1])
-    trace_kw = {} if opts.remote is None else {"remote": opts.remote}
     plan = _plan(model, batch, opts, layers)
     use_kv, why = _choose_path(model, batch, plan, opts)
-    prefix = run_prefix(model, batch.encoded, plan.groups, trace_kw) if use_kv else None
-    lds, sigma = run_groups(model, batch.encoded, plan.groups, ids, prefix=prefix, max_tokens=opts.max_tokens,
-                            trace_kw=trace_kw)
+    atp_job = _atp_job(batch, plan, opts, layers) if opts.atp and opts.corruption == "counterfactual" and \
+        opts.window == 1 else None
+    remote = model.remote if opts.remote is None else opts.remote
+    job = (model, batch.encoded, plan.groups, ids, use_kv, opts.max_tokens, atp_job)
+    if remote:
+        lds, sigma, atp_raw = run_remote(model, remote, _execute, job)
+    else:
+        lds, sigma, atp_raw = _execute(*job, {})
     n, nL, nC = batch.n, len(layers), len(opts.components)
     shape = (n, len(plan.positions), nL, nC) if plan.positions is not None else (n, nL, nC)
     patched = np.full(shape, np.nan)
@@ -217,9 +219,7 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
             patched[(g, pi, li, ci) if pi is not None else (g, li, ci)] = lds[g][j + 2]
     src = np.array([lds[g][0] for g in range(n)])
     recv = np.array([lds[g][1] if len(lds[g]) > 1 else np.nan for g in range(n)])
-    atp = None
-    if opts.atp and opts.corruption == "counterfactual" and opts.window == 1:
-        atp = _attribution(model, batch, plan, opts, layers, ids, prefix, trace_kw)
+    atp = None if atp_job is None else _atp_array(atp_raw, batch, plan, opts, layers, atp_job)
     base_ld = src if opts.corruption == "noise" else recv
     labels = list(opts.labels)
     chose = [labels[0 if v > 0 else 1] == p.base_ethical for v, p in zip(base_ld, pairs)]
@@ -240,24 +240,42 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
     return ds
 
 
-def _attribution(model, batch: PairBatch, plan: _Plan, opts: PatchingOptions, layers, ids, prefix, trace_kw):
-    """AtP estimates shaped like ``patched`` (NaN for skipped pairs and padding positions)."""
+def _execute(model: Any, enc, groups, ids, use_kv: bool, max_tokens: int, atp_job: dict | None,
+             trace_kw: dict) -> tuple[list[list[float]], dict[int, float], Any]:
+    """Every forward of a chunk: the prefix (KV path), the patched rows, the AtP forward + backward.
+
+    Returns the LD of every row, the noise std per group and the raw AtP tensor ``[K, n, P]`` (or None).
+    Remote runs call it inside one session, on the server, so the prefix cache never travels."""
+    prefix = run_prefix(model, enc, groups, trace_kw) if use_kv else None
+    lds, sigma = run_groups(model, enc, groups, ids, prefix=prefix, max_tokens=max_tokens, trace_kw=trace_kw)
+    atp = None
+    if atp_job is not None:
+        atp, _, _ = attribution(model, enc, atp_job["recv"], atp_job["src"], atp_job["keys"], atp_job["positions"],
+                                ids, prefix=prefix if atp_job["last"] else None, trace_kw=trace_kw)
+    return lds, sigma, atp
+
+
+def _atp_job(batch: PairBatch, plan: _Plan, opts: PatchingOptions, layers) -> dict:
+    """What attribution patching runs: receiver/source rows, (layer, component) keys, positions."""
     n = batch.n
-    comps = list(opts.components)
-    keys = forward_keys([(la, c) for la in layers for c in comps])
-    recv = [batch.row(i, "base") for i in range(n)]
-    src = [batch.row(i, "cf") for i in range(n)]
-    lens = np.array([batch.encoded.lengths[r] for r in recv])
+    lens = [batch.encoded.lengths[batch.row(i, "base")] for i in range(n)]
     positions = [-1] if opts.positions == "last" else plan.positions or list(range(-int(max(lens)), 0))
-    atp, _, _ = attribution(model, batch.encoded, recv, src, keys, positions, ids,
-                            prefix=prefix if opts.positions == "last" else None, trace_kw=trace_kw)
+    return {"recv": [batch.row(i, "base") for i in range(n)], "src": [batch.row(i, "cf") for i in range(n)],
+            "keys": forward_keys([(la, c) for la in layers for c in opts.components]),
+            "positions": positions, "last": opts.positions == "last"}
+
+
+def _atp_array(atp, batch: PairBatch, plan: _Plan, opts: PatchingOptions, layers, job: dict) -> np.ndarray:
+    """AtP estimates shaped like ``patched`` (NaN for skipped pairs and padding positions)."""
+    n, comps, positions = batch.n, list(opts.components), job["positions"]
+    lens = np.array([batch.encoded.lengths[r] for r in job["recv"]])
     a = atp.numpy().astype(np.float64)                    # [K, n, P]
     pos = np.array(positions)
     valid = (-pos[None, :] <= lens[:, None]) & ~np.array([bool(s) for s in plan.skip])[:, None]
     a = np.where(valid[None], a, np.nan)
     nL, nC = len(layers), len(comps)
     out = np.full((n, len(positions), nL, nC), np.nan)
-    for k, (layer, comp) in enumerate(keys):
+    for k, (layer, comp) in enumerate(job["keys"]):
         out[:, :, layers.index(layer), comps.index(comp)] = a[k]
     if opts.positions == "grid":
         return out

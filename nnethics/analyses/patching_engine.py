@@ -18,8 +18,9 @@ cell. Two ways to run the rows:
   that cache through :class:`SharedPrefixCache`, so a patched row costs about one token's compute.
 
 The trace bodies only touch envoys, Python ints/lists and tensors created inside the trace, so they
-serialise for NDIF (checked with ``remote="local"`` in the tests). The KV path keeps a cache object
-on this side between traces, so it is local only; remote runs take the ``full`` path.
+serialise for NDIF (checked with ``remote="local"`` in the tests). Remote runs call the engine inside
+one nnsight session (:func:`nnethics.analyses.common.run_remote`): every forward of a chunk, the
+prefix cache of the KV path included, stays on the server, and only the LDs come back.
 """
 
 from __future__ import annotations
@@ -248,8 +249,6 @@ def _chunks(groups: list[list[Row]], max_rows: int) -> list[list[tuple[int, int]
 
 def kv_possible(model: Any, enc: Encoded, groups: list[list[Row]]) -> str | None:
     """Why the one-token KV path cannot run these groups (None when it can)."""
-    if model.remote:
-        return "remote model: the prefix cache would have to travel between traces"
     if min(enc.lengths[r.seq] for g in groups for r in g) < 2:
         return "a prompt has fewer than 2 tokens"
     for g in groups:
