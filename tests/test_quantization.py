@@ -67,3 +67,22 @@ def test_cli_runs_large_model_options(tiny_model_dir, tmp_path, option):
         assert ds.sizes["prompt"] == 2
         assert ds.attrs["quantization"] == ("4bit" if option[1] == "4bit" else "")
         assert path.parent.name.endswith("-4bit") == (option[1] == "4bit")
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_quantized_attribution_splits_heads_through_the_dequantized_o_proj(tiny_model_dir, pairs, quant):
+    """bitsandbytes stores o_proj packed (4-bit, repacked for the CPU kernel after a first forward) or as
+    int8 with row scales; the heads go through the dequantized weight, so heads + o_proj bias add up to
+    the attention contribution and stay close to the float32 model's heads."""
+    from nnethics.analyses.attribution import direct_logit_attribution
+
+    model = load_model(str(tiny_model_dir), quantize=quant, device="cpu")
+    ds = direct_logit_attribution(model, pairs)
+    ref = direct_logit_attribution(load_model(str(tiny_model_dir), device="cpu"), pairs)
+    attn = ds["diff_contribution"].sel(component="attn")
+    summed = ds["head_contribution"].sum("head") + ds["attn_bias_contribution"]
+    # the layer multiplies in bfloat16 (4-bit) or quantizes its input to int8: a few 1e-3 of slack
+    np.testing.assert_allclose(summed.values, attn.values, atol=ATOL[quant] / 10)
+    heads, want = ds["head_contribution"].values.ravel(), ref["head_contribution"].values.ravel()
+    np.testing.assert_allclose(heads, want, atol=ATOL[quant])
+    assert np.corrcoef(heads, want)[0, 1] > 0.95

@@ -175,13 +175,41 @@ def per_option_heads(model: Any, options: AttributionOptions, n_kept: int, remot
     return not remote or size <= HEAD_BYTES_PER_ROW
 
 
+def dense_weight(weight: Any, state: Any = None) -> Tensor:
+    """A linear layer's weight as a dense ``[out, in]`` tensor (conv1d: ``[in, out]``), detached.
+
+    bitsandbytes keeps it packed: 4-bit (``Params4bit``, possibly repacked for the CPU kernel after a
+    first forward) is dequantized with its quant state (on a copy: the layer keeps its packing); int8
+    (``Int8Params``) is multiplied by its row scales (``SCB``, on the weight or the layer's ``state``).
+    Called inside traces; plain Python and torch, so it ships to a server by value.
+    """
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import copy
+
+        from bitsandbytes import functional as bnbf
+
+        data, qs = weight.data, weight.quant_state
+        if getattr(qs, "packing_format_for_cpu", False):
+            data, qs = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(qs))
+        return bnbf.dequantize_4bit(data, qs).detach()
+    if kind == "Int8Params":
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = getattr(state, "SCB", None)
+        if scb is None:
+            raise ValueError("an int8 weight without row scales (SCB): run one forward first")
+        return (weight.data.float() * (scb.float()[:, None] / 127.0)).detach()
+    return weight.detach()
+
+
 def readout(model: Any, label_ids: Sequence[int], remote: Any = None) -> Readout:
     """The readout weights for ``label_ids``, computed from the envoys' weights in one early-stopped trace.
 
     :func:`direct_logit_attribution` does not need it (its trace computes the same directions next to
     the weights); use it to project activations of your own. Only the small projections come back;
-    ``remote`` overrides the handle's setting (``"local"`` dry-runs nnsight's serialization). The body
-    calls no nnethics function: those would be pickled by reference and missing on an NDIF server.
+    ``remote`` overrides the handle's setting (``"local"`` dry-runs nnsight's serialization). The nnethics
+    helpers the body calls (:func:`dense_weight`) ship by value (``nnsight.register``).
     """
     lm, ad = model.lm, model.adapter
     L, ids = model.n_layers, [int(i) for i in label_ids]
@@ -206,7 +234,7 @@ def readout(model: Any, label_ids: Sequence[int], remote: Any = None) -> Readout
             const = const + hb[ids].double().to(u.device)
         got = nnsight.save({"direction": direction.cpu(), "const": const.cpu(), "head_dir": [], "attn_bias": []})
         for i in range(L):
-            w = o_projs[i].weight.double()
+            w = dense_weight(o_projs[i].weight, getattr(o_projs[i], "state", None)).double()
             d_i = direction.to(w.device)
             if post is not None:
                 d_i = d_i * (post[i].weight.double().to(w.device) + 1.0)
@@ -262,7 +290,7 @@ def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], hea
         for i in range(L):
             if i in keep:
                 proj = o_projs[i]
-                w = proj.weight.detach()
+                w = dense_weight(proj.weight, getattr(proj, "state", None))  # bitsandbytes: dequantized
                 d_i = direction.to(w.device)
                 if post:  # Gemma: heads pass through the post-attention norm's gain (its scale frozen below)
                     d_i = d_i * (post_norms[i].weight.detach().double().to(w.device) + 1.0)
