@@ -3,11 +3,14 @@ references in tests/reference/patching.py, plus exact identities, the remote dry
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 from click.testing import CliRunner
-from conftest import FAMILIES, make_tiny
+from conftest import FAMILIES, PROMPTS, make_tiny
 from reference import patching as ref
 from reference.hooks import add_at, edit, record, set_positions
 
@@ -16,7 +19,7 @@ from nnethics.analyses.patching import SPECS, PatchingOptions, activation_patchi
 from nnethics.analyses.patching_engine import noise_sample
 from nnethics.analyses.patching_noise import pair_seed, restore_layers
 from nnethics.analyses.patching_results import finalize
-from nnethics.prompts import PromptPair
+from nnethics.prompts import PromptPair, load_prompts
 
 TOL = dict(rtol=0, atol=1e-4)
 COMPS = ("resid", "attn", "mlp")
@@ -206,6 +209,41 @@ def test_noise_restoration_matches_reference(family, strong_models, pairs):
                     _close(ds["patched_logit_diff"].values[i, layer, j], want)
 
 
+@pytest.mark.parametrize("kv", ["on", "off"])
+def test_noise_samples_average_the_reference_over_draws(strong_models, pairs, kv):
+    """``noise_samples=3``: corrupted and restored LDs are the means over three draws, each the reference
+    run with that draw's noise (draw 0 is the single-sample run's noise)."""
+    model = strong_models("llama")
+    hf = model.lm._module
+    ids, toks = _ids(model, pairs[:2])
+    opts = PatchingOptions(**PLAIN, noise_samples=3, layers=(0, 2), components=("resid", "mlp"), kv_cache=kv)
+    ds = causal_tracing(model, pairs[:2], opts)
+    single = causal_tracing(model, pairs[:2], PatchingOptions(**{**opts.__dict__, "noise_samples": 1}))
+    xr.testing.assert_allclose(ds["noise_std"], single["noise_std"])
+    assert not np.allclose(ds["corrupted_logit_diff"], single["corrupted_logit_diff"], atol=1e-3)
+    for i, (b, _) in enumerate(toks):
+        s, e = int(ds["noise_start"][i]), int(ds["noise_end"][i])
+        noises = [noise_sample(pair_seed(0, pairs[i].prompt_id, k), e - s, model.d_model) * float(ds["noise_std"][i])
+                  for k in range(3)]
+        _close(single["corrupted_logit_diff"][i], ref.noise_corrupted_ld(hf, b, ids, (s, e), noises[0]))
+        _close(ds["corrupted_logit_diff"][i], np.mean([ref.noise_corrupted_ld(hf, b, ids, (s, e), z) for z in noises]))
+        for li, layer in enumerate((0, 2)):
+            for ci, comp in enumerate(("resid", "mlp")):
+                want = np.mean([_restore_last(model, hf, b, ids, (s, e), z, layer, comp) for z in noises])
+                _close(ds["patched_logit_diff"].values[i, li, ci], want)
+
+
+def _restore_last(model, hf, b, ids, span, noise, layer, comp):
+    """The hook reference for restoring the clean ``comp`` state of ``layer`` at the last position."""
+    p = ref.parts(hf)
+    mod = ref._module(p, layer, comp)
+    T = b.shape[1]
+    with record({"m": mod}) as cl:
+        hf(b)
+    with torch.no_grad(), edit([(p.resid0, add_at(noise, *span)), (mod, set_positions(cl["m"][0, T - 1], T - 1))]):
+        return float(ref._ld(hf(b).logits, ids))
+
+
 def test_noise_span_not_found_is_skipped(strong_models, pairs):
     model = strong_models("llama")
     ds = causal_tracing(model, pairs[:2], PatchingOptions(**PLAIN, noise_span="regex:no such text"))
@@ -334,6 +372,13 @@ def test_cli_patch_end_to_end(tokenizer, tmp_path):
     res = CliRunner().invoke(cli, ["patch", "--model", str(folder), "--limit", "1", "--store", str(tmp_path / "store"),
                                    "--layers", "0-9", "--no-progress"])
     assert res.exit_code == 2 and "layers 0..2" in res.output
+    res = CliRunner().invoke(cli, ["patch", "--model", str(folder), "--limit", "2", "--store", str(tmp_path / "store"),
+                                   "--corruption", "noise", "--noise-samples", "2", "--layers", "1", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    noised = load(tmp_path / "store" / "tiny-llama" / "patching_noise.nc")
+    assert json.loads(noised.attrs["options"])["noise_samples"] == 2 and noised.sizes["layer"] == 1
+    want = causal_tracing(model, load_prompts(PROMPTS).pairs[:2], PatchingOptions(noise_samples=2, layers=(1,)))
+    np.testing.assert_allclose(noised["patched_logit_diff"].values, want["patched_logit_diff"].values, atol=1e-5)
 
 
 @pytest.mark.slow

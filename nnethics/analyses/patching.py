@@ -58,7 +58,8 @@ class PatchingOptions:
     """Options of :func:`activation_patching` (all of them are recorded in provenance).
 
     ``layers`` None means every layer. ``noise_std`` (absolute) overrides ``noise_scale`` times the
-    std of the clean layer-0 input over the span. ``kv_cache``: ``auto`` uses the prefix-cache path
+    std of the clean layer-0 input over the span; with ``noise_samples`` > 1 each prompt gets that many
+    noise draws and the corrupted and every restored LD are means over them (ROME uses 10). ``kv_cache``: ``auto`` uses the prefix-cache path
     where it applies, ``on`` insists on it, ``off`` always runs full forwards. ``max_tokens`` bounds
     the tokens of one forward (rows x width); the rows per forward halve on out-of-memory.
     ``remote`` overrides the model's remote setting for every trace (``"local"``: NDIF dry run).
@@ -73,6 +74,7 @@ class PatchingOptions:
     window: int = 1
     noise_scale: float = 3.0
     noise_std: float | None = None
+    noise_samples: int = 1
     noise_span: str = "option1"
     seed: int = 0
     atp: bool = True
@@ -89,6 +91,8 @@ class PatchingOptions:
                                      ("corruption", self.corruption, CORRUPTIONS), ("kv_cache", self.kv_cache, KV_CACHE)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.noise_samples < 1:
+            raise ValueError(f"noise_samples must be at least 1, got {self.noise_samples}")
         if self.window < 1:
             raise ValueError(f"window must be at least 1, got {self.window}")
         if self.noise_scale < 0 or (self.noise_std is not None and self.noise_std < 0):
@@ -106,6 +110,7 @@ class PatchingOptions:
 @dataclass
 class _Plan:
     groups: list[list[Row]]
+    owner: list[int]                 # per group: its pair (noise mode: one group per pair and noise draw)
     cells: list[list[tuple]]         # per group, per patched row: index into the cell array
     positions: list[int] | None      # grid coordinate
     skip: list[str]                  # per pair, "" when run
@@ -125,41 +130,39 @@ def _plan(model: Any, batch: PairBatch, opts: PatchingOptions, layers: Sequence[
     enc = batch.encoded
     comps = list(opts.components)
     noise_mode = opts.corruption == "noise"
-    groups, cells, skip = [], [], []
+    groups, owner, cells, skip = [], [], [], []
     starts, ends, texts = np.full(n, -1, np.int32), np.full(n, -1, np.int32), [""] * n
     for i, pair in enumerate(batch.pairs):
         b, c = batch.row(i, "base"), batch.row(i, "cf")
         tb, tc = enc.lengths[b], enc.lengths[c]
-        reason, noise = "", None
+        reason, draws = "", [None]
         if noise_mode:
-            rows = [Row(b)]
             try:
                 lo, hi = span_chars(enc.texts[b], opts.noise_span, opts.labels)
                 s, e = span_tokens(model.tokenizer, enc.texts[b], enc.tokens(b), (lo, hi))
-                noise = Noise(s - tb, e - tb, pair_seed(opts.seed, pair.prompt_id), opts.noise_scale, opts.noise_std)
+                draws = [Noise(s - tb, e - tb, pair_seed(opts.seed, pair.prompt_id, k), opts.noise_scale,
+                               opts.noise_std) for k in range(opts.noise_samples)]
                 starts[i], ends[i], texts[i] = s, e, enc.texts[b][lo:hi]
-                rows.append(Row(b, noise))
             except SpanError as err:
                 reason = f"noise span {opts.noise_span!r} not found: {err}"
-            length = tb
-        else:
-            rows = [Row(c), Row(b)]
-            if opts.positions != "last" and tb != tc:
-                reason = f"base and counterfactual tokenize to different lengths ({tb} vs {tc})"
-            length = tb
-        group_cells = []
-        if not reason:
-            pos_sets = _positions_of(length, opts.positions)
-            width = max(enc.lengths)
-            for ci, comp in enumerate(comps):
-                for li, layer in enumerate(layers):
-                    window = restore_layers(L, layer, opts.window)
-                    for pos in pos_sets:
-                        rows.append(Row(b, noise, Patch(window, comp, pos)))
-                        pi = width + pos[0] if opts.positions == "grid" else None
-                        group_cells.append((pi, li, ci))
-        groups.append(rows)
-        cells.append(group_cells)
+        elif opts.positions != "last" and tb != tc:
+            reason = f"base and counterfactual tokenize to different lengths ({tb} vs {tc})"
+        for noise in draws if not reason else [None]:
+            # noise: the clean base restores into a noised base; counterfactual: cf patches into base
+            rows = ([Row(b)] + ([Row(b, noise)] if not reason else [])) if noise_mode else [Row(c), Row(b)]
+            group_cells = []
+            if not reason:
+                width = max(enc.lengths)
+                for ci, comp in enumerate(comps):
+                    for li, layer in enumerate(layers):
+                        window = restore_layers(L, layer, opts.window)
+                        for pos in _positions_of(tb, opts.positions):
+                            rows.append(Row(b, noise, Patch(window, comp, pos)))
+                            pi = width + pos[0] if opts.positions == "grid" else None
+                            group_cells.append((pi, li, ci))
+            groups.append(rows)
+            owner.append(i)
+            cells.append(group_cells)
         skip.append(reason)
     positions = list(range(-max(enc.lengths), 0)) if opts.positions == "grid" else None
     extra: dict = {"skipped": (("prompt",), np.array([bool(r) for r in skip])),
@@ -169,7 +172,7 @@ def _plan(model: Any, batch: PairBatch, opts: PatchingOptions, layers: Sequence[
     if noise_mode:
         extra.update(noise_start=(("prompt",), starts), noise_end=(("prompt",), ends),
                      noise_span_text=(("prompt",), np.array(texts, dtype=str)))
-    return _Plan(groups, cells, positions, skip, extra)
+    return _Plan(groups, owner, cells, positions, skip, extra)
 
 
 def _choose_path(model: Any, batch: PairBatch, plan: _Plan, opts: PatchingOptions) -> tuple[bool, str]:
@@ -213,12 +216,21 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
         lds, sigma, atp_raw = _execute(*job, {})
     n, nL, nC = batch.n, len(layers), len(opts.components)
     shape = (n, len(plan.positions), nL, nC) if plan.positions is not None else (n, nL, nC)
-    patched = np.full(shape, np.nan)
-    for g, group_cells in enumerate(plan.cells):
+    patched, draws = np.zeros(shape), np.bincount(plan.owner, minlength=n)  # noise: mean over the draws
+    src, recv = np.full(n, np.nan), np.zeros(n)
+    for g, (i, group_cells) in enumerate(zip(plan.owner, plan.cells)):
         for j, (pi, li, ci) in enumerate(group_cells):
-            patched[(g, pi, li, ci) if pi is not None else (g, li, ci)] = lds[g][j + 2]
-    src = np.array([lds[g][0] for g in range(n)])
-    recv = np.array([lds[g][1] if len(lds[g]) > 1 else np.nan for g in range(n)])
+            patched[(i, pi, li, ci) if pi is not None else (i, li, ci)] += lds[g][j + 2] / draws[i]
+        src[i] = lds[g][0]
+        recv[i] += lds[g][1] / draws[i] if len(lds[g]) > 1 else np.nan
+    for i in range(n):
+        group_cells = plan.cells[plan.owner.index(i)]
+        if not group_cells:
+            patched[i] = np.nan
+        elif plan.positions is not None:  # grid: positions before this pair's first token were never run
+            ran = np.zeros(len(plan.positions), bool)
+            ran[[pi for pi, _, _ in group_cells]] = True
+            patched[i, ~ran] = np.nan
     atp = None if atp_job is None else _atp_array(atp_raw, batch, plan, opts, layers, atp_job)
     base_ld = src if opts.corruption == "noise" else recv
     labels = list(opts.labels)
@@ -229,7 +241,8 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
     extra = dict(plan.extra)
     extra["forward_path"] = (("prompt",), np.array(["kv_cache" if use_kv else "full"] * n, dtype=str))
     if opts.corruption == "noise":
-        extra["noise_std"] = (("prompt",), np.array([sigma.get(g, np.nan) for g in range(n)], np.float32))
+        first = {i: plan.owner.index(i) for i in range(n)}  # every draw of a pair has the same std
+        extra["noise_std"] = (("prompt",), np.array([sigma.get(first[i], np.nan) for i in range(n)], np.float32))
     ds = results.build_dataset(
         prompt_ids=[p.prompt_id for p in pairs], categories=[p.category for p in pairs], layers=layers,
         components=list(opts.components), positions=plan.positions, corruption=opts.corruption,
@@ -304,7 +317,7 @@ NAMES = {("counterfactual", "last"): "patching", ("counterfactual", "grid"): "pa
          ("counterfactual", "all"): "patching_all", ("noise", "last"): "patching_noise",
          ("noise", "grid"): "patching_noise_grid", ("noise", "all"): "patching_noise_all"}
 
-_CLI_KEYS = ("components", "layers", "window", "noise_scale", "noise_std", "noise_span", "seed", "atp", "kv_cache",
+_CLI_KEYS = ("components", "layers", "window", "noise_scale", "noise_std", "noise_samples", "noise_span", "seed", "atp", "kv_cache",
              "min_gap", "max_tokens")
 
 

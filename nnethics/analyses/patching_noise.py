@@ -72,9 +72,10 @@ def span_tokens(tokenizer: Any, text: str, tokens: Sequence[int], chars: tuple[i
     return shift + hit[0], shift + hit[-1] + 1
 
 
-def pair_seed(seed: int, prompt_id: str) -> int:
-    """A per-prompt seed that does not depend on how prompts are chunked or ordered."""
-    return (int(seed) * 1_000_003 + zlib.crc32(prompt_id.encode("utf-8"))) % (2**31 - 1)
+def pair_seed(seed: int, prompt_id: str, sample: int = 0) -> int:
+    """A per-prompt seed that does not depend on how prompts are chunked or ordered; ``sample`` numbers
+    the noise draws of one prompt (draw 0 is the same whatever the number of draws)."""
+    return (int(seed) * 1_000_003 + zlib.crc32(prompt_id.encode("utf-8")) + int(sample) * 7_919) % (2**31 - 1)
 
 
 def restore_layers(n_layers: int, layer: int, window: int = 1) -> tuple[int, ...]:

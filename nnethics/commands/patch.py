@@ -64,6 +64,9 @@ def register(cli: click.Group) -> None:
     @click.option("--noise-scale", type=click.FloatRange(min=0), default=3.0, show_default=True,
                   help="Noise std as a multiple of the std of the clean embeddings over the span.")
     @click.option("--noise-std", type=click.FloatRange(min=0), default=None, help="Absolute noise std (overrides --noise-scale).")
+    @click.option("--noise-samples", type=click.IntRange(min=1), default=1, show_default=True,
+                  help="Noise draws per prompt; the corrupted and restored logit differences are their mean "
+                       "(ROME uses 10).")
     @click.option("--noise-span", default="option1", show_default=True, callback=_span,
                   help="Tokens to corrupt: option1, option2, options, or regex:<pattern> on the formatted prompt.")
     @click.option("--window", type=click.IntRange(min=1), default=1, show_default=True,
@@ -79,7 +82,7 @@ def register(cli: click.Group) -> None:
     @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
     @friendly
     def patch(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat,
-              limit, components, positions, corruption, noise_scale, noise_std, noise_span, window, layers, seed, atp,
+              limit, components, positions, corruption, noise_scale, noise_std, noise_samples, noise_span, window, layers, seed, atp,
               kv_cache, store, batch_size, progress) -> None:
         """Activation patching / causal tracing of the decision; writes STORE/<model>/patching*.nc."""
         from ..analyses.patching import NAMES, SPECS
@@ -91,13 +94,10 @@ def register(cli: click.Group) -> None:
         model = _load(model_spec, revision, device, device_map, dtype, quantize, remote, token)
         if layers is not None and layers[-1] >= model.n_layers:
             raise BadInput(f"--layers {','.join(map(str, layers))}: the model has layers 0..{model.n_layers - 1}")
-        if kv_cache == "on" and remote:
-            raise BadInput("--kv-cache on cannot run remotely (the prefix cache would travel between traces); "
-                           "use --kv-cache auto")
         if kv_cache == "on" and positions != "last":
             raise BadInput("--kv-cache on needs --positions last (only the last position can reuse the prefix cache)")
         extra = dict(components=list(components), layers=list(layers) if layers else None, window=window,
-                     noise_scale=noise_scale, noise_std=noise_std, noise_span=noise_span, seed=seed, atp=atp,
+                     noise_scale=noise_scale, noise_std=noise_std, noise_samples=noise_samples, noise_span=noise_span, seed=seed, atp=atp,
                      kv_cache=kv_cache)
         ctx = make_context(model, prompts, chat, extra)
         name = NAMES[(corruption, positions)]
