@@ -365,7 +365,9 @@ class TrainOptions:
     """How :func:`train_tuned_lens` trains. ``batch_tokens`` positions (drawn at random from the cached
     residuals) per step; Adam with linear warm-up over ``warmup`` of the steps, then cosine decay.
     ``matmul_dtype`` is the dtype of the unembedding matmuls while training (``auto``: bfloat16 where it
-    is faster, e.g. CUDA or CPUs with bf16 units; the loss, softmax and evaluation stay in float32)."""
+    is faster, e.g. CUDA or CPUs with bf16 units; the loss, softmax and evaluation stay in float32).
+    ``chat_fraction`` of the documents are wrapped in the model's chat template (when it has one), as
+    the analyses' prompts are (:func:`nnethics.data.corpus.chat_documents`)."""
 
     steps: int = 200
     lr: float = 1e-3
@@ -376,6 +378,7 @@ class TrainOptions:
     train_tokens: int = 16384
     eval_tokens: int = 1024
     heldout: float = 0.1
+    chat_fraction: float = 0.5
     seed: int = 0
     matmul_dtype: str = "auto"
     checkpoint_every: int = 25
@@ -578,7 +581,7 @@ def train_tuned_lens(model: Any, corpus: list[str | Path] | None = None, options
 
     from tqdm.auto import tqdm
 
-    from .data.corpus import read_documents, split_documents, token_windows
+    from .data.corpus import chat_documents, read_documents, split_documents, token_windows
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
     show = sys.stderr.isatty() if progress is None else progress
@@ -598,6 +601,7 @@ def train_tuned_lens(model: Any, corpus: list[str | Path] | None = None, options
         else:
             say(f"{ckpt_file} was made with other options, corpus or model: starting over")
     t0 = time.perf_counter()
+    train_docs = chat_documents(model.tokenizer, train_docs, options.chat_fraction, options.seed)
     windows = token_windows(model.tokenizer, train_docs, options.seq_len, options.train_tokens)
     with tqdm(total=len(windows), desc="caching residuals", unit="window", file=sys.stderr, disable=not show) as bar:
         resid = collect_residuals(model, windows, progress=bar)

@@ -432,3 +432,26 @@ def test_remote_runs_use_a_cached_tuned_lens_only_when_asked(tiny_models, pairs,
                                             extra={"tuned_lens": str(folder)}))
     assert opts["tuned_lens"] == str(folder)
     xr.testing.assert_allclose(fn(model, pairs[:2]), local)
+
+
+def test_corpus_split_chat_formatting_and_windows(tokenizer):
+    from nnethics.data.corpus import CorpusError, chat_documents, read_documents, split_documents, token_windows
+
+    docs, sha = read_documents()
+    assert len(docs) > 100 and len(sha) == 64
+    train, held = split_documents(docs, 0.1, seed=0)
+    assert not set(train) & set(held) and len(train) + len(held) == len(docs)
+    assert (train, held) == split_documents(docs, 0.1, seed=0) and held != split_documents(docs, 0.1, seed=1)[1]
+    chat = chat_documents(tokenizer, held, 0.5, seed=0)
+    wrapped = [c for c, d in zip(chat, held) if c != d]
+    assert len(wrapped) == round(0.5 * len(held)) and chat == chat_documents(tokenizer, held, 0.5, seed=0)
+    assert all(c.startswith("<|im_start|>") and c.endswith("<|im_start|>assistant\n") for c in wrapped)
+    assert chat_documents(tokenizer, held, 0.0, seed=0) == held
+    windows = token_windows(tokenizer, chat, seq_len=64, max_tokens=1024)
+    assert len(windows) == 16 and {len(w) for w in windows} == {64}
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert sum(w.count(im_start) for w in windows) >= 2  # the template's special tokens, not their spelling
+    with pytest.raises(CorpusError, match="chat fraction"):
+        chat_documents(tokenizer, held, 1.5, seed=0)
+    with pytest.raises(CorpusError, match="seq_len"):
+        token_windows(tokenizer, held, seq_len=1, max_tokens=10)

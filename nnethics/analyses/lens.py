@@ -231,15 +231,19 @@ def evaluate_lenses(model: Any, tuned_lens: TunedLens, corpus: Sequence[str | Pa
     from its config, unless ``corpus`` is given). Returns dims ``lens`` (logit, tuned), ``layer``:
     ``kl (lens, layer)`` in nats, ``top1_agreement (lens, layer)``; attrs ``n_tokens``, ``corpus_sha256``.
     """
-    from ..data.corpus import read_documents, split_documents, token_windows
+    from ..data.corpus import chat_documents, read_documents, split_documents, token_windows
     from ..lenses import LogitLens, TrainOptions, Unembed, collect_residuals, layer_kl
 
     trained = tuned_lens.config.training or {}
     known = TrainOptions.__dataclass_fields__
-    topts = TrainOptions(**{k: v for k, v in trained.get("options", {}).items() if k in known})
+    saved = trained.get("options", {})
+    if saved and "chat_fraction" not in saved:  # trained before documents were chat-formatted
+        saved = {**saved, "chat_fraction": 0.0}
+    topts = TrainOptions(**{k: v for k, v in saved.items() if k in known})
     files = list(corpus) if corpus else trained.get("corpus_files") or None
     docs, sha = read_documents(files)
     _, held = split_documents(docs, topts.heldout, topts.seed)
+    held = chat_documents(model.tokenizer, held, topts.chat_fraction, topts.seed)
     windows = token_windows(model.tokenizer, held, topts.seq_len, eval_tokens or topts.eval_tokens)
     resid = collect_residuals(model, windows)
     fits = layer_kl(Unembed.from_model(model), resid, {"logit": LogitLens(model.n_layers), "tuned": tuned_lens})

@@ -38,6 +38,8 @@ def register(cli: click.Group) -> None:
     @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per window.")
     @click.option("--heldout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
                   help="Fraction of documents held out for evaluation.")
+    @click.option("--chat-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+                  help="Fraction of documents wrapped in the chat template, like the analysed prompts.")
     @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
     @click.option("--seed", type=int, default=0, show_default=True)
     @click.option("--matmul-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
@@ -46,7 +48,7 @@ def register(cli: click.Group) -> None:
     @click.option("--progress/--no-progress", default=None, help="Progress bars on stderr (default: when stderr is a terminal).")
     @friendly
     def lens_train(model_spec, revision, device, device_map, dtype, quantize, remote, token, corpus, out, steps, lr,
-                   batch_tokens, train_tokens, eval_tokens, seq_len, heldout, weight_decay, seed, matmul_dtype, restart,
+                   batch_tokens, train_tokens, eval_tokens, seq_len, heldout, chat_fraction, weight_decay, seed, matmul_dtype, restart,
                    progress) -> None:
         """Train a tuned lens for a model (resumable from its last checkpoint).
 
@@ -59,8 +61,8 @@ def register(cli: click.Group) -> None:
         if remote:
             raise BadInput("training a tuned lens needs the model's weights locally; drop --remote")
         options = TrainOptions(steps=steps, lr=lr, batch_tokens=batch_tokens, train_tokens=train_tokens,
-                               eval_tokens=eval_tokens, seq_len=seq_len, heldout=heldout, weight_decay=weight_decay,
-                               seed=seed, matmul_dtype=matmul_dtype)
+                               eval_tokens=eval_tokens, seq_len=seq_len, heldout=heldout, chat_fraction=chat_fraction,
+                               weight_decay=weight_decay, seed=seed, matmul_dtype=matmul_dtype)
         from ..data.corpus import read_documents
 
         try:

@@ -60,6 +60,20 @@ def split_documents(docs: Sequence[str], heldout: float, seed: int) -> tuple[lis
     return [docs[i] for i in order[n_held:]], [docs[i] for i in order[:n_held]]
 
 
+def chat_documents(tokenizer: Any, docs: Sequence[str], fraction: float, seed: int) -> list[str]:
+    """``docs`` with a seeded ``fraction`` of them wrapped in the tokenizer's chat template, each as a user
+    turn followed by the assistant header, so the lens also sees the position the analyses decode at (the
+    last prompt token of a chat-formatted prompt). Unchanged when the tokenizer has no chat template."""
+    if not 0 <= fraction <= 1:
+        raise CorpusError(f"the chat fraction must be between 0 and 1, got {fraction}")
+    if not fraction or not getattr(tokenizer, "chat_template", None):
+        return list(docs)
+    from ...prompts import format_prompt
+
+    chosen = set(np.random.default_rng(seed + 1).permutation(len(docs))[:round(fraction * len(docs))].tolist())
+    return [format_prompt(tokenizer, d, chat=True) if i in chosen else d for i, d in enumerate(docs)]
+
+
 def token_windows(tokenizer: Any, docs: Sequence[str], seq_len: int, max_tokens: int) -> list[list[int]]:
     """Concatenate the documents (each followed by a blank line) and cut the token stream into windows of
     ``seq_len`` tokens, at most ``max_tokens`` tokens in all; a shorter last window is dropped unless it
