@@ -15,9 +15,11 @@ from conftest import FAMILIES, make_tiny
 from reference.lens import logit_lens as reference_logit_lens
 
 from nnethics import lenses as L
+from nnethics.analyses import lens_training as T
 from nnethics.analyses.common import encode_pairs
 from nnethics.analyses.lens import LensOptions, crossing_layer, evaluate_lenses, lens_readout, logit_lens
-from nnethics.lenses import LensLoadError, LogitLens, TrainOptions, TunedLens, Unembed
+from nnethics.analyses.lens_training import TrainOptions
+from nnethics.lenses import LensLoadError, LogitLens, TunedLens, Unembed
 
 K = 5
 
@@ -252,7 +254,7 @@ def test_manual_kl_gradient_matches_autograd(tiny_models, family):
     want_kl, want_grad = _kl_grad_reference(unembed, n, p)
     w = unembed.weight(torch.float32)
     b = unembed._bias
-    kl, grad = L._kl_and_grad(n, p, p @ w, p @ b if b is not None else 0.0, (p * p.log()).sum(-1), unembed, torch.float32)
+    kl, grad = T._kl_and_grad(n, p, p @ w, p @ b if b is not None else 0.0, (p * p.log()).sum(-1), unembed, torch.float32)
     torch.testing.assert_close(kl, want_kl, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=1e-4)
 
@@ -271,7 +273,7 @@ TINY = TrainOptions(steps=20, lr=3e-3, batch_tokens=64, seq_len=32, train_tokens
 def test_training_lowers_heldout_kl(tiny_models, tmp_path, prompt_set):
     model = tiny_models("llama")
     corpus = _tiny_corpus(tmp_path, prompt_set)
-    lens, info = L.train_tuned_lens(model, corpus, TINY, out=tmp_path / "lens", progress=False, log=lambda m: None)
+    lens, info = T.train_tuned_lens(model, corpus, TINY, out=tmp_path / "lens", progress=False, log=lambda m: None)
     assert info["history"][-1] < info["history"][0]
     assert not (tmp_path / "lens" / "checkpoint.pt").exists()
     ds = evaluate_lenses(model, TunedLens.load(tmp_path / "lens", model))
@@ -286,9 +288,9 @@ def test_training_resumes_from_checkpoint(tiny_models, tmp_path, prompt_set, mon
     model = tiny_models("llama")
     corpus = _tiny_corpus(tmp_path, prompt_set)
     opts = dataclasses.replace(TINY, steps=8)
-    whole, _ = L.train_tuned_lens(model, corpus, opts, out=tmp_path / "a", progress=False, log=lambda m: None)
+    whole, _ = T.train_tuned_lens(model, corpus, opts, out=tmp_path / "a", progress=False, log=lambda m: None)
 
-    real_fit = L.fit_tuned_lens
+    real_fit = T.fit_tuned_lens
 
     def interrupted(*args, on_checkpoint=None, **kwargs):
         def save_then_stop(snap):
@@ -297,13 +299,13 @@ def test_training_resumes_from_checkpoint(tiny_models, tmp_path, prompt_set, mon
 
         return real_fit(*args, on_checkpoint=save_then_stop, **kwargs)
 
-    monkeypatch.setattr(L, "fit_tuned_lens", interrupted)
+    monkeypatch.setattr(T, "fit_tuned_lens", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        L.train_tuned_lens(model, corpus, opts, out=tmp_path / "b", progress=False, log=lambda m: None)
+        T.train_tuned_lens(model, corpus, opts, out=tmp_path / "b", progress=False, log=lambda m: None)
     assert (tmp_path / "b" / "checkpoint.pt").exists()
-    monkeypatch.setattr(L, "fit_tuned_lens", real_fit)
+    monkeypatch.setattr(T, "fit_tuned_lens", real_fit)
     said = []
-    resumed, _ = L.train_tuned_lens(model, corpus, opts, out=tmp_path / "b", progress=False, log=said.append)
+    resumed, _ = T.train_tuned_lens(model, corpus, opts, out=tmp_path / "b", progress=False, log=said.append)
     assert any("resuming" in s and "step 5/8" in s for s in said), said
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b)

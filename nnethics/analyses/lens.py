@@ -232,7 +232,8 @@ def evaluate_lenses(model: Any, tuned_lens: TunedLens, corpus: Sequence[str | Pa
     ``kl (lens, layer)`` in nats, ``top1_agreement (lens, layer)``; attrs ``n_tokens``, ``corpus_sha256``.
     """
     from ..data.corpus import chat_documents, read_documents, split_documents, token_windows
-    from ..lenses import LogitLens, TrainOptions, Unembed, collect_residuals, layer_kl
+    from ..lenses import LogitLens, Unembed
+    from .lens_training import TrainOptions, collect_residuals, layer_kl
 
     trained = tuned_lens.config.training or {}
     known = TrainOptions.__dataclass_fields__

@@ -56,7 +56,7 @@ def register(cli: click.Group) -> None:
         minimise KL(final ‖ lens) over every position of the corpus; a split of its documents is held out
         for `nnethics lens eval`.
         """
-        from ..lenses import TrainOptions, train_tuned_lens
+        from ..analyses.lens_training import TrainOptions, train_tuned_lens
 
         if remote:
             raise BadInput("training a tuned lens needs the model's weights locally; drop --remote")
