@@ -15,13 +15,11 @@ from reference.attribution import dla
 from nnethics.analyses.attribution import (
     HEAD_BYTES_PER_ROW,
     AttributionOptions,
-    collect,
     direct_logit_attribution,
     per_option_heads,
-    readout,
     summarize,
-    wire_bytes,
 )
+from nnethics.analyses.attribution_trace import collect, readout, wire_bytes
 from nnethics.analyses.common import encode_pairs
 from nnethics.analyses.decisions import baseline_decisions
 from nnethics.prompts import PromptPair

@@ -372,7 +372,7 @@ def test_attribution_bytes_per_prompt(server, tiny_model_dir, tmp_path):
     measured here with a trace that saves one number. The old code brought back 12 float32 vectors of
     d=64 per prompt (about 3 KB) and made one more request for the readout weights.
     """
-    from nnethics.analyses.attribution import wire_bytes
+    from nnethics.analyses.attribution_trace import wire_bytes
     from nnethics.pipeline import make_context, run_one
     from nnethics.prompts import load_prompts
 

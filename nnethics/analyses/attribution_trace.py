@@ -1,0 +1,303 @@
+"""Direct logit attribution inside the trace: what runs next to the weights (locally or on NDIF).
+
+:func:`collect` runs one trace over a batch and projects every part of the residual stream at the last
+position (embeddings, each layer's attention and MLP, each head through its ``o_proj``, MoE experts)
+onto the label directions there, so only :class:`Projections` (numbers per row) come back;
+:func:`contributions` turns them into per-label contributions (float64). :func:`readout` returns the
+label directions themselves, for projecting activations of your own; :func:`wire_bytes` counts what a
+remote run brings back. The maths is in :mod:`nnethics.analyses.attribution`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nnsight
+import torch
+from torch import Tensor
+
+from ..models.adapters import final_norm_eps, get_path
+
+F64 = torch.float64
+
+
+@dataclass
+class Readout:
+    """The linear readout of the label logits from the final residual, float64 on CPU.
+
+    ``direction [O, d]``: W_U rows ⊙ final-norm gain (centred for LayerNorm); ``const [O]``: norm
+    bias + lm_head bias; ``head_dir [L, O, H·dh]``: the direction (⊙ Gemma's post-attention gain)
+    pulled back through each o_proj; ``attn_bias [L, O]``: the o_proj bias on that direction.
+    """
+
+    direction: Tensor
+    const: Tensor
+    head_dir: Tensor
+    attn_bias: Tensor
+    eps: float
+    centre: bool
+    n_heads: int
+    post_eps: tuple[float, ...] | None  # Gemma: each layer's post-attention norm epsilon
+
+
+@dataclass
+class Projections:
+    """What the trace brings back: every part already dotted with the label directions (rows first).
+
+    Per row, unscaled (multiply by ``scale``): ``embed [N, O]``, ``layers [N, L, 2, O]`` (attn, mlp; every
+    layer, for the sum). For the ``kept`` layers only: ``heads [N, K, H, O']`` (O' = O, or 1 for the
+    label-1-minus-label-2 direction; float32, float16 for 16-bit models), ``post [N, K]`` (Gemma: the
+    frozen post-attention norm scale, applies to heads and o_proj bias), ``experts [N, K, k, O]`` (routing
+    weight applied) with ``expert_idx [N, K, k]``. Per row: ``scale [N]`` (frozen final-norm scale),
+    ``pre_logits``/``logits [N, O]`` (before / after the soft-cap). Per chunk: ``const [O]`` (norm bias +
+    lm_head bias), ``attn_bias [K, O]`` (o_proj bias on the direction, Gemma's post gain folded in).
+    """
+
+    scale: Tensor
+    embed: Tensor
+    layers: Tensor
+    const: Tensor
+    attn_bias: Tensor
+    pre_logits: Tensor
+    logits: Tensor
+    kept: tuple[int, ...]
+    heads: Tensor | None = None
+    post: Tensor | None = None
+    experts: Tensor | None = None
+    expert_idx: Tensor | None = None
+
+    def per_row_bytes(self) -> float:
+        """Bytes of the per-row results divided by the rows (what :func:`wire_bytes` predicts)."""
+        per_row = [self.scale, self.embed, self.layers, self.pre_logits, self.logits, self.heads, self.post,
+                   self.experts, self.expert_idx]
+        return sum(t.numel() * t.element_size() for t in per_row if t is not None) / self.scale.shape[0]
+
+
+def wire_bytes(n_layers: int, n_heads: int, n_options: int = 2, kept: int | None = None, heads: bool = True,
+               head_options: bool = True, half: bool = False, top_k: int = 0, post: bool = False) -> dict[str, int]:
+    """Bytes per prompt (row) of each result the attribution trace brings back, before compression.
+
+    ``kept``: layers stored (default all); ``half``: a 16-bit model (heads travel in float16); ``top_k``:
+    MoE experts per token; ``post``: Gemma's post-attention norm. Everything else is float64. The
+    per-chunk ``const``/``attn_bias`` and the container's overhead are not included. For an 80-layer,
+    64-head bfloat16 model with difference-only heads: 12,856 bytes; with ``heads=False``: 2,616.
+    """
+    kept = n_layers if kept is None else kept
+    out = {"scale": 8, "embed": 8 * n_options, "layers": 8 * n_layers * 2 * n_options,
+           "pre_logits": 8 * n_options, "logits": 8 * n_options}
+    if heads:
+        out["heads"] = kept * n_heads * (n_options if head_options else 1) * (2 if half else 4)
+    if post:
+        out["post"] = 8 * kept
+    if top_k:
+        out["experts"] = 8 * kept * top_k * n_options
+        out["expert_idx"] = 4 * kept * top_k
+    return out
+
+
+def _is_half(model: Any) -> bool:
+    return str(getattr(model, "dtype", "")).endswith("16")  # bfloat16, float16, 4bit/bfloat16
+
+
+
+
+def dense_weight(weight: Any, state: Any = None) -> Tensor:
+    """A linear layer's weight as a dense ``[out, in]`` tensor (conv1d: ``[in, out]``), detached.
+
+    bitsandbytes keeps it packed: 4-bit (``Params4bit``, possibly repacked for the CPU kernel after a
+    first forward) is dequantized with its quant state (on a copy: the layer keeps its packing); int8
+    (``Int8Params``) is multiplied by its row scales (``SCB``, on the weight or the layer's ``state``).
+    Called inside traces; plain Python and torch, so it ships to a server by value.
+    """
+    kind = type(weight).__name__
+    if kind == "Params4bit":
+        import copy
+
+        from bitsandbytes import functional as bnbf
+
+        data, qs = weight.data, weight.quant_state
+        if getattr(qs, "packing_format_for_cpu", False):
+            data, qs = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(qs))
+        return bnbf.dequantize_4bit(data, qs).detach()
+    if kind == "Int8Params":
+        scb = getattr(weight, "SCB", None)
+        if scb is None:
+            scb = getattr(state, "SCB", None)
+        if scb is None:
+            raise ValueError("an int8 weight without row scales (SCB): run one forward first")
+        return (weight.data.float() * (scb.float()[:, None] / 127.0)).detach()
+    return weight.detach()
+
+
+def readout(model: Any, label_ids: Sequence[int], remote: Any = None) -> Readout:
+    """The readout weights for ``label_ids``, computed from the envoys' weights in one early-stopped trace.
+
+    :func:`direct_logit_attribution` does not need it (its trace computes the same directions next to
+    the weights); use it to project activations of your own. Only the small projections come back;
+    ``remote`` overrides the handle's setting (``"local"`` dry-runs nnsight's serialization). The nnethics
+    helpers the body calls (:func:`dense_weight`) ship by value (``nnsight.register``).
+    """
+    lm, ad = model.lm, model.adapter
+    L, ids = model.n_layers, [int(i) for i in label_ids]
+    head, norm = lm.lm_head, lm.model.norm
+    o_projs = [model.o_proj(i) for i in range(L)]
+    post = [get_path(model.layer(i), ad.attn_post_norm) for i in range(L)] if ad.attn_post_norm else None
+    offset, centre, conv1d = ad.norm == "rms_offset", ad.norm == "layer", ad.o_proj_conv1d
+    tiny = {"input_ids": torch.tensor([ids[:1]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    kw = {} if remote is None else {"remote": remote}
+    with torch.no_grad(), model.trace(tiny, **kw) as tracer:
+        u = head.weight[ids].double()
+        nw = getattr(norm, "weight", None)
+        gain = u.new_ones(u.shape[-1]) if nw is None else nw.double().to(u.device)
+        direction = u * (gain + 1.0 if offset else gain)
+        if centre:  # LayerNorm: centring the direction == centring every part
+            direction = direction - direction.mean(-1, keepdim=True)
+        const = u.new_zeros(len(ids))
+        nb, hb = getattr(norm, "bias", None), getattr(head, "bias", None)
+        if nb is not None:
+            const = const + u @ nb.double().to(u.device)
+        if hb is not None:
+            const = const + hb[ids].double().to(u.device)
+        got = nnsight.save({"direction": direction.cpu(), "const": const.cpu(), "head_dir": [], "attn_bias": []})
+        for i in range(L):
+            w = dense_weight(o_projs[i].weight, getattr(o_projs[i], "state", None)).double()
+            d_i = direction.to(w.device)
+            if post is not None:
+                d_i = d_i * (post[i].weight.double().to(w.device) + 1.0)
+            got["head_dir"].append((d_i @ (w.T if conv1d else w)).cpu())  # [O, H*dh]
+            b = getattr(o_projs[i], "bias", None)
+            got["attn_bias"].append((d_i @ b.double()).cpu() if b is not None else d_i.new_zeros(len(ids)).cpu())
+        tracer.stop()
+    post_eps = tuple(final_norm_eps(ad, p._module) for p in post) if post else None
+    return Readout(direction=got["direction"], const=got["const"], head_dir=torch.stack(got["head_dir"]),
+                   attn_bias=torch.stack(got["attn_bias"]), eps=final_norm_eps(ad, norm._module), centre=centre,
+                   n_heads=model.n_heads, post_eps=post_eps)
+
+
+def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], heads: bool = True,
+            kept: Sequence[int] | None = None, per_option: bool = True, remote: Any = None) -> Projections:
+    """One trace over every row that projects inside the trace and brings back only :class:`Projections`.
+
+    Reads in forward order. The body refers only to envoys and Python numbers and lists, detaches what it
+    reads (servers may run with autograd on) and returns fresh tensors (no views of large storage), so it
+    is the same code locally, in nnsight's ``remote="local"`` dry run and on NDIF.
+    """
+    lm, ad = model.lm, model.adapter
+    L, H, ids = model.n_layers, model.n_heads, [int(i) for i in label_ids]
+    keep = list(range(L)) if kept is None else [int(i) for i in kept]
+    n_rows = int(inputs["input_ids"].shape[0])
+    head, norm, first_layer = lm.lm_head, lm.model.norm, model.layer(0)
+    o_projs = [model.o_proj(i) for i in range(L)]
+    attn_outs = [model.attn_out(i) for i in range(L)]
+    mlp_outs = [model.mlp_out(i) for i in range(L)]
+    post_norms = [get_path(model.layer(i), ad.attn_post_norm) for i in range(L)] if ad.attn_post_norm else []
+    post_eps = [final_norm_eps(ad, p._module) for p in post_norms]
+    eps = final_norm_eps(ad, norm._module)
+    post, moe, attn_tuple, conv1d = bool(post_norms), ad.moe, ad.attn_out_is_tuple, ad.o_proj_conv1d
+    offset, centre, half = ad.norm == "rms_offset", ad.norm == "layer", _is_half(model)
+    kw = {} if remote is None else {"remote": remote}
+    with torch.no_grad(), model.trace(inputs, **kw):
+        # The label directions, from the weights where they live: W_U rows ⊙ final-norm gain.
+        u = head.weight[ids].detach().double()  # [O, d]
+        nw = getattr(norm, "weight", None)
+        gain = u.new_ones(u.shape[-1]) if nw is None else nw.detach().double().to(u.device)
+        direction = u * (gain + 1.0 if offset else gain)
+        if centre:  # LayerNorm: centring the direction == centring every part
+            direction = direction - direction.mean(-1, keepdim=True)
+        const = u.new_zeros(len(ids))
+        nb, hb = getattr(norm, "bias", None), getattr(head, "bias", None)
+        if nb is not None:
+            const = const + u @ nb.detach().double().to(u.device)
+        if hb is not None:
+            const = const + hb[ids].detach().double().to(u.device)
+        x0 = first_layer.inputs[0][0][:, -1].detach().double()
+        embed = (x0.to(direction.device) @ direction.T).cpu()
+        parts, head_parts, biases, post_parts, expert_parts, expert_idx = [], [], [], [], [], []
+        for i in range(L):
+            if i in keep:
+                proj = o_projs[i]
+                w = dense_weight(proj.weight, getattr(proj, "state", None))  # bitsandbytes: dequantized
+                d_i = direction.to(w.device)
+                if post:  # Gemma: heads pass through the post-attention norm's gain (its scale frozen below)
+                    d_i = d_i * (post_norms[i].weight.detach().double().to(w.device) + 1.0)
+                b = getattr(proj, "bias", None)
+                biases.append((d_i @ b.detach().double()).cpu() if b is not None else d_i.new_zeros(len(ids)).cpu())
+                if heads:  # each head's o_proj input · the direction pulled back through o_proj
+                    d_h = d_i if per_option else d_i[:1] - d_i[1:2]
+                    pulled = d_h @ (w.double().T if conv1d else w.double())  # [O', H*dh]
+                    z = proj.input[:, -1].detach().double()
+                    h = torch.einsum("nhk,ohk->nho", z.reshape(n_rows, H, -1), pulled.reshape(pulled.shape[0], H, -1))
+                    head_parts.append((h.half() if half else h.float()).cpu())
+                if post:
+                    o = proj.output[:, -1].detach().double()
+                    post_parts.append(torch.rsqrt(o.pow(2).mean(-1) + post_eps[i]).cpu())
+            a = attn_outs[i].output
+            a = (a[0] if attn_tuple else a)[:, -1].detach().double()
+            a = (a.to(direction.device) @ direction.T).cpu()
+            if moe and i in keep:
+                # Recompute every expert at the last position from the fused weights; keep the routed top-k.
+                block = mlp_outs[i]
+                hid = block.input[:, -1].detach()
+                gate_out = block.gate.output
+                k = gate_out[1].shape[-1]
+                weight = gate_out[1].reshape(n_rows, -1, k)[:, -1].detach()
+                idx = gate_out[2].reshape(n_rows, -1, k)[:, -1].detach()
+                gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+                gate, up = torch.einsum("eod,nd->neo", gate_up, hid).chunk(2, dim=-1)
+                out = torch.einsum("edi,nei->ned", down, block.experts.act_fn(gate) * up)
+                routed = out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1])).double() * weight.double()[..., None]
+                expert_parts.append((routed.to(direction.device) @ direction.T).cpu())
+                expert_idx.append(idx.to(torch.int32).cpu())
+            m = mlp_outs[i].output
+            m = (m[0] if isinstance(m, tuple) else m)[:, -1].detach().double()
+            parts.append(torch.stack([a, (m.to(direction.device) @ direction.T).cpu()], dim=1))  # [N, 2, O]
+        x = norm.input[:, -1].detach().double()
+        var = x.var(-1, unbiased=False) if centre else x.pow(2).mean(-1)
+        got = nnsight.save({
+            "scale": torch.rsqrt(var + eps).cpu(), "embed": embed, "layers": torch.stack(parts, dim=1),
+            "const": const.cpu(), "attn_bias": torch.stack(biases),
+            "heads": torch.stack(head_parts, dim=1) if head_parts else None,
+            "post": torch.stack(post_parts, dim=1) if post_parts else None,
+            "experts": torch.stack(expert_parts, dim=1) if expert_parts else None,
+            "expert_idx": torch.stack(expert_idx, dim=1) if expert_idx else None,
+            "pre_logits": head.output[:, -1, ids].detach().double().cpu(),
+            "logits": lm.output.logits[:, -1, ids].detach().double().cpu(),
+        })
+    return Projections(kept=tuple(keep), **got)
+
+
+def contributions(p: Projections, n_experts: int | None = None) -> dict[str, Tensor]:
+    """Per-row contributions to each label logit, float64, rows first.
+
+    Returns ``scale [N]``, ``embed``/``const``/``softcap``/``logits``/``pre_logits [N, O]``, ``layers
+    [N, L, 2, O]`` (attn, mlp; every layer), and for the kept layers ``attn_bias [N, K, O]``, ``heads [N, K,
+    H, O']`` and ``experts [N, K, E, O]`` when the projections carry them.
+    """
+    s = p.scale.to(F64)
+
+    def scaled(t: Tensor) -> Tensor:
+        return t.to(F64) * s.view(-1, *([1] * (t.dim() - 1)))
+
+    n, K = s.shape[0], len(p.kept)
+    row = (torch.ones(n, K, dtype=F64) if p.post is None else p.post.to(F64)) * s[:, None]  # [N, K]
+    pre, logits = p.pre_logits.to(F64), p.logits.to(F64)
+    res = {
+        "scale": s,
+        "embed": scaled(p.embed),
+        "layers": scaled(p.layers),
+        "attn_bias": p.attn_bias.to(F64)[None] * row[..., None],
+        "const": p.const.to(F64).expand(n, -1),
+        "softcap": logits - pre,
+        "logits": logits,
+        "pre_logits": pre,
+    }
+    if p.heads is not None:
+        res["heads"] = p.heads.to(F64) * row[..., None, None]
+    if p.experts is not None:
+        ex = scaled(p.experts)  # [N, K, k, O]
+        E = n_experts or int(p.expert_idx.max()) + 1
+        full = torch.zeros(n, K, E, ex.shape[-1], dtype=F64)
+        res["experts"] = full.scatter_add_(2, p.expert_idx.long()[..., None].expand_as(ex), ex)
+    return res
