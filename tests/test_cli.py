@@ -97,3 +97,18 @@ def test_token_never_reaches_output_logs_or_files(runner, tiny_model_dir, tmp_pa
 def test_version(runner):
     res = runner.invoke(cli, ["--version"])
     assert res.exit_code == 0 and "nnethics, version" in res.output
+
+
+def test_package_exports_the_public_functions_lazily():
+    import subprocess
+    import sys
+
+    import nnethics
+
+    for name in nnethics.__all__:
+        assert getattr(nnethics, name) is not None, name
+    assert nnethics.activation_patching.__module__ == "nnethics.analyses.patching"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        nnethics.nope  # noqa: B018
+    code = "import sys, nnethics; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
