@@ -131,13 +131,45 @@ def dense_weight(weight: Any, state: Any = None) -> Tensor:
     return weight.detach()
 
 
+def label_directions(head: Any, norm: Any, ids: list[int], offset: bool, centre: bool) -> tuple[Tensor, Tensor]:
+    """``direction [O, d]``: the unembedding rows of ``ids`` times the final norm's gain (``1 + w`` for
+    Gemma's offset norm; centred for LayerNorm, which equals centring every part), and ``const [O]``: the
+    norm's bias and the lm_head bias on them. float64, on the weights' device. Called inside traces with
+    the ``lm_head`` and final-norm envoys."""
+    u = head.weight[ids].detach().double()
+    nw = getattr(norm, "weight", None)
+    gain = u.new_ones(u.shape[-1]) if nw is None else nw.detach().double().to(u.device)
+    direction = u * (gain + 1.0 if offset else gain)
+    if centre:
+        direction = direction - direction.mean(-1, keepdim=True)
+    const = u.new_zeros(len(ids))
+    nb, hb = getattr(norm, "bias", None), getattr(head, "bias", None)
+    if nb is not None:
+        const = const + u @ nb.detach().double().to(u.device)
+    if hb is not None:
+        const = const + hb[ids].detach().double().to(u.device)
+    return direction, const
+
+
+def o_proj_terms(proj: Any, post_norm: Any, direction: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For one layer's ``o_proj`` envoy: its dense weight ``w`` (bitsandbytes dequantized), the direction
+    as seen at its output ``d [O, d]`` (times Gemma's post-attention gain when ``post_norm`` is given) and
+    the o_proj bias on it ``[O]`` (zeros without a bias). Called inside traces."""
+    w = dense_weight(proj.weight, getattr(proj, "state", None))
+    d = direction.to(w.device)
+    if post_norm is not None:
+        d = d * (post_norm.weight.detach().double().to(w.device) + 1.0)
+    b = getattr(proj, "bias", None)
+    return w, d, (d @ b.detach().double()) if b is not None else d.new_zeros(d.shape[0])
+
+
 def readout(model: Any, label_ids: Sequence[int], remote: Any = None) -> Readout:
     """The readout weights for ``label_ids``, computed from the envoys' weights in one early-stopped trace.
 
     :func:`direct_logit_attribution` does not need it (its trace computes the same directions next to
     the weights); use it to project activations of your own. Only the small projections come back;
     ``remote`` overrides the handle's setting (``"local"`` dry-runs nnsight's serialization). The nnethics
-    helpers the body calls (:func:`dense_weight`) ship by value (``nnsight.register``).
+    helpers the body calls (:func:`label_directions`, :func:`o_proj_terms`) ship by value (``nnsight.register``).
     """
     lm, ad = model.lm, model.adapter
     L, ids = model.n_layers, [int(i) for i in label_ids]
@@ -148,27 +180,12 @@ def readout(model: Any, label_ids: Sequence[int], remote: Any = None) -> Readout
     tiny = {"input_ids": torch.tensor([ids[:1]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
     kw = {} if remote is None else {"remote": remote}
     with torch.no_grad(), model.trace(tiny, **kw) as tracer:
-        u = head.weight[ids].double()
-        nw = getattr(norm, "weight", None)
-        gain = u.new_ones(u.shape[-1]) if nw is None else nw.double().to(u.device)
-        direction = u * (gain + 1.0 if offset else gain)
-        if centre:  # LayerNorm: centring the direction == centring every part
-            direction = direction - direction.mean(-1, keepdim=True)
-        const = u.new_zeros(len(ids))
-        nb, hb = getattr(norm, "bias", None), getattr(head, "bias", None)
-        if nb is not None:
-            const = const + u @ nb.double().to(u.device)
-        if hb is not None:
-            const = const + hb[ids].double().to(u.device)
+        direction, const = label_directions(head, norm, ids, offset, centre)
         got = nnsight.save({"direction": direction.cpu(), "const": const.cpu(), "head_dir": [], "attn_bias": []})
         for i in range(L):
-            w = dense_weight(o_projs[i].weight, getattr(o_projs[i], "state", None)).double()
-            d_i = direction.to(w.device)
-            if post is not None:
-                d_i = d_i * (post[i].weight.double().to(w.device) + 1.0)
-            got["head_dir"].append((d_i @ (w.T if conv1d else w)).cpu())  # [O, H*dh]
-            b = getattr(o_projs[i], "bias", None)
-            got["attn_bias"].append((d_i @ b.double()).cpu() if b is not None else d_i.new_zeros(len(ids)).cpu())
+            w, d_i, bias = o_proj_terms(o_projs[i], post[i] if post else None, direction)
+            got["head_dir"].append((d_i @ (w.double().T if conv1d else w.double())).cpu())  # [O, H*dh]
+            got["attn_bias"].append(bias.cpu())
         tracer.stop()
     post_eps = tuple(final_norm_eps(ad, p._module) for p in post) if post else None
     return Readout(direction=got["direction"], const=got["const"], head_dir=torch.stack(got["head_dir"]),
@@ -200,30 +217,16 @@ def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], hea
     kw = {} if remote is None else {"remote": remote}
     with torch.no_grad(), model.trace(inputs, **kw):
         # The label directions, from the weights where they live: W_U rows ⊙ final-norm gain.
-        u = head.weight[ids].detach().double()  # [O, d]
-        nw = getattr(norm, "weight", None)
-        gain = u.new_ones(u.shape[-1]) if nw is None else nw.detach().double().to(u.device)
-        direction = u * (gain + 1.0 if offset else gain)
-        if centre:  # LayerNorm: centring the direction == centring every part
-            direction = direction - direction.mean(-1, keepdim=True)
-        const = u.new_zeros(len(ids))
-        nb, hb = getattr(norm, "bias", None), getattr(head, "bias", None)
-        if nb is not None:
-            const = const + u @ nb.detach().double().to(u.device)
-        if hb is not None:
-            const = const + hb[ids].detach().double().to(u.device)
+        direction, const = label_directions(head, norm, ids, offset, centre)
         x0 = first_layer.inputs[0][0][:, -1].detach().double()
         embed = (x0.to(direction.device) @ direction.T).cpu()
         parts, head_parts, biases, post_parts, expert_parts, expert_idx = [], [], [], [], [], []
         for i in range(L):
             if i in keep:
                 proj = o_projs[i]
-                w = dense_weight(proj.weight, getattr(proj, "state", None))  # bitsandbytes: dequantized
-                d_i = direction.to(w.device)
-                if post:  # Gemma: heads pass through the post-attention norm's gain (its scale frozen below)
-                    d_i = d_i * (post_norms[i].weight.detach().double().to(w.device) + 1.0)
-                b = getattr(proj, "bias", None)
-                biases.append((d_i @ b.detach().double()).cpu() if b is not None else d_i.new_zeros(len(ids)).cpu())
+                # Gemma: heads pass through the post-attention norm's gain (its scale frozen below)
+                w, d_i, bias = o_proj_terms(proj, post_norms[i] if post else None, direction)
+                biases.append(bias.cpu())
                 if heads:  # each head's o_proj input · the direction pulled back through o_proj
                     d_h = d_i if per_option else d_i[:1] - d_i[1:2]
                     pulled = d_h @ (w.double().T if conv1d else w.double())  # [O', H*dh]
