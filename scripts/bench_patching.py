@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--full", action="store_true",
-                    help="also time the full-forward (remote) path: as many FLOPs as (b), so it takes as long")
+                    help="also time the full-forward path (--kv-cache off): as many FLOPs as (b), so it takes as long")
     ap.add_argument("--prompts", default=str(ROOT / "prompts"))
     args = ap.parse_args()
     if args.threads:
@@ -95,7 +95,7 @@ def main() -> None:
         "nnethics (KV cache, no AtP)": (PatchingOptions(atp=False), args.repeats),
     }
     if args.full:  # every patched row is a full forward here: as many FLOPs as (b), so one repeat
-        variants["nnethics (full forwards + AtP, remote path)"] = (PatchingOptions(kv_cache="off"), 1)
+        variants["nnethics (full forwards + AtP, --kv-cache off)"] = (PatchingOptions(kv_cache="off"), 1)
     for name, (opts, reps) in variants.items():
         t_c = median_time(lambda o=opts, k=name: out.__setitem__(k, activation_patching(model, pairs, o)), reps) / n
         print(f"(c) {name:44s} {t_c * 1e3:8.1f} ms/pair = {t_c / t_a:5.2f} forward-equivalents; "
