@@ -86,3 +86,43 @@ def test_quantized_attribution_splits_heads_through_the_dequantized_o_proj(tiny_
     heads, want = ds["head_contribution"].values.ravel(), ref["head_contribution"].values.ravel()
     np.testing.assert_allclose(heads, want, atol=ATOL[quant])
     assert np.corrcoef(heads, want)[0, 1] > 0.95
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_dense_weight_is_what_the_quantized_layer_multiplies_by(builtin_dir, quant):
+    """On the built-in model (576-wide rows: several quantization blocks per row, unlike the tiny model),
+    after a first forward has repacked the 4-bit weights for the CPU kernel, ``dense_weight`` reproduces
+    the layer's own output, and the attribution heads still add up to the attention part."""
+    import torch
+
+    from nnethics.analyses.attribution import direct_logit_attribution
+    from nnethics.analyses.attribution_trace import dense_weight
+
+    model = load_model(str(builtin_dir), quantize=quant, device="cpu")
+    pairs = load_prompts(PROMPTS).pairs[:2]
+    ds = direct_logit_attribution(model, pairs)  # forwards first: the CPU 4-bit kernel repacks here
+    torch.manual_seed(0)
+    for layer in (0, model.n_layers - 1):
+        proj = model.o_proj(layer)._module
+        z = torch.randn(3, proj.in_features)
+        out = proj(z).float()
+        rel = float((out - z @ dense_weight(proj).float().T).norm() / out.norm())
+        assert rel < 1e-2, (layer, rel)  # bfloat16 / int8-input rounding, not a wrong dequantization (~0.4)
+    summed = ds["head_contribution"].sum("head") + ds["attn_bias_contribution"]
+    # 8-bit also rounds each row of the layer's actual input to int8 (LLM.int8), which heads cannot see
+    np.testing.assert_allclose(summed.values, ds["diff_contribution"].sel(component="attn").values,
+                               atol={"4bit": 5e-3, "8bit": 1.5e-2}[quant])
+
+
+@pytest.mark.slow
+def test_gpu_check_script_dry_runs_on_cpu(builtin_dir):
+    """scripts/bench_gpu.py is what a lent GPU runs; its tiny CPU mode exercises every step of it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
+    res = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+                          "--pairs", "2", "--batch-size", "2"], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "| patching | 2 | 2 |" in res.stdout and "4-bit check: OK" in res.stdout

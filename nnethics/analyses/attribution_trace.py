@@ -103,28 +103,30 @@ def _is_half(model: Any) -> bool:
 
 
 
-def dense_weight(weight: Any, state: Any = None) -> Tensor:
+def dense_weight(proj: Any) -> Tensor:
     """A linear layer's weight as a dense ``[out, in]`` tensor (conv1d: ``[in, out]``), detached.
 
-    bitsandbytes keeps it packed: 4-bit (``Params4bit``, possibly repacked for the CPU kernel after a
-    first forward) is dequantized with its quant state (on a copy: the layer keeps its packing); int8
-    (``Int8Params``) is multiplied by its row scales (``SCB``, on the weight or the layer's ``state``).
-    Called inside traces; plain Python and torch, so it ships to a server by value.
+    ``proj`` is the layer's envoy (inside a trace) or the module. bitsandbytes keeps the weight packed:
+    a 4-bit layer (``Params4bit``) is run on the identity, which gives exactly the weights its own kernel
+    multiplies by whatever packing it uses (the CPU kernel repacks after a first forward); an int8 layer
+    (``Int8Params``) is its int8 weight times its row scales (``SCB``, on the weight or the layer's
+    ``state``). Plain Python and torch, so it ships to a server by value.
     """
+    weight = proj.weight
     kind = type(weight).__name__
     if kind == "Params4bit":
-        import copy
-
-        from bitsandbytes import functional as bnbf
-
-        data, qs = weight.data, weight.quant_state
-        if getattr(qs, "packing_format_for_cpu", False):
-            data, qs = bnbf._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(qs))
-        return bnbf.dequantize_4bit(data, qs).detach()
+        n_in = int(weight.quant_state.shape[-1])
+        dtype = getattr(proj, "compute_dtype", None) or torch.float32
+        eye = torch.eye(n_in, dtype=dtype, device=weight.device)
+        wt = proj(eye)  # [in, out]: W^T + bias
+        bias = getattr(proj, "bias", None)
+        if bias is not None:
+            wt = wt - bias.to(wt.dtype)
+        return wt.T.detach().float()
     if kind == "Int8Params":
         scb = getattr(weight, "SCB", None)
         if scb is None:
-            scb = getattr(state, "SCB", None)
+            scb = getattr(getattr(proj, "state", None), "SCB", None)
         if scb is None:
             raise ValueError("an int8 weight without row scales (SCB): run one forward first")
         return (weight.data.float() * (scb.float()[:, None] / 127.0)).detach()
@@ -155,7 +157,7 @@ def o_proj_terms(proj: Any, post_norm: Any, direction: Tensor) -> tuple[Tensor, 
     """For one layer's ``o_proj`` envoy: its dense weight ``w`` (bitsandbytes dequantized), the direction
     as seen at its output ``d [O, d]`` (times Gemma's post-attention gain when ``post_norm`` is given) and
     the o_proj bias on it ``[O]`` (zeros without a bias). Called inside traces."""
-    w = dense_weight(proj.weight, getattr(proj, "state", None))
+    w = dense_weight(proj)
     d = direction.to(w.device)
     if post_norm is not None:
         d = d * (post_norm.weight.detach().double().to(w.device) + 1.0)
