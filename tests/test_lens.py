@@ -15,9 +15,8 @@ from conftest import FAMILIES, make_tiny
 from reference.lens import logit_lens as reference_logit_lens
 
 from nnethics import lenses as L
-from nnethics.analyses import lens_training as T
 from nnethics.analyses.common import encode_pairs
-from nnethics.analyses.lens import LensOptions, crossing_layer, evaluate_lenses, lens_readout, logit_lens
+from nnethics.analyses.lens import LensOptions, crossing_layer, lens_readout, logit_lens
 from nnethics.analyses.lens_training import TrainOptions
 from nnethics.lenses import LensLoadError, LogitLens, TunedLens, Unembed
 
@@ -236,93 +235,6 @@ def test_tuned_lens_package_format_loads(tiny_models, tmp_path, prefixed):
 # ------------------------------------------------------------------------------------------------ training
 
 
-def _kl_grad_reference(unembed, n, p):
-    n = n.detach().clone().requires_grad_(True)
-    log_q = unembed.logits_from_normed(n).log_softmax(-1)
-    kl = (p * (p.log() - log_q)).sum(-1)
-    kl.mean().backward()
-    return kl.detach(), n.grad
-
-
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
-def test_manual_kl_gradient_matches_autograd(tiny_models, family):
-    model = tiny_models(family)
-    unembed = Unembed.from_model(model)
-    g = torch.Generator().manual_seed(0)
-    n = torch.randn(6, model.d_model, generator=g)
-    p = torch.softmax(3 * torch.randn(6, model.config.vocab_size, generator=g), -1)
-    want_kl, want_grad = _kl_grad_reference(unembed, n, p)
-    w = unembed.weight(torch.float32)
-    b = unembed._bias
-    kl, grad = T._kl_and_grad(n, p, p @ w, p @ b if b is not None else 0.0, (p * p.log()).sum(-1), unembed, torch.float32)
-    torch.testing.assert_close(kl, want_kl, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(grad, want_grad, atol=1e-6, rtol=1e-4)
-
-
-def _tiny_corpus(tmp_path, prompt_set):
-    text = "\n\n".join(p.base for p in prompt_set.pairs) + "\n"
-    path = tmp_path / "corpus.txt"
-    path.write_text(text, encoding="utf-8")
-    return [path]
-
-
-TINY = TrainOptions(steps=20, lr=3e-3, batch_tokens=64, seq_len=32, train_tokens=768, eval_tokens=256,
-                    heldout=0.2, checkpoint_every=5, matmul_dtype="float32")
-
-
-def test_training_lowers_heldout_kl(tiny_models, tmp_path, prompt_set):
-    model = tiny_models("llama")
-    corpus = _tiny_corpus(tmp_path, prompt_set)
-    lens, info = T.train_tuned_lens(model, corpus, TINY, out=tmp_path / "lens", progress=False, log=lambda m: None)
-    assert info["history"][-1] < info["history"][0]
-    assert not (tmp_path / "lens" / "checkpoint.pt").exists()
-    ds = evaluate_lenses(model, TunedLens.load(tmp_path / "lens", model))
-    kl = ds["kl"]
-    assert (kl.sel(lens="tuned") < kl.sel(lens="logit")).values[:-1].all(), kl.values
-    assert float(abs(kl.sel(lens="tuned").isel(layer=-1))) < 1e-5
-    assert ds.attrs["n_tokens"] == 256
-    assert lens.config.training["corpus_files"] == [str(corpus[0].resolve())]
-
-
-def test_training_resumes_from_checkpoint(tiny_models, tmp_path, prompt_set, monkeypatch):
-    model = tiny_models("llama")
-    corpus = _tiny_corpus(tmp_path, prompt_set)
-    opts = dataclasses.replace(TINY, steps=8)
-    whole, _ = T.train_tuned_lens(model, corpus, opts, out=tmp_path / "a", progress=False, log=lambda m: None)
-
-    real_fit = T.fit_tuned_lens
-
-    def interrupted(*args, on_checkpoint=None, **kwargs):
-        def save_then_stop(snap):
-            on_checkpoint(snap)
-            raise KeyboardInterrupt
-
-        return real_fit(*args, on_checkpoint=save_then_stop, **kwargs)
-
-    monkeypatch.setattr(T, "fit_tuned_lens", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        T.train_tuned_lens(model, corpus, opts, out=tmp_path / "b", progress=False, log=lambda m: None)
-    assert (tmp_path / "b" / "checkpoint.pt").exists()
-    monkeypatch.setattr(T, "fit_tuned_lens", real_fit)
-    said = []
-    resumed, _ = T.train_tuned_lens(model, corpus, opts, out=tmp_path / "b", progress=False, log=said.append)
-    assert any("resuming" in s and "step 5/8" in s for s in said), said
-    for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
-        torch.testing.assert_close(a, b)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def test_cli_defaults_match_train_options():
-    from nnethics.cli import cli
-
-    defaults = {p.name: p.default for p in cli.commands["lens"].commands["train"].params}
-    for name, value in TrainOptions().to_dict().items():
-        if name in defaults:
-            assert defaults[name] == value, name
-
-
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     folder = tmp_path_factory.mktemp("tiny-llama")
@@ -330,32 +242,6 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
     model.lm._module.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
-
-
-def test_cli_train_eval_run_on_a_saved_tiny_model(tiny_model_dir, tmp_path, prompt_set):
-    from nnethics.cli import cli
-    from nnethics.store import load
-
-    corpus = _tiny_corpus(tmp_path, prompt_set)
-    runner = CliRunner()
-    lens_dir, store = tmp_path / "lens", tmp_path / "store"
-    model = ["--model", str(tiny_model_dir)]
-    res = runner.invoke(cli, ["lens", "train", *model, "--corpus", str(corpus[0]), "--out", str(lens_dir), "--steps", "20",
-                              "--lr", "3e-3", "--batch-tokens", "64", "--seq-len", "32", "--train-tokens", "1024",
-                              "--eval-tokens", "256", "--heldout", "0.2", "--no-progress"])
-    assert res.exit_code == 0, res.output
-    assert (lens_dir / "params.safetensors").exists() and "saved to" in res.output
-    res = runner.invoke(cli, ["lens", "eval", *model, "--lens", str(lens_dir), "--store", str(store)])
-    assert res.exit_code == 0, res.output
-    ev = load(store / tiny_model_dir.name.lower() / "lens_eval.nc")
-    assert dict(ev.sizes) == {"lens": 2, "layer": 3} and ev.attrs["analysis"] == "lens_eval"
-    assert "tuned lens lower at 2 of 2 layers" in res.output
-    res = runner.invoke(cli, ["lens", "run", *model, "--limit", "2", "--store", str(store), "--tuned-lens", str(lens_dir),
-                              "--k", "4", "--no-progress"])
-    assert res.exit_code == 0, res.output
-    ds = load(store / tiny_model_dir.name.lower() / "lens.nc")
-    assert dict(ds.sizes) == {"prompt": 2, "side": 2, "lens": 2, "layer": 3, "k": 4, "option": 2}
-    assert json.loads(ds.attrs["options"])["tuned_lens"] == str(lens_dir)
 
 
 def test_cli_refuses_a_lens_of_another_model(tiny_model_dir, tiny_models, tmp_path):
@@ -434,26 +320,3 @@ def test_remote_runs_use_a_cached_tuned_lens_only_when_asked(tiny_models, pairs,
                                             extra={"tuned_lens": str(folder)}))
     assert opts["tuned_lens"] == str(folder)
     xr.testing.assert_allclose(fn(model, pairs[:2]), local)
-
-
-def test_corpus_split_chat_formatting_and_windows(tokenizer):
-    from nnethics.data.corpus import CorpusError, chat_documents, read_documents, split_documents, token_windows
-
-    docs, sha = read_documents()
-    assert len(docs) > 100 and len(sha) == 64
-    train, held = split_documents(docs, 0.1, seed=0)
-    assert not set(train) & set(held) and len(train) + len(held) == len(docs)
-    assert (train, held) == split_documents(docs, 0.1, seed=0) and held != split_documents(docs, 0.1, seed=1)[1]
-    chat = chat_documents(tokenizer, held, 0.5, seed=0)
-    wrapped = [c for c, d in zip(chat, held) if c != d]
-    assert len(wrapped) == round(0.5 * len(held)) and chat == chat_documents(tokenizer, held, 0.5, seed=0)
-    assert all(c.startswith("<|im_start|>") and c.endswith("<|im_start|>assistant\n") for c in wrapped)
-    assert chat_documents(tokenizer, held, 0.0, seed=0) == held
-    windows = token_windows(tokenizer, chat, seq_len=64, max_tokens=1024)
-    assert len(windows) == 16 and {len(w) for w in windows} == {64}
-    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    assert sum(w.count(im_start) for w in windows) >= 2  # the template's special tokens, not their spelling
-    with pytest.raises(CorpusError, match="chat fraction"):
-        chat_documents(tokenizer, held, 1.5, seed=0)
-    with pytest.raises(CorpusError, match="seq_len"):
-        token_windows(tokenizer, held, seq_len=1, max_tokens=10)
