@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
+import xarray as xr
 from click.testing import CliRunner
 from conftest import make_tiny
 
@@ -62,6 +64,22 @@ def test_training_lowers_heldout_kl(tiny_models, tmp_path, prompt_set):
     assert float(abs(kl.sel(lens="tuned").isel(layer=-1))) < 1e-5
     assert ds.attrs["n_tokens"] == 256
     assert lens.config.training["corpus_files"] == [str(corpus[0].resolve())]
+
+
+def test_evaluation_formats_held_out_documents_as_the_lens_was_trained(tiny_models, tmp_path, prompt_set):
+    """The held-out text is chat-formatted with the lens' own ``chat_fraction``; a lens saved before the
+    option existed (no ``chat_fraction`` in its record) was trained on plain text and is evaluated so."""
+    model = tiny_models("llama")
+    corpus = _tiny_corpus(tmp_path, prompt_set)
+    plain = dataclasses.replace(TINY, steps=2, chat_fraction=0.0)
+    lens, _ = T.train_tuned_lens(model, corpus, plain, out=tmp_path / "lens", progress=False, log=lambda m: None)
+    as_trained = evaluate_lenses(model, lens)
+    old = TunedLens.load(tmp_path / "lens", model)
+    del old.config.training["options"]["chat_fraction"]
+    chatty = TunedLens.load(tmp_path / "lens", model)
+    chatty.config.training["options"]["chat_fraction"] = 1.0
+    xr.testing.assert_identical(evaluate_lenses(model, old), as_trained)
+    assert not np.allclose(evaluate_lenses(model, chatty)["kl"], as_trained["kl"])
 
 
 def test_training_resumes_from_checkpoint(tiny_models, tmp_path, prompt_set, monkeypatch):
