@@ -1,6 +1,6 @@
 """Requests and bytes per prompt pair of every analysis run remotely (NDIF protocol).
 
-Two measurements, printed as one table row per analysis:
+Three measurements, each printed as one table row per analysis:
 
 (a) **loopback**: the built-in model is served by the loopback NDIF server of ``tests/ndif_server.py``
     (a child process that cannot import nnethics, speaking the real protocol on 127.0.0.1) and each
@@ -136,9 +136,6 @@ def shape_70b(pairs: int, batch: int, analyses: list[str], store: Path) -> list[
             run_one(name, handle, prompts, str(store / "shape"), ctx, batch_size=batch, progress=False)
         except _Dropped:
             pass
-        except Exception as err:  # noqa: BLE001 - the runner may wrap the sentinel
-            if not isinstance(err.__cause__ or err.__context__, _Dropped) and "_Dropped" not in repr(err):
-                raise
         rows.append(("Llama-3.1-70B shape (80 x 8192, bf16)", name, f"{batch}, {batch}", "1 (first)",
                      f"{sizes[0] / 1024 / batch:.1f}" if sizes else "?", "–"))
         print(rows[-1], flush=True)

@@ -116,11 +116,14 @@ def prompt_set():
     return load_prompts(PROMPTS)
 
 
+def save_tiny(model, tokenizer, folder: Path) -> Path:
+    """Save a tiny model (a handle from :func:`make_tiny`) and its tokenizer as a model folder the CLI loads by path."""
+    model.lm._module.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama saved as a local model folder, so the CLI can load it by path."""
-    model = make_tiny("llama", tokenizer, seed=1)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.lm._module.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny(make_tiny("llama", tokenizer, seed=1), tokenizer, tmp_path_factory.mktemp("tiny-llama"))

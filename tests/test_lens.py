@@ -235,15 +235,6 @@ def test_tuned_lens_package_format_loads(tiny_models, tmp_path, prefixed):
 # ------------------------------------------------------------------------------------------------ training
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model = make_tiny("llama", tokenizer)
-    model.lm._module.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def test_cli_refuses_a_lens_of_another_model(tiny_model_dir, tiny_models, tmp_path):
     from nnethics.cli import cli
 

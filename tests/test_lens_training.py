@@ -10,7 +10,6 @@ import pytest
 import torch
 import xarray as xr
 from click.testing import CliRunner
-from conftest import make_tiny
 
 from nnethics.analyses import lens_training as T
 from nnethics.analyses.lens import evaluate_lenses
@@ -119,15 +118,6 @@ def test_cli_defaults_match_train_options():
     for name, value in TrainOptions().to_dict().items():
         if name in defaults:
             assert defaults[name] == value, name
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    model = make_tiny("llama", tokenizer)
-    model.lm._module.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def test_cli_train_eval_run_on_a_saved_tiny_model(tiny_model_dir, tmp_path, prompt_set):

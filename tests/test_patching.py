@@ -10,7 +10,7 @@ import pytest
 import torch
 import xarray as xr
 from click.testing import CliRunner
-from conftest import FAMILIES, PROMPTS, make_tiny
+from conftest import FAMILIES, PROMPTS, make_tiny, save_tiny
 from reference import patching as ref
 from reference.hooks import add_at, edit, record, set_positions
 
@@ -360,9 +360,7 @@ def test_cli_patch_end_to_end(tokenizer, tmp_path):
     from nnethics.store import load
 
     model = make_tiny("llama", tokenizer)
-    folder = tmp_path / "tiny-llama"
-    model.lm._module.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_tiny(model, tokenizer, tmp_path / "tiny-llama")
     res = CliRunner().invoke(cli, ["patch", "--model", str(folder), "--limit", "3", "--store", str(tmp_path / "store"),
                                    "--layers", "0-1", "--batch-size", "2", "--no-progress"])
     assert res.exit_code == 0, res.output

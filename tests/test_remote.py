@@ -15,7 +15,7 @@ import pytest
 import torch
 import xarray as xr
 from click.testing import CliRunner
-from conftest import PROMPTS, make_tiny
+from conftest import PROMPTS, make_tiny, save_tiny
 from ndif_server import NdifServer, ServerProcess
 
 from nnethics.cli import cli
@@ -30,11 +30,7 @@ MAX_KB_PER_PAIR = 16.0
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tokenizer, tmp_path_factory):
-    model = make_tiny("gpt2", tokenizer, seed=2)
-    out = tmp_path_factory.mktemp("tiny-gpt2")
-    model.lm._module.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    return save_tiny(make_tiny("gpt2", tokenizer, seed=2), tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture(scope="module")

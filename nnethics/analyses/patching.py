@@ -132,6 +132,7 @@ def _plan(model: Any, batch: PairBatch, opts: PatchingOptions, layers: Sequence[
     noise_mode = opts.corruption == "noise"
     groups, owner, cells, skip = [], [], [], []
     starts, ends, texts = np.full(n, -1, np.int32), np.full(n, -1, np.int32), [""] * n
+    width = max(enc.lengths)
     for i, pair in enumerate(batch.pairs):
         b, c = batch.row(i, "base"), batch.row(i, "cf")
         tb, tc = enc.lengths[b], enc.lengths[c]
@@ -149,10 +150,11 @@ def _plan(model: Any, batch: PairBatch, opts: PatchingOptions, layers: Sequence[
             reason = f"base and counterfactual tokenize to different lengths ({tb} vs {tc})"
         for noise in draws if not reason else [None]:
             # noise: the clean base restores into a noised base; counterfactual: cf patches into base
-            rows = ([Row(b)] + ([Row(b, noise)] if not reason else [])) if noise_mode else [Row(c), Row(b)]
+            rows = [Row(b), Row(b, noise)] if noise_mode else [Row(c), Row(b)]
+            if noise_mode and reason:
+                rows = rows[:1]  # no span to noise: only the clean run
             group_cells = []
             if not reason:
-                width = max(enc.lengths)
                 for ci, comp in enumerate(comps):
                     for li, layer in enumerate(layers):
                         window = restore_layers(L, layer, opts.window)
@@ -216,21 +218,17 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
         lds, sigma, atp_raw = _execute(*job, {})
     n, nL, nC = batch.n, len(layers), len(opts.components)
     shape = (n, len(plan.positions), nL, nC) if plan.positions is not None else (n, nL, nC)
-    patched, draws = np.zeros(shape), np.bincount(plan.owner, minlength=n)  # noise: mean over the draws
+    # noise mode: a pair's groups are its noise draws, and the LDs are their means
+    patched, ran, draws = np.zeros(shape), np.zeros(shape, bool), np.bincount(plan.owner, minlength=n)
     src, recv = np.full(n, np.nan), np.zeros(n)
     for g, (i, group_cells) in enumerate(zip(plan.owner, plan.cells)):
         for j, (pi, li, ci) in enumerate(group_cells):
-            patched[(i, pi, li, ci) if pi is not None else (i, li, ci)] += lds[g][j + 2] / draws[i]
+            cell = (i, pi, li, ci) if pi is not None else (i, li, ci)
+            patched[cell] += lds[g][j + 2] / draws[i]
+            ran[cell] = True
         src[i] = lds[g][0]
         recv[i] += lds[g][1] / draws[i] if len(lds[g]) > 1 else np.nan
-    for i in range(n):
-        group_cells = plan.cells[plan.owner.index(i)]
-        if not group_cells:
-            patched[i] = np.nan
-        elif plan.positions is not None:  # grid: positions before this pair's first token were never run
-            ran = np.zeros(len(plan.positions), bool)
-            ran[[pi for pi, _, _ in group_cells]] = True
-            patched[i, ~ran] = np.nan
+    patched[~ran] = np.nan  # skipped pairs; grid positions before a pair's first token
     atp = None if atp_job is None else _atp_array(atp_raw, batch, plan, opts, layers, atp_job)
     base_ld = src if opts.corruption == "noise" else recv
     labels = list(opts.labels)
