@@ -36,7 +36,7 @@ from nnethics.lenses import find_cached_lens  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.models.builtin import ensure_cached  # noqa: E402
 from nnethics.models.remote import STATS, NdifBackend  # noqa: E402
-from nnethics.pipeline import DEFAULT_ANALYSES, make_context, run_one  # noqa: E402
+from nnethics.pipeline import ANALYSES, DEFAULT_ANALYSES, make_context, run_one  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 
 BUILTIN_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -150,6 +150,9 @@ def main() -> None:
     ap.add_argument("--shape", choices=["builtin", "70b", "70b-results"], default="builtin")
     args = ap.parse_args()
     analyses = [a for a in args.analyses.split(",") if a]
+    unknown = [a for a in analyses if a not in ANALYSES]
+    if unknown:
+        ap.error(f"unknown analyses {unknown}; choose from {', '.join(ANALYSES)}")
     with tempfile.TemporaryDirectory() as tmp:
         run = {"builtin": loopback, "70b": shape_70b, "70b-results": results_70b}[args.shape]
         rows = run(args.pairs, args.batch_size, analyses, Path(tmp))
