@@ -22,6 +22,8 @@ _PUBLIC = {
     "load_prompts": "nnethics.prompts",
     "PromptPair": "nnethics.prompts",
     "baseline_decisions": "nnethics.analyses.decisions",
+    "finalize_decisions": "nnethics.verdict",
+    "verdict": "nnethics.verdict",
     "activation_patching": "nnethics.analyses.patching",
     "causal_tracing": "nnethics.analyses.patching",
     "PatchingOptions": "nnethics.analyses.patching",

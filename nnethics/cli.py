@@ -156,12 +156,28 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
         if model.remote:
             click.echo(STATS.report(n_pairs=len(prompts)), err=True)
         _finish_store(Path(store) / model.slug)
+        _print_verdict(Path(store) / model.slug)
         if len(model_spec) > 1:
             info = registry.memory_info()
             registry.unload(spec)
             after = registry.memory_info()
             click.echo(f"unloaded {spec}: process memory {info['rss_bytes'] / 2**20:.0f} MiB -> "
                        f"{after['rss_bytes'] / 2**20:.0f} MiB", err=True)
+
+
+def _print_verdict(model_dir: Path) -> None:
+    """The verdict stored in the model's ``decisions.nc`` (the last thing a run prints)."""
+    import xarray as xr
+
+    from .verdict import wrap
+
+    path = model_dir / "decisions.nc"
+    if not path.exists():
+        return
+    with xr.open_dataset(path) as ds:
+        text = ds.attrs.get("verdict")
+    if text:
+        click.echo(f"verdict ({path}):\n{wrap(str(text))}")
 
 
 def _finish_store(model_dir: Path) -> None:

@@ -29,6 +29,14 @@ def choice(ld: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(ld), -1, np.where(ld > 0, 0, 1))
 
 
+def gap_defined(gap: np.ndarray, min_gap: float = DEFAULT_MIN_GAP) -> np.ndarray:
+    """Whether a gap between two logit differences is large enough to normalise by: ``|gap| >= min_gap``.
+
+    The one test behind patching's ``effect_defined`` and the decisions' ``content_sensitive``.
+    """
+    return np.abs(np.asarray(gap, dtype=np.float64)) >= min_gap
+
+
 def normalized_effect(patched: np.ndarray, base: np.ndarray, source: np.ndarray,
                       min_gap: float = DEFAULT_MIN_GAP) -> tuple[np.ndarray, np.ndarray]:
     """``(patched - base) / (source - base)``, broadcasting ``base``/``source`` over trailing axes.
@@ -39,7 +47,7 @@ def normalized_effect(patched: np.ndarray, base: np.ndarray, source: np.ndarray,
     """
     patched = np.asarray(patched, dtype=np.float64)
     gap = np.asarray(source, dtype=np.float64) - np.asarray(base, dtype=np.float64)
-    defined = np.abs(gap) >= min_gap
+    defined = gap_defined(gap, min_gap)
     extra = patched.ndim - gap.ndim
     g = gap.reshape(gap.shape + (1,) * extra)
     b = np.asarray(base, dtype=np.float64).reshape(g.shape)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .. import verdict as _verdict
+from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import SIDES, PromptPair
 from .common import PairBatch, encode_pairs
 from .spec import AnalysisSpec
@@ -19,6 +21,7 @@ from .spec import AnalysisSpec
 class DecisionOptions:
     labels: tuple[str, ...] = ("1", "2")
     chat: bool | None = None
+    min_gap: float = DEFAULT_MIN_GAP  # |LD_cf - LD_base| that makes a pair content-sensitive (as patching's)
 
 
 def decision_logits(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,7 +45,10 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
     ``label_logit``/``label_prob (prompt, side, option)``, ``logit_diff (prompt, side)`` (label 1 −
     label 2), ``chosen``, ``ethical_option``, ``chose_ethical (prompt, side)``, ``consistent (prompt)``,
     ``label_is_top (prompt, side)`` (the model's argmax is one of the labels), ``prompt_text``,
-    ``input_ids (prompt, side, token)`` padded with −1, ``n_tokens``, and ``label_token_id (option)``.
+    ``input_ids (prompt, side, token)`` padded with −1, ``n_tokens``, and ``label_token_id (option)``;
+    and the per-pair verdict quantities of :mod:`nnethics.verdict`: ``ethical_margin (prompt, side)``,
+    ``ethical_preference``, ``p_ethical``, ``position_bias``, ``swaps_ethical_label``, ``content_gap``,
+    ``content_sensitive (prompt)``. :func:`finalize` adds the cross-pair statistics and the verdict.
     """
     labels = list(options.labels)
     batch = encode_pairs(model, pairs, labels, options.chat, label_ids)
@@ -67,6 +73,7 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
             n_tokens[i, j] = len(toks)
             texts[i, j] = batch.encoded.texts[row]
     tok = model.tokenizer
+    q = _verdict.pair_quantities(lab[..., 0] - lab[..., 1], ethical == labels[0], options.min_gap)
     ds = xr.Dataset(
         {
             "label_logit": (("prompt", "side", "option"), lab.astype(np.float32)),
@@ -82,6 +89,13 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
             "input_ids": (("prompt", "side", "token"), input_ids),
             "n_tokens": (("prompt", "side"), n_tokens),
             "category": (("prompt",), np.array([p.category for p in pairs], dtype=str)),
+            "ethical_margin": (("prompt", "side"), q.ethical_margin.astype(np.float32)),
+            "ethical_preference": (("prompt",), q.ethical_preference.astype(np.float32)),
+            "p_ethical": (("prompt",), q.p_ethical.astype(np.float32)),
+            "position_bias": (("prompt",), q.position_bias.astype(np.float32)),
+            "swaps_ethical_label": (("prompt",), q.swaps_ethical_label),
+            "content_gap": (("prompt",), q.content_gap.astype(np.float32)),
+            "content_sensitive": (("prompt",), q.content_sensitive),
         },
         coords={
             "prompt": [p.prompt_id for p in pairs],
@@ -93,12 +107,33 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
     )
     ds["logit_diff"].attrs["description"] = "logit(label 1) - logit(label 2) at the last prompt token"
     ds["label_prob"].attrs["description"] = "softmax probability over the full vocabulary"
+    _describe_pairs(ds, options.min_gap)
     return ds
 
 
+def _describe_pairs(ds: xr.Dataset, min_gap: float) -> None:
+    d = {
+        "ethical_margin": "e_s * logit_diff: logit of the ethical label minus the other (e_s = +1 if the ethical "
+                          "option is label 1 on that side, else -1)",
+        "ethical_preference": "mean of ethical_margin over the two sides: position-debiased when the counterfactual "
+                              "swaps the ethical label; > 0 leans ethical",
+        "p_ethical": "mean over the two sides of the two-label softmax probability of the ethical label",
+        "position_bias": "mean of logit_diff over the two sides (> 0 favours label 1); NaN where the counterfactual "
+                         "does not swap the ethical label (position and content are confounded there)",
+        "swaps_ethical_label": "the ethical option is a different label on the two sides",
+        "content_gap": "logit_diff(cf) - logit_diff(base): what swapping the options changed",
+        "content_sensitive": f"|content_gap| >= min_gap = {min_gap:g} (patching's effect_defined uses the same test)",
+    }
+    for name, text in d.items():
+        ds[name].attrs["description"] = text
+    ds.attrs["min_gap"] = float(min_gap)
+
+
 def _build(model, ctx):
-    opts = DecisionOptions(labels=ctx.labels, chat=ctx.chat)
-    return (lambda m, pairs: baseline_decisions(m, pairs, opts, label_ids=ctx.label_ids)), {}
+    extra = ctx.extra or {}
+    opts = DecisionOptions(labels=ctx.labels, chat=ctx.chat, min_gap=extra.get("min_gap") or DEFAULT_MIN_GAP)
+    record = {"min_gap": opts.min_gap} if opts.min_gap != DEFAULT_MIN_GAP else {}
+    return (lambda m, pairs: baseline_decisions(m, pairs, opts, label_ids=ctx.label_ids)), record
 
 
 def summarize(ds: xr.Dataset) -> str:
@@ -108,8 +143,18 @@ def summarize(ds: xr.Dataset) -> str:
     both = float(ds["chose_ethical"].all("side").mean())
     consistent = float(ds["consistent"].mean())
     top = float(ds["label_is_top"].mean())
-    return (f"{n} pairs: ethical on base {base:.0%}, on counterfactual {cf:.0%}, on both {both:.0%}; "
+    line = (f"{n} pairs: ethical on base {base:.0%}, on counterfactual {cf:.0%}, on both {both:.0%}; "
             f"consistent {consistent:.0%}; a label is the top-1 token in {top:.0%} of prompts")
+    if "group" in ds.dims:
+        g = ds.sel(group=_verdict.ALL)
+        line += (f"; position bias {float(g['mean_position_bias']):+.2f} logits "
+                 f"[{float(g['position_bias_ci_low']):+.2f}, {float(g['position_bias_ci_high']):+.2f}], "
+                 f"ethical preference {float(g['mean_ethical_preference']):+.3f} "
+                 f"[{float(g['ethical_preference_ci_low']):+.3f}, {float(g['ethical_preference_ci_high']):+.3f}] "
+                 f"(BCa 95% CI, n={int(g['n_debiased'])}); content-sensitive {int(ds['content_sensitive'].sum())}/{n}")
+    return line
 
 
-SPEC = AnalysisSpec(name="decisions", build=_build, summary=summarize)
+finalize = _verdict.finalize
+
+SPEC = AnalysisSpec(name="decisions", build=_build, summary=summarize, finalize=finalize)
