@@ -3,6 +3,11 @@
 ``export_store(store/<model-slug>, fmt="csv")`` writes under ``store/<model-slug>/export/``:
 
 - ``decisions.csv``: one row per (prompt, side): chosen label, ethical label, label logits/probabilities.
+- ``verdict_pairs.csv``: one row per pair: logit differences of both sides, ``ethical_preference``,
+  ``p_ethical``, ``position_bias``, ``swaps_ethical_label``, ``content_gap``, ``content_sensitive`` and the category.
+- ``verdict_groups.csv``: one row per group (``(all)`` and each category): pairs, mean ethical preference and
+  position bias with their BCa bootstrap 95% CIs, shares leaning ethical / content-sensitive with Wilson
+  intervals, the sign test. The verdict paragraph itself is the ``verdict`` attr of ``decisions.nc``.
 - ``detailed_layer_data.csv``: one row per (prompt, layer, component) of ``patching.nc``
   (``causal_score`` = patching effect on the logit difference, ``patched_logit_diff``, ``flipped``, ``atp_effect``).
 - ``summary_results.csv``: one row per prompt: ``peak_layer``, ``num_choice_flips``, ``gini_coefficient``,
@@ -78,7 +83,8 @@ def decisions_table(ds: xr.Dataset) -> pd.DataFrame:
             row: dict[str, Any] = {"prompt_id": str(p), "side": str(side)}
             if "category" in one:
                 row["category"] = str(one["category"].values)
-            for v in ("chosen", "ethical_option", "chose_ethical", "logit_diff", "label_is_top", "n_tokens"):
+            for v in ("chosen", "ethical_option", "chose_ethical", "logit_diff", "ethical_margin", "label_is_top",
+                      "n_tokens"):
                 if v in s:
                     row[v] = _py(s[v].values.item())
             if "consistent" in one:
@@ -90,6 +96,35 @@ def decisions_table(ds: xr.Dataset) -> pd.DataFrame:
                     row[f"prob_{o}"] = _py(s["label_prob"].sel(option=o).values.item())
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+PAIR_VARS = ("ethical_preference", "p_ethical", "position_bias", "swaps_ethical_label", "content_gap",
+             "content_sensitive")
+
+
+def verdict_pairs(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per pair: the verdict's per-pair quantities."""
+    missing = [v for v in PAIR_VARS if v not in ds]
+    if missing:
+        raise ExportError(f"decisions.nc has no {', '.join(missing)} (written before the verdict existed; rerun "
+                          f"'nnethics run --analyses decisions')")
+    df = pd.DataFrame({"prompt_id": _vals(ds["prompt"]).astype(str)})
+    if "category" in ds:
+        df["category"] = _vals(ds["category"]).astype(str)
+    for side in _vals(ds["side"]):
+        df[f"logit_diff_{side}"] = _vals(ds["logit_diff"].sel(side=side)).astype(float)
+    for v in PAIR_VARS:
+        df[v] = _vals(ds[v])
+    return df
+
+
+def verdict_groups(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per group (``(all)`` and each category): the cross-pair statistics behind the verdict."""
+    if "group" not in ds.dims:
+        raise ExportError("decisions.nc has no 'group' statistics (rerun 'nnethics run --analyses decisions')")
+    names = [n for n, v in ds.data_vars.items() if v.dims == ("group",)]
+    df = ds[names].to_dataframe().reset_index()
+    return df
 
 
 def detailed_layer_data(ds: xr.Dataset) -> pd.DataFrame:
@@ -256,6 +291,10 @@ def export_store(store_dir: str | Path, fmt: str = "csv", out: str | Path | None
     jobs: list[tuple[str, str, Callable[[], pd.DataFrame]]] = []
     if (d := data["decisions"]) is not None:
         jobs.append(("decisions", "decisions", lambda d=d: decisions_table(d)))
+        if all(v in d for v in PAIR_VARS):
+            jobs.append(("decisions", "verdict_pairs", lambda d=d: verdict_pairs(d)))
+        if "group" in d.dims:
+            jobs.append(("decisions", "verdict_groups", lambda d=d: verdict_groups(d)))
     if (p := data["patching"]) is not None:
         jobs.append(("patching", "detailed_layer_data", lambda p=p: detailed_layer_data(p)))
         jobs.append(("patching", "summary_results", lambda p=p: summary_results(p, data["decisions"])))

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import synthetic
+import xarray as xr
 from click.testing import CliRunner
 
 from nnethics.export import (
@@ -87,9 +88,19 @@ def test_lens_records_and_trajectories():
 def test_export_store_csv_and_json(store, tmp_path):
     paths = export_store(store, "csv", tmp_path / "csv")
     names = sorted(p.name for p in paths)
-    assert names == sorted(["decisions.csv", "detailed_layer_data.csv", "summary_results.csv", "patching_grid.csv",
+    assert names == sorted(["decisions.csv", "verdict_pairs.csv", "verdict_groups.csv", "detailed_layer_data.csv", "summary_results.csv", "patching_grid.csv",
                             "patching_noise.csv", "patching_noise_grid.csv", "attribution.csv",
                             "attribution_heads.csv", "token_trajectories.csv", "tuned_lens.json"])
+    pairs = pd.read_csv(tmp_path / "csv" / "verdict_pairs.csv")
+    dec = xr.load_dataset(store / "decisions.nc")
+    assert pairs.prompt_id.tolist() == [str(p) for p in dec["prompt"].values]
+    np.testing.assert_allclose(pairs.ethical_preference, dec["ethical_preference"].values, rtol=1e-6)
+    np.testing.assert_allclose(pairs.logit_diff_cf - pairs.logit_diff_base, pairs.content_gap, rtol=1e-5, atol=1e-6)
+    groups = pd.read_csv(tmp_path / "csv" / "verdict_groups.csv")
+    assert groups.group.tolist() == [str(g) for g in dec["group"].values]
+    for col in ("n_pairs", "mean_ethical_preference", "ethical_preference_ci_low", "share_content_sensitive",
+                "content_sensitive_ci_high", "sign_test_p"):
+        np.testing.assert_allclose(groups[col], dec[col].values.astype(float), rtol=1e-9)
     noise = pd.read_csv(tmp_path / "csv" / "patching_noise.csv")
     assert "corrupted_logit_diff" in noise and "position" not in noise
     assert "position" in pd.read_csv(tmp_path / "csv" / "patching_noise_grid.csv")
@@ -114,7 +125,7 @@ def test_export_cli(store, tmp_path):
     res = runner.invoke(cli, ["export", str(store), "--format", "JSON", "--out", str(tmp_path / "e")])
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 10 and all("(" in ln for ln in lines)
+    assert len(lines) == 12 and all("(" in ln for ln in lines)
     assert (tmp_path / "e" / "attribution.json").exists()
     res = runner.invoke(cli, ["export", str(tmp_path / "e")])
     assert res.exit_code == 2 and "no result files" in res.stderr
