@@ -240,7 +240,7 @@ def test_report_renders_whichever_files_exist(tmp_path):
     assert sorted(data) == ["decisions", "lens"] and not notes
     figs, prompts, skipped = report_figures(data)
     names = [f.name for f in figs]
-    assert names[0].startswith("decisions_") and "lens_top_tokens" in names
+    assert names[0] == "verdict_text" and names[1].startswith("verdict_") and "lens_top_tokens" in names
     assert not any(n.startswith(("patching", "attribution")) for n in names)
     assert prompts == [f"case_{i:03d}" for i in range(4)]
     (folder / "attribution.nc").write_bytes(b"not a netcdf file")

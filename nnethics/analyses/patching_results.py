@@ -142,16 +142,43 @@ def _nanmean0(a: np.ndarray) -> np.ndarray:
         return np.where(n > 0, np.where(ok, a, 0).sum(0) / np.where(n > 0, n, 1), np.nan)
 
 
+def arrival_layer(mean: np.ndarray, layers: Sequence[int], threshold: float = 0.5) -> int | None:
+    """The first layer whose mean effect reaches ``threshold`` (where the decision "arrives"), or None."""
+    m = np.asarray(mean, dtype=np.float64)
+    hit = np.flatnonzero(np.isfinite(m) & (m >= threshold))
+    return int(np.asarray(layers)[hit[0]]) if hit.size else None
+
+
 def summarize(ds: xr.Dataset) -> str:
-    """One line: pairs, where the mean effect peaks per component, AtP agreement."""
+    """One line: pairs behind the means; where the residual effect first passes 0.5 (the patched residual at the
+    last layer is the counterfactual's output, so its effect there is 1 by construction); the attention and MLP
+    layers with the largest mean effect; AtP agreement."""
     n = ds.sizes["prompt"]
-    parts = [f"{n} pairs ({int(ds['effect_defined'].sum())} with a normalisable gap)"]
+    k = int(ds["effect_defined"].sum())
+    parts = [f"{n} pairs, {k} with a normalisable gap (means over those {k})"]
     if "mean_effect" in ds and "position" not in ds["mean_effect"].dims:
+        ci = ("effect_ci_low" in ds and "effect_ci_high" in ds)
         for comp in ds["component"].values:
             m = ds["mean_effect"].sel(component=comp)
-            if np.isfinite(m.values).any():
-                peak = int(m["layer"].values[int(np.nanargmax(np.abs(m.values)))])
-                parts.append(f"{comp} peaks at layer {peak} (mean effect {float(m.sel(layer=peak)):+.2f})")
+            if not np.isfinite(m.values).any():
+                continue
+            if comp == "resid":
+                layer = arrival_layer(m.values, m["layer"].values)
+                if layer is None:
+                    parts.append("resid: the mean effect never reaches 0.5")
+                    continue
+                text = f"resid: the decision arrives at layer {layer} (first mean effect >= 0.5: {float(m.sel(layer=layer)):+.2f}"
+                if ci:
+                    text += (f", 95% CI {float(ds['effect_ci_low'].sel(component=comp, layer=layer)):+.2f}"
+                             f" to {float(ds['effect_ci_high'].sel(component=comp, layer=layer)):+.2f}")
+                parts.append(text + ")")
+                continue
+            peak = int(m["layer"].values[int(np.nanargmax(np.abs(m.values)))])
+            text = f"{comp} largest at layer {peak} (mean effect {float(m.sel(layer=peak)):+.2f}"
+            if ci:
+                text += (f", 95% CI {float(ds['effect_ci_low'].sel(component=comp, layer=peak)):+.2f}"
+                         f" to {float(ds['effect_ci_high'].sel(component=comp, layer=peak)):+.2f}")
+            parts.append(text + ")")
     if "atp_exact_correlation_pooled" in ds:
         parts.append(f"AtP vs exact r = {float(ds['atp_exact_correlation_pooled']):.3f}")
     if "skipped" in ds and int(ds["skipped"].sum()):

@@ -14,21 +14,19 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
+from ..verdict import SHARE_CI, share_ci
 from ._base import HEIGHT, WIDE, WIDTH, Figure, collect, prompt_map, require, side_name, values
 
 SECTION = "Decisions"
 MEASURE_COLORS = {"base": "#4c72b0", "counterfactual": "#c44e52", "both sides": "#55a868", "consistent": "#8172b3"}
 
 
-def wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson 95% interval for k successes out of n (well behaved at 0% and 100%)."""
-    k, n = np.asarray(k, float), np.asarray(n, float)
-    safe = np.where(n > 0, n, 1)
-    p = k / safe
-    centre = (p + z * z / (2 * safe)) / (1 + z * z / safe)
-    half = z * np.sqrt(p * (1 - p) / safe + z * z / (4 * safe * safe)) / (1 + z * z / safe)
-    lo, hi = np.clip(centre - half, 0, 1), np.clip(centre + half, 0, 1)
-    return np.where(n > 0, lo, np.nan), np.where(n > 0, hi, np.nan)
+def wilson(k: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score 95% interval for k successes out of n (scipy's ``binomtest(...).proportion_ci``; well
+    behaved at 0% and 100%); NaN where n = 0."""
+    k, n = np.atleast_1d(np.asarray(k, int)), np.atleast_1d(np.asarray(n, int))
+    out = np.array([share_ci(int(a), int(b))[1:] for a, b in zip(k, n)], dtype=float).reshape(-1, 2)
+    return out[:, 0], out[:, 1]
 
 
 def _measures(ds: xr.Dataset) -> dict[str, np.ndarray]:
@@ -54,7 +52,8 @@ def ethical_rates(ds: xr.Dataset) -> hv.Overlay:
         color="measure", cmap=MEASURE_COLORS, tools=["hover"], ylim=(0, 1.05), show_legend=False)
     err = hv.ErrorBars((names, rate, rate - lo, hi - rate), kdims=["measure"], vdims=["rate", "neg", "pos"],
                        ).opts(line_width=1.5, color="black")
-    return (bars * err).opts(title=f"Chose the ethical option (n={len(values(ds['prompt']))} pairs)", width=WIDTH,
+    return (bars * err).opts(title=f"Chose the ethical option (n={len(values(ds['prompt']))} pairs, {SHARE_CI})",
+                             width=WIDTH,
                              height=HEIGHT, ylabel="fraction of prompts", xlabel="")
 
 
@@ -77,25 +76,6 @@ def by_category(ds: xr.Dataset) -> hv.Bars:
                      ylim=(0, 1.05), tools=["hover"], cmap=MEASURE_COLORS, multi_level=False,
                      show_legend=True, legend_position="top", xrotation=30 if n_cats > 6 else 0,
                      ylabel="fraction of prompts", xlabel="")
-
-
-def logit_diff_scatter(ds: xr.Dataset) -> hv.Overlay:
-    """Each pair's logit difference (label 1 − label 2) on the base prompt against the counterfactual."""
-    require(ds, "logit_diff", "side")
-    base = values(ds["logit_diff"].sel(side="base")).astype(float)
-    cf = values(ds["logit_diff"].sel(side="cf")).astype(float)
-    prompts = values(ds["prompt"]).astype(str)
-    cats = values(ds["category"]).astype(str) if "category" in ds else np.full(len(prompts), "")
-    both = values(ds["chose_ethical"].all("side")).astype(bool) if "chose_ethical" in ds else np.zeros(len(base), bool)
-    outcome = np.where(both, "ethical on both", "not ethical on both")
-    pts = hv.Points((base, cf, prompts, cats, outcome), kdims=["base logit diff", "counterfactual logit diff"],
-                    vdims=["prompt", "category", "outcome"])
-    pts = pts.opts(color="outcome", cmap={"ethical on both": "#55a868", "not ethical on both": "#c44e52"}, size=8,
-                   alpha=0.8, tools=["hover"], legend_position="top_left")
-    zero_x = hv.VLine(0).opts(color="gray", line_dash="dotted", line_width=1)
-    zero_y = hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)
-    return (pts * zero_x * zero_y).opts(title="Logit diff ('1' − '2'): base vs counterfactual", width=WIDTH,
-                                        height=HEIGHT)
 
 
 def label_mass(ds: xr.Dataset) -> hv.Overlay:
@@ -150,9 +130,10 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
     """The decision figures (figures whose inputs are missing are skipped)."""
     return collect([
         lambda: Figure("decisions_rates", "Ethical choices", ethical_rates(ds), SECTION,
-                       note="Which label the model prefers at the answer position (argmax over the label logits)."),
+                       note="Which label the model prefers at the answer position (argmax over the label logits). "
+                            "These rates mix position and content: a model that always answers '1' is ethical on "
+                            "half the prompts of a swapped pair set; the section above separates the two."),
         lambda: Figure("decisions_by_category", "By category", by_category(ds), SECTION),
-        lambda: Figure("decisions_logit_diff", "Logit differences", logit_diff_scatter(ds), SECTION),
         lambda: Figure("decisions_label_mass", "Label probability", label_mass(ds), SECTION),
         lambda: Figure("decisions_prompts", "Prompt viewer", prompt_text_view(ds, prompts), SECTION,
                        per_prompt=True),

@@ -14,6 +14,7 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
+from .. import metrics
 from ._base import (
     COMPONENT_COLORS,
     HEIGHT,
@@ -24,6 +25,7 @@ from ._base import (
     band_and_curve,
     collect,
     empty_curve,
+    fix_limits,
     layers_of,
     mean_ci,
     prompt_map,
@@ -79,17 +81,25 @@ def effect_label(ds: xr.Dataset) -> str:
             "raw": "change of logit diff"}.get(effect_kind(ds) or "", "effect")
 
 
-def effect_curve(ds: xr.Dataset, var: str = "effect") -> hv.Overlay:
+BOOTSTRAP_CI = "percentile bootstrap 95% CI over pairs"
+NORMAL_CI = "normal-approximation 95% CI (mean ± 1.96 SEM)"
+UNDEFINED_COLOR = "#c8c8c8"
+
+
+def effect_curve(ds: xr.Dataset, var: str = "effect", ci: str = "normal", title: str | None = None) -> hv.Overlay:
     """Mean ``var`` per layer for each component, with a 95% CI band over prompts.
 
     Uses the stored ``mean_effect`` and ``effect_ci_low``/``effect_ci_high`` (or ``ci_low``/``ci_high``)
-    ``(layer, component)`` when present (the analysis may use a better interval, e.g. a bootstrap),
-    else computes mean ± 1.96·SEM over the prompts where ``var`` is defined.
+    ``(layer, component)`` when present (a percentile bootstrap), else computes the CI over the prompts where
+    ``var`` is defined: mean ± 1.96·SEM with ``ci="normal"``, the same percentile bootstrap with
+    ``ci="bootstrap"``. The title names the method and the number of prompts behind the mean.
     """
     require(ds, var, "layer")
     layers = layers_of(ds)
-    ci = next((names for names in CI_NAMES if all(n in ds for n in names)), None)
-    stored = var == "effect" and "mean_effect" in ds and ci is not None
+    stored_ci = next((names for names in CI_NAMES if all(n in ds for n in names)), None)
+    stored = var == "effect" and "mean_effect" in ds and stored_ci is not None
+    method = BOOTSTRAP_CI if stored and stored_ci[0] == "effect_ci_low" else (
+        "stored 95% CI" if stored else BOOTSTRAP_CI if ci == "bootstrap" else NORMAL_CI)
     parts = []
     comps = components(ds) or [None]
     for comp in comps:
@@ -97,7 +107,11 @@ def effect_curve(ds: xr.Dataset, var: str = "effect") -> hv.Overlay:
             return ds[v].sel(component=comp) if comp is not None and "component" in ds[v].dims else ds[v]
 
         if stored:
-            mean, lo, hi = sel("mean_effect"), sel(ci[0]), sel(ci[1])
+            mean, lo, hi = sel("mean_effect"), sel(stored_ci[0]), sel(stored_ci[1])
+        elif ci == "bootstrap":
+            da = sel(var).transpose("prompt", "layer")
+            m, a, b = metrics.bootstrap_ci(values(da).astype(float), axis=0)
+            mean, lo, hi = (xr.DataArray(x, dims=["layer"]) for x in (m, a, b))
         else:
             mean, lo, hi = mean_ci(sel(var), "prompt")
         label = comp or var
@@ -109,12 +123,13 @@ def effect_curve(ds: xr.Dataset, var: str = "effect") -> hv.Overlay:
     defined = int(np.isfinite(values(ds[var])).reshape(n, -1).any(1).sum()) if n else 0
     count = f"n={n} prompts" if defined == n else f"n={defined} of {n} prompts defined"
     return hv.Overlay([*parts, zero]).opts(
-        title=f"Mean patching effect, 95% CI ({count})", width=WIDTH, height=HEIGHT,
+        title=title or f"Mean patching effect, {method} ({count})", width=WIDTH, height=HEIGHT,
         legend_position="top_left", xlabel="layer", ylabel=effect_label(ds) if var == "effect" else var)
 
 
-def effect_heatmap(ds: xr.Dataset, component: str | None = "resid", var: str = "effect") -> hv.HeatMap:
-    """``var`` for every prompt (rows) and layer (columns) of one component."""
+def effect_heatmap(ds: xr.Dataset, component: str | None = "resid", var: str = "effect",
+                   title: str | None = None) -> hv.HeatMap:
+    """``var`` for every prompt (rows) and layer (columns) of one component; undefined (NaN) cells grey."""
     require(ds, var)
     da = ds[var]
     if "component" in da.dims:
@@ -128,9 +143,77 @@ def effect_heatmap(ds: xr.Dataset, component: str | None = "resid", var: str = "
     ys = np.repeat(prompts, len(layers))
     hm = hv.HeatMap((xs, ys, values(da).ravel()), kdims=["layer", "prompt"], vdims=[var])
     height = int(min(900, max(240, 16 * len(prompts) + 90)))
+    undefined = int((~np.isfinite(values(da))).all(1).sum())
+    note = f"; grey = undefined ({undefined} prompts)" if undefined else ""
     return hm.opts(cmap="RdBu_r", symmetric=True, colorbar=True, tools=["hover"], width=WIDTH, height=height,
-                   title=f"{component or var}: {var} per prompt × layer", invert_yaxis=True,
+                   clipping_colors={"NaN": UNDEFINED_COLOR},
+                   title=title or f"{component or var}: {var} per prompt × layer{note}", invert_yaxis=True,
                    xlabel="layer", ylabel="prompt")
+
+
+def _delta(ds: xr.Dataset) -> xr.Dataset | None:
+    """``ds`` with ``delta`` = patched − receiver logit difference (logits), or None without the inputs."""
+    ends = _ends(ds)
+    if ends is None or "patched_logit_diff" not in ds:
+        return None
+    out = ds.copy()
+    out["delta"] = ds["patched_logit_diff"].astype(float) - ds[ends[0]].astype(float)
+    return out
+
+
+def _gap_name(ds: xr.Dataset) -> str:
+    return "clean − noised" if _ends(ds) == ("corrupted_logit_diff", "base_logit_diff") else "cf − base"
+
+
+def views(ds: xr.Dataset) -> dict[str, tuple[xr.Dataset, str]]:
+    """The selectable views of a patching file: normalised effect over the pairs where it is defined, and the
+    absolute change of the logit difference (logits) over those pairs and over all pairs.
+    Returns ``{key: (dataset, variable)}``; keys name the pairs and their count."""
+    n = ds.sizes["prompt"]
+    ok = values(ds["effect_defined"]).astype(bool) if "effect_defined" in ds else \
+        np.isfinite(values(ds["effect"])).reshape(n, -1).any(1)
+    k = int(ok.sum())
+    who = "content-sensitive pairs" if _gap_name(ds) == "cf − base" else "pairs with a normalisable gap"
+    out = {f"normalised effect, {who} (n={k} of {n})": (ds, "effect")}
+    d = _delta(ds)
+    if d is not None:
+        out[f"change of logit diff (logits), {who} (n={k} of {n})"] = (d.isel(prompt=np.flatnonzero(ok)), "delta")
+        out[f"change of logit diff (logits), all pairs (n={n})"] = (d, "delta")
+    return out
+
+
+def effect_views(ds: xr.Dataset) -> hv.HoloMap | hv.Overlay:
+    """:func:`effect_curve` for each of :func:`views` (a HoloMap with a "view" selector)."""
+    frames = {}
+    for key, (sub, var) in views(ds).items():
+        if not sub.sizes["prompt"]:
+            continue
+        what = "Mean normalised effect" if var == "effect" else "Mean change of the logit difference"
+        frames[key] = effect_curve(sub, var, ci="bootstrap", title=f"{what}, {BOOTSTRAP_CI} ({key.split(', ', 1)[1]})")
+    if not frames:
+        raise MissingData("patching: no prompt to average")
+    if len(frames) == 1:
+        return next(iter(frames.values()))
+    return hv.HoloMap(fix_limits(frames, shared_y=False), kdims=["view"], sort=False)
+
+
+def heatmap_views(ds: xr.Dataset, component: str | None) -> hv.HoloMap | hv.HeatMap:
+    """:func:`effect_heatmap` for each of :func:`views`; the normalised view keeps every prompt (undefined ones
+    grey), so the reader sees which pairs the mean leaves out."""
+    frames = {}
+    for key, (sub, var) in views(ds).items():
+        if var == "effect":
+            sub = ds
+        if not sub.sizes["prompt"]:
+            continue
+        what = "normalised effect" if var == "effect" else "change of logit diff (logits)"
+        frames[key] = effect_heatmap(sub, component, var, title=f"{component or 'effect'}: {what} per prompt × layer"
+                                     + ("; grey = undefined (|" + _gap_name(ds) + "| below the min gap)"
+                                        if var == "effect" else ""))
+    if len(frames) == 1:
+        return next(iter(frames.values()))
+    frames = {k: v.opts(framewise=True) for k, v in frames.items()}  # each view its own colour range
+    return hv.HoloMap(frames, kdims=["view"], sort=False)
 
 
 def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.HoloMap:
@@ -243,28 +326,59 @@ def _per_prompt(ds: xr.Dataset, var: str) -> np.ndarray:
     return values(da).astype(float).ravel()
 
 
+def _one_bin_note(freq: np.ndarray, edges: np.ndarray, what: str) -> str:
+    """A title suffix when every prompt falls in one bin (the histogram then shows a single bar)."""
+    nz = np.flatnonzero(freq)
+    if len(nz) != 1:
+        return ""
+    centre = (edges[nz[0]] + edges[nz[0] + 1]) / 2
+    value = f"{centre:g}" if float(centre).is_integer() else f"{edges[nz[0]]:g}–{edges[nz[0] + 1]:g}"
+    return f": all {int(freq.sum())} prompts at {(what + ' ') if what else ''}{value}"
+
+
 def summary_histograms(ds: xr.Dataset) -> hv.Layout:
-    """The seed's per-prompt summaries: peak layer, number of layers that flip the decision, Gini."""
+    """The seed's per-prompt summaries of the residual stream: peak layer, number of layers that flip the
+    decision, Gini. A panel whose prompts all fall in one bin says so in its title (for the residual at the last
+    position the peak is the last layer by construction: there the patched state is the counterfactual's output)."""
     plots = []
     n_layers = ds.sizes.get("layer", 1)
     if "peak_layer" in ds:
         v = _per_prompt(ds, "peak_layer")
         freq, edges = np.histogram(v[np.isfinite(v)], bins=np.arange(-0.5, n_layers + 0.5))
-        plots.append(hv.Histogram((edges, freq), kdims=["peak layer"], vdims=["prompts"]).opts(title="Peak layer", color="#a23b72"))
+        note = _one_bin_note(freq, edges, "layer")
+        if note and int(np.flatnonzero(freq)[0]) == n_layers - 1:
+            note += " (by construction)"
+        plots.append(hv.Histogram((edges, freq), kdims=["peak layer"], vdims=["prompts"]).opts(
+            title="Peak layer" + note, color="#a23b72"))
     if "num_choice_flips" in ds:
         v = _per_prompt(ds, "num_choice_flips")
         top = int(np.nanmax(v)) if np.isfinite(v).any() else 0
         freq, edges = np.histogram(v[np.isfinite(v)], bins=np.arange(-0.5, top + 1.5))
         plots.append(hv.Histogram((edges, freq), kdims=["layers that flip the choice"], vdims=["prompts"]).opts(
-            title="Choice flips", color="#f18f01"))
+            title="Choice flips" + _one_bin_note(freq, edges, ""), color="#f18f01"))
     if "gini_coefficient" in ds:
         v = _per_prompt(ds, "gini_coefficient")
         freq, edges = np.histogram(v[np.isfinite(v)], bins=np.linspace(0, 1, 11))
         plots.append(hv.Histogram((edges, freq), kdims=["Gini coefficient"], vdims=["prompts"]).opts(
-            title="Concentration of effects (Gini)", color="#9b59b6"))
+            title="Concentration (Gini)" + _one_bin_note(freq, edges, "Gini"), color="#9b59b6"))
     if not plots:
         raise MissingData("patching: no per-prompt summaries (peak_layer, num_choice_flips, gini_coefficient)")
     return hv.Layout([p.opts(width=340, height=260, tools=["hover"]) for p in plots]).cols(3)
+
+
+def averaging_note(ds: xr.Dataset) -> str:
+    """Over how many pairs the normalised effect is averaged, and why the others are left out."""
+    n = ds.sizes["prompt"]
+    if "effect_defined" not in ds:
+        return f"Averaged over the {n} pairs of the file."
+    k = int(values(ds["effect_defined"]).sum())
+    gap = _gap_name(ds)
+    desc = str(ds["effect_defined"].attrs.get("description", ""))
+    min_gap = desc.split("min_gap = ")[-1] if "min_gap = " in desc else "min_gap"
+    return (f"The normalised effect (patched − base) / ({gap}) is averaged over the {k} of {n} pairs whose |{gap}| "
+            f"is at least {min_gap} logits; the other {n - k} are left out because dividing by a smaller gap "
+            f"amplifies noise. The 'view' selector shows the absolute change of the logit difference instead, over "
+            f"those pairs or over all {n}.")
 
 
 def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[Figure], list[str]]:
@@ -272,13 +386,12 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
     def heatmaps() -> list[Figure]:
         comps = components(ds) or [None]
         return [Figure(f"patching_heatmap_{c or 'effect'}", f"{c or 'effect'}: effect per prompt × layer",
-                       effect_heatmap(ds, c), SECTION) for c in comps]
+                       heatmap_views(ds, c), SECTION) for c in comps]
 
     return collect([
-        lambda: Figure("patching_mean_effect", "Mean effect by layer", effect_curve(ds), SECTION,
+        lambda: Figure("patching_mean_effect", "Mean effect by layer", effect_views(ds), SECTION,
                        note="Patching one component's output at one layer (last token) from the counterfactual "
-                            "run into the base run. effect: " + str(ds["effect"].attrs.get(
-                                "description", "change of the logit difference (label 1 − label 2)")) + "."),
+                            "run into the base run. " + averaging_note(ds)),
         heatmaps,
         lambda: Figure("patching_per_prompt", "Per-prompt effect", prompt_view(ds, prompts), SECTION,
                        per_prompt=True),

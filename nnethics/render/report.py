@@ -20,12 +20,13 @@ from . import attribution as _attribution
 from . import decisions as _decisions
 from . import lens as _lens
 from . import patching as _patching
+from . import verdict as _verdict
 from ._base import WIDE, WIDTH, Figure, MissingData, model_name, prompt_order
 from .embed import Rendered, link_selectors, render
 from .offline import export_pngs, save_bokeh
 
 ANALYSIS_FILES = ("decisions", "patching", *_patching.VARIANTS, "attribution", "lens")
-SECTIONS = (_decisions.SECTION, _patching.SECTION, _attribution.SECTION, _lens.SECTION)
+SECTIONS = (_verdict.SECTION, _decisions.SECTION, _patching.SECTION, _attribution.SECTION, _lens.SECTION)
 DEFAULT_MAX_PROMPTS = 100
 PROVENANCE_KEYS = ("model_id", "model_revision", "dtype", "device", "quantization", "prompt_set",
                    "prompt_set_sha256", "labels", "nnethics_version", "nnsight_version", "created")
@@ -69,6 +70,7 @@ def report_figures(data: Mapping[str, xr.Dataset], max_prompts: int | None = DEF
     figs: list[Figure] = []
     skipped: list[str] = []
     builders = [
+        ("decisions", _verdict.figures),
         ("decisions", lambda ds: _decisions.figures(ds, prompts)),
         ("patching", lambda ds: _patching.figures(ds, prompts)),
         *((name, lambda ds, name=name: _patching.variant_figures(ds, name)) for name in _patching.VARIANTS),
