@@ -75,11 +75,6 @@ def decisions(n_prompts: int = 6, seed: int = 0, labels: tuple[str, str] = ("1",
                 "label_token": ("option", np.array(list(labels)))},
         attrs=_attrs("decisions", slug, n_layers),
     )
-    q = verdict.pair_quantities(ds["logit_diff"].values, ethical == labels[0])
-    for name in ("ethical_preference", "p_ethical", "position_bias", "swaps_ethical_label", "content_gap",
-                 "content_sensitive"):
-        ds[name] = (("prompt",), getattr(q, name))
-    ds["ethical_margin"] = (("prompt", "side"), q.ethical_margin)
     return verdict.finalize_decisions(ds)
 
 

@@ -19,24 +19,17 @@ LABELS = ("1", "2")
 
 
 def decisions_like(ld: np.ndarray, ethical: np.ndarray, categories=None, label_is_top=None) -> xr.Dataset:
-    """A decisions Dataset (the variables the verdict reads) from logit differences ``[n, 2]`` and ethical labels."""
+    """A finalised decisions Dataset from logit differences ``[n, 2]`` and ethical labels (the variables the
+    verdict reads; finalize computes the per-pair quantities from them)."""
     n = ld.shape[0]
-    q = verdict.pair_quantities(ld, ethical == LABELS[0])
     chosen = np.where(ld > 0, LABELS[0], LABELS[1])
     ds = xr.Dataset(
         {
-            "logit_diff": (("prompt", "side"), ld.astype(np.float32)),
+            "logit_diff": (("prompt", "side"), ld.astype(np.float64)),
             "chosen": (("prompt", "side"), chosen),
             "ethical_option": (("prompt", "side"), ethical),
             "category": (("prompt",), np.asarray(categories if categories is not None else ["c"] * n)),
             "label_is_top": (("prompt", "side"), np.ones((n, 2), bool) if label_is_top is None else label_is_top),
-            "ethical_margin": (("prompt", "side"), q.ethical_margin),
-            "ethical_preference": (("prompt",), q.ethical_preference),
-            "p_ethical": (("prompt",), q.p_ethical),
-            "position_bias": (("prompt",), q.position_bias),
-            "swaps_ethical_label": (("prompt",), q.swaps_ethical_label),
-            "content_gap": (("prompt",), q.content_gap),
-            "content_sensitive": (("prompt",), q.content_sensitive),
         },
         coords={"prompt": [f"p{i}" for i in range(n)], "side": ["base", "cf"], "option": list(LABELS)},
         attrs={"model_id": "test/model"},
@@ -126,8 +119,8 @@ def test_group_statistics_equal_formulas_written_out():
         s = ds.sel(group=g)
         pref = prefs[mask]
         assert int(s["n_pairs"]) == mask.sum()
-        assert float(s["mean_ethical_preference"]) == pytest.approx(pref.mean(), abs=1e-9)
-        assert float(s["mean_position_bias"]) == pytest.approx(ld[mask].mean(), abs=1e-9)
+        assert float(s["mean_ethical_preference"]) == pytest.approx(pref.mean(), abs=1e-6)  # stored as float32
+        assert float(s["mean_position_bias"]) == pytest.approx(ld[mask].mean(), abs=1e-6)
         assert float(s["ethical_preference_ci_low"]) < pref.mean() < float(s["ethical_preference_ci_high"])
         k = int((pref > 0).sum())
         assert float(s["share_leaning_ethical"]) == pytest.approx(k / mask.sum())
@@ -221,6 +214,15 @@ def test_verdict_of_an_unethical_model():
     assert "the model leans unethical by" in text and "it leans ethical in 0 of 12 pairs" in text
 
 
+def test_finalize_recomputes_pair_quantities_a_file_from_before_the_verdict_lacks():
+    prefs = np.random.default_rng(8).normal(0.2, 0.2, 6)
+    ld, ethical = constructed(1.0, prefs)
+    full = decisions_like(ld, ethical)
+    old = full.drop_dims("group").drop_vars(list(verdict.PAIR_DESCRIPTIONS))
+    old.attrs = {"model_id": "test/model"}
+    xr.testing.assert_identical(verdict.finalize_decisions(old), full)
+
+
 def test_finalize_is_idempotent_and_round_trips(tmp_path):
     prefs = np.random.default_rng(6).normal(0.1, 0.2, 10)
     ld, ethical = constructed(1.0, prefs)
@@ -274,3 +276,34 @@ def test_run_prints_the_verdict_stored_in_decisions_nc(tiny_model_dir, tmp_path)
     assert " ".join(printed.split()) == " ".join(text.split())
     assert int(ds["n_pairs"].sel(group=verdict.ALL)) == 6 and ds.attrs["ci_methods"].startswith("means: BCa")
     assert "position bias" in res.output and "ethical preference" in res.output
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_attribution_splits_into_position_and_ethical_parts_that_sum_exactly(family, tokenizer, prompt_set):
+    """The position parts of every DLA part sum to the pair's position bias, the ethical parts to its ethical
+    preference (decisions' values, from an independent forward), and per head to the attention part."""
+    from conftest import make_tiny
+
+    from nnethics.analyses.attribution import direct_logit_attribution
+    from nnethics.analyses.decisions import baseline_decisions
+
+    model = make_tiny(family, tokenizer, seed=2, init_std=0.2)
+    pairs = list(prompt_set.pairs[:5])
+    dla = direct_logit_attribution(model, pairs)
+    dec = verdict.finalize_decisions(baseline_decisions(model, pairs))
+    eth = dla["ethical_other_contribution"] + dla["ethical_contribution"].sum(("layer", "component"))
+    pos = dla["position_other_contribution"] + dla["position_contribution"].sum(("layer", "component"))
+    scale = float(np.abs(dla["diff_contribution"]).max())
+    np.testing.assert_allclose(eth.values, dec["ethical_preference"].values, atol=1e-4 * max(1.0, scale))
+    np.testing.assert_allclose(pos.values, dec["position_bias"].values, atol=1e-4 * max(1.0, scale))
+    assert np.abs(dec["ethical_preference"].values).max() > 1e-2  # the identity is not trivially 0 = 0
+    # written out: e_s = +1 where the ethical option is label 1
+    e = np.where(np.array([[p.ethical(s) for s in ("base", "cf")] for p in pairs]) == "1", 1.0, -1.0)
+    d = dla["diff_contribution"].transpose("prompt", "side", "layer", "component").values
+    np.testing.assert_allclose(dla["ethical_contribution"].values, (e[:, :, None, None] * d).mean(1), rtol=1e-5,
+                               atol=1e-6)
+    heads = dla["ethical_head_contribution"].sum("head")
+    bias = (dla["attn_bias_contribution"] * dla["ethical_sign"]).mean("side")
+    np.testing.assert_allclose((heads + bias).values, dla["ethical_contribution"].sel(component="attn").values,
+                               atol=1e-4 * max(1.0, scale))
+    np.testing.assert_array_equal(dla["content_sensitive"].values, dec["content_sensitive"].values)

@@ -73,7 +73,6 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
             n_tokens[i, j] = len(toks)
             texts[i, j] = batch.encoded.texts[row]
     tok = model.tokenizer
-    q = _verdict.pair_quantities(lab[..., 0] - lab[..., 1], ethical == labels[0], options.min_gap)
     ds = xr.Dataset(
         {
             "label_logit": (("prompt", "side", "option"), lab.astype(np.float32)),
@@ -89,13 +88,6 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
             "input_ids": (("prompt", "side", "token"), input_ids),
             "n_tokens": (("prompt", "side"), n_tokens),
             "category": (("prompt",), np.array([p.category for p in pairs], dtype=str)),
-            "ethical_margin": (("prompt", "side"), q.ethical_margin.astype(np.float32)),
-            "ethical_preference": (("prompt",), q.ethical_preference.astype(np.float32)),
-            "p_ethical": (("prompt",), q.p_ethical.astype(np.float32)),
-            "position_bias": (("prompt",), q.position_bias.astype(np.float32)),
-            "swaps_ethical_label": (("prompt",), q.swaps_ethical_label),
-            "content_gap": (("prompt",), q.content_gap.astype(np.float32)),
-            "content_sensitive": (("prompt",), q.content_sensitive),
         },
         coords={
             "prompt": [p.prompt_id for p in pairs],
@@ -107,26 +99,7 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
     )
     ds["logit_diff"].attrs["description"] = "logit(label 1) - logit(label 2) at the last prompt token"
     ds["label_prob"].attrs["description"] = "softmax probability over the full vocabulary"
-    _describe_pairs(ds, options.min_gap)
-    return ds
-
-
-def _describe_pairs(ds: xr.Dataset, min_gap: float) -> None:
-    d = {
-        "ethical_margin": "e_s * logit_diff: logit of the ethical label minus the other (e_s = +1 if the ethical "
-                          "option is label 1 on that side, else -1)",
-        "ethical_preference": "mean of ethical_margin over the two sides: position-debiased when the counterfactual "
-                              "swaps the ethical label; > 0 leans ethical",
-        "p_ethical": "mean over the two sides of the two-label softmax probability of the ethical label",
-        "position_bias": "mean of logit_diff over the two sides (> 0 favours label 1); NaN where the counterfactual "
-                         "does not swap the ethical label (position and content are confounded there)",
-        "swaps_ethical_label": "the ethical option is a different label on the two sides",
-        "content_gap": "logit_diff(cf) - logit_diff(base): what swapping the options changed",
-        "content_sensitive": f"|content_gap| >= min_gap = {min_gap:g} (patching's effect_defined uses the same test)",
-    }
-    for name, text in d.items():
-        ds[name].attrs["description"] = text
-    ds.attrs["min_gap"] = float(min_gap)
+    return _verdict.add_pair_quantities(ds, options.min_gap)
 
 
 def _build(model, ctx):

@@ -14,7 +14,7 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
-from ..verdict import SHARE_CI, share_ci
+from ..verdict import share_ci
 from ._base import HEIGHT, WIDE, WIDTH, Figure, collect, prompt_map, require, side_name, values
 
 SECTION = "Decisions"
@@ -52,7 +52,7 @@ def ethical_rates(ds: xr.Dataset) -> hv.Overlay:
         color="measure", cmap=MEASURE_COLORS, tools=["hover"], ylim=(0, 1.05), show_legend=False)
     err = hv.ErrorBars((names, rate, rate - lo, hi - rate), kdims=["measure"], vdims=["rate", "neg", "pos"],
                        ).opts(line_width=1.5, color="black")
-    return (bars * err).opts(title=f"Chose the ethical option (n={len(values(ds['prompt']))} pairs, {SHARE_CI})",
+    return (bars * err).opts(title=f"Chose the ethical option (n={len(values(ds['prompt']))} pairs; Wilson 95% CI)",
                              width=WIDTH,
                              height=HEIGHT, ylabel="fraction of prompts", xlabel="")
 
@@ -88,9 +88,9 @@ def label_mass(ds: xr.Dataset) -> hv.Overlay:
         freq, _ = np.histogram(values(mass.sel(side=s)).astype(float), bins=edges)
         parts.append(hv.Histogram((edges, freq), kdims=["probability on the labels"], vdims=["prompts"], label=side_name(s)).opts(
             alpha=0.5, color=MEASURE_COLORS.get(side_name(s), "#444"), tools=["hover"]))
-    title = "Probability mass on the answer labels"
+    title = "Probability on the two labels"
     if "label_is_top" in ds:
-        title += f" (a label is the top token in {float(ds['label_is_top'].mean()):.0%})"
+        title += f" (a label is top-1 in {float(ds['label_is_top'].mean()):.0%})"
     return hv.Overlay(parts).opts(title=title, width=WIDTH, height=HEIGHT, legend_position="top_left")
 
 

@@ -40,39 +40,68 @@ def _categories(ds: xr.Dataset) -> np.ndarray:
     return np.where(cats == "", "(none)", cats)
 
 
+def _pair_arrays(ds: xr.Dataset) -> dict[str, np.ndarray]:
+    require(ds, "logit_diff", "side")
+    n = ds.sizes["prompt"]
+    base = values(ds["logit_diff"].sel(side="base")).astype(float)
+    cf = values(ds["logit_diff"].sel(side="cf")).astype(float)
+    return {
+        "base": base, "cf": cf, "prompt": values(ds["prompt"]).astype(str), "category": _categories(ds),
+        "preference": values(ds["ethical_preference"]).astype(float) if "ethical_preference" in ds else np.full(n, np.nan),
+        "bias": values(ds["position_bias"]).astype(float) if "position_bias" in ds else (base + cf) / 2,
+        "sensitive": values(ds["content_sensitive"]).astype(bool) if "content_sensitive" in ds else np.ones(n, bool),
+    }
+
+
+def _category_points(a: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, xlabel: str, ylabel: str) -> list:
+    order = sorted(set(a["category"].tolist()))
+    parts = []
+    for i, c in enumerate(order):
+        m = a["category"] == c
+        parts.append(hv.Points((x[m], y[m], a["prompt"][m], a["preference"][m], np.where(a["sensitive"][m], "yes", "no")),
+                               kdims=[xlabel, ylabel], vdims=["prompt", "ethical preference", "content-sensitive"],
+                               label=c).opts(color=CATEGORY_COLORS[i % len(CATEGORY_COLORS)], size=8, alpha=0.8,
+                                             tools=["hover"]))
+    return parts
+
+
 def position_content_scatter(ds: xr.Dataset) -> hv.Overlay:
     """Each pair's logit difference on the base prompt against the counterfactual's, coloured by category.
 
     On the diagonal (LD_cf = LD_base) the swap changed nothing: the choice follows position only. On the
     anti-diagonal (LD_cf = −LD_base) the choice follows the content only.
     """
-    require(ds, "logit_diff", "side")
-    base = values(ds["logit_diff"].sel(side="base")).astype(float)
-    cf = values(ds["logit_diff"].sel(side="cf")).astype(float)
-    prompts = values(ds["prompt"]).astype(str)
-    cats = _categories(ds)
-    pref = values(ds["ethical_preference"]).astype(float) if "ethical_preference" in ds else np.full(len(base), np.nan)
-    sens = values(ds["content_sensitive"]).astype(bool) if "content_sensitive" in ds else np.ones(len(base), bool)
-    lim = float(np.nanmax(np.abs(np.concatenate([base, cf, [1.0]])))) * 1.1
-    order = sorted(set(cats.tolist()))
-    colors = {c: CATEGORY_COLORS[i % len(CATEGORY_COLORS)] for i, c in enumerate(order)}
+    a = _pair_arrays(ds)
+    xl, yl = "base logit diff", "counterfactual logit diff"
+    lim = float(np.nanmax(np.abs(np.concatenate([a["base"], a["cf"], [1.0]])))) * 1.1
     parts = [
-        hv.Curve(([-lim, lim], [-lim, lim]), "base logit diff", "counterfactual logit diff",
-                 label="position only (diagonal)").opts(color="#888", line_dash="dashed", line_width=1.5),
-        hv.Curve(([-lim, lim], [lim, -lim]), "base logit diff", "counterfactual logit diff",
-                 label="content only (anti-diagonal)").opts(color="#888", line_dash="dotted", line_width=1.5),
+        hv.Curve(([-lim, lim], [-lim, lim]), xl, yl, label="position only (diagonal)").opts(
+            color="#888", line_dash="dashed", line_width=1.5),
+        hv.Curve(([-lim, lim], [lim, -lim]), xl, yl, label="content only (anti-diagonal)").opts(
+            color="#888", line_dash="dotted", line_width=1.5),
+        *_category_points(a, a["base"], a["cf"], xl, yl),
     ]
-    for c in order:
-        m = cats == c
-        parts.append(hv.Points((base[m], cf[m], prompts[m], pref[m], np.where(sens[m], "yes", "no")),
-                               kdims=["base logit diff", "counterfactual logit diff"],
-                               vdims=["prompt", "ethical preference", "content-sensitive"], label=c).opts(
-            color=colors[c], size=8, alpha=0.8, tools=["hover"]))
     labels = [str(o) for o in values(ds["option"])] if "option" in ds.coords else ["1", "2"]
     return hv.Overlay(parts).opts(
-        title=f"Position vs content: logit diff ('{labels[0]}' − '{labels[-1]}') per pair (n={len(base)})",
-        width=WIDTH + 60, height=HEIGHT + 80, xlim=(-lim, lim), ylim=(-lim, lim), legend_position="right",
+        title=f"Logit diff ('{labels[0]}' − '{labels[-1]}'), base vs counterfactual (n={len(a['base'])} pairs)",
+        width=WIDTH, height=HEIGHT + 60, xlim=(-lim, lim), ylim=(-lim, lim), legend_position="bottom_right",
         show_legend=True)
+
+
+def bias_preference_scatter(ds: xr.Dataset) -> hv.Overlay:
+    """The same pairs rotated by 45°: position bias (the mean over both orders) against ethical preference (half
+    the difference, signed toward the ethical option); the grey band holds the pairs that are not
+    content-sensitive (|preference| < min_gap / 2)."""
+    a = _pair_arrays(ds)
+    xl, yl = "position bias (logits)", "ethical preference (logits)"
+    half = float(ds.attrs.get("min_gap", 0.1)) / 2
+    ymax = float(np.nanmax(np.abs(np.concatenate([a["preference"], [half * 2]])))) * 1.15
+    band = hv.HSpan(-half, half).opts(color="#bbbbbb", alpha=0.25)
+    zero = hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)
+    n_s = int(a["sensitive"].sum())
+    return hv.Overlay([band, zero, *_category_points(a, a["bias"], a["preference"], xl, yl)]).opts(
+        title=f"Bias vs preference per pair; grey band: not content-sensitive ({len(a['bias']) - n_s} of "
+              f"{len(a['bias'])})", width=WIDTH, height=HEIGHT + 60, ylim=(-ymax, ymax), show_legend=False)
 
 
 def group_bars(ds: xr.Dataset) -> hv.Layout:
@@ -98,16 +127,20 @@ def group_bars(ds: xr.Dataset) -> hv.Layout:
         sign = "> 0: leans ethical" if stem == "ethical_preference" else "> 0: favours label 1"
         panels.append((bars * err * zero).opts(title=f"{title} by category ({MEAN_CI})", width=WIDTH,
                                                height=HEIGHT + 40, xlabel="", ylabel=f"logits ({sign})"))
-    return hv.Layout(panels).cols(2)
+    return hv.Layout(panels).cols(2).opts(shared_axes=False)
 
 
 def figures(ds: xr.Dataset) -> tuple[list[Figure], list[str]]:
     """The verdict figures (figures whose inputs are missing are skipped)."""
     return collect([
         lambda: Figure("verdict_text", "Verdict", verdict_div(ds), SECTION),
-        lambda: Figure("verdict_scatter", "Position or content?", position_content_scatter(ds), SECTION,
-                       note="One point per pair. Diagonal: the swap of the options changed nothing (position only); "
-                            "anti-diagonal: the choice followed the options (content only). Hover for the prompt."),
+        lambda: Figure("verdict_scatter", "Position or content?",
+                       (position_content_scatter(ds) + bias_preference_scatter(ds)).cols(2).opts(shared_axes=False),
+                       SECTION,
+                       note="One point per pair. Left: on the diagonal the swap of the options changed nothing "
+                            "(position only), on the anti-diagonal the choice followed the options (content only). "
+                            "Right: the same pairs rotated, so a small preference under a large bias is visible. "
+                            "Hover for the prompt."),
         lambda: Figure("verdict_by_category", "Preference by category", group_bars(ds), SECTION,
                        note="ethical preference = mean over both orders of logit(ethical) − logit(other); "
                             "position bias = mean over both orders of logit(label 1) − logit(label 2). n = pairs "
