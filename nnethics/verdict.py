@@ -89,6 +89,49 @@ def split_sides(x: np.ndarray, ethical_sign: np.ndarray) -> tuple[np.ndarray, np
     return np.where(swapped, x.mean(axis=1), np.nan), (e * x).mean(axis=1)
 
 
+def add_position_content_split(ds: xr.Dataset, ethical_first: np.ndarray,
+                               min_gap: float = metrics.DEFAULT_MIN_GAP) -> xr.Dataset:
+    """Split every part of an attribution Dataset's logit difference into what it writes toward a position (mean
+    over the two sides) and toward the ethical option (mean over the sides of ``e_s`` times it).
+
+    Adds ``ethical_sign (prompt, side)``, ``position_contribution``/``ethical_contribution (prompt, layer,
+    component)``, the same per head, ``position_other_contribution``/``ethical_other_contribution (prompt)``
+    (embedding, biases, soft-cap, layers not stored) and ``content_sensitive (prompt)``. Summed, the position
+    parts give ``position_bias`` and the ethical parts ``ethical_preference`` of the pair, exactly.
+    """
+    e = np.where(ethical_first, 1, -1).astype(np.int8)
+    out = ds.assign(ethical_sign=(("prompt", "side"), e))
+    d = ds["diff_contribution"].transpose("prompt", "side", "layer", "component").values
+    pos, eth = split_sides(d, e)
+    out["position_contribution"] = (("prompt", "layer", "component"), pos.astype(np.float32))
+    out["ethical_contribution"] = (("prompt", "layer", "component"), eth.astype(np.float32))
+    rest = sum(ds[f"{k}_contribution"].transpose("prompt", "side").values.astype(np.float64)
+               for k in ("embed", "bias", "softcap", "other_layers"))
+    pos, eth = split_sides(rest, e)
+    out["position_other_contribution"] = (("prompt",), pos.astype(np.float32))
+    out["ethical_other_contribution"] = (("prompt",), eth.astype(np.float32))
+    if "head_contribution" in ds:
+        h = ds["head_contribution"].transpose("prompt", "side", "layer", "head").values
+        pos, eth = split_sides(h, e)
+        out["position_head_contribution"] = (("prompt", "layer", "head"), pos.astype(np.float32))
+        out["ethical_head_contribution"] = (("prompt", "layer", "head"), eth.astype(np.float32))
+    ld = ds["logit_diff"].transpose("prompt", "side").values.astype(np.float64)
+    out["content_sensitive"] = (("prompt",), metrics.gap_defined(ld[:, 1] - ld[:, 0], min_gap))
+    for name, text in (
+        ("ethical_sign", "+1 where the ethical option is label 1 on that side, else -1"),
+        ("position_contribution", "mean over the two sides of diff_contribution: written toward label 1 "
+                                  "whatever the content (NaN where the pair does not swap the ethical label)"),
+        ("ethical_contribution", "mean over the two sides of ethical_sign * diff_contribution: written toward "
+                                 "the ethical option; summed with ethical_other_contribution it is the pair's "
+                                 "ethical_preference"),
+        ("position_other_contribution", "position part of embed + bias + softcap + other_layers"),
+        ("ethical_other_contribution", "ethical part of embed + bias + softcap + other_layers"),
+        ("content_sensitive", f"|logit_diff(cf) - logit_diff(base)| >= min_gap = {min_gap:g}, as in decisions"),
+    ):
+        out[name].attrs["description"] = text
+    return out
+
+
 PAIR_DESCRIPTIONS = {
     "ethical_margin": "e_s * logit_diff: logit of the ethical label minus the other (e_s = +1 if the ethical "
                       "option is label 1 on that side, else -1)",

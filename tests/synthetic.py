@@ -22,6 +22,8 @@ SIDES = ("base", "cf")
 COMPONENTS = ("resid", "attn", "mlp")
 CATEGORIES = ("harm_care", "fairness", "honesty")
 ALL = ("decisions", "patching", "patching_grid", "patching_noise", "patching_noise_grid", "attribution", "lens")
+# what each VOCAB entry decodes to (tokenizer.decode): leading-space markers become spaces
+VOCAB_TEXT = np.array([" the", " a", "1", "2", " to", " hello", "naïve", "中文", "🙂", "line\nbreak", "<b>x</b>", " 1"])
 VOCAB = np.array(["Ġthe", "Ġa", "1", "2", "Ġto", "▁hello", "naïve", "中文", "🙂", "line\nbreak", "<b>x</b>", "Ġ1"])
 
 
@@ -225,8 +227,13 @@ def attribution(n_prompts: int = 6, n_layers: int = 6, n_heads: int = 4, seed: i
             "logit_contribution": (("prompt", "side", "layer", "component", "option"), logit),
             "diff_contribution": (("prompt", "side", "layer", "component"), diff.astype(np.float32)),
             "head_contribution": (("prompt", "side", "layer", "head"), head_diff),
-            "embed_contribution": (("prompt", "side", "option"), embed),
-            "bias_contribution": (("prompt", "side", "option"), bias),
+            "embed_contribution": (("prompt", "side"), embed[..., 0] - embed[..., 1]),
+            "embed_logit_contribution": (("prompt", "side", "option"), embed),
+            "bias_contribution": (("prompt", "side"), bias[..., 0] - bias[..., 1]),
+            "bias_logit_contribution": (("prompt", "side", "option"), bias),
+            "softcap_contribution": (("prompt", "side"), np.zeros((n, 2), np.float32)),
+            "other_layers_contribution": (("prompt", "side"), np.zeros((n, 2), np.float32)),
+            "attn_bias_contribution": (("prompt", "side", "layer"), np.zeros((n, 2, n_layers), np.float32)),
             "logit_diff": (("prompt", "side"), (total[..., 0] - total[..., 1]).astype(np.float32)),
             "attn_mlp_ratio": (("prompt", "side", "layer"), (a1 / (a1 + m1 + 1e-8)).astype(np.float32)),
         },
@@ -234,7 +241,7 @@ def attribution(n_prompts: int = 6, n_layers: int = 6, n_heads: int = 4, seed: i
                 "component": ["attn", "mlp"], "option": list(labels), "head": np.arange(n_heads)},
         attrs=_attrs("attribution", slug, n_layers),
     )
-    return ds
+    return verdict.add_position_content_split(ds, np.array([[i % 2 == 0, i % 2 == 1] for i in range(n)]))
 
 
 def crossing_layer(diff: np.ndarray) -> np.ndarray:
@@ -272,6 +279,7 @@ def lens(n_prompts: int = 6, n_layers: int = 6, k: int = 5, seed: int = 0, slug:
     ds = xr.Dataset(
         {
             "top_token": (("prompt", "side", "lens", "layer", "k"), VOCAB[top_ids]),
+            "top_token_text": (("prompt", "side", "lens", "layer", "k"), VOCAB_TEXT[top_ids]),
             "top_token_id": (("prompt", "side", "lens", "layer", "k"), top_ids),
             "top_prob": (("prompt", "side", "lens", "layer", "k"), top_prob),
             "top_logit": (("prompt", "side", "lens", "layer", "k"), top_logit),

@@ -176,7 +176,7 @@ def test_attribution_figures_match_the_data():
     ratio = ra.attn_mlp_ratio(ds)
     assert ratio.opts.get().kwargs["ylim"] == (0, 1)
     figs, skipped = ra.figures(ds)
-    assert [f.name for f in figs] == ["attribution_components", "attribution_differential", "attribution_heatmap",
+    assert [f.name for f in figs] == ["attribution_split", "attribution_components", "attribution_differential", "attribution_heatmap",
                                       "attribution_ratio", "attribution_heads", "attribution_per_prompt"]
     assert not skipped
 
@@ -195,8 +195,13 @@ def test_lens_trajectories_mark_the_crossing_layer():
     tokens = rl.top_tokens(ds).values()[1]["case_000"]
     labels = next(el for el in tokens if isinstance(el, hv.Labels))
     shown = labels.dimension_values(2)
+    text = ds["top_token_text"].sel(prompt="case_000", side="cf", lens="logit").values.ravel()
+    assert list(shown) == [rl.display_text(t) for t in text]  # decoded text, quoted, not BPE symbols
+    assert rl.display_text(" the") == '" the"' and rl.display_text("a\nb") == '"a\\nb"'
+    old = ds.drop_vars("top_token_text")  # a file from before the decoded text: BPE symbols made readable
+    labels = next(el for el in rl.top_tokens(old).values()[1]["case_000"] if isinstance(el, hv.Labels))
     raw = ds["top_token"].sel(prompt="case_000", side="cf", lens="logit").values.ravel()
-    assert list(shown) == [rl.display_token(t) for t in raw]
+    assert list(labels.dimension_values(2)) == [rl.display_token(t) for t in raw]
     assert rl.display_token("Ġthe") == "␣the" and rl.display_token("a\nb") == "a↵b" and rl.display_token("") == "∅"
     assert rl.display_token("x" * 40).endswith("…") and len(rl.display_token("x" * 40)) == 12
     kl = rl.kl_by_layer(ds)

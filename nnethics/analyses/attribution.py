@@ -44,7 +44,7 @@ is xarray's method), and ``expert`` for MoE models.
   ``embed + bias + softcap + other_layers + diff_contribution.sum(("layer", "component")) == logit_diff``.
 * ``logit_diff``/``label_logit``: the model's actual values; ``final_norm_scale``; ``attn_mlp_ratio
   (prompt, side, layer)`` = |attn| / (|attn| + |mlp|) of ``diff_contribution`` (NaN when both are 0).
-* The position / ethical split (see :func:`add_position_content_split`): ``position_contribution`` and
+* The position / ethical split (see :func:`nnethics.verdict.add_position_content_split`): ``position_contribution`` and
   ``ethical_contribution (prompt, layer, component)`` (mean over the sides of the part, and of the part
   signed toward the ethical option), per head too, ``*_other_contribution (prompt)``, ``ethical_sign``,
   ``content_sensitive``. ``ethical_other_contribution + ethical_contribution.sum(("layer", "component"))``
@@ -70,9 +70,7 @@ import numpy as np
 import xarray as xr
 from torch import Tensor
 
-from .. import metrics
 from .. import verdict as _verdict
-from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import SIDES, PromptPair
 from .attribution_trace import _is_half, collect, contributions, wire_bytes
 from .common import encode_pairs
@@ -187,50 +185,7 @@ def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
     ds["softcap_contribution"].attrs["description"] = "true minus pre-soft-cap logit difference (Gemma-2), else 0"
     ds["other_layers_contribution"].attrs["description"] = "summed direct contribution of the layers not stored"
     ethical_first = np.array([[p.ethical(s) == labels[0] for s in SIDES] for p in pairs], dtype=bool)
-    return _finalize(add_position_content_split(ds, ethical_first))
-
-
-def add_position_content_split(ds: xr.Dataset, ethical_first: np.ndarray,
-                               min_gap: float = DEFAULT_MIN_GAP) -> xr.Dataset:
-    """Split every part of the logit difference into what it writes toward a position (mean over the two sides)
-    and toward the ethical option (mean over the sides of ``e_s`` times it; see :mod:`nnethics.verdict`).
-
-    Adds ``ethical_sign (prompt, side)``, ``position_contribution``/``ethical_contribution (prompt, layer,
-    component)``, the same per head, ``position_other_contribution``/``ethical_other_contribution (prompt)``
-    (embedding, biases, soft-cap, layers not stored) and ``content_sensitive (prompt)``. Summed, the position
-    parts give ``position_bias`` and the ethical parts ``ethical_preference`` of the pair, exactly.
-    """
-    e = np.where(ethical_first, 1, -1).astype(np.int8)
-    out = ds.assign(ethical_sign=(("prompt", "side"), e))
-    d = ds["diff_contribution"].transpose("prompt", "side", "layer", "component").values
-    pos, eth = _verdict.split_sides(d, e)
-    out["position_contribution"] = (("prompt", "layer", "component"), pos.astype(np.float32))
-    out["ethical_contribution"] = (("prompt", "layer", "component"), eth.astype(np.float32))
-    rest = sum(ds[f"{k}_contribution"].transpose("prompt", "side").values.astype(np.float64)
-               for k in ("embed", "bias", "softcap", "other_layers"))
-    pos, eth = _verdict.split_sides(rest, e)
-    out["position_other_contribution"] = (("prompt",), pos.astype(np.float32))
-    out["ethical_other_contribution"] = (("prompt",), eth.astype(np.float32))
-    if "head_contribution" in ds:
-        h = ds["head_contribution"].transpose("prompt", "side", "layer", "head").values
-        pos, eth = _verdict.split_sides(h, e)
-        out["position_head_contribution"] = (("prompt", "layer", "head"), pos.astype(np.float32))
-        out["ethical_head_contribution"] = (("prompt", "layer", "head"), eth.astype(np.float32))
-    ld = ds["logit_diff"].transpose("prompt", "side").values.astype(np.float64)
-    out["content_sensitive"] = (("prompt",), metrics.gap_defined(ld[:, 1] - ld[:, 0], min_gap))
-    for name, text in (
-        ("ethical_sign", "+1 where the ethical option is label 1 on that side, else -1"),
-        ("position_contribution", "mean over the two sides of diff_contribution: written toward label 1 "
-                                  "whatever the content (NaN where the pair does not swap the ethical label)"),
-        ("ethical_contribution", "mean over the two sides of ethical_sign * diff_contribution: written toward "
-                                 "the ethical option; summed with ethical_other_contribution it is the pair's "
-                                 "ethical_preference"),
-        ("position_other_contribution", "position part of embed + bias + softcap + other_layers"),
-        ("ethical_other_contribution", "ethical part of embed + bias + softcap + other_layers"),
-        ("content_sensitive", f"|logit_diff(cf) - logit_diff(base)| >= min_gap = {min_gap:g}, as in decisions"),
-    ):
-        out[name].attrs["description"] = text
-    return out
+    return _finalize(_verdict.add_position_content_split(ds, ethical_first))
 
 
 def _finalize(ds: xr.Dataset) -> xr.Dataset:

@@ -98,6 +98,13 @@ def _token_strings(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
     return np.array(clean, dtype=object).reshape(ids.shape).astype(str)
 
 
+def _token_texts(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
+    """Each id decoded on its own (``" A"``, ``"\\n"``), as a reader sees it; NUL escaped as in ``_token_strings``."""
+    uniq, inverse = np.unique(ids.ravel(), return_inverse=True)
+    texts = [tokenizer.decode([int(i)]).replace("\x00", "\\x00") for i in uniq]
+    return np.array(texts, dtype=object)[inverse].reshape(ids.shape).astype(str)
+
+
 def logit_lens(model: Any, pairs: Sequence[PromptPair], options: LensOptions = LensOptions(),
                label_ids: Sequence[int] | None = None, tuned_lens: TunedLens | None = None) -> xr.Dataset:
     """The logit lens (and ``tuned_lens``, if given) at the decision position of every pair, both sides.
@@ -134,6 +141,7 @@ def logit_lens(model: Any, pairs: Sequence[PromptPair], options: LensOptions = L
     ds = xr.Dataset(
         {
             "top_token": (dims5, _token_strings(tok, top_id)),
+            "top_token_text": (dims5, _token_texts(tok, top_id)),
             "top_token_id": (dims5, top_id.astype(np.int32)),
             "top_prob": (dims5, arrange("top_prob").astype(np.float32)),
             "top_logit": (dims5, arrange("top_logit").astype(np.float32)),
@@ -155,6 +163,7 @@ def logit_lens(model: Any, pairs: Sequence[PromptPair], options: LensOptions = L
         },
     )
     ds["top_token"].attrs["description"] = "tokenizer.convert_ids_to_tokens of top_token_id (NUL escaped as \\x00)"
+    ds["top_token_text"].attrs["description"] = "tokenizer.decode([top_token_id]): the token as text"
     ds["kl_to_final"].attrs.update(units="nats", description="KL(final ‖ lens): the model's own next-token "
                                    "distribution against the lens' at this layer")
     ds["crossing_layer"].attrs["description"] = CROSSING_DOC

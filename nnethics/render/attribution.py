@@ -13,6 +13,7 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
+from .. import metrics
 from ._base import (
     COMPONENT_COLORS,
     HEIGHT,
@@ -24,6 +25,7 @@ from ._base import (
     band_and_curve,
     collect,
     empty_curve,
+    fix_limits,
     layers_of,
     mean_ci,
     prompt_map,
@@ -34,6 +36,27 @@ from ._base import (
 )
 
 SECTION = "Direct logit attribution"
+NORMAL_CI = "mean ± 1.96 SEM"
+BOOTSTRAP_CI = "percentile bootstrap 95% CI"
+
+
+def _robust_ylim(arrays: Sequence[np.ndarray], layers: np.ndarray, ratio: float = 3.0
+                 ) -> tuple[tuple[float, float] | None, str]:
+    """y limits that leave out one layer whose |value| is over ``ratio`` times every other layer's (e.g. the
+    last MLP writing +22 logits to a label), so the rest stays readable; and a note naming it."""
+    a = np.stack([np.asarray(x, dtype=float) for x in arrays])  # [series, layer]
+    peak = np.nanmax(np.abs(a), axis=0)
+    if peak.size < 3 or not np.isfinite(peak).any():
+        return None, ""
+    top = int(np.nanargmax(peak))
+    rest = np.delete(peak, top)
+    if not np.nanmax(rest) > 0 or peak[top] < ratio * np.nanmax(rest):
+        return None, ""
+    others = np.delete(a, top, axis=1)
+    lo, hi = float(np.nanmin(others)), float(np.nanmax(others))
+    pad = 0.1 * (hi - lo or 1.0)
+    value = a[:, top][np.nanargmax(np.abs(a[:, top]))]
+    return (min(lo, 0.0) - pad, max(hi, 0.0) + pad), f"; layer {int(layers[top])} off scale ({value:+.1f})"
 
 
 def _sides(ds: xr.Dataset) -> list[str]:
@@ -61,15 +84,60 @@ def component_contributions(ds: xr.Dataset, option: str | None = None) -> hv.Lay
         parts = []
         series = {str(c): d.sel(component=c) for c in values(ds["component"])}
         series["total"] = d.sum("component")
+        means = []
         for name, da in series.items():
             m, lo, hi = (values(x.transpose("layer")) for x in mean_ci(da, "prompt"))
+            means.append(m)
             parts.append(band_and_curve(layers, m, lo, hi, f"{name} → {option!s}", COMPONENT_COLORS.get(name, "#444"),
                                         vdim="contribution", dash="dashed" if name == "total" else "solid"))
         parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
-        panels.append(hv.Overlay(parts).opts(title=f"Contributions to '{option}' ({side_name(side) if side else 'all'})",
-                                             width=WIDTH, height=HEIGHT, legend_position="top_left",
-                                             xlabel="layer", ylabel="logit contribution"))
+        ylim, note = _robust_ylim(means, layers)
+        panels.append(hv.Overlay(parts).opts(
+            title=f"Contributions to '{option}' ({side_name(side) if side else 'all'}; {NORMAL_CI}){note}",
+            width=WIDTH, height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel="logit contribution",
+            **({"ylim": ylim} if ylim else {})))
     return hv.Layout(panels).cols(2)
+
+
+def split_views(ds: xr.Dataset) -> dict[str, xr.Dataset]:
+    """All pairs, and the content-sensitive ones (when the file says which)."""
+    n = ds.sizes["prompt"]
+    out = {f"all pairs (n={n})": ds}
+    if "content_sensitive" in ds:
+        ok = np.flatnonzero(values(ds["content_sensitive"]).astype(bool))
+        out[f"content-sensitive pairs (n={len(ok)} of {n})"] = ds.isel(prompt=ok)
+    return out
+
+
+def position_ethical_split(ds: xr.Dataset) -> hv.HoloMap | hv.Layout:
+    """Per layer, what attention and MLP write toward label 1 whatever the content (position part) and toward
+    the ethical option (ethical part), mean over pairs with a percentile bootstrap CI; a "pairs" selector
+    switches between all pairs and the content-sensitive ones."""
+    require(ds, "position_contribution", "ethical_contribution")
+    layers = layers_of(ds)
+    views = {k: v for k, v in split_views(ds).items() if v.sizes["prompt"]}
+    panels = []
+    for var, title in (("position_contribution", "Position part (toward label 1)"),
+                       ("ethical_contribution", "Ethical part (toward the ethical option)")):
+        frames = {}
+        for key, sub in views.items():
+            parts = [hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)]
+            for comp in values(ds["component"]):
+                da = sub[var].sel(component=comp).transpose("prompt", "layer")
+                m, lo, hi = metrics.bootstrap_ci(values(da).astype(float), axis=0)
+                parts.append(band_and_curve(layers, m, lo, hi, str(comp), COMPONENT_COLORS.get(str(comp), "#444"),
+                                            vdim="logits"))
+            other = var.replace("_contribution", "_other_contribution")
+            total = float(np.nanmean(values(sub[var].sum(("layer", "component"))) + values(sub[other])))
+            frames[key] = hv.Overlay(parts).opts(title=f"{title}; total {total:+.3g} logits ({BOOTSTRAP_CI})")
+        if len(frames) == 1:
+            panels.append(next(iter(frames.values())).opts(width=WIDTH, height=HEIGHT, legend_position="top_left",
+                                                           xlabel="layer", ylabel="logits"))
+        else:
+            panels.append(hv.HoloMap(fix_limits(frames, shared_y=False, width=WIDTH, height=HEIGHT,
+                                                legend_position="top_left", xlabel="layer", ylabel="logits"),
+                                     kdims=["pairs"], sort=False))
+    return hv.Layout(panels).cols(2).opts(shared_axes=False)
 
 
 def decision_differential(ds: xr.Dataset) -> hv.Bars:
@@ -177,10 +245,21 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
     """The attribution figures (figures whose inputs are missing are skipped)."""
     if "prompt" not in ds.dims:
         raise MissingData("attribution: no prompt dim")
+    n = ds.sizes["prompt"]
+    k = int(values(ds["content_sensitive"]).sum()) if "content_sensitive" in ds else None
+    who = (f" Averages are over all {n} pairs" + (f" ({k} of them content-sensitive); the per-side figures mix "
+                                                  "what a layer writes for a position with what it writes for "
+                                                  "the content, the split below separates them." if k is not None
+                                                  else "."))
     return collect([
+        lambda: Figure("attribution_split", "Position part vs ethical part", position_ethical_split(ds), SECTION,
+                       note="Each layer's direct contribution to logit(label 1) − logit(label 2), averaged over the "
+                            "two orders of a pair (position part: what it writes for label 1 whatever the options "
+                            "say) and signed toward the ethical option before averaging (ethical part). The totals "
+                            "are the mean position bias and ethical preference of the decisions section."),
         lambda: Figure("attribution_components", "Component contributions", component_contributions(ds), SECTION,
                        note="Direct logit attribution at the last token: each layer's attention and MLP output "
-                            "projected through the final norm and unembedding onto the label tokens."),
+                            "projected through the final norm and unembedding onto the label tokens." + who),
         lambda: Figure("attribution_differential", "Decision differential", decision_differential(ds), SECTION),
         lambda: Figure("attribution_heatmap", "Layer × component heatmap", layer_component_heatmap(ds), SECTION),
         lambda: Figure("attribution_ratio", "Attention/MLP ratio", attn_mlp_ratio(ds), SECTION),

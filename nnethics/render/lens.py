@@ -7,6 +7,7 @@ layer)``, ``crossing_layer (prompt, side, lens)`` (−1 when the options never c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import holoviews as hv
@@ -55,6 +56,12 @@ def display_token(tok: str, width: int = 12) -> str:
     return t if len(t) <= width else t[: width - 1] + "…"
 
 
+def display_text(text: str, width: int = 12) -> str:
+    """A decoded token quoted, with escapes for what is invisible: ``" A"``, ``"\\n"``; long ones cut."""
+    t = json.dumps(str(text), ensure_ascii=False)
+    return t if len(t) <= width else t[: width - 2] + "…\""
+
+
 def _crossing(one: xr.Dataset, side: str, lens: str) -> int | None:
     if "crossing_layer" not in one:
         return None
@@ -81,11 +88,12 @@ def trajectories(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Lay
                                  .opts(color=OPTION_COLORS[i % len(OPTION_COLORS)], line_dash=LENS_DASH.get(lens, "dotdash"),
                                        line_width=2, tools=["hover"]))
                 c = _crossing(one, side, lens)
-                crosses.append(f"{lens} {c if c is not None else '–'}")
+                crosses.append(f"{c if c is not None else '–'} ({lens} lens)")
                 if c is not None:
                     parts.append(hv.VLine(c).opts(color="black", line_dash=LENS_DASH.get(lens, "dotdash"),
                                                   line_width=1.2, alpha=0.7))
-            return hv.Overlay(parts).opts(title=f"{p} ({side_name(side)}): decided from layer " + ", ".join(crosses))
+            return hv.Overlay(parts).opts(title=f"{p} ({side_name(side)}): final choice leads from layer "
+                                                + ", ".join(crosses))
 
         panels.append(prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
                                  empty_curve(f"no lens data ({side_name(side)})", "layer", "logit"), width=WIDTH,
@@ -114,9 +122,15 @@ def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str |
             prob = values(one["top_prob"].transpose("layer", "k")).astype(float)
             xs = np.tile(ranks + 1, len(layers))
             ys = np.repeat(layers, len(ranks))
-            shown = np.array([display_token(t) for t in toks.ravel()], dtype=object)
-            hm = hv.HeatMap((xs, ys, prob.ravel(), toks.ravel()), kdims=["rank", "layer"],
-                            vdims=["probability", "token"]).opts(cmap="Blues", clim=(0, 1), colorbar=True,
+            if "top_token_text" in one:  # decoded text; files from before it existed show the BPE symbols
+                texts = values(one["top_token_text"].transpose("layer", "k")).astype(str).ravel()
+                shown = np.array([display_text(t) for t in texts], dtype=object)
+            else:
+                shown = np.array([display_token(t) for t in toks.ravel()], dtype=object)
+            ids = values(one["top_token_id"].transpose("layer", "k")).ravel() if "top_token_id" in one else \
+                np.full(toks.size, -1)
+            hm = hv.HeatMap((xs, ys, prob.ravel(), shown, toks.ravel(), ids), kdims=["rank", "layer"],
+                            vdims=["probability", "text", "token", "token id"]).opts(cmap="Blues", clim=(0, 1), colorbar=True,
                                                                  tools=["hover"])
             ink = np.where(prob.ravel() > 0.55, "white", "black")  # readable on dark cells too
             labels = hv.Labels((xs, ys, shown, ink), kdims=["rank", "layer"], vdims=["text", "ink"]).opts(
@@ -147,7 +161,7 @@ def decision_emergence(ds: xr.Dataset) -> hv.Overlay:
         parts.append(band_and_curve(layers, m, lo, hi, f"{lens} lens", LENS_COLORS.get(lens, "#444"),
                                     vdim="aligned logit diff", dash=LENS_DASH.get(lens, "solid")))
     parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
-    return hv.Overlay(parts).opts(title="Logit diff toward the final choice by layer (±95% CI)", width=WIDTH,
+    return hv.Overlay(parts).opts(title="Logit diff toward the final choice by layer (mean ± 1.96 SEM)", width=WIDTH,
                                   height=HEIGHT, legend_position="top_left", xlabel="layer",
                                   ylabel="logit diff (final choice +)")
 
@@ -163,7 +177,7 @@ def kl_by_layer(ds: xr.Dataset) -> hv.Overlay:
         m, lo, hi = (values(x.transpose("layer")) for x in mean_ci(kl.sel(lens=lens), "sample"))
         parts.append(band_and_curve(layers, m, lo, hi, f"{lens} lens", LENS_COLORS.get(lens, "#444"), vdim="KL",
                                     dash=LENS_DASH.get(lens, "solid")))
-    return hv.Overlay(parts).opts(title="KL divergence to the final output by layer", width=WIDTH, height=HEIGHT,
+    return hv.Overlay(parts).opts(title="KL(final ‖ lens) by layer (mean ± 1.96 SEM)", width=WIDTH, height=HEIGHT,
                                   legend_position="top_right", xlabel="layer", ylabel="KL (nats)")
 
 
@@ -187,10 +201,13 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
     """The lens figures (figures whose inputs are missing are skipped)."""
     if "prompt" not in ds.dims or "lens" not in ds.dims:
         raise MissingData("lens: no prompt/lens dims")
+    note = ("Hidden states at the last token decoded at every layer by the logit lens (final norm + unembedding)"
+            " and, when trained, the tuned lens.")
+    if "tuned" not in _lenses(ds):
+        note += (" This file has no tuned lens: 'nnethics lens train' trains one for the model (on the built-in "
+                 "model about 10 minutes on 2 CPU cores: 16k tokens, 200 steps) and later runs use it.")
     return collect([
-        lambda: Figure("lens_emergence", "Decision emergence", decision_emergence(ds), SECTION,
-                       note="Hidden states at the last token decoded at every layer by the logit lens "
-                            "(final norm + unembedding) and, when trained, the tuned lens."),
+        lambda: Figure("lens_emergence", "Decision emergence", decision_emergence(ds), SECTION, note=note),
         lambda: Figure("lens_kl", "KL to the final output", kl_by_layer(ds), SECTION),
         lambda: Figure("lens_crossing", "Crossing layers", crossing_histogram(ds), SECTION),
         lambda: Figure("lens_trajectories", "Option-logit trajectories", trajectories(ds, prompts), SECTION,
