@@ -128,5 +128,27 @@ def test_attribution_split_figure_means_and_pairs_selector():
 def test_a_spike_layer_is_left_off_the_scale_and_named():
     layers = np.arange(6)
     ylim, note = ra._robust_ylim([np.array([0.1, -0.2, 0.3, 0.1, 0.2, 22.0])], layers)
-    assert note == "; layer 5 off scale (+22.0)" and ylim[1] < 1
+    assert note == "; L5 off scale (+22.0)" and ylim[1] < 1
     assert ra._robust_ylim([np.array([0.1, -0.2, 0.3, 0.1, 0.2, 0.5])], layers) == (None, "")
+
+
+def test_compare_shows_each_models_verdict_and_statistics(tmp_path):
+    from nnethics.render.compare import figures as compare_figures
+    from nnethics.render.compare import load_stores, write_comparison
+
+    a = synthetic.write_store(tmp_path, slug="a", n_layers=6, seed=1, analyses=("decisions",))
+    b = synthetic.write_store(tmp_path, slug="b", n_layers=6, seed=2, n_prompts=9, analyses=("decisions", "patching"))
+    stores, _ = load_stores([a, b])
+    figs, _ = compare_figures(stores)
+    names = [f.name for f in figs]
+    assert names[:2] == ["compare_verdicts", "compare_verdict_stats"]
+    div = figs[0].obj.data
+    for model, data in stores.items():
+        assert data["decisions"].attrs["verdict"].replace("'", "&#x27;") in div and model in div
+    pref, _ = figs[1].obj.values()
+    bars = next(el for el in pref if isinstance(el, hv.Bars))
+    want = [float(d["decisions"]["mean_ethical_preference"].sel(group=verdict.ALL)) for d in stores.values()]
+    np.testing.assert_allclose(bars.dimension_values(1), want, rtol=1e-6)
+    assert list(bars.dimension_values(0)) == ["synthetic/a (n=6)", "synthetic/b (n=9)"]
+    html = write_comparison([a, b], out=tmp_path / "cmp.html").read_text()
+    assert "Position bias" in html

@@ -56,7 +56,7 @@ def _robust_ylim(arrays: Sequence[np.ndarray], layers: np.ndarray, ratio: float 
     lo, hi = float(np.nanmin(others)), float(np.nanmax(others))
     pad = 0.1 * (hi - lo or 1.0)
     value = a[:, top][np.nanargmax(np.abs(a[:, top]))]
-    return (min(lo, 0.0) - pad, max(hi, 0.0) + pad), f"; layer {int(layers[top])} off scale ({value:+.1f})"
+    return (min(lo, 0.0) - pad, max(hi, 0.0) + pad), f"; L{int(layers[top])} off scale ({value:+.1f})"
 
 
 def _sides(ds: xr.Dataset) -> list[str]:
@@ -93,7 +93,7 @@ def component_contributions(ds: xr.Dataset, option: str | None = None) -> hv.Lay
         parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
         ylim, note = _robust_ylim(means, layers)
         panels.append(hv.Overlay(parts).opts(
-            title=f"Contributions to '{option}' ({side_name(side) if side else 'all'}; {NORMAL_CI}){note}",
+            title=f"To '{option}', {side_name(side) if side else 'all'} ({NORMAL_CI}){note}",
             width=WIDTH, height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel="logit contribution",
             **({"ylim": ylim} if ylim else {})))
     return hv.Layout(panels).cols(2)
@@ -117,8 +117,8 @@ def position_ethical_split(ds: xr.Dataset) -> hv.HoloMap | hv.Layout:
     layers = layers_of(ds)
     views = {k: v for k, v in split_views(ds).items() if v.sizes["prompt"]}
     panels = []
-    for var, title in (("position_contribution", "Position part (toward label 1)"),
-                       ("ethical_contribution", "Ethical part (toward the ethical option)")):
+    for var, title in (("position_contribution", "Position part (+: label 1)"),
+                       ("ethical_contribution", "Ethical part (+: ethical option)")):
         frames = {}
         for key, sub in views.items():
             parts = [hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)]
@@ -129,7 +129,7 @@ def position_ethical_split(ds: xr.Dataset) -> hv.HoloMap | hv.Layout:
                                             vdim="logits"))
             other = var.replace("_contribution", "_other_contribution")
             total = float(np.nanmean(values(sub[var].sum(("layer", "component"))) + values(sub[other])))
-            frames[key] = hv.Overlay(parts).opts(title=f"{title}; total {total:+.3g} logits ({BOOTSTRAP_CI})")
+            frames[key] = hv.Overlay(parts).opts(title=f"{title}; total {total:+.3g}; bootstrap 95% CI")
         if len(frames) == 1:
             panels.append(next(iter(frames.values())).opts(width=WIDTH, height=HEIGHT, legend_position="top_left",
                                                            xlabel="layer", ylabel="logits"))

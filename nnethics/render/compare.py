@@ -93,6 +93,49 @@ def _curves(stores: Stores, name: str, pick, title: str, ylabel: str, relative: 
                                   xlabel=_xlabel(relative), ylabel=ylabel)
 
 
+def verdicts(stores: Stores) -> hv.Div:
+    """Each model's verdict (the ``verdict`` attr of its ``decisions.nc``), side by side."""
+    cells = []
+    for i, (model, data) in enumerate(stores.items()):
+        text = data["decisions"].attrs.get("verdict") if "decisions" in data else None
+        body = html.escape(str(text)) if text else "<i>no verdict (no decisions.nc, or one from before the verdict)</i>"
+        cells.append(f"<div style='flex:1;min-width:0;font-size:13px;line-height:1.4;background:#f4f6fa;padding:8px;"
+                     f"border-top:4px solid {MODEL_COLORS[i % len(MODEL_COLORS)]}'><b>{html.escape(model)}</b>"
+                     f"<br>{body}</div>")
+    if not any("decisions" in d and d["decisions"].attrs.get("verdict") for d in stores.values()):
+        raise MissingData("compare: no decisions.nc with a verdict")
+    return hv.Div(f"<div style='display:flex;gap:12px;width:{WIDE - 20}px'>{''.join(cells)}</div>").opts(
+        width=WIDE, height=330)
+
+
+def verdict_stats(stores: Stores) -> hv.Layout:
+    """Mean ethical preference and position bias over all pairs, per model, with their BCa bootstrap 95% CIs."""
+    from ..verdict import ALL
+
+    rows = {stem: [] for stem in ("ethical_preference", "position_bias")}
+    for model, data in stores.items():
+        ds = data.get("decisions")
+        if ds is None or "group" not in ds.dims:
+            continue
+        g = ds.sel(group=ALL)
+        for stem in rows:
+            m, lo, hi = (float(g[k]) for k in (f"mean_{stem}", f"{stem}_ci_low", f"{stem}_ci_high"))
+            rows[stem].append((f"{model} (n={int(g['n_debiased'])})", m, m - lo if np.isfinite(lo) else 0.0,
+                               hi - m if np.isfinite(hi) else 0.0))
+    if not rows["ethical_preference"]:
+        raise MissingData("compare: no decisions.nc with verdict statistics")
+    panels = []
+    for stem, title in (("ethical_preference", "Ethical preference"), ("position_bias", "Position bias")):
+        r = rows[stem]
+        bars = hv.Bars([(a, b) for a, b, _, _ in r], kdims=["model"], vdims=["logits"]).opts(
+            color="#55a868" if stem == "ethical_preference" else "#8c8c8c", tools=["hover"])
+        err = hv.ErrorBars(r, kdims=["model"], vdims=["logits", "neg", "pos"]).opts(color="black", line_width=1.5)
+        panels.append((bars * err * hv.HLine(0).opts(color="gray", line_dash="dotted")).opts(
+            title=f"{title}, all pairs (BCa bootstrap 95% CI)", width=WIDTH, height=HEIGHT, xlabel="",
+            ylabel="logits"))
+    return hv.Layout(panels).cols(2).opts(shared_axes=False)
+
+
 def decision_rates(stores: Stores) -> hv.Bars:
     rows = []
     for model, data in stores.items():
@@ -163,6 +206,9 @@ def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure],
                               rel, dim="sample"), SECTION)
 
     return collect([
+        lambda: Figure("compare_verdicts", "Verdicts", verdicts(stores), SECTION),
+        lambda: Figure("compare_verdict_stats", "Position bias and ethical preference", verdict_stats(stores),
+                       SECTION),
         lambda: Figure("compare_decisions", "Ethical choices", decision_rates(stores), SECTION),
         effects,
         lambda: Figure("compare_peak_layers", "Peak layers", _box(stores, "patching", "peak_layer",

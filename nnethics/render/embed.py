@@ -70,6 +70,11 @@ for (const other of group) {
 """
 
 
+def select_width(labels: Sequence[str]) -> int:
+    """Wide enough to show the longest option (about 7.5 px a character), 320 to 760 px."""
+    return int(min(760, max(320, 7.5 * max((len(str(x)) for x in labels), default=0) + 40)))
+
+
 @dataclass
 class Rendered:
     """A rendered figure: its Bokeh model and, for a HoloMap, the selector that replays its frames."""
@@ -141,7 +146,7 @@ def _div_map(hmap: hv.HoloMap) -> Rendered:
     opts = hv.Store.lookup_options("bokeh", divs[0], "plot").kwargs
     model = Div(text=str(divs[0].data), width=opts.get("width", 600), height=opts.get("height", 300))
     frames = {label: [[0, "text", str(d.data)]] for label, d in zip(labels, divs)}
-    select = Select(title=hmap.kdims[0].name, value=labels[0], options=labels, width=320)
+    select = Select(title=hmap.kdims[0].name, value=labels[0], options=labels, width=select_width(labels))
     return Rendered(model, select, tuple(labels), frames, [model])
 
 
@@ -161,7 +166,8 @@ def _merge(parts: list[Rendered], ncols: int) -> Rendered:
         targets += p.targets
         for label in labels:
             frames[label] += [[i + offset, prop, value] for i, prop, value in (p.frames or {}).get(label, [])]
-    select = Select(title=with_frames[0].select.title, value=labels[0], options=list(labels), width=320)
+    select = Select(title=with_frames[0].select.title, value=labels[0], options=list(labels),
+                    width=select_width(labels))
     return Rendered(model, select, labels, frames, targets)
 
 
@@ -200,7 +206,7 @@ def render(obj: Any) -> Rendered:
     index = {i: n for n, i in enumerate(used)}
     frames = {label: [[index[slots[j][0]], slots[j][1], snap[j]] for j in varying]
               for label, snap in zip(labels, snaps)}
-    select = Select(title=dim, value=labels[0], options=labels, width=320)
+    select = Select(title=dim, value=labels[0], options=labels, width=select_width(labels))
     return Rendered(plot.state, select, tuple(labels), frames, [targets[i] for i in used])
 
 

@@ -189,7 +189,8 @@ def effect_views(ds: xr.Dataset) -> hv.HoloMap | hv.Overlay:
         if not sub.sizes["prompt"]:
             continue
         what = "Mean normalised effect" if var == "effect" else "Mean change of the logit difference"
-        frames[key] = effect_curve(sub, var, ci="bootstrap", title=f"{what}, {BOOTSTRAP_CI} ({key.split(', ', 1)[1]})")
+        frames[key] = effect_curve(sub, var, ci="bootstrap", title=f"{what}, {BOOTSTRAP_CI} ({key.split(', ', 1)[1]})"
+                                   ).opts(width=WIDE)
     if not frames:
         raise MissingData("patching: no prompt to average")
     if len(frames) == 1:
@@ -206,10 +207,9 @@ def heatmap_views(ds: xr.Dataset, component: str | None) -> hv.HoloMap | hv.Heat
             sub = ds
         if not sub.sizes["prompt"]:
             continue
-        what = "normalised effect" if var == "effect" else "change of logit diff (logits)"
-        frames[key] = effect_heatmap(sub, component, var, title=f"{component or 'effect'}: {what} per prompt × layer"
-                                     + ("; grey = undefined (|" + _gap_name(ds) + "| below the min gap)"
-                                        if var == "effect" else ""))
+        what = "normalised effect (grey: undefined)" if var == "effect" else "change of logit diff (logits)"
+        frames[key] = effect_heatmap(sub.rename({var: "value"}), component, "value",
+                                     title=f"{component or 'effect'}: {what}")
     if len(frames) == 1:
         return next(iter(frames.values()))
     frames = {k: v.opts(framewise=True) for k, v in frames.items()}  # each view its own colour range
@@ -314,7 +314,7 @@ def atp_scatter(ds: xr.Dataset) -> hv.Overlay:
         raise MissingData("patching: no finite effect/atp_effect values")
     diag = hv.Curve(([lo, hi], [lo, hi]), "exact effect", "attribution-patching estimate").opts(
         color="gray", line_dash="dashed", line_width=1)
-    return hv.Overlay([*parts, diag]).opts(title="Exact vs attribution patching (" + ", ".join(stats) + ")",
+    return hv.Overlay([*parts, diag]).opts(title="Exact vs AtP estimate (" + ", ".join(stats) + ")",
                                            width=WIDTH, height=HEIGHT, legend_position="top_left")
 
 

@@ -100,8 +100,8 @@ def bias_preference_scatter(ds: xr.Dataset) -> hv.Overlay:
     zero = hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)
     n_s = int(a["sensitive"].sum())
     return hv.Overlay([band, zero, *_category_points(a, a["bias"], a["preference"], xl, yl)]).opts(
-        title=f"Bias vs preference per pair; grey band: not content-sensitive ({len(a['bias']) - n_s} of "
-              f"{len(a['bias'])})", width=WIDTH, height=HEIGHT + 60, ylim=(-ymax, ymax), show_legend=False)
+        title=f"Bias vs preference (grey band: {len(a['bias']) - n_s} of {len(a['bias'])} not content-sensitive)",
+        width=WIDTH, height=HEIGHT + 60, ylim=(-ymax, ymax), show_legend=False, xlabel=xl, ylabel=yl)
 
 
 def group_bars(ds: xr.Dataset) -> hv.Layout:
