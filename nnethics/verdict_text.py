@@ -26,7 +26,8 @@ class VerdictRules:
     """The thresholds the verdict's wording follows (documented in the README).
 
     * An effect is "distinguishable from none" when its 95% CI excludes 0.
-    * Position "dominates" when |mean position bias| is at least ``dominance`` times |mean preference|.
+    * Position "dominates" when the bias's CI excludes 0 and |mean position bias| is at least ``dominance``
+      times the largest |preference| the preference's CI allows.
     * The labels are "rarely the model's answer" when a label is the top-1 next token in fewer than
       ``min_label_top`` of the prompts.
     """
