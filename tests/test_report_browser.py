@@ -52,7 +52,7 @@ STATE = """() => {
 }"""
 
 
-def _open(page_url: str, shot: Path | None = None, select: str | None = None) -> dict:
+def _open(page_url: str, shot: Path | None = None, select: str | None = None, view: str | None = None) -> dict:
     from playwright.sync_api import sync_playwright
 
     external: list[str] = []
@@ -81,11 +81,24 @@ def _open(page_url: str, shot: Path | None = None, select: str | None = None) ->
                 page.screenshot(path=str(shot), full_page=True)
             selects = page.locator("select")
             out["n_selects"] = selects.count()
+            # Bokeh draws widgets in shadow roots: document.querySelectorAll does not see them, locators do
+            out["options"] = [selects.nth(i).evaluate("s => [...s.options].map(o => o.value)")
+                              for i in range(out["n_selects"])]
+            if view is not None:  # a non-prompt selector: the first one offering the option that starts with `view`
+                i, value = next((i, o) for i, opts in enumerate(out["options"]) for o in opts if o.startswith(view))
+                before = json.loads(page.evaluate(STATE))
+                selects.nth(i).select_option(value)
+                page.wait_for_function(READY, timeout=30_000)
+                out["view_before"], out["view_after"] = before, json.loads(page.evaluate(STATE))
+                out["view_values"] = [selects.nth(j).input_value() for j in range(out["n_selects"])]
             if select is not None and out["n_selects"]:
                 before = json.loads(page.evaluate(STATE))
                 selects.first.select_option(select)
-                page.wait_for_function(f"() => [...document.querySelectorAll('select')]"
-                                       f".every(s => s.value === {json.dumps(select)})", timeout=10_000)
+                for i, opts in enumerate(out["options"]):  # every linked prompt selector follows
+                    if select in opts:
+                        selects.nth(i).wait_for(state="attached")
+                        page.wait_for_function("s => s.value === " + json.dumps(select),
+                                               arg=selects.nth(i).element_handle(), timeout=10_000)
                 page.wait_for_function(READY, timeout=30_000)
                 after = json.loads(page.evaluate(STATE))
                 out["before"], out["after"] = before, after
@@ -109,14 +122,27 @@ def _shots(tmp_path: Path) -> Path:
 def test_report_offline_renders_every_figure_and_the_selector_works(tmp_path):
     store = synthetic.write_store(tmp_path / "store", n_prompts=6, n_layers=6)
     report = write_report(store)
-    res = _open(report.as_uri(), _shots(tmp_path) / "report.png", select="case_004")
+    res = _open(report.as_uri(), _shots(tmp_path) / "report.png", select="case_004",
+                view="change of logit diff (logits), all pairs")
     assert res["external"] == []
     assert res["console_errors"] == [] and res["page_errors"] == []
     figs = res["figures"]
-    assert figs["models"] >= 25  # every figure of every section
+    assert figs["models"] >= 29  # every figure of every section, the verdict's four included
     assert figs["views"] == figs["models"] == figs["finished"] == figs["sized"]
-    assert res["n_selects"] == 5  # the per-prompt figures; all linked
-    assert res["values"] == ["case_004"] * 5
+    prompt_selects = [i for i, opts in enumerate(res["options"]) if "case_004" in opts]
+    assert len(prompt_selects) == 5  # the per-prompt figures; all linked
+    assert [res["values"][i] for i in prompt_selects] == ["case_004"] * 5
+    # the patching "view" selectors (mean effect + one heatmap per component) and attribution's "pairs" selector
+    views = [opts for opts in res["options"] if opts and opts[0].startswith("normalised effect")]
+    assert len(views) == 4 and all(len(v) == 3 for v in views)
+    chosen = [v for v in res["view_values"] if v.startswith("change of logit diff (logits), all pairs")]
+    assert len(chosen) == 4  # the heatmaps follow the mean-effect figure's view
+    assert sum(opts[0].startswith("all pairs") for opts in res["options"]) == 1  # one drives both split panels
+    # switching the view changes the mean-effect curve's data and title to the absolute change over all pairs
+    vb, va = res["view_before"], res["view_after"]
+    assert vb["data"] != va["data"]
+    assert any(t.startswith("Mean change of the logit difference") and "all pairs (n=6)" in t for t in va["titles"])
+    assert not any(t.startswith("Mean change of the logit difference") for t in vb["titles"])
     before, after = res["before"], res["after"]
     assert before["data"] != after["data"]
     assert any("case_000" in t for t in before["titles"]) and not any("case_000" in t for t in after["titles"])
@@ -129,7 +155,8 @@ def test_report_with_only_decisions_and_the_compare_page(tmp_path):
     only = synthetic.write_store(tmp_path / "a", slug="only-decisions", analyses=("decisions",), n_prompts=3)
     res = _open(write_report(only).as_uri(), _shots(tmp_path) / "report_decisions.png")
     assert res["external"] == [] and res["console_errors"] == [] and res["page_errors"] == []
-    assert res["figures"]["models"] == res["figures"]["finished"] == 4 and res["n_selects"] == 1
+    # rates, by category, label mass + the verdict's scatter pair and category bars
+    assert res["figures"]["models"] == res["figures"]["finished"] == 7 and res["n_selects"] == 1
     a = synthetic.write_store(tmp_path / "b", slug="model-a", n_layers=6, seed=1)
     b = synthetic.write_store(tmp_path / "b", slug="model-b", n_layers=10, seed=2, analyses=("decisions", "patching"))
     res = _open(write_comparison([a, b]).as_uri(), _shots(tmp_path) / "compare.png")
@@ -146,8 +173,8 @@ def test_png_export_writes_one_image_per_plot(tmp_path):
     store = synthetic.write_store(tmp_path, analyses=("decisions", "lens"), n_prompts=3, n_layers=5)
     report = write_report(store, png=True)
     pngs = sorted((report.parent / "report_png").glob("*.png"))
-    assert [p.stem for p in pngs] == sorted(["decisions_rates", "decisions_by_category", "decisions_logit_diff",
-                                             "decisions_label_mass", "lens_emergence", "lens_kl", "lens_crossing",
+    assert [p.stem for p in pngs] == sorted(["verdict_scatter", "verdict_by_category", "decisions_rates",
+                                             "decisions_by_category", "decisions_label_mass", "lens_emergence", "lens_kl", "lens_crossing",
                                              "lens_trajectories", "lens_top_tokens"])
     for p in pngs:
         im = Image.open(p).convert("RGB")

@@ -307,3 +307,29 @@ def test_attribution_splits_into_position_and_ethical_parts_that_sum_exactly(fam
     np.testing.assert_allclose((heads + bias).values, dla["ethical_contribution"].sel(component="attn").values,
                                atol=1e-4 * max(1.0, scale))
     np.testing.assert_array_equal(dla["content_sensitive"].values, dec["content_sensitive"].values)
+
+
+@pytest.mark.slow
+@pytest.mark.builtin
+def test_builtin_model_verdict_is_printed_and_matches_the_file(builtin_dir, tmp_path):
+    """On the built-in model: the printed verdict is the stored one, and its numbers are the file's."""
+    from click.testing import CliRunner
+
+    from nnethics.cli import cli
+
+    store = tmp_path / "store"
+    res = CliRunner().invoke(cli, ["run", "--analyses", "decisions", "--limit", "12", "--store", str(store)])
+    assert res.exit_code == 0, res.output
+    ds = xr.load_dataset(next(store.glob("*/decisions.nc")))
+    text = ds.attrs["verdict"]
+    printed = res.output.split("verdict (", 1)[1].split("\n", 1)[1]
+    assert " ".join(printed.split()) == " ".join(text.split())
+    g = ds.sel(group=verdict.ALL)
+    first = int((ds["chosen"].values == "1").sum())
+    assert f"it chose label '1' on {first} of 24 prompts" in text
+    bias = float(g["mean_position_bias"])
+    assert f"{bias:+.2f}" in text and f"{float(g['position_bias_ci_low']):+.2f}" in text
+    assert f"in {int(g['sign_test_k'])} of {int(g['sign_test_n'])} pairs" in text
+    k = int(ds["content_sensitive"].sum())
+    assert f"{k} of 12 pairs" in text
+    np.testing.assert_allclose(ds["position_bias"].values, ds["logit_diff"].mean("side").values, rtol=1e-5)
