@@ -225,6 +225,15 @@ def summarize(ds: xr.Dataset, top: int = 5) -> str:
             li, hi = np.unravel_index(flat, h_abs.shape)
             heads.append(f"L{layers[li]}H{hi} {float(h_abs[li, hi]):.2f}")
         text += "; heads: " + ", ".join(heads)
+    if "ethical_contribution" in ds:
+        eth = ds["ethical_contribution"].mean("prompt")
+        pos_total = float((ds["position_other_contribution"] + ds["position_contribution"].sum(("layer", "component"))
+                           ).mean())
+        eth_total = float((ds["ethical_other_contribution"] + ds["ethical_contribution"].sum(("layer", "component"))
+                           ).mean())
+        li, ci = np.unravel_index(int(np.nanargmax(np.abs(eth.values))), eth.shape)
+        text += (f"; position parts sum to {pos_total:+.2f}, ethical parts to {eth_total:+.3g} (largest ethical part: "
+                 f"L{layers[li]} {comps[ci]} {float(eth[li, ci]):+.3g})")
     total = (ds["embed_contribution"] + ds["bias_contribution"] + ds["softcap_contribution"]
              + ds["other_layers_contribution"] + ds["diff_contribution"].sum(("layer", "component")))
     err = float(np.abs(total - ds["logit_diff"]).max())
