@@ -118,7 +118,7 @@ def position_ethical_split(ds: xr.Dataset) -> hv.HoloMap | hv.Layout:
     views = {k: v for k, v in split_views(ds).items() if v.sizes["prompt"]}
     panels = []
     for var, title in (("position_contribution", "Position part (+: label 1)"),
-                       ("ethical_contribution", "Ethical part (+: ethical option)")):
+                       ("ethical_contribution", "Ethical part (+: ethical)")):
         frames = {}
         for key, sub in views.items():
             parts = [hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)]
