@@ -116,6 +116,29 @@ class ModelHandle:
         }
 
 
+def check_device(device: str | None) -> None:
+    """Raise :class:`ModelLoadError` unless ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps`` ...) exists here."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ModelLoadError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                                 f"CUDA build {torch.version.cuda or 'none'}); use --device cpu, or leave --device out")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ModelLoadError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
+                                 "pick one of those")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelLoadError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ModelLoadError(f"--device {device}: nnethics runs models on cpu, cuda or mps; use one of those")
+
+
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None or dtype == "auto":
         return "auto"
@@ -224,6 +247,7 @@ def load_model(
 
         return load_remote_model(spec, revision=revision, token=token, remote=remote)
 
+    check_device(device)
     if device is None:
         device = "cuda" if torch.cuda.is_available() and device_map is None else "cpu"
     if dtype is None:
