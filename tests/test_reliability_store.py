@@ -57,7 +57,7 @@ def test_two_writers_and_a_reader_hammer_one_store_without_errors_or_duplicate_w
     (tmp_path / "stop").touch()
     outs.append(reader.communicate(timeout=60))
     procs.append(reader)
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     assert "Traceback" not in "".join(err for _, err in outs)
     assert int(outs[2][0].split()[-1]) > 0  # the reader really read files while the writers wrote
