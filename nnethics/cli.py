@@ -158,7 +158,10 @@ def _prompts(path: Path, labels, limit):
     from .prompts import load_prompts
 
     ps = load_prompts(path, labels)
-    return ps.subset(limit=limit) if limit else ps
+    ps = ps.subset(limit=limit) if limit else ps
+    for _, warning in ps.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return ps
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -220,6 +223,9 @@ def _finish_store(model_dir: Path) -> None:
         if e.name and e.name.startswith("nnethics.render"):
             return
         raise
+    from .commands.report import warn_unreadable
+
+    warn_unreadable(model_dir)
     path = write_report(model_dir)
     click.echo(f"report: {path}")
 

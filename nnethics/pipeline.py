@@ -8,7 +8,7 @@ from typing import Any
 
 from .analyses.common import format_pairs
 from .analyses.spec import AnalysisSpec, RunContext
-from .prompts import PromptSet, resolve_label_tokens
+from .prompts import PromptSet, check_context_length, resolve_label_tokens
 from .runner import run_analysis
 from .store import result_path, write_atomic
 from .storelock import store_lock
@@ -39,6 +39,9 @@ DEFAULT_ANALYSES = tuple(name for name, spec in ANALYSES.items() if spec.default
 
 def make_context(model: Any, prompts: PromptSet, chat: bool | None = None, extra: dict | None = None) -> RunContext:
     texts = format_pairs(model.tokenizer, prompts.pairs, chat)
+    limit = getattr(model, "context_length", None)
+    if limit is not None:
+        check_context_length(model.tokenizer, prompts.pairs, texts, *limit)
     label_ids = resolve_label_tokens(model.tokenizer, texts, prompts.labels)
     return RunContext(labels=tuple(prompts.labels), label_ids=tuple(label_ids), chat=chat, extra=extra or {})
 

@@ -360,6 +360,18 @@ def _fill_value(dtype: np.dtype) -> Any:
     return ""
 
 
+def unreadable_results(folder: str | Path) -> list[tuple[Path, str]]:
+    """The ``*.nc`` files of a model folder that cannot be opened, with the reason (readers skip them)."""
+    bad = []
+    for path in sorted(Path(folder).glob("*.nc")):
+        try:
+            with xr.open_dataset(path, engine=ENGINE):
+                pass
+        except (OSError, ValueError, RuntimeError) as e:
+            bad.append((path, str(e)))
+    return bad
+
+
 def summarize(path: str | Path) -> str:
     """A short text summary of a stored file (dims, variables, provenance) for ``nnethics show``."""
     ds = load(path)

@@ -24,6 +24,15 @@ def _bad_input(err: Exception) -> click.ClickException:
     return BadInput(str(err))
 
 
+def warn_unreadable(store_dir: Path) -> None:
+    """Say on stderr which result files the report has to leave out (the page lists them too)."""
+    from ..store import unreadable_results
+
+    for path, reason in unreadable_results(store_dir):
+        click.echo(f"warning: {path} cannot be read ({reason}); the report leaves it out; recompute it with "
+                   "`nnethics run` or remove it", err=True)
+
+
 def register(cli: click.Group) -> None:
     @cli.command()
     @click.argument("store_dir", type=STORE_DIR)
@@ -38,6 +47,7 @@ def register(cli: click.Group) -> None:
         from ..render.offline import PngExportError
 
         t0 = time.monotonic()
+        warn_unreadable(store_dir)
         try:
             path = write_report(store_dir, out=out, png=png, max_prompts=max_prompts)
         except ReportError as e:

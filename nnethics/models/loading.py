@@ -75,6 +75,20 @@ class ModelHandle:
         return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
     @property
+    def context_length(self) -> tuple[int, str] | None:
+        """The most tokens the model reads, and where that number comes from (config or tokenizer); None if unknown."""
+        found = []
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                found.append((value, f"{key} in its config"))
+                break
+        value = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(value, int) and 0 < value < 10**8:  # transformers uses a huge sentinel for "no limit"
+            found.append((value, "model_max_length of its tokenizer"))
+        return min(found) if found else None
+
+    @property
     def slug(self) -> str:
         """Folder name for this model under the store."""
         base = self.name.rstrip("/").split("/")[-1] if "/" in self.name else self.name
