@@ -15,6 +15,7 @@ that a reader holds open; ``os.replace`` is safe while readers are open).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -131,6 +132,9 @@ def write_atomic(ds: xr.Dataset, path: str | Path) -> Path:
             os.close(dfd)
     except BaseException as err:
         if os.path.exists(tmp):
+            # HDF5 may keep a failed file open until the process exits; emptying it frees the space at once.
+            with contextlib.suppress(OSError):
+                os.truncate(tmp, 0)
             os.remove(tmp)
         if isinstance(err, Exception) and _no_space(path.parent, err, int(ds.nbytes)):
             raise StoreError(f"no space left on device at {path.parent} while writing {path.name}; "
