@@ -8,9 +8,11 @@ Layout::
 A run writes each finished chunk of prompts as its own part (atomically); a rerun after a crash
 skips the prompts found in parts written with the same options, then consolidates them into one
 file and removes the parts. The consolidated file keeps the run's fingerprint, so a rerun with the
-same model, prompts and options only computes prompts that are not in it yet (e.g. newly added
-pairs); any change of options recomputes everything. Files are never modified in place (HDF5 locks and truncates files
-that a reader holds open; ``os.replace`` is safe while readers are open).
+same model, prompt file and options only computes prompts that are not in it yet (e.g. a larger
+``--limit``); a run whose fingerprint differs refuses (:class:`StoreConflict`, naming the differing
+options) unless told to overwrite. Files are never modified in place (HDF5 locks and truncates files
+that a reader holds open; ``os.replace`` is safe while readers are open); temp files are hidden
+``.tmp`` files that no ``*.nc`` glob matches. Writers hold the model folder's lock (``storelock``).
 """
 
 from __future__ import annotations

@@ -76,8 +76,9 @@ def store_lock(folder: str | Path, timeout: float | None = None, announce: bool 
     ``NNETHICS_LOCK_TIMEOUT`` environment variable, else wait as long as it takes). While waiting, one line
     naming the holder goes to stderr (``announce``). Raises :class:`StoreBusy` naming the holder on timeout.
     """
+    from .store import StoreError
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     lock = _lock_for(folder)
     if lock.is_locked:  # already ours: nested use
         with lock:
@@ -86,8 +87,9 @@ def store_lock(folder: str | Path, timeout: float | None = None, announce: bool 
     if timeout is None:
         timeout = default_timeout()
     try:
+        folder.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
-    except Timeout:
+    except Timeout:  # (a subclass of OSError: caught first)
         holder = describe_holder(folder)
         if timeout == 0:
             raise StoreBusy(f"{folder} is in use by {holder}; wait for it to finish, or pass another --store "
@@ -100,8 +102,11 @@ def store_lock(folder: str | Path, timeout: float | None = None, announce: bool 
         except Timeout:
             raise StoreBusy(f"{folder} is still in use by {describe_holder(folder)} after {timeout:g} s; wait for it "
                             "to finish, or pass another --store") from None
+    except OSError as e:
+        raise StoreError(f"cannot lock {folder} for writing ({e.strerror or e}); pass a --store you can write to") from None
     try:
-        write_text_atomic(json.dumps(_holder_info()), folder / HOLDER_FILE)
+        with contextlib.suppress(OSError):  # best effort: a full disk must not stop a run that writes nothing yet
+            write_text_atomic(json.dumps(_holder_info()), folder / HOLDER_FILE)
         yield
     finally:
         # Remove our holder note before releasing, so that it never describes the next holder wrongly.

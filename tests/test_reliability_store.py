@@ -262,3 +262,11 @@ def test_write_atomic_says_no_space_left_and_keeps_the_old_file(tmp_path, monkey
                                          "space or pass another --store"):
         write_atomic(xr.Dataset({"a": ("x", np.arange(1000.0))}), path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.nc"]
+
+
+def test_the_holder_note_never_records_a_token(tmp_path, monkeypatch):
+    secret = "hf_HolderNoteSecret123456789"
+    monkeypatch.setattr(sys, "argv", ["nnethics", "run", "--token", secret, "--store", str(tmp_path)])
+    with store_lock(tmp_path / "m", timeout=0):
+        note = (tmp_path / "m" / ".lock.json").read_text()
+    assert secret not in note and json.loads(note)["command"] == f"nnethics run --token *** --store {tmp_path}"
