@@ -79,7 +79,7 @@ def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> st
     return value
 
 
-def _store(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+def checked_store(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
     """Check --store is (or can become) a writable folder, before anything is read or loaded; creates nothing."""
     from .store import StoreError, check_store
 
@@ -94,7 +94,7 @@ def store_options(fn: Callable) -> Callable:
     """--store, --overwrite and --lock-timeout, for every command that writes results."""
     options = [
         click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path),
-                     callback=_store, help="Output folder (created if missing)."),
+                     callback=checked_store, help="Output folder (created if missing)."),
         click.option("--overwrite", is_flag=True,
                      help="Replace stored results (and parts of an interrupted run) computed with other options; "
                           "without it such a run stops with exit code 2 and changes nothing."),

@@ -378,6 +378,33 @@ def unreadable_results(folder: str | Path) -> list[tuple[Path, str]]:
     return bad
 
 
+SHARED_KEYS = ("model_id", "model_revision", "dtype", "quantization", "prompt_set_sha256", "labels")
+
+
+def mixed_settings(folder: str | Path) -> list[str]:
+    """Settings that differ between the result files of one model folder (e.g. chat and no-chat runs of two
+    analyses), in words: a report over them would compare unlike things."""
+    seen: dict[str, dict[str, str]] = {}
+    for path in sorted(Path(folder).glob("*.nc")):
+        try:
+            with xr.open_dataset(path, engine=ENGINE) as ds:
+                attrs = dict(ds.attrs)
+        except (OSError, ValueError, RuntimeError):
+            continue
+        options = _json_or_text(str(attrs.get("options", "{}")))
+        values = {k: str(attrs.get(k, "")) for k in SHARED_KEYS}
+        if isinstance(options, dict) and "chat" in options:
+            values["chat"] = json.dumps(options["chat"])
+        for key, value in values.items():
+            seen.setdefault(key, {})[path.stem] = value
+    out = []
+    for key, by_file in seen.items():
+        if len(set(by_file.values())) > 1:
+            short = {f: (v[:12] if key == "prompt_set_sha256" else v) for f, v in by_file.items()}
+            out.append(f"{key} differs between files ({', '.join(f'{f}: {v}' for f, v in short.items())})")
+    return out
+
+
 def summarize(path: str | Path) -> str:
     """A short text summary of a stored file (dims, variables, provenance) for ``nnethics show``."""
     ds = load(path)

@@ -270,3 +270,17 @@ def test_the_holder_note_never_records_a_token(tmp_path, monkeypatch):
     with store_lock(tmp_path / "m", timeout=0):
         note = (tmp_path / "m" / ".lock.json").read_text()
     assert secret not in note and json.loads(note)["command"] == f"nnethics run --token *** --store {tmp_path}"
+
+
+def test_report_warns_when_files_of_one_folder_were_computed_with_different_settings(tiny_model_dir, tmp_path):
+    runner = CliRunner()
+    base = ["run", "--model", str(tiny_model_dir), "--store", str(tmp_path), "--limit", "2"]
+    assert runner.invoke(cli, [*base, "--analyses", "decisions"]).exit_code == 0
+    res = runner.invoke(cli, [*base, "--analyses", "attribution", "--no-chat"])
+    assert res.exit_code == 0, res.output
+    folder = next(tmp_path.iterdir())
+    line = (f"warning: {folder}: chat differs between files (attribution: false, decisions: null); the report "
+            "compares them side by side (rerun the odd one out with --overwrite to make them match)")
+    assert line in res.stderr.splitlines()
+    res = runner.invoke(cli, ["report", str(folder)])
+    assert res.exit_code == 0 and line in res.stderr.splitlines()

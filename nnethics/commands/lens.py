@@ -15,7 +15,17 @@ def _corpus_errors():
 
 def register(cli: click.Group) -> None:
     # Imported here: nnethics.cli imports this module at its end, after these names exist.
-    from ..cli import DEFAULT_STORE, BadInput, _load, _prompts, friendly, model_options, prompt_options, store_options
+    from ..cli import (
+        DEFAULT_STORE,
+        BadInput,
+        _load,
+        _prompts,
+        checked_store,
+        friendly,
+        model_options,
+        prompt_options,
+        store_options,
+    )
 
     @click.group("lens")
     def lens_group() -> None:
@@ -89,7 +99,8 @@ def register(cli: click.Group) -> None:
     @click.option("--corpus", multiple=True, type=click.Path(path_type=Path),
                   help="Evaluate on the held-out split of these files instead of the lens' training corpus.")
     @click.option("--eval-tokens", type=click.IntRange(min=2), default=None, help="Held-out tokens (default: the lens' setting).")
-    @click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path), help="Output folder.")
+    @click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path), callback=checked_store,
+                  help="Output folder.")
     @friendly
     def lens_eval(model_spec, revision, device, device_map, dtype, quantize, remote, token, lens_path, corpus, eval_tokens,
                   store) -> None:

@@ -25,12 +25,16 @@ def _bad_input(err: Exception) -> click.ClickException:
 
 
 def warn_unreadable(store_dir: Path) -> None:
-    """Say on stderr which result files the report has to leave out (the page lists them too)."""
-    from ..store import unreadable_results
+    """Say on stderr which result files the report has to leave out (the page lists them too), and which
+    settings differ between the files it puts side by side."""
+    from ..store import mixed_settings, unreadable_results
 
     for path, reason in unreadable_results(store_dir):
         click.echo(f"warning: {path} cannot be read ({reason}); the report leaves it out; recompute it with "
                    "`nnethics run` or remove it", err=True)
+    for difference in mixed_settings(store_dir):
+        click.echo(f"warning: {store_dir}: {difference}; the report compares them side by side (rerun the odd one "
+                   "out with --overwrite to make them match)", err=True)
 
 
 def register(cli: click.Group) -> None:
