@@ -6,6 +6,13 @@ import os
 import tempfile
 from pathlib import Path
 
+TMP_SUFFIX = ".tmp"
+
+
+def tmp_prefix(path: Path) -> str:
+    """Temp files are hidden and end in ``.tmp``: no reader's glob (``*.nc``, ``*.csv``) ever matches one."""
+    return f".{path.name}."
+
 
 def umask() -> int:
     mask = os.umask(0)
@@ -17,7 +24,7 @@ def write_text_atomic(text: str, path: str | Path, newline: str | None = None) -
     """Write ``text`` to ``path`` so readers see the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path), suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline=newline) as f:
             f.write(text)

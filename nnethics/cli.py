@@ -29,8 +29,11 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from .models.loading import ModelLoadError
     from .models.secrets import ConfigError
     from .prompts import LabelTokenError, PromptError
+    from .store import StoreConflict, StoreError
+    from .storelock import StoreBusy
 
-    return (PromptError, LabelTokenError, ConfigError, UnsupportedArchitectureError, BuiltinModelMissing, ModelLoadError)
+    return (PromptError, LabelTokenError, ConfigError, UnsupportedArchitectureError, BuiltinModelMissing, ModelLoadError,
+            StoreBusy, StoreConflict, StoreError)
 
 
 def _remote_errors() -> tuple[type[BaseException], ...]:
@@ -63,6 +66,48 @@ def _labels(value: str) -> tuple[str, ...]:
     return labels
 
 
+def _device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Check --device names a device this machine has, before anything is read or loaded."""
+    if value is None:
+        return None
+    from .models.loading import ModelLoadError, check_device
+
+    try:
+        check_device(value)
+    except ModelLoadError as e:
+        raise BadInput(str(e)) from None
+    return value
+
+
+def checked_store(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    """Check --store is (or can become) a writable folder, before anything is read or loaded; creates nothing."""
+    from .store import StoreError, check_store
+
+    try:
+        check_store(value)
+    except StoreError as e:
+        raise BadInput(str(e)) from None
+    return value
+
+
+def store_options(fn: Callable) -> Callable:
+    """--store, --overwrite and --lock-timeout, for every command that writes results."""
+    options = [
+        click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path),
+                     callback=checked_store, help="Output folder (created if missing)."),
+        click.option("--overwrite", is_flag=True,
+                     help="Replace stored results (and parts of an interrupted run) computed with other options; "
+                          "without it such a run stops with exit code 2 and changes nothing."),
+        click.option("--lock-timeout", type=click.FloatRange(min=0), default=None, envvar="NNETHICS_LOCK_TIMEOUT",
+                     show_envvar=True,
+                     help="Seconds to wait while another run writes to the same model folder, then stop with exit "
+                          "code 2 (0: stop at once; default: wait until it is done)."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
 def model_options(fn: Callable | None = None, *, multiple: bool = False) -> Callable:
     if fn is None:
         return functools.partial(model_options, multiple=multiple)
@@ -72,7 +117,7 @@ def model_options(fn: Callable | None = None, *, multiple: bool = False) -> Call
                      help="Built-in name, hub id (org/name[@revision]), local folder, .gguf file or config/models.json key."
                      + (" Repeat for several models: each is loaded, analysed and unloaded in turn." if multiple else "")),
         click.option("--revision", default=None, help="Hub revision (branch, tag or commit)."),
-        click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+        click.option("--device", default=None, callback=_device, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
         click.option("--device-map", default=None, help="accelerate device map, e.g. 'auto' for models larger than one device."),
         click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default=None,
                      help="Weights dtype (default: float32 on CPU, bfloat16 on CUDA)."),
@@ -113,7 +158,10 @@ def _prompts(path: Path, labels, limit):
     from .prompts import load_prompts
 
     ps = load_prompts(path, labels)
-    return ps.subset(limit=limit) if limit else ps
+    ps = ps.subset(limit=limit) if limit else ps
+    for _, warning in ps.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    return ps
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -125,18 +173,19 @@ def cli() -> None:
 @cli.command()
 @model_options(multiple=True)
 @prompt_options
-@click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path), help="Output folder.")
+@store_options
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Pairs per batch (halved on out-of-memory).")
 @click.option("--analyses", default=None,
               help="Comma-separated analyses to run (default: all: decisions, patching, attribution, lens).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
 @friendly
 def run(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat, limit,
-        store, batch_size, analyses, progress) -> None:
+        store, overwrite, lock_timeout, batch_size, analyses, progress) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
     from .models.registry import ModelRegistry
     from .models.remote import STATS
     from .pipeline import ANALYSES, DEFAULT_ANALYSES, run_all
+    from .storelock import store_lock
 
     wanted = [a.strip() for a in analyses.split(",") if a.strip()] if analyses else list(DEFAULT_ANALYSES)
     unknown = [a for a in wanted if a not in ANALYSES]
@@ -147,16 +196,18 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
     for spec in model_spec:
         model = registry.add(spec, _load(spec, revision, device, device_map, dtype, quantize, remote, token))
         STATS.reset()
-        results = run_all(model, prompts, store=str(store), analyses=wanted, chat=chat, batch_size=batch_size,
-                          progress=progress)
-        for name, (path, summary) in results.items():
-            click.echo(f"{name}: {path}")
-            if summary:
-                click.echo(f"  {summary}")
-        if model.remote:
-            click.echo(STATS.report(n_pairs=len(prompts)), err=True)
-        _finish_store(Path(store) / model.slug)
-        _print_verdict(Path(store) / model.slug)
+        # One writer per model folder for the whole run: the analyses and the report that reads them.
+        with store_lock(Path(store) / model.slug, timeout=lock_timeout):
+            results = run_all(model, prompts, store=str(store), analyses=wanted, chat=chat, batch_size=batch_size,
+                              progress=progress, overwrite=overwrite, lock_timeout=lock_timeout)
+            for name, (path, summary) in results.items():
+                click.echo(f"{name}: {path}")
+                if summary:
+                    click.echo(f"  {summary}")
+            if model.remote:
+                click.echo(STATS.report(n_pairs=len(prompts)), err=True)
+            _finish_store(Path(store) / model.slug)
+            _print_verdict(Path(store) / model.slug)
         if len(model_spec) > 1:
             info = registry.memory_info()
             registry.unload(spec)
@@ -188,6 +239,9 @@ def _finish_store(model_dir: Path) -> None:
         if e.name and e.name.startswith("nnethics.render"):
             return
         raise
+    from .commands.report import warn_unreadable
+
+    warn_unreadable(model_dir)
     path = write_report(model_dir)
     click.echo(f"report: {path}")
 

@@ -265,9 +265,22 @@ def _write(text: str, path: Path) -> Path:
     return write_text_atomic(text, path, newline="")
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
+    """Text cells that a spreadsheet would run as a formula (starting with = + - @, tab or CR) get a leading
+    apostrophe, as OWASP advises against CSV injection; numeric columns are left alone."""
+    df = df.copy()
+    for col in df.columns:
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
+            df[col] = df[col].map(lambda v: "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v)
+    return df
+
+
 def _table(df: pd.DataFrame, out: Path, stem: str, fmt: str) -> Path:
     if fmt == "csv":
-        return _write(df.to_csv(index=False), out / f"{stem}.csv")
+        return _write(neutralise_formulas(df).to_csv(index=False), out / f"{stem}.csv")
     records = [{k: _py(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
     return _write(json.dumps(records, ensure_ascii=False, indent=1), out / f"{stem}.json")
 
@@ -283,7 +296,17 @@ def export_store(store_dir: str | Path, fmt: str = "csv", out: str | Path | None
 
     def load(name: str) -> xr.Dataset | None:
         path = folder / f"{name}.nc"
-        return xr.load_dataset(path, engine="netcdf4") if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            ds = xr.load_dataset(path, engine="netcdf4")
+        except (OSError, ValueError, RuntimeError) as e:
+            raise ExportError(f"{path}: not a readable NetCDF file ({e}); recompute it with `nnethics run` "
+                              "or move it out of the folder, then export again") from None
+        if str(ds.attrs.get("analysis", "")).split("_")[0] != name.split("_")[0]:  # (variants share a family)
+            raise ExportError(f"{path}: not an nnethics {name!r} result (its 'analysis' attribute is "
+                              f"{ds.attrs.get('analysis')!r}); move it out of {folder} or recompute it with `nnethics run`")
+        return ds
 
     data = {n: load(n) for n in ("decisions", "patching", *VARIANTS, "attribution", "lens")}
     if not any(v is not None for v in data.values()):
@@ -309,7 +332,16 @@ def export_store(store_dir: str | Path, fmt: str = "csv", out: str | Path | None
             jobs.append(("attribution", "attribution_heads", lambda a=a: head_table(a)))
     if (lens := data["lens"]) is not None:
         jobs.append(("lens", "token_trajectories", lambda lens=lens: trajectory_table(lens)))
-    written = [_table(build(), out_dir, stem, fmt) for _, stem, build in jobs]
+    written = []
+    for kind, stem, build in jobs:
+        try:
+            table = build()
+        except (KeyError, ValueError, IndexError) as e:
+            if isinstance(e, ExportError):
+                raise ExportError(f"{folder / (kind + '.nc')}: {e}") from None
+            raise ExportError(f"{folder / (kind + '.nc')}: lacks what the {stem} table needs ({type(e).__name__}: {e}); "
+                              "recompute it with `nnethics run`") from None
+        written.append(_table(table, out_dir, stem, fmt))
     if lens is not None and "top_token" in lens:
         written.append(_write(json.dumps(lens_topk_records(lens), ensure_ascii=False, indent=1),
                               out_dir / "tuned_lens.json"))

@@ -71,6 +71,7 @@ class PromptSet:
     sha256: str
     labels: tuple[str, ...] = DEFAULT_LABELS
     files: tuple[str, ...] = field(default_factory=tuple)
+    warnings: tuple[tuple[str, str], ...] = ()  # (prompt_id, message): pairs that load but look wrong
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -85,17 +86,32 @@ class PromptSet:
             pairs = tuple(p for p in pairs if p.prompt_id in wanted)
         if limit is not None:
             pairs = pairs[:limit]
-        return PromptSet(pairs, self.name, self.sha256, self.labels, self.files)
+        kept = {p.prompt_id for p in pairs}
+        return PromptSet(pairs, self.name, self.sha256, self.labels, self.files,
+                         tuple(w for w in self.warnings if w[0] in kept))
+
+
+def _read_text(path: Path, problems: list[str], missing: str) -> str | None:
+    """The file's text (UTF-8, a leading byte-order mark allowed), or None with a problem recorded."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        problems.append(f"{path}: file not found; {missing}")
+        return None
+    except IsADirectoryError:
+        problems.append(f"{path}: is a folder, not a file; {missing}")
+        return None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        problems.append(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8")
+        return None
 
 
 def _read_json(path: Path, problems: list[str]) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        problems.append(f"{path}: file not found; create it or point --prompts at a folder holding {BASE_FILE} and {CF_FILE}")
-        return None
-    except UnicodeDecodeError as e:
-        problems.append(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8")
+    text = _read_text(path, problems, f"create it or point --prompts at a folder holding {BASE_FILE} and {CF_FILE}")
+    if text is None:
         return None
     try:
         return json.loads(text)
@@ -142,8 +158,8 @@ def _seed_records(path: Path, data: Any, labels: Sequence[str], problems: list[s
         unknown = sorted(set(rec) - _SEED_FIELDS)
         if unknown:
             problems.append(f"{where}: unknown field(s) {unknown}; allowed fields are {sorted(_SEED_FIELDS)}")
-        if not isinstance(pid, (str, int)) or isinstance(pid, bool) or str(pid).strip() == "":
-            problems.append(f"{where}: prompt_id must be a non-empty string")
+        if not _valid_id(pid):
+            problems.append(f"{where}: prompt_id must be a non-empty string, got {json.dumps(pid)}")
             continue
         pid = str(pid)
         if pid in out:
@@ -185,12 +201,15 @@ def _load_seed(folder: Path, labels: Sequence[str], problems: list[str]) -> list
     return pairs
 
 
+def _valid_id(pid: Any) -> bool:
+    return isinstance(pid, (str, int)) and not isinstance(pid, bool) and str(pid).strip() != ""
+
+
 def _load_jsonl(path: Path, labels: Sequence[str], problems: list[str]) -> list[PromptPair]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        problems.append(f"{path}: file not found")
+    text = _read_text(path, problems, "check the path given to --prompts")
+    if text is None:
         return []
+    lines = text.splitlines()
     pairs, seen = [], {}
     for n, line in enumerate(lines, start=1):
         if not line.strip():
@@ -207,6 +226,10 @@ def _load_jsonl(path: Path, labels: Sequence[str], problems: list[str]) -> list[
         missing = [f for f in ("prompt_id", "base", "counterfactual") if f not in rec]
         if missing:
             problems.append(f"{where}: missing field(s) {missing}; a line needs prompt_id, base and counterfactual")
+            continue
+        if not _valid_id(rec["prompt_id"]):
+            problems.append(f"{where}: prompt_id must be a non-empty string, got {json.dumps(rec['prompt_id'])}; "
+                            "give every pair a unique id like \"harm_001\"")
             continue
         pid = str(rec["prompt_id"])
         where = f"{path} line {n} (prompt_id {pid!r})"
@@ -275,6 +298,10 @@ def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> Pr
         problems.append(f"{path}: no prompt pairs found; add at least one pair")
     if problems:
         raise PromptError(problems)
+    warnings = tuple((p.prompt_id, f"{path}: prompt_id {p.prompt_id!r}: the counterfactual is identical to the base "
+                      f"prompt with the same ethical_option {p.base_ethical!r}, so it cannot move the decision; swap "
+                      "the options in the counterfactual")
+                     for p in pairs if p.base.strip() == p.cf.strip() and p.base_ethical == p.cf_ethical)
     digest = hashlib.sha256()
     for f in files:
         digest.update(f.name.encode())
@@ -282,10 +309,28 @@ def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> Pr
     name = path.name if path.is_dir() else path.stem
     if path.is_dir() and path.resolve().name == "prompts":
         name = "nnethics-prompts"
-    return PromptSet(tuple(pairs), name=name, sha256=digest.hexdigest(), labels=labels, files=tuple(str(f) for f in files))
+    return PromptSet(tuple(pairs), name=name, sha256=digest.hexdigest(), labels=labels, files=tuple(str(f) for f in files),
+                     warnings=warnings)
 
 
 # --- formatting and tokens ---------------------------------------------------------------------
+
+
+def check_context_length(tokenizer: Any, pairs: Sequence[PromptPair], texts: Sequence[str], limit: int,
+                         source: str = "its config") -> None:
+    """Raise :class:`PromptError` naming every prompt longer than ``limit`` tokens (``texts`` as from
+    ``format_pairs``: all base prompts, then all counterfactuals), before any forward pass."""
+    lengths = [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+    n = len(pairs)
+    problems = [
+        f"prompt_id {pairs[i % n].prompt_id!r} ({'base' if i < n else 'counterfactual'}): {length} tokens as the model "
+        f"reads it (chat template included), but the model reads at most {limit} ({source}); shorten the prompt or "
+        "remove the pair"
+        for i, length in enumerate(lengths) if length > limit
+    ]
+    if problems:
+        raise PromptError(problems)
+
 
 
 def format_prompt(tokenizer: Any, text: str, chat: bool | None = None) -> str:

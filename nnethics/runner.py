@@ -19,6 +19,7 @@ import xarray as xr
 
 from .prompts import PromptPair, PromptSet
 from .store import PartStore, provenance
+from .storelock import store_lock
 
 AnalysisFn = Callable[[Any, Sequence[PromptPair]], xr.Dataset]
 
@@ -46,12 +47,26 @@ def run_analysis(
     batch_size: int = 8,
     progress: bool | None = None,
     extra_attrs: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    lock_timeout: float | None = None,
 ) -> xr.Dataset:
-    """Run ``fn`` over every pair in chunks of ``batch_size`` pairs, resumably; return the consolidated Dataset."""
+    """Run ``fn`` over every pair in chunks of ``batch_size`` pairs, resumably; return the consolidated Dataset.
+
+    Holds the model folder's lock throughout (another process on the same folder waits, or gets
+    :class:`~nnethics.storelock.StoreBusy` after ``lock_timeout`` seconds). A stored result or parts with
+    other options raise :class:`~nnethics.store.StoreConflict` unless ``overwrite``.
+    """
     if batch_size < 1:
         raise click.BadParameter(f"batch size must be at least 1, got {batch_size}")
     attrs = provenance(name, model, prompts, options, **(extra_attrs or {}))
     parts = PartStore(store, model.slug, name, attrs)
+    with store_lock(parts.final.parent, timeout=lock_timeout):
+        parts.check(overwrite)
+        return _run_chunks(name, fn, model, prompts, parts, batch_size, progress)
+
+
+def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts: PartStore, batch_size: int,
+                progress: bool | None) -> xr.Dataset:
     done = parts.done_ids()
     todo = [p for p in prompts.pairs if p.prompt_id not in done]
     show = sys.stderr.isatty() if progress is None else progress

@@ -11,7 +11,7 @@ from conftest import PROMPTS
 
 from nnethics.prompts import load_prompts
 from nnethics.runner import run_analysis
-from nnethics.store import PartStore, load, provenance, result_path, write_atomic
+from nnethics.store import PartStore, StoreConflict, load, provenance, result_path, write_atomic
 
 
 def _sample() -> xr.Dataset:
@@ -32,7 +32,7 @@ def test_round_trip_is_identical(tmp_path):
     ds = _sample()
     path = write_atomic(ds, tmp_path / "m" / "x.nc")
     xr.testing.assert_identical(ds, load(path))
-    assert not list((tmp_path / "m").glob(".tmp-*"))
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["x.nc"]  # no temp file left behind
     assert path.stat().st_mode & 0o044  # readable by group/others like any file written under a normal umask
 
 
@@ -101,8 +101,13 @@ def test_parts_from_other_options_are_not_reused(tmp_path):
     calls: list[str] = []
     parts = PartStore(tmp_path, "fake", "fake", provenance("fake", _FakeModel(), prompts, {"o": 1}))
     parts.write_part(_fake_analysis([])(None, prompts.pairs[:2]))
-    run_analysis("fake", _fake_analysis(calls), _FakeModel(), prompts, str(tmp_path), {"o": 2}, batch_size=4, progress=False)
-    assert calls == prompts.ids()  # different options: everything recomputed
+    with pytest.raises(StoreConflict, match=r"interrupted run with other options \(o: stored 1, this run 2\)"):
+        run_analysis("fake", _fake_analysis(calls), _FakeModel(), prompts, str(tmp_path), {"o": 2}, batch_size=4,
+                     progress=False)
+    assert calls == [] and len(parts.load_parts()) == 1  # refused before computing or deleting anything
+    run_analysis("fake", _fake_analysis(calls), _FakeModel(), prompts, str(tmp_path), {"o": 2}, batch_size=4,
+                 progress=False, overwrite=True)
+    assert calls == prompts.ids()  # different options, --overwrite: everything recomputed
 
 
 def test_out_of_memory_halves_the_batch_without_losing_work(tmp_path):

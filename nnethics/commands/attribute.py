@@ -30,13 +30,12 @@ def parse_layers(value: str | None) -> list[int] | None:
 
 def register(cli: click.Group) -> None:
     # Imported here: nnethics.cli imports this module at its end, after these names exist.
-    from ..cli import DEFAULT_STORE, BadInput, _load, _prompts, friendly, model_options, prompt_options
+    from ..cli import BadInput, _load, _prompts, friendly, model_options, prompt_options, store_options
 
     @cli.command()
     @model_options
     @prompt_options
-    @click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path),
-                  help="Output folder.")
+    @store_options
     @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                   help="Pairs per batch (halved on out-of-memory).")
     @click.option("--layers", default=None, callback=lambda c, p, v: parse_layers(v),
@@ -48,7 +47,7 @@ def register(cli: click.Group) -> None:
     @friendly
     def attribute(model_spec: str, revision: Any, device: Any, device_map: Any, dtype: Any, quantize: Any,
                   remote: Any, token: Any, prompts_path: Path, labels: Any, chat: Any, limit: Any, store: Path,
-                  batch_size: int, layers: list[int] | None, heads: bool, progress: Any) -> None:
+                  overwrite: bool, lock_timeout: float | None, batch_size: int, layers: list[int] | None, heads: bool, progress: Any) -> None:
         """Direct logit attribution: each layer's attention and MLP (and each head / expert) contribution
         to the label logits at the decision token; writes STORE/<model>/attribution.nc."""
         from ..pipeline import make_context, run_one
@@ -58,7 +57,8 @@ def register(cli: click.Group) -> None:
         if layers and layers[-1] >= model.n_layers:
             raise BadInput(f"--layers: layer {layers[-1]} does not exist; {model.name} has layers 0-{model.n_layers - 1}")
         ctx = make_context(model, prompts, chat, extra={"layers": layers, "heads": heads})
-        path, summary = run_one("attribution", model, prompts, str(store), ctx, batch_size, progress)
+        path, summary = run_one("attribution", model, prompts, str(store), ctx, batch_size, progress,
+                                overwrite=overwrite, lock_timeout=lock_timeout)
         click.echo(f"attribution: {path}")
         if summary:
             click.echo(f"  {summary}")

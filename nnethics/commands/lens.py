@@ -15,7 +15,17 @@ def _corpus_errors():
 
 def register(cli: click.Group) -> None:
     # Imported here: nnethics.cli imports this module at its end, after these names exist.
-    from ..cli import DEFAULT_STORE, BadInput, _load, _prompts, friendly, model_options, prompt_options
+    from ..cli import (
+        DEFAULT_STORE,
+        BadInput,
+        _load,
+        _prompts,
+        checked_store,
+        friendly,
+        model_options,
+        prompt_options,
+        store_options,
+    )
 
     @click.group("lens")
     def lens_group() -> None:
@@ -89,7 +99,8 @@ def register(cli: click.Group) -> None:
     @click.option("--corpus", multiple=True, type=click.Path(path_type=Path),
                   help="Evaluate on the held-out split of these files instead of the lens' training corpus.")
     @click.option("--eval-tokens", type=click.IntRange(min=2), default=None, help="Held-out tokens (default: the lens' setting).")
-    @click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path), help="Output folder.")
+    @click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path), callback=checked_store,
+                  help="Output folder.")
     @friendly
     def lens_eval(model_spec, revision, device, device_map, dtype, quantize, remote, token, lens_path, corpus, eval_tokens,
                   store) -> None:
@@ -127,7 +138,7 @@ def register(cli: click.Group) -> None:
     @lens_group.command("run")
     @model_options
     @prompt_options
-    @click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path), help="Output folder.")
+    @store_options
     @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Pairs per batch.")
     @click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Top tokens kept per layer.")
     @click.option("--tuned-lens", type=click.Path(path_type=Path), default=None,
@@ -136,7 +147,7 @@ def register(cli: click.Group) -> None:
     @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
     @friendly
     def lens_run(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat, limit,
-                 store, batch_size, k, tuned_lens, no_tuned_lens, progress) -> None:
+                 store, overwrite, lock_timeout, batch_size, k, tuned_lens, no_tuned_lens, progress) -> None:
         """Compute STORE/<model>/lens.nc (logit lens, and the tuned lens when one is given or cached)."""
         from ..pipeline import make_context, run_one
 
@@ -144,7 +155,8 @@ def register(cli: click.Group) -> None:
         model = _load(model_spec, revision, device, device_map, dtype, quantize, remote, token)
         tuned = "" if no_tuned_lens else (str(tuned_lens) if tuned_lens else None)
         ctx = make_context(model, prompts, chat, extra={"tuned_lens": tuned, "lens_k": k})
-        path, summary = run_one("lens", model, prompts, str(store), ctx, batch_size=batch_size, progress=progress)
+        path, summary = run_one("lens", model, prompts, str(store), ctx, batch_size=batch_size, progress=progress,
+                                overwrite=overwrite, lock_timeout=lock_timeout)
         click.echo(f"lens: {path}")
         click.echo(f"  {summary}")
 

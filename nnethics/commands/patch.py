@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import click
 
@@ -48,7 +47,7 @@ def _span(ctx, param, value: str) -> str:
 
 
 def register(cli: click.Group) -> None:
-    from ..cli import DEFAULT_STORE, BadInput, _load, _prompts, friendly, model_options, prompt_options
+    from ..cli import BadInput, _load, _prompts, friendly, model_options, prompt_options, store_options
 
     @cli.command()
     @model_options
@@ -76,14 +75,14 @@ def register(cli: click.Group) -> None:
     @click.option("--atp/--no-atp", default=True, show_default=True, help="Attribution patching beside the exact values.")
     @click.option("--kv-cache", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                   help="Reuse the prefix's key/value cache when only the last position is patched.")
-    @click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path), help="Output folder.")
+    @store_options
     @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                   help="Pairs per chunk (halved on out-of-memory).")
     @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
     @friendly
     def patch(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat,
               limit, components, positions, corruption, noise_scale, noise_std, noise_samples, noise_span, window, layers, seed, atp,
-              kv_cache, store, batch_size, progress) -> None:
+              kv_cache, store, overwrite, lock_timeout, batch_size, progress) -> None:
         """Activation patching / causal tracing of the decision; writes STORE/<model>/patching*.nc."""
         from ..analyses.patching import NAMES, SPECS
         from ..pipeline import ANALYSES, make_context, run_one
@@ -101,7 +100,8 @@ def register(cli: click.Group) -> None:
                      kv_cache=kv_cache)
         ctx = make_context(model, prompts, chat, extra)
         name = NAMES[(corruption, positions)]
-        path, summary = run_one(name, model, prompts, str(store), ctx, batch_size, progress)
+        path, summary = run_one(name, model, prompts, str(store), ctx, batch_size, progress, overwrite=overwrite,
+                                lock_timeout=lock_timeout)
         click.echo(f"{name}: {path}")
         if summary:
             click.echo(f"  {summary}")

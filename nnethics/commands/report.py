@@ -24,6 +24,19 @@ def _bad_input(err: Exception) -> click.ClickException:
     return BadInput(str(err))
 
 
+def warn_unreadable(store_dir: Path) -> None:
+    """Say on stderr which result files the report has to leave out (the page lists them too), and which
+    settings differ between the files it puts side by side."""
+    from ..store import mixed_settings, unreadable_results
+
+    for path, reason in unreadable_results(store_dir):
+        click.echo(f"warning: {path} cannot be read ({reason}); the report leaves it out; recompute it with "
+                   "`nnethics run` or remove it", err=True)
+    for difference in mixed_settings(store_dir):
+        click.echo(f"warning: {store_dir}: {difference}; the report compares them side by side (rerun the odd one "
+                   "out with --overwrite to make them match)", err=True)
+
+
 def register(cli: click.Group) -> None:
     @cli.command()
     @click.argument("store_dir", type=STORE_DIR)
@@ -38,6 +51,7 @@ def register(cli: click.Group) -> None:
         from ..render.offline import PngExportError
 
         t0 = time.monotonic()
+        warn_unreadable(store_dir)
         try:
             path = write_report(store_dir, out=out, png=png, max_prompts=max_prompts)
         except ReportError as e:

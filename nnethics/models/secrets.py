@@ -4,7 +4,8 @@
 
     {"llama8b": {"name": "meta-llama/Llama-3.1-8B-Instruct", "token": "hf_..."}}
 
-Optional per-entry fields: ``revision``, ``dtype``, ``remote`` (bool).
+Optional per-entry fields: ``revision`` (string), ``dtype`` (``auto``/``float32``/``bfloat16``/``float16``),
+``remote`` (``true``/``false`` or a server URL). Every field is type-checked: ``"remote": "no"`` is an error.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, StringConstraints, ValidationError
 
 CONFIG_ENV = "NNETHICS_CONFIG"
 DEFAULT_CONFIG = Path("config") / "models.json"
@@ -31,7 +35,7 @@ class ConfiguredModel:
     token: str | None = None
     revision: str | None = None
     dtype: str | None = None
-    remote: bool = False
+    remote: bool | str = False  # True for NDIF, or a server URL
 
     def __repr__(self) -> str:  # never show the token
         shown = "set" if self.token else "none"
@@ -42,32 +46,67 @@ def config_path() -> Path:
     return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
+class _Entry(BaseModel):
+    """One entry of config/models.json, strictly typed: ``"remote": "no"`` is an error, not a truthy string."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+    token: str | None = None
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
+    remote: bool | Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] = False
+
+
+_FIELD_HINTS = {
+    "name": "a hub id (org/name), a local model folder or a .gguf file, as a string",
+    "token": "a string (better: leave it out and set HF_TOKEN)",
+    "revision": "a branch, tag or commit, as a string",
+    "dtype": 'one of "auto", "float32", "bfloat16", "float16"',
+    "remote": 'true, false or a server URL like "https://api.ndif.us" (JSON true/false, not a string)',
+}
+
+
+def _entry_problem(path: Path, key: str, entry: dict, err: ValidationError) -> str:
+    problems = []
+    for field in dict.fromkeys(str(e["loc"][0]) for e in err.errors() if e["loc"]):
+        kinds = {e["type"] for e in err.errors() if e["loc"] and str(e["loc"][0]) == field}
+        if "extra_forbidden" in kinds:
+            problems.append(f"unknown field {field!r} (allowed: {', '.join(_FIELD_HINTS)})")
+        elif "missing" in kinds:
+            problems.append(f"{field!r} is missing; give {_FIELD_HINTS[field]}")
+        else:
+            value = entry.get(field)
+            shown = f"a {type(value).__name__}" if field == "token" else json.dumps(value)  # never echo a token
+            problems.append(f"{field!r} must be {_FIELD_HINTS[field]}, got {shown}")
+    return f"{path}: entry {key!r}: " + "; ".join(problems) + f"; fix it in {path}"
+
+
 def load_model_config(path: Path | None = None) -> dict[str, ConfiguredModel]:
     """Read the configured models; a missing file means no configured models."""
     path = path or config_path()
     if not path.exists():
         return {}
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror}); fix its permissions or set {CONFIG_ENV}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected an object mapping keys to {{'name': ..., 'token': ...}}")
     models = {}
     for key, entry in raw.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise ConfigError(f"{path}: entry {key!r} needs a string 'name' (a hub id, a local directory or a .gguf file)")
-        unknown = set(entry) - {"name", "token", "revision", "dtype", "remote"}
-        if unknown:
-            raise ConfigError(f"{path}: entry {key!r} has unknown fields {sorted(unknown)}")
-        models[key] = ConfiguredModel(
-            key=key,
-            name=entry["name"],
-            token=entry.get("token") or None,
-            revision=entry.get("revision"),
-            dtype=entry.get("dtype"),
-            remote=bool(entry.get("remote", False)),
-        )
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{path}: entry {key!r} must be an object like {{\"name\": \"org/model\"}}; fix it in {path}")
+        try:
+            e = _Entry.model_validate(entry)
+        except ValidationError as err:
+            raise ConfigError(_entry_problem(path, key, entry, err)) from None
+        models[key] = ConfiguredModel(key=key, name=e.name, token=e.token or None, revision=e.revision, dtype=e.dtype,
+                                      remote=e.remote)
     return models
 
 
