@@ -139,8 +139,8 @@ def test_the_bootstrap_interval_is_seeded_and_close_to_the_t_interval():
     a, b = verdict.mean_ci(x, seed=0), verdict.mean_ci(x, seed=0)
     assert a == b
     half = 2.0 * x.std(ddof=1) / math.sqrt(60)
-    assert a[1] == pytest.approx(x.mean() - half, abs=0.2 * half)
-    assert a[2] == pytest.approx(x.mean() + half, abs=0.2 * half)
+    assert a[1] == pytest.approx(x.mean() - half, abs=0.1 * half)
+    assert a[2] == pytest.approx(x.mean() + half, abs=0.1 * half)
     assert verdict.mean_ci(np.full(5, 0.7)) == (0.7, 0.7, 0.7)
     assert all(np.isnan(verdict.mean_ci(np.array([np.nan]))))
 
