@@ -24,6 +24,15 @@ def test_decisions_match_unpadded_reference(family, tiny_models, prompt_set):
             ref = logit_diff(hf, toks, ids)
             assert abs(float(ds["logit_diff"].values[i, j]) - ref) < 1e-4
             assert ds["prompt_text"].values[i, j].startswith("<|im_start|>system")
+            # the values against a plain forward: softmax over the whole vocabulary, argmaxes
+            with torch.no_grad():
+                full = hf(toks).logits[0, -1].double()
+            probs = full.softmax(-1)
+            np.testing.assert_allclose(ds["label_prob"].values[i, j], probs[ids].numpy(), rtol=1e-4, atol=0)
+            np.testing.assert_allclose(ds["label_logit"].values[i, j], full[ids].numpy(), rtol=1e-5, atol=1e-5)
+            assert ds["chosen"].values[i, j] == ["1", "2"][int(full[ids].argmax())]
+            assert int(ds["top_token_id"].values[i, j]) == int(full.argmax())
+            assert bool(ds["label_is_top"].values[i, j]) == (int(full.argmax()) in ids)
     probs = ds["label_prob"].values
     assert ((probs > 0) & (probs < 1)).all()
     np.testing.assert_array_equal(ds["chosen"].values == ds["ethical_option"].values, ds["chose_ethical"].values)
