@@ -189,6 +189,7 @@ main()
 '''
 
 
+@pytest.mark.slow  # five CLI processes: about a minute
 def test_sigkilled_runs_resume_to_the_same_result(tiny_model_dir, tmp_path):
     """``nnethics run`` killed with SIGKILL after its first part, and between writing the consolidated file
     and removing the parts, then rerun, stores exactly what an uninterrupted run stores."""
