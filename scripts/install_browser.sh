@@ -1,20 +1,40 @@
 #!/usr/bin/env bash
-# Install Debian's Chromium + ChromeDriver for the report's headless-browser tests.
-# No browser is downloaded from anywhere but the Debian archive; where apt or root is missing,
-# the browser tests skip themselves with a clear reason.
+# Install Debian's Chromium + ChromeDriver for the report's headless-browser tests and PNG export.
+# Nothing is downloaded from anywhere but the Debian archive. Each of the two is checked on its own, so a
+# machine with chromium but no chromedriver gets the driver.
+#
+# Where apt or root is missing, or the install fails, it says so and the browser tests skip themselves;
+# with NNETHICS_REQUIRE_ALL=1 (set by .ci/run) it exits 1 instead, as the tests would then fail.
 set -u
-if [ -x /usr/bin/chromium ]; then exit 0; fi
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "install_browser: apt-get not found; browser tests will be skipped" >&2; exit 0
-fi
+have_chromium() { [ -x /usr/bin/chromium ]; }
+have_driver() { command -v chromedriver >/dev/null 2>&1 || [ -x /usr/bin/chromedriver ]; }
+
+fail() {
+  echo "install_browser: $1" >&2
+  if [ "${NNETHICS_REQUIRE_ALL:-0}" = "1" ]; then exit 1; fi
+  echo "install_browser: the browser tests will be skipped" >&2
+  exit 0
+}
+
+missing=()
+have_chromium || missing+=(chromium)
+have_driver || missing+=(chromium-driver)
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+
+command -v apt-get >/dev/null 2>&1 || fail "apt-get not found; install ${missing[*]} by hand"
 SUDO=""
 if [ "$(id -u)" != "0" ]; then
-  if command -v sudo >/dev/null 2>&1; then SUDO="sudo -n"; else
-    echo "install_browser: not root and no sudo; browser tests will be skipped" >&2; exit 0
-  fi
+  command -v sudo >/dev/null 2>&1 || fail "not root and no sudo; run: sudo apt-get install -y ${missing[*]}"
+  SUDO="sudo -n"
 fi
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq >/dev/null 2>&1 || true
-$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
-  || echo "install_browser: could not install chromium; browser tests will be skipped" >&2
-exit 0
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+echo "install_browser: apt-get install ${missing[*]}" >&2
+if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+  tail -n 20 "$log" >&2
+  fail "could not install ${missing[*]} (the apt output is above)"
+fi
+have_chromium || fail "chromium installed but /usr/bin/chromium is missing"
+have_driver || fail "chromium-driver installed but chromedriver is not on PATH"
+echo "install_browser: installed ${missing[*]}" >&2

@@ -65,6 +65,60 @@ def test_training_lowers_heldout_kl(tiny_models, tmp_path, prompt_set):
     assert lens.config.training["corpus_files"] == [str(corpus[0].resolve())]
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_heldout_evaluation_matches_a_hook_reference(tokenizer, tmp_path, prompt_set, family):
+    """evaluate_lenses' per-layer KL(final ‖ lens) and top-1 agreement, for the logit lens and a random tuned
+    lens, equal the mean over every held-out position of a plain-hook computation (the model's own output
+    distribution against each layer decoded by hand, translators applied from their raw weights)."""
+    from conftest import make_tiny
+    from reference.lens import lens_fit
+
+    from nnethics.data.corpus import chat_documents, read_documents, split_documents, token_windows
+
+    # Weights at std 1: peaked distributions whose layers disagree by nats. With broad ones (std 0.2, or
+    # Gemma's soft-cap) KL(p‖q) and KL(q‖p) agree to second order and a reversed KL hides in any tolerance.
+    model = make_tiny(family, tokenizer, init_std=1.0)
+    corpus = _tiny_corpus(tmp_path, prompt_set)
+    lens = TunedLens.from_model(model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in lens.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    lens.config.training = {"options": TINY.to_dict(), "corpus_files": [str(corpus[0])]}
+    ds = evaluate_lenses(model, lens, eval_tokens=96)
+    # the held-out windows, chosen as the lens' record says
+    docs, _ = read_documents(corpus)
+    _, held = split_documents(docs, TINY.heldout, TINY.seed)
+    windows = token_windows(tokenizer, chat_documents(tokenizer, held, TINY.chat_fraction, TINY.seed), TINY.seq_len, 96)
+    L = model.n_layers
+    weights = [(t.weight.detach().double(), t.bias.detach().double()) for t in lens.layer_translators]
+
+    def tuned(layer, h):  # the output of layer l uses translator l + 1; the last layer's output is untouched
+        if layer == L - 1:
+            return h
+        w, b = weights[layer + 1]
+        return (h.double() + h.double() @ w.T + b).to(h.dtype)
+
+    hf = model.lm._module
+    sums = {name: [torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)] for name in ("logit", "tuned")}
+    n = 0
+    for w in windows:
+        ids = torch.tensor([w])
+        for name, fn in (("logit", None), ("tuned", tuned)):
+            kl, top1 = lens_fit(hf, ids, fn)
+            sums[name][0] += kl.sum(-1)
+            sums[name][1] += top1.double().sum(-1)
+        n += len(w)
+    assert ds.attrs["n_tokens"] == n
+    for name in ("logit", "tuned"):
+        kl, top1 = sums[name][0] / n, sums[name][1] / n
+        assert kl[:-1].min() > 0.05, kl  # far from 0, where KL(p‖q) and KL(q‖p) would both vanish
+        np.testing.assert_allclose(ds["kl"].sel(lens=name).values[:-1], kl[:-1].numpy(), rtol=1e-4, atol=1e-6)
+        assert abs(float(ds["kl"].sel(lens=name).values[-1])) < 1e-5
+        np.testing.assert_allclose(ds["top1_agreement"].sel(lens=name).values, top1.numpy(), rtol=0, atol=1e-6)
+    assert not np.allclose(ds["kl"].sel(lens="tuned").values[:-1], ds["kl"].sel(lens="logit").values[:-1], rtol=1e-2)
+
+
 def test_evaluation_formats_held_out_documents_as_the_lens_was_trained(tiny_models, tmp_path, prompt_set):
     """The held-out text is chat-formatted with the lens' own ``chat_fraction``; a lens saved before the
     option existed (no ``chat_fraction`` in its record) was trained on plain text and is evaluated so."""

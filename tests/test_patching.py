@@ -276,6 +276,100 @@ def test_effect_is_normalised_by_the_gap(strong_models, pairs):
     np.testing.assert_allclose(ds["effect"].values[:, -1, 0], 1.0, atol=1e-3)
 
 
+def _pearson(a, b):
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    ok = np.isfinite(a) & np.isfinite(b)
+    return np.corrcoef(a[ok], b[ok])[0, 1]
+
+
+def _check_derived(ds, receiver: str, source: str, min_gap: float):
+    """Every derived variable of a patching Dataset against a NumPy formula on its stored logit differences."""
+    recv = ds[receiver].values.astype(np.float64)
+    src = ds[source].values.astype(np.float64)
+    patched = ds["patched_logit_diff"].values.astype(np.float64)
+    extra = (1,) * (patched.ndim - 1)
+    r, gap = recv.reshape(recv.shape + extra), (src - recv).reshape(recv.shape + extra)
+    defined = np.abs(src - recv) >= min_gap
+    np.testing.assert_array_equal(ds["effect_defined"].values, defined)
+    want = np.where(defined.reshape(gap.shape), (patched - r) / gap, np.nan)
+    np.testing.assert_allclose(ds["effect"].values, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+    # the receiver run chooses label 1 when its LD > 0; a flip is a patched LD on the other side of 0
+    np.testing.assert_array_equal(ds["flipped"].values, np.isfinite(patched) & ((patched > 0) != (r > 0)))
+    if "atp_delta" in ds:
+        atp = ds["atp_delta"].values.astype(np.float64)
+        np.testing.assert_allclose(ds["atp_effect"].values, np.where(defined.reshape(gap.shape), atp / gap, np.nan),
+                                   rtol=1e-4, atol=1e-5, equal_nan=True)
+        for i in range(len(recv)):
+            np.testing.assert_allclose(float(ds["atp_correlation"][i]), _pearson(atp[i], patched[i] - r[i]), atol=1e-5)
+    out = finalize(ds, n_boot=50)
+    with np.errstate(invalid="ignore"), __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", RuntimeWarning)
+        np.testing.assert_allclose(out["mean_effect"].values, np.nanmean(want, axis=0), rtol=1e-4, atol=1e-5,
+                                   equal_nan=True)
+        np.testing.assert_allclose(out["flip_rate"].values, ds["flipped"].values.mean(axis=0), rtol=1e-6, atol=0)
+        if "atp_delta" in ds:
+            np.testing.assert_allclose(out["mean_atp_effect"].values,
+                                       np.nanmean(np.where(defined.reshape(gap.shape), atp / gap, np.nan), axis=0),
+                                       rtol=1e-4, atol=1e-5, equal_nan=True)
+            comp = ds["patched_logit_diff"].dims.index("component")
+            for j in range(ds.sizes["component"]):
+                np.testing.assert_allclose(float(out["atp_exact_correlation"][j]),
+                                           _pearson(np.take(atp, j, comp), np.take(patched - r, j, comp)), atol=1e-5)
+            np.testing.assert_allclose(float(out["atp_exact_correlation_pooled"]), _pearson(atp, patched - r), atol=1e-5)
+    return out
+
+
+def test_derived_values_match_numpy_formulas(strong_models, pairs):
+    """effect, effect_defined, flipped, atp_effect, atp_correlation and finalize's mean_effect, flip_rate,
+    mean_atp_effect and AtP correlations, recomputed from the stored base / cf / patched logit differences."""
+    model = strong_models("qwen2")  # its third pair's base and counterfactual choose differently (LD 1.0 / -0.2)
+    ds = activation_patching(model, pairs, PatchingOptions(**PLAIN, min_gap=1.5))
+    b, c = ds["base_logit_diff"].values, ds["cf_logit_diff"].values
+    # the checks only bite if the data tell base from counterfactual: a pair whose two runs choose differently,
+    # one whose gap is too small to normalise by, and flips that differ between "against base" and "against cf"
+    assert ((b > 0) != (c > 0)).any() and ds["effect_defined"].any() and not ds["effect_defined"].all(), (b, c)
+    p = ds["patched_logit_diff"].values
+    assert ((p > 0) != (b[:, None, None] > 0)).sum() != ((p > 0) != (c[:, None, None] > 0)).sum()
+    out = _check_derived(ds, "base_logit_diff", "cf_logit_diff", 1.5)
+    assert np.abs(out["atp_exact_correlation_pooled"]) > 0.1  # a real correlation, not 0 from constant inputs
+    grid = activation_patching(model, pairs[:2], PatchingOptions(**PLAIN, positions="grid", layers=(1, 2), min_gap=1.5))
+    _check_derived(grid, "base_logit_diff", "cf_logit_diff", 1.5)
+    noised = causal_tracing(model, pairs, PatchingOptions(**PLAIN, layers=(0, 2), noise_scale=6.0))
+    _check_derived(noised, "corrupted_logit_diff", "base_logit_diff", 0.1)
+
+
+def _span_by_offsets(tokenizer, text: str, tokens: list[int], prefix: str) -> tuple[int, int]:
+    """Token range of the line of ``text`` that starts with ``prefix``, from the tokenizer's character offsets."""
+    lo = text.index(prefix)
+    hi = text.find("\n", lo)
+    hi = len(text) if hi < 0 else hi
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    shift = len(tokens) - len(enc["input_ids"])
+    hit = [t for t, (a, z) in enumerate(enc["offset_mapping"]) if a < hi and z > lo]
+    return shift + hit[0], shift + hit[-1] + 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_noise_size_and_span_are_derived_independently(family, strong_models, pairs, tokenizer):
+    """noise_start/end from the tokenizer's character offsets of the 'Option 1' line; noise_std = noise_scale
+    times the std of the clean layer-0 input over that span (hooks); the corrupted LD from that noise."""
+    model = strong_models(family)
+    hf = model.lm._module
+    p = ref.parts(hf)
+    ids, toks = _ids(model, pairs[:2])
+    for kv, scale in (("off", 3.0), ("on", 1.5)):
+        ds = causal_tracing(model, pairs[:2], PatchingOptions(**PLAIN, noise_scale=scale, layers=(1,), kv_cache=kv))
+        for i, (b, _) in enumerate(toks):
+            s, e = _span_by_offsets(tokenizer, pairs[i].base, b[0].tolist(), "Option 1:")
+            assert (int(ds["noise_start"][i]), int(ds["noise_end"][i])) == (s, e)
+            with torch.no_grad(), record({"x": p.layers[0]}, inputs=True) as got:
+                hf(b)
+            want = scale * float(got["x"][0, s:e].double().std())
+            np.testing.assert_allclose(float(ds["noise_std"][i]), want, rtol=1e-5)
+            noise = noise_sample(pair_seed(0, pairs[i].prompt_id), e - s, model.d_model) * want
+            _close(ds["corrupted_logit_diff"][i], ref.noise_corrupted_ld(hf, b, ids, (s, e), noise))
+
+
 def test_attribution_is_exact_where_the_decision_is_linear(tokenizer, pairs):
     """Without the final norm, LD is linear in the last layer's residual output (and its MLP output)."""
     from nnethics.models import wrap_model

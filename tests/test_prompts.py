@@ -139,3 +139,75 @@ def test_labels_that_are_not_single_tokens_fail_clearly(tokenizer):
     text = format_prompt(tokenizer, "Pick one.", chat=False)
     with pytest.raises(LabelTokenError, match="Cannot find distinct token IDs.*supercalifragilistic"):
         resolve_label_tokens(tokenizer, [text], ("supercalifragilistic", "2"))
+
+
+def _jl(pid="a", **kw) -> str:
+    rec = {"prompt_id": pid, "base": {"prompt": "x", "ethical_option": "1"},
+           "counterfactual": {"prompt": "y", "ethical_option": "2"}}
+    return json.dumps({**rec, **kw})
+
+
+B, C = "base_prompts.json", "counterfactual_prompts.json"
+OK_B, OK_C = [_rec()], [_rec(eth="2")]
+# (case, files written into a fresh folder {name: bytes | str | JSON value}, path loaded ("" = the folder),
+#  labels, a substring of the expected problem)
+BAD_INPUT = [
+    ("labels-equal", {B: OK_B, C: OK_C}, "", ("1", "1"), "answer labels must be two different strings, got ['1', '1']"),
+    ("labels-three", {B: OK_B, C: OK_C}, "", ("1", "2", "3"), "answer labels must be two different strings"),
+    ("no-such-path", {}, "nothing-here", ("1", "2"), "nothing-here: no such file or folder; pass a folder with"),
+    ("unknown-type", {"pairs.txt": "x"}, "pairs.txt", ("1", "2"), "pairs.txt: unknown prompt file type"),
+    ("two-jsonl", {"a.jsonl": _jl(), "b.jsonl": _jl()}, "", ("1", "2"), "(found 2: name one of them)"),
+    ("seed-not-found", {B: OK_B}, "", ("1", "2"), f"{C}: file not found; create it or point --prompts at a folder"),
+    ("seed-not-utf8", {B: b"\xff\xfe[]", C: OK_C}, "", ("1", "2"), f"{B}: not UTF-8 text"),
+    ("seed-bad-json", {B: "[{]", C: OK_C}, "", ("1", "2"), f"{B}: invalid JSON at line 1, column 3"),
+    ("seed-not-array", {B: {"prompt_id": "p1"}, C: OK_C}, "", ("1", "2"), f"{B}: expected a JSON array of prompt records, got dict"),
+    ("seed-record-not-object", {B: ["p1"], C: OK_C}, "", ("1", "2"), f"{B} record 0: expected an object with"),
+    ("seed-missing-field", {B: [{"prompt_id": "p1", "prompt": "x"}], C: OK_C}, "", ("1", "2"),
+     "record 0 (prompt_id 'p1'): missing field(s) ['ethical_option']; every record needs"),
+    ("seed-unknown-field", {B: [_rec(colour="red")], C: OK_C}, "", ("1", "2"),
+     "record 0 (prompt_id 'p1'): unknown field(s) ['colour']; allowed fields are"),
+    ("seed-empty-id", {B: [_rec(pid="  ")], C: OK_C}, "", ("1", "2"), "prompt_id must be a non-empty string"),
+    ("seed-bool-id", {B: [_rec(pid=True)], C: OK_C}, "", ("1", "2"), "prompt_id must be a non-empty string"),
+    ("seed-duplicate-id", {B: [_rec(), _rec()], C: OK_C}, "", ("1", "2"), "duplicate prompt_id 'p1' (first at record 0)"),
+    ("seed-empty-prompt", {B: [_rec(prompt="")], C: OK_C}, "", ("1", "2"), "'prompt' is empty or not a string"),
+    ("seed-prompt-not-string", {B: [_rec(prompt=7)], C: OK_C}, "", ("1", "2"), "'prompt' is empty or not a string"),
+    ("seed-ethical-not-label", {B: OK_B, C: [_rec(eth="B")]}, "", ("1", "2"),
+     "ethical_option 'B' is not one of the answer labels ['1', '2']; use one of them (or pass --labels"),
+    ("seed-bool-ethical", {B: [_rec(eth=True)], C: OK_C}, "", ("1", "2"), "ethical_option True is not one of"),
+    ("seed-base-only", {B: [_rec(), _rec("p2")], C: OK_C}, "", ("1", "2"), "no counterfactual for prompt_id(s) ['p2']"),
+    ("seed-cf-only", {B: OK_B, C: [_rec(eth="2"), _rec("p2", eth="2")]}, "", ("1", "2"), "no base prompt for prompt_id(s) ['p2']"),
+    ("seed-empty", {B: [], C: []}, "", ("1", "2"), "no prompt pairs found; add at least one pair"),
+    ("jsonl-not-found", {}, "missing.jsonl", ("1", "2"), "missing.jsonl: file not found"),
+    ("jsonl-bad-json", {"p.jsonl": "{oops"}, "p.jsonl", ("1", "2"), "p.jsonl line 1: invalid JSON at column 2"),
+    ("jsonl-not-object", {"p.jsonl": "[1, 2]"}, "p.jsonl", ("1", "2"), "p.jsonl line 1: expected a JSON object per line"),
+    ("jsonl-missing-field", {"p.jsonl": json.dumps({"prompt_id": "a", "base": {}})}, "p.jsonl", ("1", "2"),
+     "line 1: missing field(s) ['counterfactual']; a line needs prompt_id, base and counterfactual"),
+    ("jsonl-unknown-field", {"p.jsonl": _jl(colour="red")}, "p.jsonl", ("1", "2"),
+     "line 1 (prompt_id 'a'): unknown field(s) ['colour']; allowed fields are"),
+    ("jsonl-duplicate-id", {"p.jsonl": _jl() + "\n\n" + _jl()}, "p.jsonl", ("1", "2"),
+     "line 3 (prompt_id 'a'): duplicate prompt_id 'a' (first on line 1)"),
+    ("jsonl-side-not-object", {"p.jsonl": _jl(base="text")}, "p.jsonl", ("1", "2"), "'base' must be an object with"),
+    ("jsonl-side-missing", {"p.jsonl": _jl(counterfactual={"prompt": "y"})}, "p.jsonl", ("1", "2"),
+     "'counterfactual' is missing ['ethical_option']"),
+    ("jsonl-side-unknown", {"p.jsonl": _jl(counterfactual={"prompt": "y", "ethical_option": "2", "z": 1})}, "p.jsonl",
+     ("1", "2"), "'counterfactual' has unknown field(s) ['z']; allowed are"),
+    ("jsonl-side-bad-label", {"p.jsonl": _jl(base={"prompt": "x", "ethical_option": "3"})}, "p.jsonl", ("1", "2"),
+     "line 1 (prompt_id 'a') base: ethical_option '3' is not one of the answer labels"),
+    ("jsonl-side-empty-prompt", {"p.jsonl": _jl(counterfactual={"prompt": " ", "ethical_option": "2"})}, "p.jsonl",
+     ("1", "2"), "line 1 (prompt_id 'a') counterfactual: 'prompt' is empty or not a string"),
+    ("jsonl-empty", {"p.jsonl": "\n\n"}, "p.jsonl", ("1", "2"), "no prompt pairs found"),
+]
+
+
+@pytest.mark.parametrize("files, target, labels, message", [c[1:] for c in BAD_INPUT], ids=[c[0] for c in BAD_INPUT])
+def test_bad_input_gives_its_message(tmp_path, files, target, labels, message):
+    for name, content in files.items():
+        f = tmp_path / name
+        if isinstance(content, bytes):
+            f.write_bytes(content)
+        elif isinstance(content, str):
+            f.write_text(content, encoding="utf-8")
+        else:
+            f.write_text(json.dumps(content), encoding="utf-8")
+    probs = _problems(tmp_path / target if target else tmp_path, labels=labels)
+    assert any(message in p for p in probs), probs

@@ -168,3 +168,67 @@ def test_consolidation_keeps_longer_strings_of_later_parts(tmp_path):
     assert list(stored["prompt"].values) == [p.prompt_id for p in pairs] == list(ds["prompt"].values)
     assert list(stored["text"].values) == [p.cf for p in pairs]
     assert list(stored["category"].values) == [p.category * 3 for p in pairs]
+
+
+# A real process, really killed: SIGKILL (no clean-up, no exception handlers) at a chosen point of a run.
+_KILLER = r'''
+import os, signal, sys, types
+from nnethics import store
+from nnethics.cli import main
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+at = os.environ.get("KILL_AT", "")
+if at == "first_part":  # right after the first part is on disk
+    write_part = store.PartStore.write_part
+    def after_write(self, ds):
+        path = write_part(self, ds)
+        die()
+        return path
+    store.PartStore.write_part = after_write
+elif at == "cleanup":  # the consolidated file is written, the parts are not yet removed
+    store.shutil = types.SimpleNamespace(rmtree=die)
+sys.argv = ["nnethics", *sys.argv[1:]]
+main()
+'''
+
+
+@pytest.mark.slow  # five CLI processes: about a minute
+def test_sigkilled_runs_resume_to_the_same_result(tiny_model_dir, tmp_path):
+    """``nnethics run`` killed with SIGKILL after its first part, and between writing the consolidated file
+    and removing the parts, then rerun, stores exactly what an uninterrupted run stores."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+
+    def run(store, kill_at=""):
+        args = [sys.executable, str(script), "run", "--model", str(tiny_model_dir), "--analyses", "decisions,patching",
+                "--limit", "3", "--batch-size", "1", "--store", str(store), "--no-progress"]
+        env = {**os.environ, "KILL_AT": kill_at}
+        return subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+
+    slug = tiny_model_dir.name
+    fresh = run(tmp_path / "fresh")
+    assert fresh.returncode == 0, fresh.stderr
+
+    for kill_at in ("first_part", "cleanup"):
+        store = tmp_path / kill_at
+        killed = run(store, kill_at)
+        assert killed.returncode == -9, (killed.returncode, killed.stderr)
+        parts = list((store / slug / ".parts" / "decisions").glob("*.nc"))
+        if kill_at == "first_part":
+            assert len(parts) == 1 and not (store / slug / "decisions.nc").exists()
+        else:
+            assert len(parts) == 3 and (store / slug / "decisions.nc").exists()
+        again = run(store)
+        assert again.returncode == 0, again.stderr
+        assert not (store / slug / ".parts").exists()
+        for name in ("decisions", "patching"):
+            want, got = load(tmp_path / "fresh" / slug / f"{name}.nc"), load(store / slug / f"{name}.nc")
+            for ds in (want, got):  # the only attr that may differ: when it was written
+                ds.attrs.pop("created", None)
+            xr.testing.assert_identical(got, want)
