@@ -249,7 +249,7 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
     k = int(values(ds["content_sensitive"]).sum()) if "content_sensitive" in ds else None
     who = (f" Averages are over all {n} pairs" + (f" ({k} of them content-sensitive); the per-side figures mix "
                                                   "what a layer writes for a position with what it writes for "
-                                                  "the content, the split below separates them." if k is not None
+                                                  "the content, the split above separates them." if k is not None
                                                   else "."))
     return collect([
         lambda: Figure("attribution_split", "Position part vs ethical part", position_ethical_split(ds), SECTION,
