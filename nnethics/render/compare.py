@@ -187,7 +187,7 @@ def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure],
             if "patching" in data and "component" in data["patching"].dims:
                 comps += [str(c) for c in values(data["patching"]["component"]) if str(c) not in comps]
         return [Figure(f"compare_patching_{c}", f"Mean patching effect ({c})",
-                       _curves(stores, "patching", comp(c), f"Mean patching effect by depth: {c} (±95% CI)",
+                       _curves(stores, "patching", comp(c), f"Mean patching effect by depth: {c} (mean ± 1.96 SEM)",
                                "effect", rel), SECTION) for c in (comps or ["resid"])]
 
     def attribution(component: str):
@@ -195,14 +195,14 @@ def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure],
             return ds["diff_contribution"].sel(component=component, side="base")
         return lambda: Figure(f"compare_attribution_{component}", f"Attribution profile ({component})",
                               _curves(stores, "attribution", pick,
-                                      f"{component} contribution to label 1 − label 2 (base prompts, ±95% CI)",
+                                      f"{component} contribution to label 1 − label 2 (base prompts, mean ± 1.96 SEM)",
                                       "contribution", rel), SECTION)
 
     def lens_kl():
         def pick(ds):
             return ds["kl_to_final"].sel(lens=str(values(ds["lens"])[0])).stack(sample=("prompt", "side"))
         return Figure("compare_lens_kl", "Lens KL to the final output",
-                      _curves(stores, "lens", pick, "KL to the final output by depth (first lens, ±95% CI)", "KL",
+                      _curves(stores, "lens", pick, "KL to the final output by depth (first lens, mean ± 1.96 SEM)", "KL",
                               rel, dim="sample"), SECTION)
 
     return collect([
