@@ -158,7 +158,7 @@ BAD_INPUT = [
     ("unknown-type", {"pairs.txt": "x"}, "pairs.txt", ("1", "2"), "pairs.txt: unknown prompt file type"),
     ("two-jsonl", {"a.jsonl": _jl(), "b.jsonl": _jl()}, "", ("1", "2"), "(found 2: name one of them)"),
     ("seed-not-found", {B: OK_B}, "", ("1", "2"), f"{C}: file not found; create it or point --prompts at a folder"),
-    ("seed-not-utf8", {B: b"\xff\xfe[]", C: OK_C}, "", ("1", "2"), f"{B}: not UTF-8 text"),
+    ("seed-not-utf8", {B: b"\xff\xfe[]", C: OK_C}, "", ("1", "2"), f"{B} line 1: not UTF-8 text (invalid start byte at byte 0); save the file as UTF-8"),
     ("seed-bad-json", {B: "[{]", C: OK_C}, "", ("1", "2"), f"{B}: invalid JSON at line 1, column 3"),
     ("seed-not-array", {B: {"prompt_id": "p1"}, C: OK_C}, "", ("1", "2"), f"{B}: expected a JSON array of prompt records, got dict"),
     ("seed-record-not-object", {B: ["p1"], C: OK_C}, "", ("1", "2"), f"{B} record 0: expected an object with"),
