@@ -120,5 +120,6 @@ def verdict(ds: xr.Dataset, rules: VerdictRules = VerdictRules()) -> str:
 
 
 def wrap(text: str, width: int = 100, indent: str = "  ") -> str:
-    return textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent)
+    return textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False,
+                         break_long_words=False)
 

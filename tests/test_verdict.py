@@ -333,3 +333,10 @@ def test_builtin_model_verdict_is_printed_and_matches_the_file(builtin_dir, tmp_
     k = int(ds["content_sensitive"].sum())
     assert f"{k} of 12 pairs" in text
     np.testing.assert_allclose(ds["position_bias"].values, ds["logit_diff"].mean("side").values, rtol=1e-5)
+
+
+def test_the_printed_verdict_never_splits_a_word():
+    for k in range(60):  # the hyphenated words fall at every position of a line
+        text = "x" * k + " content-sensitive pairs, -0.0268 logits"
+        wrapped = verdict.wrap(text, width=40)
+        assert " ".join(wrapped.split()) == " ".join(text.split()), wrapped
