@@ -62,16 +62,16 @@ def pair_quantities(logit_diff: np.ndarray, ethical_is_first: np.ndarray,
     ld = np.asarray(logit_diff, dtype=np.float64)
     e = np.where(np.asarray(ethical_is_first, dtype=bool), 1.0, -1.0)
     margin = e * ld
-    swapped = e[:, 0] != e[:, 1]
+    bias, preference = split_sides(ld, e)
     gap = ld[:, 1] - ld[:, 0]
     with np.errstate(over="ignore"):
         p = 1.0 / (1.0 + np.exp(-margin))
     return PairQuantities(
         ethical_margin=margin,
-        ethical_preference=margin.mean(axis=1),
+        ethical_preference=preference,
         p_ethical=p.mean(axis=1),
-        position_bias=np.where(swapped, ld.mean(axis=1), np.nan),
-        swaps_ethical_label=swapped,
+        position_bias=bias,
+        swaps_ethical_label=e[:, 0] != e[:, 1],
         content_gap=gap,
         content_sensitive=metrics.gap_defined(gap, min_gap),
     )
@@ -317,6 +317,3 @@ def finalize_decisions(ds: xr.Dataset, seed: int = 0) -> xr.Dataset:
     ds.attrs["ci_methods"] = f"means: {MEAN_CI}; shares: {SHARE_CI}"
     ds.attrs["verdict"] = verdict(ds)
     return ds
-
-
-finalize = finalize_decisions

@@ -128,6 +128,6 @@ def summarize(ds: xr.Dataset) -> str:
     return line
 
 
-finalize = _verdict.finalize
+finalize = _verdict.finalize_decisions
 
 SPEC = AnalysisSpec(name="decisions", build=_build, summary=summarize, finalize=finalize)
