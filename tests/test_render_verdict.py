@@ -152,3 +152,12 @@ def test_compare_shows_each_models_verdict_and_statistics(tmp_path):
     assert list(bars.dimension_values(0)) == ["synthetic/a (n=6)", "synthetic/b (n=9)"]
     html = write_comparison([a, b], out=tmp_path / "cmp.html").read_text()
     assert "Position bias" in html
+
+
+def test_a_decisions_file_from_before_the_verdict_gets_it_in_the_report():
+    ds = synthetic.decisions(n_prompts=8)
+    old = ds.drop_dims("group").drop_vars(list(verdict.PAIR_DESCRIPTIONS) + ["content_sensitive"])
+    old.attrs.pop("verdict")
+    figs, skipped = rv.figures(old)
+    assert [f.name for f in figs] == ["verdict_text", "verdict_scatter", "verdict_by_category"] and not skipped
+    assert ds.attrs["verdict"].replace("'", "&#x27;") in figs[0].obj.data  # the same verdict run would store

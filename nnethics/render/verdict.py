@@ -12,6 +12,7 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
+from ..verdict import finalize_decisions
 from ._base import HEIGHT, WIDE, WIDTH, Figure, MissingData, collect, require, values
 
 SECTION = "What the model decided"
@@ -42,14 +43,14 @@ def _categories(ds: xr.Dataset) -> np.ndarray:
 
 def _pair_arrays(ds: xr.Dataset) -> dict[str, np.ndarray]:
     require(ds, "logit_diff", "side")
-    n = ds.sizes["prompt"]
     base = values(ds["logit_diff"].sel(side="base")).astype(float)
     cf = values(ds["logit_diff"].sel(side="cf")).astype(float)
+    require(ds, "ethical_preference", "position_bias", "content_sensitive")
     return {
         "base": base, "cf": cf, "prompt": values(ds["prompt"]).astype(str), "category": _categories(ds),
-        "preference": values(ds["ethical_preference"]).astype(float) if "ethical_preference" in ds else np.full(n, np.nan),
-        "bias": values(ds["position_bias"]).astype(float) if "position_bias" in ds else (base + cf) / 2,
-        "sensitive": values(ds["content_sensitive"]).astype(bool) if "content_sensitive" in ds else np.ones(n, bool),
+        "preference": values(ds["ethical_preference"]).astype(float),
+        "bias": values(ds["position_bias"]).astype(float),
+        "sensitive": values(ds["content_sensitive"]).astype(bool),
     }
 
 
@@ -131,7 +132,10 @@ def group_bars(ds: xr.Dataset) -> hv.Layout:
 
 
 def figures(ds: xr.Dataset) -> tuple[list[Figure], list[str]]:
-    """The verdict figures (figures whose inputs are missing are skipped)."""
+    """The verdict figures (figures whose inputs are missing are skipped). A ``decisions.nc`` written before the
+    verdict existed gets it computed here from its logit differences (the same function ``run`` uses)."""
+    if "group" not in ds.dims and all(v in ds for v in ("logit_diff", "ethical_option", "chosen")):
+        ds = finalize_decisions(ds)
     return collect([
         lambda: Figure("verdict_text", "Verdict", verdict_div(ds), SECTION),
         lambda: Figure("verdict_scatter", "Position or content?",
