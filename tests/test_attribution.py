@@ -232,7 +232,7 @@ def test_pipeline_run_writes_a_consolidated_file(tiny_models, prompt_set, tmp_pa
 
     model = tiny_models("llama")
     prompts = prompt_set.subset(limit=3)
-    ctx = make_context(model, prompts, extra={"layers": None, "heads": True})
+    ctx = make_context(model, prompts)
     path, summary = run_one("attribution", model, prompts, str(tmp_path), ctx, batch_size=2, progress=False)
     ds = load(path)
     assert ds.attrs["complete_layers"] == "true" and ds.attrs["analysis"] == "attribution"
@@ -252,7 +252,7 @@ def test_summary_names_the_largest_parts(attributed):
     assert "largest mean |diff|: L1 mlp 5.00 (mean +5.00), L2 attn 3.00 (mean -3.00)" in text
 
 
-@pytest.mark.parametrize("value, fragment", [("3-1", "not a valid range"), ("x", "not a layer number"),
+@pytest.mark.parametrize("value, fragment", [("3-1", "is an empty range"), ("x", "not a layer number"),
                                              ("1,,2", "not a layer number")])
 def test_cli_rejects_a_bad_layers_value(value, fragment):
     from nnethics.cli import cli
@@ -263,10 +263,13 @@ def test_cli_rejects_a_bad_layers_value(value, fragment):
 
 
 def test_parse_layers():
-    from nnethics.commands.attribute import parse_layers
+    from nnethics.analyses.base import parse_layers
 
-    assert parse_layers("0-2, 5,1") == [0, 1, 2, 5]
-    assert parse_layers(None) is None and parse_layers(" ") is None
+    assert parse_layers("0-2, 5,1") == (0, 1, 2, 5)
+    assert parse_layers(None) is None and parse_layers(" ") is None and parse_layers("all") is None
+    for bad in ("3-1", "x", "1,,2", "-1"):
+        with pytest.raises(ValueError):
+            parse_layers(bad)
 
 
 @pytest.mark.slow
@@ -284,7 +287,7 @@ def test_cli_attribute_on_the_builtin_model(tmp_path, builtin_dir):
     _close(_total(ds), ds["logit_diff"], atol=1e-4, rtol=0)
     bad = CliRunner().invoke(cli, ["attribute", "--prompts", str(PROMPTS), "--limit", "1", "--store",
                                    str(tmp_path), "--layers", "30"])
-    assert bad.exit_code == 2 and "layers 0-29" in bad.output
+    assert bad.exit_code == 2 and "--layers: layer 30 does not exist: the model has layers 0-29" in bad.output
 
 
 @pytest.mark.slow

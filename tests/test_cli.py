@@ -56,8 +56,12 @@ def test_prompts_check_summarises_the_shipped_set(runner):
 def test_bad_option_values(runner):
     res = runner.invoke(cli, ["run", "--labels", "1"])
     assert res.exit_code == 2 and "two different comma-separated labels" in res.output
-    res = runner.invoke(cli, ["run", "--analyses", "nope", "--limit", "1"])
-    assert res.exit_code == 2 and "unknown analyses ['nope']" in res.output
+    res = runner.invoke(cli, ["run", "--analyses", "decisions,nope", "--limit", "1"])
+    assert res.exit_code == 2 and "Usage:" in res.output and "unknown analyses 'nope'" in res.output
+    from nnethics.analyses import ANALYSES
+
+    listed = res.output.split("choose from", 1)[1]
+    assert all(name in listed for name in ANALYSES)  # a usage error that lists every registered name
 
 
 def test_unsupported_model_folder(runner, tmp_path):

@@ -288,49 +288,45 @@ def test_cli_on_the_builtin_model(builtin_model, tmp_path):
     assert ds["lens"].values.tolist() == ["logit", "tuned"] and ds.sizes["layer"] == 30
 
 
-def test_spec_uses_cached_lens(tiny_models, pairs, tmp_path, monkeypatch):
-    from nnethics.analyses.lens import SPEC
-    from nnethics.analyses.spec import RunContext
+def test_prepare_uses_the_cached_lens(tiny_models, pairs, tmp_path, monkeypatch):
+    from nnethics.analyses.lens import ANALYSIS, LensOptions
 
     model = tiny_models("llama")
     monkeypatch.setattr(L, "lens_cache_dir", lambda slug: tmp_path / "lenses" / slug)
-    ctx = RunContext(labels=("1", "2"), label_ids=tuple(encode_pairs(model, pairs, ["1", "2"]).label_ids))
-    fn, opts = SPEC.build(model, ctx)
-    assert opts["tuned_lens"] == "" and fn(model, pairs[:1])["lens"].values.tolist() == ["logit"]
+    prepared, info, _ = ANALYSIS.prepare(model, LensOptions())
+    assert info["tuned_lens"] == ""
+    assert ANALYSIS.compute(model, pairs[:1], LensOptions(), **prepared)["lens"].values.tolist() == ["logit"]
     _random_lens(model).save(tmp_path / "lenses" / model.slug)
-    fn, opts = SPEC.build(model, ctx)
-    assert opts["tuned_lens"] == str(tmp_path / "lenses" / model.slug) and opts["tuned_lens_digest"]
-    ds = fn(model, pairs[:1])
+    prepared, info, _ = ANALYSIS.prepare(model, LensOptions())
+    assert info["tuned_lens"] == str(tmp_path / "lenses" / model.slug) and info["tuned_lens_digest"]
+    ds = ANALYSIS.compute(model, pairs[:1], LensOptions(), **prepared)
     assert ds["lens"].values.tolist() == ["logit", "tuned"]
-    assert "logit lens" in SPEC.summary(ds)
-    fn, opts = SPEC.build(model, RunContext(labels=ctx.labels, label_ids=ctx.label_ids, extra={"tuned_lens": ""}))
-    assert opts["tuned_lens"] == ""
-    # a cached lens made for another model is skipped, not fatal
+    assert "logit lens" in ANALYSIS.summarize(ds)
+    assert ANALYSIS.prepare(model, LensOptions(tuned_lens="none"))[1]["tuned_lens"] == ""
+    # a cached lens made for another model is skipped with a note, not fatal
     other = tiny_models("gpt2")
     _random_lens(other).save(tmp_path / "lenses" / model.slug)
-    _, opts = SPEC.build(model, ctx)
-    assert opts["tuned_lens"] == ""
+    _, info, notes = ANALYSIS.prepare(model, LensOptions())
+    assert info["tuned_lens"] == "" and any("ignoring the cached tuned lens" in n for n in notes)
     assert isinstance(LogitLens.from_model(model), LogitLens)
 
 
-def test_remote_runs_use_a_cached_tuned_lens_only_when_asked(tiny_models, pairs, tmp_path, monkeypatch, capsys):
+def test_remote_runs_use_a_cached_tuned_lens_only_when_asked(tiny_models, pairs, tmp_path, monkeypatch):
     """A remote tuned lens ships every layer's residual down and up again, so a cached lens is not
     picked up silently: a note says what it would cost, and ``tuned_lens=PATH`` asks for it."""
-    from nnethics.analyses.lens import SPEC, residual_round_trip
-    from nnethics.analyses.spec import RunContext
+    from nnethics.analyses.lens import ANALYSIS, LensOptions, residual_round_trip
 
     model = tiny_models("llama")
     monkeypatch.setattr(L, "lens_cache_dir", lambda slug: tmp_path / "lenses" / slug)
     folder = tmp_path / "lenses" / model.slug
     _random_lens(model).save(folder)
-    ctx = RunContext(labels=("1", "2"), label_ids=tuple(encode_pairs(model, pairs, ["1", "2"]).label_ids))
-    local = SPEC.build(model, ctx)[0](model, pairs[:2])
+    prepared, _, _ = ANALYSIS.prepare(model, LensOptions())
+    local = ANALYSIS.compute(model, pairs[:2], LensOptions(), **prepared)
     monkeypatch.setattr(model, "remote", "local")  # nnsight's serialise-and-run dry run of the remote path
-    _, opts = SPEC.build(model, ctx)
-    note = capsys.readouterr().err
-    assert opts["tuned_lens"] == "" and str(folder) in note and "--tuned-lens" in note
+    _, info, notes = ANALYSIS.prepare(model, LensOptions())
+    assert info["tuned_lens"] == "" and any(str(folder) in n and "--tuned-lens" in n for n in notes)
     assert residual_round_trip(model) == 2 * model.n_layers * model.d_model * 4  # float32, both prompts
-    fn, opts = SPEC.build(model, RunContext(labels=ctx.labels, label_ids=ctx.label_ids,
-                                            extra={"tuned_lens": str(folder)}))
-    assert opts["tuned_lens"] == str(folder)
-    xr.testing.assert_allclose(fn(model, pairs[:2]), local)
+    options = LensOptions(tuned_lens=str(folder))
+    prepared, info, _ = ANALYSIS.prepare(model, options)
+    assert info["tuned_lens"] == str(folder)
+    xr.testing.assert_allclose(ANALYSIS.compute(model, pairs[:2], options, **prepared), local)

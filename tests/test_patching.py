@@ -15,7 +15,7 @@ from reference import patching as ref
 from reference.hooks import add_at, edit, record, set_positions
 
 from nnethics.analyses.common import encode_pairs
-from nnethics.analyses.patching import SPECS, PatchingOptions, activation_patching, causal_tracing
+from nnethics.analyses.patching import ANALYSIS, PatchingOptions, activation_patching, causal_tracing
 from nnethics.analyses.patching_engine import noise_sample
 from nnethics.analyses.patching_noise import pair_seed, restore_layers
 from nnethics.analyses.patching_results import finalize
@@ -424,8 +424,10 @@ def test_store_contract_summary_and_finalize(strong_models, pairs, tmp_path):
     import xarray as xr
 
     xr.testing.assert_identical(out, load(path))
-    assert {s.name for s in SPECS} >= {"patching", "patching_grid", "patching_noise"}
-    assert [s.name for s in SPECS if s.default] == ["patching"]
+    assert set(ANALYSIS.names) >= {"patching", "patching_grid", "patching_noise"}
+    assert ANALYSIS.default and ANALYSIS.name == "patching"
+    assert ANALYSIS.name_for(PatchingOptions(positions="grid")) == "patching_grid"
+    assert ANALYSIS.make_options("patching_noise").corruption == "noise"
 
 
 def test_options_are_validated():
@@ -445,7 +447,8 @@ def test_cli_bad_options_exit_2():
                  ["patch", "--layers", "3-1"], ["patch", "--noise-span", "regex:("], ["patch", "--window", "0"]):
         res = runner.invoke(cli, args)
         assert res.exit_code == 2, (args, res.output)
-    assert "unknown components ['heads']" in runner.invoke(cli, ["patch", "--components", "resid,heads"]).output
+    out = runner.invoke(cli, ["patch", "--components", "resid,heads"]).output
+    assert "--components: 'heads' is not one of resid, attn, mlp" in out
 
 
 def test_cli_patch_end_to_end(tokenizer, tmp_path):
@@ -463,7 +466,7 @@ def test_cli_patch_end_to_end(tokenizer, tmp_path):
     assert "mean_effect" in ds and "effect_ci_low" in ds and ds.attrs["analysis"] == "patching"
     res = CliRunner().invoke(cli, ["patch", "--model", str(folder), "--limit", "1", "--store", str(tmp_path / "store"),
                                    "--layers", "0-9", "--no-progress"])
-    assert res.exit_code == 2 and "layers 0..2" in res.output
+    assert res.exit_code == 2 and "--layers: layers 3-9 do not exist: the model has layers 0-2" in res.output
     res = CliRunner().invoke(cli, ["patch", "--model", str(folder), "--limit", "2", "--store", str(tmp_path / "store"),
                                    "--corruption", "noise", "--noise-samples", "2", "--layers", "1", "--no-progress"])
     assert res.exit_code == 0, res.output

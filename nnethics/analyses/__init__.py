@@ -1,1 +1,14 @@
-"""One technique per module: functions from (model, pairs, options) to an xarray Dataset."""
+"""The analyses. Each module declares one :class:`~nnethics.analyses.base.Analysis` and registers it at import;
+:data:`ANALYSES` is the registry every command, the report and export read. The built-in ones are imported here
+in the order ``nnethics run`` runs them."""
+
+import importlib
+
+from .base import ANALYSES, Analysis, OptionError, analyses, default_names, file_names, option, register, unregister
+
+BUILTIN = ("decisions", "patching", "attribution", "lens")
+for _name in BUILTIN:
+    importlib.import_module(f"{__name__}.{_name}")
+
+__all__ = ["ANALYSES", "BUILTIN", "Analysis", "OptionError", "analyses", "default_names", "file_names", "option",
+           "register", "unregister"]

@@ -73,20 +73,28 @@ from torch import Tensor
 from .. import verdict as _verdict
 from ..prompts import SIDES, PromptPair
 from .attribution_trace import _is_half, collect, contributions, wire_bytes
+from .base import Analysis, chat_field, check_layers, check_values, labels_field, option, parse_layers, register
 from .common import encode_pairs
-from .spec import AnalysisSpec
 
 COMPONENTS = ("attn", "mlp")
 
 
 @dataclass(frozen=True)
 class AttributionOptions:
-    labels: tuple[str, ...] = ("1", "2")
-    chat: bool | None = None
-    layers: tuple[int, ...] | None = None  # store only these layers (the seed's target_layers); None = all
-    heads: bool = True
-    # per-option heads (head_logit_contribution); None: yes, unless a remote run exceeds HEAD_BYTES_PER_ROW
-    head_options: bool | None = None
+    """Options of :func:`direct_logit_attribution` (every one is recorded in provenance)."""
+
+    labels: tuple[str, ...] = labels_field()
+    chat: bool | None = chat_field()
+    layers: tuple[int, ...] | None = option(
+        None, "Only store these layers, e.g. '0-5,28,29' (default: all); the rest are summed into "
+              "other_layers_contribution.", parse=parse_layers)
+    heads: bool = option(True, "Also split attention by head.")
+    head_options: bool | None = option(
+        None, "Per-head contributions per label (head_logit_contribution) as well as their difference (default: yes, "
+              "unless a remote run would bring back more than 12 KiB of them per prompt).")
+
+    def __post_init__(self) -> None:
+        check_values(self)
 
 
 HEAD_BYTES_PER_ROW = 12 * 1024  # per-option heads above this, per prompt, come back as the difference only
@@ -185,26 +193,17 @@ def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
     ds["softcap_contribution"].attrs["description"] = "true minus pre-soft-cap logit difference (Gemma-2), else 0"
     ds["other_layers_contribution"].attrs["description"] = "summed direct contribution of the layers not stored"
     ethical_first = np.array([[p.ethical(s) == labels[0] for s in SIDES] for p in pairs], dtype=bool)
-    return _finalize(_verdict.add_position_content_split(ds, ethical_first))
+    return finalize(_verdict.add_position_content_split(ds, ethical_first))
 
 
-def _finalize(ds: xr.Dataset) -> xr.Dataset:
+def finalize(ds: xr.Dataset) -> xr.Dataset:
+    """After consolidation: attr ``complete_layers`` (whether every layer of the model is stored)."""
     complete = set(ds["layer"].values.tolist()) == set(range(int(ds["n_model_layers"])))
     return ds.assign_attrs(complete_layers="true" if complete else "false")
 
 
-def _build(model: Any, ctx: Any):
-    extra = ctx.extra or {}
-    layers = extra.get("layers")
-    heads = extra.get("heads")
-    opts = AttributionOptions(labels=tuple(ctx.labels), chat=ctx.chat,
-                              layers=tuple(int(i) for i in layers) if layers else None,
-                              heads=True if heads is None else bool(heads), head_options=extra.get("head_options"))
-
-    def fn(m: Any, pairs: Sequence[PromptPair]) -> xr.Dataset:
-        return direct_logit_attribution(m, pairs, opts, label_ids=ctx.label_ids)
-
-    return fn, {"layers": list(opts.layers) if opts.layers else None, "heads": opts.heads}
+def check_model(model: Any, options: AttributionOptions) -> None:
+    check_layers("layers", options.layers, model.n_layers)
 
 
 def summarize(ds: xr.Dataset, top: int = 5) -> str:
@@ -240,4 +239,9 @@ def summarize(ds: xr.Dataset, top: int = 5) -> str:
     return text + f"; parts sum to logit_diff within {err:.1e}"
 
 
-SPEC = AnalysisSpec(name="attribution", build=_build, summary=summarize, finalize=_finalize)
+ANALYSIS = register(Analysis(
+    name="attribution", options=AttributionOptions, compute=direct_logit_attribution, summarize=summarize,
+    finalize=finalize, check=check_model, command="attribute",
+    help="Direct logit attribution: each layer's attention and MLP (and each head / expert) contribution to the "
+         "label logits at the decision token; writes STORE/<model>/attribution.nc.",
+    render="nnethics.render.attribution"))

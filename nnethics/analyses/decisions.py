@@ -4,28 +4,40 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xarray as xr
 
 from .. import verdict as _verdict
 from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import SIDES, PromptPair
+from .base import Analysis, chat_field, check_values, labels_field, option, register
 from .common import PairBatch, encode_pairs
-from .spec import AnalysisSpec
+
+if TYPE_CHECKING:
+    import torch
+
+MIN_GAP_HELP = ("Logits |LD_cf - LD_base| from which a pair counts as content-sensitive (swapping the options "
+                "moves its decision); patching normalises over those pairs only.")
 
 
 @dataclass(frozen=True)
 class DecisionOptions:
-    labels: tuple[str, ...] = ("1", "2")
-    chat: bool | None = None
-    min_gap: float = DEFAULT_MIN_GAP  # |LD_cf - LD_base| that makes a pair content-sensitive (as patching's)
+    """Options of :func:`baseline_decisions`."""
+
+    labels: tuple[str, ...] = labels_field()
+    chat: bool | None = chat_field()
+    min_gap: float = option(DEFAULT_MIN_GAP, MIN_GAP_HELP, min=0)
+
+    def __post_init__(self) -> None:
+        check_values(self)
 
 
 def decision_logits(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One trace over every row: label logits ``[N, n_labels]``, log-normaliser ``[N]``, argmax token ``[N]``."""
+    import torch
+
     ids = list(batch.label_ids)
     # Only the last position's logits are needed: skip the unembedding of every other position.
     with torch.no_grad(), model.trace(batch.encoded.inputs(), logits_to_keep=1):
@@ -102,13 +114,6 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
     return _verdict.add_pair_quantities(ds, options.min_gap)
 
 
-def _build(model, ctx):
-    extra = ctx.extra or {}
-    opts = DecisionOptions(labels=ctx.labels, chat=ctx.chat, min_gap=extra.get("min_gap") or DEFAULT_MIN_GAP)
-    record = {"min_gap": opts.min_gap} if opts.min_gap != DEFAULT_MIN_GAP else {}
-    return (lambda m, pairs: baseline_decisions(m, pairs, opts, label_ids=ctx.label_ids)), record
-
-
 def summarize(ds: xr.Dataset) -> str:
     n = ds.sizes["prompt"]
     base = float(ds["chose_ethical"].sel(side="base").mean())
@@ -130,4 +135,8 @@ def summarize(ds: xr.Dataset) -> str:
 
 finalize = _verdict.finalize_decisions
 
-SPEC = AnalysisSpec(name="decisions", build=_build, summary=summarize, finalize=finalize)
+ANALYSIS = register(Analysis(
+    name="decisions", options=DecisionOptions, compute=baseline_decisions, summarize=summarize, finalize=finalize,
+    help="Baseline decisions: which label each prompt makes the model choose, its position bias and ethical "
+         "preference, and the verdict; writes STORE/<model>/decisions.nc.",
+    render="nnethics.render.decisions"))

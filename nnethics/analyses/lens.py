@@ -24,8 +24,8 @@ import xarray as xr
 
 from ..lenses import CONFIG, PARAMS, TL_PARAMS, LensLoadError, TunedLens, find_cached_lens, softcap_of
 from ..prompts import SIDES, PromptPair
+from .base import Analysis, chat_field, check_values, labels_field, option, register
 from .common import encode_pairs
-from .spec import AnalysisSpec
 
 CROSSING_DOC = ("first layer from which the finally chosen label's logit stays strictly above every other label's, "
                 "up to the last layer; -1 if it is not strictly ahead even at the last layer (a tie)")
@@ -33,9 +33,18 @@ CROSSING_DOC = ("first layer from which the finally chosen label's logit stays s
 
 @dataclass(frozen=True)
 class LensOptions:
-    labels: tuple[str, ...] = ("1", "2")
-    chat: bool | None = None
-    k: int = 10
+    """Options of the lens analysis. ``tuned_lens`` is resolved once per run (:func:`prepare`) and the loaded lens
+    passed to :func:`logit_lens`; called directly, :func:`logit_lens` takes the loaded lens as ``tuned_lens=``."""
+
+    labels: tuple[str, ...] = labels_field()
+    chat: bool | None = chat_field()
+    k: int = option(10, "Top tokens kept per layer.", min=1)
+    tuned_lens: str | None = option(
+        None, "Tuned lens folder; 'none' for the logit lens only (default: the model's cached lens, if any).",
+        metavar="FOLDER|none")
+
+    def __post_init__(self) -> None:
+        check_values(self)
 
 
 def lens_readout(model: Any, inputs: dict, option_ids: Sequence[int], k: int = 10, states: torch.Tensor | None = None,
@@ -209,12 +218,11 @@ def residual_round_trip(model: Any) -> int:
     return 2 * model.n_layers * model.d_model * width
 
 
-def _build(model, ctx):
-    extra = ctx.extra or {}
-    k = int(extra.get("lens_k") or 10)
-    tuned, info = resolve_tuned_lens(model, extra.get("tuned_lens"))
-    opts = LensOptions(labels=ctx.labels, chat=ctx.chat, k=k)
-    return (lambda m, pairs: logit_lens(m, pairs, opts, label_ids=ctx.label_ids, tuned_lens=tuned)), {"k": k, **info}
+def prepare(model: Any, options: LensOptions) -> tuple[dict, dict, list[str]]:
+    """Once per run: the tuned lens to use (passed to every chunk), what provenance records of it, and notes."""
+    lens, info = resolve_tuned_lens(model, options.tuned_lens)
+    notes = list(info.pop("notes", []))
+    return {"tuned_lens": lens}, info, notes
 
 
 def summarize(ds: xr.Dataset) -> str:
@@ -229,7 +237,10 @@ def summarize(ds: xr.Dataset) -> str:
     return f"{ds.sizes['prompt']} pairs, {ds.sizes['layer']} layers; " + "; ".join(parts)
 
 
-SPEC = AnalysisSpec(name="lens", build=_build, summary=summarize)
+ANALYSIS = register(Analysis(
+    name="lens", options=LensOptions, compute=logit_lens, summarize=summarize, prepare=prepare, command="lens run",
+    help="Compute STORE/<model>/lens.nc (logit lens, and the tuned lens when one is given or cached).",
+    render="nnethics.render.lens"))
 
 
 def evaluate_lenses(model: Any, tuned_lens: TunedLens, corpus: Sequence[str | Path] | None = None,

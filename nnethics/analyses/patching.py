@@ -23,8 +23,9 @@ backward and is stored beside the exact values (``atp_delta``, ``atp_effect``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,20 @@ import xarray as xr
 from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import PromptPair
 from . import patching_results as results
+from .base import (
+    Analysis,
+    OptionError,
+    chat_field,
+    check_layers,
+    check_values,
+    labels_field,
+    option,
+    parse_layers,
+    parse_list,
+    register,
+)
 from .common import PairBatch, encode_pairs, run_remote
+from .decisions import MIN_GAP_HELP
 from .patching_engine import (
     COMPONENTS,
     Noise,
@@ -46,65 +60,73 @@ from .patching_engine import (
     run_prefix,
 )
 from .patching_noise import SpanError, pair_seed, restore_layers, span_chars, span_tokens
-from .spec import AnalysisSpec
 
 POSITIONS = ("last", "all", "grid")
 CORRUPTIONS = ("counterfactual", "noise")
 KV_CACHE = ("auto", "on", "off")
 
 
+SPAN_HELP = "Tokens to corrupt: option1, option2, options, or regex:<pattern> on the formatted prompt."
+
+
+def parse_span(value: str) -> str:
+    """``option1``/``option2``/``options`` or ``regex:<pattern>`` (the pattern must compile)."""
+    if value.startswith("regex:"):
+        try:
+            re.compile(value[len("regex:"):])
+        except re.error as e:
+            raise ValueError(f"invalid regular expression: {e}") from None
+    elif value not in ("option1", "option2", "options"):
+        raise ValueError(f"expected option1, option2, options or regex:<pattern>, got {value!r}")
+    return value
+
+
+def _components(value: str) -> tuple[str, ...]:
+    return parse_list(value)
+
+
 @dataclass(frozen=True)
 class PatchingOptions:
-    """Options of :func:`activation_patching` (all of them are recorded in provenance).
+    """Options of :func:`activation_patching` (every one is recorded in provenance; see each field's help).
 
-    ``layers`` None means every layer. ``noise_std`` (absolute) overrides ``noise_scale`` times the
-    std of the clean layer-0 input over the span; with ``noise_samples`` > 1 each prompt gets that many
-    noise draws and the corrupted and every restored LD are means over them (ROME uses 10). ``kv_cache``: ``auto`` uses the prefix-cache path
-    where it applies, ``on`` insists on it, ``off`` always runs full forwards. ``max_tokens`` bounds
-    the tokens of one forward (rows x width); the rows per forward halve on out-of-memory.
-    ``remote`` overrides the model's remote setting for every trace (``"local"``: NDIF dry run).
+    ``layers`` None means every layer. With ``noise_samples`` > 1 each prompt gets that many noise draws and the
+    corrupted and every restored LD are means over them. ``max_tokens`` bounds the tokens of one forward
+    (rows x width); the rows per forward halve on out-of-memory.
     """
 
-    labels: tuple[str, ...] = ("1", "2")
-    chat: bool | None = None
-    components: tuple[str, ...] = COMPONENTS
-    positions: str = "last"
-    corruption: str = "counterfactual"
-    layers: tuple[int, ...] | None = None
-    window: int = 1
-    noise_scale: float = 3.0
-    noise_std: float | None = None
-    noise_samples: int = 1
-    noise_span: str = "option1"
-    seed: int = 0
-    atp: bool = True
-    kv_cache: str = "auto"
-    min_gap: float = DEFAULT_MIN_GAP
-    max_tokens: int = 16384
-    remote: bool | str | None = None
+    labels: tuple[str, ...] = labels_field()
+    chat: bool | None = chat_field()
+    components: tuple[str, ...] = option(
+        COMPONENTS, "Comma-separated states to patch: resid (layer output), attn, mlp (their contributions).",
+        choices=COMPONENTS, parse=_components)
+    positions: str = option("last", "last: the decision position; grid: each aligned position on its own (position x "
+                                    "layer); all: every position at once.", choices=POSITIONS)
+    corruption: str = option("counterfactual", "Patch from the counterfactual prompt, or restore clean states into a "
+                                               "noised base (Meng et al. 2022).", choices=CORRUPTIONS)
+    layers: tuple[int, ...] | None = option(None, "Layers to patch, e.g. '0-5,10' (default: all).", parse=parse_layers)
+    window: int = option(1, "Patch/restore this many neighbouring layers around each layer (ROME window).", min=1)
+    noise_scale: float = option(3.0, "Noise std as a multiple of the std of the clean embeddings over the span.",
+                                min=0)
+    noise_std: float | None = option(None, "Absolute noise std (overrides --noise-scale).", min=0)
+    noise_samples: int = option(1, "Noise draws per prompt; the corrupted and restored logit differences are their "
+                                   "mean (ROME uses 10).", min=1)
+    noise_span: str = option("option1", SPAN_HELP, parse=parse_span)
+    seed: int = option(0, "Noise seed.")
+    atp: bool = option(True, "Attribution patching beside the exact values.")
+    kv_cache: str = option("auto", "Reuse the prefix's key/value cache when only the last position is patched (auto: "
+                                   "where it applies; on: insist; off: full forwards).", choices=KV_CACHE)
+    min_gap: float = option(DEFAULT_MIN_GAP, MIN_GAP_HELP, min=0)
+    max_tokens: int = option(16384, "Tokens per forward (rows x width); the rows per forward halve on "
+                                    "out-of-memory.", min=1)
 
     def __post_init__(self) -> None:
-        bad = [c for c in self.components if c not in COMPONENTS]
-        if bad or not self.components:
-            raise ValueError(f"unknown components {bad}; choose from {COMPONENTS}")
-        for name, value, allowed in (("positions", self.positions, POSITIONS),
-                                     ("corruption", self.corruption, CORRUPTIONS), ("kv_cache", self.kv_cache, KV_CACHE)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if self.noise_samples < 1:
-            raise ValueError(f"noise_samples must be at least 1, got {self.noise_samples}")
-        if self.window < 1:
-            raise ValueError(f"window must be at least 1, got {self.window}")
-        if self.noise_scale < 0 or (self.noise_std is not None and self.noise_std < 0):
-            raise ValueError("the noise scale/std must not be negative")
-        if self.layers is not None and not self.layers:
-            raise ValueError("layers must not be empty")
+        check_values(self)
+        if self.kv_cache == "on" and self.positions != "last":
+            raise OptionError("kv_cache", "'on' needs positions 'last' (only the last position can reuse the prefix "
+                                          "cache)")
 
     def record(self) -> dict:
-        d = asdict(self)
-        for k in ("labels", "chat", "remote"):
-            d.pop(k)
-        return d
+        return ANALYSIS.record(self)
 
 
 @dataclass
@@ -210,7 +232,7 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
     use_kv, why = _choose_path(model, batch, plan, opts)
     atp_job = _atp_job(batch, plan, opts, layers) if opts.atp and opts.corruption == "counterfactual" and \
         opts.window == 1 else None
-    remote = model.remote if opts.remote is None else opts.remote
+    remote = model.remote
     job = (model, batch.encoded, plan.groups, ids, use_kv, opts.max_tokens, atp_job)
     if remote:
         lds, sigma, atp_raw = run_remote(model, remote, _execute, job)
@@ -300,42 +322,26 @@ def causal_tracing(model: Any, pairs: Sequence[PromptPair], options: PatchingOpt
                    label_ids: Sequence[int] | None = None) -> xr.Dataset:
     """Noise corruption and clean-state restoration (ROME): :func:`activation_patching` with
     ``corruption="noise"``."""
-    return activation_patching(model, pairs, _replace(options, corruption="noise"), label_ids)
-
-
-def _replace(opts: PatchingOptions, **kw) -> PatchingOptions:
-    return PatchingOptions(**{**asdict(opts), **kw})
+    return activation_patching(model, pairs, replace(options, corruption="noise"), label_ids)
 
 
 # ---------------------------------------------------------------------------------------------
-# nnethics run / nnethics patch
+# the Analysis: nnethics run / nnethics patch
 
-# (corruption, positions) -> stored analysis name (file store/<slug>/<name>.nc)
-NAMES = {("counterfactual", "last"): "patching", ("counterfactual", "grid"): "patching_grid",
-         ("counterfactual", "all"): "patching_all", ("noise", "last"): "patching_noise",
-         ("noise", "grid"): "patching_noise_grid", ("noise", "all"): "patching_noise_all"}
-
-_CLI_KEYS = ("components", "layers", "window", "noise_scale", "noise_std", "noise_samples", "noise_span", "seed", "atp", "kv_cache",
-             "min_gap", "max_tokens")
+def check_model(model: Any, options: PatchingOptions) -> None:
+    check_layers("layers", options.layers, model.n_layers)
 
 
-def options_from_context(ctx, corruption: str, positions: str) -> PatchingOptions:
-    extra = dict(ctx.extra or {})
-    kw = {k: extra[k] for k in _CLI_KEYS if extra.get(k) is not None}
-    for k in ("components", "layers"):
-        if k in kw:
-            kw[k] = tuple(kw[k])
-    return PatchingOptions(labels=tuple(ctx.labels), chat=ctx.chat, corruption=corruption, positions=positions, **kw)
+# stored file name -> the options that write it (store/<slug>/<name>.nc)
+VARIANTS = {"patching_grid": {"corruption": "counterfactual", "positions": "grid"},
+            "patching_all": {"corruption": "counterfactual", "positions": "all"},
+            "patching_noise": {"corruption": "noise", "positions": "last"},
+            "patching_noise_grid": {"corruption": "noise", "positions": "grid"},
+            "patching_noise_all": {"corruption": "noise", "positions": "all"}}
 
-
-def _make_spec(corruption: str, positions: str) -> AnalysisSpec:
-    def build(model, ctx):
-        opts = options_from_context(ctx, corruption, positions)
-        return (lambda m, pairs: activation_patching(m, pairs, opts, label_ids=ctx.label_ids)), opts.record()
-
-    return AnalysisSpec(name=NAMES[(corruption, positions)], build=build, summary=results.summarize,
-                        finalize=results.finalize, default=(corruption, positions) == ("counterfactual", "last"))
-
-
-SPEC = _make_spec("counterfactual", "last")
-SPECS = (SPEC,) + tuple(_make_spec(c, p) for c, p in NAMES if (c, p) != ("counterfactual", "last"))
+ANALYSIS = register(Analysis(
+    name="patching", options=PatchingOptions, compute=activation_patching, summarize=results.summarize,
+    finalize=results.finalize, check=check_model, variants=VARIANTS, command="patch",
+    help="Activation patching / causal tracing of the decision; writes STORE/<model>/patching*.nc (the file name "
+         "follows --corruption and --positions).",
+    render="nnethics.render.patching"))

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+from .analysis import analysis_command
+from .common import DEFAULT_STORE, BadInput, checked_store, friendly, load_model_from_options, model_options
+
 
 def _corpus_errors():
     from ..data.corpus import CorpusError
@@ -14,18 +17,7 @@ def _corpus_errors():
 
 
 def register(cli: click.Group) -> None:
-    # Imported here: nnethics.cli imports this module at its end, after these names exist.
-    from ..cli import (
-        DEFAULT_STORE,
-        BadInput,
-        _load,
-        _prompts,
-        checked_store,
-        friendly,
-        model_options,
-        prompt_options,
-        store_options,
-    )
+    from ..analyses.lens import ANALYSIS
 
     @click.group("lens")
     def lens_group() -> None:
@@ -79,7 +71,7 @@ def register(cli: click.Group) -> None:
             read_documents(list(corpus) or None)  # fail on a bad corpus before loading the model
         except _corpus_errors() as e:
             raise BadInput(str(e)) from None
-        model = _load(model_spec, revision, device, device_map, dtype, quantize, remote, token)
+        model = load_model_from_options(model_spec, revision, device, device_map, dtype, quantize, remote, token)
         try:
             _, info = train_tuned_lens(model, list(corpus) or None, options, out=out, progress=progress,
                                        resume=not restart, log=lambda m: click.echo(m, err=True))
@@ -111,7 +103,7 @@ def register(cli: click.Group) -> None:
 
         if remote:
             raise BadInput("lens evaluation needs the model's weights locally; drop --remote")
-        model = _load(model_spec, revision, device, device_map, dtype, quantize, remote, token)
+        model = load_model_from_options(model_spec, revision, device, device_map, dtype, quantize, remote, token)
         folder = lens_path or find_cached_lens(model)
         if folder is None:
             raise BadInput(f"no tuned lens cached for {model.name}; train one with `nnethics lens train --model {model_spec}` "
@@ -135,29 +127,5 @@ def register(cli: click.Group) -> None:
         click.echo(f"tuned lens lower at {int(better.sum())} of {len(better)} layers before the last")
         click.echo(f"wrote {path}")
 
-    @lens_group.command("run")
-    @model_options
-    @prompt_options
-    @store_options
-    @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Pairs per batch.")
-    @click.option("--k", "k", type=click.IntRange(min=1), default=10, show_default=True, help="Top tokens kept per layer.")
-    @click.option("--tuned-lens", type=click.Path(path_type=Path), default=None,
-                  help="Tuned lens folder (default: the cached lens of the model, if any).")
-    @click.option("--no-tuned-lens", is_flag=True, help="Logit lens only, even if a tuned lens is cached.")
-    @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: when stderr is a terminal).")
-    @friendly
-    def lens_run(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat, limit,
-                 store, overwrite, lock_timeout, batch_size, k, tuned_lens, no_tuned_lens, progress) -> None:
-        """Compute STORE/<model>/lens.nc (logit lens, and the tuned lens when one is given or cached)."""
-        from ..pipeline import make_context, run_one
-
-        prompts = _prompts(prompts_path, labels, limit)
-        model = _load(model_spec, revision, device, device_map, dtype, quantize, remote, token)
-        tuned = "" if no_tuned_lens else (str(tuned_lens) if tuned_lens else None)
-        ctx = make_context(model, prompts, chat, extra={"tuned_lens": tuned, "lens_k": k})
-        path, summary = run_one("lens", model, prompts, str(store), ctx, batch_size=batch_size, progress=progress,
-                                overwrite=overwrite, lock_timeout=lock_timeout)
-        click.echo(f"lens: {path}")
-        click.echo(f"  {summary}")
-
+    lens_group.add_command(analysis_command(ANALYSIS, name="run"))
     cli.add_command(lens_group)

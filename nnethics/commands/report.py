@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from .common import BadInput
+
 STORE_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 
 
@@ -19,8 +21,6 @@ def _size(path: Path) -> str:
 
 
 def _bad_input(err: Exception) -> click.ClickException:
-    from ..cli import BadInput
-
     return BadInput(str(err))
 
 

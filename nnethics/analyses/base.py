@@ -1,0 +1,247 @@
+"""The ``Analysis`` object: one per technique, the single source of truth about it.
+
+An analysis declares, once:
+
+* its ``name`` (the file ``store/<model>/<name>.nc``) and its ``variants``: other file names for fixed
+  option values (patching's ``patching_grid`` is ``positions="grid"``);
+* a frozen ``Options`` dataclass whose fields are declared with :func:`option` (default, help, choices,
+  bounds, parser). The click options of its command and of ``nnethics run`` are generated from those
+  fields (as tuned-lens generates its CLI from dataclasses), and every field lands in provenance
+  (:meth:`Analysis.record`), so an option exists once in the code;
+* ``compute(model, pairs, options, label_ids=None, **prepared) -> xr.Dataset`` for one chunk of pairs
+  (dim ``prompt``); it returns data and never prints;
+* optional ``prepare(model, options) -> (prepared, recorded)``: what is resolved once per run with the model
+  at hand (the tuned lens to use), passed to every ``compute`` call and recorded in provenance;
+* optional ``check(model, options)``: option values the model rules out (a layer it does not have), raised
+  as :class:`OptionError` before any prompt runs;
+* ``summarize(ds) -> str`` (one line for the terminal) and optional ``finalize(ds)`` (cross-prompt
+  statistics, once, after the chunks are consolidated);
+* ``render``: the module of its report section (``SECTION`` + ``figures(ds, prompts)``), and ``tables``: the
+  export tables it owns (``tables(ds, data) -> {file name: DataFrame | records}``).
+
+:data:`ANALYSES` is the registry: ``nnethics run --analyses``, the commands, the runner, the report, ``compare``
+and ``export`` all read it. :func:`register` adds one (a module in ``nnethics/analyses`` registers itself at
+import; a test or a plug-in may register its own). This module and the analysis declarations import no torch:
+compute code imports its engines when it runs, so the report and ``import nnethics`` stay light.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import xarray as xr
+
+SHARED = ("labels", "chat")  # fields every Options has; set from the prompt options (--labels, --chat)
+
+
+class OptionError(ValueError):
+    """An option value that cannot work; ``field`` names the Options field (the CLI shows ``--field-name``)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(f"{name}: {message}")
+        self.field = name
+        self.message = message
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """What :func:`option` stores in a field's metadata (key ``"nnethics"``)."""
+
+    help: str
+    choices: tuple[str, ...] | None = None  # allowed values (for a tuple field: of each element)
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False
+    parse: Callable[[str], Any] | None = None  # the text syntax of the option (e.g. parse_layers)
+    metavar: str | None = None
+    cli: bool = True  # False: API-only (a test keeps the list of those short and justified)
+
+
+def option(default: Any, help: str, *, choices: Sequence[str] | None = None, min: float | None = None,
+           max: float | None = None, min_open: bool = False, parse: Callable[[str], Any] | None = None,
+           metavar: str | None = None, cli: bool = True) -> Any:
+    """A field of an analysis' ``Options`` dataclass, with what its CLI option and its validation need."""
+    spec = OptionSpec(help=help, choices=tuple(choices) if choices is not None else None, min=min, max=max,
+                      min_open=min_open, parse=parse, metavar=metavar, cli=cli)
+    return field(default=default, metadata={"nnethics": spec})
+
+
+def labels_field() -> Any:
+    return option(("1", "2"), "The two answer labels (set from --labels).", cli=False)
+
+
+def chat_field() -> Any:
+    return option(None, "Wrap prompts in the chat template (set from --chat/--no-chat; None: when the tokenizer "
+                        "has one).", cli=False)
+
+
+def spec_of(f: dataclasses.Field) -> OptionSpec | None:
+    return f.metadata.get("nnethics")
+
+
+def option_fields(cls: type) -> Iterator[tuple[dataclasses.Field, OptionSpec, Any]]:
+    """``(field, spec, resolved type)`` of every declared option of an Options class, shared ones excluded."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        spec = spec_of(f)
+        if spec is None:
+            raise TypeError(f"{cls.__name__}.{f.name} is not declared with nnethics.analyses.base.option()")
+        if f.name not in SHARED:
+            yield f, spec, hints[f.name]
+
+
+def check_values(opts: Any) -> None:
+    """Validate an Options instance against its declared choices and bounds (call from ``__post_init__``)."""
+    for f, spec, _ in option_fields(type(opts)):
+        value = getattr(opts, f.name)
+        if value is None:
+            continue
+        items = value if isinstance(value, tuple) else (value,)
+        if isinstance(value, tuple) and not value:
+            raise OptionError(f.name, "must not be empty")
+        for item in items:
+            if spec.choices is not None and item not in spec.choices:
+                raise OptionError(f.name, f"{item!r} is not one of {', '.join(spec.choices)}")
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if spec.min is not None and (item < spec.min or (spec.min_open and item == spec.min)):
+                raise OptionError(f.name, f"must be {'>' if spec.min_open else '>='} {spec.min:g}, got {item}")
+            if spec.max is not None and item > spec.max:
+                raise OptionError(f.name, f"must be <= {spec.max:g}, got {item}")
+
+
+# ----------------------------------------------------------------------------------------------
+# option syntaxes (one parser each)
+
+def parse_layers(value: str | None) -> tuple[int, ...] | None:
+    """``"0-5,10,12"`` -> ``(0, 1, 2, 3, 4, 5, 10, 12)``; empty or ``"all"`` -> None (every layer)."""
+    if value is None or value.strip().lower() in ("", "all"):
+        return None
+    out: set[int] = set()
+    for part in value.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ValueError(f"{part!r} is not a layer number or range; use e.g. '0-5,28,29' (0-based, ranges "
+                             "inclusive) or 'all'")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise ValueError(f"{part!r} is an empty range; use 'first-last' with first <= last")
+        out.update(range(lo, hi + 1))
+    return tuple(sorted(out))
+
+
+def parse_list(value: str) -> tuple[str, ...]:
+    """``"resid, attn"`` -> ``("resid", "attn")`` (duplicates dropped, order kept)."""
+    return tuple(dict.fromkeys(x.strip() for x in value.split(",") if x.strip()))
+
+
+def check_layers(name: str, layers: Sequence[int] | None, n_layers: int) -> None:
+    """The ``layers`` option against a model with ``n_layers`` layers."""
+    if layers is not None and (min(layers) < 0 or max(layers) >= n_layers):
+        bad = [i for i in layers if not 0 <= i < n_layers]
+        which = f"layer {bad[0]} does" if len(bad) == 1 else f"layers {format_layers(bad)} do"
+        raise OptionError(name, f"{which} not exist: the model has layers 0-{n_layers - 1}")
+
+
+def format_layers(layers: Sequence[int]) -> str:
+    """``(0, 1, 2, 5, 7, 8)`` -> ``"0-2,5,7-8"``: the syntax :func:`parse_layers` reads."""
+    runs: list[list[int]] = []
+    for i in sorted(layers):
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+# ----------------------------------------------------------------------------------------------
+# the Analysis object and the registry
+
+Compute = Callable[..., xr.Dataset]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One technique: see the module docstring for each part."""
+
+    name: str
+    options: type
+    compute: Compute
+    summarize: Callable[[xr.Dataset], str]
+    help: str
+    finalize: Callable[[xr.Dataset], xr.Dataset] | None = None
+    prepare: Callable[[Any, Any], tuple[dict, dict]] | None = None
+    check: Callable[[Any, Any], None] | None = None
+    variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # other file name -> fixed options
+    command: str | None = None  # the CLI command (default: the name); "lens run" puts it in a group
+    render: str | None = None  # module with SECTION and figures(ds, prompts) / variant_figures(ds, name)
+    tables: Callable[[xr.Dataset, Mapping[str, xr.Dataset]], dict[str, Any]] | None = None
+    default: bool = True  # run by ``nnethics run`` without --analyses
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every file name this analysis writes: its own, then its variants'."""
+        return (self.name, *self.variants)
+
+    def make_options(self, name: str | None = None, **values: Any) -> Any:
+        """Options for ``name`` (one of :attr:`names`): the variant's fixed values over ``values``."""
+        fixed = dict(self.variants.get(name, {})) if name not in (None, self.name) else {}
+        return self.options(**{**values, **fixed})
+
+    def name_for(self, options: Any) -> str:
+        """The file name the options write to: the variant whose fixed values they match, else :attr:`name`."""
+        for name, fixed in self.variants.items():
+            if all(getattr(options, k) == v for k, v in fixed.items()):
+                return name
+        return self.name
+
+    def record(self, options: Any) -> dict[str, Any]:
+        """Every option, as provenance stores it (the shared labels/chat are recorded beside, not here)."""
+        out = {}
+        for f, _, _ in option_fields(type(options)):
+            value = getattr(options, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+ANALYSES: dict[str, Analysis] = {}
+
+
+def register(analysis: Analysis) -> Analysis:
+    """Add an analysis to the registry (its name and its variants' names); returns it."""
+    for name in analysis.names:
+        other = ANALYSES.get(name)
+        if other is not None and other is not analysis and other.compute is not analysis.compute:
+            raise ValueError(f"analysis name {name!r} is taken by {other.name}")
+        ANALYSES[name] = analysis
+    return analysis
+
+
+def unregister(analysis: Analysis) -> None:
+    for name in analysis.names:
+        if ANALYSES.get(name) is analysis:
+            del ANALYSES[name]
+
+
+def analyses() -> list[Analysis]:
+    """Each registered analysis once, in registration order."""
+    return list({id(a): a for a in ANALYSES.values()}.values())
+
+
+def default_names() -> tuple[str, ...]:
+    return tuple(a.name for a in analyses() if a.default)
+
+
+def file_names() -> tuple[str, ...]:
+    """Every result file name of every registered analysis, in registry order."""
+    return tuple(name for a in analyses() for name in a.names)

@@ -1,0 +1,152 @@
+"""Commands generated from the analysis registry: each analysis' click options come from its ``Options`` fields.
+
+``nnethics patch``, ``nnethics attribute``, ``nnethics decisions`` and ``nnethics lens run`` are all
+:func:`analysis_command` of their :class:`~nnethics.analyses.base.Analysis`; ``nnethics run --analyses`` takes
+its choices from the registry when it parses (so an analysis registered later is offered too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+
+from ..analyses.base import ANALYSES, Analysis, OptionSpec, option_fields
+from .common import friendly, load_model_from_options, load_prompt_set, model_options, prompt_options, store_options
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """``X | None`` -> (X, True); ``tuple[str, ...]`` stays as is."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _shown(default: Any) -> str:
+    return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+
+
+def _parser(spec: OptionSpec, tp: Any) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return spec.parse(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return convert
+
+
+def click_option(f: dataclasses.Field, spec: OptionSpec, tp: Any) -> Callable:
+    """The click option of one Options field, its default the field's (in the option's text form where it has a
+    parser, so ``--help`` shows it as typed)."""
+    flag = "--" + f.name.replace("_", "-")
+    base, _ = _base_type(tp)
+    text_form = spec.parse is not None and f.default is not None
+    kw: dict[str, Any] = {"default": _shown(f.default) if text_form else f.default, "help": spec.help,
+                          "metavar": spec.metavar, "show_default": f.default is not None}
+    if base is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw)
+    if spec.parse is not None:
+        return click.option(flag, f.name, type=str, callback=_parser(spec, tp), **kw)
+    if spec.choices is not None and base is str:
+        return click.option(flag, f.name, type=click.Choice(spec.choices), **kw)
+    if base is int and (spec.min, spec.max) == (None, None):
+        return click.option(flag, f.name, type=int, **kw)
+    if base is int:
+        return click.option(flag, f.name, type=click.IntRange(min=spec.min, max=spec.max), **kw)
+    if base is float:
+        return click.option(flag, f.name, type=click.FloatRange(min=spec.min, max=spec.max, min_open=spec.min_open),
+                            **kw)
+    if base is str:
+        return click.option(flag, f.name, type=str, **kw)
+    raise TypeError(f"{f.name}: no CLI syntax for {tp}; give the option a parse=")
+
+
+def options_decorator(analysis: Analysis) -> Callable:
+    """Every CLI field of the analysis' Options as click options."""
+    opts = [click_option(f, spec, tp) for f, spec, tp in option_fields(analysis.options) if spec.cli]
+
+    def apply(fn: Callable) -> Callable:
+        for opt in reversed(opts):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+def run_options(fn: Callable) -> Callable:
+    """--batch-size and --progress, for every command that computes over the prompts."""
+    fn = click.option("--progress/--no-progress", default=None,
+                      help="Progress bar on stderr (default: when stderr is a terminal).")(fn)
+    return click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                        help="Pairs per chunk (halved on out-of-memory).")(fn)
+
+
+def options_from_cli(analysis: Analysis, values: dict[str, Any], labels: Sequence[str], chat: bool | None,
+                     name: str | None = None) -> Any:
+    """The analysis' Options from parsed CLI values; OptionError on a bad mix."""
+    return analysis.make_options(name, labels=tuple(labels), chat=chat, **values)
+
+
+def check_against_model(analysis: Analysis, model: Any, options: Any) -> None:
+    if analysis.check is not None:
+        analysis.check(model, options)
+
+
+def analysis_command(analysis: Analysis, name: str | None = None) -> click.Command:
+    """The command that runs ``analysis`` alone with every one of its options."""
+    fields = [f.name for f, spec, _ in option_fields(analysis.options) if spec.cli]
+
+    @model_options
+    @prompt_options
+    @options_decorator(analysis)
+    @store_options
+    @run_options
+    @friendly
+    def command(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat,
+                limit, store, overwrite, lock_timeout, batch_size, progress, **values) -> None:
+        from ..pipeline import make_context, run_one
+
+        options = options_from_cli(analysis, {k: values[k] for k in fields}, labels, chat)  # before any loading
+        prompts = load_prompt_set(prompts_path, labels, limit)
+        model = load_model_from_options(model_spec, revision, device, device_map, dtype, quantize, remote, token)
+        check_against_model(analysis, model, options)
+        ctx = make_context(model, prompts, chat)
+        out = analysis.name_for(options)
+        path, summary = run_one(out, model, prompts, str(store), ctx, batch_size, progress, overwrite=overwrite,
+                                lock_timeout=lock_timeout, options=options,
+                                note=lambda text: click.echo(f"note: {text}", err=True))
+        click.echo(f"{out}: {path}")
+        if summary:
+            click.echo(f"  {summary}")
+
+    command.__doc__ = analysis.help
+    return click.command(name or analysis.command or analysis.name)(command)
+
+
+class AnalysisNames(click.ParamType):
+    """A comma-separated list of registered analysis names; the choices are read from the registry when parsing."""
+
+    name = "analyses"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        if isinstance(value, tuple):
+            return value
+        names = tuple(dict.fromkeys(x.strip() for x in str(value).split(",") if x.strip()))
+        known = list(ANALYSES)
+        bad = [n for n in names if n not in ANALYSES]
+        if bad or not names:
+            self.fail(f"unknown analyses {', '.join(map(repr, bad)) or repr(value)}; choose from {', '.join(known)} "
+                      "(comma-separated)", param, ctx)
+        return names
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return "NAME[,NAME...]"
+
