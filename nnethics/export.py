@@ -22,13 +22,14 @@
   ``token_trajectories.csv``: label logits/probabilities per (prompt, side, lens, layer), KL, crossing layer.
 
 With ``fmt="json"`` every table is written as a JSON list of records instead of CSV. Reads NetCDF only
-(no torch, no plotting).
+(no torch, no plotting). Each analysis owns its tables (``Analysis.tables``, below: ``decisions_tables``, ...);
+``export_store`` writes those of every registered analysis whose file is in the folder.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,6 @@ import xarray as xr
 from .atomic import write_text_atomic
 
 FORMATS = ("csv", "json")
-VARIANTS = ("patching_grid", "patching_all", "patching_noise", "patching_noise_grid", "patching_noise_all")
 SUMMARY_FIRST = ("prompt_id", "peak_layer", "num_choice_flips", "gini_coefficient", "top5_concentration",
                  "chose_ethical_base")
 
@@ -285,64 +285,86 @@ def _table(df: pd.DataFrame, out: Path, stem: str, fmt: str) -> Path:
     return _write(json.dumps(records, ensure_ascii=False, indent=1), out / f"{stem}.json")
 
 
+# ---------------------------------------------------------------------------------------------
+# the tables each analysis owns (its Analysis.tables): {file stem: build() -> DataFrame | JSON records}
+
+Tables = dict[str, Callable[[], "pd.DataFrame | list[dict]"]]
+
+
+def decisions_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> Tables:
+    jobs: Tables = {"decisions": lambda: decisions_table(ds)}
+    if all(v in ds for v in PAIR_VARS):
+        jobs["verdict_pairs"] = lambda: verdict_pairs(ds)
+    if "group" in ds.dims:
+        jobs["verdict_groups"] = lambda: verdict_groups(ds)
+    return jobs
+
+
+def patching_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> Tables:
+    if name == "patching":
+        return {"detailed_layer_data": lambda: detailed_layer_data(ds),
+                "summary_results": lambda: summary_results(ds, data.get("decisions"))}
+    has_position = "effect" in ds and "position" in ds["effect"].dims
+    return {name: (lambda: position_table(ds)) if has_position else (lambda: detailed_layer_data(ds))}
+
+
+def attribution_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> Tables:
+    jobs: Tables = {"attribution": lambda: attribution_table(ds)}
+    if "head_contribution" in ds:
+        jobs["attribution_heads"] = lambda: head_table(ds)
+    return jobs
+
+
+def lens_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> Tables:
+    jobs: Tables = {"token_trajectories": lambda: trajectory_table(ds)}
+    if "top_token" in ds:
+        jobs["tuned_lens"] = lambda: lens_topk_records(ds)  # records: always JSON
+    return jobs
+
+
+def _load(folder: Path, name: str) -> xr.Dataset | None:
+    from .analyses import ANALYSES
+
+    path = folder / f"{name}.nc"
+    if not path.exists():
+        return None
+    try:
+        ds = xr.load_dataset(path, engine="netcdf4")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ExportError(f"{path}: not a readable NetCDF file ({e}); recompute it with `nnethics run` "
+                          "or move it out of the folder, then export again") from None
+    if ANALYSES.get(str(ds.attrs.get("analysis", ""))) is not ANALYSES[name]:  # variants share their analysis
+        raise ExportError(f"{path}: not an nnethics {name!r} result (its 'analysis' attribute is "
+                          f"{ds.attrs.get('analysis')!r}); move it out of {folder} or recompute it with `nnethics run`")
+    return ds
+
+
 def export_store(store_dir: str | Path, fmt: str = "csv", out: str | Path | None = None) -> list[Path]:
-    """Write the flat tables of every result file in ``store_dir``; return the paths written."""
+    """Write the tables every registered analysis owns for the files in ``store_dir``; return the paths written."""
+    from .analyses import analyses, file_names
+
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
     folder = Path(store_dir)
     if not folder.is_dir():
         raise ExportError(f"{folder}: not a folder; pass a store/<model-slug> folder")
     out_dir = Path(out) if out is not None else folder / "export"
-
-    def load(name: str) -> xr.Dataset | None:
-        path = folder / f"{name}.nc"
-        if not path.exists():
-            return None
-        try:
-            ds = xr.load_dataset(path, engine="netcdf4")
-        except (OSError, ValueError, RuntimeError) as e:
-            raise ExportError(f"{path}: not a readable NetCDF file ({e}); recompute it with `nnethics run` "
-                              "or move it out of the folder, then export again") from None
-        if str(ds.attrs.get("analysis", "")).split("_")[0] != name.split("_")[0]:  # (variants share a family)
-            raise ExportError(f"{path}: not an nnethics {name!r} result (its 'analysis' attribute is "
-                              f"{ds.attrs.get('analysis')!r}); move it out of {folder} or recompute it with `nnethics run`")
-        return ds
-
-    data = {n: load(n) for n in ("decisions", "patching", *VARIANTS, "attribution", "lens")}
-    if not any(v is not None for v in data.values()):
+    data = {n: ds for n in file_names() if (ds := _load(folder, n)) is not None}
+    if not data:
         raise ExportError(f"{folder}: no result files (.nc) to export")
-    jobs: list[tuple[str, str, Callable[[], pd.DataFrame]]] = []
-    if (d := data["decisions"]) is not None:
-        jobs.append(("decisions", "decisions", lambda d=d: decisions_table(d)))
-        if all(v in d for v in PAIR_VARS):
-            jobs.append(("decisions", "verdict_pairs", lambda d=d: verdict_pairs(d)))
-        if "group" in d.dims:
-            jobs.append(("decisions", "verdict_groups", lambda d=d: verdict_groups(d)))
-    if (p := data["patching"]) is not None:
-        jobs.append(("patching", "detailed_layer_data", lambda p=p: detailed_layer_data(p)))
-        jobs.append(("patching", "summary_results", lambda p=p: summary_results(p, data["decisions"])))
-    for kind in VARIANTS:
-        if (g := data[kind]) is not None:
-            has_position = "effect" in g and "position" in g["effect"].dims
-            jobs.append((kind, kind, (lambda g=g: position_table(g)) if has_position else
-                         (lambda g=g: detailed_layer_data(g))))
-    if (a := data["attribution"]) is not None:
-        jobs.append(("attribution", "attribution", lambda a=a: attribution_table(a)))
-        if "head_contribution" in a:
-            jobs.append(("attribution", "attribution_heads", lambda a=a: head_table(a)))
-    if (lens := data["lens"]) is not None:
-        jobs.append(("lens", "token_trajectories", lambda lens=lens: trajectory_table(lens)))
+    jobs = [(name, stem, build) for a in analyses() if a.tables is not None for name in a.names if name in data
+            for stem, build in a.tables(name, data[name], data).items()]
     written = []
-    for kind, stem, build in jobs:
+    for name, stem, build in jobs:
         try:
             table = build()
         except (KeyError, ValueError, IndexError) as e:
             if isinstance(e, ExportError):
-                raise ExportError(f"{folder / (kind + '.nc')}: {e}") from None
-            raise ExportError(f"{folder / (kind + '.nc')}: lacks what the {stem} table needs ({type(e).__name__}: {e}); "
-                              "recompute it with `nnethics run`") from None
-        written.append(_table(table, out_dir, stem, fmt))
-    if lens is not None and "top_token" in lens:
-        written.append(_write(json.dumps(lens_topk_records(lens), ensure_ascii=False, indent=1),
-                              out_dir / "tuned_lens.json"))
+                raise ExportError(f"{folder / (name + '.nc')}: {e}") from None
+            raise ExportError(f"{folder / (name + '.nc')}: lacks what the {stem} table needs ({type(e).__name__}: "
+                              f"{e}); recompute it with `nnethics run`") from None
+        if isinstance(table, pd.DataFrame):
+            written.append(_table(table, out_dir, stem, fmt))
+        else:
+            written.append(_write(json.dumps(table, ensure_ascii=False, indent=1), out_dir / f"{stem}.json"))
     return written

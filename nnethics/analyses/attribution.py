@@ -70,6 +70,7 @@ import numpy as np
 import xarray as xr
 from torch import Tensor
 
+from .. import export
 from .. import verdict as _verdict
 from ..prompts import SIDES, PromptPair
 from .attribution_trace import _is_half, collect, contributions, wire_bytes
@@ -244,4 +245,5 @@ ANALYSIS = register(Analysis(
     finalize=finalize, check=check_model, command="attribute",
     help="Direct logit attribution: each layer's attention and MLP (and each head / expert) contribution to the "
          "label logits at the decision token; writes STORE/<model>/attribution.nc.",
-    render="nnethics.render.attribution"))
+    tables=export.attribution_tables,
+    render=("nnethics.render.attribution",)))

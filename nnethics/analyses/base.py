@@ -16,8 +16,9 @@ An analysis declares, once:
   as :class:`OptionError` before any prompt runs;
 * ``summarize(ds) -> str`` (one line for the terminal) and optional ``finalize(ds)`` (cross-prompt
   statistics, once, after the chunks are consolidated);
-* ``render``: the module of its report section (``SECTION`` + ``figures(ds, prompts)``), and ``tables``: the
-  export tables it owns (``tables(ds, data) -> {file name: DataFrame | records}``).
+* ``render``: the modules of its report sections (each with ``SECTION`` and ``figures(ds, prompts)``, and
+  ``variant_figures(ds, name)`` for the variants' files), and ``tables``: the export tables it owns
+  (``tables(ds, data) -> {file stem: DataFrame | list of records}``, ``data`` being every file of the store).
 
 :data:`ANALYSES` is the registry: ``nnethics run --analyses``, the commands, the runner, the report, ``compare``
 and ``export`` all read it. :func:`register` adds one (a module in ``nnethics/analyses`` registers itself at
@@ -184,7 +185,7 @@ class Analysis:
     check: Callable[[Any, Any], None] | None = None
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # other file name -> fixed options
     command: str | None = None  # the CLI command (default: the name); "lens run" puts it in a group
-    render: str | None = None  # module with SECTION and figures(ds, prompts) / variant_figures(ds, name)
+    render: tuple[str, ...] = ()  # modules with SECTION and figures(ds, prompts) [+ variant_figures(ds, name)]
     tables: Callable[[xr.Dataset, Mapping[str, xr.Dataset]], dict[str, Any]] | None = None
     default: bool = True  # run by ``nnethics run`` without --analyses
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
+from .. import export
 from .. import verdict as _verdict
 from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import SIDES, PromptPair
@@ -139,4 +140,5 @@ ANALYSIS = register(Analysis(
     name="decisions", options=DecisionOptions, compute=baseline_decisions, summarize=summarize, finalize=finalize,
     help="Baseline decisions: which label each prompt makes the model choose, its position bias and ethical "
          "preference, and the verdict; writes STORE/<model>/decisions.nc.",
-    render="nnethics.render.decisions"))
+    tables=export.decisions_tables,
+    render=("nnethics.render.verdict", "nnethics.render.decisions")))

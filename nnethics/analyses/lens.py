@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from .. import export
 from ..lenses import CONFIG, PARAMS, TL_PARAMS, LensLoadError, TunedLens, find_cached_lens, softcap_of
 from ..prompts import SIDES, PromptPair
 from .base import Analysis, chat_field, check_values, labels_field, option, register
@@ -240,7 +241,8 @@ def summarize(ds: xr.Dataset) -> str:
 ANALYSIS = register(Analysis(
     name="lens", options=LensOptions, compute=logit_lens, summarize=summarize, prepare=prepare, command="lens run",
     help="Compute STORE/<model>/lens.nc (logit lens, and the tuned lens when one is given or cached).",
-    render="nnethics.render.lens"))
+    tables=export.lens_tables,
+    render=("nnethics.render.lens",)))
 
 
 def evaluate_lenses(model: Any, tuned_lens: TunedLens, corpus: Sequence[str | Path] | None = None,

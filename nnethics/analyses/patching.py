@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .. import export
 from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import PromptPair
 from . import patching_results as results
@@ -344,4 +345,5 @@ ANALYSIS = register(Analysis(
     finalize=results.finalize, check=check_model, variants=VARIANTS, command="patch",
     help="Activation patching / causal tracing of the decision; writes STORE/<model>/patching*.nc (the file name "
          "follows --corruption and --positions).",
-    render="nnethics.render.patching"))
+    tables=export.patching_tables,
+    render=("nnethics.render.patching",)))

@@ -15,6 +15,7 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
+from ..analyses import analyses
 from ._base import (
     HEIGHT,
     MODEL_COLORS,
@@ -59,8 +60,8 @@ def _layers(stores: Stores, name: str) -> dict[str, int]:
 
 def use_relative(stores: Stores) -> bool:
     counts = set()
-    for name in ("patching", "attribution", "lens"):
-        counts |= set(_layers(stores, name).values())
+    for analysis in analyses():  # every registered analysis whose file has a layer dim
+        counts |= set(_layers(stores, analysis.name).values())
     return len(counts) > 1
 
 

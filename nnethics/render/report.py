@@ -1,14 +1,15 @@
 """The per-model report: every figure of whichever result files exist, in one offline HTML file.
 
-``write_report(store/<model-slug>)`` reads ``decisions.nc``, ``patching.nc`` and its variants
-(``patching_grid``, ``patching_all``, ``patching_noise``, ``patching_noise_grid``, ``patching_noise_all``),
-``attribution.nc`` and ``lens.nc`` (missing ones are skipped) and writes
-``report.html`` next to them (plus ``report_png/<figure>.png`` with ``png=True``).
+``write_report(store/<model-slug>)`` reads the file of every registered analysis and of its variants
+(:func:`nnethics.analyses.file_names`; missing ones are skipped), draws each with the render modules its
+analysis declares, in registry order, and writes ``report.html`` next to them (plus
+``report_png/<figure>.png`` with ``png=True``).
 """
 
 from __future__ import annotations
 
 import html
+import importlib
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,17 +17,11 @@ from typing import Any
 
 import xarray as xr
 
-from . import attribution as _attribution
-from . import decisions as _decisions
-from . import lens as _lens
-from . import patching as _patching
-from . import verdict as _verdict
+from ..analyses import analyses, default_names, file_names
 from ._base import WIDE, WIDTH, Figure, MissingData, model_name, prompt_order
 from .embed import Rendered, link_selectors, render
 from .offline import export_pngs, save_bokeh
 
-ANALYSIS_FILES = ("decisions", "patching", *_patching.VARIANTS, "attribution", "lens")
-SECTIONS = (_verdict.SECTION, _decisions.SECTION, _patching.SECTION, _attribution.SECTION, _lens.SECTION)
 DEFAULT_MAX_PROMPTS = 100
 PROVENANCE_KEYS = ("model_id", "model_revision", "dtype", "device", "quantization", "prompt_set",
                    "prompt_set_sha256", "labels", "nnethics_version", "nnsight_version", "created")
@@ -43,7 +38,7 @@ def load_store(store_dir: str | Path) -> tuple[dict[str, xr.Dataset], list[str]]
         raise ReportError(f"{folder}: not a folder; pass a store/<model-slug> folder")
     data: dict[str, xr.Dataset] = {}
     notes: list[str] = []
-    for name in ANALYSIS_FILES:
+    for name in file_names():
         path = folder / f"{name}.nc"
         if not path.exists():
             continue
@@ -53,31 +48,39 @@ def load_store(store_dir: str | Path) -> tuple[dict[str, xr.Dataset], list[str]]
             notes.append(f"{path.name}: unreadable ({e})")
     if not data:
         found = ", ".join(sorted(p.name for p in folder.glob("*.nc"))) or "none"
-        raise ReportError(f"{folder}: no result files to report (looked for {', '.join(f + '.nc' for f in ANALYSIS_FILES)};"
+        raise ReportError(f"{folder}: no result files to report (looked for {', '.join(f + '.nc' for f in file_names())};"
                           f" found {found})")
     return data, notes
 
 
+def sections() -> list[str]:
+    """The report's sections in registry order (each analysis' render modules, in the order it lists them)."""
+    return list(dict.fromkeys(importlib.import_module(m).SECTION for a in analyses() for m in a.render))
+
+
+def _builders(prompts: list[str]) -> list[tuple[str, Any]]:
+    """``(file name, build(ds) -> (figures, skipped))`` for every file of every registered analysis."""
+    out: list[tuple[str, Any]] = []
+    for analysis in analyses():
+        for module in map(importlib.import_module, analysis.render):
+            out.append((analysis.name, lambda ds, m=module: m.figures(ds, prompts)))
+            out += [(name, lambda ds, m=module, name=name: m.variant_figures(ds, name))
+                    for name in analysis.variants if hasattr(module, "variant_figures")]
+    return out
+
+
 def report_figures(data: Mapping[str, xr.Dataset], max_prompts: int | None = DEFAULT_MAX_PROMPTS
                    ) -> tuple[list[Figure], list[str], list[str]]:
-    """All figures for the Datasets in ``data`` (keys as in ``ANALYSIS_FILES``).
+    """All figures for the Datasets in ``data`` (keyed by file name, as :func:`load_store` returns them).
 
     Returns (figures, prompts offered by the per-prompt selectors, notes on skipped figures).
     """
-    prompts = prompt_order(*(data.get(k) for k in ("decisions", "patching", "attribution", "lens")))
+    prompts = prompt_order(*(data.get(a.name) for a in analyses()))
     if max_prompts is not None:
         prompts = prompts[:max_prompts]
     figs: list[Figure] = []
     skipped: list[str] = []
-    builders = [
-        ("decisions", _verdict.figures),
-        ("decisions", lambda ds: _decisions.figures(ds, prompts)),
-        ("patching", lambda ds: _patching.figures(ds, prompts)),
-        *((name, lambda ds, name=name: _patching.variant_figures(ds, name)) for name in _patching.VARIANTS),
-        ("attribution", lambda ds: _attribution.figures(ds, prompts)),
-        ("lens", lambda ds: _lens.figures(ds, prompts)),
-    ]
-    for name, build in builders:
+    for name, build in _builders(prompts):
         if name not in data:
             continue
         try:
@@ -93,12 +96,12 @@ def _provenance_html(data: Mapping[str, xr.Dataset]) -> str:
     first = next(iter(data.values()))
     rows = [(k, first.attrs[k]) for k in PROVENANCE_KEYS if str(first.attrs.get(k, "")) != ""]
     files = []
-    for name in ANALYSIS_FILES:
+    for name in file_names():
         if name in data:
             ds = data[name]
             dims = ", ".join(f"{k}={v}" for k, v in ds.sizes.items())
             files.append(f"<li><b>{name}.nc</b> ({html.escape(dims)}; {html.escape(str(ds.attrs.get('created', '')))})</li>")
-        elif name in ("decisions", "patching", "attribution", "lens"):
+        elif name in default_names():
             files.append(f"<li style='color:#888'>{name}.nc: not in this store</li>")
     table = "".join(f"<tr><td style='padding:1px 12px 1px 0;color:#555'>{html.escape(k)}</td>"
                     f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows)
@@ -147,7 +150,7 @@ def build_report(data: Mapping[str, xr.Dataset], title: str | None = None,
                   + "".join(f"<li>{html.escape(s)}</li>" for s in extra) + "</ul></details>")
     items: list[Any] = [Div(text=intro, width=WIDE)]
     rendered: list[Rendered] = []
-    for section in SECTIONS:
+    for section in sections():
         in_section = [f for f in figs if f.section == section]
         if not in_section:
             continue

@@ -7,6 +7,7 @@ Reads the verdict variables of ``decisions.nc`` (see :mod:`nnethics.verdict`): `
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 
 import holoviews as hv
 import numpy as np
@@ -131,7 +132,7 @@ def group_bars(ds: xr.Dataset) -> hv.Layout:
     return hv.Layout(panels).cols(2).opts(shared_axes=False)
 
 
-def figures(ds: xr.Dataset) -> tuple[list[Figure], list[str]]:
+def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[Figure], list[str]]:
     """The verdict figures (figures whose inputs are missing are skipped). A ``decisions.nc`` written before the
     verdict existed gets it computed here from its logit differences (the same function ``run`` uses)."""
     if "group" not in ds.dims and all(v in ds for v in ("logit_diff", "ethical_option", "chosen")):
