@@ -74,7 +74,7 @@ def time_analyses(shape: str, device: str, dtype: torch.dtype, pairs: int, batch
         for name in DEFAULT_ANALYSES:
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            ctx = make_context(model, prompts, extra={})
+            ctx = make_context(model, prompts)
             _sync(device)
             t = time.perf_counter()
             run_one(name, model, prompts, store, ctx, batch_size=batch, progress=False)
