@@ -33,7 +33,7 @@ import xarray as xr
 from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import PromptPair
 from . import patching_results as results
-from .common import PairBatch, encode_pairs, run_remote
+from .common import PairBatch, encode_pairs
 from .patching_engine import (
     COMPONENTS,
     Noise,
@@ -62,7 +62,6 @@ class PatchingOptions:
     noise draws and the corrupted and every restored LD are means over them (ROME uses 10). ``kv_cache``: ``auto`` uses the prefix-cache path
     where it applies, ``on`` insists on it, ``off`` always runs full forwards. ``max_tokens`` bounds
     the tokens of one forward (rows x width); the rows per forward halve on out-of-memory.
-    ``remote`` overrides the model's remote setting for every trace (``"local"``: NDIF dry run).
     """
 
     labels: tuple[str, ...] = ("1", "2")
@@ -81,7 +80,6 @@ class PatchingOptions:
     kv_cache: str = "auto"
     min_gap: float = DEFAULT_MIN_GAP
     max_tokens: int = 16384
-    remote: bool | str | None = None
 
     def __post_init__(self) -> None:
         bad = [c for c in self.components if c not in COMPONENTS]
@@ -102,7 +100,7 @@ class PatchingOptions:
 
     def record(self) -> dict:
         d = asdict(self)
-        for k in ("labels", "chat", "remote"):
+        for k in ("labels", "chat"):
             d.pop(k)
         return d
 
@@ -210,12 +208,7 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
     use_kv, why = _choose_path(model, batch, plan, opts)
     atp_job = _atp_job(batch, plan, opts, layers) if opts.atp and opts.corruption == "counterfactual" and \
         opts.window == 1 else None
-    remote = model.remote if opts.remote is None else opts.remote
-    job = (model, batch.encoded, plan.groups, ids, use_kv, opts.max_tokens, atp_job)
-    if remote:
-        lds, sigma, atp_raw = run_remote(model, remote, _execute, job)
-    else:
-        lds, sigma, atp_raw = _execute(*job, {})
+    lds, sigma, atp_raw = model.session(_execute, batch.encoded, plan.groups, ids, use_kv, opts.max_tokens, atp_job)
     n, nL, nC = batch.n, len(layers), len(opts.components)
     shape = (n, len(plan.positions), nL, nC) if plan.positions is not None else (n, nL, nC)
     # noise mode: a pair's groups are its noise draws, and the LDs are their means
@@ -251,18 +244,19 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
     return ds
 
 
-def _execute(model: Any, enc, groups, ids, use_kv: bool, max_tokens: int, atp_job: dict | None,
-             trace_kw: dict) -> tuple[list[list[float]], dict[int, float], Any]:
+def _execute(model: Any, enc, groups, ids, use_kv: bool, max_tokens: int,
+             atp_job: dict | None) -> tuple[list[list[float]], dict[int, float], Any]:
     """Every forward of a chunk: the prefix (KV path), the patched rows, the AtP forward + backward.
 
     Returns the LD of every row, the noise std per group and the raw AtP tensor ``[K, n, P]`` (or None).
-    Remote runs call it inside one session, on the server, so the prefix cache never travels."""
-    prefix = run_prefix(model, enc, groups, trace_kw) if use_kv else None
-    lds, sigma = run_groups(model, enc, groups, ids, prefix=prefix, max_tokens=max_tokens, trace_kw=trace_kw)
+    It runs as one :meth:`~nnethics.models.handle.ModelHandle.session`: on NDIF, one request, so the
+    prefix cache never travels."""
+    prefix = run_prefix(model, enc, groups) if use_kv else None
+    lds, sigma = run_groups(model, enc, groups, ids, prefix=prefix, max_tokens=max_tokens)
     atp = None
     if atp_job is not None:
         atp, _, _ = attribution(model, enc, atp_job["recv"], atp_job["src"], atp_job["keys"], atp_job["positions"],
-                                ids, prefix=prefix if atp_job["last"] else None, trace_kw=trace_kw)
+                                ids, prefix=prefix if atp_job["last"] else None)
     return lds, sigma, atp
 
 
