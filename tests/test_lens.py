@@ -313,7 +313,7 @@ def test_spec_uses_cached_lens(tiny_models, pairs, tmp_path, monkeypatch):
     assert isinstance(LogitLens.from_model(model), LogitLens)
 
 
-def test_remote_runs_use_a_cached_tuned_lens_only_when_asked(tiny_models, pairs, tmp_path, monkeypatch, capsys):
+def test_remote_runs_use_a_cached_tuned_lens_only_when_asked(tiny_models, pairs, tmp_path, monkeypatch):
     """A remote tuned lens ships every layer's residual down and up again, so a cached lens is not
     picked up silently: a note says what it would cost, and ``tuned_lens=PATH`` asks for it."""
     from nnethics.analyses.lens import SPEC, residual_round_trip
@@ -327,7 +327,7 @@ def test_remote_runs_use_a_cached_tuned_lens_only_when_asked(tiny_models, pairs,
     local = SPEC.build(model, ctx)[0](model, pairs[:2])
     monkeypatch.setattr(model, "remote", "local")  # nnsight's serialise-and-run dry run of the remote path
     _, opts = SPEC.build(model, ctx)
-    note = capsys.readouterr().err
+    note = opts["tuned_lens_note"]  # data the caller shows (the runner echoes it on stderr), not a print
     assert opts["tuned_lens"] == "" and str(folder) in note and "--tuned-lens" in note
     assert residual_round_trip(model) == 2 * model.n_layers * model.d_model * 4  # float32, both prompts
     fn, opts = SPEC.build(model, RunContext(labels=ctx.labels, label_ids=ctx.label_ids,
