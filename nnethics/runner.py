@@ -3,7 +3,8 @@
 The analysis itself is a pure function ``fn(model, pairs) -> xr.Dataset`` (dim ``prompt``); this
 module feeds it chunks, writes each finished chunk as an atomic part, halves the chunk on
 out-of-memory without losing finished prompts, shows progress on stderr, and consolidates the
-parts into ``store/<slug>/<analysis>.nc``.
+parts into ``store/<slug>/<analysis>.nc``. Remote requests sent for a chunk are labelled with the
+analysis name in :data:`nnethics.models.remote.STATS`.
 """
 
 from __future__ import annotations
@@ -17,18 +18,13 @@ import click
 import torch
 import xarray as xr
 
+from .models.errors import is_oom
+from .models.remote.stats import STATS
 from .prompts import PromptPair, PromptSet
 from .store import PartStore, provenance
 from .storelock import store_lock
 
 AnalysisFn = Callable[[Any, Sequence[PromptPair]], xr.Dataset]
-
-
-def is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError):
-        return True
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 def free_memory() -> None:
@@ -78,7 +74,8 @@ def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts
         while i < len(todo):
             chunk = todo[i:i + size]
             try:
-                ds = fn(model, chunk)
+                with STATS.scope(name):  # remote requests of this chunk count under the analysis name
+                    ds = fn(model, chunk)
             except Exception as err:  # noqa: BLE001 - only OOM is retried
                 if not is_oom(err) or size == 1:
                     raise

@@ -139,10 +139,10 @@ def test_softcap_term_makes_the_sum_exact(tokenizer):
 def test_traces_pass_nnsights_remote_dry_run(family, tiny_models, attributed):
     model = tiny_models(family)
     ids = encode_pairs(model, PAIRS, ["1", "2"]).label_ids
-    local, dry = readout(model, ids), readout(model, ids, remote="local")
+    local, dry = readout(model, ids), readout(model.using(remote="local"), ids)
     for name in ("direction", "const", "head_dir", "attn_bias"):
         torch.testing.assert_close(getattr(dry, name), getattr(local, name))
-    xr.testing.assert_allclose(direct_logit_attribution(model, PAIRS, remote="local"), attributed(family))
+    xr.testing.assert_allclose(direct_logit_attribution(model.using(remote="local"), PAIRS), attributed(family))
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])
@@ -197,16 +197,17 @@ def test_the_trace_brings_back_only_what_wire_bytes_counts(family, kept, heads, 
 
 
 def test_a_70b_shaped_model_fits_the_remote_budget():
-    big = SimpleNamespace(n_layers=80, n_heads=64, dtype="bfloat16")
+    big = SimpleNamespace(n_layers=80, n_heads=64, dtype="bfloat16", serialized=True)  # through NDIF
+    big_here = SimpleNamespace(n_layers=80, n_heads=64, dtype="bfloat16", serialized=False)  # local weights
     per_prompt = sum(wire_bytes(80, 64, 2, half=True, head_options=False).values())
     assert per_prompt == 12856 and per_prompt <= 16 * 1024
     assert sum(wire_bytes(80, 64, 2, heads=False).values()) == 2616
-    assert not per_option_heads(big, AttributionOptions(), 80, remote=True)  # 20 KB of per-option heads
-    assert per_option_heads(big, AttributionOptions(), 80, remote=False)  # nothing travels locally
-    assert per_option_heads(big, AttributionOptions(head_options=True), 80, remote=True)
-    assert per_option_heads(big, AttributionOptions(), 40, remote=True)  # --layers with half the layers fits
-    smol = SimpleNamespace(n_layers=30, n_heads=9, dtype="float32")
-    assert wire_bytes(30, 9, 2)["heads"] <= HEAD_BYTES_PER_ROW and per_option_heads(smol, AttributionOptions(), 30, True)
+    assert not per_option_heads(big, AttributionOptions(), 80)  # 20 KB of per-option heads
+    assert per_option_heads(big_here, AttributionOptions(), 80)  # nothing travels locally
+    assert per_option_heads(big, AttributionOptions(head_options=True), 80)
+    assert per_option_heads(big, AttributionOptions(), 40)  # --layers with half the layers fits
+    smol = SimpleNamespace(n_layers=30, n_heads=9, dtype="float32", serialized=True)
+    assert wire_bytes(30, 9, 2)["heads"] <= HEAD_BYTES_PER_ROW and per_option_heads(smol, AttributionOptions(), 30)
 
 
 def test_a_16_bit_model_sends_float16_heads(tokenizer):

@@ -396,7 +396,7 @@ def test_traces_pass_the_remote_dry_run(family, strong_models, pairs):
                  PatchingOptions(**PLAIN, corruption="noise", window=2, kv_cache="off"),
                  PatchingOptions(**PLAIN, corruption="noise", kv_cache="on")):
         local = activation_patching(model, pairs[:2], opts)
-        dry = activation_patching(model, pairs[:2], PatchingOptions(**{**opts.__dict__, "remote": "local"}))
+        dry = activation_patching(model.using(remote="local"), pairs[:2], opts)
         for v in ("patched_logit_diff", "base_logit_diff", "atp_delta", "corrupted_logit_diff"):
             if v in local:
                 np.testing.assert_allclose(dry[v], local[v], rtol=0, atol=1e-6)

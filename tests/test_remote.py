@@ -175,8 +175,8 @@ def _compare_runs(server, model_dir, tmp_path, *extra, same=None) -> set[str]:
     assert total["requests"] == after["requests"] - before["requests"] == total["attempts"]
     assert total["bytes_sent"] == after["bytes_in"] - before["bytes_in"]
     print()
-    # requests are labelled by module: patching_grid, patching_noise... all count under "patching"
-    runs = {label: sum(f.stem.split("_")[0] == label for f in local_files) for label in STATS.labels()}
+    # requests are labelled with the analysis name from the registry (the runner's STATS.scope)
+    runs = {label: sum(f.stem == label for f in local_files) for label in STATS.labels()}
     for label in STATS.labels():
         t = STATS.totals(label)
         per_pair = (t["bytes_sent"] + t["bytes_received"]) / 1024 / limit / runs[label]
@@ -226,6 +226,37 @@ def test_session_is_one_request(server, tiny_model_dir):
         clean = handle.lm.lm_head.output[:, -1, :4].clone().save()
     torch.testing.assert_close(patched, clean, atol=1e-5, rtol=1e-5)  # the last layer's residual decides the logits
     assert STATS.totals()["requests"] == 2
+
+
+def _patch_last_layer(model, a, b):
+    """Two traces that feed each other, written once for every transport (the handle decides)."""
+    last = model.n_layers - 1
+    with model.trace(a):
+        h = model.layer(last).output[:, -1].clone().save()  # saved: locally it is a plain call, no session
+    with model.trace(b):
+        model.layer(last).output[:, -1] = h
+        patched = model.lm.lm_head.output[:, -1, :4].clone().save()
+    return patched
+
+
+def test_handle_session_is_one_request_labelled_by_its_scope(server, tiny_model_dir):
+    handle = load_model(str(tiny_model_dir), remote=True)
+    local = load_model(str(tiny_model_dir))
+    a, b = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9, 10]])
+    with torch.no_grad(), STATS.scope("mine"):
+        patched = handle.session(_patch_last_layer, a, b)
+    with torch.no_grad():
+        here = local.session(_patch_last_layer, a, b)
+        dry = local.using(remote="local").session(_patch_last_layer, a, b)
+        with handle.trace(a):
+            clean = handle.lm.lm_head.output[:, -1, :4].clone().save()
+    torch.testing.assert_close(patched, clean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(patched, here, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dry, here)
+    assert STATS.totals("mine")["requests"] == 1 and STATS.totals("api")["requests"] == 1  # unscoped: "api"
+    assert STATS.totals()["requests"] == 2
+    with pytest.raises(TypeError, match="handle.using"):
+        handle.trace(a, remote=False)
 
 
 def test_non_blocking_submit_then_poll(server, tiny_model_dir):
@@ -428,7 +459,7 @@ def test_patching_is_one_request_per_chunk_on_the_kv_path(server, tiny_model_dir
     with xr.open_dataset(f) as a, xr.open_dataset(g) as b:
         assert set(b["forward_path"].values) == {"kv_cache"}
         _assert_same(a.load(), b.load())
-    t = STATS.totals("patching")
+    t = STATS.totals(f.stem)  # the analysis name: patching or patching_noise
     assert t["requests"] == 2 == STATS.totals()["requests"] and t["attempts"] == 2 + drop, STATS.report(4)
     if drop:
         return

@@ -73,7 +73,7 @@ from torch import Tensor
 from .. import export
 from .. import verdict as _verdict
 from ..prompts import SIDES, PromptPair
-from .attribution_trace import _is_half, collect, contributions, wire_bytes
+from .attribution_trace import collect, contributions, is_half, wire_bytes
 from .base import Analysis, chat_field, check_layers, check_values, labels_field, option, parse_layers, register
 from .common import encode_pairs
 
@@ -101,12 +101,22 @@ class AttributionOptions:
 HEAD_BYTES_PER_ROW = 12 * 1024  # per-option heads above this, per prompt, come back as the difference only
 
 
-def per_option_heads(model: Any, options: AttributionOptions, n_kept: int, remote: Any) -> bool:
-    """Whether heads come back per option: always locally; remotely while they fit :data:`HEAD_BYTES_PER_ROW`."""
+def per_option_heads(model: Any, options: AttributionOptions, n_kept: int) -> bool:
+    """Whether heads come back per option: always locally; through a request (``model.serialized``:
+    NDIF or the dry run) while they fit :data:`HEAD_BYTES_PER_ROW`."""
+    return head_options_choice(model, options, n_kept)[0]
+
+
+def head_options_choice(model: Any, options: AttributionOptions, n_kept: int) -> tuple[bool, str]:
+    """:func:`per_option_heads` and why, in words (stored as the ``head_options_reason`` attr)."""
     if options.head_options is not None:
-        return options.head_options
-    size = wire_bytes(model.n_layers, model.n_heads, len(options.labels), n_kept, half=_is_half(model))["heads"]
-    return not remote or size <= HEAD_BYTES_PER_ROW
+        return options.head_options, "set by AttributionOptions.head_options"
+    if not model.serialized:
+        return True, "local weights: nothing travels"
+    size = wire_bytes(model.n_layers, model.n_heads, len(options.labels), n_kept, half=is_half(model))["heads"]
+    fits = size <= HEAD_BYTES_PER_ROW
+    return fits, (f"per-option heads are {size} B per prompt through a request, "
+                  f"{'within' if fits else 'over'} the budget of {HEAD_BYTES_PER_ROW} B")
 
 
 def _pairs_first(t: Tensor, n: int) -> np.ndarray:
@@ -120,11 +130,13 @@ def _diff(x: np.ndarray) -> np.ndarray:
 
 def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
                              options: AttributionOptions = AttributionOptions(),
-                             label_ids: Sequence[int] | None = None, remote: Any = None) -> xr.Dataset:
+                             label_ids: Sequence[int] | None = None) -> xr.Dataset:
     """DLA for every pair, both sides, at the last prompt token (one trace, one request, for the whole chunk).
 
-    ``remote`` overrides the handle's remote setting (``"local"`` dry-runs nnsight's serialization, and
-    counts as remote for :func:`per_option_heads`). Returns the Dataset described in the module docstring.
+    Returns the Dataset described in the module docstring. Whether heads came back per option (it depends
+    on where the handle runs traces, see :func:`per_option_heads`) is recorded as the attrs
+    ``head_options`` (``"true"``/``"false"``) and ``head_options_reason`` of ``head_contribution`` (and of
+    the Dataset, for a direct call).
     """
     labels = list(options.labels)
     if len(labels) < 2:
@@ -135,13 +147,23 @@ def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
     if bad or not keep:
         raise ValueError(f"layers {bad or keep} are out of range: the model has layers 0-{L - 1}")
     batch = encode_pairs(model, pairs, labels, options.chat, label_ids)
-    per_option = per_option_heads(model, options, len(keep), model.remote if remote is None else remote)
+    per_option, why = head_options_choice(model, options, len(keep))
     proj = collect(model, batch.encoded.inputs(), batch.label_ids, heads=options.heads, kept=keep,
-                   per_option=per_option, remote=remote)
+                   per_option=per_option)
     n_experts = int(model.config.num_local_experts) if model.adapter.moe else None
-    c = contributions(proj, n_experts)
-    n = batch.n
+    ds = _dataset(contributions(proj, n_experts), pairs, batch.label_ids, labels, keep, L, per_option)
+    if "head_contribution" in ds:
+        recorded = {"head_options": "true" if per_option else "false", "head_options_reason": why}
+        ds["head_contribution"].attrs.update(recorded)
+        ds.attrs.update(recorded)
+    ethical_first = np.array([[p.ethical(s) == labels[0] for s in SIDES] for p in pairs], dtype=bool)
+    return finalize(_verdict.add_position_content_split(ds, ethical_first))
 
+
+def _dataset(c: dict[str, Tensor], pairs: Sequence[PromptPair], label_ids: Sequence[int], labels: list[str],
+             keep: list[int], L: int, per_option: bool) -> xr.Dataset:
+    """The Dataset of the module docstring (before the position / ethical split) from :func:`contributions`."""
+    n = len(pairs)
     layer_logit = _pairs_first(c["layers"], n)  # [n, 2, L, 2, O]
     rest = [i for i in range(L) if i not in keep]
     other = layer_logit[:, :, rest].sum((2, 3)) if rest else np.zeros_like(layer_logit[:, :, 0, 0])
@@ -172,7 +194,7 @@ def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
         data["attn_mlp_ratio"] = (PSL, (mag[..., 0] / (mag[..., 0] + mag[..., 1])).astype(np.float32))
     coords: dict[str, Any] = {
         "prompt": [p.prompt_id for p in pairs], "side": list(SIDES), "layer": keep, "component": list(COMPONENTS),
-        "option": labels, "label_token_id": ("option", np.array(batch.label_ids, dtype=np.int32)),
+        "option": labels, "label_token_id": ("option", np.array(label_ids, dtype=np.int32)),
         "n_model_layers": L,
     }
     if "heads" in c:
@@ -193,8 +215,7 @@ def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
     ds["bias_contribution"].attrs["description"] = "final-norm bias + lm_head bias terms"
     ds["softcap_contribution"].attrs["description"] = "true minus pre-soft-cap logit difference (Gemma-2), else 0"
     ds["other_layers_contribution"].attrs["description"] = "summed direct contribution of the layers not stored"
-    ethical_first = np.array([[p.ethical(s) == labels[0] for s in SIDES] for p in pairs], dtype=bool)
-    return finalize(_verdict.add_position_content_split(ds, ethical_first))
+    return ds
 
 
 def finalize(ds: xr.Dataset) -> xr.Dataset:

@@ -97,10 +97,9 @@ def wire_bytes(n_layers: int, n_heads: int, n_options: int = 2, kept: int | None
     return out
 
 
-def _is_half(model: Any) -> bool:
+def is_half(model: Any) -> bool:
+    """Whether the model computes in a 16-bit dtype (heads then travel in float16)."""
     return str(getattr(model, "dtype", "")).endswith("16")  # bfloat16, float16, 4bit/bfloat16
-
-
 
 
 def dense_weight(proj: Any) -> Tensor:
@@ -165,12 +164,39 @@ def o_proj_terms(proj: Any, post_norm: Any, direction: Tensor) -> tuple[Tensor, 
     return w, d, (d @ b.detach().double()) if b is not None else d.new_zeros(d.shape[0])
 
 
-def readout(model: Any, label_ids: Sequence[int], remote: Any = None) -> Readout:
+def head_terms(proj: Any, w: Tensor, direction: Tensor, n_heads: int, conv1d: bool, half: bool) -> Tensor:
+    """For one layer's ``o_proj`` envoy (inside a trace) with its dense weight ``w``: each head's o_proj
+    input at the last position dotted with ``direction [O', d]`` pulled back through o_proj:
+    ``[N, H, O']`` on the CPU, float16 for a 16-bit model (``half``) else float32."""
+    pulled = direction @ (w.double().T if conv1d else w.double())  # [O', H*dh]
+    z = proj.input[:, -1].detach().double()
+    n_rows = z.shape[0]
+    h = torch.einsum("nhk,ohk->nho", z.reshape(n_rows, n_heads, -1), pulled.reshape(pulled.shape[0], n_heads, -1))
+    return (h.half() if half else h.float()).cpu()
+
+
+def expert_terms(block: Any, n_rows: int, direction: Tensor) -> tuple[Tensor, Tensor]:
+    """For one MoE block's envoy (inside a trace): every expert recomputed at the last position from the
+    fused weights, the routed top-k kept and weighted, projected on ``direction``: ``[N, k, O]`` float64 and
+    the routed expert ids ``[N, k]`` int32, both on the CPU."""
+    hid = block.input[:, -1].detach()
+    gate_out = block.gate.output
+    k = gate_out[1].shape[-1]
+    weight = gate_out[1].reshape(n_rows, -1, k)[:, -1].detach()
+    idx = gate_out[2].reshape(n_rows, -1, k)[:, -1].detach()
+    gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+    gate, up = torch.einsum("eod,nd->neo", gate_up, hid).chunk(2, dim=-1)
+    out = torch.einsum("edi,nei->ned", down, block.experts.act_fn(gate) * up)
+    routed = out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1])).double() * weight.double()[..., None]
+    return (routed.to(direction.device) @ direction.T).cpu(), idx.to(torch.int32).cpu()
+
+
+def readout(model: Any, label_ids: Sequence[int]) -> Readout:
     """The readout weights for ``label_ids``, computed from the envoys' weights in one early-stopped trace.
 
     :func:`direct_logit_attribution` does not need it (its trace computes the same directions next to
-    the weights); use it to project activations of your own. Only the small projections come back;
-    ``remote`` overrides the handle's setting (``"local"`` dry-runs nnsight's serialization). The nnethics
+    the weights); use it to project activations of your own. Only the small projections come back
+    (the trace runs where the handle runs traces). The nnethics
     helpers the body calls (:func:`label_directions`, :func:`o_proj_terms`) ship by value (``nnsight.register``).
     """
     lm, ad = model.lm, model.adapter
@@ -180,8 +206,7 @@ def readout(model: Any, label_ids: Sequence[int], remote: Any = None) -> Readout
     post = [get_path(model.layer(i), ad.attn_post_norm) for i in range(L)] if ad.attn_post_norm else None
     offset, centre, conv1d = ad.norm == "rms_offset", ad.norm == "layer", ad.o_proj_conv1d
     tiny = {"input_ids": torch.tensor([ids[:1]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
-    kw = {} if remote is None else {"remote": remote}
-    with torch.no_grad(), model.trace(tiny, **kw) as tracer:
+    with torch.no_grad(), model.trace(tiny) as tracer:
         direction, const = label_directions(head, norm, ids, offset, centre)
         got = nnsight.save({"direction": direction.cpu(), "const": const.cpu(), "head_dir": [], "attn_bias": []})
         for i in range(L):
@@ -196,28 +221,24 @@ def readout(model: Any, label_ids: Sequence[int], remote: Any = None) -> Readout
 
 
 def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], heads: bool = True,
-            kept: Sequence[int] | None = None, per_option: bool = True, remote: Any = None) -> Projections:
+            kept: Sequence[int] | None = None, per_option: bool = True) -> Projections:
     """One trace over every row that projects inside the trace and brings back only :class:`Projections`.
 
     Reads in forward order. The body refers only to envoys and Python numbers and lists, detaches what it
     reads (servers may run with autograd on) and returns fresh tensors (no views of large storage), so it
-    is the same code locally, in nnsight's ``remote="local"`` dry run and on NDIF.
+    is the same code locally, in nnsight's dry run of the remote path and on NDIF.
     """
     lm, ad = model.lm, model.adapter
     L, H, ids = model.n_layers, model.n_heads, [int(i) for i in label_ids]
     keep = list(range(L)) if kept is None else [int(i) for i in kept]
     n_rows = int(inputs["input_ids"].shape[0])
     head, norm, first_layer = lm.lm_head, lm.model.norm, model.layer(0)
-    o_projs = [model.o_proj(i) for i in range(L)]
-    attn_outs = [model.attn_out(i) for i in range(L)]
-    mlp_outs = [model.mlp_out(i) for i in range(L)]
+    o_projs, attn_outs, mlp_outs = ([get(i) for i in range(L)] for get in (model.o_proj, model.attn_out, model.mlp_out))
     post_norms = [get_path(model.layer(i), ad.attn_post_norm) for i in range(L)] if ad.attn_post_norm else []
-    post_eps = [final_norm_eps(ad, p._module) for p in post_norms]
-    eps = final_norm_eps(ad, norm._module)
+    post_eps, eps = [final_norm_eps(ad, p._module) for p in post_norms], final_norm_eps(ad, norm._module)
     post, moe, attn_tuple, conv1d = bool(post_norms), ad.moe, ad.attn_out_is_tuple, ad.o_proj_conv1d
-    offset, centre, half = ad.norm == "rms_offset", ad.norm == "layer", _is_half(model)
-    kw = {} if remote is None else {"remote": remote}
-    with torch.no_grad(), model.trace(inputs, **kw):
+    offset, centre, half = ad.norm == "rms_offset", ad.norm == "layer", is_half(model)
+    with torch.no_grad(), model.trace(inputs):
         # The label directions, from the weights where they live: W_U rows ⊙ final-norm gain.
         direction, const = label_directions(head, norm, ids, offset, centre)
         x0 = first_layer.inputs[0][0][:, -1].detach().double()
@@ -229,12 +250,8 @@ def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], hea
                 # Gemma: heads pass through the post-attention norm's gain (its scale frozen below)
                 w, d_i, bias = o_proj_terms(proj, post_norms[i] if post else None, direction)
                 biases.append(bias.cpu())
-                if heads:  # each head's o_proj input · the direction pulled back through o_proj
-                    d_h = d_i if per_option else d_i[:1] - d_i[1:2]
-                    pulled = d_h @ (w.double().T if conv1d else w.double())  # [O', H*dh]
-                    z = proj.input[:, -1].detach().double()
-                    h = torch.einsum("nhk,ohk->nho", z.reshape(n_rows, H, -1), pulled.reshape(pulled.shape[0], H, -1))
-                    head_parts.append((h.half() if half else h.float()).cpu())
+                if heads:
+                    head_parts.append(head_terms(proj, w, d_i if per_option else d_i[:1] - d_i[1:2], H, conv1d, half))
                 if post:
                     o = proj.output[:, -1].detach().double()
                     post_parts.append(torch.rsqrt(o.pow(2).mean(-1) + post_eps[i]).cpu())
@@ -242,19 +259,9 @@ def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], hea
             a = (a[0] if attn_tuple else a)[:, -1].detach().double()
             a = (a.to(direction.device) @ direction.T).cpu()
             if moe and i in keep:
-                # Recompute every expert at the last position from the fused weights; keep the routed top-k.
-                block = mlp_outs[i]
-                hid = block.input[:, -1].detach()
-                gate_out = block.gate.output
-                k = gate_out[1].shape[-1]
-                weight = gate_out[1].reshape(n_rows, -1, k)[:, -1].detach()
-                idx = gate_out[2].reshape(n_rows, -1, k)[:, -1].detach()
-                gate_up, down = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
-                gate, up = torch.einsum("eod,nd->neo", gate_up, hid).chunk(2, dim=-1)
-                out = torch.einsum("edi,nei->ned", down, block.experts.act_fn(gate) * up)
-                routed = out.gather(1, idx[..., None].expand(-1, -1, out.shape[-1])).double() * weight.double()[..., None]
-                expert_parts.append((routed.to(direction.device) @ direction.T).cpu())
-                expert_idx.append(idx.to(torch.int32).cpu())
+                routed, idx = expert_terms(mlp_outs[i], n_rows, direction)
+                expert_parts.append(routed)
+                expert_idx.append(idx)
             m = mlp_outs[i].output
             m = (m[0] if isinstance(m, tuple) else m)[:, -1].detach().double()
             parts.append(torch.stack([a, (m.to(direction.device) @ direction.T).cpu()], dim=1))  # [N, 2, O]

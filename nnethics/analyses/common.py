@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,24 +81,5 @@ def encode_pairs(model: Any, pairs: Sequence[PromptPair], labels: Sequence[str],
     texts = format_pairs(model.tokenizer, pairs, chat)
     if label_ids is None:
         label_ids = resolve_label_tokens(model.tokenizer, texts, labels)
-    device = None if model.remote else model.device if model.device in ("cpu",) or model.device.startswith("cuda") else None
-    return PairBatch(list(pairs), encode(model.tokenizer, texts, device=device), list(label_ids))
+    return PairBatch(list(pairs), encode(model.tokenizer, texts, device=model.input_device), list(label_ids))
 
-
-def run_remote(model: Any, remote: bool | str, fn: Callable, args: Sequence[Any]) -> Any:
-    """``fn(*args, {"remote": False})`` on the server, as one nnsight session: **one request**.
-
-    ``fn`` may open any number of traces (each with ``**trace_kw``, which keeps them inside the
-    session) and pass tensors between them; only its return value comes back, so it should return
-    small things (numbers, short tensors). ``remote`` is the model's setting: ``True``/a URL, or
-    ``"local"`` for nnsight's serialise-and-run-here dry run. Requests are labelled in
-    :data:`nnethics.models.remote.STATS` by the module that defines ``fn``.
-    """
-    import nnsight
-
-    from ..remote_exec import STATS
-
-    label = fn.__module__.removeprefix("nnethics.analyses.").split("_")[0]
-    with STATS.scope(label), model.lm.session(remote=remote):
-        out = nnsight.save(fn(*args, {"remote": False}))
-    return out

@@ -12,7 +12,6 @@ translated locally, and a second trace decodes them. That round trip (:func:`res
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,8 +131,8 @@ def logit_lens(model: Any, pairs: Sequence[PromptPair], options: LensOptions = L
     if tuned_lens is not None:
         states = results[0].pop("states")
         translated = tuned_lens.transform_stack(states.float()).to(states.dtype)
-        if not model.remote:
-            translated = translated.to(model.lm.lm_head._module.weight.device)
+        if model.weights_device is not None:
+            translated = translated.to(model.weights_device)
         results.append(lens_readout(model, inputs, batch.label_ids, options.k, states=translated))
         names.append("tuned")
     n, n_layers = batch.n, model.n_layers
@@ -172,6 +171,10 @@ def logit_lens(model: Any, pairs: Sequence[PromptPair], options: LensOptions = L
             "label_token": ("option", _token_strings(tok, np.array(batch.label_ids))),
         },
     )
+    return _describe(ds)
+
+
+def _describe(ds: xr.Dataset) -> xr.Dataset:
     ds["top_token"].attrs["description"] = "tokenizer.convert_ids_to_tokens of top_token_id (NUL escaped as \\x00)"
     ds["top_token_text"].attrs["description"] = "tokenizer.decode([top_token_id]): the token as text"
     ds["kl_to_final"].attrs.update(units="nats", description="KL(final ‖ lens): the model's own next-token "
@@ -191,24 +194,29 @@ def _lens_digest(folder: Path) -> str:
 
 def resolve_tuned_lens(model: Any, spec: str | Path | None) -> tuple[TunedLens | None, dict]:
     """Which tuned lens to use: ``spec`` a lens folder, ``""``/``"none"`` for none, ``None`` for the cached one
-    (:func:`nnethics.lenses.find_cached_lens`; a cached lens for another model is skipped with a warning)."""
+    (:func:`nnethics.lenses.find_cached_lens`).
+
+    Returns the lens (or None) and what to record: ``tuned_lens`` (the folder, ``""`` for none),
+    ``tuned_lens_digest``, and ``tuned_lens_note`` when a cached lens was not used, saying why: it was made
+    for another model, or the handle's traces are serialised (NDIF), where the lens would bring every
+    layer's residual back and send it up again (:func:`residual_round_trip`). The caller shows the note.
+    """
     if spec is not None and str(spec).lower() in ("", "none", "false"):
         return None, {"tuned_lens": ""}
     folder = Path(spec).expanduser() if spec is not None else find_cached_lens(model)
     if folder is None:
         return None, {"tuned_lens": ""}
-    if spec is None and model.remote:
-        print(f"note: not using the cached tuned lens {folder} remotely: it would bring every layer's residual back "
-              f"and send it up again ({residual_round_trip(model) / 2**20:.1f} MB per pair each way); ask for it with "
-              f"`nnethics lens run --remote --tuned-lens {folder}`", file=sys.stderr)
-        return None, {"tuned_lens": ""}
+    if spec is None and model.serialized:
+        return None, {"tuned_lens": "", "tuned_lens_note": (
+            f"not using the cached tuned lens {folder} on NDIF: it would bring every layer's residual back "
+            f"and send it up again ({residual_round_trip(model) / 2**20:.1f} MB per pair each way); ask for it "
+            f"by adding `--tuned-lens {folder}` to `nnethics lens run`")}
     try:
         lens = TunedLens.load(folder, model)
     except LensLoadError as e:
         if spec is not None:
             raise
-        print(f"warning: ignoring the cached tuned lens: {e}", file=sys.stderr)
-        return None, {"tuned_lens": ""}
+        return None, {"tuned_lens": "", "tuned_lens_note": f"ignoring the cached tuned lens: {e}"}
     return lens, {"tuned_lens": str(folder), "tuned_lens_digest": _lens_digest(folder)}
 
 
@@ -222,8 +230,8 @@ def residual_round_trip(model: Any) -> int:
 def prepare(model: Any, options: LensOptions) -> tuple[dict, dict, list[str]]:
     """Once per run: the tuned lens to use (passed to every chunk), what provenance records of it, and notes."""
     lens, info = resolve_tuned_lens(model, options.tuned_lens)
-    notes = list(info.pop("notes", []))
-    return {"tuned_lens": lens}, info, notes
+    note = info.pop("tuned_lens_note", None)
+    return {"tuned_lens": lens}, info, [note] if note else []
 
 
 def summarize(ds: xr.Dataset) -> str:

@@ -60,7 +60,7 @@ def collect_residuals(model: Any, windows: list[list[int]], batch_size: int = 8,
     import nnsight
 
     lm, n_layers = model.lm, model.n_layers
-    device = None if model.remote else lm.lm_head._module.weight.device
+    device = model.weights_device
     total = sum(len(w) for w in windows)
     out = torch.empty(n_layers, total, model.d_model, dtype=torch.float32)
     at = 0

@@ -47,7 +47,7 @@ from .base import (
     parse_list,
     register,
 )
-from .common import PairBatch, encode_pairs, run_remote
+from .common import PairBatch, encode_pairs
 from .decisions import MIN_GAP_HELP
 from .patching_engine import (
     COMPONENTS,
@@ -233,12 +233,7 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
     use_kv, why = _choose_path(model, batch, plan, opts)
     atp_job = _atp_job(batch, plan, opts, layers) if opts.atp and opts.corruption == "counterfactual" and \
         opts.window == 1 else None
-    remote = model.remote
-    job = (model, batch.encoded, plan.groups, ids, use_kv, opts.max_tokens, atp_job)
-    if remote:
-        lds, sigma, atp_raw = run_remote(model, remote, _execute, job)
-    else:
-        lds, sigma, atp_raw = _execute(*job, {})
+    lds, sigma, atp_raw = model.session(_execute, batch.encoded, plan.groups, ids, use_kv, opts.max_tokens, atp_job)
     n, nL, nC = batch.n, len(layers), len(opts.components)
     shape = (n, len(plan.positions), nL, nC) if plan.positions is not None else (n, nL, nC)
     # noise mode: a pair's groups are its noise draws, and the LDs are their means
@@ -274,18 +269,19 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
     return ds
 
 
-def _execute(model: Any, enc, groups, ids, use_kv: bool, max_tokens: int, atp_job: dict | None,
-             trace_kw: dict) -> tuple[list[list[float]], dict[int, float], Any]:
+def _execute(model: Any, enc, groups, ids, use_kv: bool, max_tokens: int,
+             atp_job: dict | None) -> tuple[list[list[float]], dict[int, float], Any]:
     """Every forward of a chunk: the prefix (KV path), the patched rows, the AtP forward + backward.
 
     Returns the LD of every row, the noise std per group and the raw AtP tensor ``[K, n, P]`` (or None).
-    Remote runs call it inside one session, on the server, so the prefix cache never travels."""
-    prefix = run_prefix(model, enc, groups, trace_kw) if use_kv else None
-    lds, sigma = run_groups(model, enc, groups, ids, prefix=prefix, max_tokens=max_tokens, trace_kw=trace_kw)
+    It runs as one :meth:`~nnethics.models.handle.ModelHandle.session`: on NDIF, one request, so the
+    prefix cache never travels."""
+    prefix = run_prefix(model, enc, groups) if use_kv else None
+    lds, sigma = run_groups(model, enc, groups, ids, prefix=prefix, max_tokens=max_tokens)
     atp = None
     if atp_job is not None:
         atp, _, _ = attribution(model, enc, atp_job["recv"], atp_job["src"], atp_job["keys"], atp_job["positions"],
-                                ids, prefix=prefix if atp_job["last"] else None, trace_kw=trace_kw)
+                                ids, prefix=prefix if atp_job["last"] else None)
     return lds, sigma, atp
 
 

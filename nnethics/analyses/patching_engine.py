@@ -18,8 +18,8 @@ cell. Two ways to run the rows:
   that cache through :class:`SharedPrefixCache`, so a patched row costs about one token's compute.
 
 The trace bodies only touch envoys, Python ints/lists and tensors created inside the trace, so they
-serialise for NDIF (checked with ``remote="local"`` in the tests). Remote runs call the engine inside
-one nnsight session (:func:`nnethics.analyses.common.run_remote`): every forward of a chunk, the
+serialise for NDIF (checked with a dry-run handle in the tests). The patching analysis runs the engine
+inside one :meth:`~nnethics.models.handle.ModelHandle.session`: on NDIF every forward of a chunk, the
 prefix cache of the KV path included, stays on the server, and only the LDs come back.
 """
 
@@ -33,6 +33,7 @@ import nnsight
 import torch
 from transformers import DynamicCache
 
+from ..models.errors import is_oom
 from .common import Encoded
 
 COMPONENTS = ("resid", "attn", "mlp")
@@ -112,23 +113,22 @@ def forward_keys(keys) -> list[tuple[int, str]]:
     return sorted(set(keys), key=lambda k: (k[0], FORWARD_ORDER.index(k[1])))
 
 
-def _is_oom(err: BaseException) -> bool:
-    text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or (
-        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
-
-
 # ---------------------------------------------------------------------------------------------
 # trace bodies (remote-safe: envoys, ints, lists; tensors created inside the trace)
 
 
-def _trace_rows(model: Any, inputs: dict, plan: dict, noise: list, ids: tuple[int, int], trace_kw: dict,
+def _forward_kw(use_cache: bool | None) -> dict:
+    """The forward's ``use_cache`` when it must be set (None: the model's default, as the KV path needs)."""
+    return {} if use_cache is None else {"use_cache": use_cache}
+
+
+def _trace_rows(model: Any, inputs: dict, plan: dict, noise: list, ids: tuple[int, int], use_cache: bool | None,
                 keep_cache: bool = False) -> tuple[torch.Tensor | None, list, Any]:
     """One forward of a batch of rows: add noise at layer 0, apply the patches, return the LD per row."""
     env, keys, patches = plan["envoys"], plan["keys"], plan["patches"]
     a, b = ids
     ld = cache = None  # only saved names come back from the trace
-    with torch.no_grad(), model.trace(inputs, logits_to_keep=1, **trace_kw):
+    with torch.no_grad(), model.trace(inputs, logits_to_keep=1, **_forward_kw(use_cache)):
         sigmas = nnsight.save([])
         if noise:
             x = model.lm.model.layers[0].inputs[0][0]
@@ -151,13 +151,13 @@ def _trace_rows(model: Any, inputs: dict, plan: dict, noise: list, ids: tuple[in
 
 
 def _trace_atp(model: Any, inputs: dict, env: dict, keys: list, recv: list[int], src: list[int], cols: list[int],
-               ids: tuple[int, int], trace_kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+               ids: tuple[int, int], use_cache: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward + one backward: ``(h[src] - h[recv]) . dLD(recv)/dh`` at ``cols`` for every key.
 
     Returns ``atp [K, n, len(cols)]`` and the LD of every row.
     """
     a, b = ids
-    with torch.enable_grad(), model.trace(inputs, logits_to_keep=1, **trace_kw):
+    with torch.enable_grad(), model.trace(inputs, logits_to_keep=1, **_forward_kw(use_cache)):
         x = model.lm.model.layers[0].inputs[0][0]
         if not x.requires_grad:  # frozen parameters: make the graph start at the layer-0 input
             x.requires_grad_(True)
@@ -273,7 +273,7 @@ class Prefix:
     sigma: dict            # group -> noise std used
 
 
-def run_prefix(model: Any, enc: Encoded, groups: list[list[Row]], trace_kw: dict | None = None) -> Prefix:
+def run_prefix(model: Any, enc: Encoded, groups: list[list[Row]]) -> Prefix:
     """One forward of every distinct (sequence, noise) of ``groups`` over all tokens but the last.
 
     A noised row gets its noise here (its clean row, ``(seq, None)``, must be among the rows: it
@@ -297,14 +297,12 @@ def run_prefix(model: Any, enc: Encoded, groups: list[list[Row]], trace_kw: dict
             noise.append(([i], clean, width + nz.start, width + nz.end, nz.seed, nz.scale, nz.std))
             noised.append(g)
     plan = {"envoys": {}, "keys": [], "patches": {}}
-    _, sigmas, cache = _trace_rows(model, inputs, plan, noise, (0, 0), {**dict(trace_kw or {}), "use_cache": True},
-                                   keep_cache=True)
+    _, sigmas, cache = _trace_rows(model, inputs, plan, noise, (0, 0), use_cache=True, keep_cache=True)
     return Prefix(cache, index, width - 1, {g: float(s) for g, s in zip(noised, sigmas)})
 
 
 def run_groups(model: Any, enc: Encoded, groups: list[list[Row]], ids: tuple[int, int], *,
-               prefix: Prefix | None = None, max_tokens: int = 16384,
-               trace_kw: dict | None = None) -> tuple[list[list[float]], dict[int, float]]:
+               prefix: Prefix | None = None, max_tokens: int = 16384) -> tuple[list[list[float]], dict[int, float]]:
     """Run every row of every group; return the LD of each row (``[group][row]``) and the noise std
     used per group.
 
@@ -312,7 +310,6 @@ def run_groups(model: Any, enc: Encoded, groups: list[list[Row]], ids: tuple[int
     over the cached prefix; without, as full forwards. On out-of-memory the rows per forward are
     halved and the forward retried.
     """
-    trace_kw = dict(trace_kw or {})
     keys = {(la, r.patch.component) for g in groups for r in g if r.patch for la in r.patch.layers}
     env = envoys(model, sorted({k[0] for k in keys}), sorted({k[1] for k in keys}))
     lds: list[list[float]] = [[float("nan")] * len(g) for g in groups]
@@ -329,14 +326,14 @@ def run_groups(model: Any, enc: Encoded, groups: list[list[Row]], ids: tuple[int
                 rows_idx = [prefix.index[(groups[g][j].seq, groups[g][j].noise)] for g, j in chunk]
                 inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, rows_idx)
                 plan, noise = _compile(chunk, groups, 1, env, local, last_only=True)
-                kw = trace_kw
+                use_cache = None
             else:
                 inputs, w = _inputs_full(enc, seqs)
                 plan, noise = _compile(chunk, groups, w, env, local, last_only=False)
-                kw = {**trace_kw, "use_cache": False}
-            ld, sigmas, _ = _trace_rows(model, inputs, plan, noise, ids, kw)
+                use_cache = False
+            ld, sigmas, _ = _trace_rows(model, inputs, plan, noise, ids, use_cache)
         except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-            if not _is_oom(err) or len(chunk) <= 2:
+            if not is_oom(err) or len(chunk) <= 2:
                 raise
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -375,8 +372,8 @@ def _inputs_token(enc: Encoded, seqs: list[int], prefix_width: int, cache: Dynam
 
 
 def attribution(model: Any, enc: Encoded, recv: list[int], src: list[int], keys: list[tuple[int, str]],
-                positions: Sequence[int], ids: tuple[int, int], *, prefix: Prefix | None = None,
-                trace_kw: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                positions: Sequence[int], ids: tuple[int, int], *,
+                prefix: Prefix | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Attribution patching for pairs ``(recv[i], src[i])`` (rows of ``enc``) at ``positions`` (from the end).
 
     One forward and one backward for all pairs: ``atp [K, n, P]`` estimates patched LD − receiver LD
@@ -385,7 +382,6 @@ def attribution(model: Any, enc: Encoded, recv: list[int], src: list[int], keys:
     over the cached prefix: the last position's states do not reach earlier positions, so its
     gradient needs nothing else. Also returns the receiver and source LDs ``[n]``.
     """
-    trace_kw = dict(trace_kw or {})
     keys = forward_keys(keys)
     env = envoys(model, sorted({k[0] for k in keys}), sorted({k[1] for k in keys}))
     n = len(recv)
@@ -394,11 +390,10 @@ def attribution(model: Any, enc: Encoded, recv: list[int], src: list[int], keys:
         if tuple(positions) != (-1,):
             raise ValueError("the KV path attributes the last position only")
         inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs])
-        cols = [0]
+        cols, use_cache = [0], None
     else:
         inputs, width = _inputs_full(enc, seqs)
-        cols = [width + p for p in positions]
-        trace_kw["use_cache"] = False
+        cols, use_cache = [width + p for p in positions], False
     atp, lds = _trace_atp(model, inputs, {k: env[k] for k in keys}, keys, list(range(n)), list(range(n, 2 * n)),
-                          cols, ids, trace_kw)
+                          cols, ids, use_cache)
     return atp.cpu(), lds[:n].cpu(), lds[n:].cpu()

@@ -2,7 +2,9 @@
 
 from .adapters import ADAPTERS, Adapter, UnsupportedArchitectureError, adapter_for, supported_families
 from .builtin import BUILTIN_NAME, BuiltinModelMissing
-from .loading import ModelHandle, ModelLoadError, load_model, wrap_model
+from .errors import ModelLoadError
+from .handle import ModelHandle
+from .loading import load_model, wrap_model
 
 __all__ = [
     "ADAPTERS",

