@@ -36,7 +36,8 @@ from nnethics.lenses import find_cached_lens  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.models.builtin import ensure_cached  # noqa: E402
 from nnethics.models.remote import STATS, NdifBackend  # noqa: E402
-from nnethics.pipeline import ANALYSES, DEFAULT_ANALYSES, make_context, run_one  # noqa: E402
+from nnethics.analyses import ANALYSES  # noqa: E402
+from nnethics.pipeline import DEFAULT_ANALYSES, make_context, run_one  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 
 BUILTIN_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -75,11 +76,12 @@ def loopback(pairs: int, batch: int, analyses: list[str], store: Path, folder: P
         lens = find_cached_lens(handle)
         if "lens" in analyses and lens is not None:  # the tuned lens only when asked (remote)
             runs.append(("lens --tuned-lens", "lens", {"tuned_lens": str(lens)}))
-        for name, analysis, extra in runs:
+        for name, analysis, chosen in runs:
             STATS.reset()
-            ctx = make_context(handle, prompts, extra=extra)
+            ctx = make_context(handle, prompts)
+            options = ANALYSES[analysis].make_options(analysis, labels=ctx.labels, **chosen)
             run_one(analysis, handle, prompts, str(store / name.replace(" ", "")), ctx, batch_size=batch,
-                    progress=False)
+                    progress=False, options=options)
             t = STATS.totals()
             rows.append((f"{label} ({handle.n_layers} x {handle.d_model}, {handle.dtype})", name, f"{pairs}, {batch}",
                          t["requests"], f"{t['bytes_sent'] / 1024 / pairs:.1f}",
@@ -131,7 +133,7 @@ def shape_70b(pairs: int, batch: int, analyses: list[str], store: Path) -> list[
     rows = []
     for name in analyses:
         sizes.clear()
-        ctx = make_context(handle, prompts, extra={})
+        ctx = make_context(handle, prompts)
         try:
             run_one(name, handle, prompts, str(store / "shape"), ctx, batch_size=batch, progress=False)
         except _Dropped:
