@@ -64,18 +64,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
-from torch import Tensor
 
 from .. import export
 from .. import verdict as _verdict
 from ..prompts import SIDES, PromptPair
-from .attribution_trace import collect, contributions, is_half, wire_bytes
 from .base import Analysis, chat_field, check_layers, check_values, labels_field, option, parse_layers, register
 from .common import encode_pairs
+
+if TYPE_CHECKING:  # loaded when attribution runs: declaring the analysis needs no torch
+    from torch import Tensor
 
 COMPONENTS = ("attn", "mlp")
 
@@ -109,6 +110,8 @@ def per_option_heads(model: Any, options: AttributionOptions, n_kept: int) -> bo
 
 def head_options_choice(model: Any, options: AttributionOptions, n_kept: int) -> tuple[bool, str]:
     """:func:`per_option_heads` and why, in words (stored as the ``head_options_reason`` attr)."""
+    from .attribution_trace import is_half, wire_bytes
+
     if options.head_options is not None:
         return options.head_options, "set by AttributionOptions.head_options"
     if not model.serialized:
@@ -138,6 +141,8 @@ def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
     ``head_options`` (``"true"``/``"false"``) and ``head_options_reason`` of ``head_contribution`` (and of
     the Dataset, for a direct call).
     """
+    from .attribution_trace import collect, contributions
+
     labels = list(options.labels)
     if len(labels) < 2:
         raise ValueError(f"attribution needs at least two labels, got {labels}")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..prompts import SIDES, PromptPair, format_prompt, resolve_label_tokens
+
+if TYPE_CHECKING:  # imported when encoding, so declaring analyses needs no torch
+    import torch
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Encoded:
 
 def encode(tokenizer: Any, texts: Sequence[str], device: Any = None) -> Encoded:
     """Tokenize formatted texts (no special tokens added: the chat template carries its own) with left padding."""
+    import torch
+
     rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     if getattr(tokenizer, "bos_token_id", None) is not None and getattr(tokenizer, "add_bos_token", False):
         rows = [r if r[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id, *r] for r in rows]

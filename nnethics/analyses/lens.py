@@ -15,17 +15,20 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import xarray as xr
 
 from .. import export
-from ..lenses import CONFIG, PARAMS, TL_PARAMS, LensLoadError, TunedLens, find_cached_lens, softcap_of
 from ..prompts import SIDES, PromptPair
 from .base import Analysis, chat_field, check_values, labels_field, option, register
 from .common import encode_pairs
+
+if TYPE_CHECKING:  # loaded when a lens runs: declaring the analysis needs no torch
+    import torch
+
+    from ..lenses import TunedLens
 
 CROSSING_DOC = ("first layer from which the finally chosen label's logit stays strictly above every other label's, "
                 "up to the last layer; -1 if it is not strictly ahead even at the last layer (a tie)")
@@ -57,6 +60,10 @@ def lens_readout(model: Any, inputs: dict, option_ids: Sequence[int], k: int = 1
     (KL of the last layer's distribution, i.e. the model's own, from each layer's), and with
     ``keep_states`` also ``states`` ``[N, L, d]`` (the layer outputs).
     """
+    import torch
+
+    from ..lenses import softcap_of
+
     lm, n_layers, cap, ids = model.lm, model.n_layers, softcap_of(model), list(option_ids)
     kept = None
     with torch.no_grad(), model.trace(inputs) as tracer:
@@ -186,6 +193,8 @@ def _describe(ds: xr.Dataset) -> xr.Dataset:
 
 
 def _lens_digest(folder: Path) -> str:
+    from ..lenses import CONFIG, PARAMS, TL_PARAMS
+
     params = folder / PARAMS if (folder / PARAMS).exists() else folder / TL_PARAMS
     digest = hashlib.sha256((folder / CONFIG).read_bytes())
     digest.update(params.read_bytes())
@@ -201,6 +210,8 @@ def resolve_tuned_lens(model: Any, spec: str | Path | None) -> tuple[TunedLens |
     for another model, or the handle's traces are serialised (NDIF), where the lens would bring every
     layer's residual back and send it up again (:func:`residual_round_trip`). The caller shows the note.
     """
+    from ..lenses import LensLoadError, TunedLens, find_cached_lens
+
     if spec is not None and str(spec).lower() in ("", "none", "false"):
         return None, {"tuned_lens": ""}
     folder = Path(spec).expanduser() if spec is not None else find_cached_lens(model)

@@ -35,8 +35,8 @@ from transformers import DynamicCache
 
 from ..models.errors import is_oom
 from .common import Encoded
+from .patching_results import COMPONENTS
 
-COMPONENTS = ("resid", "attn", "mlp")
 FORWARD_ORDER = ("attn", "mlp", "resid")  # order in which a decoder layer produces them
 
 

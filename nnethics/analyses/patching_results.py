@@ -12,6 +12,8 @@ import xarray as xr
 
 from .. import metrics
 
+COMPONENTS = ("resid", "attn", "mlp")  # what activation patching can patch, in its order
+
 LD_DESCRIPTION = "logit(label 1) - logit(label 2) at the decision position (the last prompt token)"
 
 
