@@ -173,22 +173,22 @@ def test_consolidation_keeps_longer_strings_of_later_parts(tmp_path):
 # A real process, really killed: SIGKILL (no clean-up, no exception handlers) at a chosen point of a run.
 _KILLER = r'''
 import os, signal, sys, types
-from nnethics import store
 from nnethics.cli import main
+from nnethics.store import parts
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 at = os.environ.get("KILL_AT", "")
 if at == "first_part":  # right after the first part is on disk
-    write_part = store.PartStore.write_part
+    write_part = parts.PartStore.write_part
     def after_write(self, ds):
         path = write_part(self, ds)
         die()
         return path
-    store.PartStore.write_part = after_write
+    parts.PartStore.write_part = after_write
 elif at == "cleanup":  # the consolidated file is written, the parts are not yet removed
-    store.shutil = types.SimpleNamespace(rmtree=die)
+    parts.shutil = types.SimpleNamespace(rmtree=die)
 sys.argv = ["nnethics", *sys.argv[1:]]
 main()
 '''
