@@ -11,7 +11,17 @@ from conftest import PROMPTS
 
 from nnethics.prompts import load_prompts
 from nnethics.runner import run_analysis
-from nnethics.store import PartStore, StoreConflict, load, provenance, result_path, write_atomic
+from nnethics.store import (
+    SCHEMA_VERSION,
+    PartStore,
+    StoreConflict,
+    load,
+    provenance,
+    result_files,
+    result_path,
+    schema_version,
+    write_atomic,
+)
 
 
 def _sample() -> xr.Dataset:
@@ -49,6 +59,36 @@ def test_provenance_attrs_are_netcdf_safe():
     attrs = provenance("decisions", options={"layers": [1, 2], "flag": True, "none": None})
     assert all(isinstance(v, (str, int, float)) for v in attrs.values())
     assert json.loads(attrs["options"]) == {"flag": True, "layers": [1, 2], "none": None}
+
+
+def test_every_file_declares_its_schema_version():
+    assert provenance("decisions")["schema_version"] == SCHEMA_VERSION == 2
+
+
+def test_load_reads_a_version_1_file_in_the_current_schema(tmp_path):
+    """A lens file from before schema_version: its option_logit/option_prob come back as label_logit/label_prob,
+    values untouched; a current file comes back as written."""
+    v1 = xr.Dataset({"option_logit": (("prompt", "option"), np.array([[1.5, -2.0]], dtype=np.float32)),
+                     "option_prob": (("prompt", "option"), np.array([[0.9, 0.1]], dtype=np.float32))},
+                    coords={"prompt": ["a"], "option": ["1", "2"]}, attrs={"analysis": "lens"})
+    back = load(write_atomic(v1, tmp_path / "lens.nc"))
+    assert schema_version(back) == 1 and set(back.data_vars) == {"label_logit", "label_prob"}
+    np.testing.assert_array_equal(back["label_logit"].values, v1["option_logit"].values)
+    current = _sample().assign_attrs(schema_version=SCHEMA_VERSION)
+    xr.testing.assert_identical(load(write_atomic(current, tmp_path / "x.nc")), current)
+
+
+def test_result_files_lists_consolidated_results_only(tmp_path):
+    folder = tmp_path / "m"
+    for name in ("patching", "decisions"):
+        write_atomic(_sample(), folder / f"{name}.nc")
+    (folder / ".parts" / "lens").mkdir(parents=True)
+    write_atomic(_sample(), folder / ".parts" / "lens" / "000000.nc")
+    (folder / ".patching.nc.abc.tmp").write_bytes(b"half")
+    (folder / "lens.nc.unreadable-20260101T000000Z").write_bytes(b"junk")
+    (folder / "report.html").write_text("x")
+    assert result_files(folder) == {"decisions": folder / "decisions.nc", "patching": folder / "patching.nc"}
+    assert result_files(tmp_path / "missing") == {}
 
 
 def _fake_analysis(calls):
