@@ -20,8 +20,7 @@ from conftest import PROMPTS
 from nnethics.cli import cli
 from nnethics.prompts import load_prompts
 from nnethics.runner import run_analysis
-from nnethics.store import PartStore, StoreConflict, load, provenance, result_path, write_atomic
-from nnethics.store import StoreBusy, store_lock
+from nnethics.store import PartStore, StoreBusy, StoreConflict, load, provenance, result_path, store_lock, write_atomic
 
 WORKER = Path(__file__).with_name("store_worker.py")
 
