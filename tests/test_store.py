@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,3 +273,23 @@ def test_sigkilled_runs_resume_to_the_same_result(tiny_model_dir, tmp_path):
             for ds in (want, got):  # the only attr that may differ: when it was written
                 ds.attrs.pop("created", None)
             xr.testing.assert_identical(got, want)
+
+
+def test_the_one_atomic_writer_keeps_the_old_file_when_the_write_fails(tmp_path):
+    """``write_via_temp`` is behind results, reports, exports and lenses: a failing writer leaves the old file
+    and no temp file; a finished one replaces it, readable like any file."""
+    from nnethics.store import write_via_temp
+
+    path = tmp_path / "params.safetensors"
+    path.write_bytes(b"old")
+
+    def fails(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_via_temp(path, fails)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["params.safetensors"]
+    write_via_temp(path, lambda tmp: Path(tmp).write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o044
+    assert [p.name for p in tmp_path.iterdir()] == ["params.safetensors"]
