@@ -90,7 +90,10 @@ def test_effect_kind_is_read_from_the_files_attrs_not_guessed_from_the_numbers()
 def test_version_1_patching_files_get_their_effect_kind_and_min_gap_from_their_structure():
     """Files from before schema_version: nnethics always stored the normalised effect beside effect_defined,
     with min_gap only in effect_defined's description; the first contract stored patched − base and no flag."""
-    assert rp.effect_kind(synthetic.patching(legacy=True)) == "raw"
+    legacy = synthetic.patching(legacy=True)
+    assert rp.effect_kind(legacy) == "raw"
+    assert all(not k.startswith("normalised") for k in rp.views(legacy))  # views name the kind the file has
+    assert next(iter(rp.views(legacy))).startswith("raw effect (change of logit diff)")
     v1 = synthetic.patching()
     del v1.attrs["schema_version"], v1["effect"].attrs["effect_kind"], v1["effect_defined"].attrs["min_gap"]
     v1["effect_defined"].attrs["description"] = "|cf_logit_diff - base_logit_diff| >= min_gap = 0.25"

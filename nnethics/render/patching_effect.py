@@ -50,6 +50,12 @@ def effect_kind(ds: xr.Dataset) -> str | None:
     return schema.effect_kind(ds, "effect")
 
 
+def _effect_name(ds: xr.Dataset) -> str:
+    """What ``effect`` is, in a view's name: its declared kind (a file that declares none says 'effect')."""
+    return {schema.NORMALIZED: "normalised effect", schema.RAW: "raw effect (change of logit diff)"}.get(
+        effect_kind(ds) or "", "effect")
+
+
 def effect_label(ds: xr.Dataset) -> str:
     return {schema.NORMALIZED: "effect (1 = counterfactual's logit diff)",
             schema.RAW: "change of logit diff"}.get(effect_kind(ds) or "", "effect")
@@ -148,7 +154,7 @@ def views(ds: xr.Dataset) -> dict[str, tuple[xr.Dataset, str]]:
         np.isfinite(values(ds["effect"])).reshape(n, -1).any(1)
     k = int(ok.sum())
     who = "content-sensitive pairs" if gap_name(ds) == "cf − base" else "pairs with a normalisable gap"
-    out = {f"normalised effect, {who} (n={k} of {n})": (ds, "effect")}
+    out = {f"{_effect_name(ds)}, {who} (n={k} of {n})": (ds, "effect")}
     d = _delta(ds)
     if d is not None:
         out[f"change of logit diff (logits), {who} (n={k} of {n})"] = (d.isel(prompt=np.flatnonzero(ok)), "delta")
@@ -162,7 +168,7 @@ def effect_views(ds: xr.Dataset) -> hv.HoloMap | hv.Overlay:
     for key, (sub, var) in views(ds).items():
         if not sub.sizes["prompt"]:
             continue
-        what = "Mean normalised effect" if var == "effect" else "Mean change of the logit difference"
+        what = f"Mean {_effect_name(ds)}" if var == "effect" else "Mean change of the logit difference"
         frames[key] = effect_curve(sub, var, ci="bootstrap", title=f"{what}, {BOOTSTRAP_CI} ({key.split(', ', 1)[1]})"
                                    ).opts(width=WIDE)
     if not frames:
@@ -181,7 +187,7 @@ def heatmap_views(ds: xr.Dataset, component: str | None) -> hv.HoloMap | hv.Heat
             sub = ds
         if not sub.sizes["prompt"]:
             continue
-        what = "normalised effect (grey: undefined)" if var == "effect" else "change of logit diff (logits)"
+        what = f"{_effect_name(ds)} (grey: undefined)" if var == "effect" else "change of logit diff (logits)"
         frames[key] = effect_heatmap(sub.rename({var: "value"}), component, "value",
                                      title=f"{component or 'effect'}: {what}")
     if len(frames) == 1:
