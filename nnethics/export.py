@@ -38,6 +38,7 @@ import pandas as pd
 import xarray as xr
 
 from .atomic import write_text_atomic
+from .store.schema import upgrade
 
 FORMATS = ("csv", "json")
 SUMMARY_FIRST = ("prompt_id", "peak_layer", "num_choice_flips", "gini_coefficient", "top5_concentration",
@@ -238,17 +239,19 @@ def lens_topk_records(ds: xr.Dataset) -> list[dict[str, Any]]:
 
 
 def trajectory_table(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per (prompt, side, lens, layer): label logits/probabilities, their difference, KL, crossing."""
-    if "option_logit" not in ds:
-        raise ExportError("lens.nc has no 'option_logit' variable")
+    """One row per (prompt, side, lens, layer): label logits/probabilities, their difference, KL, crossing.
+    Files of an older schema (``option_logit``) are read too."""
+    ds = upgrade(ds)
+    if "label_logit" not in ds:
+        raise ExportError("lens.nc has no 'label_logit' variable")
     dims = ("prompt", "side", "lens", "layer")
     cols: dict[str, xr.DataArray] = {}
     options = _vals(ds["option"])
     for o in options:
-        cols[f"logit_{o}"] = ds["option_logit"].sel(option=o, drop=True)
-        if "option_prob" in ds:
-            cols[f"prob_{o}"] = ds["option_prob"].sel(option=o, drop=True)
-    cols["logit_diff"] = (ds["option_logit"].isel(option=0, drop=True) - ds["option_logit"].isel(option=-1, drop=True))
+        cols[f"logit_{o}"] = ds["label_logit"].sel(option=o, drop=True)
+        if "label_prob" in ds:
+            cols[f"prob_{o}"] = ds["label_prob"].sel(option=o, drop=True)
+    cols["logit_diff"] = (ds["label_logit"].isel(option=0, drop=True) - ds["label_logit"].isel(option=-1, drop=True))
     if "kl_to_final" in ds:
         cols["kl_to_final"] = ds["kl_to_final"]
     frame = xr.Dataset({k: v.transpose(*dims) for k, v in cols.items()})

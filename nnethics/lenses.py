@@ -25,8 +25,6 @@ import copy
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .models.loading import ModelLoadError
+from .store.atomic import write_via_temp
 
 FORMAT = "nnethics-tuned-lens"
 PARAMS = "params.safetensors"
@@ -256,13 +255,13 @@ class TunedLens(Lens):
         path.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.layer_translators.state_dict().items()}
         if format == "tuned-lens":
-            _atomic(path / TL_PARAMS, lambda tmp: torch.save(state, tmp))
+            write_via_temp(path / TL_PARAMS, lambda tmp: torch.save(state, tmp))
         elif format == "nnethics":
-            _atomic(path / PARAMS, lambda tmp: save_file({f"layer_translators.{k}": v for k, v in state.items()}, tmp,
-                                                         metadata={"format": FORMAT}))
+            tensors = {f"layer_translators.{k}": v for k, v in state.items()}
+            write_via_temp(path / PARAMS, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
         else:
             raise ValueError(f"unknown lens format {format!r}; use 'nnethics' or 'tuned-lens'")
-        _atomic(path / CONFIG, lambda tmp: Path(tmp).write_text(self.config.to_json()))
+        write_via_temp(path / CONFIG, lambda tmp: Path(tmp).write_text(self.config.to_json()))
         return path
 
     @classmethod
@@ -331,18 +330,9 @@ def check_compatible(config: LensConfig, model: Any, where: str = "lens") -> Non
                             f"train one with `nnethics lens train --model {model.name}`")
 
 
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a lens is not a secret
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+# Kept under its old name for nnethics.analyses.lens_training, which imports it (issue 12: to import
+# write_via_temp from nnethics.store.atomic instead).
+_atomic = write_via_temp
 
 
 def lens_cache_dir(slug: str) -> Path:

@@ -69,7 +69,7 @@ def read(store: str, stop: str) -> None:
 
 
 def hold(store: str) -> None:
-    from nnethics.storelock import store_lock
+    from nnethics.store import store_lock
 
     with store_lock(Path(store) / SLUG, timeout=0):
         print("holding", flush=True)

@@ -1,7 +1,7 @@
 """Small synthetic Datasets that follow the store contracts, for render/report/export tests.
 
 Every builder is deterministic given ``seed`` and internally consistent (DLA parts add up to the
-logit difference, the lens crossing layer is where the option logits cross, patching peaks are
+logit difference, the lens crossing layer is where the label logits cross, patching peaks are
 where the effect is largest), so tests can check rendered data against known values.
 No torch: these are plain numpy/xarray.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 
 from nnethics import verdict
-from nnethics.store import write_atomic
+from nnethics.store import SCHEMA_VERSION, write_atomic
 
 SIDES = ("base", "cf")
 COMPONENTS = ("resid", "attn", "mlp")
@@ -31,8 +31,10 @@ def prompt_ids(n: int) -> list[str]:
     return [f"case_{i:03d}" for i in range(n)]
 
 
-def _attrs(analysis: str, slug: str, n_layers: int) -> dict:
-    return {"analysis": analysis, "nnethics_version": "0.1.0", "model_id": f"synthetic/{slug}", "model_slug": slug,
+def _attrs(analysis: str, slug: str, n_layers: int, schema_version: int = SCHEMA_VERSION) -> dict:
+    """Provenance as ``store.provenance`` writes it; ``schema_version=1`` leaves the attr out (files before it)."""
+    version = {"schema_version": schema_version} if schema_version > 1 else {}
+    return {"analysis": analysis, **version, "nnethics_version": "0.1.0", "model_id": f"synthetic/{slug}", "model_slug": slug,
             "n_layers": n_layers, "prompt_set": "synthetic", "labels": json.dumps(["1", "2"]),
             "created": "2026-01-01T00:00:00+00:00", "options": json.dumps({"synthetic": True})}
 
@@ -97,8 +99,9 @@ def patching(n_prompts: int = 6, n_layers: int = 6, seed: int = 0, slug: str = "
     As ``nnethics run`` writes it: ``effect`` normalised, (patched − base) / (cf − base), NaN for the
     last prompt whose base and counterfactual logit differences are too close (``effect_defined``);
     per-prompt summaries per component; ``mean_effect`` with ``effect_ci_low``/``effect_ci_high``.
-    ``legacy=True`` gives the first contract instead: ``effect`` = patched − base in logit-difference
-    units, per-prompt summaries without a component dim, ``ci_low``/``ci_high``.
+    ``legacy=True`` gives the first contract instead, a schema-version-1 file: ``effect`` = patched − base in
+    logit-difference units (no ``effect_kind`` attr, no ``effect_defined``), per-prompt summaries without a
+    component dim, ``ci_low``/``ci_high``.
     """
     rng = np.random.default_rng(seed)
     n = n_prompts
@@ -148,11 +151,14 @@ def patching(n_prompts: int = 6, n_layers: int = 6, seed: int = 0, slug: str = "
             "chose_ethical_base": (("prompt",), np.arange(n) % 3 != 0),
         },
         coords={"prompt": prompt_ids(n), "layer": np.arange(n_layers), "component": list(COMPONENTS)},
-        attrs=_attrs("patching", slug, n_layers),
+        attrs=_attrs("patching", slug, n_layers, schema_version=1 if legacy else SCHEMA_VERSION),
     )
     if not legacy:
         ds["effect_defined"] = (("prompt",), defined)
-        ds["effect"].attrs["description"] = "(patched - base_logit_diff) / (cf_logit_diff - base_logit_diff)"
+        ds["effect_defined"].attrs.update(description="|cf_logit_diff - base_logit_diff| >= min_gap = 0.1", min_gap=0.1)
+        ds["effect"].attrs.update(description="(patched - base_logit_diff) / (cf_logit_diff - base_logit_diff)",
+                                  effect_kind="normalized")
+        ds["atp_effect"].attrs["effect_kind"] = "normalized"
     if with_ci:
         ok = effect[defined]
         mean = ok.mean(0)
@@ -185,11 +191,12 @@ def patching_positions(n_prompts: int = 6, n_layers: int = 6, n_positions: int =
     eff = scale[:, None, None] * grid[None] + rng.normal(0, 0.05, size=(n, n_positions, n_layers))
     attrs = _attrs(f"patching_{kind}", slug, n_layers)
     coords = {"prompt": prompt_ids(n), "layer": layers, "position": pos}
+    kind_attr = {"effect_kind": "normalized"}
     if kind == "noise":
-        return xr.Dataset({"effect": (("prompt", "position", "layer"), eff.astype(np.float32))},
+        return xr.Dataset({"effect": (("prompt", "position", "layer"), eff.astype(np.float32), kind_attr)},
                           coords=coords, attrs=attrs)
     comps = np.stack([eff, 0.3 * eff, 0.7 * eff], axis=-1).transpose(0, 2, 3, 1)  # prompt, layer, component, position
-    return xr.Dataset({"effect": (("prompt", "layer", "component", "position"), comps.astype(np.float32))},
+    return xr.Dataset({"effect": (("prompt", "layer", "component", "position"), comps.astype(np.float32), kind_attr)},
                       coords={**coords, "component": list(COMPONENTS)}, attrs=attrs)
 
 
@@ -283,8 +290,8 @@ def lens(n_prompts: int = 6, n_layers: int = 6, k: int = 5, seed: int = 0, slug:
             "top_token_id": (("prompt", "side", "lens", "layer", "k"), top_ids),
             "top_prob": (("prompt", "side", "lens", "layer", "k"), top_prob),
             "top_logit": (("prompt", "side", "lens", "layer", "k"), top_logit),
-            "option_logit": (("prompt", "side", "lens", "layer", "option"), opt_logit),
-            "option_prob": (("prompt", "side", "lens", "layer", "option"), opt_prob),
+            "label_logit": (("prompt", "side", "lens", "layer", "option"), opt_logit),
+            "label_prob": (("prompt", "side", "lens", "layer", "option"), opt_prob),
             "kl_to_final": (("prompt", "side", "lens", "layer"), kl),
             "crossing_layer": (("prompt", "side", "lens"), cross),
         },

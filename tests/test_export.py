@@ -85,6 +85,13 @@ def test_lens_records_and_trajectories():
     assert set(row.crossing_layer) == {int(ds["crossing_layer"].sel(prompt="case_000", side="base", lens="logit"))}
 
 
+def test_trajectories_of_a_version_1_lens_file_with_option_logit_are_the_same():
+    ds = synthetic.lens(n_prompts=2, n_layers=4, k=3)
+    v1 = ds.rename(label_logit="option_logit", label_prob="option_prob")
+    del v1.attrs["schema_version"]
+    pd.testing.assert_frame_equal(trajectory_table(v1), trajectory_table(ds))
+
+
 def test_export_store_csv_and_json(store, tmp_path):
     paths = export_store(store, "csv", tmp_path / "csv")
     names = sorted(p.name for p in paths)

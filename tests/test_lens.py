@@ -57,8 +57,8 @@ def test_last_layer_is_the_model_output(tiny_models, pairs, family):
             torch.testing.assert_close(torch.tensor(got.top_logit.values), top.values, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(torch.tensor(got.top_prob.values), logits.softmax(-1)[top.indices], atol=1e-5, rtol=1e-4)
             assert got.top_token_id.values.tolist() == top.indices.tolist()
-            torch.testing.assert_close(torch.tensor(got.option_logit.values), logits[batch.label_ids], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(torch.tensor(got.option_prob.values), logits.softmax(-1)[batch.label_ids],
+            torch.testing.assert_close(torch.tensor(got.label_logit.values), logits[batch.label_ids], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(torch.tensor(got.label_prob.values), logits.softmax(-1)[batch.label_ids],
                                        atol=1e-5, rtol=1e-4)
     assert np.abs(last.kl_to_final.values).max() < 1e-5
 
@@ -94,14 +94,14 @@ def test_matches_reference_on_padded_batch(strong_models, pairs, family):
             kl = (log_q[-1].exp() * (log_q[-1] - log_q)).sum(-1)  # KL(final ‖ layer)
             got = ds.sel(prompt=pairs[i].prompt_id, side=side, lens="logit")
             f = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-            torch.testing.assert_close(f(got.option_logit.values), ref[:, batch.label_ids], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(f(got.label_logit.values), ref[:, batch.label_ids], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(f(got.top_logit.values), ref.topk(K).values, atol=1e-4, rtol=1e-4)
             # KLs here are 0.2-2 nats except ~0 at the last layer; the reverse KL differs by 0.1-3%
             assert kl[:-1].min() > 0.05, kl
             torch.testing.assert_close(f(got.kl_to_final.values[:-1]), kl[:-1], **REL)
             assert abs(float(got.kl_to_final.values[-1])) < 1e-5
             torch.testing.assert_close(f(got.top_prob.values), log_q.exp().topk(K).values, **REL)
-            torch.testing.assert_close(f(got.option_prob.values), log_q.exp()[:, batch.label_ids], **REL)
+            torch.testing.assert_close(f(got.label_prob.values), log_q.exp()[:, batch.label_ids], **REL)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
@@ -109,7 +109,7 @@ def test_zero_tuned_lens_is_the_logit_lens(tiny_models, pairs, family):
     model = tiny_models(family)
     ds = logit_lens(model, pairs, LensOptions(k=K), tuned_lens=TunedLens.from_model(model))
     assert ds["lens"].values.tolist() == ["logit", "tuned"]
-    for var in ("top_logit", "top_prob", "option_logit", "option_prob", "kl_to_final"):
+    for var in ("top_logit", "top_prob", "label_logit", "label_prob", "kl_to_final"):
         xr.testing.assert_allclose(ds[var].sel(lens="tuned", drop=True), ds[var].sel(lens="logit", drop=True), atol=1e-5)
     xr.testing.assert_equal(ds["top_token_id"].sel(lens="tuned", drop=True), ds["top_token_id"].sel(lens="logit", drop=True))
 
@@ -128,10 +128,10 @@ def test_tuned_lens_values(tiny_models, pairs):
         h = hs[layer + 1][0, -1]
         t = lens.layer_translators[layer + 1]
         want = unembed(h + t.weight @ h + t.bias)[batch.label_ids]
-        torch.testing.assert_close(torch.tensor(got.option_logit.values[layer]), want, atol=1e-4, rtol=1e-4)
-    xr.testing.assert_allclose(ds["option_logit"].sel(lens="tuned", drop=True).isel(layer=-1),
-                               ds["option_logit"].sel(lens="logit", drop=True).isel(layer=-1), atol=1e-5)
-    assert not np.allclose(ds["option_logit"].sel(lens="tuned").isel(layer=0), ds["option_logit"].sel(lens="logit").isel(layer=0))
+        torch.testing.assert_close(torch.tensor(got.label_logit.values[layer]), want, atol=1e-4, rtol=1e-4)
+    xr.testing.assert_allclose(ds["label_logit"].sel(lens="tuned", drop=True).isel(layer=-1),
+                               ds["label_logit"].sel(lens="logit", drop=True).isel(layer=-1), atol=1e-5)
+    assert not np.allclose(ds["label_logit"].sel(lens="tuned").isel(layer=0), ds["label_logit"].sel(lens="logit").isel(layer=0))
 
 
 def test_remote_local_dry_run(tiny_models, pairs):

@@ -20,8 +20,7 @@ from conftest import PROMPTS
 from nnethics.cli import cli
 from nnethics.prompts import load_prompts
 from nnethics.runner import run_analysis
-from nnethics.store import PartStore, StoreConflict, load, provenance, result_path, write_atomic
-from nnethics.storelock import StoreBusy, store_lock
+from nnethics.store import PartStore, StoreBusy, StoreConflict, load, provenance, result_path, store_lock, write_atomic
 
 WORKER = Path(__file__).with_name("store_worker.py")
 
@@ -126,7 +125,7 @@ def test_a_second_run_waits_for_the_first_and_then_reuses_its_results(tmp_path):
 def test_waiting_prints_one_line_naming_the_holder(tmp_path):
     holder = _worker("hold", str(tmp_path))
     assert holder.stdout.readline().strip() == "holding"
-    script = ("from nnethics.storelock import store_lock\n"
+    script = ("from nnethics.store import store_lock\n"
               f"with store_lock({str(tmp_path / 'fake')!r}, timeout=30):\n    print('got it')\n")
     waiter = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = waiter.stderr.readline()
@@ -142,7 +141,7 @@ def test_temp_files_never_match_what_readers_glob(tmp_path):
     # What a writer killed mid-write leaves behind, under the names write_atomic uses:
     import tempfile
 
-    from nnethics.atomic import TMP_SUFFIX, tmp_prefix
+    from nnethics.store import TMP_SUFFIX, tmp_prefix
 
     parts.dir.mkdir(parents=True)
     fd, stale = tempfile.mkstemp(dir=parts.dir, prefix=tmp_prefix(parts.dir / "000000.nc"), suffix=TMP_SUFFIX)

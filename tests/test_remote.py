@@ -517,5 +517,5 @@ def test_cli_remote_tuned_lens_matches_local(server, tiny_model_dir, tmp_path):
     (b_file,) = (tmp_path / "remote").glob("*/lens.nc")
     with xr.open_dataset(a_file) as a, xr.open_dataset(b_file) as b:
         assert a["lens"].values.tolist() == b["lens"].values.tolist() == ["logit", "tuned"]
-        assert not bool((a["option_logit"].sel(lens="tuned") == a["option_logit"].sel(lens="logit")).all())
+        assert not bool((a["label_logit"].sel(lens="tuned") == a["label_logit"].sel(lens="logit")).all())
         _assert_same(a.load(), b.load())

@@ -77,12 +77,31 @@ def test_effect_curve_uses_stored_ci_and_computes_it_otherwise():
     np.testing.assert_allclose(band.dimension_values(2), hi.values, rtol=1e-6)
 
 
-def test_effect_kind_is_read_from_the_data():
+def test_effect_kind_is_read_from_the_files_attrs_not_guessed_from_the_numbers():
     assert rp.effect_kind(synthetic.patching()) == "normalized"
-    assert rp.effect_kind(synthetic.patching(legacy=True)) == "raw"
-    odd = synthetic.patching()
-    odd["effect"] = odd["effect"] * 3
-    assert rp.effect_kind(odd) is None and rp.effect_label(odd) == "effect"
+    declared_raw = synthetic.patching()
+    declared_raw["effect"].attrs["effect_kind"] = "raw"  # the numbers are normalised: the declaration wins
+    assert rp.effect_kind(declared_raw) == "raw" and rp.effect_label(declared_raw) == "change of logit diff"
+    undeclared = synthetic.patching()
+    del undeclared["effect"].attrs["effect_kind"]  # a current-schema file that declares nothing: no guess
+    assert rp.effect_kind(undeclared) is None and rp.effect_label(undeclared) == "effect"
+
+
+def test_version_1_patching_files_get_their_effect_kind_and_min_gap_from_their_structure():
+    """Files from before schema_version: nnethics always stored the normalised effect beside effect_defined,
+    with min_gap only in effect_defined's description; the first contract stored patched − base and no flag."""
+    legacy = synthetic.patching(legacy=True)
+    assert rp.effect_kind(legacy) == "raw"
+    assert all(not k.startswith("normalised") for k in rp.views(legacy))  # views name the kind the file has
+    assert next(iter(rp.views(legacy))).startswith("raw effect (change of logit diff)")
+    v1 = synthetic.patching()
+    del v1.attrs["schema_version"], v1["effect"].attrs["effect_kind"], v1["effect_defined"].attrs["min_gap"]
+    v1["effect_defined"].attrs["description"] = "|cf_logit_diff - base_logit_diff| >= min_gap = 0.25"
+    assert rp.effect_kind(v1) == "normalized"
+    assert "is at least 0.25 logits" in rp.averaging_note(v1)
+    current = synthetic.patching()
+    current["effect_defined"].attrs["description"] = "min_gap = 9"  # current files: the numeric attr, not the text
+    assert "is at least 0.1 logits" in rp.averaging_note(current)
 
 
 def test_effect_heatmap_holds_every_prompt_and_layer():
@@ -181,6 +200,13 @@ def test_attribution_figures_match_the_data():
     assert not skipped
 
 
+def test_lens_figures_of_a_version_1_file_with_option_logit():
+    v1 = synthetic.lens(n_prompts=3, n_layers=5).rename(label_logit="option_logit", label_prob="option_prob")
+    del v1.attrs["schema_version"]
+    figs, skipped = rl.figures(v1)
+    assert {f.name for f in figs} >= {"lens_emergence", "lens_trajectories"} and not skipped
+
+
 def test_lens_trajectories_mark_the_crossing_layer():
     ds = synthetic.lens(n_prompts=4, n_layers=8)
     layout = rl.trajectories(ds)
@@ -190,8 +216,8 @@ def test_lens_trajectories_mark_the_crossing_layer():
     vlines = sorted(float(el.data) for el in frame if isinstance(el, hv.VLine))
     assert vlines == sorted(float(c) for c in cross.values if c >= 0)
     logit1 = _curve(frame, "'1' (logit lens)").dimension_values(1)
-    np.testing.assert_allclose(logit1, ds["option_logit"].sel(prompt="case_001", side="base", lens="logit",
-                                                              option="1").values, rtol=1e-6)
+    np.testing.assert_allclose(logit1, ds["label_logit"].sel(prompt="case_001", side="base", lens="logit",
+                                                             option="1").values, rtol=1e-6)
     tokens = rl.top_tokens(ds).values()[1]["case_000"]
     labels = next(el for el in tokens if isinstance(el, hv.Labels))
     shown = labels.dimension_values(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,17 @@ from conftest import PROMPTS
 
 from nnethics.prompts import load_prompts
 from nnethics.runner import run_analysis
-from nnethics.store import PartStore, StoreConflict, load, provenance, result_path, write_atomic
+from nnethics.store import (
+    SCHEMA_VERSION,
+    PartStore,
+    StoreConflict,
+    load,
+    provenance,
+    result_files,
+    result_path,
+    schema_version,
+    write_atomic,
+)
 
 
 def _sample() -> xr.Dataset:
@@ -49,6 +60,36 @@ def test_provenance_attrs_are_netcdf_safe():
     attrs = provenance("decisions", options={"layers": [1, 2], "flag": True, "none": None})
     assert all(isinstance(v, (str, int, float)) for v in attrs.values())
     assert json.loads(attrs["options"]) == {"flag": True, "layers": [1, 2], "none": None}
+
+
+def test_every_file_declares_its_schema_version():
+    assert provenance("decisions")["schema_version"] == SCHEMA_VERSION == 2
+
+
+def test_load_reads_a_version_1_file_in_the_current_schema(tmp_path):
+    """A lens file from before schema_version: its option_logit/option_prob come back as label_logit/label_prob,
+    values untouched; a current file comes back as written."""
+    v1 = xr.Dataset({"option_logit": (("prompt", "option"), np.array([[1.5, -2.0]], dtype=np.float32)),
+                     "option_prob": (("prompt", "option"), np.array([[0.9, 0.1]], dtype=np.float32))},
+                    coords={"prompt": ["a"], "option": ["1", "2"]}, attrs={"analysis": "lens"})
+    back = load(write_atomic(v1, tmp_path / "lens.nc"))
+    assert schema_version(back) == 1 and set(back.data_vars) == {"label_logit", "label_prob"}
+    np.testing.assert_array_equal(back["label_logit"].values, v1["option_logit"].values)
+    current = _sample().assign_attrs(schema_version=SCHEMA_VERSION)
+    xr.testing.assert_identical(load(write_atomic(current, tmp_path / "x.nc")), current)
+
+
+def test_result_files_lists_consolidated_results_only(tmp_path):
+    folder = tmp_path / "m"
+    for name in ("patching", "decisions"):
+        write_atomic(_sample(), folder / f"{name}.nc")
+    (folder / ".parts" / "lens").mkdir(parents=True)
+    write_atomic(_sample(), folder / ".parts" / "lens" / "000000.nc")
+    (folder / ".patching.nc.abc.tmp").write_bytes(b"half")
+    (folder / "lens.nc.unreadable-20260101T000000Z").write_bytes(b"junk")
+    (folder / "report.html").write_text("x")
+    assert result_files(folder) == {"decisions": folder / "decisions.nc", "patching": folder / "patching.nc"}
+    assert result_files(tmp_path / "missing") == {}
 
 
 def _fake_analysis(calls):
@@ -173,22 +214,22 @@ def test_consolidation_keeps_longer_strings_of_later_parts(tmp_path):
 # A real process, really killed: SIGKILL (no clean-up, no exception handlers) at a chosen point of a run.
 _KILLER = r'''
 import os, signal, sys, types
-from nnethics import store
 from nnethics.cli import main
+from nnethics.store import parts
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 at = os.environ.get("KILL_AT", "")
 if at == "first_part":  # right after the first part is on disk
-    write_part = store.PartStore.write_part
+    write_part = parts.PartStore.write_part
     def after_write(self, ds):
         path = write_part(self, ds)
         die()
         return path
-    store.PartStore.write_part = after_write
+    parts.PartStore.write_part = after_write
 elif at == "cleanup":  # the consolidated file is written, the parts are not yet removed
-    store.shutil = types.SimpleNamespace(rmtree=die)
+    parts.shutil = types.SimpleNamespace(rmtree=die)
 sys.argv = ["nnethics", *sys.argv[1:]]
 main()
 '''
@@ -232,3 +273,23 @@ def test_sigkilled_runs_resume_to_the_same_result(tiny_model_dir, tmp_path):
             for ds in (want, got):  # the only attr that may differ: when it was written
                 ds.attrs.pop("created", None)
             xr.testing.assert_identical(got, want)
+
+
+def test_the_one_atomic_writer_keeps_the_old_file_when_the_write_fails(tmp_path):
+    """``write_via_temp`` is behind results, reports, exports and lenses: a failing writer leaves the old file
+    and no temp file; a finished one replaces it, readable like any file."""
+    from nnethics.store import write_via_temp
+
+    path = tmp_path / "params.safetensors"
+    path.write_bytes(b"old")
+
+    def fails(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        write_via_temp(path, fails)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["params.safetensors"]
+    write_via_temp(path, lambda tmp: Path(tmp).write_bytes(b"new"))
+    assert path.read_bytes() == b"new" and path.stat().st_mode & 0o044
+    assert [p.name for p in tmp_path.iterdir()] == ["params.safetensors"]

@@ -127,7 +127,7 @@ def logit_lens(model: Any, pairs: Sequence[PromptPair], options: LensOptions = L
 
     Returns a Dataset with dims ``prompt``, ``side`` (base, cf), ``lens`` (``logit`` and, with a tuned lens,
     ``tuned``), ``layer``, ``k``, ``option``: ``top_token``/``top_token_id``/``top_prob``/``top_logit``
-    ``(prompt, side, lens, layer, k)``, ``option_logit``/``option_prob`` ``(prompt, side, lens, layer,
+    ``(prompt, side, lens, layer, k)``, ``label_logit``/``label_prob`` ``(prompt, side, lens, layer,
     option)`` (the label trajectory), ``kl_to_final (prompt, side, lens, layer)`` in nats,
     ``crossing_layer (prompt, side, lens)`` and ``final_choice (prompt, side)`` (the label the model prefers).
     """
@@ -161,8 +161,8 @@ def logit_lens(model: Any, pairs: Sequence[PromptPair], options: LensOptions = L
             "top_token_id": (dims5, top_id.astype(np.int32)),
             "top_prob": (dims5, arrange("top_prob").astype(np.float32)),
             "top_logit": (dims5, arrange("top_logit").astype(np.float32)),
-            "option_logit": (dimso, option_logit.astype(np.float32)),
-            "option_prob": (dimso, arrange("option_prob").astype(np.float32)),
+            "label_logit": (dimso, option_logit.astype(np.float32)),
+            "label_prob": (dimso, arrange("option_prob").astype(np.float32)),
             "kl_to_final": (("prompt", "side", "lens", "layer"), arrange("kl").astype(np.float32)),
             "crossing_layer": (("prompt", "side", "lens"), crossing_layer(option_logit)),
             "final_choice": (("prompt", "side"), final_choice),
@@ -187,7 +187,7 @@ def _describe(ds: xr.Dataset) -> xr.Dataset:
     ds["kl_to_final"].attrs.update(units="nats", description="KL(final ‖ lens): the model's own next-token "
                                    "distribution against the lens' at this layer")
     ds["crossing_layer"].attrs["description"] = CROSSING_DOC
-    ds["option_logit"].attrs["description"] = "the lens' logit of each answer label, per layer (the trajectory)"
+    ds["label_logit"].attrs["description"] = "the lens' logit of each answer label, per layer (the trajectory)"
     ds["final_choice"].attrs["description"] = "the label with the highest logit at the last layer"
     return ds
 

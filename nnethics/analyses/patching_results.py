@@ -11,6 +11,7 @@ import numpy as np
 import xarray as xr
 
 from .. import metrics
+from ..store import schema
 
 COMPONENTS = ("resid", "attn", "mlp")  # what activation patching can patch, in its order
 
@@ -96,11 +97,14 @@ def _describe(ds: xr.Dataset, noise: bool, min_gap: float) -> None:
         "LD of the corrupted run with the clean state restored" if noise
         else "LD of the base run with the counterfactual's state patched in")
     ds["effect"].attrs["description"] = f"(patched - {recv}) / ({src} - {recv}); NaN where effect_defined is false"
+    ds["effect"].attrs[schema.EFFECT_KIND] = schema.NORMALIZED
     ds["effect_defined"].attrs["description"] = f"|{src} - {recv}| >= min_gap = {min_gap}"
+    ds["effect_defined"].attrs[schema.MIN_GAP] = float(min_gap)
     ds["flipped"].attrs["description"] = f"the patched run chooses the other label than the {recv.split('_')[0]} run"
     if "atp_delta" in ds:
         ds["atp_delta"].attrs["description"] = "attribution patching estimate of patched - base: (cf - base) . dLD/dstate"
         ds["atp_effect"].attrs["description"] = "atp_delta normalised like effect"
+        ds["atp_effect"].attrs[schema.EFFECT_KIND] = schema.NORMALIZED
         ds["atp_correlation"].attrs["description"] = "Pearson correlation of atp_delta and patched - base over layers x components"
     if "peak_layer" in ds:
         ds["peak_layer"].attrs["description"] = "layer with the largest |patched - receiver LD| (-1: none)"

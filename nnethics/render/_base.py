@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import holoviews as hv
@@ -46,7 +46,6 @@ class Figure:
     section: str = ""
     note: str = ""
     per_prompt: bool = False  # a HoloMap over ``prompt`` (has a selector)
-    tags: dict = field(default_factory=dict)
 
 
 def require(ds: xr.Dataset, *names: str) -> None:
@@ -221,7 +220,3 @@ def side_name(side: str) -> str:
 def model_name(ds: xr.Dataset, fallback: str = "model") -> str:
     a = ds.attrs
     return str(a.get("model_id") or a.get("model_slug") or a.get("model") or fallback)
-
-
-def safe_name(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text).strip("_") or "figure"

@@ -1,7 +1,7 @@
 """Logit-lens / tuned-lens figures from ``lens.nc``.
 
 dims prompt, side, lens (logit, tuned), layer, k, option: ``top_token (prompt, side, lens, layer, k)``,
-``top_prob``, ``option_logit (prompt, side, lens, layer, option)``, ``kl_to_final (prompt, side, lens,
+``top_prob``, ``label_logit (prompt, side, lens, layer, option)``, ``kl_to_final (prompt, side, lens,
 layer)``, ``crossing_layer (prompt, side, lens)`` (−1 when the options never cross).
 """
 
@@ -14,6 +14,7 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
+from ..store.schema import upgrade
 from ._base import (
     HEIGHT,
     LENS_DASH,
@@ -70,9 +71,9 @@ def _crossing(one: xr.Dataset, side: str, lens: str) -> int | None:
 
 
 def trajectories(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Layout:
-    """Per-prompt option-logit trajectories across layers, each lens (solid logit, dashed tuned), the
+    """Per-prompt label-logit trajectories across layers, each lens (solid logit, dashed tuned), the
     crossing layer marked; one panel per side, both following the prompt selector."""
-    require(ds, "option_logit")
+    require(ds, "label_logit")
     prompts = list(prompts) if prompts is not None else [str(p) for p in values(ds["prompt"])]
     layers = layers_of(ds)
     options = [str(o) for o in values(ds["option"])]
@@ -83,7 +84,7 @@ def trajectories(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Lay
             parts, crosses = [], []
             for lens in _lenses(ds):
                 for i, opt in enumerate(options):
-                    v = values(one["option_logit"].sel(side=side, lens=lens, option=opt).transpose("layer"))
+                    v = values(one["label_logit"].sel(side=side, lens=lens, option=opt).transpose("layer"))
                     parts.append(hv.Curve((layers, v.astype(float)), "layer", "logit", label=f"'{opt}' ({lens} lens)")
                                  .opts(color=OPTION_COLORS[i % len(OPTION_COLORS)], line_dash=LENS_DASH.get(lens, "dotdash"),
                                        line_width=2, tools=["hover"]))
@@ -97,7 +98,7 @@ def trajectories(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Lay
 
         panels.append(prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
                                  empty_curve(f"no lens data ({side_name(side)})", "layer", "logit"), width=WIDTH,
-                                 height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel="option logit"))
+                                 height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel="label logit"))
     return hv.Layout(panels).cols(2)
 
 
@@ -147,10 +148,10 @@ def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str |
 
 
 def decision_emergence(ds: xr.Dataset) -> hv.Overlay:
-    """Mean option-logit difference across layers, signed so the final layer's choice is positive:
+    """Mean label-logit difference across layers, signed so the final layer's choice is positive:
     how early each lens sees the eventual decision (mean ±95% CI over prompts and sides)."""
-    require(ds, "option_logit")
-    o = ds["option_logit"]
+    require(ds, "label_logit")
+    o = ds["label_logit"]
     diff = o.isel(option=0) - o.isel(option=-1)
     final = np.sign(diff.isel(layer=-1))
     aligned = (diff * final.where(final != 0, 1)).stack(sample=("prompt", "side"))
@@ -198,7 +199,8 @@ def crossing_histogram(ds: xr.Dataset) -> hv.Overlay:
 
 
 def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[Figure], list[str]]:
-    """The lens figures (figures whose inputs are missing are skipped)."""
+    """The lens figures (figures whose inputs are missing are skipped); files of an older schema are read too."""
+    ds = upgrade(ds)
     if "prompt" not in ds.dims or "lens" not in ds.dims:
         raise MissingData("lens: no prompt/lens dims")
     note = ("Hidden states at the last token decoded at every layer by the logit lens (final norm + unembedding)"
@@ -210,7 +212,7 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
         lambda: Figure("lens_emergence", "Decision emergence", decision_emergence(ds), SECTION, note=note),
         lambda: Figure("lens_kl", "KL to the final output", kl_by_layer(ds), SECTION),
         lambda: Figure("lens_crossing", "Crossing layers", crossing_histogram(ds), SECTION),
-        lambda: Figure("lens_trajectories", "Option-logit trajectories", trajectories(ds, prompts), SECTION,
+        lambda: Figure("lens_trajectories", "Label-logit trajectories", trajectories(ds, prompts), SECTION,
                        per_prompt=True),
         lambda: Figure("lens_top_tokens", "Top tokens per layer", top_tokens(ds, prompts), SECTION,
                        per_prompt=True),

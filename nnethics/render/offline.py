@@ -23,7 +23,7 @@ from typing import Any
 
 import holoviews as hv
 
-from ..atomic import write_text_atomic
+from ..store.atomic import write_text_atomic
 
 CDN_URL = re.compile(r"https?:(?:\\?/){2}cdn\.holoviz\.org/panel/[^/\"'\s]+/dist/([^\"'\s)?#]+)(?:\?[^\"'\s)#]*)?")
 CSS_URL = re.compile(r"url\(\s*(['\"]?)([^'\")]+)\1\s*\)")

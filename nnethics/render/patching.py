@@ -1,10 +1,14 @@
-"""Causal tracing (activation patching) figures from ``patching*.nc`` Datasets.
+"""Causal tracing (activation patching) figures from ``patching*.nc`` Datasets: the render contract.
 
-``patching.nc``: dims prompt, layer, component; ``effect (prompt, layer, component)`` is the change of
-the base prompt's logit difference when that component's output at that layer is replaced by the
-counterfactual's. The grid variants (``patching_grid.nc``, ``patching_noise_grid.nc``) add a ``position``
-dim (−1 = last token); ``patching_noise*.nc`` restore clean states into a noised run (ROME).
-"""
+``patching.nc``: dims prompt, layer, component; ``effect (prompt, layer, component)`` is the change of the
+base prompt's logit difference when that component's output at that layer is replaced by the
+counterfactual's, of the kind its ``effect_kind`` attr declares (normalised by the gap, or raw). The grid
+variants (``patching_grid.nc``, ``patching_noise_grid.nc``) add a ``position`` dim (−1 = last token);
+``patching_noise*.nc`` restore clean states into a noised run (ROME).
+
+The pictures averaged over prompts are in :mod:`.patching_effect`, the per-prompt ones in
+:mod:`.patching_prompt`; this module assembles them (``SECTION``, :func:`figures`, :func:`variant_figures`)
+and draws the position × layer heatmaps."""
 
 from __future__ import annotations
 
@@ -14,249 +18,29 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
-from .. import metrics
-from ._base import (
-    COMPONENT_COLORS,
-    HEIGHT,
-    WIDE,
-    WIDTH,
-    Figure,
-    MissingData,
-    band_and_curve,
-    collect,
-    empty_curve,
-    fix_limits,
-    layers_of,
-    mean_ci,
-    prompt_map,
-    reference_hline,
-    require,
-    values,
+from ._base import WIDTH, Figure, MissingData, collect, layers_of, require, values
+from .patching_effect import (
+    BOOTSTRAP_CI,
+    NORMAL_CI,
+    UNDEFINED_COLOR,
+    averaging_note,
+    components,
+    effect_curve,
+    effect_heatmap,
+    effect_kind,
+    effect_label,
+    effect_views,
+    heatmap_views,
+    views,
 )
+from .patching_prompt import atp_scatter, prompt_view, summary_histograms
+
+__all__ = ["BOOTSTRAP_CI", "NORMAL_CI", "SECTION", "UNDEFINED_COLOR", "VARIANTS", "atp_scatter", "averaging_note",
+           "components", "effect_curve", "effect_heatmap", "effect_kind", "effect_label", "effect_views", "figures",
+           "heatmap_views", "position_figures", "position_heatmap", "prompt_view", "summary_histograms",
+           "variant_figures", "views"]
 
 SECTION = "Causal tracing"
-
-
-def components(ds: xr.Dataset) -> list[str]:
-    return [str(c) for c in values(ds["component"])] if "component" in ds.dims else []
-
-
-CI_NAMES = (("effect_ci_low", "effect_ci_high"), ("ci_low", "ci_high"))
-
-
-def _ends(ds: xr.Dataset) -> tuple[str, str] | None:
-    """(receiver, source) logit-difference variables: the run patched into and the run patched from."""
-    if "corrupted_logit_diff" in ds and "base_logit_diff" in ds:  # noise: clean states restored into the noised run
-        return "corrupted_logit_diff", "base_logit_diff"
-    if "base_logit_diff" in ds and "cf_logit_diff" in ds:
-        return "base_logit_diff", "cf_logit_diff"
-    return None
-
-
-def effect_kind(ds: xr.Dataset) -> str | None:
-    """'normalized' when ``effect`` = (patched − receiver) / (source − receiver), 'raw' when it is
-    patched − receiver (in logit-difference units), None when that cannot be told from the file."""
-    ends = _ends(ds)
-    if ends is None or "effect" not in ds or "patched_logit_diff" not in ds:
-        return None
-    eff = ds["effect"].astype(float)
-    patched = ds["patched_logit_diff"].astype(float).transpose(*eff.dims)
-    recv, src = ds[ends[0]].astype(float), ds[ends[1]].astype(float)
-    ok = np.isfinite(values(eff))
-    if not ok.any():
-        return None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        norm = values(((patched - recv) / (src - recv)).transpose(*eff.dims))
-    raw = values((patched - recv).transpose(*eff.dims))
-    e = values(eff)
-    if np.allclose(e[ok], norm[ok], rtol=1e-3, atol=1e-4):
-        return "normalized"
-    if np.allclose(e[ok], raw[ok], rtol=1e-3, atol=1e-4):
-        return "raw"
-    return None
-
-
-def effect_label(ds: xr.Dataset) -> str:
-    return {"normalized": "effect (1 = counterfactual's logit diff)",
-            "raw": "change of logit diff"}.get(effect_kind(ds) or "", "effect")
-
-
-BOOTSTRAP_CI = "percentile bootstrap 95% CI over pairs"
-NORMAL_CI = "normal-approximation 95% CI (mean ± 1.96 SEM)"
-UNDEFINED_COLOR = "#c8c8c8"
-
-
-def effect_curve(ds: xr.Dataset, var: str = "effect", ci: str = "normal", title: str | None = None) -> hv.Overlay:
-    """Mean ``var`` per layer for each component, with a 95% CI band over prompts.
-
-    Uses the stored ``mean_effect`` and ``effect_ci_low``/``effect_ci_high`` (or ``ci_low``/``ci_high``)
-    ``(layer, component)`` when present (a percentile bootstrap), else computes the CI over the prompts where
-    ``var`` is defined: mean ± 1.96·SEM with ``ci="normal"``, the same percentile bootstrap with
-    ``ci="bootstrap"``. The title names the method and the number of prompts behind the mean.
-    """
-    require(ds, var, "layer")
-    layers = layers_of(ds)
-    stored_ci = next((names for names in CI_NAMES if all(n in ds for n in names)), None)
-    stored = var == "effect" and "mean_effect" in ds and stored_ci is not None
-    method = BOOTSTRAP_CI if stored and stored_ci[0] == "effect_ci_low" else (
-        "stored 95% CI" if stored else BOOTSTRAP_CI if ci == "bootstrap" else NORMAL_CI)
-    parts = []
-    comps = components(ds) or [None]
-    for comp in comps:
-        def sel(v: str, comp: str | None = comp) -> xr.DataArray:
-            return ds[v].sel(component=comp) if comp is not None and "component" in ds[v].dims else ds[v]
-
-        if stored:
-            mean, lo, hi = sel("mean_effect"), sel(stored_ci[0]), sel(stored_ci[1])
-        elif ci == "bootstrap":
-            da = sel(var).transpose("prompt", "layer")
-            m, a, b = metrics.bootstrap_ci(values(da).astype(float), axis=0)
-            mean, lo, hi = (xr.DataArray(x, dims=["layer"]) for x in (m, a, b))
-        else:
-            mean, lo, hi = mean_ci(sel(var), "prompt")
-        label = comp or var
-        parts.append(band_and_curve(layers, values(mean.transpose("layer")), values(lo.transpose("layer")),
-                                    values(hi.transpose("layer")), label, COMPONENT_COLORS.get(label, "#4c72b0"),
-                                    vdim=var))
-    zero = hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)
-    n = ds.sizes.get("prompt", 0)
-    defined = int(np.isfinite(values(ds[var])).reshape(n, -1).any(1).sum()) if n else 0
-    count = f"n={n} prompts" if defined == n else f"n={defined} of {n} prompts defined"
-    return hv.Overlay([*parts, zero]).opts(
-        title=title or f"Mean patching effect, {method} ({count})", width=WIDTH, height=HEIGHT,
-        legend_position="top_left", xlabel="layer", ylabel=effect_label(ds) if var == "effect" else var)
-
-
-def effect_heatmap(ds: xr.Dataset, component: str | None = "resid", var: str = "effect",
-                   title: str | None = None) -> hv.HeatMap:
-    """``var`` for every prompt (rows) and layer (columns) of one component; undefined (NaN) cells grey."""
-    require(ds, var)
-    da = ds[var]
-    if "component" in da.dims:
-        if component not in components(ds):
-            raise MissingData(f"patching: no component {component!r}")
-        da = da.sel(component=component)
-    da = da.transpose("prompt", "layer")
-    prompts = [str(p) for p in values(ds["prompt"])]
-    layers = layers_of(ds)
-    xs = np.tile(layers, len(prompts))
-    ys = np.repeat(prompts, len(layers))
-    hm = hv.HeatMap((xs, ys, values(da).ravel()), kdims=["layer", "prompt"], vdims=[var])
-    height = int(min(900, max(240, 16 * len(prompts) + 90)))
-    undefined = int((~np.isfinite(values(da))).all(1).sum())
-    note = f"; grey = undefined ({undefined} prompts)" if undefined else ""
-    return hm.opts(cmap="RdBu_r", symmetric=True, colorbar=True, tools=["hover"], width=WIDTH, height=height,
-                   clipping_colors={"NaN": UNDEFINED_COLOR},
-                   title=title or f"{component or var}: {var} per prompt × layer{note}", invert_yaxis=True,
-                   xlabel="layer", ylabel="prompt")
-
-
-def _delta(ds: xr.Dataset) -> xr.Dataset | None:
-    """``ds`` with ``delta`` = patched − receiver logit difference (logits), or None without the inputs."""
-    ends = _ends(ds)
-    if ends is None or "patched_logit_diff" not in ds:
-        return None
-    out = ds.copy()
-    out["delta"] = ds["patched_logit_diff"].astype(float) - ds[ends[0]].astype(float)
-    return out
-
-
-def _gap_name(ds: xr.Dataset) -> str:
-    return "clean − noised" if _ends(ds) == ("corrupted_logit_diff", "base_logit_diff") else "cf − base"
-
-
-def views(ds: xr.Dataset) -> dict[str, tuple[xr.Dataset, str]]:
-    """The selectable views of a patching file: normalised effect over the pairs where it is defined, and the
-    absolute change of the logit difference (logits) over those pairs and over all pairs.
-    Returns ``{key: (dataset, variable)}``; keys name the pairs and their count."""
-    n = ds.sizes["prompt"]
-    ok = values(ds["effect_defined"]).astype(bool) if "effect_defined" in ds else \
-        np.isfinite(values(ds["effect"])).reshape(n, -1).any(1)
-    k = int(ok.sum())
-    who = "content-sensitive pairs" if _gap_name(ds) == "cf − base" else "pairs with a normalisable gap"
-    out = {f"normalised effect, {who} (n={k} of {n})": (ds, "effect")}
-    d = _delta(ds)
-    if d is not None:
-        out[f"change of logit diff (logits), {who} (n={k} of {n})"] = (d.isel(prompt=np.flatnonzero(ok)), "delta")
-        out[f"change of logit diff (logits), all pairs (n={n})"] = (d, "delta")
-    return out
-
-
-def effect_views(ds: xr.Dataset) -> hv.HoloMap | hv.Overlay:
-    """:func:`effect_curve` for each of :func:`views` (a HoloMap with a "view" selector)."""
-    frames = {}
-    for key, (sub, var) in views(ds).items():
-        if not sub.sizes["prompt"]:
-            continue
-        what = "Mean normalised effect" if var == "effect" else "Mean change of the logit difference"
-        frames[key] = effect_curve(sub, var, ci="bootstrap", title=f"{what}, {BOOTSTRAP_CI} ({key.split(', ', 1)[1]})"
-                                   ).opts(width=WIDE)
-    if not frames:
-        raise MissingData("patching: no prompt to average")
-    if len(frames) == 1:
-        return next(iter(frames.values()))
-    return hv.HoloMap(fix_limits(frames, shared_y=False), kdims=["view"], sort=False)
-
-
-def heatmap_views(ds: xr.Dataset, component: str | None) -> hv.HoloMap | hv.HeatMap:
-    """:func:`effect_heatmap` for each of :func:`views`; the normalised view keeps every prompt (undefined ones
-    grey), so the reader sees which pairs the mean leaves out."""
-    frames = {}
-    for key, (sub, var) in views(ds).items():
-        if var == "effect":
-            sub = ds
-        if not sub.sizes["prompt"]:
-            continue
-        what = "normalised effect (grey: undefined)" if var == "effect" else "change of logit diff (logits)"
-        frames[key] = effect_heatmap(sub.rename({var: "value"}), component, "value",
-                                     title=f"{component or 'effect'}: {what}")
-    if len(frames) == 1:
-        return next(iter(frames.values()))
-    frames = {k: v.opts(framewise=True) for k, v in frames.items()}  # each view its own colour range
-    return hv.HoloMap(frames, kdims=["view"], sort=False)
-
-
-def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.HoloMap:
-    """Per prompt: the patched run's logit difference at every layer, one curve per component, against
-    the unpatched base and counterfactual logit differences, with the layers that flip the decision
-    marked (◆); a HoloMap over prompt. Falls back to ``effect`` when ``patched_logit_diff`` is absent."""
-    var = "patched_logit_diff" if "patched_logit_diff" in ds else "effect"
-    require(ds, var)
-    prompts = list(prompts) if prompts is not None else [str(p) for p in values(ds["prompt"])]
-    layers = layers_of(ds)
-    comps = components(ds) or [None]
-    ends = _ends(ds) if var == "patched_logit_diff" else None
-    ylabel = "logit diff ('1' − '2')" if var == "patched_logit_diff" else effect_label(ds)
-
-    def frame(p: str) -> hv.Overlay:
-        one = ds.sel(prompt=p)
-        parts = [reference_hline(0)]
-        title = p
-        if ends is not None:
-            recv, src = float(one[ends[0]]), float(one[ends[1]])
-            names = ("noised", "clean") if ends[0] == "corrupted_logit_diff" else ("base", "counterfactual")
-            parts += [hv.HLine(recv).opts(color="#555555", line_dash="dashed", line_width=1),
-                      hv.HLine(src).opts(color="black", line_dash="dotdash", line_width=1.5)]
-            title = (f"{p}: logit diff when patched; {names[0]} {recv:+.2f} (dashed), "
-                     f"{names[1]} {src:+.2f} (dot-dash), ◆ = decision flipped")
-        for comp in comps:
-            v = one[var].sel(component=comp) if comp is not None else one[var]
-            y = values(v.transpose("layer")).astype(float)
-            label = comp or var
-            color = COMPONENT_COLORS.get(label, "#4c72b0")
-            parts.append(hv.Curve((layers, y), "layer", ylabel, label=label).opts(color=color, line_width=2,
-                                                                                  tools=["hover"]))
-            mask = np.zeros(len(layers), bool)
-            if "flipped" in one:
-                fl = one["flipped"].sel(component=comp) if comp is not None else one["flipped"]
-                mask = values(fl.transpose("layer")).astype(bool)
-            parts.append(hv.Scatter((layers[mask], y[mask]), "layer", ylabel, label=label).opts(
-                color=color, size=9, marker="diamond", show_legend=False))
-        return hv.Overlay(parts).opts(title=title)
-
-    return prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
-                      empty_curve("not patched", "layer", ylabel), width=WIDE, height=HEIGHT,
-                      legend_position="top_left", xlabel="layer", ylabel=ylabel)
 
 
 def _position_effect(ds: xr.Dataset, var: str = "effect") -> xr.DataArray:
@@ -287,98 +71,6 @@ def position_heatmap(ds: xr.Dataset, component: str | None = None, var: str = "e
         symmetric=float(np.nanmin(values(da))) < 0, colorbar=True, tools=["hover"], width=WIDTH, height=height,
         invert_yaxis=True,
         title=title or f"mean {var} by token position × layer", xlabel="layer", ylabel="token position (−1 = last)")
-
-
-def atp_scatter(ds: xr.Dataset) -> hv.Overlay:
-    """Exact patching effect against its attribution-patching (gradient) estimate, one point per cell."""
-    require(ds, "effect", "atp_effect")
-    parts = []
-    lo, hi = np.inf, -np.inf
-    comps = components(ds) or [None]
-    stats = []
-    for comp in comps:
-        e = ds["effect"].sel(component=comp) if comp is not None else ds["effect"]
-        a = ds["atp_effect"].sel(component=comp) if comp is not None else ds["atp_effect"]
-        x, y = values(e).ravel().astype(float), values(a.transpose(*e.dims)).ravel().astype(float)
-        ok = np.isfinite(x) & np.isfinite(y)
-        x, y = x[ok], y[ok]
-        if not x.size:
-            continue
-        lo, hi = min(lo, x.min(), y.min()), max(hi, x.max(), y.max())
-        r = float(np.corrcoef(x, y)[0, 1]) if x.size > 2 and x.std() > 0 and y.std() > 0 else float("nan")
-        stats.append(f"{comp or 'effect'} r={r:.2f}")
-        label = comp or "effect"
-        parts.append(hv.Scatter((x, y), "exact effect", "attribution-patching estimate", label=label).opts(
-            color=COMPONENT_COLORS.get(label, "#4c72b0"), alpha=0.6, size=5, tools=["hover"]))
-    if not parts:
-        raise MissingData("patching: no finite effect/atp_effect values")
-    diag = hv.Curve(([lo, hi], [lo, hi]), "exact effect", "attribution-patching estimate").opts(
-        color="gray", line_dash="dashed", line_width=1)
-    return hv.Overlay([*parts, diag]).opts(title="Exact vs AtP estimate (" + ", ".join(stats) + ")",
-                                           width=WIDTH, height=HEIGHT, legend_position="top_left")
-
-
-def _per_prompt(ds: xr.Dataset, var: str) -> np.ndarray:
-    require(ds, var)
-    da = ds[var]
-    if "component" in da.dims:
-        da = da.sel(component="resid" if "resid" in components(ds) else components(ds)[0])
-    return values(da).astype(float).ravel()
-
-
-def _one_bin_note(freq: np.ndarray, edges: np.ndarray, what: str) -> str:
-    """A title suffix when every prompt falls in one bin (the histogram then shows a single bar)."""
-    nz = np.flatnonzero(freq)
-    if len(nz) != 1:
-        return ""
-    centre = (edges[nz[0]] + edges[nz[0] + 1]) / 2
-    value = f"{centre:g}" if float(centre).is_integer() else f"{edges[nz[0]]:g}–{edges[nz[0] + 1]:g}"
-    return f": all {int(freq.sum())} prompts at {(what + ' ') if what else ''}{value}"
-
-
-def summary_histograms(ds: xr.Dataset) -> hv.Layout:
-    """The seed's per-prompt summaries of the residual stream: peak layer, number of layers that flip the
-    decision, Gini. A panel whose prompts all fall in one bin says so in its title (for the residual at the last
-    position the peak is the last layer by construction: there the patched state is the counterfactual's output)."""
-    plots = []
-    n_layers = ds.sizes.get("layer", 1)
-    if "peak_layer" in ds:
-        v = _per_prompt(ds, "peak_layer")
-        freq, edges = np.histogram(v[np.isfinite(v)], bins=np.arange(-0.5, n_layers + 0.5))
-        note = _one_bin_note(freq, edges, "layer")
-        if note and int(np.flatnonzero(freq)[0]) == n_layers - 1:
-            note += " (by construction)"
-        plots.append(hv.Histogram((edges, freq), kdims=["peak layer"], vdims=["prompts"]).opts(
-            title="Peak layer" + note, color="#a23b72"))
-    if "num_choice_flips" in ds:
-        v = _per_prompt(ds, "num_choice_flips")
-        top = int(np.nanmax(v)) if np.isfinite(v).any() else 0
-        freq, edges = np.histogram(v[np.isfinite(v)], bins=np.arange(-0.5, top + 1.5))
-        plots.append(hv.Histogram((edges, freq), kdims=["layers that flip the choice"], vdims=["prompts"]).opts(
-            title="Choice flips" + _one_bin_note(freq, edges, ""), color="#f18f01"))
-    if "gini_coefficient" in ds:
-        v = _per_prompt(ds, "gini_coefficient")
-        freq, edges = np.histogram(v[np.isfinite(v)], bins=np.linspace(0, 1, 11))
-        plots.append(hv.Histogram((edges, freq), kdims=["Gini coefficient"], vdims=["prompts"]).opts(
-            title="Concentration (Gini)" + _one_bin_note(freq, edges, "Gini"), color="#9b59b6"))
-    if not plots:
-        raise MissingData("patching: no per-prompt summaries (peak_layer, num_choice_flips, gini_coefficient)")
-    return hv.Layout([p.opts(width=340, height=260, tools=["hover"]) for p in plots]).cols(3)
-
-
-def averaging_note(ds: xr.Dataset) -> str:
-    """Over how many pairs the normalised effect is averaged, and why the others are left out."""
-    n = ds.sizes["prompt"]
-    if "effect_defined" not in ds:
-        return f"Averaged over the {n} pairs of the file."
-    k = int(values(ds["effect_defined"]).sum())
-    gap = _gap_name(ds)
-    desc = str(ds["effect_defined"].attrs.get("description", ""))
-    min_gap = desc.split("min_gap = ")[-1] if "min_gap = " in desc else "min_gap"
-    return (f"The normalised effect (patched − base) / ({gap}) is averaged over the {k} of {n} pairs whose |{gap}| "
-            f"is at least {min_gap} logits; the other {n - k} are left out because dividing by a smaller gap "
-            f"amplifies noise. The 'view' selector shows the absolute change of the logit difference instead, over "
-            f"those pairs or over all {n}.")
 
 
 def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[Figure], list[str]]:

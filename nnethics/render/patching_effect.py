@@ -1,0 +1,211 @@
+"""Patching effects averaged over prompts: the mean effect by layer, the prompt × layer heatmaps, the views.
+
+What ``effect`` means is read from the file (``effect_kind``, ``min_gap``: :mod:`nnethics.store.schema`),
+never guessed from its values. The receiver is the run patched into (base, or the noised base), the
+source the run patched from (counterfactual, or the clean base).
+"""
+
+from __future__ import annotations
+
+import holoviews as hv
+import numpy as np
+import xarray as xr
+
+from .. import metrics
+from ..store import schema
+from ._base import (
+    COMPONENT_COLORS,
+    HEIGHT,
+    WIDE,
+    WIDTH,
+    MissingData,
+    band_and_curve,
+    fix_limits,
+    layers_of,
+    mean_ci,
+    require,
+    values,
+)
+
+
+def components(ds: xr.Dataset) -> list[str]:
+    return [str(c) for c in values(ds["component"])] if "component" in ds.dims else []
+
+
+CI_NAMES = (("effect_ci_low", "effect_ci_high"), ("ci_low", "ci_high"))
+
+
+def ends(ds: xr.Dataset) -> tuple[str, str] | None:
+    """(receiver, source) logit-difference variables: the run patched into and the run patched from."""
+    if "corrupted_logit_diff" in ds and "base_logit_diff" in ds:  # noise: clean states restored into the noised run
+        return "corrupted_logit_diff", "base_logit_diff"
+    if "base_logit_diff" in ds and "cf_logit_diff" in ds:
+        return "base_logit_diff", "cf_logit_diff"
+    return None
+
+
+def effect_kind(ds: xr.Dataset) -> str | None:
+    """``effect``'s declared kind: 'normalized' ((patched − receiver) / (source − receiver)), 'raw'
+    (patched − receiver, in logit-difference units), or None when the file declares none."""
+    return schema.effect_kind(ds, "effect")
+
+
+def _effect_name(ds: xr.Dataset) -> str:
+    """What ``effect`` is, in a view's name: its declared kind (a file that declares none says 'effect')."""
+    return {schema.NORMALIZED: "normalised effect", schema.RAW: "raw effect (change of logit diff)"}.get(
+        effect_kind(ds) or "", "effect")
+
+
+def effect_label(ds: xr.Dataset) -> str:
+    return {schema.NORMALIZED: "effect (1 = counterfactual's logit diff)",
+            schema.RAW: "change of logit diff"}.get(effect_kind(ds) or "", "effect")
+
+
+BOOTSTRAP_CI = "percentile bootstrap 95% CI over pairs"
+NORMAL_CI = "normal-approximation 95% CI (mean ± 1.96 SEM)"
+UNDEFINED_COLOR = "#c8c8c8"
+
+
+def effect_curve(ds: xr.Dataset, var: str = "effect", ci: str = "normal", title: str | None = None) -> hv.Overlay:
+    """Mean ``var`` per layer for each component, with a 95% CI band over prompts.
+
+    Uses the stored ``mean_effect`` and ``effect_ci_low``/``effect_ci_high`` (or ``ci_low``/``ci_high``)
+    ``(layer, component)`` when present (a percentile bootstrap), else computes the CI over the prompts where
+    ``var`` is defined: mean ± 1.96·SEM with ``ci="normal"``, the same percentile bootstrap with
+    ``ci="bootstrap"``. The title names the method and the number of prompts behind the mean.
+    """
+    require(ds, var, "layer")
+    layers = layers_of(ds)
+    stored_ci = next((names for names in CI_NAMES if all(n in ds for n in names)), None)
+    stored = var == "effect" and "mean_effect" in ds and stored_ci is not None
+    method = BOOTSTRAP_CI if stored and stored_ci[0] == "effect_ci_low" else (
+        "stored 95% CI" if stored else BOOTSTRAP_CI if ci == "bootstrap" else NORMAL_CI)
+    parts = []
+    comps = components(ds) or [None]
+    for comp in comps:
+        def sel(v: str, comp: str | None = comp) -> xr.DataArray:
+            return ds[v].sel(component=comp) if comp is not None and "component" in ds[v].dims else ds[v]
+
+        if stored:
+            mean, lo, hi = sel("mean_effect"), sel(stored_ci[0]), sel(stored_ci[1])
+        elif ci == "bootstrap":
+            da = sel(var).transpose("prompt", "layer")
+            m, a, b = metrics.bootstrap_ci(values(da).astype(float), axis=0)
+            mean, lo, hi = (xr.DataArray(x, dims=["layer"]) for x in (m, a, b))
+        else:
+            mean, lo, hi = mean_ci(sel(var), "prompt")
+        label = comp or var
+        parts.append(band_and_curve(layers, values(mean.transpose("layer")), values(lo.transpose("layer")),
+                                    values(hi.transpose("layer")), label, COMPONENT_COLORS.get(label, "#4c72b0"),
+                                    vdim=var))
+    zero = hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)
+    n = ds.sizes.get("prompt", 0)
+    defined = int(np.isfinite(values(ds[var])).reshape(n, -1).any(1).sum()) if n else 0
+    count = f"n={n} prompts" if defined == n else f"n={defined} of {n} prompts defined"
+    return hv.Overlay([*parts, zero]).opts(
+        title=title or f"Mean patching effect, {method} ({count})", width=WIDTH, height=HEIGHT,
+        legend_position="top_left", xlabel="layer", ylabel=effect_label(ds) if var == "effect" else var)
+
+
+def effect_heatmap(ds: xr.Dataset, component: str | None = "resid", var: str = "effect",
+                   title: str | None = None) -> hv.HeatMap:
+    """``var`` for every prompt (rows) and layer (columns) of one component; undefined (NaN) cells grey."""
+    require(ds, var)
+    da = ds[var]
+    if "component" in da.dims:
+        if component not in components(ds):
+            raise MissingData(f"patching: no component {component!r}")
+        da = da.sel(component=component)
+    da = da.transpose("prompt", "layer")
+    prompts = [str(p) for p in values(ds["prompt"])]
+    layers = layers_of(ds)
+    xs = np.tile(layers, len(prompts))
+    ys = np.repeat(prompts, len(layers))
+    hm = hv.HeatMap((xs, ys, values(da).ravel()), kdims=["layer", "prompt"], vdims=[var])
+    height = int(min(900, max(240, 16 * len(prompts) + 90)))
+    undefined = int((~np.isfinite(values(da))).all(1).sum())
+    note = f"; grey = undefined ({undefined} prompts)" if undefined else ""
+    return hm.opts(cmap="RdBu_r", symmetric=True, colorbar=True, tools=["hover"], width=WIDTH, height=height,
+                   clipping_colors={"NaN": UNDEFINED_COLOR},
+                   title=title or f"{component or var}: {var} per prompt × layer{note}", invert_yaxis=True,
+                   xlabel="layer", ylabel="prompt")
+
+
+def _delta(ds: xr.Dataset) -> xr.Dataset | None:
+    """``ds`` with ``delta`` = patched − receiver logit difference (logits), or None without the inputs."""
+    pair = ends(ds)
+    if pair is None or "patched_logit_diff" not in ds:
+        return None
+    out = ds.copy()
+    out["delta"] = ds["patched_logit_diff"].astype(float) - ds[pair[0]].astype(float)
+    return out
+
+
+def gap_name(ds: xr.Dataset) -> str:
+    return "clean − noised" if ends(ds) == ("corrupted_logit_diff", "base_logit_diff") else "cf − base"
+
+
+def views(ds: xr.Dataset) -> dict[str, tuple[xr.Dataset, str]]:
+    """The selectable views of a patching file: normalised effect over the pairs where it is defined, and the
+    absolute change of the logit difference (logits) over those pairs and over all pairs.
+    Returns ``{key: (dataset, variable)}``; keys name the pairs and their count."""
+    n = ds.sizes["prompt"]
+    ok = values(ds["effect_defined"]).astype(bool) if "effect_defined" in ds else \
+        np.isfinite(values(ds["effect"])).reshape(n, -1).any(1)
+    k = int(ok.sum())
+    who = "content-sensitive pairs" if gap_name(ds) == "cf − base" else "pairs with a normalisable gap"
+    out = {f"{_effect_name(ds)}, {who} (n={k} of {n})": (ds, "effect")}
+    d = _delta(ds)
+    if d is not None:
+        out[f"change of logit diff (logits), {who} (n={k} of {n})"] = (d.isel(prompt=np.flatnonzero(ok)), "delta")
+        out[f"change of logit diff (logits), all pairs (n={n})"] = (d, "delta")
+    return out
+
+
+def effect_views(ds: xr.Dataset) -> hv.HoloMap | hv.Overlay:
+    """:func:`effect_curve` for each of :func:`views` (a HoloMap with a "view" selector)."""
+    frames = {}
+    for key, (sub, var) in views(ds).items():
+        if not sub.sizes["prompt"]:
+            continue
+        what = f"Mean {_effect_name(ds)}" if var == "effect" else "Mean change of the logit difference"
+        frames[key] = effect_curve(sub, var, ci="bootstrap", title=f"{what}, {BOOTSTRAP_CI} ({key.split(', ', 1)[1]})"
+                                   ).opts(width=WIDE)
+    if not frames:
+        raise MissingData("patching: no prompt to average")
+    if len(frames) == 1:
+        return next(iter(frames.values()))
+    return hv.HoloMap(fix_limits(frames, shared_y=False), kdims=["view"], sort=False)
+
+
+def heatmap_views(ds: xr.Dataset, component: str | None) -> hv.HoloMap | hv.HeatMap:
+    """:func:`effect_heatmap` for each of :func:`views`; the normalised view keeps every prompt (undefined ones
+    grey), so the reader sees which pairs the mean leaves out."""
+    frames = {}
+    for key, (sub, var) in views(ds).items():
+        if var == "effect":
+            sub = ds
+        if not sub.sizes["prompt"]:
+            continue
+        what = f"{_effect_name(ds)} (grey: undefined)" if var == "effect" else "change of logit diff (logits)"
+        frames[key] = effect_heatmap(sub.rename({var: "value"}), component, "value",
+                                     title=f"{component or 'effect'}: {what}")
+    if len(frames) == 1:
+        return next(iter(frames.values()))
+    frames = {k: v.opts(framewise=True) for k, v in frames.items()}  # each view its own colour range
+    return hv.HoloMap(frames, kdims=["view"], sort=False)
+
+
+def averaging_note(ds: xr.Dataset) -> str:
+    """Over how many pairs the normalised effect is averaged, and why the others are left out."""
+    n = ds.sizes["prompt"]
+    if "effect_defined" not in ds:
+        return f"Averaged over the {n} pairs of the file."
+    k = int(values(ds["effect_defined"]).sum())
+    gap = gap_name(ds)
+    gap_min = schema.min_gap(ds)
+    min_gap = f"{gap_min:g}" if gap_min is not None else "min_gap"
+    return (f"The normalised effect (patched − base) / ({gap}) is averaged over the {k} of {n} pairs whose |{gap}| "
+            f"is at least {min_gap} logits; the other {n - k} are left out because dividing by a smaller gap "
+            f"amplifies noise. The 'view' selector shows the absolute change of the logit difference instead, over "
+            f"those pairs or over all {n}.")
