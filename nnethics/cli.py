@@ -43,7 +43,7 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
     from .models.registry import ModelRegistry
     from .models.remote import STATS
     from .pipeline import run_all
-    from .storelock import store_lock
+    from .store import store_lock
 
     wanted = list(analyses or default_names())
     prompts = load_prompt_set(prompts_path, labels, limit)

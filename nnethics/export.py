@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .atomic import write_text_atomic
+from .store.atomic import write_text_atomic
 from .store.schema import upgrade
 
 FORMATS = ("csv", "json")
@@ -327,12 +327,13 @@ def lens_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> Ta
 
 def _load(folder: Path, name: str) -> xr.Dataset | None:
     from .analyses import ANALYSES
+    from .store import load, result_files
 
-    path = folder / f"{name}.nc"
-    if not path.exists():
+    path = result_files(folder).get(name)
+    if path is None:
         return None
     try:
-        ds = xr.load_dataset(path, engine="netcdf4")
+        ds = load(path)  # in the current schema, whatever version wrote it
     except (OSError, ValueError, RuntimeError) as e:
         raise ExportError(f"{path}: not a readable NetCDF file ({e}); recompute it with `nnethics run` "
                           "or move it out of the folder, then export again") from None

@@ -330,11 +330,6 @@ def check_compatible(config: LensConfig, model: Any, where: str = "lens") -> Non
                             f"train one with `nnethics lens train --model {model.name}`")
 
 
-# Kept under its old name for nnethics.analyses.lens_training, which imports it (issue 12: to import
-# write_via_temp from nnethics.store.atomic instead).
-_atomic = write_via_temp
-
-
 def lens_cache_dir(slug: str) -> Path:
     """Default folder of a model's tuned lens: ``$NNETHICS_CACHE/lenses/<slug>/``."""
     from .models.builtin import cache_root

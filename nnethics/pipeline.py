@@ -10,8 +10,7 @@ from .analyses import ANALYSES, default_names
 from .analyses.common import format_pairs
 from .prompts import PromptSet, check_context_length, resolve_label_tokens
 from .runner import run_analysis
-from .store import result_path, write_atomic
-from .storelock import store_lock
+from .store import result_path, store_lock
 
 DEFAULT_ANALYSES = default_names()
 
@@ -38,8 +37,8 @@ def make_context(model: Any, prompts: PromptSet, chat: bool | None = None) -> Ru
 def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunContext, batch_size: int = 8,
             progress: bool | None = None, overwrite: bool = False, lock_timeout: float | None = None,
             options: Any = None, note: Callable[[str], None] | None = None) -> tuple[str, str]:
-    """Run the analysis registered as ``name`` (resumably, holding the model folder's lock), then finalise it
-    once; returns ``(path, summary)``.
+    """Run the analysis registered as ``name`` (resumably, holding the model folder's lock); its ``finalize`` runs
+    once on the consolidated Dataset, which is written once; returns ``(path, summary)``.
 
     ``options`` default to the analysis' defaults (with the variant's fixed values) and the context's labels and
     chat setting. Every option is recorded in provenance, with what ``prepare`` resolved; ``note`` receives what
@@ -59,10 +58,8 @@ def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunConte
     path = result_path(store, model.slug, name)
     with store_lock(path.parent, timeout=lock_timeout):
         ds = run_analysis(name, compute, model, prompts, store, recorded, batch_size=batch_size, progress=progress,
-                          extra_attrs={"label_token_ids": list(ctx.label_ids)}, overwrite=overwrite)
-        if analysis.finalize is not None:
-            ds = analysis.finalize(ds)
-            write_atomic(ds, path)
+                          extra_attrs={"label_token_ids": list(ctx.label_ids)}, overwrite=overwrite,
+                          finalize=analysis.finalize)
     return str(path), analysis.summarize(ds)
 
 

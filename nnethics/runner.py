@@ -21,8 +21,7 @@ import xarray as xr
 from .models.errors import is_oom
 from .models.remote.stats import STATS
 from .prompts import PromptPair, PromptSet
-from .store import PartStore, provenance
-from .storelock import store_lock
+from .store import PartStore, provenance, store_lock
 
 AnalysisFn = Callable[[Any, Sequence[PromptPair]], xr.Dataset]
 
@@ -45,11 +44,12 @@ def run_analysis(
     extra_attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     lock_timeout: float | None = None,
+    finalize: Callable[[xr.Dataset], xr.Dataset] | None = None,
 ) -> xr.Dataset:
     """Run ``fn`` over every pair in chunks of ``batch_size`` pairs, resumably; return the consolidated Dataset.
 
     Holds the model folder's lock throughout (another process on the same folder waits, or gets
-    :class:`~nnethics.storelock.StoreBusy` after ``lock_timeout`` seconds). A stored result or parts with
+    :class:`~nnethics.store.StoreBusy` after ``lock_timeout`` seconds). A stored result or parts with
     other options raise :class:`~nnethics.store.StoreConflict` unless ``overwrite``.
     """
     if batch_size < 1:
@@ -58,11 +58,11 @@ def run_analysis(
     parts = PartStore(store, model.slug, name, attrs)
     with store_lock(parts.final.parent, timeout=lock_timeout):
         parts.check(overwrite)
-        return _run_chunks(name, fn, model, prompts, parts, batch_size, progress)
+        return _run_chunks(name, fn, model, prompts, parts, batch_size, progress, finalize)
 
 
 def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts: PartStore, batch_size: int,
-                progress: bool | None) -> xr.Dataset:
+                progress: bool | None, finalize: Callable[[xr.Dataset], xr.Dataset] | None = None) -> xr.Dataset:
     done = parts.done_ids()
     todo = [p for p in prompts.pairs if p.prompt_id not in done]
     show = sys.stderr.isatty() if progress is None else progress
@@ -85,4 +85,4 @@ def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts
             parts.write_part(ds)
             i += len(chunk)
             bar.update(len(chunk))
-    return parts.consolidate(order=prompts.ids())
+    return parts.consolidate(order=prompts.ids(), finalize=finalize)

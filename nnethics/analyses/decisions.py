@@ -50,6 +50,22 @@ def decision_logits(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.T
     return label_logits.cpu(), lse.cpu(), top.cpu()
 
 
+def _prompt_tokens(batch: PairBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (prompt, side): the token ids padded with -1 to the widest prompt, their count, the formatted text."""
+    n, width = batch.n, max(batch.encoded.lengths)
+    input_ids = np.full((n, 2, width), -1, dtype=np.int32)
+    n_tokens = np.zeros((n, 2), dtype=np.int32)
+    texts = np.empty((n, 2), dtype=object)
+    for i in range(n):
+        for j, side in enumerate(SIDES):
+            row = batch.row(i, side)
+            toks = batch.encoded.tokens(row)
+            input_ids[i, j, : len(toks)] = toks
+            n_tokens[i, j] = len(toks)
+            texts[i, j] = batch.encoded.texts[row]
+    return input_ids, n_tokens, texts
+
+
 def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: DecisionOptions = DecisionOptions(),
                        label_ids: Sequence[int] | None = None) -> xr.Dataset:
     """Decisions for every pair, both sides.
@@ -74,17 +90,7 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
     ethical = np.array([[p.ethical(s) for s in SIDES] for p in pairs], dtype=object)
     chose_ethical = chosen == ethical
     top_ids = top.numpy().reshape(2, n).T
-    width = max(batch.encoded.lengths)
-    input_ids = np.full((n, 2, width), -1, dtype=np.int32)
-    n_tokens = np.zeros((n, 2), dtype=np.int32)
-    texts = np.empty((n, 2), dtype=object)
-    for i in range(n):
-        for j, side in enumerate(SIDES):
-            row = batch.row(i, side)
-            toks = batch.encoded.tokens(row)
-            input_ids[i, j, : len(toks)] = toks
-            n_tokens[i, j] = len(toks)
-            texts[i, j] = batch.encoded.texts[row]
+    input_ids, n_tokens, texts = _prompt_tokens(batch)
     tok = model.tokenizer
     ds = xr.Dataset(
         {

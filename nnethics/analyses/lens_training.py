@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..lenses import Lens, TunedLens, Unembed, _atomic, lens_cache_dir
+from ..lenses import Lens, TunedLens, Unembed, lens_cache_dir
+from ..store.atomic import write_via_temp
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,16 @@ def _kl_and_grad(n: Tensor, p: Tensor, p_w: Tensor, p_b: Any, neg_entropy: Tenso
     return neg_entropy - p_z + lse, (grad.to(dtype) @ w).to(n.dtype) / len(n)
 
 
+def _optimizer(trained: list, options: TrainOptions) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the translators' parameters and its warm-up/decay schedule."""
+    params = [p for t in trained for p in t.parameters()]
+    try:  # the fused kernel is ~7x faster than the per-parameter loop on CPU
+        opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, options))
+
+
 def fit_tuned_lens(lens: TunedLens, unembed: Unembed, resid: Tensor, options: TrainOptions = TrainOptions(), *,
                    state: dict | None = None, on_checkpoint: Any = None, progress: Any = None) -> list[float]:
     """Train ``lens``'s translators in place on cached residuals ``resid [n_layers, n_tokens, d]``.
@@ -152,12 +163,7 @@ def fit_tuned_lens(lens: TunedLens, unembed: Unembed, resid: Tensor, options: Tr
     n_layers, n_tokens, _ = resid.shape
     dtype = _matmul_dtype(options.matmul_dtype, unembed)
     trained = list(lens.layer_translators[1:])
-    params = [p for t in trained for p in t.parameters()]
-    try:  # the fused kernel is ~7x faster than the per-parameter loop on CPU
-        opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay, fused=True)
-    except (RuntimeError, ValueError):
-        opt = torch.optim.AdamW(params, lr=options.lr, weight_decay=options.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, options))
+    opt, sched = _optimizer(trained, options)
     start = 0
     if state is not None:
         lens.layer_translators.load_state_dict(state["translators"])
@@ -273,7 +279,7 @@ def train_tuned_lens(model: Any, corpus: list[str | Path] | None = None, options
 
     def checkpoint(snap: dict) -> None:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic(ckpt_file, lambda tmp: torch.save({**snap, "key": key}, tmp))
+        write_via_temp(ckpt_file, lambda tmp: torch.save({**snap, "key": key}, tmp))
 
     t1 = time.perf_counter()
     with tqdm(total=options.steps, initial=state["step"] if state else 0, desc="training tuned lens", unit="step",

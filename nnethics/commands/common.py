@@ -28,8 +28,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from ..models.loading import ModelLoadError
     from ..models.secrets import ConfigError
     from ..prompts import LabelTokenError, PromptError
-    from ..store import StoreConflict, StoreError
-    from ..storelock import StoreBusy
+    from ..store import StoreBusy, StoreConflict, StoreError
 
     return (OptionError, PromptError, LabelTokenError, ConfigError, UnsupportedArchitectureError, BuiltinModelMissing, ModelLoadError,
             StoreBusy, StoreConflict, StoreError)

@@ -37,70 +37,74 @@ def warn_unreadable(store_dir: Path) -> None:
                    "out with --overwrite to make them match)", err=True)
 
 
+@click.command()
+@click.argument("store_dir", type=STORE_DIR)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output HTML file (default: STORE_DIR/report.html).")
+@click.option("--png", is_flag=True, help="Also write one PNG per figure (needs chromium, chromedriver, selenium).")
+@click.option("--max-prompts", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Prompts offered by the per-prompt selectors (aggregate figures always use all).")
+def report(store_dir: Path, out: Path | None, png: bool, max_prompts: int) -> None:
+    """Write one self-contained, offline report.html for STORE_DIR (a store/<model-slug> folder)."""
+    from ..render import ReportError, write_report
+    from ..render.offline import PngExportError
+
+    t0 = time.monotonic()
+    warn_unreadable(store_dir)
+    try:
+        path = write_report(store_dir, out=out, png=png, max_prompts=max_prompts)
+    except ReportError as e:
+        raise _bad_input(e) from None
+    except PngExportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"report: {path} ({_size(path)}, {time.monotonic() - t0:.1f} s)")
+    if png:
+        folder = path.parent / f"{path.stem}_png"
+        click.echo(f"png: {folder} ({len(list(folder.glob('*.png')))} figures)")
+
+@click.command()
+@click.argument("store_dirs", nargs=-1, required=True, type=STORE_DIR)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output HTML file (default: compare.html next to the first STORE_DIR).")
+@click.option("--png", is_flag=True, help="Also write one PNG per figure.")
+@click.option("--depth", type=click.Choice(["auto", "layer", "relative"]), default="auto", show_default=True,
+              help="x axis: layer index, or relative depth (auto: relative when layer counts differ).")
+def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: str) -> None:
+    """Overlay the figures of several models (STORE_DIRS are store/<model-slug> folders)."""
+    from ..render import MissingData, ReportError
+    from ..render.compare import write_comparison
+    from ..render.offline import PngExportError
+
+    if len(store_dirs) < 2:
+        raise _bad_input(ValueError("compare needs at least two store folders"))
+    relative = None if depth == "auto" else depth == "relative"
+    t0 = time.monotonic()
+    try:
+        path = write_comparison(list(store_dirs), out=out, png=png, relative=relative)
+    except (ReportError, MissingData) as e:
+        raise _bad_input(e) from None
+    except PngExportError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"comparison: {path} ({_size(path)}, {time.monotonic() - t0:.1f} s)")
+
+@click.command()
+@click.argument("store_dir", type=STORE_DIR)
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"], case_sensitive=False), default="csv",
+              show_default=True, help="Table format (the lens top-k file is always JSON).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Output folder (default: STORE_DIR/export).")
+def export(store_dir: Path, fmt: str, out: Path | None) -> None:
+    """Write flat CSV/JSON tables (detailed_layer_data, summary_results, attribution, lens, ...)."""
+    from ..export import ExportError, export_store
+
+    try:
+        paths = export_store(store_dir, fmt=fmt.lower(), out=out)
+    except ExportError as e:
+        raise _bad_input(e) from None
+    for p in paths:
+        click.echo(f"{p} ({_size(p)})")
+
+
 def register(cli: click.Group) -> None:
-    @cli.command()
-    @click.argument("store_dir", type=STORE_DIR)
-    @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="Output HTML file (default: STORE_DIR/report.html).")
-    @click.option("--png", is_flag=True, help="Also write one PNG per figure (needs chromium, chromedriver, selenium).")
-    @click.option("--max-prompts", type=click.IntRange(min=1), default=100, show_default=True,
-                  help="Prompts offered by the per-prompt selectors (aggregate figures always use all).")
-    def report(store_dir: Path, out: Path | None, png: bool, max_prompts: int) -> None:
-        """Write one self-contained, offline report.html for STORE_DIR (a store/<model-slug> folder)."""
-        from ..render import ReportError, write_report
-        from ..render.offline import PngExportError
-
-        t0 = time.monotonic()
-        warn_unreadable(store_dir)
-        try:
-            path = write_report(store_dir, out=out, png=png, max_prompts=max_prompts)
-        except ReportError as e:
-            raise _bad_input(e) from None
-        except PngExportError as e:
-            raise click.ClickException(str(e)) from None
-        click.echo(f"report: {path} ({_size(path)}, {time.monotonic() - t0:.1f} s)")
-        if png:
-            folder = path.parent / f"{path.stem}_png"
-            click.echo(f"png: {folder} ({len(list(folder.glob('*.png')))} figures)")
-
-    @cli.command()
-    @click.argument("store_dirs", nargs=-1, required=True, type=STORE_DIR)
-    @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="Output HTML file (default: compare.html next to the first STORE_DIR).")
-    @click.option("--png", is_flag=True, help="Also write one PNG per figure.")
-    @click.option("--depth", type=click.Choice(["auto", "layer", "relative"]), default="auto", show_default=True,
-                  help="x axis: layer index, or relative depth (auto: relative when layer counts differ).")
-    def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: str) -> None:
-        """Overlay the figures of several models (STORE_DIRS are store/<model-slug> folders)."""
-        from ..render import MissingData, ReportError
-        from ..render.compare import write_comparison
-        from ..render.offline import PngExportError
-
-        if len(store_dirs) < 2:
-            raise _bad_input(ValueError("compare needs at least two store folders"))
-        relative = None if depth == "auto" else depth == "relative"
-        t0 = time.monotonic()
-        try:
-            path = write_comparison(list(store_dirs), out=out, png=png, relative=relative)
-        except (ReportError, MissingData) as e:
-            raise _bad_input(e) from None
-        except PngExportError as e:
-            raise click.ClickException(str(e)) from None
-        click.echo(f"comparison: {path} ({_size(path)}, {time.monotonic() - t0:.1f} s)")
-
-    @cli.command()
-    @click.argument("store_dir", type=STORE_DIR)
-    @click.option("--format", "fmt", type=click.Choice(["csv", "json"], case_sensitive=False), default="csv",
-                  show_default=True, help="Table format (the lens top-k file is always JSON).")
-    @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-                  help="Output folder (default: STORE_DIR/export).")
-    def export(store_dir: Path, fmt: str, out: Path | None) -> None:
-        """Write flat CSV/JSON tables (detailed_layer_data, summary_results, attribution, lens, ...)."""
-        from ..export import ExportError, export_store
-
-        try:
-            paths = export_store(store_dir, fmt=fmt.lower(), out=out)
-        except ExportError as e:
-            raise _bad_input(e) from None
-        for p in paths:
-            click.echo(f"{p} ({_size(p)})")
+    for command in (report, compare, export):
+        cli.add_command(command)

@@ -29,7 +29,7 @@ from ._base import (
     model_name,
     values,
 )
-from .decisions import _measures
+from .decisions import measures
 from .report import load_store
 
 SECTION = "Comparison"
@@ -142,7 +142,7 @@ def decision_rates(stores: Stores) -> hv.Bars:
     for model, data in stores.items():
         if "decisions" not in data:
             continue
-        for measure, v in _measures(data["decisions"]).items():
+        for measure, v in measures(data["decisions"]).items():
             rows.append((measure, model, float(v.mean()), int(v.sum()), int(v.size)))
     if not rows:
         raise MissingData("compare: no decisions.nc")
@@ -231,7 +231,7 @@ def write_comparison(store_dirs: Sequence[str | Path], out: str | Path | None = 
 
     from .embed import render
     from .offline import export_pngs, save_bokeh
-    from .report import _provenance_html
+    from .report import provenance_html
 
     stores, notes = load_stores(store_dirs)
     figs, skipped = figures(stores, relative)
@@ -241,7 +241,7 @@ def write_comparison(store_dirs: Sequence[str | Path], out: str | Path | None = 
     intro = f"<h1 style='margin:4px 0'>nnethics comparison: {html.escape(', '.join(stores))}</h1>"
     for i, (model, data) in enumerate(stores.items()):
         intro += (f"<h3 style='margin:8px 0 0 0;color:{MODEL_COLORS[i % len(MODEL_COLORS)]}'>{html.escape(model)}"
-                  f"</h3>{_provenance_html(data)}")
+                  f"</h3>{provenance_html(data)}")
     if notes or skipped:
         intro += ("<details style='font-size:12px;color:#666'><summary>skipped</summary><ul>"
                   + "".join(f"<li>{html.escape(s)}</li>" for s in notes + skipped) + "</ul></details>")

@@ -29,7 +29,7 @@ def wilson(k: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out[:, 0], out[:, 1]
 
 
-def _measures(ds: xr.Dataset) -> dict[str, np.ndarray]:
+def measures(ds: xr.Dataset) -> dict[str, np.ndarray]:
     """Boolean per-prompt outcomes: ethical on each side, on both, and consistency."""
     require(ds, "chose_ethical")
     ce = ds["chose_ethical"]
@@ -42,7 +42,7 @@ def _measures(ds: xr.Dataset) -> dict[str, np.ndarray]:
 
 def ethical_rates(ds: xr.Dataset) -> hv.Overlay:
     """How often the model chose the ethical option: base, counterfactual, both, and consistency (Wilson 95% CI)."""
-    m = _measures(ds)
+    m = measures(ds)
     names = list(m)
     k = np.array([m[x].sum() for x in names])
     n = np.array([m[x].size for x in names])
@@ -60,7 +60,7 @@ def ethical_rates(ds: xr.Dataset) -> hv.Overlay:
 def by_category(ds: xr.Dataset) -> hv.Bars:
     """Ethical-choice rates per prompt category, base vs counterfactual, and consistency."""
     require(ds, "category")
-    m = _measures(ds)
+    m = measures(ds)
     cats = values(ds["category"]).astype(str)
     cats = np.where(cats == "", "(none)", cats)
     names = [x for x in m if x != "both sides"]

@@ -18,6 +18,7 @@ from typing import Any
 import xarray as xr
 
 from ..analyses import analyses, default_names, file_names
+from ..store import load, result_files
 from ._base import WIDE, WIDTH, Figure, MissingData, model_name, prompt_order
 from .embed import Rendered, link_selectors, render
 from .offline import export_pngs, save_bokeh
@@ -38,12 +39,13 @@ def load_store(store_dir: str | Path) -> tuple[dict[str, xr.Dataset], list[str]]
         raise ReportError(f"{folder}: not a folder; pass a store/<model-slug> folder")
     data: dict[str, xr.Dataset] = {}
     notes: list[str] = []
+    files = result_files(folder)
     for name in file_names():
-        path = folder / f"{name}.nc"
-        if not path.exists():
+        path = files.get(name)
+        if path is None:
             continue
         try:
-            data[name] = xr.load_dataset(path, engine="netcdf4")
+            data[name] = load(path)  # in the current schema, whatever version wrote it
         except (OSError, ValueError) as e:
             notes.append(f"{path.name}: unreadable ({e})")
     if not data:
@@ -92,7 +94,7 @@ def report_figures(data: Mapping[str, xr.Dataset], max_prompts: int | None = DEF
     return figs, prompts, skipped
 
 
-def _provenance_html(data: Mapping[str, xr.Dataset]) -> str:
+def provenance_html(data: Mapping[str, xr.Dataset]) -> str:
     first = next(iter(data.values()))
     rows = [(k, first.attrs[k]) for k in PROVENANCE_KEYS if str(first.attrs.get(k, "")) != ""]
     files = []
@@ -143,7 +145,7 @@ def build_report(data: Mapping[str, xr.Dataset], title: str | None = None,
              "linked (changing one changes all). Hover over plots for values; the toolbar zooms and pans.")
     if max_prompts is not None and n_all > len(prompts):
         intro += f" The selectors offer the first {len(prompts)} of {n_all} prompts; aggregate figures use all."
-    intro += "</p>" + _provenance_html(data)
+    intro += "</p>" + provenance_html(data)
     extra = list(notes or []) + skipped
     if extra:
         intro += ("<details style='font-size:12px;color:#666'><summary>skipped figures</summary><ul>"

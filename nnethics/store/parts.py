@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +151,10 @@ class PartStore:
             parts = padded
         return parts
 
-    def consolidate(self, order: Iterable[str] | None = None, extra_attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
-        """Concatenate the parts along ``prompt`` (in ``order``), write the final file, remove the parts."""
+    def consolidate(self, order: Iterable[str] | None = None, extra_attrs: Mapping[str, Any] | None = None,
+                    finalize: Callable[[xr.Dataset], xr.Dataset] | None = None) -> xr.Dataset:
+        """Concatenate the parts along ``prompt`` (in ``order``), apply ``finalize`` (cross-prompt statistics) once,
+        write the final file (once), remove the parts."""
         parts = self.load_parts()
         prev = self.previous()
         if prev is not None:
@@ -171,6 +173,8 @@ class PartStore:
             ds = ds.sel(prompt=first + [p for p in present if p not in set(first)])
         attrs = {**self.attrs, **(extra_attrs or {}), "fingerprint": self.key}
         ds.attrs = {k: attr_value(v) for k, v in attrs.items()}
+        if finalize is not None:
+            ds = finalize(ds)
         write_atomic(ds, self.final)
         shutil.rmtree(self.dir, ignore_errors=True)
         try:
