@@ -413,6 +413,7 @@ def test_attribution_bytes_per_prompt(server, tiny_model_dir, tmp_path):
     measured here with a trace that saves one number. The old code brought back 12 float32 vectors of
     d=64 per prompt (about 3 KB) and made one more request for the readout weights.
     """
+    from nnethics.analyses.attribution import AttributionOptions
     from nnethics.analyses.attribution_trace import wire_bytes
     from nnethics.pipeline import make_context, run_one
     from nnethics.prompts import load_prompts
@@ -426,8 +427,9 @@ def test_attribution_bytes_per_prompt(server, tiny_model_dir, tmp_path):
     print()
     for heads in (True, False):
         STATS.reset()
-        ctx = make_context(handle, prompts, extra={"layers": None, "heads": heads})
-        run_one("attribution", handle, prompts, str(tmp_path / str(heads)), ctx, batch_size=2, progress=False)
+        ctx = make_context(handle, prompts)
+        run_one("attribution", handle, prompts, str(tmp_path / str(heads)), ctx, batch_size=2, progress=False,
+                options=AttributionOptions(heads=heads))
         t = STATS.totals("attribution")
         assert t["requests"] == t["attempts"] == chunks == STATS.totals()["requests"]  # one request per chunk
         numbers = sum(wire_bytes(handle.n_layers, handle.n_heads, 2, heads=heads).values())
