@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "load_model": "nnethics.models",
     "wrap_model": "nnethics.models.loading",
+    "analyze": "nnethics.pipeline",
     "load_prompts": "nnethics.prompts",
     "PromptPair": "nnethics.prompts",
     "baseline_decisions": "nnethics.analyses.decisions",

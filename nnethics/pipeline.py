@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import xarray as xr
+
 from .analyses import ANALYSES, default_names
 from .analyses.common import format_pairs
-from .prompts import PromptSet, check_context_length, resolve_label_tokens
+from .models.remote.stats import STATS
+from .prompts import DEFAULT_LABELS, PromptPair, PromptSet, check_context_length, resolve_label_tokens
 from .runner import run_analysis
-from .store import result_path, store_lock
+from .store import fingerprint, provenance, result_path, store_lock
+from .store.parts import combine
 
 DEFAULT_ANALYSES = default_names()
 
@@ -34,16 +41,33 @@ def make_context(model: Any, prompts: PromptSet, chat: bool | None = None) -> Ru
     return RunContext(labels=tuple(prompts.labels), label_ids=tuple(label_ids), chat=chat)
 
 
-def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunContext, batch_size: int = 8,
-            progress: bool | None = None, overwrite: bool = False, lock_timeout: float | None = None,
-            options: Any = None, note: Callable[[str], None] | None = None) -> tuple[str, str]:
-    """Run the analysis registered as ``name`` (resumably, holding the model folder's lock); its ``finalize`` runs
-    once on the consolidated Dataset, which is written once; returns ``(path, summary)``.
+@dataclass(frozen=True)
+class Plan:
+    """One analysis of a run, resolved once and shared by :func:`run_one` (the CLI) and :func:`analyze` (the API),
+    so both compute with the same options and record the same provenance."""
 
-    ``options`` default to the analysis' defaults (with the variant's fixed values) and the context's labels and
-    chat setting. Every option is recorded in provenance, with what ``prepare`` resolved; ``note`` receives what
-    ``prepare`` has to say (e.g. why a cached tuned lens is not used).
-    """
+    name: str
+    analysis: Any
+    options: Any
+    prepared: dict
+    recorded: dict  # every option as provenance stores it, with what ``prepare`` resolved
+    extra_attrs: dict  # provenance attrs beside the options (the resolved label token ids)
+
+    def compute(self, model: Any, pairs: Sequence, label_ids: Sequence[int]) -> Any:
+        return self.analysis.compute(model, pairs, self.options, label_ids=label_ids, **self.prepared)
+
+    def attrs(self, model: Any, prompts: PromptSet) -> dict:
+        """The file attrs (provenance and its fingerprint), as :meth:`~nnethics.store.PartStore.consolidate` sets
+        them."""
+        attrs = provenance(self.name, model, prompts, self.recorded, **self.extra_attrs)
+        return {**attrs, "fingerprint": fingerprint(attrs)}
+
+
+def plan(name: str, model: Any, ctx: RunContext, options: Any = None,
+         note: Callable[[str], None] | None = None) -> Plan:
+    """Resolve the analysis registered as ``name``: ``options`` default to its defaults (with the variant's fixed
+    values) and the context's labels and chat setting; ``prepare`` runs (``note`` receives what it has to say, e.g.
+    why a cached tuned lens is not used); every option is recorded, with what ``prepare`` resolved."""
     analysis = ANALYSES[name]
     if options is None:
         options = analysis.make_options(name, labels=ctx.labels, chat=ctx.chat)
@@ -51,16 +75,25 @@ def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunConte
     for text in notes:
         (note or (lambda _: None))(text)
     recorded = {"labels": list(ctx.labels), "chat": ctx.chat, **analysis.record(options), **resolved}
+    return Plan(name, analysis, options, prepared, recorded, {"label_token_ids": list(ctx.label_ids)})
+
+
+def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunContext, batch_size: int = 8,
+            progress: bool | None = None, overwrite: bool = False, lock_timeout: float | None = None,
+            options: Any = None, note: Callable[[str], None] | None = None) -> tuple[str, str]:
+    """Run the analysis registered as ``name`` (resumably, holding the model folder's lock); its ``finalize`` runs
+    once on the consolidated Dataset, which is written once; returns ``(path, summary)``. ``options`` and ``note``:
+    see :func:`plan`."""
+    p = plan(name, model, ctx, options, note)
 
     def compute(m: Any, pairs: Sequence) -> Any:
-        return analysis.compute(m, pairs, options, label_ids=ctx.label_ids, **prepared)
+        return p.compute(m, pairs, ctx.label_ids)
 
     path = result_path(store, model.slug, name)
     with store_lock(path.parent, timeout=lock_timeout):
-        ds = run_analysis(name, compute, model, prompts, store, recorded, batch_size=batch_size, progress=progress,
-                          extra_attrs={"label_token_ids": list(ctx.label_ids)}, overwrite=overwrite,
-                          finalize=analysis.finalize)
-    return str(path), analysis.summarize(ds)
+        ds = run_analysis(name, compute, model, prompts, store, p.recorded, batch_size=batch_size, progress=progress,
+                          extra_attrs=p.extra_attrs, overwrite=overwrite, finalize=p.analysis.finalize)
+    return str(path), p.analysis.summarize(ds)
 
 
 def run_all(model: Any, prompts: PromptSet, store: str, analyses: Sequence[str] | None = None, chat: bool | None = None,
@@ -70,3 +103,70 @@ def run_all(model: Any, prompts: PromptSet, store: str, analyses: Sequence[str] 
     ctx = make_context(model, prompts, chat)
     return {name: run_one(name, model, prompts, store, ctx, batch_size, progress, overwrite, lock_timeout, note=note)
             for name in (analyses or default_names())}
+
+
+def pairs_as_set(pairs: Sequence[PromptPair], labels: Sequence[str] = DEFAULT_LABELS) -> PromptSet:
+    """A list of pairs as a :class:`PromptSet` whose ``sha256`` is that of the pairs themselves (every field, in
+    order), so provenance names exactly what ran; its name is ``"pairs"``."""
+    blob = json.dumps([dataclasses.asdict(p) for p in pairs], sort_keys=True, ensure_ascii=False)
+    return PromptSet(tuple(pairs), name="pairs", sha256=hashlib.sha256(blob.encode()).hexdigest(), labels=tuple(labels))
+
+
+def _options_for(name: str, given: Any, ctx: RunContext) -> Any:
+    """``given`` Options for ``name``: the variant's fixed values applied, the shared labels/chat from the prompts."""
+    analysis = ANALYSES[name]
+    if not isinstance(given, analysis.options):
+        raise TypeError(f"{name}= takes {analysis.options.__name__}, got {type(given).__name__}")
+    defaults = analysis.options()
+    for key, value in (("labels", ctx.labels), ("chat", ctx.chat)):
+        mine = getattr(given, key)
+        if mine != getattr(defaults, key) and mine != value:
+            raise ValueError(f"{name}: {key}={mine!r} differs from the run's {key}={value!r}; pass {key}= to analyze")
+    options = dataclasses.replace(given, labels=ctx.labels, chat=ctx.chat, **dict(analysis.variants.get(name, {})))
+    if analysis.name_for(options) != name:
+        raise ValueError(f"{name}: these options write {analysis.name_for(options)!r}; pass them as "
+                         f"{analysis.name_for(options)}=...")
+    return options
+
+
+def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Sequence[str] | None = None, *,
+            chat: bool | None = None, labels: Sequence[str] | None = None, batch_size: int = 8,
+            note: Callable[[str], None] | None = None, **options: Any) -> dict[str, xr.Dataset]:
+    """Run each named analysis (default: every default one) over every pair in memory; ``{name: Dataset}``.
+
+    Each Dataset is the one ``nnethics run`` (or the analysis' command) writes to ``store/<model>/<name>.nc`` for
+    the same inputs: the same variables, ``finalize`` applied, the same provenance attrs and fingerprint (only
+    ``created`` differs). ``prompts``: a :class:`PromptSet` (``ne.load_prompts(...)``) or a list of
+    :class:`PromptPair` (recorded as prompt set ``"pairs"`` with the sha256 of the pairs). ``options``: one
+    keyword per analysis name with its Options (``patching=PatchingOptions(layers=(0, 1))``; a variant such as
+    ``patching_grid`` takes its analysis' class, with the variant's fixed values applied). ``labels`` (for a list
+    of pairs), ``chat`` and ``batch_size`` are those options of the CLI (``--labels``, ``--chat``,
+    ``--batch-size``): pairs run in chunks of ``batch_size`` as there, because a batched forward's floats depend on
+    what else is in the batch (padding), so the same chunks give the same bits.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not isinstance(prompts, PromptSet):
+        prompts = pairs_as_set(list(prompts), labels or DEFAULT_LABELS)
+    elif labels is not None and tuple(labels) != tuple(prompts.labels):
+        prompts = dataclasses.replace(prompts, labels=tuple(labels))
+    names = tuple(analyses) if analyses is not None else default_names()
+    unknown = [n for n in (*names, *options) if n not in ANALYSES]
+    if unknown:
+        raise ValueError(f"unknown analysis {unknown[0]!r}; one of {', '.join(ANALYSES)}")
+    extra = [n for n in options if n not in names]
+    if extra:
+        raise ValueError(f"options given for {', '.join(extra)}, which is not among the analyses run ({', '.join(names)})")
+    ctx = make_context(model, prompts, chat)
+    out = {}
+    for name in names:
+        opts = _options_for(name, options[name], ctx) if name in options else None
+        if opts is not None and ANALYSES[name].check is not None:
+            ANALYSES[name].check(model, opts)
+        p = plan(name, model, ctx, opts, note)
+        chunks = [prompts.pairs[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+        with STATS.scope(name):
+            ds = combine([p.compute(model, chunk, ctx.label_ids) for chunk in chunks], prompts.ids())
+        ds.attrs = p.attrs(model, prompts)
+        out[name] = p.analysis.finalize(ds) if p.analysis.finalize is not None else ds
+    return out

@@ -39,6 +39,21 @@ def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+def combine(parts: list[xr.Dataset], order: Iterable[str] | None = None) -> xr.Dataset:
+    """Chunks of one analysis as one Dataset: ragged dims padded, concatenated along ``prompt``, duplicates dropped,
+    the prompts in ``order`` first (then any others, never dropped). :func:`nnethics.analyze` combines its
+    in-memory chunks with it too, so its result equals the file."""
+    ds = xr.concat(PartStore._pad_ragged(parts), dim="prompt", data_vars="all", coords="different", compat="equals",
+                   join="outer", combine_attrs="override")
+    _, unique = np.unique(ds["prompt"].values, return_index=True)
+    ds = ds.isel(prompt=np.sort(unique))
+    if order is not None:
+        present = [str(p) for p in ds["prompt"].values.tolist()]
+        first = [p for p in order if p in set(present)]
+        ds = ds.sel(prompt=first + [p for p in present if p not in set(first)])
+    return ds
+
+
 class PartStore:
     """Per-chunk parts of one analysis run, for crash-safe resume.
 
@@ -161,16 +176,7 @@ class PartStore:
             parts = [prev, *parts]
         if not parts:
             raise RuntimeError(f"no finished parts in {self.dir} to consolidate")
-        parts = self._pad_ragged(parts)
-        ds = xr.concat(parts, dim="prompt", data_vars="all", coords="different", compat="equals",
-                       join="outer", combine_attrs="override")
-        _, unique = np.unique(ds["prompt"].values, return_index=True)
-        ds = ds.isel(prompt=np.sort(unique))
-        if order is not None:
-            # Requested prompts in their order, then any others already stored (never dropped).
-            present = [str(p) for p in ds["prompt"].values.tolist()]
-            first = [p for p in order if p in set(present)]
-            ds = ds.sel(prompt=first + [p for p in present if p not in set(first)])
+        ds = combine(parts, order)
         attrs = {**self.attrs, **(extra_attrs or {}), "fingerprint": self.key}
         ds.attrs = {k: attr_value(v) for k, v in attrs.items()}
         if finalize is not None:
