@@ -98,3 +98,16 @@ def test_an_undeclared_variable_is_reported(tmp_path):
     with xr.open_dataset(path) as ds:
         assert undocumented(ds) == ["mystery"]
         assert _offenders(ds) == ["mystery: {}"]
+
+
+def test_builtin_weights_record_their_gguf_quantization_without_changing_slug_or_fingerprint():
+    from nnethics.models.handle import ModelHandle
+    from nnethics.store import fingerprint
+
+    h = ModelHandle(lm=None, tokenizer=None, adapter=None, name="HuggingFaceTB/SmolLM2-135M-Instruct",
+                    source="builtin:SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert h.weights_quantization == "gguf-q4_1 (dequantized to float32)"
+    assert h.slug == "smollm2-135m-instruct"
+    attrs = {"model_id": h.name, "quantization": h.weights_quantization}
+    assert fingerprint(attrs) == fingerprint({**attrs, "quantization": ""})  # stores written before stay reusable
+    assert fingerprint({**attrs, "quantization": "4bit"}) != fingerprint(attrs)
