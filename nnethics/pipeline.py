@@ -18,6 +18,7 @@ from .prompts import DEFAULT_LABELS, PromptPair, PromptSet, check_context_length
 from .runner import run_analysis
 from .store import fingerprint, provenance, result_path, store_lock
 from .store.parts import combine
+from .store.variables import describe
 
 DEFAULT_ANALYSES = default_names()
 
@@ -168,5 +169,6 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
         with STATS.scope(name):
             ds = combine([p.compute(model, chunk, ctx.label_ids) for chunk in chunks], prompts.ids())
         ds.attrs = p.attrs(model, prompts)
-        out[name] = p.analysis.finalize(ds) if p.analysis.finalize is not None else ds
+        ds = p.analysis.finalize(ds) if p.analysis.finalize is not None else ds
+        out[name] = describe(ds)  # the CF attrs the store's writer adds
     return out

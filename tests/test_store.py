@@ -23,6 +23,7 @@ from nnethics.store import (
     schema_version,
     write_atomic,
 )
+from nnethics.store.variables import describe
 
 
 def _sample() -> xr.Dataset:
@@ -42,7 +43,7 @@ def _sample() -> xr.Dataset:
 def test_round_trip_is_identical(tmp_path):
     ds = _sample()
     path = write_atomic(ds, tmp_path / "m" / "x.nc")
-    xr.testing.assert_identical(ds, load(path))
+    xr.testing.assert_identical(describe(ds), load(path))  # as written, plus long_name/units/Conventions (CF)
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["x.nc"]  # no temp file left behind
     assert path.stat().st_mode & 0o044  # readable by group/others like any file written under a normal umask
 
@@ -52,7 +53,7 @@ def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
     bad = _sample().assign_attrs(bad={"a": 1})  # NetCDF rejects dict attrs
     with pytest.raises(TypeError):
         write_atomic(bad, path)
-    xr.testing.assert_identical(load(path), _sample())
+    xr.testing.assert_identical(load(path), describe(_sample()))
     assert [p.name for p in tmp_path.iterdir()] == ["x.nc"]
 
 
@@ -76,7 +77,7 @@ def test_load_reads_a_version_1_file_in_the_current_schema(tmp_path):
     assert schema_version(back) == 1 and set(back.data_vars) == {"label_logit", "label_prob"}
     np.testing.assert_array_equal(back["label_logit"].values, v1["option_logit"].values)
     current = _sample().assign_attrs(schema_version=SCHEMA_VERSION)
-    xr.testing.assert_identical(load(write_atomic(current, tmp_path / "x.nc")), current)
+    xr.testing.assert_identical(load(write_atomic(current, tmp_path / "x.nc")), describe(current))
 
 
 def test_result_files_lists_consolidated_results_only(tmp_path):

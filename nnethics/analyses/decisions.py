@@ -66,6 +66,13 @@ def _prompt_tokens(batch: PairBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return input_ids, n_tokens, texts
 
 
+def _decoded(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
+    """Each token id decoded on its own (``" A"``, ``"\\n"``), "" for the −1 padding; NUL escaped as ``\\x00``."""
+    uniq, inverse = np.unique(ids, return_inverse=True)
+    texts = np.array(["" if i < 0 else tokenizer.decode([int(i)]).replace("\x00", "\\x00") for i in uniq], dtype=object)
+    return texts[inverse.reshape(ids.shape)].astype(str)
+
+
 def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: DecisionOptions = DecisionOptions(),
                        label_ids: Sequence[int] | None = None) -> xr.Dataset:
     """Decisions for every pair, both sides.
@@ -74,7 +81,8 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
     ``label_logit``/``label_prob (prompt, side, option)``, ``logit_diff (prompt, side)`` (label 1 −
     label 2), ``chosen``, ``ethical_option``, ``chose_ethical (prompt, side)``, ``consistent (prompt)``,
     ``label_is_top (prompt, side)`` (the model's argmax is one of the labels), ``prompt_text``,
-    ``input_ids (prompt, side, token)`` padded with −1, ``n_tokens``, and ``label_token_id (option)``;
+    ``input_ids (prompt, side, token)`` padded with −1, ``token_text`` (each id decoded; "" for padding),
+    ``n_tokens``, and ``label_token_id (option)``;
     and the per-pair verdict quantities of :mod:`nnethics.verdict`: ``ethical_margin (prompt, side)``,
     ``ethical_preference``, ``p_ethical``, ``position_bias``, ``swaps_ethical_label``, ``content_gap``,
     ``content_sensitive (prompt)``. :func:`finalize` adds the cross-pair statistics and the verdict.
@@ -105,6 +113,7 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
             "top_token_id": (("prompt", "side"), top_ids.astype(np.int32)),
             "prompt_text": (("prompt", "side"), texts.astype(str)),
             "input_ids": (("prompt", "side", "token"), input_ids),
+            "token_text": (("prompt", "side", "token"), _decoded(tok, input_ids)),
             "n_tokens": (("prompt", "side"), n_tokens),
             "category": (("prompt",), np.array([p.category for p in pairs], dtype=str)),
         },

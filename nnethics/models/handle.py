@@ -92,6 +92,14 @@ class ModelHandle:
             slug += f"-{self.quantization}"
         return slug or "model"
 
+    @property
+    def weights_quantization(self) -> str:
+        """The quantization of the weights' source file where they were de-quantized on load (a GGUF such as the
+        built-in model's ``….Q4_1.gguf``: ``"gguf-q4_1 (dequantized to float32)"``), else "". Provenance only:
+        the :attr:`slug` follows ``quantization`` (runtime quantization) alone, so store folders keep their names."""
+        found = re.search(r"\.((?:I?Q\d\w*)|F16|BF16|F32)\.gguf$", self.source or "", re.IGNORECASE)
+        return f"gguf-{found.group(1).lower()} (dequantized to {self.dtype})" if found else ""
+
     # --- where traces run ---------------------------------------------------------------------
 
     @property
@@ -170,6 +178,6 @@ class ModelHandle:
             "model_type": str(self.config.model_type),
             "dtype": self.dtype,
             "device": self.device,
-            "quantization": self.quantization or "",
+            "quantization": self.quantization or self.weights_quantization,
             "remote": "ndif" if self.remote is True else (str(self.remote) if self.remote else ""),
         }

@@ -23,6 +23,7 @@ import xarray as xr
 from .atomic import TMP_SUFFIX, write_via_temp
 from .provenance import json_or_text
 from .schema import upgrade
+from .variables import describe
 
 ENGINE = "netcdf4"
 RESULT_SUFFIX = ".nc"
@@ -59,7 +60,7 @@ def write_atomic(ds: xr.Dataset, path: str | Path) -> Path:
     path = Path(path)
     # Encodings inherited from files read earlier (e.g. a part's fixed-width string length) would
     # silently truncate longer values written now: start from a clean slate.
-    ds = ds.copy(deep=False)
+    ds = describe(ds)  # long_name, units and Conventions (CF), on every file nnethics writes
     for var in ds.variables.values():
         var.encoding = {}
     try:
@@ -94,8 +95,9 @@ def check_store(store: str | Path) -> None:
 def load(path: str | Path) -> xr.Dataset:
     """Read a stored Dataset fully into memory and close the file (safe against later rewrites).
 
-    Files of an older schema version come back in the current one (:func:`~nnethics.store.schema.upgrade`)."""
-    return upgrade(xr.load_dataset(path, engine=ENGINE))
+    Files of an older schema version come back in the current one (:func:`~nnethics.store.schema.upgrade`), with
+    every declared variable's ``long_name`` and ``units`` (:func:`~nnethics.store.variables.describe`)."""
+    return describe(upgrade(xr.load_dataset(path, engine=ENGINE)))
 
 
 def result_path(store: str | Path, slug: str, analysis: str) -> Path:

@@ -155,13 +155,11 @@ class PartStore:
             padded = []
             for ds in parts:
                 missing = size - ds.sizes.get(dim, size)
-                if missing > 0:
-                    ds = ds.copy()
-                    for name, var in ds.data_vars.items():
-                        if dim in var.dims:
-                            fill = _fill_value(var.dtype)
-                            widths = [(0, missing if d == dim else 0) for d in var.dims]
-                            ds[name] = (var.dims, np.pad(var.values, widths, constant_values=fill), var.attrs)
+                if missing > 0:  # every variable along dim at once (e.g. input_ids and token_text)
+                    grown = {name: (var.dims, np.pad(var.values, [(0, missing if d == dim else 0) for d in var.dims],
+                                                     constant_values=_fill_value(var.dtype)), var.attrs)
+                             for name, var in ds.data_vars.items() if dim in var.dims}
+                    ds = ds.drop_vars(list(grown)).assign(grown)
                 padded.append(ds)
             parts = padded
         return parts

@@ -51,9 +51,16 @@ FINGERPRINT_KEYS = ("analysis", "model_id", "model_revision", "dtype", "quantiza
                     "labels")
 
 
+def _fingerprinted(attrs: Mapping[str, Any], key: str) -> str:
+    value = str(attrs.get(key, ""))
+    # A GGUF source's quantization ("gguf-q4_1 (dequantized to float32)") only says where de-quantized weights came
+    # from, which model_id and model_revision already pin: results stored before it was recorded stay reusable.
+    return "" if key == "quantization" and value.startswith("gguf-") else value
+
+
 def fingerprint(attrs: Mapping[str, Any]) -> str:
     """What must match for parts of an interrupted run, or a stored result, to be reused."""
-    blob = json.dumps({k: str(attrs.get(k, "")) for k in FINGERPRINT_KEYS}, sort_keys=True)
+    blob = json.dumps({k: _fingerprinted(attrs, k) for k in FINGERPRINT_KEYS}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
