@@ -294,3 +294,22 @@ def test_the_one_atomic_writer_keeps_the_old_file_when_the_write_fails(tmp_path)
     write_via_temp(path, lambda tmp: Path(tmp).write_bytes(b"new"))
     assert path.read_bytes() == b"new" and path.stat().st_mode & 0o044
     assert [p.name for p in tmp_path.iterdir()] == ["params.safetensors"]
+
+
+def test_chunks_of_different_token_lengths_are_padded_with_missing_values():
+    """Prompts of two chunks tokenize to different lengths: the shorter chunk's token axis is padded with -1 (ids),
+    "" (token text) and NaN (floats), never with a value that is a real token or number."""
+    from nnethics.store.parts import combine
+
+    def chunk(ids: list[str], width: int) -> xr.Dataset:
+        n = len(ids)
+        return xr.Dataset({"input_ids": (("prompt", "token"), np.arange(n * width, dtype=np.int32).reshape(n, width)),
+                           "token_text": (("prompt", "token"), np.full((n, width), "a")),
+                           "score": (("prompt", "token"), np.ones((n, width)))}, coords={"prompt": ids})
+
+    ds = combine([chunk(["p0"], 2), chunk(["p1"], 4)], order=["p1", "p0"])
+    assert ds["prompt"].values.tolist() == ["p1", "p0"]
+    short = ds.sel(prompt="p0")
+    assert short["input_ids"].values.tolist() == [0, 1, -1, -1]
+    assert short["token_text"].values.tolist() == ["a", "a", "", ""]
+    assert np.isnan(short["score"].values[2:]).all() and (short["score"].values[:2] == 1).all()
