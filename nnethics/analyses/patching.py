@@ -69,10 +69,6 @@ def parse_span(value: str) -> str:
     return value
 
 
-def _components(value: str) -> tuple[str, ...]:
-    return parse_list(value)
-
-
 @dataclass(frozen=True)
 class PatchingOptions:
     """Options of :func:`activation_patching` (every one is recorded in provenance; see each field's help).
@@ -86,7 +82,7 @@ class PatchingOptions:
     chat: bool | None = chat_field()
     components: tuple[str, ...] = option(
         COMPONENTS, "Comma-separated states to patch: resid (layer output), attn, mlp (their contributions).",
-        choices=COMPONENTS, parse=_components)
+        choices=COMPONENTS, parse=parse_list)
     positions: str = option("last", "last: the decision position; grid: each aligned position on its own (position x "
                                     "layer); all: every position at once.", choices=POSITIONS)
     corruption: str = option("counterfactual", "Patch from the counterfactual prompt, or restore clean states into a "
@@ -112,10 +108,6 @@ class PatchingOptions:
         if self.kv_cache == "on" and self.positions != "last":
             raise OptionError("kv_cache", "'on' needs positions 'last' (only the last position can reuse the prefix "
                                           "cache)")
-
-    def record(self) -> dict:
-        return ANALYSIS.record(self)
-
 
 def activation_patching(model: Any, pairs: Sequence[PromptPair], options: PatchingOptions = PatchingOptions(),
                         label_ids: Sequence[int] | None = None) -> xr.Dataset:

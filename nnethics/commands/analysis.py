@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -31,7 +31,7 @@ def _shown(default: Any) -> str:
     return ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
 
 
-def _parser(spec: OptionSpec, tp: Any) -> Callable[[click.Context, click.Parameter, Any], Any]:
+def _parser(spec: OptionSpec) -> Callable[[click.Context, click.Parameter, Any], Any]:
     def convert(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
         if value is None:
             return None
@@ -54,7 +54,7 @@ def click_option(f: dataclasses.Field, spec: OptionSpec, tp: Any) -> Callable:
     if base is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw)
     if spec.parse is not None:
-        return click.option(flag, f.name, type=str, callback=_parser(spec, tp), **kw)
+        return click.option(flag, f.name, type=str, callback=_parser(spec), **kw)
     if spec.choices is not None and base is str:
         return click.option(flag, f.name, type=click.Choice(spec.choices), **kw)
     if base is int and (spec.min, spec.max) == (None, None):
@@ -89,17 +89,6 @@ def run_options(fn: Callable) -> Callable:
                         help="Pairs per chunk (halved on out-of-memory).")(fn)
 
 
-def options_from_cli(analysis: Analysis, values: dict[str, Any], labels: Sequence[str], chat: bool | None,
-                     name: str | None = None) -> Any:
-    """The analysis' Options from parsed CLI values; OptionError on a bad mix."""
-    return analysis.make_options(name, labels=tuple(labels), chat=chat, **values)
-
-
-def check_against_model(analysis: Analysis, model: Any, options: Any) -> None:
-    if analysis.check is not None:
-        analysis.check(model, options)
-
-
 def analysis_command(analysis: Analysis, name: str | None = None) -> click.Command:
     """The command that runs ``analysis`` alone with every one of its options."""
     fields = [f.name for f, spec, _ in option_fields(analysis.options) if spec.cli]
@@ -114,10 +103,12 @@ def analysis_command(analysis: Analysis, name: str | None = None) -> click.Comma
                 limit, store, overwrite, lock_timeout, batch_size, progress, **values) -> None:
         from ..pipeline import make_context, run_one
 
-        options = options_from_cli(analysis, {k: values[k] for k in fields}, labels, chat)  # before any loading
+        # OptionError on a bad mix, before anything is loaded
+        options = analysis.make_options(None, labels=tuple(labels), chat=chat, **{k: values[k] for k in fields})
         prompts = load_prompt_set(prompts_path, labels, limit)
         model = load_model_from_options(model_spec, revision, device, device_map, dtype, quantize, remote, token)
-        check_against_model(analysis, model, options)
+        if analysis.check is not None:
+            analysis.check(model, options)
         ctx = make_context(model, prompts, chat)
         out = analysis.name_for(options)
         path, summary = run_one(out, model, prompts, str(store), ctx, batch_size, progress, overwrite=overwrite,
