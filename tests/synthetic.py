@@ -302,6 +302,41 @@ def lens(n_prompts: int = 6, n_layers: int = 6, k: int = 5, seed: int = 0, slug:
     return ds
 
 
+def heads(n_prompts: int = 6, n_layers: int = 6, n_heads: int = 4, seed: int = 0, slug: str = "synthetic",
+          n_tokens: int = 30) -> xr.Dataset:
+    """heads.nc (finalized): built by the analysis' own build_dataset + finalize from random arrays, with a clear
+    "head (L-2, 1) moves the decision" signal and token counts that differ per prompt."""
+    from nnethics.analyses import heads as h
+    from nnethics.prompts import PromptPair
+
+    rng = np.random.default_rng(seed + 11)
+    n, L, H = n_prompts, n_layers, n_heads
+    base = rng.normal(1.0, 0.5, n)
+    cf = base - rng.uniform(1.0, 2.0, n)
+    patched = base[:, None, None] + rng.normal(0, 0.05, (n, L, H))
+    patched[:, L - 2, 1] = cf + 0.1 * rng.normal(size=n)
+    lengths = rng.integers(n_tokens // 2, n_tokens + 1, size=(n, 2))
+    width = int(lengths.max())
+    ids = np.full((n, 2, width), -1, np.int32)
+    att = np.full((n, 2, L, H, width), np.nan, np.float32)
+    for i in range(n):
+        for s in range(2):
+            k = int(lengths[i, s])
+            ids[i, s, :k] = rng.integers(0, len(VOCAB_TEXT), k)
+            w = rng.dirichlet(np.ones(k), size=(L, H))
+            att[i, s, :, :, :k] = w
+    text = np.where(ids >= 0, VOCAB_TEXT[np.clip(ids, 0, None)], "")
+    pairs = [PromptPair(prompt_id=p, base="b", cf="c", base_ethical="1", cf_ethical="2",
+                        category=CATEGORIES[i % 3]) for i, p in enumerate(prompt_ids(n))]
+    ds = h.build_dataset(pairs=pairs, labels=["1", "2"], base_ld=base, cf_ld=cf, patched_ld=patched,
+                         atp_delta=(patched - base[:, None, None]) * 0.9, dla=rng.normal(0, 0.3, (n, 2, L, H)),
+                         attention=att, input_ids=ids, token_text=text, min_gap=0.1, forward_path="kv_cache", why="",
+                         top_heads=3)
+    ds.attrs.update(_attrs("heads", slug, n_layers))
+    ds.attrs["options"] = json.dumps({"top_heads": 3})
+    return h.finalize(ds)
+
+
 def build(name: str, n_prompts: int = 6, n_layers: int = 6, seed: int = 0, slug: str = "synthetic") -> xr.Dataset:
     if name == "decisions":
         return decisions(n_prompts, seed, slug=slug, n_layers=n_layers)
@@ -317,6 +352,8 @@ def build(name: str, n_prompts: int = 6, n_layers: int = 6, seed: int = 0, slug:
         return attribution(n_prompts, n_layers, seed=seed, slug=slug)
     if name == "lens":
         return lens(n_prompts, n_layers, seed=seed, slug=slug)
+    if name == "heads":
+        return heads(n_prompts, n_layers, seed=seed, slug=slug)
     raise ValueError(f"unknown synthetic analysis {name!r}")
 
 

@@ -146,6 +146,15 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "position_contribution": ("direct contribution toward label 1, averaged over sides", LOGIT),
     "position_head_contribution": ("attention head's direct contribution toward label 1", LOGIT),
     "position_other_contribution": ("position part of embeddings + biases + soft-cap + other layers", LOGIT),
+    # heads
+    "head_dla": (f"attention head's direct contribution to {LD} (as head_contribution)", LOGIT),
+    "mean_head_dla": (f"mean over prompts and sides of the head's direct contribution to {LD}", LOGIT),
+    "decision_attention": ("attention weight of each (query) head from the decision position to each prompt token",
+                           ONE),
+    "attention": ("attention weight of a top head from the decision position to each prompt token", ONE),
+    "rank": ("rank of a head by mean |patching effect| (0 = largest)", ONE),
+    "top_layer": ("layer of the head at this rank", ONE),
+    "top_head": ("head index (query head) of the head at this rank", ONE),
     # lens, lens_eval
     "kl_to_final": ("KL(final ‖ lens) of the next-token distributions", NATS),
     "top_logit": ("lens logit of its top tokens", LOGIT),

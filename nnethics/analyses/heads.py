@@ -1,0 +1,246 @@
+"""Activation patching per attention head at the decision position, and what the decisive heads read.
+
+For every layer ``l`` and head ``h`` the base run receives, at the decision position (the last prompt token)
+only, the counterfactual's per-head attention result: the slice ``[h*dh:(h+1)*dh]`` of the input of the
+layer's ``o_proj`` (TransformerLens' ``z``). For GQA models the heads are the **query** heads (``o_proj``'s
+input has one slice per query head). The decision ``LD = logit(label 1) - logit(label 2)`` is measured as in
+:mod:`.patching`, with the same normalisation (:func:`nnethics.metrics.normalized_effect`) and the same
+``effect_defined``; attribution patching ``(z_cf - z_base) . dLD/dz`` per head sits beside it.
+
+Every patched row is a one-token forward over the prefix's key/value cache (the KV-cache path of
+:mod:`.patching_engine`), so the ``L x H`` heads of a pair cost about ``L x H`` tokens of compute.
+
+Stored as ``store/<slug>/heads.nc``; dims ``prompt``, ``layer``, ``head`` (read it as ``ds["head"]``),
+``side``, ``token``, and after ``finalize`` ``rank``:
+
+* ``base_logit_diff``, ``cf_logit_diff``, ``effect_defined``, ``atp_correlation`` ``(prompt)``;
+* ``patched_logit_diff``, ``effect``, ``flipped``, ``atp_delta``, ``atp_effect`` ``(prompt, layer, head)``;
+* ``head_dla (prompt, side, layer, head)``: each head's direct logit attribution (as ``attribution``'s
+  ``head_contribution``), the tie-break of the ranking and shown beside the effect in the report;
+* ``input_ids``/``token_text (prompt, side, token)`` as in ``decisions`` (padded with -1 / "");
+* after ``finalize``: ``mean_effect``, ``effect_ci_low``/``effect_ci_high`` (bootstrap 95% CI over prompts,
+  :func:`nnethics.metrics.bootstrap_ci` as patching), ``flip_rate``, ``mean_atp_effect``, ``mean_head_dla``
+  ``(layer, head)``, ``atp_exact_correlation_pooled``; and for the ``top_heads`` heads with the largest mean
+  |effect| (ties: mean |head_dla|) ``top_layer``/``top_head (rank)`` and ``attention (prompt, side, rank,
+  token)``: the head's attention weights from the decision position to every prompt token (token 0 = the
+  first; NaN padding), from the eager attention implementation for that trace.
+
+Before ``finalize`` (per chunk) the attention of every head is kept as ``decision_attention (prompt, side,
+layer, head, token)``: which heads are the top ones is known only across all prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from .. import metrics
+from ..metrics import DEFAULT_MIN_GAP
+from ..prompts import SIDES, PromptPair
+from ..store import schema
+from .base import Analysis, OptionError, chat_field, check_values, labels_field, option, register
+from .decisions import MIN_GAP_HELP
+
+KV_CACHE = ("auto", "on", "off")
+CELL = ("prompt", "layer", "head")
+
+
+@dataclass(frozen=True)
+class HeadsOptions:
+    """Options of :func:`head_patching` (every one is recorded in provenance)."""
+
+    labels: tuple[str, ...] = labels_field()
+    chat: bool | None = chat_field()
+    top_heads: int = option(8, "Heads whose attention at the decision position is stored (largest mean |effect|; "
+                               "ties: mean |DLA|).", min=1)
+    atp: bool = option(True, "Attribution patching per head beside the exact values.")
+    kv_cache: str = option("auto", "Reuse the prefix's key/value cache (auto: where it applies; on: insist; off: "
+                                   "full forwards).", choices=KV_CACHE)
+    min_gap: float = option(DEFAULT_MIN_GAP, MIN_GAP_HELP, min=0)
+    max_tokens: int = option(16384, "Tokens per forward (rows x width); the rows per forward halve on "
+                                    "out-of-memory.", min=1)
+
+    def __post_init__(self) -> None:
+        check_values(self)
+
+
+def head_patching(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions = HeadsOptions(),
+                  label_ids: Sequence[int] | None = None) -> xr.Dataset:
+    """Patch every (layer, head) of every pair at the decision position; see the module docstring."""
+    from .heads_engine import run_heads
+
+    return run_heads(model, pairs, options, label_ids)
+
+
+def build_dataset(*, pairs: Sequence[PromptPair], labels: list[str], base_ld: np.ndarray, cf_ld: np.ndarray,
+                  patched_ld: np.ndarray, atp_delta: np.ndarray | None, dla: np.ndarray, attention: np.ndarray,
+                  input_ids: np.ndarray, token_text: np.ndarray, min_gap: float, forward_path: str,
+                  why: str, top_heads: int = 8) -> xr.Dataset:
+    """One chunk's Dataset from NumPy arrays: ``patched_ld``/``atp_delta [prompt, layer, head]``, ``dla [prompt,
+    side, layer, head]``, ``attention [prompt, side, layer, head, token]``."""
+    n, L, H = patched_ld.shape
+    effect, defined = metrics.normalized_effect(patched_ld, base_ld, cf_ld, min_gap)
+    data: dict[str, tuple] = {
+        "base_logit_diff": (("prompt",), base_ld.astype(np.float32)),
+        "cf_logit_diff": (("prompt",), cf_ld.astype(np.float32)),
+        "patched_logit_diff": (CELL, patched_ld.astype(np.float32)),
+        "effect": (CELL, effect.astype(np.float32)),
+        "effect_defined": (("prompt",), defined),
+        "flipped": (CELL, metrics.flips(patched_ld, base_ld)),
+        "head_dla": (("prompt", "side", "layer", "head"), dla.astype(np.float32)),
+        "decision_attention": (("prompt", "side", "layer", "head", "token"), attention.astype(np.float32)),
+        "input_ids": (("prompt", "side", "token"), input_ids),
+        "token_text": (("prompt", "side", "token"), token_text),
+        "category": (("prompt",), np.array([p.category for p in pairs], dtype=str)),
+        "forward_path": (("prompt",), np.array([forward_path] * n, dtype=str)),
+    }
+    if atp_delta is not None:
+        atp_eff, _ = metrics.normalized_effect(base_ld[:, None, None] + atp_delta, base_ld, cf_ld, min_gap)
+        exact = patched_ld - base_ld[:, None, None]
+        data["atp_delta"] = (CELL, atp_delta.astype(np.float32))
+        data["atp_effect"] = (CELL, atp_eff.astype(np.float32))
+        data["atp_correlation"] = (("prompt",), np.array([metrics.pearson(atp_delta[i], exact[i]) for i in range(n)],
+                                                         dtype=np.float32))
+    coords = {"prompt": [p.prompt_id for p in pairs], "layer": np.arange(L, dtype=np.int32),
+              "head": np.arange(H, dtype=np.int32), "side": list(SIDES)}
+    ds = xr.Dataset(data, coords=coords)
+    _describe(ds, labels, min_gap, why)
+    ds.attrs["top_heads"] = int(top_heads)  # finalize stores the attention of this many heads
+    return ds
+
+
+def _describe(ds: xr.Dataset, labels: list[str], min_gap: float, why: str) -> None:
+    ld = f"logit({labels[0]}) - logit({labels[1]}) at the decision position (the last prompt token)"
+    ds["base_logit_diff"].attrs["description"] = "base run: " + ld
+    ds["cf_logit_diff"].attrs["description"] = "counterfactual run: " + ld
+    ds["patched_logit_diff"].attrs["description"] = (
+        "LD of the base run with one head's o_proj input slice (z) at the decision position taken from the "
+        "counterfactual; heads are query heads (GQA: o_proj's input has one slice per query head)")
+    ds["effect"].attrs["description"] = "(patched - base_logit_diff) / (cf_logit_diff - base_logit_diff)"
+    ds["effect"].attrs[schema.EFFECT_KIND] = schema.NORMALIZED
+    ds["effect_defined"].attrs["description"] = f"|cf_logit_diff - base_logit_diff| >= min_gap = {min_gap}"
+    ds["effect_defined"].attrs[schema.MIN_GAP] = float(min_gap)
+    ds["flipped"].attrs["description"] = "the patched run chooses the other label than the base run"
+    ds["head_dla"].attrs["description"] = "direct logit attribution of the head (final-norm scale frozen), as " \
+                                          "attribution's head_contribution"
+    ds["decision_attention"].attrs["description"] = "attention weights of every (query) head from the decision " \
+                                                    "position to each prompt token (token 0 = first; NaN padding)"
+    ds["forward_path"].attrs["description"] = "kv_cache: one-token rows over the prefix cache; full: full " \
+                                              "forwards" + (f" ({why})" if why else "")
+    if "atp_delta" in ds:
+        ds["atp_delta"].attrs["description"] = "attribution patching estimate of patched - base: (z_cf - z_base) . dLD/dz"
+        ds["atp_effect"].attrs["description"] = "atp_delta normalised like effect"
+        ds["atp_effect"].attrs[schema.EFFECT_KIND] = schema.NORMALIZED
+        ds["atp_correlation"].attrs["description"] = "Pearson correlation of atp_delta and patched - base over heads"
+    ds.attrs["heads"] = "query heads (GQA models: one o_proj input slice per query head)"
+
+
+def top_heads(ds: xr.Dataset, k: int) -> list[tuple[int, int]]:
+    """The ``k`` (layer, head) with the largest mean |effect| over prompts (NaN-free means first), ties broken
+    by the larger mean |head_dla| over prompts and sides, then by (layer, head)."""
+    eff = np.abs(_nanmean0(ds["effect"].values))                                # [L, H]
+    dla = np.abs(ds["head_dla"].values).mean(axis=(0, 1))                       # [L, H]
+    eff = np.where(np.isnan(eff), -1.0, eff)
+    L, H = eff.shape
+    order = sorted(((la, h) for la in range(L) for h in range(H)), key=lambda c: (-eff[c], -dla[c], c))
+    return order[:min(k, L * H)]
+
+
+def _nanmean0(a: np.ndarray) -> np.ndarray:
+    ok = ~np.isnan(a)
+    n = ok.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, np.where(ok, a, 0).sum(0) / np.where(n > 0, n, 1), np.nan)
+
+
+def finalize(ds: xr.Dataset, top: int = 8, n_boot: int = 2000, seed: int = 0) -> xr.Dataset:
+    """Cross-prompt statistics per head and the attention of the top heads (see the module docstring)."""
+    ds = ds.copy()
+    top = _top_option(ds, top)
+    ds.attrs["heads"] = "query heads (GQA models: one o_proj input slice per query head)"
+    mean, low, high = metrics.bootstrap_ci(ds["effect"].values, axis=0, n_boot=n_boot, seed=seed)
+    cell = ("layer", "head")
+    ds["mean_effect"] = (cell, mean.astype(np.float32))
+    ds["effect_ci_low"] = (cell, low.astype(np.float32))
+    ds["effect_ci_high"] = (cell, high.astype(np.float32))
+    ci = f"bootstrap 95% CI over prompts ({n_boot} resamples, seed {seed})"
+    ds["effect_ci_low"].attrs["description"] = ds["effect_ci_high"].attrs["description"] = ci
+    ds["flip_rate"] = (cell, ds["flipped"].values.mean(axis=0).astype(np.float32))
+    ds["mean_head_dla"] = (cell, ds["head_dla"].values.mean(axis=(0, 1)).astype(np.float32))
+    if "atp_delta" in ds:
+        exact = ds["patched_logit_diff"].values - ds["base_logit_diff"].values[:, None, None]
+        ds["mean_atp_effect"] = (cell, _nanmean0(ds["atp_effect"].values).astype(np.float32))
+        ds["atp_exact_correlation_pooled"] = ((), np.float32(metrics.pearson(ds["atp_delta"].values, exact)))
+    if "decision_attention" in ds:
+        chosen = top_heads(ds, top)
+        att = ds["decision_attention"].values
+        ds["attention"] = (("prompt", "side", "rank", "token"),
+                           np.stack([att[:, :, la, h] for la, h in chosen], axis=2))
+        ds = ds.drop_vars("decision_attention").assign_coords(
+            rank=np.arange(len(chosen), dtype=np.int32),
+            top_layer=("rank", np.array([c[0] for c in chosen], dtype=np.int32)),
+            top_head=("rank", np.array([c[1] for c in chosen], dtype=np.int32)))
+        ds["attention"].attrs["description"] = (
+            "attention weights of the top heads (rank 0: largest mean |effect|) from the decision position to each "
+            "prompt token (token 0 = first; NaN padding); query heads")
+    return ds
+
+
+def _top_option(ds: xr.Dataset, default: int) -> int:
+    """``top_heads`` as run: from the provenance ``options`` (a consolidated file) or the chunk's own attr."""
+    import json
+
+    try:
+        recorded = json.loads(ds.attrs.get("options", "{}")).get("top_heads")
+    except (TypeError, ValueError):
+        recorded = None
+    return int(recorded if recorded is not None else ds.attrs.get("top_heads", default))
+
+
+def summarize(ds: xr.Dataset) -> str:
+    """One line: pairs behind the means, the heads with the largest mean effect (with CI), AtP agreement."""
+    n, k = ds.sizes["prompt"], int(ds["effect_defined"].sum())
+    parts = [f"{n} pairs, {k} with a normalisable gap"]
+    if "mean_effect" in ds:
+        chosen = top_heads(ds, 3)
+        heads = []
+        for la, h in chosen:
+            m = float(ds["mean_effect"].values[la, h])
+            lo, hi = float(ds["effect_ci_low"].values[la, h]), float(ds["effect_ci_high"].values[la, h])
+            heads.append(f"L{la}H{h} {m:+.3f} (95% CI {lo:+.3f} to {hi:+.3f})")
+        parts.append("largest mean effect: " + ", ".join(heads))
+    if "atp_exact_correlation_pooled" in ds:
+        parts.append(f"AtP vs exact r = {float(ds['atp_exact_correlation_pooled']):.3f}")
+    return "; ".join(parts)
+
+
+def tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> dict[str, Any]:
+    """``heads``: one row per (prompt, layer, head); ``heads_attention``: one row per (prompt, side, rank, token)."""
+    def per_head():
+        keep = [v for v in ("patched_logit_diff", "effect", "flipped", "atp_delta", "atp_effect") if v in ds]
+        return ds[keep].to_dataframe().reset_index()
+
+    jobs: dict[str, Any] = {"heads": per_head}
+    if "attention" in ds:
+        def attention():
+            df = ds[["attention", "token_text"]].to_dataframe().reset_index()
+            return df[df["attention"].notna()]
+        jobs["heads_attention"] = attention
+    return jobs
+
+
+def check_model(model: Any, options: HeadsOptions) -> None:
+    if options.top_heads > model.n_layers * model.n_heads:
+        raise OptionError("top_heads", f"the model has {model.n_layers * model.n_heads} heads, got {options.top_heads}")
+
+
+ANALYSIS = register(Analysis(
+    name="heads", options=HeadsOptions, compute=head_patching, summarize=summarize, finalize=finalize,
+    check=check_model, default=False,
+    help="Activation patching per attention head at the decision position, and the attention of the top heads; "
+         "writes STORE/<model>/heads.nc.",
+    tables=tables, render=("nnethics.render.heads",)))
