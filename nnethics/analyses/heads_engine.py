@@ -42,6 +42,8 @@ from .patching_engine import (
 if TYPE_CHECKING:
     from .heads import HeadsOptions
 
+BLOCKS = 6  # layer blocks of the KV path: a row patched in block k skips the layers before the block
+
 
 def attention_module(model: Any, layer: int) -> Any:
     """The envoy of layer ``layer``'s attention block (the parent of the adapter's ``o_proj``)."""
@@ -199,18 +201,149 @@ def _side_inputs(enc: Any, n: int, prefix: Prefix | None) -> tuple[dict, bool | 
 
 
 def execute(model: Any, enc: Any, groups, cells, ids, n: int, use_kv: bool, max_tokens: int, atp: bool,
-            ) -> tuple[list[list[float]], Any, Any, Any]:
-    """Every forward of a chunk, as one session: prefix, patched rows, AtP, attention + DLA."""
-    prefix = run_prefix(model, enc, groups) if use_kv else None
-    lds = run_rows(model, enc, groups, cells, ids, prefix, max_tokens)
-    inputs, use_cache = _side_inputs(enc, n, prefix)
+            ) -> tuple[Any, Any, Any, Any, Any]:
+    """Every forward of a chunk, as one session: prefix, patched rows, AtP, DLA, attention. Returns the LDs of
+    the patched rows ``[n, L, H]`` and of the base and cf rows ``[2n]``, AtP, DLA and the attention weights."""
     L, H = model.n_layers, model.n_heads
+    if use_kv:
+        prefix = run_prefix(model, enc, groups)
+        sides, resid = _trace_sides(model, _side_inputs(enc, n, prefix)[0], [model.layer(i) for i in range(L)], ids)
+        patched = run_blocks(model, enc, prefix, ids, n, resid, max_tokens)
+    else:
+        prefix = None
+        lds = run_rows(model, enc, groups, cells, ids, None, max_tokens)
+        patched = [g[2:] for g in lds]
+        sides = [g[1] for g in lds] + [g[0] for g in lds]
+    inputs, use_cache = _side_inputs(enc, n, prefix)
     grads = _trace_atp(model, inputs, [model.o_proj(i) for i in range(L)], n, H, ids, use_cache) if atp else None
     proj = collect(model, _side_inputs(enc, n, prefix)[0], list(ids), heads=True, per_option=False)
     with eager_attention(model):
         weights = _trace_attention(model, _side_inputs(enc, n, prefix)[0],
                                    [attention_module(model, i) for i in range(L)], use_cache)
-    return lds, grads, contributions(proj)["heads"][..., 0], weights
+    return patched, sides, grads, contributions(proj)["heads"][..., 0], weights
+
+
+# ---------------------------------------------------------------------------------------------
+# the KV path in layer blocks: a row patched at layer l skips the layers before its block
+
+
+def _trace_sides(model: Any, inputs: dict, layers: list, ids: tuple[int, int]) -> tuple[Any, Any]:
+    """Rows ``[base..., cf...]`` over the prefix cache: the LD per row and every layer's output ``[N, L, d]``
+    (left where the model is: the block forwards read it)."""
+    a, b = ids
+    with torch.no_grad(), model.trace(inputs, logits_to_keep=1):
+        outs = []
+        for layer in layers:
+            o = layer.output
+            outs.append((o[0] if isinstance(o, tuple) else o)[:, -1])
+        resid = torch.stack(outs, dim=1).detach().clone().save()
+        logits = model.lm.output.logits[:, -1]
+        ld = (logits[:, a].float() - logits[:, b].float()).save()
+    return ld, resid
+
+
+def _trace_block(model: Any, inputs: dict, layers: list, start: int, resid: Any, src: list[int], projs: dict,
+                 patches: dict, n_heads: int, ids: tuple[int, int], cap: float | None) -> torch.Tensor:
+    """One forward of rows whose patches are all at layers >= ``start``: layers ``0..start-1`` are skipped, their
+    output being each row's own state after layer ``start-1`` (``resid[src[r], start-1]``, exact: nothing differs
+    from the unpatched run before the patch), then the head slices are patched as in :func:`_trace_heads`. ``cap``:
+    the model's final-logit soft-cap, if any."""
+    a, b = ids
+    with torch.no_grad(), model.trace(inputs, logits_to_keep=1):
+        if start > 0:
+            x = resid[torch.tensor(src, device=resid.device), start - 1][:, None]
+            for j in range(start):
+                layers[j].skip(x)
+        for layer in sorted(patches):
+            z = projs[layer].input
+            rows, srcs, heads = patches[layer]
+            zh = z.view(z.shape[0], z.shape[1], n_heads, -1)
+            r = torch.tensor(rows, device=z.device)
+            s = torch.tensor(srcs, device=z.device)
+            h = torch.tensor(heads, device=z.device)
+            zh[r, -1, h] = zh[s, -1, h]
+        # only the two label logits: lm_head's full vocabulary would cost a quarter of a small model's row
+        head = model.lm.lm_head
+        pair = model.lm.model.norm.output[:, -1] @ head.weight[[a, b]].T
+        bias = getattr(head, "bias", None)
+        if bias is not None:
+            pair = pair + bias[[a, b]]
+        if cap:  # the final-logit soft-cap (Gemma 2), per logit as the model applies it
+            pair = cap * torch.tanh(pair / cap)
+        head.skip(pair[:, None])
+        ld = (pair[:, 0].float() - pair[:, 1].float()).save()
+    return ld
+
+
+def _units(n: int, L: int, H: int, blocks: int) -> list[list[tuple[int, int, list]]]:
+    """Work units ``(start layer, pair, [(layer, head), ...])``, one per (layer block, pair), grouped by block."""
+    bounds = sorted(set(np.linspace(0, L, min(blocks, L) + 1).round().astype(int).tolist()))
+    return [[(lo, i, [(la, h) for la in range(lo, hi) for h in range(H)]) for i in range(n)]
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _pack(units: list[tuple[int, int, list]], max_rows: int) -> list[list[tuple[int, int, list]]]:
+    """Units of one block into forwards of at most ``max_rows`` rows (a unit is its cf row + its patched rows)."""
+    out, cur, size = [], [], 0
+    for u in units:
+        need = 1 + len(u[2])
+        if cur and size + need > max_rows:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(u)
+        size += need
+    return out + ([cur] if cur else [])
+
+
+def _split(chunk: list[tuple[int, int, list]]) -> list[list[tuple[int, int, list]]] | None:
+    """A failed forward's units in two halves (one unit: its heads in two halves); None when it is one row."""
+    if len(chunk) > 1:
+        return [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
+    lo, i, cells = chunk[0]
+    if len(cells) < 2:
+        return None
+    return [[(lo, i, cells[:len(cells) // 2])], [(lo, i, cells[len(cells) // 2:])]]
+
+
+def run_blocks(model: Any, enc: Any, prefix: Prefix, ids: tuple[int, int], n: int, resid: Any, max_tokens: int,
+               blocks: int = BLOCKS) -> np.ndarray:
+    """The patched LD of every (pair, layer, head) ``[n, L, H]`` on the KV path, in ``blocks`` layer blocks."""
+    L, H = model.n_layers, model.n_heads
+    layers = [model.layer(i) for i in range(L)]
+    projs = {la: model.o_proj(la) for la in range(L)}
+    out = np.full((n, L, H), np.nan)
+    max_rows = max(2, min(4096, max_tokens // 4))
+    attr = model.adapter.softcap_attr
+    cap = getattr(model.config, attr, None) if attr else None
+    todo = [c for block in _units(n, L, H, blocks) for c in _pack(block, max_rows)]
+    while todo:
+        chunk = todo.pop(0)
+        seqs, targets, patches = [], [], {}
+        for _, i, cells in chunk:
+            cf_row = len(seqs)
+            seqs.append(n + i)
+            targets.append(None)
+            for la, h in cells:
+                R, S, Hs = patches.setdefault(la, ([], [], []))
+                R.append(len(seqs))
+                S.append(cf_row)
+                Hs.append(h)
+                seqs.append(i)
+                targets.append((i, la, h))
+        try:
+            inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs])
+            ld = _trace_block(model, inputs, layers, chunk[0][0], resid, seqs, {k: projs[k] for k in patches},
+                              patches, H, ids, cap)
+        except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+            halves = _split(chunk) if is_oom(err) else None
+            if halves is None:
+                raise
+            todo = halves + todo
+            continue
+        for t, v in zip(targets, ld.cpu().tolist()):
+            if t is not None:
+                out[t] = v
+    return out
 
 
 def run_heads(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions,
@@ -229,11 +362,11 @@ def run_heads(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions,
     if why and options.kv_cache == "on":
         raise ValueError(f"the KV-cache path cannot run here: {why}")
     use_kv = why is None
-    lds, atp, dla, weights = model.session(execute, enc, groups, cells, ids, n, use_kv, options.max_tokens,
-                                           options.atp)
-    patched = np.array([g[2:] for g in lds], dtype=np.float64).reshape(n, L, H)
-    base = np.array([g[1] for g in lds])
-    cf = np.array([g[0] for g in lds])
+    patched, sides, atp, dla, weights = model.session(execute, enc, groups, cells, ids, n, use_kv,
+                                                      options.max_tokens, options.atp)
+    patched = np.asarray(patched, dtype=np.float64).reshape(n, L, H)
+    sides = np.asarray(sides.cpu().tolist() if hasattr(sides, "cpu") else sides, dtype=np.float64)
+    base, cf = sides[:n], sides[n:]
     input_ids, n_tokens, _ = _prompt_tokens(batch)
     att = _right_aligned(weights.numpy(), [enc.lengths[r] for r in range(2 * n)], n)
     return decl.build_dataset(
