@@ -157,10 +157,11 @@ def _nanmean0(a: np.ndarray) -> np.ndarray:
         return np.where(n > 0, np.where(ok, a, 0).sum(0) / np.where(n > 0, n, 1), np.nan)
 
 
-def finalize(ds: xr.Dataset, top: int = 8, n_boot: int = 2000, seed: int = 0) -> xr.Dataset:
-    """Cross-prompt statistics per head and the attention of the top heads (see the module docstring)."""
+def finalize(ds: xr.Dataset, top: int | None = None, n_boot: int = 2000, seed: int = 0) -> xr.Dataset:
+    """Cross-prompt statistics per head and the attention of the ``top`` heads (default: the ``top_heads`` option
+    the file was computed with; see the module docstring)."""
     ds = ds.copy()
-    top = _top_option(ds, top)
+    top = _top_option(ds, 8) if top is None else int(top)
     ds.attrs["heads"] = "query heads (GQA models: one o_proj input slice per query head)"
     mean, low, high = metrics.bootstrap_ci(ds["effect"].values, axis=0, n_boot=n_boot, seed=seed)
     cell = ("layer", "head")

@@ -54,22 +54,21 @@ def attention_module(model: Any, layer: int) -> Any:
 
 
 class eager_attention:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """Switch the (local) model to transformers' eager attention for one trace, so that every attention
-    block returns its weights (``output[1]``, ``[N, H, q, k]``, query heads), then switch back."""
+    """Switch the model to transformers' eager attention for one trace, so that every attention block returns
+    its weights (``output[1]``, ``[N, H, q, k]``, query heads), then switch back. It runs where
+    :func:`execute` runs: locally, or inside the remote session (the model there is the server's)."""
 
     def __init__(self, model: Any):
-        self.config = model.lm._module.config if not model.remote else None
+        self.config = model.lm._module.config
         self.old = None
 
     def __enter__(self):
-        if self.config is not None:
-            self.old = self.config._attn_implementation
-            self.config._attn_implementation = "eager"
+        self.old = self.config._attn_implementation
+        self.config._attn_implementation = "eager"
         return self
 
     def __exit__(self, *exc):
-        if self.config is not None:
-            self.config._attn_implementation = self.old
+        self.config._attn_implementation = self.old
         return False
 
 

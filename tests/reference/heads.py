@@ -19,8 +19,10 @@ def _ld(model: nn.Module, input_ids: Tensor, ids: tuple[int, int]) -> float:
 
 
 @torch.no_grad()
-def head_sweep(model: nn.Module, base_ids: Tensor, cf_ids: Tensor, ids: tuple[int, int]) -> Tensor:
-    """``[L, H]`` LDs of the base run with head (l, h)'s o_proj input slice at the last position from the cf run."""
+def head_sweep(model: nn.Module, base_ids: Tensor, cf_ids: Tensor, ids: tuple[int, int],
+               layers: list[int] | None = None) -> Tensor:
+    """``[L, H]`` LDs of the base run with head (l, h)'s o_proj input slice at the last position from the cf run
+    (only ``layers``, when given; NaN elsewhere)."""
     p = parts(model)
     projs = [p.o_proj(layer) for layer in p.layers]
     cf_z: dict[int, Tensor] = {}
@@ -32,8 +34,10 @@ def head_sweep(model: nn.Module, base_ids: Tensor, cf_ids: Tensor, ids: tuple[in
         for h in handles:
             h.remove()
     n_heads = p.n_heads
-    out = torch.zeros(len(projs), n_heads, dtype=torch.float64)
+    out = torch.full((len(projs), n_heads), float("nan"), dtype=torch.float64)
     for i, proj in enumerate(projs):
+        if layers is not None and i not in layers:
+            continue
         dh = cf_z[i].shape[-1] // n_heads
         for head in range(n_heads):
             def pre(mod, args, i=i, head=head, dh=dh):

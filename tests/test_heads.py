@@ -1,0 +1,216 @@
+"""Per-head activation patching (``heads``) against the plain-hook reference in tests/reference/heads.py, eager
+``output_attentions``, exact identities, finalize's ranking, the remote dry run, the CLI and the README schema."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from click.testing import CliRunner
+from conftest import FAMILIES, PROMPTS, make_tiny, save_tiny
+from reference import heads as ref
+from reference import patching as ref_patching
+
+import nnethics as ne
+from nnethics.analyses import ANALYSES
+from nnethics.analyses.attribution import AttributionOptions, direct_logit_attribution
+from nnethics.analyses.common import encode_pairs
+from nnethics.analyses.heads import ANALYSIS, HeadsOptions, finalize, head_patching, top_heads
+from nnethics.analyses.patching import PatchingOptions, activation_patching
+from nnethics.prompts import PromptPair, load_prompts
+
+TOL = dict(rtol=0, atol=1e-4)
+ATT_TOL = dict(rtol=0, atol=1e-5)
+PLAIN = dict(chat=False)
+SHORT = [
+    PromptPair("s1", "A friend asks for help moving.\nOption 1: Help.\nOption 2: Refuse.\nAnswer:",
+               "A friend asks for help moving.\nOption 1: Refuse.\nOption 2: Help.\nAnswer:", "1", "2"),
+    PromptPair("s2", "You find a wallet full of cash on the street.\nOption 1: Keep the money.\n"
+               "Option 2: Return it to its owner.\nWhich is more ethical?\nAnswer:",
+               "You find a wallet full of cash on the street.\nOption 1: Return it to its owner.\n"
+               "Option 2: Keep the money.\nWhich is more ethical?\nAnswer:", "2", "1"),
+]
+
+
+@pytest.fixture(scope="module")
+def strong(tokenizer):
+    """Tiny models with weights at std 0.2 (at 0.02 a head moves the LD by ~1e-4: nothing to compare)."""
+    cache: dict = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = make_tiny(family, tokenizer, init_std=0.2)
+        return cache[family]
+
+    return get
+
+
+def _tokens(model, pairs, chat=False):
+    batch = encode_pairs(model, pairs, ["1", "2"], chat=chat)
+    toks = [(torch.tensor([batch.encoded.tokens(batch.row(i, "base"))]),
+             torch.tensor([batch.encoded.tokens(batch.row(i, "cf"))])) for i in range(batch.n)]
+    return tuple(batch.label_ids), toks
+
+
+def _check_against_reference(model, ds, pairs, chat=False, layers=None, spread=1e-2):
+    hf = model.lm._module
+    ids, toks = _tokens(model, pairs, chat)
+    assert len({b.shape[1] for b, _ in toks}) > 1  # left padding is exercised
+    rows = slice(None) if layers is None else layers
+    for i, (b, c) in enumerate(toks):
+        want = ref.head_sweep(hf, b, c, ids, layers).numpy()[rows]
+        assert want.std() > spread  # the heads do move the decision: the comparison means something
+        np.testing.assert_allclose(ds["patched_logit_diff"].values[i][rows], want, **TOL)
+        np.testing.assert_allclose(float(ds["base_logit_diff"][i]), ref_patching.logit_diff(hf, b, ids), **TOL)
+        np.testing.assert_allclose(float(ds["cf_logit_diff"][i]), ref_patching.logit_diff(hf, c, ids), **TOL)
+        for s, x in enumerate((b, c)):
+            att = ref.decision_attention(hf, x).numpy()
+            got = ds["decision_attention"].values[i, s]
+            np.testing.assert_allclose(got[..., :x.shape[1]], att, **ATT_TOL)
+            assert np.isnan(got[..., x.shape[1]:]).all()  # padded at the end, as input_ids are
+            np.testing.assert_array_equal(ds["input_ids"].values[i, s, :x.shape[1]], x[0].numpy())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_head_matches_the_hook_reference_and_attention_matches_eager(family, strong):
+    """Every (layer, head) on the KV path (in layer blocks) and on full forwards; attention vs eager."""
+    model = strong(family)
+    kv = head_patching(model, SHORT, HeadsOptions(**PLAIN, kv_cache="on"))
+    full = head_patching(model, SHORT, HeadsOptions(**PLAIN, kv_cache="off"))
+    assert set(kv["forward_path"].values) == {"kv_cache"} and set(full["forward_path"].values) == {"full"}
+    for ds in (kv, full):
+        _check_against_reference(model, ds, SHORT)
+    np.testing.assert_allclose(kv["patched_logit_diff"], full["patched_logit_diff"], rtol=0, atol=1e-5)
+    assert model.lm._module.config._attn_implementation != "eager" or family.startswith("gemma")  # restored
+
+
+@pytest.mark.slow
+def test_builtin_model_matches_the_reference(builtin_model, prompt_set):
+    """The built-in SmolLM2 (GQA: 9 query heads, 3 key/value heads) on 2 chat-formatted pairs; the reference (one
+    ~100-token forward per head) on 5 layers of the 30, one in each layer block of the KV path and the last."""
+    pairs = [prompt_set.pairs[i] for i in (0, 3)]
+    ds = head_patching(builtin_model, pairs)
+    assert ds.sizes["head"] == 9 and "query heads" in ds.attrs["heads"]
+    _check_against_reference(builtin_model, ds, pairs, chat=None, layers=[0, 7, 16, 23, 29], spread=1e-3)
+
+
+def test_identities(strong):
+    """A head patched from the base itself changes nothing; per-head AtP sums to patching's attention AtP; head DLA
+    is attribution's head_contribution."""
+    model = strong("llama")
+    same = PromptPair("same", SHORT[0].base, SHORT[0].base, "1", "1")
+    for kv in ("on", "off"):
+        ds = head_patching(model, [same, SHORT[1]], HeadsOptions(**PLAIN, kv_cache=kv))
+        np.testing.assert_allclose(ds["patched_logit_diff"].values[0], float(ds["base_logit_diff"][0]), **TOL)
+        assert not bool(ds["effect_defined"][0]) and np.isnan(ds["effect"].values[0]).all()
+        assert not ds["flipped"].values[0].any() and np.abs(ds["atp_delta"].values[0]).max() == 0
+    for family in ("llama", "gpt2"):  # o_proj is linear: the heads' AtP terms add up to the attention output's
+        model = strong(family)
+        heads = head_patching(model, SHORT, HeadsOptions(**PLAIN))
+        layers = activation_patching(model, SHORT, PatchingOptions(**PLAIN, components=("attn",)))
+        np.testing.assert_allclose(heads["atp_delta"].sum("head"), layers["atp_delta"].values[..., 0], rtol=1e-4,
+                                   atol=1e-5)
+        dla = direct_logit_attribution(model, SHORT, AttributionOptions(**PLAIN))
+        np.testing.assert_allclose(heads["head_dla"].values, dla["head_contribution"].values, rtol=1e-4, atol=1e-5)
+
+
+def test_derived_values(strong):
+    model = strong("qwen2")
+    ds = head_patching(model, SHORT, HeadsOptions(**PLAIN, min_gap=0.0))
+    b, c, p = (ds[v].values.astype(np.float64) for v in ("base_logit_diff", "cf_logit_diff", "patched_logit_diff"))
+    np.testing.assert_allclose(ds["effect"].values, (p - b[:, None, None]) / (c - b)[:, None, None], rtol=1e-3,
+                               atol=1e-4)
+    np.testing.assert_array_equal(ds["flipped"].values, (p > 0) != (b[:, None, None] > 0))
+    a = ds["atp_delta"].values.astype(np.float64)
+    np.testing.assert_allclose(ds["atp_effect"].values, a / (c - b)[:, None, None], rtol=1e-3, atol=1e-4)
+    for i in range(len(SHORT)):
+        want = np.corrcoef(a[i].ravel(), (p[i] - b[i]).ravel())[0, 1]
+        np.testing.assert_allclose(float(ds["atp_correlation"][i]), want, atol=1e-4)
+
+
+def test_finalize_ranks_by_mean_abs_effect_then_dla_and_keeps_the_top_attention(strong):
+    model = strong("mistral")
+    ds = head_patching(model, SHORT, HeadsOptions(**PLAIN, min_gap=0.0))
+    out = finalize(ds, top=5, n_boot=200)
+    mean = np.abs(np.nanmean(ds["effect"].values, axis=0))
+    want = sorted(((la, h) for la in range(3) for h in range(4)), key=lambda c: -mean[c])[:5]
+    assert list(zip(out["top_layer"].values, out["top_head"].values)) == want
+    for r, (la, h) in enumerate(want):
+        np.testing.assert_array_equal(out["attention"].values[:, :, r], ds["decision_attention"].values[:, :, la, h])
+    assert "decision_attention" not in out and out["attention"].dims == ("prompt", "side", "rank", "token")
+    assert (out["effect_ci_low"] <= out["mean_effect"] + 1e-6).all()
+    assert (out["mean_effect"] <= out["effect_ci_high"] + 1e-6).all()
+    np.testing.assert_allclose(out["mean_head_dla"], ds["head_dla"].mean(("prompt", "side")), rtol=1e-6)
+    # ties in |mean effect| are broken by |DLA|
+    tie = ds.copy()
+    tie["effect"] = xr.full_like(ds["effect"], 0.5)
+    dla = np.zeros_like(ds["head_dla"].values)
+    dla[:, :, 2, 3], dla[:, :, 0, 1] = 2.0, -1.0
+    tie["head_dla"] = (ds["head_dla"].dims, dla)
+    assert top_heads(tie, 3) == [(2, 3), (0, 1), (0, 0)]
+
+
+def test_traces_pass_the_remote_dry_run(strong):
+    """Every trace serialises and runs under nnsight's remote="local" and gives the local numbers."""
+    model = strong("llama")
+    for kv in ("on", "off"):
+        local = head_patching(model, SHORT, HeadsOptions(**PLAIN, kv_cache=kv))
+        dry = head_patching(model.using(remote="local"), SHORT, HeadsOptions(**PLAIN, kv_cache=kv))
+        for v in ("patched_logit_diff", "base_logit_diff", "atp_delta", "head_dla", "decision_attention"):
+            np.testing.assert_allclose(dry[v], local[v], rtol=0, atol=1e-6)
+
+
+def test_registry_options_and_cli(tokenizer, tmp_path):
+    from nnethics.cli import cli
+    from nnethics.store import load
+
+    assert ANALYSES["heads"] is ANALYSIS and not ANALYSIS.default
+    with pytest.raises(ValueError, match="top_heads"):
+        HeadsOptions(top_heads=0)
+    res = CliRunner().invoke(cli, ["heads", "--top-heads", "0"])
+    assert res.exit_code == 2 and "--top-heads" in res.output
+    model = make_tiny("llama", tokenizer)
+    folder = save_tiny(model, tokenizer, tmp_path / "tiny-llama")
+    common = ["--model", str(folder), "--limit", "3", "--store", str(tmp_path / "store"), "--no-progress"]
+    res = CliRunner().invoke(cli, ["heads", *common, "--batch-size", "2", "--top-heads", "4"])
+    assert res.exit_code == 0, res.output
+    ds = load(tmp_path / "store" / "tiny-llama" / "heads.nc")
+    assert ds.sizes["prompt"] == 3 and ds.sizes["rank"] == 4 and json.loads(ds.attrs["options"])["top_heads"] == 4
+    assert "decision_attention" not in ds and "mean_effect" in ds
+    want = finalize(head_patching(model, load_prompts(PROMPTS).pairs[:3], HeadsOptions(top_heads=4)))
+    np.testing.assert_allclose(ds["patched_logit_diff"], want["patched_logit_diff"], atol=1e-5)
+    np.testing.assert_array_equal(ds["top_head"], want["top_head"])
+    res = CliRunner().invoke(cli, ["heads", *common, "--top-heads", "99"])
+    assert res.exit_code == 2 and "--top-heads" in res.output
+    res = CliRunner().invoke(cli, ["run", "--analyses", "heads", *common, "--store", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "tiny-llama" / "heads.nc").exists()
+
+
+def test_readme_schema_and_export_tables(tiny_model_dir, tmp_path):
+    """README's heads.nc section names only variables the file has and mentions every one of them; ``export``
+    writes the heads tables."""
+    from test_api import _mentioned, _sections, _table_names
+
+    from nnethics.cli import cli
+    from nnethics.export import export_store
+
+    model = ne.load_model(str(tiny_model_dir))
+    ds = ne.analyze(model, ne.load_prompts(PROMPTS).subset(limit=2), ["heads"])["heads"]
+    section = _sections()["heads"]
+    names = set(ds.variables)
+    assert not [n for n in _table_names(section) if n not in names]
+    assert not [v for v in ds.data_vars if v not in _mentioned(section)]
+    store = tmp_path / "store"
+    res = CliRunner().invoke(cli, ["heads", "--model", str(tiny_model_dir), "--limit", "2", "--store", str(store),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    paths = export_store(next(store.iterdir()), "csv", tmp_path / "csv")
+    assert {"heads.csv", "heads_attention.csv"} <= {p.name for p in paths}
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "csv" / "heads.csv")
+    assert len(table) == 2 * ds.sizes["layer"] * ds.sizes["head"] and "effect" in table
