@@ -7,7 +7,10 @@ Times, in one process and on the same pairs (median of ``--repeats``):
     (``tests/reference/patching.py::patch_sweep``: 1 counterfactual + 3L patched forwards per pair);
 (c) nnethics' activation patching of the same pairs (resid + attn + mlp at the decision position,
     every layer, with attribution patching), plus a variant without AtP and (``--full``) one with
-    the KV cache off.
+    the KV cache off;
+(d) nnethics' per-head patching (``heads``: every layer x head at the decision position, with AtP, DLA and the
+    attention of every head), and without AtP; its cost beyond the layer sweep (c) per pair (goal: at most one
+    forward-equivalent).
 
 Prints forward-equivalents per pair (c / a) and the speed-up (b / c), and checks that (c) equals (b).
 
@@ -28,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.reference (the independent hook implementation)
 
 from nnethics.analyses.common import encode_pairs  # noqa: E402
+from nnethics.analyses.heads import HeadsOptions, head_patching  # noqa: E402
 from nnethics.analyses.patching import PatchingOptions, activation_patching  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
@@ -70,6 +74,7 @@ def main() -> None:
     with torch.no_grad():
         hf(input_ids=base[0])
     activation_patching(model, pairs[:1], PatchingOptions())
+    head_patching(model, pairs[:1], HeadsOptions())
 
     def plain():
         with torch.no_grad():
@@ -96,10 +101,20 @@ def main() -> None:
     }
     if args.full:  # every patched row is a full forward here: as many FLOPs as (b), so one repeat
         variants["nnethics (full forwards + AtP, --kv-cache off)"] = (PatchingOptions(kv_cache="off"), 1)
+    times = {}
     for name, (opts, reps) in variants.items():
         t_c = median_time(lambda o=opts, k=name: out.__setitem__(k, activation_patching(model, pairs, o)), reps) / n
+        times[name] = t_c
         print(f"(c) {name:44s} {t_c * 1e3:8.1f} ms/pair = {t_c / t_a:5.2f} forward-equivalents; "
               f"speed-up over (b) {t_b / t_c:5.1f}x", flush=True)
+
+    t_sweep = times["nnethics (KV cache + AtP, the default)"]
+    n_heads = model.n_layers * model.n_heads
+    for name, opts in (("heads (KV blocks + AtP, the default)", HeadsOptions()),
+                       ("heads (KV blocks, no AtP)", HeadsOptions(atp=False))):
+        t_d = median_time(lambda o=opts: head_patching(model, pairs, o), args.repeats) / n
+        print(f"(d) {name:44s} {t_d * 1e3:8.1f} ms/pair = {t_d / t_a:5.2f} forward-equivalents "
+              f"({n_heads} heads); beyond the layer sweep (c): {(t_d - t_sweep) / t_a:+5.2f}", flush=True)
 
     ds = out["nnethics (KV cache + AtP, the default)"]
     err = max(float((torch.tensor(ds["patched_logit_diff"].values[i, :, j]) - ref_out[i][c]).abs().max())

@@ -148,7 +148,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--analyses", default=",".join(DEFAULT_ANALYSES))
+    ap.add_argument("--analyses", default=",".join((*DEFAULT_ANALYSES, "heads")))  # heads: opt-in, counted too
     ap.add_argument("--shape", choices=["builtin", "70b", "70b-results"], default="builtin")
     args = ap.parse_args()
     analyses = [a for a in args.analyses.split(",") if a]

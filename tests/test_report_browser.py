@@ -180,3 +180,27 @@ def test_png_export_writes_one_image_per_plot(tmp_path):
         im = Image.open(p).convert("RGB")
         assert im.width > 300 and im.height > 200
         assert len(im.getcolors(maxcolors=1 << 20) or []) > 20  # a plot, not a blank page
+
+
+def test_heads_section_offline_heatmap_and_linked_attention_selector(tmp_path):
+    """The heads section: the layer x head heatmap (hover carries the CI and DLA) and the top heads' token view,
+    whose prompt selector is linked to the prompt viewer's; no external request, no error."""
+    store = synthetic.write_store(tmp_path / "store", n_prompts=4, n_layers=6, analyses=("decisions", "heads"))
+    report = write_report(store)
+    html = report.read_text()
+    assert "Attention heads" in html and "What the top heads read" in html
+    res = _open(report.as_uri(), _shots(tmp_path) / "heads.png", select="case_002")
+    assert res["external"] == []
+    assert res["console_errors"] == [] and res["page_errors"] == []
+    figs = res["figures"]
+    assert figs["views"] == figs["models"] == figs["finished"] == figs["sized"] and figs["models"] >= 2
+    prompt_selects = [i for i, opts in enumerate(res["options"]) if "case_002" in opts]
+    assert len(prompt_selects) >= 2 and [res["values"][i] for i in prompt_selects] == ["case_002"] * len(prompt_selects)
+    before, after = res["before"], res["after"]
+    assert any(t.startswith("case_000: attention of the top heads") for t in before["titles"])
+    assert any(t.startswith("case_002: attention of the top heads") for t in after["titles"])
+    # the token cells of the selected prompt, and the heatmap's hover columns
+    assert any("ci_low" in d and "dla" in d for d in (set(x) for x in before["data"]))
+    tokens = synthetic.heads(4, 6)["token_text"].sel(prompt="case_002", side="base").values
+    shown = {t for d in after["data"] for t in d.get("token", [])}
+    assert {str(t).replace("\n", "⏎") for t in tokens if t} <= shown
