@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--full", action="store_true",
                     help="also time the full-forward path (--kv-cache off): as many FLOPs as (b), so it takes as long")
     ap.add_argument("--prompts", default=str(ROOT / "prompts"))
+    ap.add_argument("--no-reference", action="store_true",
+                    help="skip (b), the hook loop (3L+1 full forwards per pair: the slowest part) and the check of (c)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,9 +92,11 @@ def main() -> None:
     n = len(pairs)
     t_a = median_time(plain, args.repeats) / n
     print(f"(a) plain HF forward of a base prompt:          {t_a * 1e3:8.1f} ms", flush=True)
-    t_b = median_time(reference, args.repeats) / n
-    print(f"(b) seed-style hook loop ({1 + 3 * model.n_layers} forwards/pair):    {t_b * 1e3:8.1f} ms/pair "
-          f"= {t_b / t_a:5.1f} forward-equivalents", flush=True)
+    t_b = float("nan")
+    if not args.no_reference:
+        t_b = median_time(reference, args.repeats) / n
+        print(f"(b) seed-style hook loop ({1 + 3 * model.n_layers} forwards/pair):    {t_b * 1e3:8.1f} ms/pair "
+              f"= {t_b / t_a:5.1f} forward-equivalents", flush=True)
 
     out = {}
     variants = {  # name: (options, repeats)
@@ -116,6 +120,8 @@ def main() -> None:
         print(f"(d) {name:44s} {t_d * 1e3:8.1f} ms/pair = {t_d / t_a:5.2f} forward-equivalents "
               f"({n_heads} heads); beyond the layer sweep (c): {(t_d - t_sweep) / t_a:+5.2f}", flush=True)
 
+    if args.no_reference:
+        return
     ds = out["nnethics (KV cache + AtP, the default)"]
     err = max(float((torch.tensor(ds["patched_logit_diff"].values[i, :, j]) - ref_out[i][c]).abs().max())
               for i in range(n) for j, c in enumerate(COMPONENTS))

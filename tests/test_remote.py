@@ -194,6 +194,12 @@ def test_cli_remote_decisions_and_attribution_match_local(server, tiny_model_dir
         "decisions", "attribution"}
 
 
+def test_cli_remote_heads_matches_local(server, tiny_model_dir, tmp_path):
+    """heads through the loopback NDIF server: one request per chunk (prefix, patched blocks, AtP, DLA and the
+    eager-attention trace in one session), the same file as locally."""
+    assert _compare_runs(server, tiny_model_dir, tmp_path, "--analyses", "heads") == {"heads"}
+
+
 @pytest.mark.slow
 def test_cli_remote_run_of_every_analysis_matches_local(server, tiny_model_dir, tmp_path):
     from nnethics.pipeline import DEFAULT_ANALYSES
