@@ -152,7 +152,7 @@ def test_public_ndif_without_a_key_is_a_clear_bad_input(monkeypatch, tiny_model_
     assert res.exit_code == 2 and "set NDIF_API_KEY" in res.output
 
 
-def _compare_runs(server, model_dir, tmp_path, *extra, same=None) -> set[str]:
+def _compare_runs(server, model_dir, tmp_path, *extra, same=None, max_kb=MAX_KB_PER_PAIR) -> set[str]:
     """Run the CLI locally and on the server; check every stored analysis matches and the request
     and byte counts (client and server agree; requests per chunk; KB per pair). Returns the analyses."""
     limit, batch = 4, 2
@@ -183,7 +183,7 @@ def _compare_runs(server, model_dir, tmp_path, *extra, same=None) -> set[str]:
         print(f"{label}: {t['requests']} requests for {chunks} chunks of {batch} pairs in {runs[label]} analyses, "
               f"{t['bytes_sent'] / limit / 1024:.2f} KB up + {t['bytes_received'] / limit / 1024:.2f} KB down per pair")
         assert t["requests"] == chunks * runs[label], label  # one request per chunk, every analysis
-        assert per_pair <= MAX_KB_PER_PAIR, (label, per_pair)
+        assert per_pair <= max_kb, (label, per_pair)
     if "decisions" in runs:
         assert STATS.totals("decisions")["requests"] == chunks
     return {f.stem for f in local_files}
@@ -196,8 +196,11 @@ def test_cli_remote_decisions_and_attribution_match_local(server, tiny_model_dir
 
 def test_cli_remote_heads_matches_local(server, tiny_model_dir, tmp_path):
     """heads through the loopback NDIF server: one request per chunk (prefix, patched blocks, AtP, DLA and the
-    eager-attention trace in one session), the same file as locally."""
-    assert _compare_runs(server, tiny_model_dir, tmp_path, "--analyses", "heads") == {"heads"}
+    eager-attention trace in one session), the same file as locally. Its budget is larger than the others': every
+    head's attention at the decision position comes back (L x H x tokens x 2 sides x 4 B, ~9 KB per pair here),
+    because which heads are the top ones is known only once every chunk has run."""
+    assert _compare_runs(server, tiny_model_dir, tmp_path, "--analyses", "heads", max_kb=2 * MAX_KB_PER_PAIR) == {
+        "heads"}
 
 
 @pytest.mark.slow

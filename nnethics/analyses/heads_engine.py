@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from ..models.adapters import get_path
 from ..models.errors import is_oom
 from ..prompts import PromptPair
 from .attribution_trace import collect, contributions
@@ -47,8 +48,6 @@ BLOCKS = 6  # layer blocks of the KV path: a row patched in block k skips the la
 
 def attention_module(model: Any, layer: int) -> Any:
     """The envoy of layer ``layer``'s attention block (the parent of the adapter's ``o_proj``)."""
-    from ..models.adapters import get_path
-
     parent = model.adapter.o_proj.rsplit(".", 1)[0]
     return get_path(model.layer(layer), parent)
 
