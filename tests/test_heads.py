@@ -214,3 +214,20 @@ def test_readme_schema_and_export_tables(tiny_model_dir, tmp_path):
 
     table = pd.read_csv(tmp_path / "csv" / "heads.csv")
     assert len(table) == 2 * ds.sizes["layer"] * ds.sizes["head"] and "effect" in table
+
+
+def test_build_dataset_on_hand_made_numbers():
+    """effect, flipped and atp_effect of one pair whose base and counterfactual choose different labels."""
+    from nnethics.analyses.heads import build_dataset
+
+    pair = PromptPair("p", "b", "c", "1", "2")
+    patched = np.array([[[0.5, -0.5], [1.0, -1.0]]])                 # [prompt, layer, head]
+    att = np.full((1, 2, 2, 2, 3), 1 / 3, np.float32)
+    ds = build_dataset(pairs=[pair], labels=["1", "2"], base_ld=np.array([1.0]), cf_ld=np.array([-1.0]),
+                       patched_ld=patched, atp_delta=np.array([[[-0.4, -1.6], [0.0, -2.0]]]),
+                       dla=np.zeros((1, 2, 2, 2)), attention=att, input_ids=np.zeros((1, 2, 3), np.int32),
+                       token_text=np.full((1, 2, 3), "a"), min_gap=0.1, forward_path="kv_cache", why="")
+    np.testing.assert_allclose(ds["effect"].values, [[[0.25, 0.75], [0.0, 1.0]]])
+    np.testing.assert_array_equal(ds["flipped"].values, [[[False, True], [False, True]]])
+    np.testing.assert_allclose(ds["atp_effect"].values, [[[0.2, 0.8], [0.0, 1.0]]], atol=1e-7)
+    assert bool(ds["effect_defined"][0]) and ds.attrs["top_heads"] == 8
