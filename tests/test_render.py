@@ -5,7 +5,6 @@ The browser checks of the written HTML are in test_report_browser.py.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -381,31 +380,3 @@ def test_compare_uses_relative_depth_when_layer_counts_differ(tmp_path):
                   "synthetic/b").dimension_values(0)[-1] == 10
     out = write_comparison([a, b], out=tmp_path / "cmp.html")
     assert "synthetic/b" in out.read_text()
-
-
-@pytest.mark.skipif(any(__import__("importlib").util.find_spec(m) is None for m in ("nbclient", "ipykernel")),
-                    reason="needs nbclient and ipykernel (pip install nbclient ipykernel)")
-def test_example_notebook_runs_headless(store, tmp_path):
-    import nbclient
-    import nbformat
-
-    nb = nbformat.read(ROOT / "scripts" / "example_notebook.ipynb", as_version=4)
-    env = {"NNETHICS_STORE_DIR": str(store)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                resources={"metadata": {"path": str(tmp_path)}}).execute()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.output_type == "error"]
-    text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "synthetic/synthetic-model 6 pairs" in text and "peak layer of the mean resid effect" in text
-    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
-    assert len(html) >= 5
-    assert not any("https://cdn.bokeh.org" in h for h in html)  # hv.extension(inline=True)
