@@ -106,7 +106,7 @@ def save_bokeh(model: Any, path: str | Path, title: str = "nnethics report") -> 
 
 
 def save_html(obj: Any, path: str | Path, title: str = "nnethics figure") -> Path:
-    """Save one HoloViews object (HoloMaps with a working selector) as an offline HTML file."""
+    """Save one HoloViews object or per-prompt view (with a working selector) as an offline HTML file."""
     from bokeh.layouts import column
 
     from .embed import link_selectors, render
@@ -117,7 +117,13 @@ def save_html(obj: Any, path: str | Path, title: str = "nnethics figure") -> Pat
 
 
 def static(obj: Any) -> Any:
-    """The first frame of every HoloMap in ``obj`` (for still images)."""
+    """The first frame of every HoloMap or per-prompt view in ``obj`` (for still images)."""
+    from .carrier import PerPrompt, PerPromptLayout
+
+    if isinstance(obj, PerPrompt):
+        return obj.frame(obj.prompts[0])
+    if isinstance(obj, PerPromptLayout):
+        return hv.Layout([static(p) for p in obj.panels]).cols(obj.cols)
     if isinstance(obj, hv.HoloMap):
         return obj.data[next(iter(obj.data))] if obj.data else hv.Curve([])
     if isinstance(obj, hv.Layout):

@@ -23,7 +23,7 @@ from ._base import WIDE, WIDTH, Figure, MissingData, model_name, prompt_order
 from .embed import Rendered, link_selectors, render
 from .offline import export_pngs, save_bokeh
 
-DEFAULT_MAX_PROMPTS = 100
+DEFAULT_MAX_PROMPTS = None  # every prompt: per-prompt data is carried once, compactly (carrier.py)
 PROVENANCE_KEYS = ("model_id", "model_revision", "dtype", "device", "quantization", "prompt_set",
                    "prompt_set_sha256", "labels", "nnethics_version", "nnsight_version", "created")
 
