@@ -132,3 +132,23 @@ def test_a_thousand_prompts_are_carried_in_float32(n):
     r = embed.render(rp.prompt_view(ds))
     floats = [e[2] for _, cols in r.carry[0] for _, e in cols]
     assert sum(a.nbytes for a in floats) == 6 * n * 30 * 4  # 3 curves + 3 flip markers, 4 bytes a number
+
+
+def test_prompt_by_layer_heatmaps_of_many_prompts_are_one_float32_image():
+    from nnethics.render.patching_effect import HEATMAP_CELLS_MAX
+
+    n = HEATMAP_CELLS_MAX + 20
+    ds = synthetic.patching(n_prompts=n, n_layers=5)
+    img = rp.effect_heatmap(ds, "attn")
+    assert isinstance(img, hv.Image)
+    z = img.dimension_values(2, flat=False)  # rows = prompts (in order), columns = layers
+    want = ds["effect"].sel(component="attn").transpose("prompt", "layer").values
+    np.testing.assert_allclose(z, want, rtol=1e-6, equal_nan=True)
+    ok = ds["effect_defined"].values.astype(bool)
+    ds["effect_defined"] = ds["effect_defined"].copy(data=ok & (np.arange(n) % 3 > 0))  # leave out every third pair
+    views = rp.heatmap_views(ds, "resid")
+    subset = next(v for k, v in views.items() if "content-sensitive" in str(k) and "change" in str(k))
+    rows = subset.dimension_values(2, flat=False)
+    assert rows.shape[0] == n  # every prompt keeps its row; the pairs this view leaves out are grey (NaN)
+    left_out = ~(ds["effect_defined"].values.astype(bool))
+    assert np.isnan(np.asarray(rows, float)[left_out]).all() and np.isfinite(np.asarray(rows, float)[~left_out]).any()

@@ -122,7 +122,7 @@ def trajectories(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> PerPro
 
         y = reindexed(ds["label_logit"].sel(side=side), prompts, "lens", "option", "layer")
         y = y.reshape(len(prompts), -1, len(layers))
-        cl = (reindexed(ds["crossing_layer"].sel(side=side), prompts, "lens") if "crossing_layer" in ds
+        cl = (reindexed(ds["crossing_layer"].sel(side=side, lens=lenses), prompts, "lens") if "crossing_layer" in ds
               else np.full((len(prompts), len(lenses)), np.nan))
         cl = np.where(cl >= 0, cl, np.nan)
         cross = [[int(c) if np.isfinite(c) else None for c in row] for row in cl]
