@@ -61,7 +61,7 @@ class Figure:
     obj: Any
     section: str = ""
     note: str = ""
-    per_prompt: bool = False  # a HoloMap over ``prompt`` (has a selector)
+    per_prompt: bool = False  # a carrier.PerPrompt view (has a prompt selector)
 
 
 def require(ds: xr.Dataset, *names: str) -> None:
@@ -126,6 +126,9 @@ def band_and_curve(x: np.ndarray, mean: np.ndarray, lo: np.ndarray, hi: np.ndarr
 def prompt_map(prompts: Sequence[str], frame: Callable[[str], hv.Element], available: Iterable[str],
                empty: Callable[[str], hv.Element], shared_y: bool = False, **frame_opts: Any) -> hv.HoloMap:
     """A HoloMap over ``prompt`` with one frame per entry of ``prompts``, axes fixed across frames.
+
+    The report's per-prompt views no longer use it (a frame per prompt does not scale: see ``carrier``);
+    kept for small maps and for code written against it.
 
     Every per-prompt figure of a report uses the same ``prompts`` list, so their selectors can be
     linked. Prompts missing from this Dataset get the ``empty`` frame. ``frame_opts`` are plot options

@@ -130,7 +130,7 @@ def _block(fig: Figure, r: Rendered) -> Any:
 
 def build_report(data: Mapping[str, xr.Dataset], title: str | None = None,
                  max_prompts: int | None = DEFAULT_MAX_PROMPTS, notes: list[str] | None = None) -> tuple[Any, list[Figure]]:
-    """A Bokeh layout of every figure for ``data`` (HoloMaps embedded with linked prompt selectors)
+    """A Bokeh layout of every figure for ``data`` (per-prompt views with linked prompt selectors)
     and the list of figures."""
     from bokeh.layouts import column, row
     from bokeh.models import Div
