@@ -279,22 +279,23 @@ def test_report_renders_whichever_files_exist(tmp_path):
 
 
 def test_embed_records_only_what_changes_between_frames():
+    # small HoloMaps (the "view" selectors) are replayed from recorded frames; per-prompt views are carried
+    # (tests/test_render_carrier.py)
     ds = synthetic.patching(n_prompts=3, n_layers=4)
-    r = embed.render(rp.prompt_view(ds))
-    assert r.select is not None and r.select.options == ["case_000", "case_001", "case_002"]
+    hmap = rp.effect_views(ds)
+    r = embed.render(hmap)
+    keys = [str(k) for k in hmap.keys()]
+    assert r.select is not None and r.select.options == keys and len(keys) == 3
     assert set(r.frames) == set(r.select.options)
-    kinds = {(type(r.targets[i]).__name__, prop) for i, prop, _ in r.frames["case_001"]}
+    kinds = {(type(r.targets[i]).__name__, prop) for i, prop, _ in r.frames[keys[1]]}
     assert ("ColumnDataSource", "data") in kinds and ("Title", "text") in kinds
-    titles = [v for i, prop, v in r.frames["case_002"] if prop == "text"]
-    assert titles and "case_002" in titles[0]
-    columns = [np.asarray(col, float) for i, prop, v in r.frames["case_002"] if prop == "data"
-               for col in v.values() if len(col) == 4]
-    want = ds["patched_logit_diff"].sel(prompt="case_002").values
-    assert all(any(np.allclose(col, want[:, c]) for col in columns) for c in range(3))
+    titles = [v for i, prop, v in r.frames[keys[2]] if prop == "text"]
+    assert titles and titles != [v for i, prop, v in r.frames[keys[0]] if prop == "text"]
     static = embed.render(rp.effect_curve(ds))
     assert static.select is None and static.frames is None
-    merged = embed.render(rl.trajectories(synthetic.lens(n_prompts=3, n_layers=4)))
-    assert merged.select is not None and len(merged.frames) == 3
+    split = synthetic.attribution(n_prompts=6, n_layers=5)
+    merged = embed.render(ra.position_ethical_split(split))
+    assert merged.select is not None and len(merged.frames) == 2
     n_targets = len(merged.targets)
     assert all(0 <= i < n_targets for f in merged.frames.values() for i, _, _ in f)
     embed.link_selectors([r, merged])
