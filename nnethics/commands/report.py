@@ -42,9 +42,10 @@ def warn_unreadable(store_dir: Path) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output HTML file (default: STORE_DIR/report.html).")
 @click.option("--png", is_flag=True, help="Also write one PNG per figure (needs chromium, chromedriver, selenium).")
-@click.option("--max-prompts", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Prompts offered by the per-prompt selectors (aggregate figures always use all).")
-def report(store_dir: Path, out: Path | None, png: bool, max_prompts: int) -> None:
+@click.option("--max-prompts", type=click.IntRange(min=1), default=None,
+              help="Offer only the first N prompts in the per-prompt selectors (default: every prompt; each is "
+                   "carried once, compactly, so 1,000 pairs stay small). Aggregate figures always use all.")
+def report(store_dir: Path, out: Path | None, png: bool, max_prompts: int | None) -> None:
     """Write one self-contained, offline report.html for STORE_DIR (a store/<model-slug> folder)."""
     from ..render import ReportError, write_report
     from ..render.offline import PngExportError
