@@ -83,6 +83,14 @@ class _LabelProblem(str):
         return obj
 
 
+class LabelMismatch(PromptError):
+    """The one problem of the input is that its labels are not --labels: printed as that one line."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        ValueError.__init__(self, self.problems[0])
+
+
 def _fold_label_problems(path: Path, labels: Sequence[str], problems: list[str]) -> list[str]:
     """Many records with labels outside --labels (prompts labelled 1/2 read with --labels A,B) are one mistake:
     one line with the count, the labels found and the flag to pass, instead of one line per record."""
@@ -258,7 +266,8 @@ def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> Pr
     if not problems and not pairs:
         problems.append(f"{path}: no prompt pairs found; add at least one pair")
     if problems:
-        raise PromptError(_fold_label_problems(path, labels, problems))
+        folded = _fold_label_problems(path, labels, problems)
+        raise PromptError(folded) if len(folded) > 1 or folded == problems else LabelMismatch(folded)
     warnings = tuple((p.prompt_id, f"{path}: prompt_id {p.prompt_id!r}: the counterfactual is identical to the base "
                       f"prompt with the same ethical_option {p.base_ethical!r}, so it cannot move the decision; swap "
                       "the options in the counterfactual")
