@@ -90,15 +90,19 @@ def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: st
 @click.command()
 @click.argument("store_dir", type=STORE_DIR)
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"], case_sensitive=False), default="csv",
-              show_default=True, help="Table format (the lens top-k file is always JSON).")
+              show_default=True, help="Table format (the lens top-k files are always JSON).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: STORE_DIR/export).")
-def export(store_dir: Path, fmt: str, out: Path | None) -> None:
-    """Write flat CSV/JSON tables (detailed_layer_data, summary_results, attribution, lens, ...)."""
+@click.option("--seed-names", is_flag=True,
+              help="The original scripts' names: column causal_score for effect, file tuned_lens.json for "
+                   "tuned_lens_topk.json.")
+def export(store_dir: Path, fmt: str, out: Path | None, seed_names: bool) -> None:
+    """Write flat CSV/JSON tables (detailed_layer_data, summary_results, attribution, lens, ...) and metadata.json
+    (each table's source, the constants left out of its rows, each file's provenance)."""
     from ..export import ExportError, export_store
 
     try:
-        paths = export_store(store_dir, fmt=fmt.lower(), out=out)
+        paths = export_store(store_dir, fmt=fmt.lower(), out=out, seed_names=seed_names)
     except ExportError as e:
         raise _bad_input(e) from None
     for p in paths:
