@@ -69,7 +69,9 @@ def report(store_dir: Path, out: Path | None, png: bool, max_prompts: int) -> No
 @click.option("--png", is_flag=True, help="Also write one PNG per figure.")
 @click.option("--depth", type=click.Choice(["auto", "layer", "relative"]), default="auto", show_default=True,
               help="x axis: layer index, or relative depth (auto: relative when layer counts differ).")
-def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: str) -> None:
+@click.option("--name", "names", multiple=True,
+              help="Legend label of each STORE_DIR, once per folder in the same order (default: the model id).")
+def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: str, names: tuple[str, ...]) -> None:
     """Overlay the figures of several models (STORE_DIRS are store/<model-slug> folders)."""
     from ..render import MissingData, ReportError
     from ..render.compare import write_comparison
@@ -77,10 +79,14 @@ def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: st
 
     if len(store_dirs) < 2:
         raise _bad_input(ValueError("compare needs at least two store folders"))
+    if names and (len(names) != len(store_dirs) or len(set(names)) != len(names)):
+        raise _bad_input(ValueError(f"--name: given {len(names)} time(s) ({len(set(names))} different) for "
+                                    f"{len(store_dirs)} store folders; pass one different --name per STORE_DIR, "
+                                    "in the same order, or none"))
     relative = None if depth == "auto" else depth == "relative"
     t0 = time.monotonic()
     try:
-        path = write_comparison(list(store_dirs), out=out, png=png, relative=relative)
+        path = write_comparison(list(store_dirs), out=out, png=png, relative=relative, names=names or None)
     except (ReportError, MissingData) as e:
         raise _bad_input(e) from None
     except PngExportError as e:
