@@ -94,10 +94,8 @@ def decisions_table(ds: xr.Dataset) -> pd.DataFrame:
     df = long_table(ds, ("prompt", "side"), [n for n in names if n in ds])
     for var, prefix in (("label_logit", "logit"), ("label_prob", "prob")):
         if var in ds:
-            wide = ds[var].transpose("prompt", "side", "option").to_series().unstack("option")
-            values = wide.to_numpy()
-            for j, o in enumerate(wide.columns):
-                df[f"{prefix}_{o}"] = values[:, j]
+            for o in _vals(ds["option"]):  # rows in the file's (prompt, side) order, as long_table's
+                df[f"{prefix}_{o}"] = _vals(ds[var].sel(option=o).transpose("prompt", "side")).ravel()
     return df
 
 

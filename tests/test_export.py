@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from nnethics.export import (
     ExportError,
     attribution_table,
+    decisions_table,
     detailed_layer_data,
     export_store,
     lens_topk_records,
@@ -223,3 +224,16 @@ def test_json_tables_keep_full_precision(store, tmp_path):
     ds = xr.load_dataset(store / "patching.nc")
     want = ds["effect"].transpose("prompt", "layer", "component").values.ravel()
     np.testing.assert_allclose(recs.effect.astype(float), want, rtol=1e-12, equal_nan=True)
+
+
+def test_rows_follow_the_file_order_of_unsorted_prompt_ids():
+    """Prompt ids in no sorted order (as a user's file has them): every column of a row belongs to that row."""
+    ds = synthetic.decisions(n_prompts=5)
+    ds = ds.assign_coords(prompt=["zeta", "alpha", "mu", "beta", "10"])
+    df = decisions_table(ds)
+    assert df.prompt_id.tolist() == [p for p in ds["prompt"].values.tolist() for _ in range(2)]
+    for _, row in df.iterrows():
+        one = ds.sel(prompt=row.prompt_id, side=row.side)
+        assert row.logit_diff == pytest.approx(float(one["logit_diff"]))
+        assert row.logit_1 == pytest.approx(float(one["label_logit"].sel(option="1")))
+        assert row.prob_2 == pytest.approx(float(one["label_prob"].sel(option="2")))
