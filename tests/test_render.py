@@ -381,3 +381,31 @@ def test_compare_uses_relative_depth_when_layer_counts_differ(tmp_path):
                   "synthetic/b").dimension_values(0)[-1] == 10
     out = write_comparison([a, b], out=tmp_path / "cmp.html")
     assert "synthetic/b" in out.read_text()
+
+
+def test_compare_names_each_run_and_titles_use_its_labels_and_n(tmp_path):
+    """--name sets each store's legend label; the attribution title uses the runs' answer labels (A/B here), and
+    every overlaid figure's title says how many prompts each run holds."""
+    from nnethics.cli import cli
+    from nnethics.store import write_atomic
+
+    a = synthetic.write_store(tmp_path / "a", slug="m", n_prompts=6, seed=1)
+    b = synthetic.write_store(tmp_path / "b", slug="m", n_prompts=4, seed=2, analyses=("decisions", "patching"))
+    write_atomic(synthetic.attribution(n_prompts=6, n_layers=6, labels=("A", "B")), a / "attribution.nc")
+    stores, _ = load_stores([a, b], names=["base", "tuned"])
+    assert list(stores) == ["base", "tuned"]
+    figs = {f.name: f.obj for f in compare_figures(stores)[0]}
+    resid = figs["compare_patching_resid"]
+    assert _curve(resid, "base") is not None and _curve(resid, "tuned") is not None
+    assert resid.opts.get().kwargs["title"].endswith("n = base: 6, tuned: 4")
+    assert "contribution to label A − label B" in figs["compare_attribution_attn"].opts.get().kwargs["title"]
+    assert "n = base: 6, tuned: 4" in figs["compare_decisions"].opts.get().kwargs["title"]
+    runner = CliRunner()
+    res = runner.invoke(cli, ["compare", str(a), str(b), "--name", "base", "--name", "tuned",
+                              "--out", str(tmp_path / "c.html")])
+    assert res.exit_code == 0, res.output
+    page = (tmp_path / "c.html").read_text()
+    assert "nnethics comparison: base, tuned" in page
+    res = runner.invoke(cli, ["compare", str(a), str(b), "--name", "base"])
+    assert res.exit_code == 2
+    assert "--name: given 1 time(s) (1 different) for 2 store folders; pass one different --name per STORE_DIR" in res.output
