@@ -19,9 +19,10 @@ from .commands.common import (
     prompt_options,
     store_options,
 )
+from .commands.envvars import epilog
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=epilog())
 @click.version_option(__version__, prog_name="nnethics")
 def cli() -> None:
     """nnethics: where and how a language model decides an ethical dilemma."""

@@ -1,35 +1,21 @@
-"""Flat CSV/JSON exports of a model folder, in the file layout of the original scripts.
+"""Flat CSV/JSON exports of a model folder (the original scripts' tables, in nnethics' names).
 
-``export_store(store/<model-slug>, fmt="csv")`` writes under ``store/<model-slug>/export/``:
-
-- ``decisions.csv``: one row per (prompt, side): chosen label, ethical label, label logits/probabilities.
-- ``verdict_pairs.csv``: one row per pair: logit differences of both sides, ``ethical_preference``,
-  ``p_ethical``, ``position_bias``, ``swaps_ethical_label``, ``content_gap``, ``content_sensitive`` and the category.
-- ``verdict_groups.csv``: one row per group (``(all)`` and each category): pairs, mean ethical preference and
-  position bias with their BCa bootstrap 95% CIs, shares leaning ethical / content-sensitive with Wilson
-  intervals, the sign test. The verdict paragraph itself is the ``verdict`` attr of ``decisions.nc``.
-- ``detailed_layer_data.csv``: one row per (prompt, layer, component) of ``patching.nc``
-  (``causal_score`` = patching effect on the logit difference, ``patched_logit_diff``, ``flipped``, ``atp_effect``).
-- ``summary_results.csv``: one row per prompt: ``peak_layer``, ``num_choice_flips``, ``gini_coefficient``,
-  ``top5_concentration``, ``chose_ethical_base``, base/cf logit differences, ``early_mean``/``middle_mean``/
-  ``late_mean`` (mean resid effect over each third of the layers) and the category.
-- ``patching_grid.csv``, ``patching_noise_grid.csv``: one row per (prompt, layer, [component,] position);
-  ``patching_all.csv``, ``patching_noise.csv``, ``patching_noise_all.csv``: like ``detailed_layer_data.csv``.
-- ``attribution.csv``: one row per (prompt, side, layer): ``attn_to_<label>``, ``mlp_to_<label>``,
-  ``total_to_<label>`` for each label, ``attn_diff``/``mlp_diff``/``total_diff`` (label 1 − label 2) and
-  ``attn_mlp_ratio``; ``attribution_heads.csv``: one row per (prompt, side, layer, head).
-- ``tuned_lens.json``: top-k tokens per (prompt, side, lens, layer) (always JSON);
-  ``token_trajectories.csv``: label logits/probabilities per (prompt, side, lens, layer), KL, crossing layer.
-
-With ``fmt="json"`` every table is written as a JSON list of records instead of CSV. Reads NetCDF only
-(no torch, no plotting). Each analysis owns its tables (``Analysis.tables``, below: ``decisions_tables``, ...);
-``export_store`` writes those of every registered analysis whose file is in the folder.
+``export_store(store/<model-slug>, fmt="csv")`` writes under ``store/<model-slug>/export/`` the tables each
+analysis owns (``Analysis.tables``; the README's "Exports" lists them): ``decisions``, ``verdict_pairs``,
+``verdict_groups``, ``detailed_layer_data`` (one row per prompt, layer, component: ``effect``, the seed's
+``causal_score``), ``summary_results``, ``<patching file>`` and ``<patching file>_means`` (the means over prompts),
+``attribution``, ``attribution_heads``, ``token_trajectories``, and ``<lens>_lens_topk.json`` per lens in the file
+(``logit_lens_topk.json``, ``tuned_lens_topk.json``; always JSON). Every table is built with
+``Dataset.to_dataframe`` and written with ``DataFrame.to_csv`` or as JSON records (:func:`records_json`). A row
+dim of length one (one lens, one component) and the files' scalars are constants, not columns: they go to ``metadata.json`` with each source
+file's provenance. ``seed_names=True`` writes the original scripts' names (:data:`SEED_COLUMNS`,
+:data:`SEED_FILES`). Reads NetCDF only (no torch, no plotting).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +29,11 @@ from .store.schema import upgrade
 FORMATS = ("csv", "json")
 SUMMARY_FIRST = ("prompt_id", "peak_layer", "num_choice_flips", "gini_coefficient", "top5_concentration",
                  "chose_ethical_base")
+SEED_COLUMNS = {"effect": "causal_score"}
+"""nnethics' column name -> the original scripts' name, applied by ``export_store(..., seed_names=True)``
+(``nnethics export --seed-names``); the default uses the names of the NetCDF files."""
+METADATA = "metadata.json"
+"""The export's sidecar: per table, the source file, its provenance attrs and the constants left out of the rows."""
 
 
 class ExportError(ValueError):
@@ -55,14 +46,10 @@ def _vals(da: xr.DataArray) -> np.ndarray:
 
 def _py(v: Any) -> Any:
     """A JSON-safe Python scalar (NaN becomes None)."""
-    if isinstance(v, (np.floating, float)):
-        return None if not np.isfinite(v) else float(v)
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    if isinstance(v, np.str_):
-        return str(v)
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
     return v
 
 
@@ -73,30 +60,43 @@ def _component(da: xr.DataArray, prefer: str = "resid") -> xr.DataArray:
     return da.sel(component=prefer if prefer in comps else comps[0])
 
 
+def long_table(ds: xr.Dataset, dims: Sequence[str], names: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per combination of ``dims`` (``Dataset.to_dataframe``), a column per variable that has the row dims'
+    ``prompt`` and no other dims (per-prompt variables repeat down their prompt's rows). Variables without the
+    prompt dim (means over prompts, scalars) are not columns; :func:`constants` puts scalars in the sidecar.
+
+    A row dim of length one (only the logit lens, only the resid component) is a constant, not a column: it is
+    dropped and recorded in ``df.attrs["constants"]`` (the key ``prompt_id`` always stays)."""
+    dims = [d for d in dims if d in ds.dims]
+    keep = [n for n in (names if names is not None else list(ds.data_vars)) if n in ds
+            and set(ds[n].dims) <= set(dims) and ("prompt" in ds[n].dims or "prompt" not in dims)]
+    if not keep:
+        raise KeyError(f"no variable with dims {dims}")
+    frame = ds[keep].drop_vars([c for c in ds[keep].coords if c not in dims])
+    df = frame.to_dataframe(dim_order=dims).reset_index().rename(columns={"prompt": "prompt_id"})
+    if "prompt_id" in df:
+        df["prompt_id"] = df["prompt_id"].astype(str)
+    single = {d: _py(_vals(ds[d])[0]) for d in dims if d != "prompt" and ds.sizes[d] == 1 and d in ds.coords}
+    df = df.drop(columns=list(single))
+    df.attrs["constants"] = single
+    return df
+
+
+def constants(ds: xr.Dataset) -> dict[str, Any]:
+    """The Dataset's scalar variables and scalar coordinates: the sidecar's, never a repeated column."""
+    return {str(n): _py(v.values.item()) for n, v in {**ds.coords, **ds.data_vars}.items() if v.ndim == 0}
+
+
 def decisions_table(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per (prompt, side)."""
-    rows = []
-    options = [str(o) for o in _vals(ds["option"])] if "option" in ds.coords else []
-    for p in _vals(ds["prompt"]):
-        one = ds.sel(prompt=p)
-        for side in _vals(ds["side"]):
-            s = one.sel(side=side)
-            row: dict[str, Any] = {"prompt_id": str(p), "side": str(side)}
-            if "category" in one:
-                row["category"] = str(one["category"].values)
-            for v in ("chosen", "ethical_option", "chose_ethical", "logit_diff", "ethical_margin", "label_is_top",
-                      "n_tokens"):
-                if v in s:
-                    row[v] = _py(s[v].values.item())
-            if "consistent" in one:
-                row["consistent"] = bool(one["consistent"].values)
-            for o in options:
-                if "label_logit" in s:
-                    row[f"logit_{o}"] = _py(s["label_logit"].sel(option=o).values.item())
-                if "label_prob" in s:
-                    row[f"prob_{o}"] = _py(s["label_prob"].sel(option=o).values.item())
-            rows.append(row)
-    return pd.DataFrame(rows)
+    """One row per (prompt, side); label logits/probabilities as ``logit_<label>``/``prob_<label>``."""
+    names = ["category", "chosen", "ethical_option", "chose_ethical", "logit_diff", "ethical_margin", "label_is_top",
+             "n_tokens", "consistent"]
+    df = long_table(ds, ("prompt", "side"), [n for n in names if n in ds])
+    for var, prefix in (("label_logit", "logit"), ("label_prob", "prob")):
+        if var in ds:
+            for o in _vals(ds["option"]):  # rows in the file's (prompt, side) order, as long_table's
+                df[f"{prefix}_{o}"] = _vals(ds[var].sel(option=o).transpose("prompt", "side")).ravel()
+    return df
 
 
 PAIR_VARS = ("ethical_preference", "p_ethical", "position_bias", "swaps_ethical_label", "content_gap",
@@ -104,18 +104,15 @@ PAIR_VARS = ("ethical_preference", "p_ethical", "position_bias", "swaps_ethical_
 
 
 def verdict_pairs(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per pair: the verdict's per-pair quantities."""
+    """One row per pair: the verdict's per-pair quantities and both sides' logit differences."""
     missing = [v for v in PAIR_VARS if v not in ds]
     if missing:
         raise ExportError(f"decisions.nc has no {', '.join(missing)} (written before the verdict existed; rerun "
                           f"'nnethics run --analyses decisions')")
-    df = pd.DataFrame({"prompt_id": _vals(ds["prompt"]).astype(str)})
-    if "category" in ds:
-        df["category"] = _vals(ds["category"]).astype(str)
-    for side in _vals(ds["side"]):
-        df[f"logit_diff_{side}"] = _vals(ds["logit_diff"].sel(side=side)).astype(float)
-    for v in PAIR_VARS:
-        df[v] = _vals(ds[v])
+    df = long_table(ds, ("prompt",), [v for v in ("category", *PAIR_VARS) if v in ds])
+    sides = ds["logit_diff"].transpose("prompt", "side").to_pandas()
+    for side in sides.columns:
+        df.insert(df.columns.get_loc(PAIR_VARS[0]), f"logit_diff_{side}", sides[side].to_numpy(dtype=float))
     return df
 
 
@@ -124,61 +121,58 @@ def verdict_groups(ds: xr.Dataset) -> pd.DataFrame:
     if "group" not in ds.dims:
         raise ExportError("decisions.nc has no 'group' statistics (rerun 'nnethics run --analyses decisions')")
     names = [n for n, v in ds.data_vars.items() if v.dims == ("group",)]
-    df = ds[names].to_dataframe().reset_index()
-    return df
+    return ds[names].to_dataframe().reset_index()
 
 
 def detailed_layer_data(ds: xr.Dataset) -> pd.DataFrame:
-    """One row per (prompt, layer, component) of ``patching.nc``."""
+    """One row per (prompt, layer, component) of ``patching.nc``: ``effect`` (the seed's ``causal_score``),
+    ``patched_logit_diff``, ``flipped``, ``atp_effect`` and the prompt's base/cf/corrupted logit differences."""
     if "effect" not in ds:
         raise ExportError("patching.nc has no 'effect' variable")
-    names = {"effect": "causal_score", "patched_logit_diff": "patched_logit_diff", "flipped": "flipped",
-             "atp_effect": "atp_effect"}
-    dims = [d for d in ("prompt", "layer", "component") if d in ds["effect"].dims]
-    frame = xr.Dataset({new: ds[old].transpose(*dims) for old, new in names.items() if old in ds})
-    df = frame.to_dataframe().reset_index().rename(columns={"prompt": "prompt_id"})
-    for v in ("base_logit_diff", "cf_logit_diff", "corrupted_logit_diff"):
-        if v in ds:
-            df[v] = df["prompt_id"].map(dict(zip(_vals(ds["prompt"]).astype(str), _vals(ds[v]).astype(float))))
-    df["prompt_id"] = df["prompt_id"].astype(str)
+    names = ("effect", "patched_logit_diff", "flipped", "atp_effect", "base_logit_diff", "cf_logit_diff",
+             "corrupted_logit_diff")
+    return long_table(ds, ("prompt", "layer", "component"), [n for n in names if n in ds])
+
+
+def mean_table(ds: xr.Dataset) -> pd.DataFrame:
+    """The means over prompts (``mean_effect``, its CI, ``flip_rate``, ...): one row per (layer, component[, position])."""
+    cell = [d for d in ds["effect"].dims if d != "prompt"]
+    names = [n for n, v in ds.data_vars.items() if v.dims and "prompt" not in v.dims and set(v.dims) == set(cell)]
+    if not names:
+        raise ExportError("no means over prompts in this file (rerun it to add them)")
+    df = ds[names].to_dataframe(dim_order=cell).reset_index()
+    df.attrs["constants"] = {}
     return df
 
 
 def summary_results(ds: xr.Dataset, decisions: xr.Dataset | None = None) -> pd.DataFrame:
     """One row per prompt: the per-prompt patching summaries (+ early/middle/late mean resid effect)."""
-    prompts = _vals(ds["prompt"]).astype(str)
-    df = pd.DataFrame({"prompt_id": prompts})
-    per_prompt = [n for n, v in ds.data_vars.items() if v.dims and v.dims[0] == "prompt" and "layer" not in v.dims]
-    for name in per_prompt:
-        da = ds[name]
-        extra = [d for d in da.dims if d != "prompt"]
-        if not extra:
-            df[name] = [_py(x) for x in _vals(da)]
-            continue
-        if extra == ["component"]:
-            for comp in _vals(da["component"]):
-                df[f"{name}_{comp}"] = [_py(x) for x in _vals(da.sel(component=comp))]
-            df[name] = [_py(x) for x in _vals(_component(da))]
+    df = long_table(ds, ("prompt",), [n for n, v in ds.data_vars.items() if v.dims == ("prompt",)])
+    for name, da in ds.data_vars.items():
+        if da.dims == ("prompt", "component"):
+            wide = da.to_pandas()
+            for comp in wide.columns:
+                df[f"{name}_{comp}"] = wide[comp].to_numpy()
+            df[name] = _component(da).to_numpy()
     if "effect" in ds and "layer" in ds["effect"].dims:
         eff = _component(ds["effect"]).transpose("prompt", "layer")
         thirds = np.array_split(np.arange(eff.sizes["layer"]), 3)
         for label, idx in zip(("early_mean", "middle_mean", "late_mean"), thirds):
             df[label] = _vals(eff.isel(layer=idx).mean("layer")).astype(float) if len(idx) else np.nan
-    if decisions is not None and "category" in decisions:
-        cats = dict(zip(_vals(decisions["prompt"]).astype(str), _vals(decisions["category"]).astype(str)))
-        df["category"] = df["prompt_id"].map(cats)
+    if decisions is not None and "category" in decisions and "category" not in df:
+        df["category"] = df["prompt_id"].map(decisions["category"].to_series().rename(index=str))
     first = [c for c in SUMMARY_FIRST if c in df.columns]
-    return df[first + [c for c in df.columns if c not in first]]
+    out = df[first + [c for c in df.columns if c not in first]]
+    out.attrs["constants"] = df.attrs.get("constants", {})
+    return out
 
 
 def position_table(ds: xr.Dataset) -> pd.DataFrame:
-    """``patching_grid.nc`` / ``patching_noise.nc`` in long form."""
-    floats = [n for n, v in ds.data_vars.items() if "position" in v.dims]
-    if not floats:
+    """``patching_grid.nc`` / ``patching_noise_grid.nc`` in long form: one row per (prompt, [position,] layer,
+    [component,] position); the means over prompts are in :func:`mean_table`."""
+    if "effect" not in ds or "position" not in ds["effect"].dims:
         raise ExportError("no variable with a position dim")
-    df = ds[floats].to_dataframe().reset_index().rename(columns={"prompt": "prompt_id"})
-    df["prompt_id"] = df["prompt_id"].astype(str)
-    return df
+    return long_table(ds, ds["effect"].dims, [n for n, v in ds.data_vars.items() if set(v.dims) == set(ds["effect"].dims)])
 
 
 def attribution_table(ds: xr.Dataset) -> pd.DataFrame:
@@ -186,56 +180,49 @@ def attribution_table(ds: xr.Dataset) -> pd.DataFrame:
     if "logit_contribution" not in ds:
         raise ExportError("attribution.nc has no 'logit_contribution' variable")
     lc = ds["logit_contribution"]
-    comps = [str(c) for c in _vals(ds["component"])]
     cols: dict[str, xr.DataArray] = {}
     for o in _vals(ds["option"]):
-        by = lc.sel(option=o)
-        for c in comps:
-            cols[f"{c}_to_{o}"] = by.sel(component=c)
+        by = lc.sel(option=o, drop=True)
+        for c in _vals(ds["component"]):
+            cols[f"{c}_to_{o}"] = by.sel(component=c, drop=True)
         cols[f"total_to_{o}"] = by.sum("component")
     if "diff_contribution" in ds:
-        for c in comps:
-            cols[f"{c}_diff"] = ds["diff_contribution"].sel(component=c)
+        for c in _vals(ds["component"]):
+            cols[f"{c}_diff"] = ds["diff_contribution"].sel(component=c, drop=True)
         cols["total_diff"] = ds["diff_contribution"].sum("component")
     if "attn_mlp_ratio" in ds:
         cols["attn_mlp_ratio"] = ds["attn_mlp_ratio"]
-    dims = [d for d in ("prompt", "side", "layer") if d in lc.dims]
-    frame = xr.Dataset({k: v.transpose(*dims).drop_vars([c for c in v.coords if c not in dims], errors="ignore")
-                        for k, v in cols.items()})
-    df = frame.to_dataframe().reset_index().rename(columns={"prompt": "prompt_id"})
-    df["prompt_id"] = df["prompt_id"].astype(str)
-    return df
+    return long_table(xr.Dataset(cols).assign_coords({d: ds[d] for d in ("prompt", "side", "layer")}),
+                      ("prompt", "side", "layer"))
 
 
 def head_table(ds: xr.Dataset) -> pd.DataFrame:
     if "head_contribution" not in ds:
         raise ExportError("attribution.nc has no 'head_contribution' variable")
-    df = ds["head_contribution"].to_dataframe().reset_index().rename(columns={"prompt": "prompt_id"})
-    df["prompt_id"] = df["prompt_id"].astype(str)
+    return long_table(ds, ("prompt", "side", "layer", "head"), ["head_contribution"])
+
+
+TOPK = {"top_token": "top_tokens", "top_token_text": "top_token_texts", "top_token_id": "top_token_ids",
+        "top_prob": "top_probs", "top_logit": "top_logits"}
+
+
+def lens_topk(ds: xr.Dataset, lens: str) -> pd.DataFrame:
+    """The top-k tokens of one lens: one record per (prompt, side, layer), each a list over k."""
+    if "top_token" not in ds:
+        raise ExportError("lens.nc has no 'top_token' variable")
+    one = ds.sel(lens=lens, drop=True)
+    names = [n for n in TOPK if n in one]
+    long = long_table(one, ("prompt", "side", "layer", "k"), names)
+    df = long.groupby(["prompt_id", "side", "layer"], sort=False)[names].agg(list).reset_index()
+    df = df.rename(columns=TOPK)
+    df.attrs["constants"] = {"lens": lens}
     return df
 
 
 def lens_topk_records(ds: xr.Dataset) -> list[dict[str, Any]]:
-    """The original scripts' tuned-lens JSON: top-k tokens per (prompt, side, lens, layer)."""
-    if "top_token" not in ds:
-        raise ExportError("lens.nc has no 'top_token' variable")
-    order = ("prompt", "side", "lens", "layer", "k")
-    tok = ds["top_token"].transpose(*order)
-    extra = {v: ds[v].transpose(*order) for v in ("top_token_id", "top_prob", "top_logit") if v in ds}
-    records = []
-    for i, p in enumerate(_vals(ds["prompt"])):
-        for j, side in enumerate(_vals(ds["side"])):
-            for li, lens in enumerate(_vals(ds["lens"])):
-                for la, layer in enumerate(_vals(ds["layer"])):
-                    rec: dict[str, Any] = {"prompt_id": str(p), "side": str(side), "lens": str(lens),
-                                           "layer": int(layer),
-                                           "top_tokens": [str(t) for t in _vals(tok[i, j, li, la])]}
-                    for name, key in (("top_token_id", "top_token_ids"), ("top_prob", "top_probs"),
-                                      ("top_logit", "top_logits")):
-                        if name in extra:
-                            rec[key] = [_py(x) for x in _vals(extra[name][i, j, li, la])]
-                    records.append(rec)
-    return records
+    """Every lens' top-k records (with a ``lens`` field), as the API's plain-Python view of the JSON files."""
+    return [{"lens": str(lens), **rec} for lens in _vals(ds["lens"])
+            for rec in _jsonable(lens_topk(ds, str(lens)).to_dict(orient="records"))]
 
 
 def trajectory_table(ds: xr.Dataset) -> pd.DataFrame:
@@ -244,24 +231,16 @@ def trajectory_table(ds: xr.Dataset) -> pd.DataFrame:
     ds = upgrade(ds)
     if "label_logit" not in ds:
         raise ExportError("lens.nc has no 'label_logit' variable")
-    dims = ("prompt", "side", "lens", "layer")
     cols: dict[str, xr.DataArray] = {}
-    options = _vals(ds["option"])
-    for o in options:
+    for o in _vals(ds["option"]):
         cols[f"logit_{o}"] = ds["label_logit"].sel(option=o, drop=True)
         if "label_prob" in ds:
             cols[f"prob_{o}"] = ds["label_prob"].sel(option=o, drop=True)
-    cols["logit_diff"] = (ds["label_logit"].isel(option=0, drop=True) - ds["label_logit"].isel(option=-1, drop=True))
-    if "kl_to_final" in ds:
-        cols["kl_to_final"] = ds["kl_to_final"]
-    frame = xr.Dataset({k: v.transpose(*dims) for k, v in cols.items()})
-    df = frame.to_dataframe().reset_index().rename(columns={"prompt": "prompt_id"})
-    if "crossing_layer" in ds:
-        cross = ds["crossing_layer"].to_dataframe().reset_index().rename(columns={"prompt": "prompt_id"})
-        df = df.merge(cross[["prompt_id", "side", "lens", "crossing_layer"]], on=["prompt_id", "side", "lens"],
-                      how="left")
-    df["prompt_id"] = df["prompt_id"].astype(str)
-    return df
+    cols["logit_diff"] = ds["label_logit"].isel(option=0, drop=True) - ds["label_logit"].isel(option=-1, drop=True)
+    for v in ("kl_to_final", "crossing_layer"):
+        if v in ds:
+            cols[v] = ds[v]
+    return long_table(xr.Dataset(cols), ("prompt", "side", "lens", "layer"))
 
 
 def _write(text: str, path: Path) -> Path:
@@ -282,16 +261,35 @@ def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _table(df: pd.DataFrame, out: Path, stem: str, fmt: str) -> Path:
-    if fmt == "csv":
+    if fmt == "csv" and df.attrs.get("format") != "json":
         return _write(neutralise_formulas(df).to_csv(index=False), out / f"{stem}.csv")
-    records = [{k: _py(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
-    return _write(json.dumps(records, ensure_ascii=False, indent=1), out / f"{stem}.json")
+    return _write(records_json(df), out / f"{stem}.json")
+
+
+def records_json(df: pd.DataFrame) -> str:
+    """The table as a JSON list of records. Not ``DataFrame.to_json``: it rounds to at most 15 decimal places, so
+    a float64 effect of 1.6e-05 came back with a relative error of 1.7e-11 (and values below 1e-15 as 0; measured
+    in tests/test_export.py::test_json_tables_keep_full_precision); ``json`` writes the shortest exact repr."""
+    return json.dumps(_jsonable(df.to_dict(orient="records")), ensure_ascii=False, indent=1)
+
+
+def _jsonable(value: Any) -> Any:
+    """JSON-safe Python values, recursively (numpy scalars and arrays; NaN becomes None)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return [_jsonable(v) for v in value.tolist()]
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return _py(value)
 
 
 # ---------------------------------------------------------------------------------------------
 # the tables each analysis owns (its Analysis.tables): {file stem: build() -> DataFrame | JSON records}
 
 Tables = dict[str, Callable[[], "pd.DataFrame | list[dict]"]]
+SEED_FILES = {"tuned_lens_topk": "tuned_lens"}
+"""nnethics' file stem -> the original scripts' (with ``seed_names``)."""
 
 
 def decisions_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> Tables:
@@ -305,10 +303,14 @@ def decisions_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) 
 
 def patching_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> Tables:
     if name == "patching":
-        return {"detailed_layer_data": lambda: detailed_layer_data(ds),
-                "summary_results": lambda: summary_results(ds, data.get("decisions"))}
-    has_position = "effect" in ds and "position" in ds["effect"].dims
-    return {name: (lambda: position_table(ds)) if has_position else (lambda: detailed_layer_data(ds))}
+        jobs: Tables = {"detailed_layer_data": lambda: detailed_layer_data(ds),
+                        "summary_results": lambda: summary_results(ds, data.get("decisions"))}
+    else:
+        has_position = "effect" in ds and "position" in ds["effect"].dims
+        jobs = {name: (lambda: position_table(ds)) if has_position else (lambda: detailed_layer_data(ds))}
+    if "effect" in ds and any(v.dims and "prompt" not in v.dims and "layer" in v.dims for v in ds.data_vars.values()):
+        jobs[f"{name}_means"] = lambda: mean_table(ds)
+    return jobs
 
 
 def attribution_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> Tables:
@@ -320,9 +322,15 @@ def attribution_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]
 
 def lens_tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> Tables:
     jobs: Tables = {"token_trajectories": lambda: trajectory_table(ds)}
-    if "top_token" in ds:
-        jobs["tuned_lens"] = lambda: lens_topk_records(ds)  # records: always JSON
+    if "top_token" in ds:  # one file per lens, named after it (always JSON: each record holds lists over k)
+        for lens in _vals(ds["lens"]):
+            jobs[f"{lens}_lens_topk"] = lambda lens=str(lens): lens_topk(ds, lens).pipe(_json_only)
     return jobs
+
+
+def _json_only(df: pd.DataFrame) -> pd.DataFrame:
+    df.attrs["format"] = "json"
+    return df
 
 
 def _load(folder: Path, name: str) -> xr.Dataset | None:
@@ -343,8 +351,11 @@ def _load(folder: Path, name: str) -> xr.Dataset | None:
     return ds
 
 
-def export_store(store_dir: str | Path, fmt: str = "csv", out: str | Path | None = None) -> list[Path]:
-    """Write the tables every registered analysis owns for the files in ``store_dir``; return the paths written."""
+def export_store(store_dir: str | Path, fmt: str = "csv", out: str | Path | None = None,
+                 seed_names: bool = False) -> list[Path]:
+    """Write the tables every registered analysis owns for the files in ``store_dir``, and ``metadata.json`` (per
+    table: its source file, the constants left out of its rows; per source: its provenance attrs); return the paths.
+    ``seed_names``: the original scripts' names (:data:`SEED_COLUMNS`, :data:`SEED_FILES`) instead of nnethics'."""
     from .analyses import analyses, file_names
 
     if fmt not in FORMATS:
@@ -358,17 +369,26 @@ def export_store(store_dir: str | Path, fmt: str = "csv", out: str | Path | None
         raise ExportError(f"{folder}: no result files (.nc) to export")
     jobs = [(name, stem, build) for a in analyses() if a.tables is not None for name in a.names if name in data
             for stem, build in a.tables(name, data[name], data).items()]
-    written = []
+    written, tables = [], {}
     for name, stem, build in jobs:
-        try:
-            table = build()
-        except (KeyError, ValueError, IndexError) as e:
-            if isinstance(e, ExportError):
-                raise ExportError(f"{folder / (name + '.nc')}: {e}") from None
-            raise ExportError(f"{folder / (name + '.nc')}: lacks what the {stem} table needs ({type(e).__name__}: "
-                              f"{e}); recompute it with `nnethics run`") from None
-        if isinstance(table, pd.DataFrame):
-            written.append(_table(table, out_dir, stem, fmt))
-        else:
-            written.append(_write(json.dumps(table, ensure_ascii=False, indent=1), out_dir / f"{stem}.json"))
+        table = _build(folder, name, stem, build)
+        stem = SEED_FILES.get(stem, stem) if seed_names else stem
+        table = table if isinstance(table, pd.DataFrame) else _json_only(pd.DataFrame.from_records(table))  # records
+        constants_ = table.attrs.get("constants", {})
+        written.append(_table(table.rename(columns=SEED_COLUMNS) if seed_names else table, out_dir, stem, fmt))
+        tables[written[-1].name] = {"source": f"{name}.nc", "constants": constants_}
+    meta = {"tables": tables, "column_aliases": SEED_COLUMNS if seed_names else {},
+            "sources": {f"{n}.nc": {"constants": constants(ds),
+                                    "attrs": {k: _jsonable(v) for k, v in ds.attrs.items()}} for n, ds in data.items()}}
+    written.append(_write(json.dumps(meta, ensure_ascii=False, indent=1, default=str), out_dir / METADATA))
     return written
+
+
+def _build(folder: Path, name: str, stem: str, build: Callable[[], Any]) -> Any:
+    try:
+        return build()
+    except (KeyError, ValueError, IndexError) as e:
+        if isinstance(e, ExportError):
+            raise ExportError(f"{folder / (name + '.nc')}: {e}") from None
+        raise ExportError(f"{folder / (name + '.nc')}: lacks what the {stem} table needs ({type(e).__name__}: "
+                          f"{e}); recompute it with `nnethics run`") from None

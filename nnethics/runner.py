@@ -10,7 +10,6 @@ analysis name in :data:`nnethics.models.remote.STATS`.
 from __future__ import annotations
 
 import gc
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ import xarray as xr
 
 from .models.errors import is_oom
 from .models.remote.stats import STATS
+from .progress import progress_bar
 from .prompts import PromptPair, PromptSet
 from .store import PartStore, provenance, store_lock
 
@@ -65,11 +65,12 @@ def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts
                 progress: bool | None, finalize: Callable[[xr.Dataset], xr.Dataset] | None = None) -> xr.Dataset:
     done = parts.done_ids()
     todo = [p for p in prompts.pairs if p.prompt_id not in done]
-    show = sys.stderr.isatty() if progress is None else progress
+    label = f"{name} [{model.slug}]"
+    if len(todo) < len(prompts):  # a rerun or resumed run: say what it skips
+        click.echo(f"{label}: skipping {len(prompts) - len(todo)} of {len(prompts)} prompts already done in "
+                   f"{parts.final.parent}", err=True)
     size = batch_size
-    with click.progressbar(length=len(prompts), label=f"{name} [{model.slug}]", file=sys.stderr,
-                           hidden=not show, show_pos=True) as bar:
-        bar.update(len(prompts) - len(todo))
+    with progress_bar(len(prompts), label, show=progress, initial=len(prompts) - len(todo)) as bar:
         i = 0
         while i < len(todo):
             chunk = todo[i:i + size]

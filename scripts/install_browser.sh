@@ -5,9 +5,14 @@
 #
 # Where apt or root is missing, or the install fails, it says so and the browser tests skip themselves;
 # with NNETHICS_REQUIRE_ALL=1 (set by .ci/run) it exits 1 instead, as the tests would then fail.
+#
+# Each package is "present" when its program is on PATH (which) or dpkg lists it installed; only the missing
+# ones are installed (tests/test_install_browser.py runs this script against stub apt-get/dpkg-query).
 set -u
-have_chromium() { [ -x /usr/bin/chromium ]; }
-have_driver() { command -v chromedriver >/dev/null 2>&1 || [ -x /usr/bin/chromedriver ]; }
+on_path() { command -v "$1" >/dev/null 2>&1; }
+dpkg_has() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+have_chromium() { on_path chromium || dpkg_has chromium; }
+have_driver() { on_path chromedriver || dpkg_has chromium-driver; }
 
 fail() {
   echo "install_browser: $1" >&2
@@ -19,7 +24,10 @@ fail() {
 missing=()
 have_chromium || missing+=(chromium)
 have_driver || missing+=(chromium-driver)
-if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install_browser: chromium and chromium-driver are present" >&2
+  exit 0
+fi
 
 command -v apt-get >/dev/null 2>&1 || fail "apt-get not found; install ${missing[*]} by hand"
 SUDO=""
@@ -35,6 +43,6 @@ if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-rec
   tail -n 20 "$log" >&2
   fail "could not install ${missing[*]} (the apt output is above)"
 fi
-have_chromium || fail "chromium installed but /usr/bin/chromium is missing"
+have_chromium || fail "chromium installed but not found (no chromium on PATH, dpkg does not list it)"
 have_driver || fail "chromium-driver installed but chromedriver is not on PATH"
 echo "install_browser: installed ${missing[*]}" >&2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from nnethics.export import (
     ExportError,
     attribution_table,
+    decisions_table,
     detailed_layer_data,
     export_store,
     lens_topk_records,
@@ -27,13 +29,23 @@ def store(tmp_path_factory):
     return synthetic.write_store(tmp_path_factory.mktemp("store"), n_prompts=5, n_layers=6)
 
 
+MEANS: list[str] = []  # filled by the fixture below from the synthetic store's files
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _means(store):
+    MEANS[:] = [p.stem for p in sorted(store.glob("*.nc"))
+                if p.stem.startswith("patching") and any("prompt" not in v.dims and "layer" in v.dims
+                                                         for v in xr.load_dataset(p).data_vars.values())]
+
+
 def test_detailed_layer_data_is_one_row_per_prompt_layer_component():
     ds = synthetic.patching(n_prompts=4, n_layers=6)
     df = detailed_layer_data(ds)
     assert len(df) == 4 * 6 * 3
-    assert list(df.columns[:4]) == ["prompt_id", "layer", "component", "causal_score"]
+    assert list(df.columns[:4]) == ["prompt_id", "layer", "component", "effect"]  # the NetCDF's name
     row = df[(df.prompt_id == "case_002") & (df.layer == 4) & (df.component == "mlp")].iloc[0]
-    assert row.causal_score == pytest.approx(float(ds["effect"].sel(prompt="case_002", layer=4, component="mlp")))
+    assert row.effect == pytest.approx(float(ds["effect"].sel(prompt="case_002", layer=4, component="mlp")))
     assert row.atp_effect == pytest.approx(float(ds["atp_effect"].sel(prompt="case_002", layer=4, component="mlp")))
     assert row.base_logit_diff == pytest.approx(float(ds["base_logit_diff"].sel(prompt="case_002")))
     assert df["flipped"].dtype == bool
@@ -95,9 +107,11 @@ def test_trajectories_of_a_version_1_lens_file_with_option_logit_are_the_same():
 def test_export_store_csv_and_json(store, tmp_path):
     paths = export_store(store, "csv", tmp_path / "csv")
     names = sorted(p.name for p in paths)
-    assert names == sorted(["decisions.csv", "verdict_pairs.csv", "verdict_groups.csv", "detailed_layer_data.csv", "summary_results.csv", "patching_grid.csv",
-                            "patching_noise.csv", "patching_noise_grid.csv", "attribution.csv",
-                            "attribution_heads.csv", "token_trajectories.csv", "tuned_lens.json"])
+    assert names == sorted(["decisions.csv", "verdict_pairs.csv", "verdict_groups.csv", "detailed_layer_data.csv",
+                            "summary_results.csv", "patching_grid.csv", "patching_noise.csv", "patching_noise_grid.csv",
+                            "attribution.csv", "attribution_heads.csv", "token_trajectories.csv",
+                            "logit_lens_topk.json", "tuned_lens_topk.json", "metadata.json"]
+                           + [f"{n}_means.csv" for n in MEANS])
     pairs = pd.read_csv(tmp_path / "csv" / "verdict_pairs.csv")
     dec = xr.load_dataset(store / "decisions.nc")
     assert pairs.prompt_id.tolist() == [str(p) for p in dec["prompt"].values]
@@ -113,7 +127,7 @@ def test_export_store_csv_and_json(store, tmp_path):
     assert "position" in pd.read_csv(tmp_path / "csv" / "patching_noise_grid.csv")
     summary = pd.read_csv(tmp_path / "csv" / "summary_results.csv")
     assert len(summary) == 5 and summary.prompt_id.tolist()[0] == "case_000"
-    tokens = json.loads((tmp_path / "csv" / "tuned_lens.json").read_text(encoding="utf-8"))
+    tokens = json.loads((tmp_path / "csv" / "tuned_lens_topk.json").read_text(encoding="utf-8"))
     assert any("🙂" in r["top_tokens"] or "line\nbreak" in r["top_tokens"] for r in tokens)
     paths = export_store(store, "json", tmp_path / "json")
     assert all(p.suffix == ".json" for p in paths)
@@ -132,7 +146,94 @@ def test_export_cli(store, tmp_path):
     res = runner.invoke(cli, ["export", str(store), "--format", "JSON", "--out", str(tmp_path / "e")])
     assert res.exit_code == 0, res.output
     lines = res.stdout.strip().splitlines()
-    assert len(lines) == 12 and all("(" in ln for ln in lines)
+    assert len(lines) == 14 + len(MEANS) and all("(" in ln for ln in lines)
     assert (tmp_path / "e" / "attribution.json").exists()
     res = runner.invoke(cli, ["export", str(tmp_path / "e")])
     assert res.exit_code == 2 and "no result files" in res.stderr
+
+
+REGRESSION = Path(__file__).parent / "data" / "regression" / "smollm2-135m-instruct"
+
+
+def test_no_table_repeats_a_constant_column(tmp_path):
+    """On a real store (the regression one: one lens, a grid on the resid component only, means over prompts):
+    a row dim of length one and every variable without the prompt dim stay out of the per-prompt tables; the
+    length-one dims are in metadata.json, the means in their own ``*_means`` table."""
+    paths = export_store(REGRESSION, "csv", tmp_path)
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    for p in paths:
+        if p.suffix != ".csv" or "prompt_id" not in (df := pd.read_csv(p)):
+            continue
+        source = xr.load_dataset(REGRESSION / meta["tables"][p.name]["source"])
+        unit = [d for d, n in source.sizes.items() if n == 1 and d != "prompt"]
+        not_per_prompt = [n for n, v in source.data_vars.items() if "prompt" not in v.dims]
+        assert not set(df.columns) & set(unit + not_per_prompt), (p.name, set(df.columns) & set(unit + not_per_prompt))
+        for d in unit:
+            if d in df.columns or any(d in v.dims for v in source.data_vars.values() if "prompt" in v.dims):
+                assert meta["tables"][p.name]["constants"].get(d, "?") != "?" or d not in df.columns
+    grid = xr.load_dataset(REGRESSION / "patching_grid.nc")
+    assert meta["tables"]["patching_grid.csv"]["constants"] == {"component": str(grid["component"].values[0])}
+    means = pd.read_csv(tmp_path / "patching_grid_means.csv")
+    assert len(means) == grid["mean_effect"].size
+    np.testing.assert_allclose(means.mean_effect, grid["mean_effect"].transpose("position", "layer", "component")
+                               .values.ravel(), rtol=1e-6, equal_nan=True)
+    assert meta["sources"]["patching.nc"]["constants"]["atp_exact_correlation_pooled"] == pytest.approx(
+        float(xr.load_dataset(REGRESSION / "patching.nc")["atp_exact_correlation_pooled"]))
+    assert meta["sources"]["decisions.nc"]["attrs"]["analysis"] == "decisions"
+
+
+def test_the_lens_top_k_file_is_named_after_the_lens_it_holds(tmp_path):
+    """The regression store has only the logit lens: logit_lens_topk.json, no tuned_lens*.json, and the
+    trajectories carry the lens as a constant, not a column."""
+    paths = export_store(REGRESSION, "csv", tmp_path)
+    names = {p.name for p in paths}
+    assert "logit_lens_topk.json" in names and not any(n.startswith("tuned_lens") for n in names)
+    recs = json.loads((tmp_path / "logit_lens_topk.json").read_text(encoding="utf-8"))
+    ds = xr.load_dataset(REGRESSION / "lens.nc")
+    assert len(recs) == ds.sizes["prompt"] * ds.sizes["side"] * ds.sizes["layer"] and "lens" not in recs[0]
+    one = ds.sel(lens="logit", prompt=recs[5]["prompt_id"], side=recs[5]["side"], layer=recs[5]["layer"])
+    assert recs[5]["top_token_ids"] == one["top_token_id"].values.tolist()
+    assert recs[5]["top_probs"] == pytest.approx(one["top_prob"].values.tolist(), rel=1e-12)
+    assert "lens" not in pd.read_csv(tmp_path / "token_trajectories.csv")
+    meta = json.loads((tmp_path / "metadata.json").read_text())
+    assert meta["tables"]["logit_lens_topk.json"]["constants"] == {"lens": "logit"}
+    assert meta["tables"]["token_trajectories.csv"]["constants"] == {"lens": "logit"}
+
+
+def test_effect_by_default_and_the_seed_names_on_request(store, tmp_path):
+    export_store(store, "csv", tmp_path / "ours")
+    ours = pd.read_csv(tmp_path / "ours" / "detailed_layer_data.csv")
+    assert "effect" in ours and "causal_score" not in ours
+    paths = export_store(store, "csv", tmp_path / "seed", seed_names=True)
+    seed = pd.read_csv(tmp_path / "seed" / "detailed_layer_data.csv")
+    assert "causal_score" in seed and "effect" not in seed
+    np.testing.assert_array_equal(seed.causal_score, ours.effect)
+    names = {p.name for p in paths}
+    assert "tuned_lens.json" in names and "tuned_lens_topk.json" not in names and "logit_lens_topk.json" in names
+    assert json.loads((tmp_path / "seed" / "metadata.json").read_text())["column_aliases"] == {"effect": "causal_score"}
+    from nnethics.cli import cli
+
+    res = CliRunner().invoke(cli, ["export", str(store), "--seed-names", "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0, res.output
+    assert "causal_score" in pd.read_csv(tmp_path / "cli" / "detailed_layer_data.csv")
+
+
+def test_json_tables_keep_full_precision(store, tmp_path):
+    export_store(store, "json", tmp_path)
+    recs = pd.DataFrame(json.loads((tmp_path / "detailed_layer_data.json").read_text()))
+    ds = xr.load_dataset(store / "patching.nc")
+    want = ds["effect"].transpose("prompt", "layer", "component").values.ravel()
+    np.testing.assert_allclose(recs.effect.astype(float), want, rtol=1e-12, equal_nan=True)
+
+
+def test_rows_follow_the_file_order_of_unsorted_prompt_ids():
+    """Prompt ids in no sorted order (as a user's file has them): every column of a row belongs to that row."""
+    ds = synthetic.decisions(n_prompts=5)
+    ds = ds.assign_coords(prompt=["zeta", "alpha", "mu", "beta", "10"])
+    df = decisions_table(ds)
+    assert df.prompt_id.tolist() == [p for p in ds["prompt"].values.tolist() for _ in range(2)]
+    for _, row in df.iterrows():
+        one = ds.sel(prompt=row.prompt_id, side=row.side)
+        assert row.logit_diff == pytest.approx(float(one["logit_diff"]))
+        assert row.logit_1 == pytest.approx(float(one["label_logit"].sel(option="1")))
+        assert row.prob_2 == pytest.approx(float(one["label_prob"].sel(option="2")))

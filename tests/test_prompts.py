@@ -211,3 +211,20 @@ def test_bad_input_gives_its_message(tmp_path, files, target, labels, message):
             f.write_text(json.dumps(content), encoding="utf-8")
     probs = _problems(tmp_path / target if target else tmp_path, labels=labels)
     assert any(message in p for p in probs), probs
+
+
+def test_wrong_labels_for_a_whole_prompt_set_are_one_line_with_the_fix():
+    """The shipped prompts (labelled 1/2) read with --labels A,B: one line with the count and the flag to pass,
+    not one line per record (exit code 2 through the CLI)."""
+    from click.testing import CliRunner
+
+    from nnethics.cli import cli
+
+    probs = _problems(PROMPTS, labels=("A", "B"))
+    assert len(probs) == 1
+    n = 2 * len(load_prompts(PROMPTS))
+    assert f"{n} ethical_option values are not the answer labels --labels A,B" in probs[0]
+    assert probs[0].endswith("pass --labels 1,2")
+    res = CliRunner().invoke(cli, ["prompts", "check", str(PROMPTS), "--labels", "A,B"])
+    assert res.exit_code == 2
+    assert res.output.strip().count("\n") == 0 and "pass --labels 1,2" in res.output and "more" not in res.output

@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import synthetic
 
@@ -149,6 +150,26 @@ def test_report_offline_renders_every_figure_and_the_selector_works(tmp_path):
     assert sum("case_004" in t for t in after["titles"]) >= 5  # patching, attribution, 2× lens trajectories, tokens
     assert any("case_004" in d for d in after["divs"]) and not any("Dilemma 0 (base)" in d for d in after["divs"])
     assert any("Dilemma 4 (base)" in d for d in after["divs"])
+    # the per-prompt effect figure shows the selected prompt's numbers (carried as float32)
+    import xarray as xr
+
+    with xr.open_dataset(store / "patching.nc") as ds:
+        want = {p: ds["patched_logit_diff"].sel(prompt=p, component="resid").values.astype(float)
+                for p in ("case_000", "case_004")}
+
+    def shows(state: dict, curve: np.ndarray) -> bool:
+        for src in state["data"]:
+            for col in src.values():
+                try:
+                    got = np.array([float(x) for x in col])
+                except ValueError:
+                    continue
+                if got.shape == curve.shape and np.allclose(got, curve, rtol=1e-6, atol=1e-6):
+                    return True
+        return False
+
+    assert shows(before, want["case_000"]) and not shows(before, want["case_004"])
+    assert shows(after, want["case_004"]) and not shows(after, want["case_000"])
 
 
 def test_report_with_only_decisions_and_the_compare_page(tmp_path):

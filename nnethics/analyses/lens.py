@@ -43,8 +43,9 @@ class LensOptions:
     chat: bool | None = chat_field()
     k: int = option(10, "Top tokens kept per layer.", min=1)
     tuned_lens: str | None = option(
-        None, "Tuned lens folder; 'none' for the logit lens only (default: the model's cached lens, if any).",
-        metavar="FOLDER|none")
+        None, "Tuned lens folder, or hub:ORG/REPO[/subfolder][@revision] for a pretrained one in the hub cache "
+        "(tuned-lens format; spaces/ or datasets/ before ORG for those repos); 'none' for the logit lens only "
+        "(default: the model's cached lens, if any).", metavar="FOLDER|hub:ORG/REPO/SUB|none")
 
     def __post_init__(self) -> None:
         check_values(self)
@@ -214,6 +215,8 @@ def resolve_tuned_lens(model: Any, spec: str | Path | None) -> tuple[TunedLens |
 
     if spec is not None and str(spec).lower() in ("", "none", "false"):
         return None, {"tuned_lens": ""}
+    if is_hub_spec(spec):
+        return _hub_lens(model, str(spec))
     folder = Path(spec).expanduser() if spec is not None else find_cached_lens(model)
     if folder is None:
         return None, {"tuned_lens": ""}
@@ -229,6 +232,24 @@ def resolve_tuned_lens(model: Any, spec: str | Path | None) -> tuple[TunedLens |
             raise
         return None, {"tuned_lens": "", "tuned_lens_note": f"ignoring the cached tuned lens: {e}"}
     return lens, {"tuned_lens": str(folder), "tuned_lens_digest": _lens_digest(folder)}
+
+
+def is_hub_spec(spec: object) -> bool:
+    return isinstance(spec, str) and spec.startswith("hub:")
+
+
+def _hub_lens(model: Any, spec: str) -> tuple[TunedLens, dict]:
+    """A pretrained lens named ``hub:ORG/REPO[/subfolder]`` (:mod:`nnethics.lens_hub`), checked against ``model``."""
+    from ..lens_hub import hub_lens_folder
+    from ..lenses import LensLoadError, TunedLens
+
+    folder = hub_lens_folder(spec)
+    try:
+        lens = TunedLens.load(folder, model)
+    except LensLoadError as e:
+        raise LensLoadError(f"--tuned-lens {spec}: {str(e).replace(str(folder), 'the lens')}; name the subfolder "
+                            f"of a lens trained for {model.name}, or train one with `nnethics lens train`") from None
+    return lens, {"tuned_lens": spec, "tuned_lens_digest": _lens_digest(folder)}
 
 
 def residual_round_trip(model: Any) -> int:

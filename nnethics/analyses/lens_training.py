@@ -249,12 +249,11 @@ def train_tuned_lens(model: Any, corpus: list[str | Path] | None = None, options
     import sys
     import time
 
-    from tqdm.auto import tqdm
-
     from ..data.corpus import chat_documents, read_documents, split_documents, token_windows
+    from ..progress import progress_bar
 
     say = log or (lambda msg: print(msg, file=sys.stderr))
-    show = sys.stderr.isatty() if progress is None else progress
+    show = progress
     out = Path(out) if out is not None else lens_cache_dir(model.slug)
     unembed = Unembed.from_model(model)
     lens = TunedLens.from_model(model).to(unembed._weight.device)
@@ -273,7 +272,7 @@ def train_tuned_lens(model: Any, corpus: list[str | Path] | None = None, options
     t0 = time.perf_counter()
     train_docs = chat_documents(model.tokenizer, train_docs, options.chat_fraction, options.seed)
     windows = token_windows(model.tokenizer, train_docs, options.seq_len, options.train_tokens)
-    with tqdm(total=len(windows), desc="caching residuals", unit="window", file=sys.stderr, disable=not show) as bar:
+    with progress_bar(len(windows), "caching residuals", unit="windows", show=show) as bar:
         resid = collect_residuals(model, windows, progress=bar)
     t_cache = time.perf_counter() - t0
 
@@ -282,8 +281,8 @@ def train_tuned_lens(model: Any, corpus: list[str | Path] | None = None, options
         write_via_temp(ckpt_file, lambda tmp: torch.save({**snap, "key": key}, tmp))
 
     t1 = time.perf_counter()
-    with tqdm(total=options.steps, initial=state["step"] if state else 0, desc="training tuned lens", unit="step",
-              file=sys.stderr, disable=not show) as bar:
+    with progress_bar(options.steps, "training tuned lens", unit="steps", show=show,
+                      initial=state["step"] if state else 0) as bar:
         history = fit_tuned_lens(lens, unembed, resid, options, state=state, on_checkpoint=checkpoint, progress=bar)
     t_train = time.perf_counter() - t1
     info = {"options": options.to_dict(), "corpus_files": files, "corpus_sha256": corpus_sha,

@@ -84,7 +84,8 @@ def options_decorator(analysis: Analysis) -> Callable:
 def run_options(fn: Callable) -> Callable:
     """--batch-size and --progress, for every command that computes over the prompts."""
     fn = click.option("--progress/--no-progress", default=None,
-                      help="Progress bar on stderr (default: when stderr is a terminal).")(fn)
+                      help="Progress on stderr (default: when stderr is a terminal; with --progress and stderr "
+                           "redirected, one line with count and ETA at most every 30 s).")(fn)
     return click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
                         help="Pairs per chunk (halved on out-of-memory).")(fn)
 

@@ -93,7 +93,8 @@ def store_options(fn: Callable) -> Callable:
     """--store, --overwrite and --lock-timeout, for every command that writes results."""
     options = [
         click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path),
-                     callback=checked_store, help="Output folder (created if missing)."),
+                     envvar="NNETHICS_STORE", show_envvar=True, callback=checked_store,
+                     help="Output folder (created if missing)."),
         click.option("--overwrite", is_flag=True,
                      help="Replace stored results (and parts of an interrupted run) computed with other options; "
                           "without it such a run stops with exit code 2 and changes nothing."),

@@ -42,9 +42,10 @@ def warn_unreadable(store_dir: Path) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output HTML file (default: STORE_DIR/report.html).")
 @click.option("--png", is_flag=True, help="Also write one PNG per figure (needs chromium, chromedriver, selenium).")
-@click.option("--max-prompts", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Prompts offered by the per-prompt selectors (aggregate figures always use all).")
-def report(store_dir: Path, out: Path | None, png: bool, max_prompts: int) -> None:
+@click.option("--max-prompts", type=click.IntRange(min=1), default=None,
+              help="Offer only the first N prompts in the per-prompt selectors (default: every prompt; each is "
+                   "carried once, compactly, so 1,000 pairs stay small). Aggregate figures always use all.")
+def report(store_dir: Path, out: Path | None, png: bool, max_prompts: int | None) -> None:
     """Write one self-contained, offline report.html for STORE_DIR (a store/<model-slug> folder)."""
     from ..render import ReportError, write_report
     from ..render.offline import PngExportError
@@ -69,7 +70,9 @@ def report(store_dir: Path, out: Path | None, png: bool, max_prompts: int) -> No
 @click.option("--png", is_flag=True, help="Also write one PNG per figure.")
 @click.option("--depth", type=click.Choice(["auto", "layer", "relative"]), default="auto", show_default=True,
               help="x axis: layer index, or relative depth (auto: relative when layer counts differ).")
-def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: str) -> None:
+@click.option("--name", "names", multiple=True,
+              help="Legend label of each STORE_DIR, once per folder in the same order (default: the model id).")
+def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: str, names: tuple[str, ...]) -> None:
     """Overlay the figures of several models (STORE_DIRS are store/<model-slug> folders)."""
     from ..render import MissingData, ReportError
     from ..render.compare import write_comparison
@@ -77,10 +80,14 @@ def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: st
 
     if len(store_dirs) < 2:
         raise _bad_input(ValueError("compare needs at least two store folders"))
+    if names and (len(names) != len(store_dirs) or len(set(names)) != len(names)):
+        raise _bad_input(ValueError(f"--name: given {len(names)} time(s) ({len(set(names))} different) for "
+                                    f"{len(store_dirs)} store folders; pass one different --name per STORE_DIR, "
+                                    "in the same order, or none"))
     relative = None if depth == "auto" else depth == "relative"
     t0 = time.monotonic()
     try:
-        path = write_comparison(list(store_dirs), out=out, png=png, relative=relative)
+        path = write_comparison(list(store_dirs), out=out, png=png, relative=relative, names=names or None)
     except (ReportError, MissingData) as e:
         raise _bad_input(e) from None
     except PngExportError as e:
@@ -90,15 +97,19 @@ def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: st
 @click.command()
 @click.argument("store_dir", type=STORE_DIR)
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"], case_sensitive=False), default="csv",
-              show_default=True, help="Table format (the lens top-k file is always JSON).")
+              show_default=True, help="Table format (the lens top-k files are always JSON).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder (default: STORE_DIR/export).")
-def export(store_dir: Path, fmt: str, out: Path | None) -> None:
-    """Write flat CSV/JSON tables (detailed_layer_data, summary_results, attribution, lens, ...)."""
+@click.option("--seed-names", is_flag=True,
+              help="The original scripts' names: column causal_score for effect, file tuned_lens.json for "
+                   "tuned_lens_topk.json.")
+def export(store_dir: Path, fmt: str, out: Path | None, seed_names: bool) -> None:
+    """Write flat CSV/JSON tables (detailed_layer_data, summary_results, attribution, lens, ...) and metadata.json
+    (each table's source, the constants left out of its rows, each file's provenance)."""
     from ..export import ExportError, export_store
 
     try:
-        paths = export_store(store_dir, fmt=fmt.lower(), out=out)
+        paths = export_store(store_dir, fmt=fmt.lower(), out=out, seed_names=seed_names)
     except ExportError as e:
         raise _bad_input(e) from None
     for p in paths:

@@ -69,10 +69,40 @@ def _check_side(rec: dict, where: str, labels: Sequence[str], problems: list[str
         problems.append(f"{where}: 'prompt' is empty or not a string; give the dilemma text")
     label = _norm_label(rec.get("ethical_option"))
     if label not in labels:
-        problems.append(
+        problems.append(_LabelProblem(
             f"{where}: ethical_option {rec.get('ethical_option')!r} is not one of the answer labels {list(labels)}; "
-            f"use one of them (or pass --labels to match your prompts)"
-        )
+            f"use one of them (or pass --labels to match your prompts)", label))
+
+
+class _LabelProblem(str):
+    """A problem line for an ethical_option outside --labels; remembers the label so many of them fold into one."""
+
+    def __new__(cls, text: str, found: Any) -> _LabelProblem:
+        obj = super().__new__(cls, text)
+        obj.found = found
+        return obj
+
+
+class LabelMismatch(PromptError):
+    """The one problem of the input is that its labels are not --labels: printed as that one line."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        ValueError.__init__(self, self.problems[0])
+
+
+def _fold_label_problems(path: Path, labels: Sequence[str], problems: list[str]) -> list[str]:
+    """Many records with labels outside --labels (prompts labelled 1/2 read with --labels A,B) are one mistake:
+    one line with the count, the labels found and the flag to pass, instead of one line per record."""
+    wrong = [p for p in problems if isinstance(p, _LabelProblem)]
+    if len(wrong) < 2:
+        return problems
+    found = sorted({str(p.found) for p in wrong})
+    fix = (f"pass --labels {','.join(found)}" if len(found) == 2
+           else "pass --labels with the two labels the prompts use, or fix those records")
+    line = (f"{path}: {len(wrong)} ethical_option values are not the answer labels --labels {','.join(labels)} "
+            f"(the prompts use {', '.join(repr(f) for f in found)}; first: {wrong[0].split(':')[0]}); {fix}")
+    return [line] + [p for p in problems if not isinstance(p, _LabelProblem)]
 
 
 def _seed_records(path: Path, data: Any, labels: Sequence[str], problems: list[str]) -> dict[str, dict]:
@@ -236,7 +266,8 @@ def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> Pr
     if not problems and not pairs:
         problems.append(f"{path}: no prompt pairs found; add at least one pair")
     if problems:
-        raise PromptError(problems)
+        folded = _fold_label_problems(path, labels, problems)
+        raise PromptError(folded) if len(folded) > 1 or folded == problems else LabelMismatch(folded)
     warnings = tuple((p.prompt_id, f"{path}: prompt_id {p.prompt_id!r}: the counterfactual is identical to the base "
                       f"prompt with the same ethical_option {p.base_ethical!r}, so it cannot move the decision; swap "
                       "the options in the counterfactual")

@@ -1,7 +1,7 @@
 """HoloViews rendering of stored results: Dataset -> figure, report assembly, offline HTML/PNG.
 
 ``patching``, ``attribution``, ``lens`` and ``decisions`` turn one Dataset into HoloViews elements
-(per-prompt views are HoloMaps over ``prompt``); ``write_report`` renders a store/<model-slug> folder
+(per-prompt views are ``carrier.PerPrompt``: data carried once, selected in the browser); ``write_report`` renders a store/<model-slug> folder
 into one offline HTML file and ``compare.write_comparison`` several folders into one. Reads Datasets
 only: never imports torch or nnsight.
 """

@@ -1,6 +1,22 @@
-"""Shared pieces of the render layer: the bokeh backend, colours, CI helpers, per-prompt HoloMaps.
+"""Shared pieces of the render layer: the bokeh backend, colours, CI helpers, per-prompt views.
 
 Rendering only reads Datasets (``render -> storage``); it never imports torch or nnsight.
+
+Per-prompt views (a figure with a ``prompt`` selector) carry each prompt's data once, as columnar typed
+arrays, and select in the browser: return a :class:`nnethics.render.carrier.PerPrompt` (or a
+``PerPromptLayout`` of several panels) from the figure builder and mark the ``Figure`` ``per_prompt``.
+A new section (e.g. attention heads) does the same in four steps:
+
+1. ``frame(p)``: the HoloViews Overlay of one prompt (the reference picture: PNG export, tests);
+   :func:`frame_limits` gives it the view's fixed x range and its own y range.
+2. ``template``: the same Overlay with every element any prompt can show (hidden ones NaN).
+3. The data of all prompts at once, vectorised from the Dataset, reindexed to ``prompts`` (missing
+   prompts: NaN): ``columns[(element index, column name)] = array (n_prompts, n)``, ``spans``,
+   ``titles`` (one string per prompt), ``ylim`` (:func:`row_limits`).
+4. ``PerPrompt(prompts, frame, template, columns=..., titles=..., ylim=..., opts=frame_opts)``.
+
+Numbers are stored float32 (ids int32), strings dictionary-coded; ``carrier.CARRY_JS`` copies row i into
+the template's data sources when the selector changes. See ``patching_prompt.prompt_view``.
 """
 
 from __future__ import annotations
@@ -45,7 +61,7 @@ class Figure:
     obj: Any
     section: str = ""
     note: str = ""
-    per_prompt: bool = False  # a HoloMap over ``prompt`` (has a selector)
+    per_prompt: bool = False  # a carrier.PerPrompt view (has a prompt selector)
 
 
 def require(ds: xr.Dataset, *names: str) -> None:
@@ -110,6 +126,9 @@ def band_and_curve(x: np.ndarray, mean: np.ndarray, lo: np.ndarray, hi: np.ndarr
 def prompt_map(prompts: Sequence[str], frame: Callable[[str], hv.Element], available: Iterable[str],
                empty: Callable[[str], hv.Element], shared_y: bool = False, **frame_opts: Any) -> hv.HoloMap:
     """A HoloMap over ``prompt`` with one frame per entry of ``prompts``, axes fixed across frames.
+
+    The report's per-prompt views no longer use it (a frame per prompt does not scale: see ``carrier``);
+    kept for small maps and for code written against it.
 
     Every per-prompt figure of a report uses the same ``prompts`` list, so their selectors can be
     linked. Prompts missing from this Dataset get the ``empty`` frame. ``frame_opts`` are plot options
@@ -190,6 +209,33 @@ def fix_limits(frames: dict[str, Any], pad: float = 0.05, shared_y: bool = True,
         inner = [getattr(hv.opts, t)(framewise=True) for t in sorted({type(e).__name__ for e in fr})]
         out[key] = fr.opts(*inner, hv.opts.Overlay(framewise=True, **lims, **frame_opts))
     return out
+
+
+def row_limits(rows: np.ndarray, pad: float = 0.05) -> np.ndarray:
+    """Per-row axis limits ``(n, 2)`` of ``rows (n, ...)``, NaNs ignored, padded like :func:`fix_limits`
+    (a flat row spans ``max(|value|, 1)``); a row with no finite value gets NaN limits."""
+    a = np.asarray(rows, dtype=float).reshape(len(rows), -1)
+    finite = np.isfinite(a).any(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows
+        lo, hi = np.nanmin(np.where(finite[:, None], a, 0.0), 1), np.nanmax(np.where(finite[:, None], a, 0.0), 1)
+    span = hi - lo
+    span = np.where(span > 0, span, np.maximum(np.abs(hi), 1.0))
+    out = np.stack([lo - pad * span, hi + pad * span], 1)
+    out[~finite] = np.nan
+    return out
+
+
+def frame_limits(fr: Any, xlim: tuple[float, float] | None, **frame_opts: Any) -> Any:
+    """One prompt's frame as :func:`fix_limits` sets it in a view: its own y range, the view's ``xlim``."""
+    (out,) = fix_limits({"_": fr}, shared_y=False, **frame_opts).values()
+    return out.opts(hv.opts.Overlay(xlim=xlim)) if xlim is not None else out
+
+
+def reindexed(da: xr.DataArray, prompts: Sequence[str], *dims: str) -> np.ndarray:
+    """``da`` as a float array ``(len(prompts), *dims)``; prompts it lacks are NaN."""
+    da = da.assign_coords(prompt=[str(p) for p in values(da["prompt"])])
+    return values(da.reindex(prompt=list(prompts)).transpose("prompt", *dims)).astype(float)
 
 
 def empty_curve(title: str, xlabel: str = "layer", ylabel: str = "value") -> Callable[[str], hv.Element]:

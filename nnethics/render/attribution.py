@@ -26,14 +26,17 @@ from ._base import (
     collect,
     empty_curve,
     fix_limits,
+    frame_limits,
     layers_of,
     mean_ci,
-    prompt_map,
     reference_hline,
+    reindexed,
     require,
+    row_limits,
     side_name,
     values,
 )
+from .carrier import PerPrompt
 
 SECTION = "Direct logit attribution"
 NORMAL_CI = "mean ± 1.96 SEM"
@@ -213,32 +216,55 @@ def head_heatmap(ds: xr.Dataset) -> hv.Layout:
     return hv.Layout(panels).cols(2)
 
 
-def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.HoloMap:
-    """Per-prompt attention and MLP contributions to option 1 − option 2 by layer (base solid, cf dashed)."""
+def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> PerPrompt:
+    """Per-prompt attention and MLP contributions to option 1 − option 2 by layer (base solid, cf dashed),
+    carried once per prompt (:class:`PerPrompt`)."""
     require(ds, "diff_contribution")
     prompts = list(prompts) if prompts is not None else [str(p) for p in values(ds["prompt"])]
     layers = layers_of(ds)
+    sides, comps = _sides(ds), [str(c) for c in values(ds["component"])]
+    have = {str(p) for p in values(ds["prompt"])}
+    opts = dict(width=WIDE, height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel="contribution diff")
+    span = float(layers.max() - layers.min()) or 1.0
+    xlim = (float(layers.min()) - 0.05 * span, float(layers.max()) + 0.05 * span)
+
+    def title(p: str, lds: Sequence[float] | None) -> str:
+        if p not in have:
+            return f"{p}: no attribution"
+        out = f"{p}: contributions to option 1 − option 2"
+        if lds is not None:
+            out += " (logit diff " + ", ".join(f"{side_name(s)} {v:+.2f}" for s, v in zip(sides, lds)) + ")"
+        return out
+
+    def overlay(curves: Sequence[np.ndarray]) -> hv.Overlay:
+        parts, k = [], 0
+        for side in sides:
+            for comp in comps:
+                parts.append(hv.Curve((layers, curves[k]), "layer", "contribution diff",
+                                      label=f"{comp} ({side_name(side) if side else 'all'})").opts(
+                    color=COMPONENT_COLORS.get(comp, "#444"), line_dash=SIDE_DASH.get(side, "solid"),
+                    line_width=2, tools=["hover"]))
+                k += 1
+        return hv.Overlay([*parts, reference_hline(0)])
 
     def frame(p: str) -> hv.Overlay:
+        if p not in have:
+            return frame_limits(empty_curve("no attribution", "layer", "contribution diff")(p), xlim, **opts)
         one = ds.sel(prompt=p)
-        parts = []
-        for side in _sides(ds):
-            for comp in values(ds["component"]):
-                v = values(_side(one["diff_contribution"], side).sel(component=comp).transpose("layer")).astype(float)
-                parts.append(hv.Curve((layers, v), "layer", "contribution diff",
-                                      label=f"{comp} ({side_name(side) if side else 'all'})").opts(
-                    color=COMPONENT_COLORS.get(str(comp), "#444"), line_dash=SIDE_DASH.get(side, "solid"),
-                    line_width=2, tools=["hover"]))
-        parts.append(reference_hline(0))
-        title = f"{p}: contributions to option 1 − option 2"
-        if "logit_diff" in one:
-            lds = [f"{side_name(s)} {float(_side(one['logit_diff'], s)):+.2f}" for s in _sides(ds)]
-            title += " (logit diff " + ", ".join(lds) + ")"
-        return hv.Overlay(parts).opts(title=title)
+        curves = [values(_side(one["diff_contribution"], s).sel(component=c).transpose("layer")).astype(float)
+                  for s in sides for c in comps]
+        lds = [float(_side(one["logit_diff"], s)) for s in sides] if "logit_diff" in one else None
+        return frame_limits(overlay(curves).opts(title=title(p, lds)), xlim, **opts)
 
-    return prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
-                      empty_curve("no attribution", "layer", "contribution diff"), width=WIDE, height=HEIGHT,
-                      legend_position="top_left", xlabel="layer", ylabel="contribution diff")
+    dims = ("side", "component", "layer") if sides[0] is not None else ("component", "layer")
+    y = reindexed(ds["diff_contribution"], prompts, *dims).reshape(len(prompts), -1, len(layers))
+    lds = reindexed(ds["logit_diff"], prompts, *dims[:-2]).reshape(len(prompts), -1) \
+        if "logit_diff" in ds else None
+    titles = [title(p, None if lds is None else lds[i]) for i, p in enumerate(prompts)]
+    first = next((i for i, p in enumerate(prompts) if p in have), 0)
+    columns = {(k, "contribution diff"): y[:, k] for k in range(y.shape[1])}
+    return PerPrompt(prompts, frame, overlay(list(y[first])), columns, {}, titles, row_limits(y),
+                     opts={**opts, "xlim": xlim})
 
 
 def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[Figure], list[str]]:

@@ -36,14 +36,19 @@ SECTION = "Comparison"
 Stores = Mapping[str, Mapping[str, xr.Dataset]]
 
 
-def load_stores(store_dirs: Sequence[str | Path]) -> tuple[dict[str, dict[str, xr.Dataset]], list[str]]:
-    """Each folder's result files, keyed by a unique model label (model id, else folder name)."""
+def load_stores(store_dirs: Sequence[str | Path], names: Sequence[str] | None = None
+                ) -> tuple[dict[str, dict[str, xr.Dataset]], list[str]]:
+    """Each folder's result files, keyed by a unique label: ``names[i]`` (``--name``), else the model id, else the
+    folder name."""
+    if names and len(names) != len(store_dirs):
+        raise MissingData(f"--name: given {len(names)} time(s) for {len(store_dirs)} store folders; pass one --name "
+                          "per STORE_DIR, in the same order, or none")
     out: dict[str, dict[str, xr.Dataset]] = {}
     notes: list[str] = []
-    for d in store_dirs:
+    for i, d in enumerate(store_dirs):
         data, n = load_store(d)
         notes += [f"{Path(d).name}: {x}" for x in n]
-        label = model_name(next(iter(data.values())), Path(d).name)
+        label = names[i] if names else model_name(next(iter(data.values())), Path(d).name)
         if label in out:
             label = f"{label} ({Path(d).name})"
         k = 2
@@ -74,6 +79,22 @@ def _xlabel(relative: bool) -> str:
     return "relative depth (layer / last layer)" if relative else "layer"
 
 
+def n_text(stores: Stores, name: str) -> str:
+    """How many prompts each run's ``name`` file holds, in legend order: ``n = a: 140, b: 70``."""
+    return "n = " + ", ".join(f"{m}: {d[name].sizes['prompt']}" for m, d in stores.items()
+                              if name in d and "prompt" in d[name].dims)
+
+
+def label_text(stores: Stores, name: str) -> str:
+    """The runs' answer labels as ``'A' − 'B'``; ``first − second label`` with each run's when they differ."""
+    pairs = {m: tuple(str(o) for o in values(d[name]["option"])) for m, d in stores.items()
+             if name in d and "option" in d[name].coords}
+    if len(set(pairs.values())) == 1:
+        a, b = next(iter(pairs.values()))
+        return f"label {a} − label {b}"
+    return "first − second label (" + "; ".join(f"{m}: {p[0]} − {p[-1]}" for m, p in pairs.items()) + ")"
+
+
 def _curves(stores: Stores, name: str, pick, title: str, ylabel: str, relative: bool,
             dim: str | Sequence[str] = "prompt") -> hv.Overlay:
     parts = []
@@ -90,7 +111,8 @@ def _curves(stores: Stores, name: str, pick, title: str, ylabel: str, relative: 
     if not parts:
         raise MissingData(f"compare: no model has {name}.nc with the needed variables")
     parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
-    return hv.Overlay(parts).opts(title=title, width=WIDE, height=HEIGHT, legend_position="top_left",
+    return hv.Overlay(parts).opts(title=f"{title}; {n_text(stores, name)}", width=WIDE, height=HEIGHT,
+                                  legend_position="top_left",
                                   xlabel=_xlabel(relative), ylabel=ylabel)
 
 
@@ -148,7 +170,7 @@ def decision_rates(stores: Stores) -> hv.Bars:
         raise MissingData("compare: no decisions.nc")
     names = list(dict.fromkeys(r[0] for r in rows))
     bars = hv.Bars(rows, kdims=[hv.Dimension("measure", values=names), "model"], vdims=["rate", "count", "prompts"])
-    return bars.opts(title="Chose the ethical option, by model", width=WIDE, height=HEIGHT, ylim=(0, 1.05),
+    return bars.opts(title=f"Chose the ethical option, by model ({n_text(stores, 'decisions')})", width=WIDE, height=HEIGHT, ylim=(0, 1.05),
                      tools=["hover"], multi_level=False, cmap=list(MODEL_COLORS), show_legend=True,
                      legend_position="top", ylabel="fraction of prompts", xlabel="")
 
@@ -172,7 +194,7 @@ def _box(stores: Stores, name: str, var: str, title: str, relative: bool, transf
     if not vals:
         raise MissingData(f"compare: no {var} in any {name}.nc")
     return hv.BoxWhisker((models, vals), kdims=["model"], vdims=[_xlabel(relative)]).opts(
-        title=title, width=WIDTH, height=HEIGHT, box_fill_color="#c6dbef", tools=["hover"], invert_axes=True)
+        title=f"{title} ({n_text(stores, name)})", width=WIDTH, height=HEIGHT, box_fill_color="#c6dbef", tools=["hover"], invert_axes=True)
 
 
 def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure], list[str]]:
@@ -196,7 +218,8 @@ def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure],
             return ds["diff_contribution"].sel(component=component, side="base")
         return lambda: Figure(f"compare_attribution_{component}", f"Attribution profile ({component})",
                               _curves(stores, "attribution", pick,
-                                      f"{component} contribution to label 1 − label 2 (base prompts, mean ± 1.96 SEM)",
+                                      f"{component} contribution to {label_text(stores, 'attribution')} "
+                                      "(base prompts, mean ± 1.96 SEM)",
                                       "contribution", rel), SECTION)
 
     def lens_kl():
@@ -224,8 +247,9 @@ def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure],
 
 
 def write_comparison(store_dirs: Sequence[str | Path], out: str | Path | None = None, png: bool = False,
-                     relative: bool | None = None) -> Path:
-    """Write ``compare.html`` for several model folders (default: next to the first one); return its path."""
+                     relative: bool | None = None, names: Sequence[str] | None = None) -> Path:
+    """Write ``compare.html`` for several model folders (default: next to the first one); return its path.
+    ``names``: one legend label per folder (default: each model's id)."""
     from bokeh.layouts import column, row
     from bokeh.models import Div
 
@@ -233,7 +257,7 @@ def write_comparison(store_dirs: Sequence[str | Path], out: str | Path | None = 
     from .offline import export_pngs, save_bokeh
     from .report import provenance_html
 
-    stores, notes = load_stores(store_dirs)
+    stores, notes = load_stores(store_dirs, names)
     figs, skipped = figures(stores, relative)
     if not figs:
         raise MissingData("compare: nothing to compare in " + ", ".join(str(d) for d in store_dirs))

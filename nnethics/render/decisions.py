@@ -15,7 +15,8 @@ import numpy as np
 import xarray as xr
 
 from ..verdict import share_ci
-from ._base import HEIGHT, WIDE, WIDTH, Figure, collect, prompt_map, require, side_name, values
+from ._base import HEIGHT, WIDE, WIDTH, Figure, collect, require, side_name, values
+from .carrier import PerPrompt
 
 SECTION = "Decisions"
 MEASURE_COLORS = {"base": "#4c72b0", "counterfactual": "#c44e52", "both sides": "#55a868", "consistent": "#8172b3"}
@@ -94,36 +95,43 @@ def label_mass(ds: xr.Dataset) -> hv.Overlay:
     return hv.Overlay(parts).opts(title=title, width=WIDTH, height=HEIGHT, legend_position="top_left")
 
 
-def prompt_text_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.HoloMap:
-    """The text of each pair and what the model chose, following the prompt selector."""
+def prompt_text_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> PerPrompt:
+    """The text of each pair and what the model chose, following the prompt selector (one HTML text per prompt)."""
     require(ds, "prompt_text")
     prompts = list(prompts) if prompts is not None else [str(p) for p in values(ds["prompt"])]
+    index = {str(p): i for i, p in enumerate(values(ds["prompt"]))}
+    sides = [str(s) for s in values(ds["side"])]
 
-    def cell(one: xr.Dataset, side: str) -> str:
-        text = html.escape(str(one["prompt_text"].sel(side=side).values))
+    def column(name: str) -> np.ndarray | None:
+        return values(ds[name].transpose("prompt", ...)) if name in ds else None
+
+    text, chosen, ethical, ld, cat = (column(n) for n in ("prompt_text", "chosen", "ethical_option", "logit_diff",
+                                                         "category"))
+
+    def cell(i: int, j: int, side: str) -> str:
         parts = []
-        if "chosen" in one:
-            parts.append(f"chose <b>{html.escape(str(one['chosen'].sel(side=side).values))}</b>")
-        if "ethical_option" in one:
-            parts.append(f"ethical <b>{html.escape(str(one['ethical_option'].sel(side=side).values))}</b>")
-        if "logit_diff" in one:
-            parts.append(f"logit diff {float(one['logit_diff'].sel(side=side)):+.2f}")
+        if chosen is not None:
+            parts.append(f"chose <b>{html.escape(str(chosen[i, j]))}</b>")
+        if ethical is not None:
+            parts.append(f"ethical <b>{html.escape(str(ethical[i, j]))}</b>")
+        if ld is not None:
+            parts.append(f"logit diff {float(ld[i, j]):+.2f}")
         return (f"<div style='flex:1;min-width:0'><h4 style='margin:4px 0'>{side_name(side)}: "
                 f"{' · '.join(parts)}</h4><pre style='white-space:pre-wrap;font-size:11px;background:#f6f6f6;"
-                f"padding:6px;margin:0;max-height:220px;overflow:auto'>{text}</pre></div>")
+                f"padding:6px;margin:0;max-height:220px;overflow:auto'>{html.escape(str(text[i, j]))}</pre></div>")
 
-    def frame(p: str) -> hv.Div:
-        one = ds.sel(prompt=p)
-        cat = f" · {html.escape(str(one['category'].values))}" if "category" in one else ""
-        body = "".join(cell(one, str(s)) for s in values(ds["side"]))
-        return hv.Div(f"<div style='width:{WIDE - 10}px'><b>{html.escape(p)}</b>{cat}"
-                      f"<div style='display:flex;gap:12px'>{body}</div></div>"
-                      ).opts(width=WIDE, height=290)
+    def body(p: str) -> str:
+        i = index.get(p)
+        if i is None:
+            return f"<div><b>{html.escape(p)}</b>: no decision data</div>"
+        c = f" · {html.escape(str(cat[i]))}" if cat is not None else ""
+        cells = "".join(cell(i, j, s) for j, s in enumerate(sides))
+        return (f"<div style='width:{WIDE - 10}px'><b>{html.escape(p)}</b>{c}"
+                f"<div style='display:flex;gap:12px'>{cells}</div></div>")
 
-    def empty(p: str) -> hv.Div:
-        return hv.Div(f"<div><b>{html.escape(p)}</b>: no decision data</div>").opts(width=WIDE, height=290)
-
-    return prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])], empty)
+    texts = [body(p) for p in prompts]
+    return PerPrompt(prompts, lambda p: hv.Div(body(p)).opts(width=WIDE, height=290), texts=texts,
+                     opts=dict(width=WIDE, height=290))
 
 
 def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[Figure], list[str]]:

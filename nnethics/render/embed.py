@@ -1,5 +1,8 @@
 """Static embedding of HoloViews figures, HoloMap frames included, as plain Bokeh models.
 
+Per-prompt views are :class:`nnethics.render.carrier.PerPrompt` objects (data carried once per prompt as
+typed arrays, see ``carrier``); the frame replay below is for small HoloMaps (a handful of "view" frames).
+
 Panel's ``save(embed=True)`` replays every widget state through a live Bokeh Document, which
 recomputes the whole document's model graph on every change: a report with ~30 figures and a
 prompt selector took ~4 s per prompt. Here each HoloViews object is rendered once with HoloViews'
@@ -84,6 +87,7 @@ class Rendered:
     keys: tuple[str, ...] = ()
     frames: dict | None = None
     targets: list | None = None
+    carry: tuple[list, list] | None = None  # (sources, props) of a carried per-prompt view (``carrier``)
 
 
 def _props(model: BokehModel) -> tuple[str, ...]:
@@ -171,8 +175,32 @@ def _merge(parts: list[Rendered], ncols: int) -> Rendered:
     return Rendered(model, select, labels, frames, targets)
 
 
+def _carried(obj: Any) -> Rendered:
+    """A :class:`~nnethics.render.carrier.PerPrompt` (or a layout of them) and one selector for it."""
+    from bokeh.layouts import gridplot
+
+    from .carrier import PerPromptLayout, carried, selector
+
+    panels = obj.panels if isinstance(obj, PerPromptLayout) else [obj]
+    models, targets, sources, props = [], [], [], []
+    for pp in panels:
+        model, t, s, p = carried(pp)
+        off = len(targets)
+        models.append(model)
+        targets += t
+        sources += [(i + off, cols) for i, cols in s]
+        props += [(i + off, prop, e) for i, prop, e in p]
+    model = models[0] if len(models) == 1 else gridplot(models, ncols=obj.cols, merge_tools=True)
+    prompts = panels[0].prompts
+    return Rendered(model, selector(prompts, panels[0].kdim), tuple(prompts), None, targets, (sources, props))
+
+
 def render(obj: Any) -> Rendered:
     """Render a HoloViews object to Bokeh; for HoloMaps, record every frame for the JS selector."""
+    from .carrier import PerPrompt, PerPromptLayout
+
+    if isinstance(obj, (PerPrompt, PerPromptLayout)):
+        return _carried(obj)
     dim = _holomap_dim(obj)
     if dim is not None and isinstance(obj, hv.Layout):
         # Panel by panel: a LayoutPlot rebuilds the frame of every panel from all frames at each update.
@@ -212,9 +240,14 @@ def render(obj: Any) -> Rendered:
 
 def link_selectors(rendered: Sequence[Rendered]) -> None:
     """Attach the frame-replay callbacks; every selector of the page follows the others."""
+    from .carrier import callback
+
     group = [r.select for r in rendered if r.select is not None]
     for r in rendered:
         if r.select is None:
+            continue
+        if r.carry is not None:
+            r.select.js_on_change("value", callback(r.keys, r.targets, *r.carry, group))
             continue
         r.select.js_on_change("value", CustomJS(args=dict(frames=r.frames, targets=r.targets, group=group),
                                                 code=APPLY_JS))

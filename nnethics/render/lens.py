@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Any
 
 import holoviews as hv
 import numpy as np
@@ -26,13 +27,16 @@ from ._base import (
     band_and_curve,
     collect,
     empty_curve,
+    frame_limits,
     layers_of,
     mean_ci,
-    prompt_map,
+    reindexed,
     require,
+    row_limits,
     side_name,
     values,
 )
+from .carrier import PerPrompt, PerPromptLayout
 
 SECTION = "Logit lens"
 LENS_COLORS = {"logit": "#4c72b0", "tuned": "#c44e52"}
@@ -70,40 +74,75 @@ def _crossing(one: xr.Dataset, side: str, lens: str) -> int | None:
     return int(v) if np.isfinite(v) and v >= 0 else None
 
 
-def trajectories(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Layout:
+def _xlim(values_: np.ndarray, pad: float = 0.05) -> tuple[float, float]:
+    span = float(values_.max() - values_.min()) or 1.0
+    return float(values_.min()) - pad * span, float(values_.max()) + pad * span
+
+
+def trajectories(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> PerPromptLayout:
     """Per-prompt label-logit trajectories across layers, each lens (solid logit, dashed tuned), the
-    crossing layer marked; one panel per side, both following the prompt selector."""
+    crossing layer marked; one panel per side, both following the prompt selector (carried once per prompt)."""
     require(ds, "label_logit")
     prompts = list(prompts) if prompts is not None else [str(p) for p in values(ds["prompt"])]
     layers = layers_of(ds)
     options = [str(o) for o in values(ds["option"])]
+    lenses = _lenses(ds)
+    have = {str(p) for p in values(ds["prompt"])}
+    opts = dict(width=WIDTH, height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel="label logit")
+    xlim = _xlim(layers)
     panels = []
     for side in _sides(ds):
-        def frame(p: str, side: str = side) -> hv.Overlay:
-            one = ds.sel(prompt=p)
-            parts, crosses = [], []
-            for lens in _lenses(ds):
+        def overlay(curves: Sequence[np.ndarray], cross: Sequence[float | None], full: bool) -> hv.Overlay:
+            parts, k = [], 0
+            for j, lens in enumerate(lenses):
                 for i, opt in enumerate(options):
-                    v = values(one["label_logit"].sel(side=side, lens=lens, option=opt).transpose("layer"))
-                    parts.append(hv.Curve((layers, v.astype(float)), "layer", "logit", label=f"'{opt}' ({lens} lens)")
-                                 .opts(color=OPTION_COLORS[i % len(OPTION_COLORS)], line_dash=LENS_DASH.get(lens, "dotdash"),
-                                       line_width=2, tools=["hover"]))
-                c = _crossing(one, side, lens)
-                crosses.append(f"{c if c is not None else '–'} ({lens} lens)")
-                if c is not None:
-                    parts.append(hv.VLine(c).opts(color="black", line_dash=LENS_DASH.get(lens, "dotdash"),
-                                                  line_width=1.2, alpha=0.7))
-            return hv.Overlay(parts).opts(title=f"{p} ({side_name(side)}): final choice leads from layer "
-                                                + ", ".join(crosses))
+                    parts.append(hv.Curve((layers, curves[k]), "layer", "logit", label=f"'{opt}' ({lens} lens)")
+                                 .opts(color=OPTION_COLORS[i % len(OPTION_COLORS)],
+                                       line_dash=LENS_DASH.get(lens, "dotdash"), line_width=2, tools=["hover"]))
+                    k += 1
+                if cross[j] is not None or full:
+                    parts.append(hv.VLine(cross[j] if cross[j] is not None else 0).opts(
+                        color="black", line_dash=LENS_DASH.get(lens, "dotdash"), line_width=1.2, alpha=0.7))
+            return hv.Overlay(parts)
 
-        panels.append(prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
-                                 empty_curve(f"no lens data ({side_name(side)})", "layer", "logit"), width=WIDTH,
-                                 height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel="label logit"))
-    return hv.Layout(panels).cols(2)
+        def title(p: str, cross: Sequence[float | None], side: str = side) -> str:
+            if p not in have:
+                return f"{p}: no lens data ({side_name(side)})"
+            crosses = [f"{c if c is not None else '–'} ({lens} lens)" for c, lens in zip(cross, lenses)]
+            return f"{p} ({side_name(side)}): final choice leads from layer " + ", ".join(crosses)
+
+        def frame(p: str, side: str = side, overlay=overlay, title=title) -> hv.Overlay:
+            if p not in have:
+                return frame_limits(empty_curve(f"no lens data ({side_name(side)})", "layer", "logit")(p), xlim, **opts)
+            one = ds.sel(prompt=p)
+            curves = [values(one["label_logit"].sel(side=side, lens=lens, option=opt).transpose("layer")).astype(float)
+                      for lens in lenses for opt in options]
+            cross = [_crossing(one, side, lens) for lens in lenses]
+            return frame_limits(overlay(curves, cross, False).opts(title=title(p, cross)), xlim, **opts)
+
+        y = reindexed(ds["label_logit"].sel(side=side), prompts, "lens", "option", "layer")
+        y = y.reshape(len(prompts), -1, len(layers))
+        cl = (reindexed(ds["crossing_layer"].sel(side=side, lens=lenses), prompts, "lens") if "crossing_layer" in ds
+              else np.full((len(prompts), len(lenses)), np.nan))
+        cl = np.where(cl >= 0, cl, np.nan)
+        cross = [[int(c) if np.isfinite(c) else None for c in row] for row in cl]
+        first = next((i for i, p in enumerate(prompts) if p in have), 0)
+        per_lens = len(options) + 1  # the option curves, then the crossing line
+        columns = {(j * per_lens + i, "logit"): y[:, j * len(options) + i]
+                   for j in range(len(lenses)) for i in range(len(options))}
+        spans = {j * per_lens + len(options): cl[:, j] for j in range(len(lenses))}
+        panels.append(PerPrompt(prompts, frame, overlay(list(y[first]), cross[first], True), columns, spans,
+                                [title(p, c) for p, c in zip(prompts, cross)], row_limits(y),
+                                opts={**opts, "xlim": xlim}))
+    return PerPromptLayout(panels, 2)
 
 
-def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str | None = None) -> hv.Layout:
-    """Per-prompt top-k tokens at every layer (rows) and rank (columns), coloured by probability."""
+def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str | None = None) -> PerPromptLayout:
+    """Per-prompt top-k tokens at every layer (rows) and rank (columns), coloured by probability (carried once
+    per prompt: probabilities float32, token texts dictionary-coded).
+
+    Long because the one-prompt frame, the template and the vectorised carried arrays must describe the same
+    elements in the same order; kept in one place so they stay in step."""
     require(ds, "top_token", "top_prob")
     lenses = _lenses(ds)
     lens = lens if lens is not None else lenses[0]
@@ -115,36 +154,68 @@ def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str |
     height = int(min(1000, max(260, 18 * len(layers) + 90)))
     need = 80 * len(ranks) + 160  # room for the token text
     width = WIDTH if need <= WIDTH + 60 else int(min(WIDE, need))
+    have = {str(p) for p in values(ds["prompt"])}
+    xs, ys = np.tile(ranks + 1, len(layers)), np.repeat(layers, len(ranks))
+    by_rank = np.lexsort((ys, xs))  # HoloViews' HeatMap data source is sorted by x, then y; its Labels are not
+    opts = dict(width=width, height=height, xlabel="rank", ylabel="layer")
+    lims = dict(xlim=(float(xs.min()) - 0.5, float(xs.max()) + 0.5), ylim=(float(ys.min()) - 0.5, float(ys.max()) + 0.5))
+
+    def cells(prob: np.ndarray, toks: np.ndarray, texts: np.ndarray | None, ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Per-cell columns of ``(..., layer, k)`` arrays, flattened over (layer, k)."""
+        lead = prob.shape[:-2]
+        shown = texts if texts is not None else toks
+        show = np.vectorize(display_text if texts is not None else display_token, otypes=[object])
+        return {"probability": prob.reshape(*lead, -1), "text": show(shown).reshape(*lead, -1),
+                "token": toks.reshape(*lead, -1), "token id": ids.reshape(*lead, -1),
+                "ink": np.where(prob > 0.55, "white", "black").reshape(*lead, -1)}  # readable on dark cells too
+
+    def overlay(c: dict[str, np.ndarray]) -> hv.Overlay:
+        hm = hv.HeatMap((xs, ys, c["probability"], c["text"], c["token"], c["token id"]), kdims=["rank", "layer"],
+                        vdims=["probability", "text", "token", "token id"]).opts(cmap="Blues", clim=(0, 1),
+                                                                                  colorbar=True, tools=["hover"])
+        labels = hv.Labels((xs, ys, c["text"], c["ink"]), kdims=["rank", "layer"], vdims=["text", "ink"]).opts(
+            text_font_size="8pt", text_color="ink")
+        return hm * labels
+
+    def arrays(sel: dict, reindex: Sequence[str] | None) -> dict[str, np.ndarray]:
+        def get(name: str, fill: Any) -> np.ndarray | None:
+            if name not in ds:
+                return None
+            da = ds[name].sel(**sel)
+            if reindex is not None:
+                da = da.assign_coords(prompt=[str(p) for p in values(da["prompt"])]).reindex(
+                    prompt=list(reindex), fill_value=fill)
+            return values(da.transpose(*(["prompt"] if reindex is not None else []), "layer", "k"))
+
+        ids = get("top_token_id", -1)
+        toks = get("top_token", "").astype(str)
+        return cells(get("top_prob", np.nan).astype(float), toks, None if "top_token_text" not in ds
+                     else get("top_token_text", "").astype(str), ids if ids is not None else np.full(toks.shape, -1))
+
     panels = []
     for side in _sides(ds):
-        def frame(p: str, side: str = side) -> hv.Overlay:
-            one = ds.sel(prompt=p, side=side, lens=lens)
-            toks = values(one["top_token"].transpose("layer", "k")).astype(str)
-            prob = values(one["top_prob"].transpose("layer", "k")).astype(float)
-            xs = np.tile(ranks + 1, len(layers))
-            ys = np.repeat(layers, len(ranks))
-            if "top_token_text" in one:  # decoded text; files from before it existed show the BPE symbols
-                texts = values(one["top_token_text"].transpose("layer", "k")).astype(str).ravel()
-                shown = np.array([display_text(t) for t in texts], dtype=object)
-            else:
-                shown = np.array([display_token(t) for t in toks.ravel()], dtype=object)
-            ids = values(one["top_token_id"].transpose("layer", "k")).ravel() if "top_token_id" in one else \
-                np.full(toks.size, -1)
-            hm = hv.HeatMap((xs, ys, prob.ravel(), shown, toks.ravel(), ids), kdims=["rank", "layer"],
-                            vdims=["probability", "text", "token", "token id"]).opts(cmap="Blues", clim=(0, 1), colorbar=True,
-                                                                 tools=["hover"])
-            ink = np.where(prob.ravel() > 0.55, "white", "black")  # readable on dark cells too
-            labels = hv.Labels((xs, ys, shown, ink), kdims=["rank", "layer"], vdims=["text", "ink"]).opts(
-                text_font_size="8pt", text_color="ink")
-            return (hm * labels).opts(title=f"{p} ({side_name(side)}): top-{len(ranks)} tokens, {lens} lens")
+        def title(p: str, side: str = side) -> str:
+            if p not in have:
+                return f"{p} ({side_name(side)}): no lens data"
+            return f"{p} ({side_name(side)}): top-{len(ranks)} tokens, {lens} lens"
 
-        def empty(p: str, side: str = side) -> hv.Element:
-            return hv.Overlay([hv.HeatMap(([], [], []), kdims=["rank", "layer"], vdims=["probability"])]).opts(
-                title=f"{p} ({side_name(side)}): no lens data")
+        def frame(p: str, side: str = side, title=title) -> hv.Overlay:
+            if p not in have:
+                empty = hv.Overlay([hv.HeatMap(([], [], []), kdims=["rank", "layer"], vdims=["probability"])])
+                return frame_limits(empty.opts(title=title(p)), None, **opts).opts(hv.opts.Overlay(**lims))
+            return frame_limits(overlay(arrays(dict(prompt=p, side=side, lens=lens), None)).opts(title=title(p)),
+                                None, **opts).opts(hv.opts.Overlay(**lims))
 
-        panels.append(prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])], empty, shared_y=True,
-                                 width=width, height=height, xlabel="rank", ylabel="layer"))
-    return hv.Layout(panels).cols(2 if width == WIDTH else 1)
+        c = arrays(dict(side=side, lens=lens), prompts)
+        first = next((i for i, p in enumerate(prompts) if p in have), 0)
+        template = overlay({k: v[first] for k, v in c.items()})
+        prob = c["probability"][:, by_rank]  # one carried array for the colour and the hover value
+        columns = {(0, "zvalues"): prob, (0, "probability"): prob,
+                   (0, "text"): c["text"][:, by_rank], (0, "token"): c["token"][:, by_rank],
+                   (0, "token_id"): c["token id"][:, by_rank], (1, "text"): c["text"], (1, "ink"): c["ink"]}
+        panels.append(PerPrompt(prompts, frame, template, columns, titles=[title(p) for p in prompts],
+                                fields={(1, "text_color"): "ink"}, opts={**opts, **lims}))
+    return PerPromptLayout(panels, 2 if width == WIDTH else 1)
 
 
 def decision_emergence(ds: xr.Dataset) -> hv.Overlay:

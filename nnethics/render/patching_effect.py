@@ -107,9 +107,17 @@ def effect_curve(ds: xr.Dataset, var: str = "effect", ci: str = "normal", title:
         legend_position="top_left", xlabel="layer", ylabel=effect_label(ds) if var == "effect" else var)
 
 
+HEATMAP_CELLS_MAX = 100  # prompts drawn as one cell each (hover names the prompt); above, one image
+
+
 def effect_heatmap(ds: xr.Dataset, component: str | None = "resid", var: str = "effect",
-                   title: str | None = None) -> hv.HeatMap:
-    """``var`` for every prompt (rows) and layer (columns) of one component; undefined (NaN) cells grey."""
+                   title: str | None = None, rows: list[str] | None = None) -> hv.HeatMap | hv.Image:
+    """``var`` for every prompt (rows) and layer (columns) of one component; undefined (NaN) cells grey.
+
+    Over :data:`HEATMAP_CELLS_MAX` prompts it is an ``hv.Image`` (rows = prompt index, float32): a cell per
+    prompt and layer with the prompt's name as a category made 1,000 pairs ~10 MB and ~15 s to open.
+    ``rows`` (image only): the prompts to draw, in order; those ``ds`` lacks are grey.
+    """
     require(ds, var)
     da = ds[var]
     if "component" in da.dims:
@@ -119,16 +127,21 @@ def effect_heatmap(ds: xr.Dataset, component: str | None = "resid", var: str = "
     da = da.transpose("prompt", "layer")
     prompts = [str(p) for p in values(ds["prompt"])]
     layers = layers_of(ds)
+    height = int(min(900, max(240, 16 * len(rows or prompts) + 90)))
+    undefined = int((~np.isfinite(values(da))).all(1).sum())
+    note = f"; grey = undefined ({undefined} prompts)" if undefined else ""
+    opts = dict(cmap="RdBu_r", symmetric=True, colorbar=True, tools=["hover"], width=WIDTH, height=height,
+                clipping_colors={"NaN": UNDEFINED_COLOR}, title=title or f"{component or var}: {var} per prompt × layer{note}",
+                invert_yaxis=True, xlabel="layer")
+    if len(rows or prompts) > HEATMAP_CELLS_MAX:
+        rows = rows or prompts
+        z = values(da.assign_coords(prompt=prompts).reindex(prompt=rows)).astype(np.float32)
+        img = hv.Image((layers, np.arange(len(rows)), z), kdims=["layer", "prompt"], vdims=[var])
+        return img.opts(**opts, ylabel="prompt (row; 0 = first of the selector)")
     xs = np.tile(layers, len(prompts))
     ys = np.repeat(prompts, len(layers))
     hm = hv.HeatMap((xs, ys, values(da).ravel()), kdims=["layer", "prompt"], vdims=[var])
-    height = int(min(900, max(240, 16 * len(prompts) + 90)))
-    undefined = int((~np.isfinite(values(da))).all(1).sum())
-    note = f"; grey = undefined ({undefined} prompts)" if undefined else ""
-    return hm.opts(cmap="RdBu_r", symmetric=True, colorbar=True, tools=["hover"], width=WIDTH, height=height,
-                   clipping_colors={"NaN": UNDEFINED_COLOR},
-                   title=title or f"{component or var}: {var} per prompt × layer{note}", invert_yaxis=True,
-                   xlabel="layer", ylabel="prompt")
+    return hm.opts(**opts, ylabel="prompt")
 
 
 def _delta(ds: xr.Dataset) -> xr.Dataset | None:
@@ -180,8 +193,10 @@ def effect_views(ds: xr.Dataset) -> hv.HoloMap | hv.Overlay:
 
 def heatmap_views(ds: xr.Dataset, component: str | None) -> hv.HoloMap | hv.HeatMap:
     """:func:`effect_heatmap` for each of :func:`views`; the normalised view keeps every prompt (undefined ones
-    grey), so the reader sees which pairs the mean leaves out."""
+    grey), so the reader sees which pairs the mean leaves out. Drawn as images (over
+    :data:`HEATMAP_CELLS_MAX` prompts), every view has every prompt's row; those a view leaves out are grey."""
     frames = {}
+    rows = [str(p) for p in values(ds["prompt"])] if ds.sizes["prompt"] > HEATMAP_CELLS_MAX else None
     for key, (sub, var) in views(ds).items():
         if var == "effect":
             sub = ds
@@ -189,7 +204,7 @@ def heatmap_views(ds: xr.Dataset, component: str | None) -> hv.HoloMap | hv.Heat
             continue
         what = f"{_effect_name(ds)} (grey: undefined)" if var == "effect" else "change of logit diff (logits)"
         frames[key] = effect_heatmap(sub.rename({var: "value"}), component, "value",
-                                     title=f"{component or 'effect'}: {what}")
+                                     title=f"{component or 'effect'}: {what}", rows=rows)
     if len(frames) == 1:
         return next(iter(frames.values()))
     frames = {k: v.opts(framewise=True) for k, v in frames.items()}  # each view its own colour range

@@ -16,19 +16,26 @@ from ._base import (
     WIDTH,
     MissingData,
     empty_curve,
+    frame_limits,
     layers_of,
-    prompt_map,
     reference_hline,
+    reindexed,
     require,
+    row_limits,
     values,
 )
+from .carrier import PerPrompt
 from .patching_effect import components, effect_label, ends
 
 
-def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.HoloMap:
+def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> PerPrompt:
     """Per prompt: the patched run's logit difference at every layer, one curve per component, against
     the unpatched base and counterfactual logit differences, with the layers that flip the decision
-    marked (◆); a HoloMap over prompt. Falls back to ``effect`` when ``patched_logit_diff`` is absent."""
+    marked (◆); carried once per prompt (:class:`PerPrompt`). Falls back to ``effect`` when
+    ``patched_logit_diff`` is absent.
+
+    Long because the one-prompt frame, the template and the vectorised carried arrays must describe the same
+    elements in the same order; kept in one place so they stay in step."""
     var = "patched_logit_diff" if "patched_logit_diff" in ds else "effect"
     require(ds, var)
     prompts = list(prompts) if prompts is not None else [str(p) for p in values(ds["prompt"])]
@@ -36,36 +43,69 @@ def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> hv.Holo
     comps = components(ds) or [None]
     pair = ends(ds) if var == "patched_logit_diff" else None
     ylabel = "logit diff ('1' − '2')" if var == "patched_logit_diff" else effect_label(ds)
+    names = ("noised", "clean") if pair is not None and pair[0] == "corrupted_logit_diff" else ("base", "counterfactual")
+    have = {str(p) for p in values(ds["prompt"])}
+    opts = dict(width=WIDE, height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel=ylabel)
+    span = float(layers.max() - layers.min()) or 1.0
+    xlim = (float(layers.min()) - 0.05 * span, float(layers.max()) + 0.05 * span)
 
-    def frame(p: str) -> hv.Overlay:
-        one = ds.sel(prompt=p)
+    def title(p: str, recv: float, src: float) -> str:
+        if not np.isfinite(recv):
+            return f"{p}: not patched"
+        if pair is None:
+            return p
+        return (f"{p}: logit diff when patched; {names[0]} {recv:+.2f} (dashed), "
+                f"{names[1]} {src:+.2f} (dot-dash), ◆ = decision flipped")
+
+    def overlay(lines: tuple[float, float], ys: list[np.ndarray], marks: list[np.ndarray], full: bool) -> hv.Overlay:
         parts = [reference_hline(0)]
-        title = p
         if pair is not None:
-            recv, src = float(one[pair[0]]), float(one[pair[1]])
-            names = ("noised", "clean") if pair[0] == "corrupted_logit_diff" else ("base", "counterfactual")
-            parts += [hv.HLine(recv).opts(color="#555555", line_dash="dashed", line_width=1),
-                      hv.HLine(src).opts(color="black", line_dash="dotdash", line_width=1.5)]
-            title = (f"{p}: logit diff when patched; {names[0]} {recv:+.2f} (dashed), "
-                     f"{names[1]} {src:+.2f} (dot-dash), ◆ = decision flipped")
-        for comp in comps:
-            v = one[var].sel(component=comp) if comp is not None else one[var]
-            y = values(v.transpose("layer")).astype(float)
+            parts += [hv.HLine(lines[0]).opts(color="#555555", line_dash="dashed", line_width=1),
+                      hv.HLine(lines[1]).opts(color="black", line_dash="dotdash", line_width=1.5)]
+        for comp, y, mask in zip(comps, ys, marks):
             label = comp or var
             color = COMPONENT_COLORS.get(label, "#4c72b0")
             parts.append(hv.Curve((layers, y), "layer", ylabel, label=label).opts(color=color, line_width=2,
                                                                                   tools=["hover"]))
-            mask = np.zeros(len(layers), bool)
-            if "flipped" in one:
-                fl = one["flipped"].sel(component=comp) if comp is not None else one["flipped"]
-                mask = values(fl.transpose("layer")).astype(bool)
-            parts.append(hv.Scatter((layers[mask], y[mask]), "layer", ylabel, label=label).opts(
+            pts = (layers, np.where(mask, y, np.nan)) if full else (layers[mask], y[mask])
+            parts.append(hv.Scatter(pts, "layer", ylabel, label=label).opts(
                 color=color, size=9, marker="diamond", show_legend=False))
-        return hv.Overlay(parts).opts(title=title)
+        return hv.Overlay(parts)
 
-    return prompt_map(prompts, frame, [str(p) for p in values(ds["prompt"])],
-                      empty_curve("not patched", "layer", ylabel), width=WIDE, height=HEIGHT,
-                      legend_position="top_left", xlabel="layer", ylabel=ylabel)
+    def frame(p: str) -> hv.Overlay:
+        if p not in have:
+            return frame_limits(empty_curve("not patched", "layer", ylabel)(p), xlim, **opts)
+        one = ds.sel(prompt=p)
+        lines = (float(one[pair[0]]), float(one[pair[1]])) if pair is not None else (0.0, 0.0)
+        ys, marks = [], []
+        for comp in comps:
+            v = one[var].sel(component=comp) if comp is not None else one[var]
+            ys.append(values(v.transpose("layer")).astype(float))
+            fl = (one["flipped"].sel(component=comp) if comp is not None else one["flipped"]) if "flipped" in one \
+                else None
+            marks.append(values(fl.transpose("layer")).astype(bool) if fl is not None else np.zeros(len(layers), bool))
+        return frame_limits(overlay(lines, ys, marks, False).opts(title=title(p, *lines) if pair else p), xlim,
+                            **opts)
+
+    dims = ("component", "layer") if comps[0] is not None else ("layer",)
+    y = reindexed(ds[var], prompts, *dims).reshape(len(prompts), len(comps), len(layers))
+    fl = reindexed(ds["flipped"], prompts, *dims).reshape(y.shape) if "flipped" in ds else np.zeros(y.shape)
+    marks = np.where(fl == 1, y, np.nan)
+    lines = [reindexed(ds[v], prompts) for v in pair] if pair is not None else [np.zeros(len(prompts))] * 2
+    present = np.array([p in have for p in prompts])
+    titles = [title(p, a if ok else np.nan, b) if pair or not ok else p
+              for p, a, b, ok in zip(prompts, *lines, present)]
+    first = next((i for i, ok in enumerate(present) if ok), 0)
+    template = overlay((lines[0][first], lines[1][first]), list(y[first]), list(fl[first] == 1), True)
+    base = 3 if pair is not None else 1  # reference line (+ the two ends) come first
+    columns = {}
+    for c in range(len(comps)):
+        columns[(base + 2 * c, ylabel)] = y[:, c]
+        columns[(base + 2 * c + 1, ylabel)] = marks[:, c]
+    spans = {1: lines[0], 2: lines[1]} if pair is not None else {}
+    limits = row_limits(np.concatenate([y.reshape(len(prompts), -1), *(ln[:, None] for ln in lines)], 1)
+                        if pair is not None else y)
+    return PerPrompt(prompts, frame, template, columns, spans, titles, limits, opts={**opts, "xlim": xlim})
 
 
 def atp_scatter(ds: xr.Dataset) -> hv.Overlay:

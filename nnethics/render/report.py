@@ -23,7 +23,7 @@ from ._base import WIDE, WIDTH, Figure, MissingData, model_name, prompt_order
 from .embed import Rendered, link_selectors, render
 from .offline import export_pngs, save_bokeh
 
-DEFAULT_MAX_PROMPTS = 100
+DEFAULT_MAX_PROMPTS = None  # every prompt: per-prompt data is carried once, compactly (carrier.py)
 PROVENANCE_KEYS = ("model_id", "model_revision", "dtype", "device", "quantization", "prompt_set",
                    "prompt_set_sha256", "labels", "nnethics_version", "nnsight_version", "created")
 
@@ -130,7 +130,7 @@ def _block(fig: Figure, r: Rendered) -> Any:
 
 def build_report(data: Mapping[str, xr.Dataset], title: str | None = None,
                  max_prompts: int | None = DEFAULT_MAX_PROMPTS, notes: list[str] | None = None) -> tuple[Any, list[Figure]]:
-    """A Bokeh layout of every figure for ``data`` (HoloMaps embedded with linked prompt selectors)
+    """A Bokeh layout of every figure for ``data`` (per-prompt views with linked prompt selectors)
     and the list of figures."""
     from bokeh.layouts import column, row
     from bokeh.models import Div
