@@ -93,7 +93,7 @@ def component_contributions(ds: xr.Dataset, option: str | None = None) -> hv.Lay
         parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
         ylim, note = _robust_ylim(means, layers)
         panels.append(hv.Overlay(parts).opts(
-            title=f"To '{option}', {side_name(side) if side else 'all'} ({ci_label('pairs', d.sizes['prompt'])}){note}",
+            title=f"To '{option}', {side_name(side) if side else 'all'}{note}\n{ci_label('pairs', d.sizes['prompt'])}",
             width=WIDTH, height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel="logit contribution",
             **({"ylim": ylim} if ylim else {})))
     return hv.Layout(panels).cols(2)
@@ -129,7 +129,7 @@ def position_ethical_split(ds: xr.Dataset) -> hv.HoloMap | hv.Layout:
             other = var.replace("_contribution", "_other_contribution")
             total = float(np.nanmean(values(sub[var].sum(("layer", "component"))) + values(sub[other])))
             caption = ci_label("pairs", sub.sizes["prompt"])
-            frames[key] = hv.Overlay(parts).opts(title=f"{title}; total {total:+.3g}; {caption}")
+            frames[key] = hv.Overlay(parts).opts(title=f"{title}; total {total:+.3g}\n{caption}")  # 2 lines: fits
         if len(frames) == 1:
             panels.append(next(iter(frames.values())).opts(width=WIDTH, height=HEIGHT, legend_position="top_left",
                                                            xlabel="layer", ylabel="logits"))
@@ -191,7 +191,7 @@ def attn_mlp_ratio(ds: xr.Dataset) -> hv.Overlay:
         m, lo, hi = (values(x.transpose("layer")) for x in mean_ci(_side(ratio, side), "prompt"))
         parts.append(band_and_curve(layers, m, lo, hi, side_name(side) if side else "all", "#8172b3", vdim="ratio",
                                     dash=SIDE_DASH.get(side, "solid")))
-    return hv.Overlay(parts).opts(title=f"Attention / (attention + MLP): >0.5 attention-dominant ({ci_label('pairs')})",
+    return hv.Overlay(parts).opts(title=f"Attention / (attention + MLP): >0.5 attention-dominant\n{ci_label('pairs')}",
                                   width=WIDTH, height=HEIGHT, ylim=(0, 1), legend_position="top_left",
                                   xlabel="layer", ylabel="attention share")
 

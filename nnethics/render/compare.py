@@ -133,7 +133,7 @@ def verdict_stats(stores: Stores) -> hv.Layout:
             color="#55a868" if stem == "ethical_preference" else "#8c8c8c", tools=["hover"])
         err = hv.ErrorBars(r, kdims=["model"], vdims=["logits", "neg", "pos"]).opts(color="black", line_width=1.5)
         panels.append((bars * err * hv.HLine(0).opts(color="gray", line_dash="dotted")).opts(
-            title=f"{title}, all pairs ({ci_label('pairs')})", width=WIDTH, height=HEIGHT, xlabel="",
+            title=f"{title}, all pairs\n{ci_label('pairs')}", width=WIDTH, height=HEIGHT, xlabel="",
             ylabel="logits"))
     return hv.Layout(panels).cols(2).opts(shared_axes=False)
 

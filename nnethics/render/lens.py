@@ -164,7 +164,7 @@ def decision_emergence(ds: xr.Dataset) -> hv.Overlay:
         parts.append(band_and_curve(layers, m, lo, hi, f"{lens} lens", LENS_COLORS.get(lens, "#444"),
                                     vdim="aligned logit diff", dash=LENS_DASH.get(lens, "solid")))
     parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
-    return hv.Overlay(parts).opts(title=f"Logit diff toward the final choice by layer ({ci_label(SAMPLES)})", width=WIDTH,
+    return hv.Overlay(parts).opts(title=f"Logit diff toward the final choice by layer\n{ci_label(SAMPLES)}", width=WIDTH,
                                   height=HEIGHT, legend_position="top_left", xlabel="layer",
                                   ylabel="logit diff (final choice +)")
 
@@ -180,7 +180,7 @@ def kl_by_layer(ds: xr.Dataset) -> hv.Overlay:
         m, lo, hi = (values(x.transpose("layer")) for x in mean_ci(kl.sel(lens=lens), "sample"))
         parts.append(band_and_curve(layers, m, lo, hi, f"{lens} lens", LENS_COLORS.get(lens, "#444"), vdim="KL",
                                     dash=LENS_DASH.get(lens, "solid")))
-    return hv.Overlay(parts).opts(title=f"KL(final ‖ lens) by layer ({ci_label(SAMPLES)})", width=WIDTH, height=HEIGHT,
+    return hv.Overlay(parts).opts(title=f"KL(final ‖ lens) by layer\n{ci_label(SAMPLES)}", width=WIDTH, height=HEIGHT,
                                   legend_position="top_right", xlabel="layer", ylabel="KL (nats)")
 
 

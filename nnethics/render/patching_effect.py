@@ -105,9 +105,9 @@ def effect_curve(ds: xr.Dataset, var: str = "effect", title: str | None = None) 
     n = ds.sizes.get("prompt", 0)
     defined = int(np.isfinite(values(ds[var])).reshape(n, -1).any(1).sum()) if n else 0
     count = f"n={n} prompts" if defined == n else f"n={defined} of {n} prompts defined"
-    none = "; no CI band: a CI needs 2 or more prompts" if defined < 2 else ""
+    none = "\nno CI band: a CI needs 2 or more prompts" if defined < 2 else ""
     return hv.Overlay([*parts, zero]).opts(
-        title=(title or f"Mean patching effect, {method} ({count})") + none, width=WIDTH, height=HEIGHT,
+        title=(title or f"Mean patching effect ({count})\n{method}") + none, width=WIDTH, height=HEIGHT,
         legend_position="top_left", xlabel="layer", ylabel=effect_label(ds) if var == "effect" else var)
 
 
