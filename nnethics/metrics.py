@@ -1,4 +1,4 @@
-"""Logit differences and summary statistics of per-layer effects (NumPy only, no torch).
+"""Logit differences and summary statistics of per-layer effects (NumPy and SciPy, no torch).
 
 Conventions used across nnethics:
 
@@ -111,49 +111,104 @@ def top_k_concentration(x: np.ndarray, k: int = 5, axis: int = -1) -> np.ndarray
         return np.where(total > 0, top / np.where(total > 0, total, 1.0), np.nan)
 
 
-def bootstrap_ci(x: np.ndarray, axis: int = 0, n_boot: int = 2000, ci: float = 0.95,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean along ``axis`` with a percentile bootstrap confidence interval (resampling that axis).
+CI_LEVEL = 0.95
+N_RESAMPLES = 9999  # scipy's default; enough that the seeded interval barely moves with the seed
+#: The one method for means and the one for shares; figures and attrs name them with these strings.
+MEAN_CI_METHOD = "BCa bootstrap"
+SHARE_CI_METHOD = "Wilson score"
 
-    Deterministic for a given ``seed``. NaN entries are ignored (each resample takes the mean of its
-    non-NaN values); cells with no data give NaN. Returns ``(mean, low, high)`` with ``axis`` removed.
+
+def ci_label(over: str = "prompts", n: int | None = None) -> str:
+    """The caption every mean's CI carries, e.g. ``95% CI, BCa bootstrap over prompts, n=12``."""
+    return f"95% CI, {MEAN_CI_METHOD} over {over}" + ("" if n is None else f", n={n}")
+
+
+def ci_attrs(seed: int = 0, n_resamples: int = N_RESAMPLES) -> dict:
+    """What a stored mean CI records about how it was computed (its degenerate cases included)."""
+    return {"ci_method": f"{MEAN_CI_METHOD} (scipy.stats.bootstrap, method='BCa')", "ci_level": CI_LEVEL,
+            "n_resamples": int(n_resamples), "seed": int(seed),
+            "ci_degenerate": "NaN where fewer than 2 values; zero width where all values are equal; "
+                             "percentile bootstrap where BCa is undefined"}
+
+
+def mean_ci(x: np.ndarray, axis: int = 0, seed: int = 0, n_resamples: int = N_RESAMPLES,
+            confidence: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean along ``axis`` (NaN ignored) with a BCa bootstrap CI, ``scipy.stats.bootstrap`` resampling that axis.
+
+    BCa rather than the percentile bootstrap: it corrects the percentile interval for bias and skew
+    (second-order accurate), which matters for the few, skewed per-prompt effects a run has, and it is the
+    method the verdict already used. Each cell is its own call on its finite values, so each interval is
+    exactly ``scipy.stats.bootstrap((v,), np.mean, method="BCa", rng=np.random.default_rng(seed))`` on that
+    cell's values ``v`` (a vectorised call over cells differs in the last bits; per cell costs ~2 ms at n = 3).
+    Degenerate cells never raise: NaN CI with fewer than 2 values (nothing to resample), a zero-width CI
+    when all values are equal (BCa's jackknife is 0/0 there), and the percentile interval where BCa is
+    still undefined. Returns ``(mean, low, high)`` with ``axis`` removed.
     """
     a = np.moveaxis(np.asarray(x, dtype=np.float64), axis, 0)
-    n = a.shape[0]
+    n, shape = a.shape[0], a.shape[1:]
+    flat = a.reshape(n, int(np.prod(shape)))
     with np.errstate(invalid="ignore"), _quiet():
-        mean = np.nanmean(a, axis=0) if n else np.full(a.shape[1:], np.nan)
-    if n == 0:
-        return mean, mean.copy(), mean.copy()
-    rng = np.random.default_rng(seed)
-    flat = a.reshape(n, -1)
-    ok = ~np.isnan(flat)
-    vals = np.where(ok, flat, 0.0)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    # per resample: sum and count of the non-NaN values, via a count matrix (n_boot x n) @ (n x cells)
-    counts = np.zeros((n_boot, n))
-    np.add.at(counts, (np.repeat(np.arange(n_boot), n), idx.ravel()), 1.0)
-    sums = counts @ vals
-    nums = counts @ ok.astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        boots = np.where(nums > 0, sums / np.where(nums > 0, nums, 1.0), np.nan)
-    alpha = (1.0 - ci) / 2.0
-    with _quiet():
-        low = np.nanquantile(boots, alpha, axis=0)
-        high = np.nanquantile(boots, 1.0 - alpha, axis=0)
-    shape = a.shape[1:]
-    return mean, low.reshape(shape), high.reshape(shape)
+        mean = np.nanmean(flat, axis=0) if n else np.full(flat.shape[1], np.nan)
+    low, high = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
+    for j in range(flat.shape[1]):
+        v = flat[np.isfinite(flat[:, j]), j]
+        if v.size >= 2:
+            low[j], high[j] = (mean[j], mean[j]) if np.all(v == v[0]) else _bca(v, seed, n_resamples, confidence)
+    return mean.reshape(shape), low.reshape(shape), high.reshape(shape)
+
+
+def _bca(v: np.ndarray, seed: int, n_resamples: int, confidence: float) -> tuple[float, float]:
+    """BCa bounds of the mean of ``v`` (>= 2 values, not all equal), percentile where BCa is undefined."""
+    import warnings
+
+    from scipy import stats
+
+    for method in ("BCa", "percentile"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # scipy warns on near-degenerate BCa; a NaN bound is handled here
+            ci = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
+                                 method=method, rng=np.random.default_rng(seed)).confidence_interval
+        if np.isfinite(ci.low) and np.isfinite(ci.high):
+            break
+    return float(ci.low), float(ci.high)
+
+
+def proportion_ci(k: np.ndarray, n: np.ndarray, confidence: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval for ``k`` of ``n`` (``scipy.stats.binomtest(k, n).proportion_ci``), elementwise.
+
+    Not the bootstrap: a bootstrap of a share collapses to a zero-width interval at 0% and 100% (every
+    resample is the same), exactly the case of a model that answers one label on every prompt. NaN where n = 0.
+    """
+    from scipy import stats
+
+    k, n = np.broadcast_arrays(np.asarray(k, dtype=np.int64), np.asarray(n, dtype=np.int64))
+    lo, hi = np.full(k.shape, np.nan), np.full(k.shape, np.nan)
+    for i in np.ndindex(k.shape):
+        if n[i] > 0:
+            ci = stats.binomtest(int(k[i]), int(n[i])).proportion_ci(confidence_level=confidence, method="wilson")
+            lo[i], hi[i] = ci.low, ci.high
+    return lo, hi
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation over the entries where both are finite (NaN if fewer than 2 or constant)."""
+    """Pearson correlation (``scipy.stats.pearsonr``) over the entries where both are finite.
+
+    NaN, not an error, with fewer than 2 such entries or a constant input (the correlation is undefined;
+    scipy raises or warns there).
+    """
+    import warnings
+
+    from scipy import stats
+
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < 2:
+    x, y = x[ok], y[ok]
+    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
         return float("nan")
-    x, y = x[ok] - x[ok].mean(), y[ok] - y[ok].mean()
-    den = np.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / den) if den > 0 else float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # near-constant input: scipy warns, the value is still right
+        return float(stats.pearsonr(x, y).statistic)
 
 
 class _quiet:

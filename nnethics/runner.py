@@ -2,20 +2,19 @@
 
 The analysis itself is a pure function ``fn(model, pairs) -> xr.Dataset`` (dim ``prompt``); this
 module feeds it chunks, writes each finished chunk as an atomic part, halves the chunk on
-out-of-memory without losing finished prompts, shows progress on stderr, and consolidates the
+out-of-memory without losing finished prompts (``accelerate.utils.find_executable_batch_size``), shows progress on stderr, and consolidates the
 parts into ``store/<slug>/<analysis>.nc``. Remote requests sent for a chunk are labelled with the
 analysis name in :data:`nnethics.models.remote.STATS`.
 """
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import click
-import torch
 import xarray as xr
+from accelerate.utils import find_executable_batch_size
 
 from .models.errors import is_oom
 from .models.remote.stats import STATS
@@ -26,10 +25,12 @@ from .store import PartStore, provenance, store_lock
 AnalysisFn = Callable[[Any, Sequence[PromptPair]], xr.Dataset]
 
 
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+class ChunkOutOfMemory(RuntimeError):
+    """A chunk ran out of memory by :func:`is_oom`, in the one-argument form that accelerate's
+    ``should_reduce_batch_size`` recognises (it needs " out of memory." in ``args[0]``)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"a chunk of {size} pairs ran out of memory.")
 
 
 def run_analysis(
@@ -63,27 +64,48 @@ def run_analysis(
 
 def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts: PartStore, batch_size: int,
                 progress: bool | None, finalize: Callable[[xr.Dataset], xr.Dataset] | None = None) -> xr.Dataset:
+    """Run the pairs not yet stored, in chunks; on OOM, halve the chunk and go on from the first unfinished pair.
+
+    accelerate's ``find_executable_batch_size`` retries the loop with a smaller size after an OOM (clearing
+    the device cache and collecting garbage first). Used with two adjustments, measured against
+    ``is_oom``: its ``should_reduce_batch_size`` misses OOMs that ``is_oom`` counts (``torch.OutOfMemoryError(
+    "CUDA out of memory")`` and ``RuntimeError("CUDA error: out of memory")`` lack its " out of memory."), so
+    an OOM by ``is_oom`` is re-raised as :class:`ChunkOutOfMemory`, which it does recognise; and past size
+    1 it raises its own "No executable batch size found, reached zero.", so ``halve`` re-raises the
+    original error at size 1 (as before), and also re-raises errors it would wrongly retry (a cuDNN
+    "not supported" is no OOM). The loop state lives outside the retried function, so a retry resumes at
+    the first unfinished pair, not at the start, and finished chunks stay written.
+    """
     done = parts.done_ids()
     todo = [p for p in prompts.pairs if p.prompt_id not in done]
     label = f"{name} [{model.slug}]"
     if len(todo) < len(prompts):  # a rerun or resumed run: say what it skips
         click.echo(f"{label}: skipping {len(prompts) - len(todo)} of {len(prompts)} prompts already done in "
                    f"{parts.final.parent}", err=True)
-    size = batch_size
-    with progress_bar(len(prompts), label, show=progress, initial=len(prompts) - len(todo)) as bar:
-        i = 0
-        while i < len(todo):
-            chunk = todo[i:i + size]
+    state: dict[str, Any] = {"i": 0, "size": batch_size, "err": None, "original": None}
+
+    def halve() -> int:
+        if not isinstance(state["err"], ChunkOutOfMemory) or state["size"] == 1:
+            raise state["original"]
+        state["size"] = max(1, state["size"] // 2)
+        return state["size"]
+
+    @find_executable_batch_size(starting_batch_size=batch_size, reduce_batch_size_fn=halve)
+    def rest(size: int, bar) -> None:
+        while state["i"] < len(todo):
+            chunk = todo[state["i"]:state["i"] + size]
             try:
                 with STATS.scope(name):  # remote requests of this chunk count under the analysis name
                     ds = fn(model, chunk)
             except Exception as err:  # noqa: BLE001 - only OOM is retried
-                if not is_oom(err) or size == 1:
+                state["original"], state["err"] = err, ChunkOutOfMemory(size) if is_oom(err) else err
+                if state["err"] is err:
                     raise
-                free_memory()
-                size = max(1, size // 2)
-                continue
+                raise state["err"] from err
             parts.write_part(ds)
-            i += len(chunk)
+            state["i"] += len(chunk)
             bar.update(len(chunk))
+
+    with progress_bar(len(prompts), label, show=progress, initial=len(prompts) - len(todo)) as bar:
+        rest(bar)
     return parts.consolidate(order=prompts.ids(), finalize=finalize)

@@ -29,7 +29,6 @@ not exactly 0.
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,9 +37,9 @@ import xarray as xr
 from . import metrics
 from .verdict_text import ALL, VerdictRules, verdict, wrap  # noqa: F401  (re-exported)
 
-MEAN_CI = "BCa bootstrap 95% CI over pairs"
-SHARE_CI = "Wilson score 95% interval"
-N_RESAMPLES = 9999
+MEAN_CI = f"{metrics.MEAN_CI_METHOD} 95% CI over pairs"
+SHARE_CI = f"{metrics.SHARE_CI_METHOD} 95% interval"
+N_RESAMPLES = metrics.N_RESAMPLES
 
 
 @dataclass(frozen=True)
@@ -167,49 +166,24 @@ def add_pair_quantities(ds: xr.Dataset, min_gap: float = metrics.DEFAULT_MIN_GAP
     return out.assign_attrs(min_gap=float(min_gap))
 
 
-def mean_ci(x: np.ndarray, seed: int = 0, confidence: float = 0.95,
+def mean_ci(x: np.ndarray, seed: int = 0, confidence: float = metrics.CI_LEVEL,
             n_resamples: int = N_RESAMPLES) -> tuple[float, float, float]:
-    """Mean of the finite values of ``x`` with a BCa bootstrap CI (``scipy.stats.bootstrap``, seeded).
+    """Mean of the finite values of ``x`` with a BCa bootstrap CI: :func:`metrics.mean_ci` on one cell.
 
-    NaN for no values; a zero-width interval when every value is the same (the bootstrap cannot vary).
+    NaN for no values, a NaN interval for one value, a zero-width interval when every value is the same.
     """
-    from scipy import stats
-
-    v = np.asarray(x, dtype=np.float64)
+    v = np.asarray(x, dtype=np.float64).ravel()
     v = v[np.isfinite(v)]
-    if v.size == 0:
-        return (np.nan, np.nan, np.nan)
-    mean = float(v.mean())
-    if v.size == 1:
-        return (mean, np.nan, np.nan)
-    if np.all(v == v[0]):
-        return (mean, mean, mean)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy warns on near-degenerate BCa; the interval is still returned
-        res = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                              method="BCa", rng=np.random.default_rng(seed))
-    lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    if not (np.isfinite(lo) and np.isfinite(hi)):  # BCa undefined (e.g. all but one value equal): percentile
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            res = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=confidence,
-                                  method="percentile", rng=np.random.default_rng(seed))
-        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
-    return (mean, lo, hi)
+    mean, lo, hi = metrics.mean_ci(v, axis=0, seed=seed, n_resamples=n_resamples, confidence=confidence)
+    return (float(mean), float(lo), float(hi))
 
 
-def share_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float, float]:
-    """``k / n`` with a Wilson score interval.
-
-    Not the bootstrap: a bootstrap of a share collapses to a zero-width interval at 0% and 100% (every
-    resample is the same), exactly the case of a model that answers one label on every prompt.
-    """
-    from scipy import stats
-
+def share_ci(k: int, n: int, confidence: float = metrics.CI_LEVEL) -> tuple[float, float, float]:
+    """``k / n`` with a Wilson score interval (:func:`metrics.proportion_ci`); NaN for n = 0."""
     if n == 0:
         return (np.nan, np.nan, np.nan)
-    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
-    return (k / n, float(ci.low), float(ci.high))
+    lo, hi = metrics.proportion_ci(k, n, confidence=confidence)
+    return (k / n, float(lo), float(hi))
 
 
 def sign_test(preference: np.ndarray) -> tuple[int, int, float]:
@@ -273,11 +247,11 @@ def group_statistics(ds: xr.Dataset, seed: int = 0) -> xr.Dataset:
         dtype = np.int32 if name in ("n_pairs", "n_debiased", "sign_test_k", "sign_test_n") else np.float64
         data[name] = (("group",), np.asarray(vals, dtype=dtype))
     stats = xr.Dataset(data, coords={"group": groups})
-    _describe_groups(stats)
+    _describe_groups(stats, seed)
     return stats
 
 
-def _describe_groups(stats: xr.Dataset) -> None:
+def _describe_groups(stats: xr.Dataset, seed: int = 0) -> None:
     d = {
         "n_pairs": "pairs in the group",
         "n_debiased": "pairs whose counterfactual swaps the ethical label (used for preference, bias, sign test)",
@@ -295,6 +269,7 @@ def _describe_groups(stats: xr.Dataset) -> None:
     for stem in ("ethical_preference", "position_bias", "p_ethical"):
         for end in ("low", "high"):
             stats[f"{stem}_ci_{end}"].attrs["description"] = f"{MEAN_CI} ({N_RESAMPLES} resamples, seeded)"
+            stats[f"{stem}_ci_{end}"].attrs.update(metrics.ci_attrs(seed, N_RESAMPLES))
     for stem in ("leaning_ethical", "content_sensitive"):
         for end in ("low", "high"):
             stats[f"{stem}_ci_{end}"].attrs["description"] = SHARE_CI

@@ -62,40 +62,88 @@ def test_normalized_effect_and_gap_flag():
     np.testing.assert_array_equal(ok, [True, False])
 
 
-def test_bootstrap_ci_contains_mean_and_is_deterministic():
+def _scipy_bca(v, seed=0, n_resamples=metrics.N_RESAMPLES):
+    """The reference: scipy.stats.bootstrap on one cell's finite values, called directly."""
+    import warnings
+
+    from scipy import stats
+
+    v = v[np.isfinite(v)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = stats.bootstrap((v,), np.mean, method="BCa", n_resamples=n_resamples,
+                              rng=np.random.default_rng(seed))
+    return res.confidence_interval.low, res.confidence_interval.high
+
+
+def test_mean_ci_is_scipys_bca_bootstrap_cell_by_cell_and_deterministic():
     rng = np.random.default_rng(1)
     x = rng.normal(0.3, 1.0, size=(60, 4))
     x[5, 2] = np.nan
-    m1, lo1, hi1 = metrics.bootstrap_ci(x, axis=0, n_boot=500, seed=7)
-    m2, lo2, hi2 = metrics.bootstrap_ci(x, axis=0, n_boot=500, seed=7)
+    m1, lo1, hi1 = metrics.mean_ci(x, axis=0, n_resamples=500, seed=7)
+    m2, lo2, hi2 = metrics.mean_ci(x, axis=0, n_resamples=500, seed=7)
     np.testing.assert_array_equal(lo1, lo2)
     np.testing.assert_array_equal(hi1, hi2)
     np.testing.assert_allclose(m1, np.nanmean(x, axis=0))
+    for j in range(4):  # scipy on each cell alone, to the bit
+        assert (lo1[j], hi1[j]) == _scipy_bca(x[:, j], seed=7, n_resamples=500)
     assert np.all(lo1 < m1) and np.all(m1 < hi1)
-    # a different seed gives different (but close) bounds
-    _, lo3, _ = metrics.bootstrap_ci(x, axis=0, n_boot=500, seed=8)
+    _, lo3, _ = metrics.mean_ci(x, axis=0, n_resamples=500, seed=8)
     assert not np.array_equal(lo1, lo3)
     # the width is close to the normal-theory one: 2 * 1.96 * sd / sqrt(n)
-    width = hi1 - lo1
     expect = 2 * 1.96 * np.nanstd(x, axis=0) / np.sqrt(60)
-    np.testing.assert_allclose(width, expect, rtol=0.25)
+    np.testing.assert_allclose(hi1 - lo1, expect, rtol=0.25)
 
 
-def test_bootstrap_ci_constant_and_empty():
-    m, lo, hi = metrics.bootstrap_ci(np.full((10, 2), 2.5), n_boot=100)
-    np.testing.assert_allclose([m, lo, hi], 2.5)
-    m, lo, hi = metrics.bootstrap_ci(np.full((10, 1), np.nan), n_boot=100)
+def test_mean_ci_keeps_cells_apart_when_they_miss_different_prompts():
+    rng = np.random.default_rng(3)
+    x = rng.exponential(1.0, size=(7, 3, 5))
+    x[0, 1] = np.nan
+    x[2:4, :, 4] = np.nan
+    _, lo, hi = metrics.mean_ci(x, axis=0, n_resamples=300, seed=2)
+    for idx in np.ndindex(3, 5):
+        assert (lo[idx], hi[idx]) == _scipy_bca(x[(slice(None), *idx)], seed=2, n_resamples=300)
+
+
+def test_mean_ci_degenerate_cells_give_nan_or_zero_width_not_an_error():
+    m, lo, hi = metrics.mean_ci(np.full((10, 2), 2.5), n_resamples=100)
+    np.testing.assert_allclose([m, lo, hi], 2.5)  # all equal: zero width (BCa's jackknife is 0/0 there)
+    m, lo, hi = metrics.mean_ci(np.full((10, 1), np.nan), n_resamples=100)
     assert np.isnan(m).all() and np.isnan(lo).all() and np.isnan(hi).all()
+    m, lo, hi = metrics.mean_ci(np.array([[1.5, np.nan], [np.nan, np.nan]]))  # one value: a mean, no interval
+    assert m[0] == 1.5 and np.isnan(lo).all() and np.isnan(hi).all() and np.isnan(m[1])
+    m, lo, hi = metrics.mean_ci(np.zeros((0, 3)))
+    assert m.shape == (3,) and np.isnan(lo).all()
+    two = np.array([1.0, 2.0])  # the built-in runs have 2-3 content-sensitive pairs: a finite interval
+    m, lo, hi = metrics.mean_ci(two)
+    assert (float(lo), float(hi)) == _scipy_bca(two) and 1.0 <= lo < m < hi <= 2.0
+
+
+def test_proportion_ci_is_scipys_wilson_interval():
+    from scipy import stats
+
+    lo, hi = metrics.proportion_ci(np.array([0, 3, 7]), np.array([10, 3, 0]))
+    for i, (k, n) in enumerate(((0, 10), (3, 3))):
+        ci = stats.binomtest(k, n).proportion_ci(method="wilson")
+        assert (lo[i], hi[i]) == (ci.low, ci.high)
+    assert np.isnan(lo[2]) and np.isnan(hi[2])
+    assert lo[0] == 0 and hi[0] > 0.2  # at 0 of 10 the interval still has width
 
 
 def test_pearson():
     x = np.arange(10.0)
     assert metrics.pearson(x, 2 * x + 1) == pytest.approx(1.0)
     assert metrics.pearson(x, -x) == pytest.approx(-1.0)
-    assert np.isnan(metrics.pearson(x, np.ones(10)))
+    assert np.isnan(metrics.pearson(x, np.ones(10)))  # constant input: NaN, as before scipy (which warns)
+    assert np.isnan(metrics.pearson([1.0, np.nan], [2.0, 3.0]))  # under 2 finite pairs: NaN (scipy raises)
     y = x.copy()
     y[3] = np.nan
     assert metrics.pearson(x, y) == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=20), rng.normal(size=20)
+    ac, bc = a - a.mean(), b - b.mean()
+    assert metrics.pearson(a, b) == pytest.approx((ac @ bc) / np.sqrt((ac @ ac) * (bc @ bc)), rel=1e-12)
+
 
 
 def test_logit_diff_and_choice():

@@ -301,7 +301,7 @@ def _check_derived(ds, receiver: str, source: str, min_gap: float):
                                    rtol=1e-4, atol=1e-5, equal_nan=True)
         for i in range(len(recv)):
             np.testing.assert_allclose(float(ds["atp_correlation"][i]), _pearson(atp[i], patched[i] - r[i]), atol=1e-5)
-    out = finalize(ds, n_boot=50)
+    out = finalize(ds, n_resamples=50)
     with np.errstate(invalid="ignore"), __import__("warnings").catch_warnings():
         __import__("warnings").simplefilter("ignore", RuntimeWarning)
         np.testing.assert_allclose(out["mean_effect"].values, np.nanmean(want, axis=0), rtol=1e-4, atol=1e-5,
@@ -416,7 +416,7 @@ def test_store_contract_summary_and_finalize(strong_models, pairs, tmp_path):
     delta = np.abs(ds["patched_logit_diff"].values - ds["base_logit_diff"].values[:, None, None])
     np.testing.assert_array_equal(ds["peak_layer"].values, delta.argmax(axis=1))
     np.testing.assert_array_equal(ds["num_choice_flips"].values, ds["flipped"].values.sum(axis=1))
-    out = finalize(ds, n_boot=200)
+    out = finalize(ds, n_resamples=200)
     assert out["mean_effect"].dims == ("layer", "component")
     assert (out["effect_ci_low"] <= out["mean_effect"] + 1e-6).all() and (out["mean_effect"] <= out["effect_ci_high"] + 1e-6).all()
     assert -1 <= float(out["atp_exact_correlation_pooled"]) <= 1
@@ -488,7 +488,7 @@ def test_builtin_model_reference_and_atp_correlation(builtin_model, prompt_set):
     b, c = toks[0]
     sweep = ref.patch_sweep(model.lm._module, b, c, ids, ("resid",))
     _close(ds["patched_logit_diff"].values[0, :, 0], sweep["resid"])
-    out = finalize(ds, n_boot=200)
+    out = finalize(ds, n_resamples=200)
     r = float(out["atp_exact_correlation_pooled"])
     per = {str(k): round(float(v), 3) for k, v in zip(out["component"].values, out["atp_exact_correlation"].values)}
     print(f"\nAtP vs exact on the built-in model ({len(pairs)} pairs): pooled r = {r:.3f}; per component {per}")

@@ -228,3 +228,18 @@ def test_wrong_labels_for_a_whole_prompt_set_are_one_line_with_the_fix():
     res = CliRunner().invoke(cli, ["prompts", "check", str(PROMPTS), "--labels", "A,B"])
     assert res.exit_code == 2
     assert res.output.strip().count("\n") == 0 and "pass --labels 1,2" in res.output and "more" not in res.output
+
+
+def test_the_record_schema_is_pydantic_and_its_errors_carry_the_fix():
+    """files.py words the schema's errors; the value checks' messages are the fixes the user reads."""
+    from nnethics.prompts.schema import JSONL_FIELDS, SEED_FIELDS, SIDE_FIELDS, Errors, JsonlRecord, SeedRecord
+
+    assert SEED_FIELDS == ["category", "ethical_option", "original_id", "prompt", "prompt_id"]
+    assert JSONL_FIELDS == ["base", "category", "counterfactual", "prompt_id"] and SIDE_FIELDS == ["ethical_option", "prompt"]
+    ok = {"prompt_id": 1, "base": {"prompt": "p", "ethical_option": 1}, "counterfactual": {"prompt": "q", "ethical_option": "2"}}
+    assert Errors(JsonlRecord, ok, ["1", "2"]).errors == []
+    bad = Errors(JsonlRecord, {**ok, "x": 0, "counterfactual": {"prompt": " ", "ethical_option": "3"}}, ["1", "2"])
+    assert bad.fields("extra_forbidden") == ["x"]
+    assert bad.message(("counterfactual", "prompt")) == "'prompt' is empty or not a string; give the dilemma text"
+    assert bad.message(("counterfactual", "ethical_option")).startswith("ethical_option '3' is not one of the answer labels")
+    assert Errors(SeedRecord, {"prompt_id": True, "prompt": "p"}, ["1", "2"]).fields("missing") == ["ethical_option"]

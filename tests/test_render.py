@@ -16,6 +16,7 @@ import synthetic
 import xarray as xr
 from click.testing import CliRunner
 
+from nnethics import metrics
 from nnethics.render import MissingData, embed, mean_ci, offline, report_figures, write_report
 from nnethics.render import attribution as ra
 from nnethics.render import decisions as rd
@@ -44,17 +45,19 @@ def test_render_layer_never_imports_torch_or_nnsight():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_mean_ci_matches_numpy():
+def test_mean_ci_is_the_bca_bootstrap_of_metrics_and_names_it():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(9, 4))
-    da = xr.DataArray(x, dims=("prompt", "layer"))
+    da = xr.DataArray(x, dims=("prompt", "layer"), coords={"layer": np.arange(4)})
     m, lo, hi = mean_ci(da, "prompt")
-    sem = x.std(0, ddof=1) / np.sqrt(9)
+    ref = metrics.mean_ci(x, axis=0)
     np.testing.assert_allclose(m.values, x.mean(0))
-    np.testing.assert_allclose(hi.values - m.values, 1.959963984540054 * sem)
-    np.testing.assert_allclose(m.values - lo.values, 1.959963984540054 * sem)
+    np.testing.assert_array_equal(lo.values, ref[1])
+    np.testing.assert_array_equal(hi.values, ref[2])
+    assert list(lo["layer"].values) == [0, 1, 2, 3]
     one = mean_ci(da.isel(prompt=[0]), "prompt")
-    np.testing.assert_allclose(one[1].values, one[0].values)  # a single sample: no spread, no NaN
+    assert np.isnan(one[1].values).all() and np.isfinite(one[0].values).all()  # a single sample: no interval
+    assert metrics.ci_label("prompts", 9) == "95% CI, BCa bootstrap over prompts, n=9"
 
 
 def test_effect_curve_uses_stored_ci_and_computes_it_otherwise():

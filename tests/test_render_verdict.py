@@ -65,7 +65,7 @@ def test_patching_views_normalised_and_absolute_over_the_right_pairs():
     assert list(hmap.keys()) == keys and hmap.kdims[0].name == "view"
     curve = next(el for el in hmap[keys[2]] if type(el) is hv.Curve and el.label == "mlp")
     np.testing.assert_allclose(curve.dimension_values(1), want.sel(component="mlp").mean("prompt").values, rtol=1e-5)
-    assert "percentile bootstrap" in hmap[keys[0]].opts.get().kwargs["title"]
+    assert "95% CI, BCa bootstrap over pairs" in hmap[keys[0]].opts.get().kwargs["title"]
     assert "all pairs (n=7)" in hmap[keys[2]].opts.get().kwargs["title"]
     note = rp.averaging_note(ds)
     assert f"{k} of 7 pairs" in note and f"other {7 - k}" in note

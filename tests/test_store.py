@@ -170,6 +170,42 @@ def test_out_of_memory_halves_the_batch_without_losing_work(tmp_path):
     assert sizes[:3] == [6, 4, 2] and list(ds["prompt"].values) == prompts.ids()
 
 
+def test_out_of_memory_retries_resume_at_the_first_unfinished_pair_and_end_with_the_original_error(tmp_path):
+    """The halving runs on accelerate's find_executable_batch_size; what nnethics needs beyond it holds."""
+    import torch
+
+    prompts = load_prompts(PROMPTS).subset(limit=6)
+    calls: list[str] = []
+    inner = _fake_analysis(calls)
+    seen: list[list[str]] = []
+
+    def late_oom(model, pairs):  # the second chunk runs out of memory once: the first is not redone
+        seen.append([p.prompt_id for p in pairs])
+        if len(seen) == 2:
+            raise RuntimeError("CUDA error: out of memory")  # is_oom's, not accelerate's wording
+        return inner(model, pairs)
+
+    ds = run_analysis("fake", late_oom, _FakeModel(), prompts, str(tmp_path / "a"), {}, batch_size=4, progress=False)
+    ids = prompts.ids()
+    assert seen == [ids[:4], ids[4:6], ids[4:6]] and calls == ids  # retried at size 2 from pair 5
+    assert list(ds["prompt"].values) == ids
+
+    def always_oom(model, pairs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):  # not accelerate's "reached zero"
+        run_analysis("fake", always_oom, _FakeModel(), prompts, str(tmp_path / "b"), {}, batch_size=2, progress=False)
+    tries: list[int] = []
+
+    def cudnn(model, pairs):  # accelerate would shrink the batch on this; it is no OOM, so it is raised
+        tries.append(len(pairs))
+        raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.")
+
+    with pytest.raises(RuntimeError, match="cuDNN"):
+        run_analysis("fake", cudnn, _FakeModel(), prompts, str(tmp_path / "c"), {}, batch_size=4, progress=False)
+    assert tries == [4]
+
+
 def test_completed_run_is_reused_and_extended(tmp_path):
     prompts = load_prompts(PROMPTS)
     calls: list[str] = []

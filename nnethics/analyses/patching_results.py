@@ -114,18 +114,20 @@ def _describe(ds: xr.Dataset, noise: bool, min_gap: float) -> None:
         ds["num_choice_flips"].attrs["description"] = "number of layers whose patch flips the choice"
 
 
-def finalize(ds: xr.Dataset, n_boot: int = 2000, seed: int = 0) -> xr.Dataset:
-    """Cross-prompt statistics: the mean effect per cell with a bootstrap 95% CI over prompts,
+def finalize(ds: xr.Dataset, n_resamples: int = metrics.N_RESAMPLES, seed: int = 0) -> xr.Dataset:
+    """Cross-prompt statistics: the mean effect per cell with a BCa bootstrap 95% CI over prompts,
     the flip rate, and the AtP-vs-exact correlation per component and pooled."""
     ds = ds.copy()
     cell = [d for d in ds["effect"].dims if d != "prompt"]
-    mean, low, high = metrics.bootstrap_ci(ds["effect"].values, axis=0, n_boot=n_boot, seed=seed)
+    mean, low, high = metrics.mean_ci(ds["effect"].values, axis=0, n_resamples=n_resamples, seed=seed)
     ds["mean_effect"] = (cell, mean.astype(np.float32))
     ds["effect_ci_low"] = (cell, low.astype(np.float32))
     ds["effect_ci_high"] = (cell, high.astype(np.float32))
     ds["mean_effect"].attrs["description"] = "mean effect over prompts where it is defined"
-    ds["effect_ci_low"].attrs["description"] = f"bootstrap 95% CI over prompts ({n_boot} resamples, seed {seed})"
-    ds["effect_ci_high"].attrs["description"] = ds["effect_ci_low"].attrs["description"]
+    for end in ("low", "high"):
+        ds[f"effect_ci_{end}"].attrs["description"] = (f"{metrics.ci_label('prompts where effect is defined')} "
+                                                      f"({n_resamples} resamples, seed {seed})")
+        ds[f"effect_ci_{end}"].attrs.update(metrics.ci_attrs(seed, n_resamples))
     ds["flip_rate"] = (cell, ds["flipped"].values.mean(axis=0).astype(np.float32))
     if "atp_delta" in ds:
         recv = ds["base_logit_diff"].values

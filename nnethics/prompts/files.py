@@ -9,7 +9,8 @@ Two input layouts are read:
   ``{"prompt_id", "category", "base": {"prompt", "ethical_option"}, "counterfactual": {...}}``.
 
 Every problem is reported with the file, the record and the fix; nothing is returned (and so
-nothing is written downstream) while any problem remains.
+nothing is written downstream) while any problem remains. The record schema is the pydantic models of
+:mod:`.schema`; this module words their errors (file, record, fix) and checks what spans records.
 """
 
 from __future__ import annotations
@@ -21,13 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from .pairs import DEFAULT_LABELS, PromptError, PromptPair, PromptSet
+from .schema import (
+    JSONL_FIELDS,
+    JSONL_REQUIRED,
+    SEED_FIELDS,
+    SEED_REQUIRED,
+    SIDE_FIELDS,
+    Errors,
+    JsonlRecord,
+    SeedRecord,
+)
+from .schema import norm_label as _norm_label
 
 BASE_FILE = "base_prompts.json"
 CF_FILE = "counterfactual_prompts.json"
-_SEED_FIELDS = {"prompt_id", "prompt", "ethical_option", "category", "original_id"}
-_SEED_REQUIRED = ("prompt_id", "prompt", "ethical_option")
-_JSONL_FIELDS = {"prompt_id", "category", "base", "counterfactual"}
-_SIDE_FIELDS = {"prompt", "ethical_option"}
 
 
 def _read_text(path: Path, problems: list[str], missing: str) -> str | None:
@@ -57,21 +65,6 @@ def _read_json(path: Path, problems: list[str]) -> Any:
     except json.JSONDecodeError as e:
         problems.append(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}; fix the syntax there")
         return None
-
-
-def _norm_label(value: Any) -> Any:
-    return str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else value
-
-
-def _check_side(rec: dict, where: str, labels: Sequence[str], problems: list[str]) -> None:
-    prompt = rec.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        problems.append(f"{where}: 'prompt' is empty or not a string; give the dilemma text")
-    label = _norm_label(rec.get("ethical_option"))
-    if label not in labels:
-        problems.append(_LabelProblem(
-            f"{where}: ethical_option {rec.get('ethical_option')!r} is not one of the answer labels {list(labels)}; "
-            f"use one of them (or pass --labels to match your prompts)", label))
 
 
 class _LabelProblem(str):
@@ -105,6 +98,16 @@ def _fold_label_problems(path: Path, labels: Sequence[str], problems: list[str])
     return [line] + [p for p in problems if not isinstance(p, _LabelProblem)]
 
 
+def _side_problems(errs: Errors, at: tuple, where: str, problems: list[str]) -> None:
+    """The value checks of one side (its prompt, then its label), in that order."""
+    for field in ("prompt", "ethical_option"):
+        msg = errs.message((*at, field))
+        if msg and field == "ethical_option":  # folded into one line when many records have it
+            problems.append(_LabelProblem(f"{where}: {msg}", _norm_label(errs.value((*at, field)))))
+        elif msg:
+            problems.append(f"{where}: {msg}")
+
+
 def _seed_records(path: Path, data: Any, labels: Sequence[str], problems: list[str]) -> dict[str, dict]:
     if data is None:
         return {}
@@ -115,26 +118,27 @@ def _seed_records(path: Path, data: Any, labels: Sequence[str], problems: list[s
     for i, rec in enumerate(data):
         where = f"{path} record {i}"
         if not isinstance(rec, dict):
-            problems.append(f"{where}: expected an object with {list(_SEED_REQUIRED)}, got {type(rec).__name__}")
+            problems.append(f"{where}: expected an object with {list(SEED_REQUIRED)}, got {type(rec).__name__}")
             continue
         pid = rec.get("prompt_id")
         if pid is not None:
             where = f"{path} record {i} (prompt_id {pid!r})"
-        missing = [f for f in _SEED_REQUIRED if f not in rec]
+        errs = Errors(SeedRecord, rec, labels)
+        missing = [f for f in SEED_REQUIRED if f in errs.fields("missing")]
         if missing:
-            problems.append(f"{where}: missing field(s) {missing}; every record needs {list(_SEED_REQUIRED)}")
+            problems.append(f"{where}: missing field(s) {missing}; every record needs {list(SEED_REQUIRED)}")
             continue
-        unknown = sorted(set(rec) - _SEED_FIELDS)
+        unknown = sorted(errs.fields("extra_forbidden"))
         if unknown:
-            problems.append(f"{where}: unknown field(s) {unknown}; allowed fields are {sorted(_SEED_FIELDS)}")
-        if not _valid_id(pid):
-            problems.append(f"{where}: prompt_id must be a non-empty string, got {json.dumps(pid)}")
+            problems.append(f"{where}: unknown field(s) {unknown}; allowed fields are {SEED_FIELDS}")
+        if errs.message(("prompt_id",)):
+            problems.append(f"{where}: {errs.message(('prompt_id',))}")
             continue
         pid = str(pid)
         if pid in out:
             problems.append(f"{where}: duplicate prompt_id {pid!r} (first at record {out[pid]['_index']}); ids must be unique")
             continue
-        _check_side(rec, where, labels, problems)
+        _side_problems(errs, (), where, problems)
         out[pid] = {**rec, "_index": i}
     return out
 
@@ -170,17 +174,13 @@ def _load_seed(folder: Path, labels: Sequence[str], problems: list[str]) -> list
     return pairs
 
 
-def _valid_id(pid: Any) -> bool:
-    return isinstance(pid, (str, int)) and not isinstance(pid, bool) and str(pid).strip() != ""
-
-
 def _load_jsonl(path: Path, labels: Sequence[str], problems: list[str]) -> list[PromptPair]:
+    """Long because it words, in order, every problem of a line: syntax, schema, ids, each side."""
     text = _read_text(path, problems, "check the path given to --prompts")
     if text is None:
         return []
-    lines = text.splitlines()
     pairs, seen = [], {}
-    for n, line in enumerate(lines, start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {n}"
@@ -192,39 +192,37 @@ def _load_jsonl(path: Path, labels: Sequence[str], problems: list[str]) -> list[
         if not isinstance(rec, dict):
             problems.append(f"{where}: expected a JSON object per line")
             continue
-        missing = [f for f in ("prompt_id", "base", "counterfactual") if f not in rec]
+        errs = Errors(JsonlRecord, rec, labels)
+        missing = [f for f in JSONL_REQUIRED if f in errs.fields("missing")]
         if missing:
             problems.append(f"{where}: missing field(s) {missing}; a line needs prompt_id, base and counterfactual")
             continue
-        if not _valid_id(rec["prompt_id"]):
-            problems.append(f"{where}: prompt_id must be a non-empty string, got {json.dumps(rec['prompt_id'])}; "
-                            "give every pair a unique id like \"harm_001\"")
+        if errs.message(("prompt_id",)):
+            problems.append(f"{where}: {errs.message(('prompt_id',))}; give every pair a unique id like \"harm_001\"")
             continue
         pid = str(rec["prompt_id"])
         where = f"{path} line {n} (prompt_id {pid!r})"
-        unknown = sorted(set(rec) - _JSONL_FIELDS)
+        unknown = sorted(errs.fields("extra_forbidden"))
         if unknown:
-            problems.append(f"{where}: unknown field(s) {unknown}; allowed fields are {sorted(_JSONL_FIELDS)}")
+            problems.append(f"{where}: unknown field(s) {unknown}; allowed fields are {JSONL_FIELDS}")
         if pid in seen:
             problems.append(f"{where}: duplicate prompt_id {pid!r} (first on line {seen[pid]}); ids must be unique")
             continue
         seen[pid] = n
         ok = True
         for side in ("base", "counterfactual"):
-            sub = rec[side]
-            if not isinstance(sub, dict):
-                problems.append(f"{where}: '{side}' must be an object with {sorted(_SIDE_FIELDS)}")
+            if errs.has("model_type", (side,)):
+                problems.append(f"{where}: '{side}' must be an object with {SIDE_FIELDS}")
                 ok = False
                 continue
-            miss = sorted(_SIDE_FIELDS - set(sub))
-            extra = sorted(set(sub) - _SIDE_FIELDS)
+            miss, extra = sorted(errs.fields("missing", (side,))), sorted(errs.fields("extra_forbidden", (side,)))
             if miss:
                 problems.append(f"{where}: '{side}' is missing {miss}")
                 ok = False
                 continue
             if extra:
-                problems.append(f"{where}: '{side}' has unknown field(s) {extra}; allowed are {sorted(_SIDE_FIELDS)}")
-            _check_side(sub, f"{where} {side}", labels, problems)
+                problems.append(f"{where}: '{side}' has unknown field(s) {extra}; allowed are {SIDE_FIELDS}")
+            _side_problems(errs, (side,), f"{where} {side}", problems)
         if ok:
             b, c = rec["base"], rec["counterfactual"]
             pairs.append(

@@ -31,13 +31,15 @@ import holoviews.plotting.bokeh  # noqa: F401  (registers the bokeh backend and 
 import numpy as np
 import xarray as xr
 
+from .. import metrics
+from ..metrics import ci_label  # noqa: F401  (the CI caption of every figure)
+
 # Also fills ``hv.opts.<Element>`` for bokeh (a backend-switch hook); a no-op after hv.extension('bokeh').
 hv.Store.set_current_backend("bokeh")
 
 WIDTH = 520
 WIDE = 1060
 HEIGHT = 320
-Z95 = 1.959963984540054
 
 COMPONENT_COLORS = {"resid": "#4c72b0", "attn": "#dd8452", "mlp": "#55a868", "total": "#8172b3"}
 SIDE_DASH = {"base": "solid", "cf": "dashed"}
@@ -98,18 +100,19 @@ def values(da: xr.DataArray | np.ndarray) -> np.ndarray:
     return np.asarray(getattr(da, "values", da))
 
 
-def mean_ci(da: xr.DataArray, dim: str | Sequence[str] = "prompt") -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
-    """Mean over ``dim`` and a normal-approximation 95% CI (mean ± 1.96·SEM); NaNs ignored.
+def mean_ci(da: xr.DataArray, dim: str | Sequence[str] = "prompt",
+            seed: int = 0) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+    """Mean over ``dim`` and its 95% CI: :func:`nnethics.metrics.mean_ci` (BCa bootstrap,
+    ``scipy.stats.bootstrap``, seeded), NaNs ignored; figures caption it with :func:`ci_label`.
 
-    With a single sample the CI collapses onto the mean.
+    A NaN interval (no band) with fewer than 2 values, zero width when all values are equal.
     """
     dims = [dim] if isinstance(dim, str) else list(dim)
-    da = da.astype(float)
-    n = da.notnull().sum(dims)
-    mean = da.mean(dims, skipna=True)
-    sd = da.std(dims, ddof=1, skipna=True).where(n > 1, 0.0)
-    sem = sd / np.sqrt(n.where(n > 0, 1))
-    return mean, mean - Z95 * sem, mean + Z95 * sem
+    da = da.astype(float).transpose(*dims, ...)
+    rest = [d for d in da.dims if d not in dims]
+    v = da.values.reshape((-1, *(da.sizes[d] for d in rest)))
+    coords = {k: c for k, c in da.coords.items() if set(c.dims) <= set(rest)}
+    return tuple(xr.DataArray(a, dims=rest, coords=coords) for a in metrics.mean_ci(v, axis=0, seed=seed))
 
 
 def band_and_curve(x: np.ndarray, mean: np.ndarray, lo: np.ndarray, hi: np.ndarray, label: str, color: str,

@@ -13,7 +13,6 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
-from .. import metrics
 from ._base import (
     COMPONENT_COLORS,
     HEIGHT,
@@ -23,6 +22,7 @@ from ._base import (
     Figure,
     MissingData,
     band_and_curve,
+    ci_label,
     collect,
     empty_curve,
     fix_limits,
@@ -39,8 +39,8 @@ from ._base import (
 from .carrier import PerPrompt
 
 SECTION = "Direct logit attribution"
-NORMAL_CI = "mean ± 1.96 SEM"
-BOOTSTRAP_CI = "percentile bootstrap 95% CI"
+NORMAL_CI = ci_label("pairs")  # the one CI method of the report (the old name kept for importers)
+BOOTSTRAP_CI = NORMAL_CI
 
 
 def _robust_ylim(arrays: Sequence[np.ndarray], layers: np.ndarray, ratio: float = 3.0
@@ -75,8 +75,8 @@ def _options(ds: xr.Dataset) -> list[str]:
 
 
 def component_contributions(ds: xr.Dataset, option: str | None = None) -> hv.Layout:
-    """The seed's "component contributions to '1'": attention, MLP and their total by layer (mean ±95% CI),
-    one panel per side."""
+    """The seed's "component contributions to '1'": attention, MLP and their total by layer (mean, BCa
+    bootstrap 95% CI over pairs), one panel per side."""
     require(ds, "logit_contribution", "option")
     option = option or _options(ds)[0]
     layers = layers_of(ds)
@@ -96,7 +96,7 @@ def component_contributions(ds: xr.Dataset, option: str | None = None) -> hv.Lay
         parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
         ylim, note = _robust_ylim(means, layers)
         panels.append(hv.Overlay(parts).opts(
-            title=f"To '{option}', {side_name(side) if side else 'all'} ({NORMAL_CI}){note}",
+            title=f"To '{option}', {side_name(side) if side else 'all'}{note}\n{ci_label('pairs', d.sizes['prompt'])}",
             width=WIDTH, height=HEIGHT, legend_position="top_left", xlabel="layer", ylabel="logit contribution",
             **({"ylim": ylim} if ylim else {})))
     return hv.Layout(panels).cols(2)
@@ -114,7 +114,7 @@ def split_views(ds: xr.Dataset) -> dict[str, xr.Dataset]:
 
 def position_ethical_split(ds: xr.Dataset) -> hv.HoloMap | hv.Layout:
     """Per layer, what attention and MLP write toward label 1 whatever the content (position part) and toward
-    the ethical option (ethical part), mean over pairs with a percentile bootstrap CI; a "pairs" selector
+    the ethical option (ethical part), mean over pairs with a BCa bootstrap CI; a "pairs" selector
     switches between all pairs and the content-sensitive ones."""
     require(ds, "position_contribution", "ethical_contribution")
     layers = layers_of(ds)
@@ -126,13 +126,13 @@ def position_ethical_split(ds: xr.Dataset) -> hv.HoloMap | hv.Layout:
         for key, sub in views.items():
             parts = [hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1)]
             for comp in values(ds["component"]):
-                da = sub[var].sel(component=comp).transpose("prompt", "layer")
-                m, lo, hi = metrics.bootstrap_ci(values(da).astype(float), axis=0)
+                m, lo, hi = (values(x.transpose("layer")) for x in mean_ci(sub[var].sel(component=comp), "prompt"))
                 parts.append(band_and_curve(layers, m, lo, hi, str(comp), COMPONENT_COLORS.get(str(comp), "#444"),
                                             vdim="logits"))
             other = var.replace("_contribution", "_other_contribution")
             total = float(np.nanmean(values(sub[var].sum(("layer", "component"))) + values(sub[other])))
-            frames[key] = hv.Overlay(parts).opts(title=f"{title}; total {total:+.3g}; bootstrap 95% CI")
+            caption = ci_label("pairs", sub.sizes["prompt"])
+            frames[key] = hv.Overlay(parts).opts(title=f"{title}; total {total:+.3g}\n{caption}")  # 2 lines: fits
         if len(frames) == 1:
             panels.append(next(iter(frames.values())).opts(width=WIDTH, height=HEIGHT, legend_position="top_left",
                                                            xlabel="layer", ylabel="logits"))
@@ -194,7 +194,7 @@ def attn_mlp_ratio(ds: xr.Dataset) -> hv.Overlay:
         m, lo, hi = (values(x.transpose("layer")) for x in mean_ci(_side(ratio, side), "prompt"))
         parts.append(band_and_curve(layers, m, lo, hi, side_name(side) if side else "all", "#8172b3", vdim="ratio",
                                     dash=SIDE_DASH.get(side, "solid")))
-    return hv.Overlay(parts).opts(title="Attention / (attention + MLP): >0.5 attention-dominant",
+    return hv.Overlay(parts).opts(title=f"Attention / (attention + MLP): >0.5 attention-dominant\n{ci_label('pairs')}",
                                   width=WIDTH, height=HEIGHT, ylim=(0, 1), legend_position="top_left",
                                   xlabel="layer", ylabel="attention share")
 

@@ -24,6 +24,7 @@ from ._base import (
     Figure,
     MissingData,
     band_and_curve,
+    ci_label,
     collect,
     mean_ci,
     model_name,
@@ -154,7 +155,7 @@ def verdict_stats(stores: Stores) -> hv.Layout:
             color="#55a868" if stem == "ethical_preference" else "#8c8c8c", tools=["hover"])
         err = hv.ErrorBars(r, kdims=["model"], vdims=["logits", "neg", "pos"]).opts(color="black", line_width=1.5)
         panels.append((bars * err * hv.HLine(0).opts(color="gray", line_dash="dotted")).opts(
-            title=f"{title}, all pairs (BCa bootstrap 95% CI)", width=WIDTH, height=HEIGHT, xlabel="",
+            title=f"{title}, all pairs\n{ci_label('pairs')}", width=WIDTH, height=HEIGHT, xlabel="",
             ylabel="logits"))
     return hv.Layout(panels).cols(2).opts(shared_axes=False)
 
@@ -210,7 +211,7 @@ def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure],
             if "patching" in data and "component" in data["patching"].dims:
                 comps += [str(c) for c in values(data["patching"]["component"]) if str(c) not in comps]
         return [Figure(f"compare_patching_{c}", f"Mean patching effect ({c})",
-                       _curves(stores, "patching", comp(c), f"Mean patching effect by depth: {c} (mean ± 1.96 SEM)",
+                       _curves(stores, "patching", comp(c), f"Mean patching effect by depth: {c} ({ci_label('prompts')})",
                                "effect", rel), SECTION) for c in (comps or ["resid"])]
 
     def attribution(component: str):
@@ -219,14 +220,14 @@ def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure],
         return lambda: Figure(f"compare_attribution_{component}", f"Attribution profile ({component})",
                               _curves(stores, "attribution", pick,
                                       f"{component} contribution to {label_text(stores, 'attribution')} "
-                                      "(base prompts, mean ± 1.96 SEM)",
+                                      f"(base prompts, {ci_label('prompts')})",
                                       "contribution", rel), SECTION)
 
     def lens_kl():
         def pick(ds):
             return ds["kl_to_final"].sel(lens=str(values(ds["lens"])[0])).stack(sample=("prompt", "side"))
         return Figure("compare_lens_kl", "Lens KL to the final output",
-                      _curves(stores, "lens", pick, "KL to the final output by depth (first lens, mean ± 1.96 SEM)", "KL",
+                      _curves(stores, "lens", pick, f"KL to the final output by depth (first lens, {ci_label('prompts')})", "KL",
                               rel, dim="sample"), SECTION)
 
     return collect([

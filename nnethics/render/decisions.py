@@ -14,7 +14,7 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
-from ..verdict import share_ci
+from .. import metrics
 from ._base import HEIGHT, WIDE, WIDTH, Figure, collect, require, side_name, values
 from .carrier import PerPrompt
 
@@ -25,9 +25,7 @@ MEASURE_COLORS = {"base": "#4c72b0", "counterfactual": "#c44e52", "both sides": 
 def wilson(k: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score 95% interval for k successes out of n (scipy's ``binomtest(...).proportion_ci``; well
     behaved at 0% and 100%); NaN where n = 0."""
-    k, n = np.atleast_1d(np.asarray(k, int)), np.atleast_1d(np.asarray(n, int))
-    out = np.array([share_ci(int(a), int(b))[1:] for a, b in zip(k, n)], dtype=float).reshape(-1, 2)
-    return out[:, 0], out[:, 1]
+    return metrics.proportion_ci(np.atleast_1d(np.asarray(k, int)), np.atleast_1d(np.asarray(n, int)))
 
 
 def measures(ds: xr.Dataset) -> dict[str, np.ndarray]:

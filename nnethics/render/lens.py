@@ -25,6 +25,7 @@ from ._base import (
     Figure,
     MissingData,
     band_and_curve,
+    ci_label,
     collect,
     empty_curve,
     frame_limits,
@@ -39,6 +40,7 @@ from ._base import (
 from .carrier import PerPrompt, PerPromptLayout
 
 SECTION = "Logit lens"
+SAMPLES = "prompts and sides"
 LENS_COLORS = {"logit": "#4c72b0", "tuned": "#c44e52"}
 
 
@@ -220,7 +222,7 @@ def top_tokens(ds: xr.Dataset, prompts: Sequence[str] | None = None, lens: str |
 
 def decision_emergence(ds: xr.Dataset) -> hv.Overlay:
     """Mean label-logit difference across layers, signed so the final layer's choice is positive:
-    how early each lens sees the eventual decision (mean ±95% CI over prompts and sides)."""
+    how early each lens sees the eventual decision (mean, BCa bootstrap 95% CI over prompts and sides)."""
     require(ds, "label_logit")
     o = ds["label_logit"]
     diff = o.isel(option=0) - o.isel(option=-1)
@@ -233,13 +235,13 @@ def decision_emergence(ds: xr.Dataset) -> hv.Overlay:
         parts.append(band_and_curve(layers, m, lo, hi, f"{lens} lens", LENS_COLORS.get(lens, "#444"),
                                     vdim="aligned logit diff", dash=LENS_DASH.get(lens, "solid")))
     parts.append(hv.HLine(0).opts(color="gray", line_dash="dotted", line_width=1))
-    return hv.Overlay(parts).opts(title="Logit diff toward the final choice by layer (mean ± 1.96 SEM)", width=WIDTH,
+    return hv.Overlay(parts).opts(title=f"Logit diff toward the final choice by layer\n{ci_label(SAMPLES)}", width=WIDTH,
                                   height=HEIGHT, legend_position="top_left", xlabel="layer",
                                   ylabel="logit diff (final choice +)")
 
 
 def kl_by_layer(ds: xr.Dataset) -> hv.Overlay:
-    """Mean KL(final ‖ lens) per layer for each lens (±95% CI over prompts and sides)."""
+    """Mean KL(final ‖ lens) per layer for each lens (BCa bootstrap 95% CI over prompts and sides)."""
     require(ds, "kl_to_final")
     kl = ds["kl_to_final"].stack(sample=("prompt", "side")) if "side" in ds["kl_to_final"].dims \
         else ds["kl_to_final"].rename(prompt="sample")
@@ -249,7 +251,7 @@ def kl_by_layer(ds: xr.Dataset) -> hv.Overlay:
         m, lo, hi = (values(x.transpose("layer")) for x in mean_ci(kl.sel(lens=lens), "sample"))
         parts.append(band_and_curve(layers, m, lo, hi, f"{lens} lens", LENS_COLORS.get(lens, "#444"), vdim="KL",
                                     dash=LENS_DASH.get(lens, "solid")))
-    return hv.Overlay(parts).opts(title="KL(final ‖ lens) by layer (mean ± 1.96 SEM)", width=WIDTH, height=HEIGHT,
+    return hv.Overlay(parts).opts(title=f"KL(final ‖ lens) by layer\n{ci_label(SAMPLES)}", width=WIDTH, height=HEIGHT,
                                   legend_position="top_right", xlabel="layer", ylabel="KL (nats)")
 
 

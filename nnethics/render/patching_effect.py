@@ -20,6 +20,7 @@ from ._base import (
     WIDTH,
     MissingData,
     band_and_curve,
+    ci_label,
     fix_limits,
     layers_of,
     mean_ci,
@@ -61,25 +62,31 @@ def effect_label(ds: xr.Dataset) -> str:
             schema.RAW: "change of logit diff"}.get(effect_kind(ds) or "", "effect")
 
 
-BOOTSTRAP_CI = "percentile bootstrap 95% CI over pairs"
-NORMAL_CI = "normal-approximation 95% CI (mean ± 1.96 SEM)"
+BOOTSTRAP_CI = ci_label("pairs")
+NORMAL_CI = BOOTSTRAP_CI  # one CI method now (kept for importers of the old name)
 UNDEFINED_COLOR = "#c8c8c8"
 
 
-def effect_curve(ds: xr.Dataset, var: str = "effect", ci: str = "normal", title: str | None = None) -> hv.Overlay:
+def stored_ci_method(ds: xr.Dataset, name: str) -> str:
+    """How a stored CI was computed, from its attrs: files written before the BCa bootstrap (no
+    ``ci_method`` attr) held a percentile bootstrap (``effect_ci_*``) or an unnamed method (``ci_*``)."""
+    if ds[name].attrs.get("ci_method", "").startswith(metrics.MEAN_CI_METHOD):
+        return ci_label("prompts")
+    return "stored percentile-bootstrap 95% CI" if name == "effect_ci_low" else "stored 95% CI"
+
+
+def effect_curve(ds: xr.Dataset, var: str = "effect", title: str | None = None) -> hv.Overlay:
     """Mean ``var`` per layer for each component, with a 95% CI band over prompts.
 
     Uses the stored ``mean_effect`` and ``effect_ci_low``/``effect_ci_high`` (or ``ci_low``/``ci_high``)
-    ``(layer, component)`` when present (a percentile bootstrap), else computes the CI over the prompts where
-    ``var`` is defined: mean ± 1.96·SEM with ``ci="normal"``, the same percentile bootstrap with
-    ``ci="bootstrap"``. The title names the method and the number of prompts behind the mean.
+    ``(layer, component)`` when present, else computes the same BCa bootstrap CI (:func:`mean_ci`) over the
+    prompts where ``var`` is defined. The title names the method and the number of prompts behind the mean.
     """
     require(ds, var, "layer")
     layers = layers_of(ds)
     stored_ci = next((names for names in CI_NAMES if all(n in ds for n in names)), None)
     stored = var == "effect" and "mean_effect" in ds and stored_ci is not None
-    method = BOOTSTRAP_CI if stored and stored_ci[0] == "effect_ci_low" else (
-        "stored 95% CI" if stored else BOOTSTRAP_CI if ci == "bootstrap" else NORMAL_CI)
+    method = stored_ci_method(ds, stored_ci[0]) if stored else ci_label("prompts")
     parts = []
     comps = components(ds) or [None]
     for comp in comps:
@@ -88,10 +95,6 @@ def effect_curve(ds: xr.Dataset, var: str = "effect", ci: str = "normal", title:
 
         if stored:
             mean, lo, hi = sel("mean_effect"), sel(stored_ci[0]), sel(stored_ci[1])
-        elif ci == "bootstrap":
-            da = sel(var).transpose("prompt", "layer")
-            m, a, b = metrics.bootstrap_ci(values(da).astype(float), axis=0)
-            mean, lo, hi = (xr.DataArray(x, dims=["layer"]) for x in (m, a, b))
         else:
             mean, lo, hi = mean_ci(sel(var), "prompt")
         label = comp or var
@@ -102,8 +105,9 @@ def effect_curve(ds: xr.Dataset, var: str = "effect", ci: str = "normal", title:
     n = ds.sizes.get("prompt", 0)
     defined = int(np.isfinite(values(ds[var])).reshape(n, -1).any(1).sum()) if n else 0
     count = f"n={n} prompts" if defined == n else f"n={defined} of {n} prompts defined"
+    none = "\nno CI band: a CI needs 2 or more prompts" if defined < 2 else ""
     return hv.Overlay([*parts, zero]).opts(
-        title=title or f"Mean patching effect, {method} ({count})", width=WIDTH, height=HEIGHT,
+        title=(title or f"Mean patching effect ({count})\n{method}") + none, width=WIDTH, height=HEIGHT,
         legend_position="top_left", xlabel="layer", ylabel=effect_label(ds) if var == "effect" else var)
 
 
@@ -182,7 +186,7 @@ def effect_views(ds: xr.Dataset) -> hv.HoloMap | hv.Overlay:
         if not sub.sizes["prompt"]:
             continue
         what = f"Mean {_effect_name(ds)}" if var == "effect" else "Mean change of the logit difference"
-        frames[key] = effect_curve(sub, var, ci="bootstrap", title=f"{what}, {BOOTSTRAP_CI} ({key.split(', ', 1)[1]})"
+        frames[key] = effect_curve(sub, var, title=f"{what}, {BOOTSTRAP_CI} ({key.split(', ', 1)[1]})"
                                    ).opts(width=WIDE)
     if not frames:
         raise MissingData("patching: no prompt to average")

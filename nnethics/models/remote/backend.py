@@ -93,15 +93,24 @@ class NdifBackend(RemoteBackend):
         return result
 
     def _with_retries(self, request: RequestModel, blob: bytes, record: RequestRecord) -> Any:
-        last: TransientFault | None = None
-        for attempt in range(self.policy.retries + 1):
-            if attempt:
-                time.sleep(self.policy.delay(attempt - 1))
+        """One attempt plus up to ``policy.retries`` more after a transient fault (a dropped connection or a
+        silent server), by tenacity. The wait is the policy's own ``delay`` (``backoff·2^k``, capped, ±10%
+        multiplicative jitter), which tenacity's built-in waits do not offer (their jitter is additive or
+        full-range); every other fault is raised at once."""
+        from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
+
+        def attempt() -> Any:
             record.attempts += 1
-            try:
-                return self._attempt(request.model_copy(), blob, record)
-            except TransientFault as fault:
-                last = fault
+            return self._attempt(request.model_copy(), blob, record)
+
+        retrying = Retrying(stop=stop_after_attempt(self.policy.retries + 1),
+                            wait=lambda state: self.policy.delay(state.attempt_number - 1),
+                            retry=retry_if_exception_type(TransientFault), reraise=True,
+                            sleep=lambda seconds: time.sleep(seconds))
+        try:
+            return retrying(attempt)
+        except TransientFault as fault:
+            last = fault
         n = self.policy.retries + 1
         if last.kind == "timeout":
             raise RemoteTimeoutError(

@@ -33,7 +33,8 @@ def resolve_host(remote: bool | str) -> str:
 class RetryPolicy:
     """``retries`` extra attempts after a dropped connection or a timeout, waiting ``backoff·2^k``
     seconds (at most ``backoff_max``, ±10% jitter) before attempt k+1. ``timeout`` is how long the
-    client waits without hearing anything from the server (a silent server) before giving up on an attempt."""
+    client waits without hearing anything from the server (a silent server) before giving up on an attempt.
+    The attempts are made by tenacity (:meth:`NdifBackend._with_retries`), waiting :meth:`delay`."""
 
     retries: int = 3
     timeout: float = 900.0

@@ -1,0 +1,114 @@
+"""The prompt records' schema as pydantic models; :mod:`.files` turns their errors into today's messages.
+
+A record is validated with ``model_validate(record, context={"labels": labels})``; every check of one
+record (missing and unknown fields, a side that is not an object, an empty prompt, a label that is not
+an answer label, an unusable ``prompt_id``) is one pydantic error, whose message (for the value checks)
+is the fix the user reads. Duplicates and the pairing of the seed's two files span records, so
+:mod:`.files` checks them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+
+
+def norm_label(value: Any) -> Any:
+    """A label as the string the prompt files mean: ``1`` and ``"1"`` are the same label."""
+    return str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else value
+
+
+def valid_id(pid: Any) -> bool:
+    return isinstance(pid, (str, int)) and not isinstance(pid, bool) and str(pid).strip() != ""
+
+
+class Side(BaseModel):
+    """One side of a pair: the dilemma text and which answer label is the ethical one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Any
+    ethical_option: Any
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any) -> Any:
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError("'prompt' is empty or not a string; give the dilemma text")
+        return v
+
+    @field_validator("ethical_option")
+    @classmethod
+    def _label(cls, v: Any, info: ValidationInfo) -> Any:
+        labels = list((info.context or {}).get("labels", ()))
+        if norm_label(v) not in labels:
+            raise ValueError(f"ethical_option {v!r} is not one of the answer labels {labels}; "
+                             "use one of them (or pass --labels to match your prompts)")
+        return v
+
+
+class SeedRecord(Side):
+    """A record of the seed's ``base_prompts.json`` / ``counterfactual_prompts.json``."""
+
+    prompt_id: Any
+    category: Any = None
+    original_id: Any = None
+
+    @field_validator("prompt_id")
+    @classmethod
+    def _id(cls, v: Any) -> Any:
+        if not valid_id(v):
+            raise ValueError(f"prompt_id must be a non-empty string, got {json.dumps(v)}")
+        return v
+
+
+class JsonlRecord(BaseModel):
+    """One line of a ``.jsonl`` prompt file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_id: Any
+    category: Any = None
+    base: Side
+    counterfactual: Side
+
+    _id = field_validator("prompt_id")(SeedRecord._id.__func__)
+
+
+SEED_REQUIRED = ("prompt_id", "prompt", "ethical_option")
+JSONL_REQUIRED = ("prompt_id", "base", "counterfactual")
+SEED_FIELDS = sorted(SeedRecord.model_fields)
+JSONL_FIELDS = sorted(JsonlRecord.model_fields)
+SIDE_FIELDS = sorted(Side.model_fields)
+
+
+class Errors:
+    """A record's pydantic errors, looked up by where they are (``loc``) and what they are (``type``)."""
+
+    def __init__(self, model: type[BaseModel], record: dict, labels: Sequence[str]) -> None:
+        try:
+            model.model_validate(record, context={"labels": list(labels)})
+            self.errors: list[dict] = []
+        except ValidationError as e:
+            self.errors = e.errors(include_url=False)
+
+    def fields(self, kind: str, at: tuple = ()) -> list[str]:
+        """Field names directly under ``at`` with an error of type ``kind`` (e.g. missing, extra_forbidden)."""
+        return [str(e["loc"][-1]) for e in self.errors if e["type"] == kind and tuple(e["loc"][:-1]) == at]
+
+    def has(self, kind: str, at: tuple) -> bool:
+        return any(e["type"] == kind and tuple(e["loc"]) == at for e in self.errors)
+
+    def value(self, at: tuple) -> Any:
+        """The input a value check at ``at`` refused."""
+        return next((e["input"] for e in self.errors if tuple(e["loc"]) == at and e["type"] == "value_error"), None)
+
+    def message(self, at: tuple) -> str | None:
+        """The fix written by a value check at ``at`` (without pydantic's "Value error, " prefix)."""
+        for e in self.errors:
+            if tuple(e["loc"]) == at and e["type"] == "value_error":
+                return str(e["ctx"]["error"])
+        return None
