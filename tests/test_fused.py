@@ -143,3 +143,25 @@ def test_atp_runs_on_the_last_position_only_when_asked(tiny_models, prompt_set):
     grid = ne.analyze(model, pairs, ["patching_grid"], patching_grid=PatchingOptions(layers=(0,)))["patching_grid"]
     assert "atp_delta" not in default and "atp_delta" in asked and "atp_delta" in grid
     assert _bits_equal(default, asked.drop_vars([v for v in asked.variables if v not in default.variables])) == []
+
+
+def test_the_benchmark_builds_its_random_model_and_long_pairs(prompt_set):
+    """scripts/bench_run.py's CUDA path, on a tiny shape on the CPU; its 8B shape has about 8e9 parameters."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_run
+
+    s = bench_run.SHAPE_8B
+    d, f, L, kv = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["num_key_value_heads"]
+    per_layer = 2 * d * d + 2 * d * (d // s["num_attention_heads"] * kv) + 3 * d * f
+    assert 7.9e9 < L * per_layer + 2 * s["vocab_size"] * d < 8.1e9
+    model = bench_run.random_model(bench_run.SHAPE_TINY, torch.float32, "cpu")
+    assert (model.n_layers, model.d_model) == (3, 64)
+    pairs = bench_run.long_pairs(str(Path(__file__).resolve().parents[1] / "prompts"), 5, "Some context.")
+    assert len({p.prompt_id for p in pairs}) == 5 and pairs[0].base.startswith("Some context. ")
+    out = ne.analyze(model, pairs[:2], ["decisions", "lens"])
+    assert out["decisions"].sizes["prompt"] == 2
