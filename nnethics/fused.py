@@ -79,8 +79,9 @@ class Rows:
     n: int
 
 
-def _session(model: Any, batch: Rows, reads: list[SharedReads], jobs: list[dict]) -> list[Any]:
-    """The shared trace and every member's extra rows: one :meth:`~nnethics.models.handle.ModelHandle.session`."""
+def _session(model: Any, batch: Rows, steps: list[tuple], jobs: list[dict]) -> list[Any]:
+    """The shared trace and every member's extra rows: one :meth:`~nnethics.models.handle.ModelHandle.session`.
+    ``steps``: each member's ``(read, rows)`` (only those travel: ``start`` and ``build`` run here)."""
     cache_wanted = any(j.get("cache") for j in jobs)
     inputs = batch.encoded.inputs()
     width = int(inputs["input_ids"].shape[1])
@@ -90,15 +91,14 @@ def _session(model: Any, batch: Rows, reads: list[SharedReads], jobs: list[dict]
         with tracer.invoke(inputs):
             if cache_wanted:
                 cache = model.lm.output.cache.save()
-        for i, (r, job) in enumerate(zip(reads, jobs)):
+        for i, ((read, _), job) in enumerate(zip(steps, jobs)):
             with tracer.invoke():
-                saved[i] = r.read(model, batch, job)
+                saved[i] = read(model, batch, job)
     prefix = None
     if cache is not None and cut_prefix(cache):
         prefix = Prefix(cache, {(s, None): s for s in range(2 * batch.n)}, width - 1, {})
     out = []
-    for r, job, got in zip(reads, jobs, [saved.get(i) for i in range(len(reads))]):
-        rows = r.rows
+    for (_, rows), job, got in zip(steps, jobs, [saved.get(i) for i in range(len(steps))]):
         out.append(got if rows is None else rows(model, batch, job, got, prefix if job.get("cache") else None))
     return out
 
@@ -115,7 +115,7 @@ def run_chunk(model: Any, pairs: Sequence, members: Sequence[Member], label_ids:
         jobs = [m.reads.start(model, batch, m.options, m.prepared) for m in group]
         wire = [{k: v for k, v in job.items() if not k.startswith("_")} for job in jobs]  # "_": stays here
         rows = Rows(dataclasses.replace(batch.encoded, texts=[]), list(batch.label_ids), batch.n)
-        got = model.session(_session, rows, [m.reads for m in group], wire)
+        got = model.session(_session, rows, [(m.reads.read, m.reads.rows) for m in group], wire)
         for m, job, g in zip(group, jobs, got):
             out[m.name] = m.reads.build(model, batch, job, g)
     return out
