@@ -101,7 +101,9 @@ def rotated_min(items: dict, rounds: int) -> dict[str, float]:
         for name in names[r % len(names):] + names[:r % len(names)]:
             t = time.perf_counter()
             items[name]()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
+            dt = time.perf_counter() - t
+            best[name] = min(best.get(name, float("inf")), dt)
+            print(f"  round {r + 1} {name}: {dt:.2f} s", flush=True)
     return best
 
 
