@@ -36,9 +36,12 @@ def cli() -> None:
 @click.option("--analyses", type=AnalysisNames(), default=None,
               help="Comma-separated analyses to run, each with its default options (default: decisions, patching, "
                    "attribution, lens; `nnethics run --help` lists every registered name in the error for a wrong one).")
+@click.option("--atp/--no-atp", default=None,
+              help="Attribution patching in the patching analysis (default: off at the last position; as `nnethics "
+                   "patch --atp`).")
 @friendly
 def run(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat, limit,
-        store, overwrite, lock_timeout, batch_size, analyses, progress) -> None:
+        store, overwrite, lock_timeout, batch_size, analyses, atp, progress) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
     from .analyses import default_names
     from .models.registry import ModelRegistry
@@ -56,7 +59,8 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
         with store_lock(Path(store) / model.slug, timeout=lock_timeout):
             results = run_all(model, prompts, store=str(store), analyses=wanted, chat=chat, batch_size=batch_size,
                               progress=progress, overwrite=overwrite, lock_timeout=lock_timeout,
-                              note=lambda text: click.echo(f"note: {text}", err=True))
+                              note=lambda text: click.echo(f"note: {text}", err=True),
+                              overrides={"patching": {"atp": atp}} if atp is not None else None)
             for name, (path, summary) in results.items():
                 click.echo(f"{name}: {path}")
                 if summary:

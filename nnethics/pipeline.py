@@ -99,11 +99,31 @@ def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunConte
 
 def run_all(model: Any, prompts: PromptSet, store: str, analyses: Sequence[str] | None = None, chat: bool | None = None,
             batch_size: int = 8, progress: bool | None = None, overwrite: bool = False,
-            lock_timeout: float | None = None, note: Callable[[str], None] | None = None) -> dict[str, tuple[str, str]]:
-    """Run each named analysis (default: every default one) with its default options; ``{name: (path, summary)}``."""
+            lock_timeout: float | None = None, note: Callable[[str], None] | None = None,
+            overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[str, str]]:
+    """Run each named analysis (default: every default one) with its default options (``overrides``: option values by
+    analysis name, e.g. ``{"patching": {"atp": True}}``); ``{name: (path, summary)}``. The analyses that declare
+    their reads share ONE trace per chunk (:mod:`nnethics.fused`); the others run one after the other."""
+    from .fused import member, run_stored
+
     ctx = make_context(model, prompts, chat)
-    return {name: run_one(name, model, prompts, store, ctx, batch_size, progress, overwrite, lock_timeout, note=note)
-            for name in (analyses or default_names())}
+    names = tuple(analyses or default_names())
+    given = {name: ANALYSES[name].make_options(name, labels=ctx.labels, chat=ctx.chat, **values)
+             for name, values in (overrides or {}).items() if name in names}
+    plans = {name: plan(name, model, ctx, given.get(name), note) for name in names}
+    members = {name: member(p.analysis, model, p.options, p.prepared, name) for name, p in plans.items()}
+    fused = {name: p for name, p in plans.items() if members[name] is not None}
+    done = {}
+    if fused:  # ONE shared trace (one request remotely) per chunk for every analysis that declares its reads
+        with store_lock(result_path(store, model.slug, next(iter(fused))).parent, timeout=lock_timeout):
+            datasets = run_stored(fused, members, model, prompts, store, ctx.label_ids, batch_size, overwrite,
+                                  progress)
+        done = {name: (str(result_path(store, model.slug, name)), fused[name].analysis.summarize(ds))
+                for name, ds in datasets.items()}
+    return {name: done[name] if name in done else
+            run_one(name, model, prompts, store, ctx, batch_size, progress, overwrite, lock_timeout,
+                    options=plans[name].options)
+            for name in names}
 
 
 def pairs_as_set(pairs: Sequence[PromptPair], labels: Sequence[str] = DEFAULT_LABELS) -> PromptSet:
@@ -158,16 +178,27 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
     extra = [n for n in options if n not in names]
     if extra:
         raise ValueError(f"options given for {', '.join(extra)}, which is not among the analyses run ({', '.join(names)})")
+    from .fused import member, run_chunk
+
     ctx = make_context(model, prompts, chat)
-    out = {}
+    plans = {}
     for name in names:
         opts = _options_for(name, options[name], ctx) if name in options else None
         if opts is not None and ANALYSES[name].check is not None:
             ANALYSES[name].check(model, opts)
-        p = plan(name, model, ctx, opts, note)
-        chunks = [prompts.pairs[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-        with STATS.scope(name):
-            ds = combine([p.compute(model, chunk, ctx.label_ids) for chunk in chunks], prompts.ids())
+        plans[name] = plan(name, model, ctx, opts, note)
+    members = {n: member(p.analysis, model, p.options, p.prepared, n) for n, p in plans.items()}
+    fused = [n for n in names if members[n] is not None]
+    chunks = [prompts.pairs[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    with STATS.scope("+".join(fused)):  # ONE shared trace (one request remotely) per chunk for all of them
+        got = [run_chunk(model, chunk, [members[n] for n in fused], ctx.label_ids) for chunk in chunks] if fused else []
+    out = {}
+    for name, p in plans.items():
+        if name in fused:
+            ds = combine([g[name] for g in got], prompts.ids())
+        else:
+            with STATS.scope(name):
+                ds = combine([p.compute(model, chunk, ctx.label_ids) for chunk in chunks], prompts.ids())
         ds.attrs = p.attrs(model, prompts)
         ds = p.analysis.finalize(ds) if p.analysis.finalize is not None else ds
         out[name] = describe(ds)  # the CF attrs the store's writer adds

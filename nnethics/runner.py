@@ -64,7 +64,30 @@ def run_analysis(
 
 def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts: PartStore, batch_size: int,
                 progress: bool | None, finalize: Callable[[xr.Dataset], xr.Dataset] | None = None) -> xr.Dataset:
-    """Run the pairs not yet stored, in chunks; on OOM, halve the chunk and go on from the first unfinished pair.
+    """Run the pairs not yet stored, in chunks (:func:`run_in_chunks`), then consolidate the parts."""
+    done = parts.done_ids()
+    todo = [p for p in prompts.pairs if p.prompt_id not in done]
+    label = f"{name} [{model.slug}]"
+    say_skipped(label, len(prompts) - len(todo), len(prompts), parts.final.parent)
+
+    def step(chunk: list[PromptPair]) -> xr.Dataset:
+        with STATS.scope(name):  # remote requests of this chunk count under the analysis name
+            return fn(model, chunk)
+
+    with progress_bar(len(prompts), label, show=progress, initial=len(prompts) - len(todo)) as bar:
+        run_in_chunks(todo, batch_size, step, lambda chunk, ds: parts.write_part(ds), bar)
+    return parts.consolidate(order=prompts.ids(), finalize=finalize)
+
+
+def say_skipped(label: str, skipped: int, total: int, folder: Any) -> None:
+    if skipped:  # a rerun or resumed run: say what it skips
+        click.echo(f"{label}: skipping {skipped} of {total} prompts already done in {folder}", err=True)
+
+
+def run_in_chunks(todo: Sequence[PromptPair], batch_size: int, step: Callable[[list], Any],
+                  done: Callable[[list, Any], None], bar: Any = None) -> None:
+    """``done(chunk, step(chunk))`` for chunks of ``todo``; on OOM, halve the chunk and go on from the first
+    unfinished pair (the runner's loop and the fused run's, :mod:`nnethics.fused`).
 
     accelerate's ``find_executable_batch_size`` retries the loop with a smaller size after an OOM (clearing
     the device cache and collecting garbage first). Used with two adjustments, measured against
@@ -76,12 +99,6 @@ def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts
     "not supported" is no OOM). The loop state lives outside the retried function, so a retry resumes at
     the first unfinished pair, not at the start, and finished chunks stay written.
     """
-    done = parts.done_ids()
-    todo = [p for p in prompts.pairs if p.prompt_id not in done]
-    label = f"{name} [{model.slug}]"
-    if len(todo) < len(prompts):  # a rerun or resumed run: say what it skips
-        click.echo(f"{label}: skipping {len(prompts) - len(todo)} of {len(prompts)} prompts already done in "
-                   f"{parts.final.parent}", err=True)
     state: dict[str, Any] = {"i": 0, "size": batch_size, "err": None, "original": None}
 
     def halve() -> int:
@@ -91,21 +108,19 @@ def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts
         return state["size"]
 
     @find_executable_batch_size(starting_batch_size=batch_size, reduce_batch_size_fn=halve)
-    def rest(size: int, bar) -> None:
+    def rest(size: int) -> None:
         while state["i"] < len(todo):
-            chunk = todo[state["i"]:state["i"] + size]
+            chunk = list(todo[state["i"]:state["i"] + size])
             try:
-                with STATS.scope(name):  # remote requests of this chunk count under the analysis name
-                    ds = fn(model, chunk)
+                out = step(chunk)
             except Exception as err:  # noqa: BLE001 - only OOM is retried
                 state["original"], state["err"] = err, ChunkOutOfMemory(size) if is_oom(err) else err
                 if state["err"] is err:
                     raise
                 raise state["err"] from err
-            parts.write_part(ds)
+            done(chunk, out)
             state["i"] += len(chunk)
-            bar.update(len(chunk))
+            if bar is not None:
+                bar.update(len(chunk))
 
-    with progress_bar(len(prompts), label, show=progress, initial=len(prompts) - len(todo)) as bar:
-        rest(bar)
-    return parts.consolidate(order=prompts.ids(), finalize=finalize)
+    rest()

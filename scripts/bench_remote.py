@@ -4,7 +4,8 @@ Three measurements, each printed as one table row per analysis:
 
 (a) **loopback**: the built-in model is served by the loopback NDIF server of ``tests/ndif_server.py``
     (a child process that cannot import nnethics, speaking the real protocol on 127.0.0.1) and each
-    analysis runs through ``nnethics.pipeline.run_one`` with a remote handle. Bytes are on the wire,
+    analysis runs through ``nnethics.pipeline.run_one`` with a remote handle, then all of them as one
+    ``run_all`` (the fused run: one shared trace, one request per chunk). Bytes are on the wire,
     as :data:`nnethics.models.remote.STATS` counts them: up = payload + request envelope, down =
     status frames + result.
 (b) ``--shape 70b``: a weightless Llama-3.1-70B-shaped model (80 layers x 8192, 64 heads, bfloat16,
@@ -37,7 +38,7 @@ from nnethics.models import load_model  # noqa: E402
 from nnethics.models.builtin import ensure_cached  # noqa: E402
 from nnethics.models.remote import STATS, NdifBackend  # noqa: E402
 from nnethics.analyses import ANALYSES  # noqa: E402
-from nnethics.pipeline import DEFAULT_ANALYSES, make_context, run_one  # noqa: E402
+from nnethics.pipeline import DEFAULT_ANALYSES, make_context, run_all, run_one  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 
 BUILTIN_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -86,6 +87,14 @@ def loopback(pairs: int, batch: int, analyses: list[str], store: Path, folder: P
             rows.append((f"{label} ({handle.n_layers} x {handle.d_model}, {handle.dtype})", name, f"{pairs}, {batch}",
                          t["requests"], f"{t['bytes_sent'] / 1024 / pairs:.1f}",
                          f"{t['bytes_received'] / 1024 / pairs:.1f}"))
+            print(rows[-1], flush=True)
+        if len(analyses) > 1:  # the same analyses as ONE run: one shared trace, one request per chunk
+            STATS.reset()
+            run_all(handle, prompts, str(store / "fused"), analyses, batch_size=batch, progress=False)
+            t = STATS.totals()
+            rows.append((f"{label} ({handle.n_layers} x {handle.d_model}, {handle.dtype})",
+                         f"run (fused: {'+'.join(analyses)})", f"{pairs}, {batch}", t["requests"],
+                         f"{t['bytes_sent'] / 1024 / pairs:.1f}", f"{t['bytes_received'] / 1024 / pairs:.1f}"))
             print(rows[-1], flush=True)
     finally:
         server.stop()

@@ -34,7 +34,7 @@ def cli_files(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     store = tmp_path_factory.mktemp("api-store")
     common = ["--model", str(tiny_model_dir), "--limit", str(LIMIT), "--store", str(store), "--no-progress",
               "--batch-size", str(BATCH)]
-    for args in (["run"], VARIANT[1]):
+    for args in (["run", "--atp"], VARIANT[1]):  # --atp: every variable of the README's patching table
         res = CliRunner().invoke(cli, [*args, *common])
         assert res.exit_code == 0, res.output
     return {p.stem: p for p in store.glob("*/*.nc")}
@@ -44,7 +44,7 @@ def cli_files(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 def api_results(tiny_model_dir) -> dict:
     model = ne.load_model(str(tiny_model_dir))
     prompts = ne.load_prompts(PROMPTS).subset(limit=LIMIT)
-    out = ne.analyze(model, prompts, batch_size=BATCH)
+    out = ne.analyze(model, prompts, batch_size=BATCH, patching=ne.PatchingOptions(atp=True))
     out.update(ne.analyze(model, prompts, [VARIANT[0]], batch_size=BATCH,
                           **{VARIANT[0]: ne.PatchingOptions(**VARIANT[2])}))
     return out

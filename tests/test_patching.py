@@ -55,7 +55,7 @@ SHORT = [
     PromptPair("s3", "Lie?\nOption 1: Yes.\nOption 2: No.\nAnswer:", "Lie?\nOption 1: No.\nOption 2: Yes.\nAnswer:",
                "2", "1"),
 ]
-PLAIN = dict(chat=False)
+PLAIN = dict(chat=False, atp=True)  # AtP asked for (off by default at the last position): the checks cover it
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_chat_formatted_prompts_match_reference(strong_models, chat_pairs):
     model = strong_models("llama")
     hf = model.lm._module
     ids, toks = _ids(model, chat_pairs, chat=None)
-    ds = activation_patching(model, chat_pairs, PatchingOptions(components=("resid", "mlp")))
+    ds = activation_patching(model, chat_pairs, PatchingOptions(components=("resid", "mlp"), atp=True))
     noised = causal_tracing(model, chat_pairs, PatchingOptions(positions="all", layers=(1,)))
     for i, (b, c) in enumerate(toks):
         sweep = ref.patch_sweep(hf, b, c, ids, ("resid", "mlp"))
@@ -483,7 +483,7 @@ def test_builtin_model_reference_and_atp_correlation(builtin_model, prompt_set):
     """The built-in model: one pair against the reference; AtP vs exact correlation (printed)."""
     model = builtin_model
     pairs = list(prompt_set.pairs[:6])
-    ds = activation_patching(model, pairs, PatchingOptions())
+    ds = activation_patching(model, pairs, PatchingOptions(atp=True))
     ids, toks = _ids(model, pairs[:1] + pairs[3:4], chat=None)
     b, c = toks[0]
     sweep = ref.patch_sweep(model.lm._module, b, c, ids, ("resid",))

@@ -36,7 +36,7 @@ from nnethics.cli import cli
 
 OLD = Path(__file__).parent / "data" / "regression" / "smollm2-135m-instruct"
 COMMANDS = [
-    ["run", "--limit", "3"],
+    ["run", "--limit", "3", "--atp"],  # AtP is off by default on the last-position path since the fused run
     ["patch", "--limit", "1", "--positions", "grid", "--layers", "0,29", "--components", "resid"],
     ["patch", "--limit", "2", "--corruption", "noise", "--noise-samples", "2", "--window", "3",
      "--layers", "0-5,27-29"],

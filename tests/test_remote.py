@@ -175,17 +175,20 @@ def _compare_runs(server, model_dir, tmp_path, *extra, same=None, max_kb=MAX_KB_
     assert total["requests"] == after["requests"] - before["requests"] == total["attempts"]
     assert total["bytes_sent"] == after["bytes_in"] - before["bytes_in"]
     print()
-    # requests are labelled with the analysis name from the registry (the runner's STATS.scope)
-    runs = {label: sum(f.stem == label for f in local_files) for label in STATS.labels()}
+    # requests are labelled with the analysis name from the registry (the runner's STATS.scope); the analyses
+    # that share one trace per chunk (nnethics.fused) send ONE request per chunk, labelled "a+b+..."
+    stems = {f.stem for f in local_files}
     for label in STATS.labels():
+        names = label.split("+")
+        assert set(names) <= stems, label
         t = STATS.totals(label)
-        per_pair = (t["bytes_sent"] + t["bytes_received"]) / 1024 / limit / runs[label]
-        print(f"{label}: {t['requests']} requests for {chunks} chunks of {batch} pairs in {runs[label]} analyses, "
+        per_pair = (t["bytes_sent"] + t["bytes_received"]) / 1024 / limit / len(names)
+        print(f"{label}: {t['requests']} requests for {chunks} chunks of {batch} pairs in {len(names)} analyses, "
               f"{t['bytes_sent'] / limit / 1024:.2f} KB up + {t['bytes_received'] / limit / 1024:.2f} KB down per pair")
-        assert t["requests"] == chunks * runs[label], label  # one request per chunk, every analysis
+        assert t["requests"] == chunks, label  # one request per chunk, for every analysis of the label
         assert per_pair <= max_kb, (label, per_pair)
-    if "decisions" in runs:
-        assert STATS.totals("decisions")["requests"] == chunks
+    assert sum(STATS.totals(label)["requests"] for label in STATS.labels() if "decisions" in label.split("+")) in (
+        0, chunks)
     return {f.stem for f in local_files}
 
 
@@ -201,6 +204,26 @@ def test_cli_remote_heads_matches_local(server, tiny_model_dir, tmp_path):
     because which heads are the top ones is known only once every chunk has run."""
     assert _compare_runs(server, tiny_model_dir, tmp_path, "--analyses", "heads", max_kb=2 * MAX_KB_PER_PAIR) == {
         "heads"}
+
+
+def test_a_fused_remote_run_is_one_request_per_chunk_and_no_more_bytes(server, tiny_model_dir, tmp_path):
+    """decisions + attribution + lens through one shared trace: one request per chunk, and no more bytes per
+    pair than the three analyses run one by one."""
+    args = ("--limit", "4", "--batch-size", "2")
+    res = _run(tmp_path / "fused", tiny_model_dir, *args, "--analyses", "decisions,attribution,lens")
+    assert res.exit_code == 0, _message(res)
+    fused = STATS.totals()
+    assert STATS.labels() == ["decisions+attribution+lens"] and fused["requests"] == 2
+    separate = {"requests": 0, "bytes_sent": 0, "bytes_received": 0}
+    for name in ("decisions", "attribution", "lens"):
+        res = _run(tmp_path / name, tiny_model_dir, *args, "--analyses", name)  # the CLI resets STATS per run
+        assert res.exit_code == 0, _message(res)
+        separate = {k: v + STATS.totals()[k] for k, v in separate.items()}
+    assert separate["requests"] == 6
+    print(f"\nfused: {fused['bytes_sent'] / 4 / 1024:.2f} KB up + {fused['bytes_received'] / 4 / 1024:.2f} KB down "
+          f"per pair; separate: {separate['bytes_sent'] / 4 / 1024:.2f} + {separate['bytes_received'] / 4 / 1024:.2f}")
+    assert fused["bytes_sent"] <= separate["bytes_sent"]
+    assert fused["bytes_received"] <= separate["bytes_received"] * 1.02  # the same results, one envelope
 
 
 @pytest.mark.slow

@@ -72,8 +72,17 @@ import xarray as xr
 from .. import export
 from .. import verdict as _verdict
 from ..prompts import SIDES, PromptPair
-from .base import Analysis, chat_field, check_layers, check_values, labels_field, option, parse_layers, register
-from .common import encode_pairs
+from .base import (
+    Analysis,
+    SharedReads,
+    chat_field,
+    check_layers,
+    check_values,
+    labels_field,
+    option,
+    parse_layers,
+    register,
+)
 
 if TYPE_CHECKING:  # loaded when attribution runs: declaring the analysis needs no torch
     from torch import Tensor
@@ -141,8 +150,13 @@ def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
     ``head_options`` (``"true"``/``"false"``) and ``head_options_reason`` of ``head_contribution`` (and of
     the Dataset, for a direct call).
     """
-    from .attribution_trace import collect, contributions
+    from ..fused import compute_alone
 
+    return compute_alone(ANALYSIS, model, pairs, options, label_ids, lambda: None)
+
+
+def _start(model: Any, batch: Any, options: AttributionOptions, prepared: dict) -> dict:
+    """What the shared trace projects: the kept layers, heads and whether they come back per option."""
     labels = list(options.labels)
     if len(labels) < 2:
         raise ValueError(f"attribution needs at least two labels, got {labels}")
@@ -151,18 +165,32 @@ def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
     bad = [i for i in keep if not 0 <= i < L]
     if bad or not keep:
         raise ValueError(f"layers {bad or keep} are out of range: the model has layers 0-{L - 1}")
-    batch = encode_pairs(model, pairs, labels, options.chat, label_ids)
     per_option, why = head_options_choice(model, options, len(keep))
-    proj = collect(model, batch.encoded.inputs(), batch.label_ids, heads=options.heads, kept=keep,
-                   per_option=per_option)
+    return {"_options": options, "_why": why, "kept": keep, "heads": options.heads, "per_option": per_option}
+
+
+def _build(model: Any, batch: Any, job: dict, got: dict) -> xr.Dataset:
+    """The attribution Dataset of a chunk from the projections the shared trace brought back."""
+    from .attribution_trace import Projections, contributions
+
+    options, pairs, keep, per_option = job["_options"], batch.pairs, job["kept"], job["per_option"]
+    labels, L = list(options.labels), model.n_layers
+    proj = Projections(**got)
     n_experts = int(model.config.num_local_experts) if model.adapter.moe else None
     ds = _dataset(contributions(proj, n_experts), pairs, batch.label_ids, labels, keep, L, per_option)
     if "head_contribution" in ds:
-        recorded = {"head_options": "true" if per_option else "false", "head_options_reason": why}
+        recorded = {"head_options": "true" if per_option else "false", "head_options_reason": job["_why"]}
         ds["head_contribution"].attrs.update(recorded)
         ds.attrs.update(recorded)
     ethical_first = np.array([[p.ethical(s) == labels[0] for s in SIDES] for p in pairs], dtype=bool)
     return finalize(_verdict.add_position_content_split(ds, ethical_first))
+
+
+def shares(model: Any, options: AttributionOptions, prepared: dict) -> SharedReads:
+    """Attribution projects every part on the label directions inside the shared trace."""
+    from .attribution_trace import read_projections  # the read runs on the server too: nothing imports there
+
+    return SharedReads(start=_start, read=read_projections, build=_build)
 
 
 def _dataset(c: dict[str, Tensor], pairs: Sequence[PromptPair], label_ids: Sequence[int], labels: list[str],
@@ -272,4 +300,5 @@ ANALYSIS = register(Analysis(
     help="Direct logit attribution: each layer's attention and MLP (and each head / expert) contribution to the "
          "label logits at the decision token; writes STORE/<model>/attribution.nc.",
     tables=export.attribution_tables,
-    render=("nnethics.render.attribution",)))
+    render=("nnethics.render.attribution",),
+    shares=shares))

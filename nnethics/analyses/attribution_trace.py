@@ -224,60 +224,90 @@ def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], hea
             kept: Sequence[int] | None = None, per_option: bool = True) -> Projections:
     """One trace over every row that projects inside the trace and brings back only :class:`Projections`.
 
-    Reads in forward order. The body refers only to envoys and Python numbers and lists, detaches what it
-    reads (servers may run with autograd on) and returns fresh tensors (no views of large storage), so it
-    is the same code locally, in nnsight's dry run of the remote path and on NDIF.
+    The body (:func:`project`) refers only to envoys and Python numbers and lists, detaches what it reads
+    (servers may run with autograd on) and returns fresh tensors (no views of large storage), so it is the same
+    code locally, in nnsight's dry run of the remote path and on NDIF.
     """
+    n_rows = int(inputs["input_ids"].shape[0])
+    with torch.no_grad(), model.trace(inputs):
+        got = project(model, n_rows, label_ids, heads, kept, per_option, adhoc_logits=False)
+    return Projections(**got)
+
+
+def read_projections(model: Any, batch: Any, job: dict) -> dict:
+    """:func:`project` inside the chunk's shared trace (:mod:`nnethics.fused`), whose forward keeps the last
+    position's logits only: the label logits are unembedded from the full final-norm output here, as the plain
+    forward of :func:`collect` does, so they keep its bits."""
+    return project(model, 2 * batch.n, batch.label_ids, job["heads"], job["kept"], job["per_option"],
+                   adhoc_logits=True)
+
+
+def _softcapped(logits: Tensor, cap: float | None) -> Tensor:
+    """The model's final-logit soft-cap (Gemma 2), with its own operations, so the same bits come out."""
+    if not cap:
+        return logits
+    return torch.tanh(logits / cap) * cap
+
+
+def project(model: Any, n_rows: int, label_ids: Sequence[int], heads: bool, kept: Sequence[int] | None,
+            per_option: bool, adhoc_logits: bool) -> dict:
+    """Inside a trace over ``n_rows`` rows: every part at the last position on the label directions (see
+    :func:`collect`). Reads in forward order. ``adhoc_logits``: the label logits from an unembedding of the
+    whole final-norm output after the forward (for a forward run with ``logits_to_keep=1``)."""
     lm, ad = model.lm, model.adapter
     L, H, ids = model.n_layers, model.n_heads, [int(i) for i in label_ids]
     keep = list(range(L)) if kept is None else [int(i) for i in kept]
-    n_rows = int(inputs["input_ids"].shape[0])
     head, norm, first_layer = lm.lm_head, lm.model.norm, model.layer(0)
     o_projs, attn_outs, mlp_outs = ([get(i) for i in range(L)] for get in (model.o_proj, model.attn_out, model.mlp_out))
     post_norms = [get_path(model.layer(i), ad.attn_post_norm) for i in range(L)] if ad.attn_post_norm else []
     post_eps, eps = [final_norm_eps(ad, p._module) for p in post_norms], final_norm_eps(ad, norm._module)
     post, moe, attn_tuple, conv1d = bool(post_norms), ad.moe, ad.attn_out_is_tuple, ad.o_proj_conv1d
     offset, centre, half = ad.norm == "rms_offset", ad.norm == "layer", is_half(model)
-    with torch.no_grad(), model.trace(inputs):
-        # The label directions, from the weights where they live: W_U rows ⊙ final-norm gain.
-        direction, const = label_directions(head, norm, ids, offset, centre)
-        x0 = first_layer.inputs[0][0][:, -1].detach().double()
-        embed = (x0.to(direction.device) @ direction.T).cpu()
-        parts, head_parts, biases, post_parts, expert_parts, expert_idx = [], [], [], [], [], []
-        for i in range(L):
-            if i in keep:
-                proj = o_projs[i]
-                # Gemma: heads pass through the post-attention norm's gain (its scale frozen below)
-                w, d_i, bias = o_proj_terms(proj, post_norms[i] if post else None, direction)
-                biases.append(bias.cpu())
-                if heads:
-                    head_parts.append(head_terms(proj, w, d_i if per_option else d_i[:1] - d_i[1:2], H, conv1d, half))
-                if post:
-                    o = proj.output[:, -1].detach().double()
-                    post_parts.append(torch.rsqrt(o.pow(2).mean(-1) + post_eps[i]).cpu())
-            a = attn_outs[i].output
-            a = (a[0] if attn_tuple else a)[:, -1].detach().double()
-            a = (a.to(direction.device) @ direction.T).cpu()
-            if moe and i in keep:
-                routed, idx = expert_terms(mlp_outs[i], n_rows, direction)
-                expert_parts.append(routed)
-                expert_idx.append(idx)
-            m = mlp_outs[i].output
-            m = (m[0] if isinstance(m, tuple) else m)[:, -1].detach().double()
-            parts.append(torch.stack([a, (m.to(direction.device) @ direction.T).cpu()], dim=1))  # [N, 2, O]
-        x = norm.input[:, -1].detach().double()
-        var = x.var(-1, unbiased=False) if centre else x.pow(2).mean(-1)
-        got = nnsight.save({
-            "scale": torch.rsqrt(var + eps).cpu(), "embed": embed, "layers": torch.stack(parts, dim=1),
-            "const": const.cpu(), "attn_bias": torch.stack(biases),
-            "heads": torch.stack(head_parts, dim=1) if head_parts else None,
-            "post": torch.stack(post_parts, dim=1) if post_parts else None,
-            "experts": torch.stack(expert_parts, dim=1) if expert_parts else None,
-            "expert_idx": torch.stack(expert_idx, dim=1) if expert_idx else None,
-            "pre_logits": head.output[:, -1, ids].detach().double().cpu(),
-            "logits": lm.output.logits[:, -1, ids].detach().double().cpu(),
-        })
-    return Projections(kept=tuple(keep), **got)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    # The label directions, from the weights where they live: W_U rows ⊙ final-norm gain.
+    direction, const = label_directions(head, norm, ids, offset, centre)
+    x0 = first_layer.inputs[0][0][:, -1].detach().double()
+    embed = (x0.to(direction.device) @ direction.T).cpu()
+    parts, head_parts, biases, post_parts, expert_parts, expert_idx = [], [], [], [], [], []
+    for i in range(L):
+        if i in keep:
+            proj = o_projs[i]
+            # Gemma: heads pass through the post-attention norm's gain (its scale frozen below)
+            w, d_i, bias = o_proj_terms(proj, post_norms[i] if post else None, direction)
+            biases.append(bias.cpu())
+            if heads:
+                head_parts.append(head_terms(proj, w, d_i if per_option else d_i[:1] - d_i[1:2], H, conv1d, half))
+            if post:
+                o = proj.output[:, -1].detach().double()
+                post_parts.append(torch.rsqrt(o.pow(2).mean(-1) + post_eps[i]).cpu())
+        a = attn_outs[i].output
+        a = (a[0] if attn_tuple else a)[:, -1].detach().double()
+        a = (a.to(direction.device) @ direction.T).cpu()
+        if moe and i in keep:
+            routed, idx = expert_terms(mlp_outs[i], n_rows, direction)
+            expert_parts.append(routed)
+            expert_idx.append(idx)
+        m = mlp_outs[i].output
+        m = (m[0] if isinstance(m, tuple) else m)[:, -1].detach().double()
+        parts.append(torch.stack([a, (m.to(direction.device) @ direction.T).cpu()], dim=1))  # [N, 2, O]
+    x = norm.input[:, -1].detach().double()
+    var = x.var(-1, unbiased=False) if centre else x.pow(2).mean(-1)
+    if adhoc_logits:
+        normed = norm.output.detach()
+        model.lm.output.logits  # noqa: B018 - wait for the end of the forward: the call below must not run inside it
+        full = head(normed)
+        pre_logits, logits = full[:, -1, ids].detach().double().cpu(), _softcapped(full, cap)[:, -1, ids]
+    else:
+        pre_logits, logits = head.output[:, -1, ids].detach().double().cpu(), lm.output.logits[:, -1, ids]
+    return nnsight.save({
+        "scale": torch.rsqrt(var + eps).cpu(), "embed": embed, "layers": torch.stack(parts, dim=1),
+        "const": const.cpu(), "attn_bias": torch.stack(biases),
+        "heads": torch.stack(head_parts, dim=1) if head_parts else None,
+        "post": torch.stack(post_parts, dim=1) if post_parts else None,
+        "experts": torch.stack(expert_parts, dim=1) if expert_parts else None,
+        "expert_idx": torch.stack(expert_idx, dim=1) if expert_idx else None,
+        "pre_logits": pre_logits, "logits": logits.detach().double().cpu(), "kept": tuple(keep),
+    })
 
 
 def contributions(p: Projections, n_experts: int | None = None) -> dict[str, Tensor]:

@@ -14,6 +14,12 @@ An analysis declares, once:
   at hand (the tuned lens to use), passed to every ``compute`` call and recorded in provenance;
 * optional ``check(model, options)``: option values the model rules out (a layer it does not have), raised
   as :class:`OptionError` before any prompt runs;
+* optional ``shares(model, options, prepared) -> SharedReads | None``: what the analysis reads from the chunk's
+  **shared trace** of the base and counterfactual rows (and which extra rows it runs after it), or None where
+  these options need a forward of its own. :mod:`nnethics.fused` plans ONE trace per chunk (one request
+  remotely) from the declarations of every analysis of a run, so analyses compose without knowing each other;
+  an analysis that declares nothing runs its own ``compute`` in the same run. A declaring analysis' ``compute``
+  is that same fused path with itself alone, so alone and together give the same bits;
 * ``summarize(ds) -> str`` (one line for the terminal) and optional ``finalize(ds)`` (cross-prompt
   statistics, once, after the chunks are consolidated);
 * ``render``: the modules of its report sections (each with ``SECTION`` and ``figures(ds, prompts)``, and
@@ -172,6 +178,26 @@ Compute = Callable[..., xr.Dataset]
 
 
 @dataclass(frozen=True)
+class SharedReads:
+    """An analysis' use of the chunk's shared trace (see :mod:`nnethics.fused`), as four steps.
+
+    ``start(model, batch, options, prepared) -> job``: before the trace, on this machine (a plan of extra rows);
+    ``read(model, batch, job) -> saved``: inside the shared trace, in an invoke of its own over every base and
+    counterfactual row (left-padded as ``batch.encoded.inputs()``, ``logits_to_keep=1``); it reads in forward
+    order and returns what it ``nnsight.save``-d; ``rows(model, batch, job, saved, prefix) -> got`` (optional):
+    after the trace, in the same session (one request remotely), e.g. patched one-token rows over ``prefix``, the
+    trace's key/value cache of every row but the last token (given when ``job["cache"]`` is true, else None);
+    ``build(model, batch, job, got) -> xr.Dataset``: the chunk's Dataset, on this machine. The bodies of ``read``
+    and ``rows`` ship by value to a server, so they touch only envoys, numbers, lists and tensors.
+    """
+
+    start: Callable[..., Any]
+    read: Callable[..., Any]
+    build: Callable[..., xr.Dataset]
+    rows: Callable[..., Any] | None = None
+
+
+@dataclass(frozen=True)
 class Analysis:
     """One technique: see the module docstring for each part."""
 
@@ -188,6 +214,7 @@ class Analysis:
     render: tuple[str, ...] = ()  # modules with SECTION and figures(ds, prompts) [+ variant_figures(ds, name)]
     tables: Callable[[xr.Dataset, Mapping[str, xr.Dataset]], dict[str, Any]] | None = None
     default: bool = True  # run by ``nnethics run`` without --analyses
+    shares: Callable[[Any, Any, dict], SharedReads | None] | None = None  # (model, options, prepared): its reads
 
     @property
     def names(self) -> tuple[str, ...]:

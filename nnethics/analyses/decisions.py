@@ -13,8 +13,8 @@ from .. import export
 from .. import verdict as _verdict
 from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import SIDES, PromptPair
-from .base import Analysis, chat_field, check_values, labels_field, option, register
-from .common import PairBatch, encode_pairs
+from .base import Analysis, SharedReads, chat_field, check_values, labels_field, option, register
+from .common import PairBatch
 
 if TYPE_CHECKING:
     import torch
@@ -39,15 +39,22 @@ def decision_logits(model: Any, batch: PairBatch) -> tuple[torch.Tensor, torch.T
     """One trace over every row: label logits ``[N, n_labels]``, log-normaliser ``[N]``, argmax token ``[N]``."""
     import torch
 
-    ids = list(batch.label_ids)
     # Only the last position's logits are needed: skip the unembedding of every other position.
     with torch.no_grad(), model.trace(batch.encoded.inputs(), logits_to_keep=1):
-        # The model's output logits, after any final soft-cap (Gemma 2), not lm_head's raw output.
-        last = model.lm.output.logits[:, -1, :]
-        label_logits = last[:, ids].float().clone().save()
-        lse = torch.logsumexp(last.float(), dim=-1).save()
-        top = last.argmax(dim=-1).save()
-    return label_logits.cpu(), lse.cpu(), top.cpu()
+        got = read_logits(model, batch, {})
+    return got["label_logits"].cpu(), got["lse"].cpu(), got["top"].cpu()
+
+
+def read_logits(model: Any, batch: PairBatch, job: dict) -> dict:
+    """Inside a trace over every row (``logits_to_keep=1``): the label logits, log-normaliser and argmax token."""
+    import nnsight
+    import torch
+
+    ids = list(batch.label_ids)
+    # The model's output logits, after any final soft-cap (Gemma 2), not lm_head's raw output.
+    last = model.lm.output.logits[:, -1, :]
+    return nnsight.save({"label_logits": last[:, ids].float().clone(), "lse": torch.logsumexp(last.float(), dim=-1),
+                         "top": last.argmax(dim=-1)})
 
 
 def _prompt_tokens(batch: PairBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -87,9 +94,20 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
     ``ethical_preference``, ``p_ethical``, ``position_bias``, ``swaps_ethical_label``, ``content_gap``,
     ``content_sensitive (prompt)``. :func:`finalize` adds the cross-pair statistics and the verdict.
     """
+    from ..fused import compute_alone
+
+    return compute_alone(ANALYSIS, model, pairs, options, label_ids, lambda: None)
+
+
+def _start(model: Any, batch: PairBatch, options: DecisionOptions, prepared: dict) -> dict:
+    return {"_options": options}
+
+
+def _build(model: Any, batch: PairBatch, job: dict, got: dict) -> xr.Dataset:
+    """The decisions Dataset of a chunk from what :func:`read_logits` brought back."""
+    options, pairs = job["_options"], batch.pairs
     labels = list(options.labels)
-    batch = encode_pairs(model, pairs, labels, options.chat, label_ids)
-    logits, lse, top = decision_logits(model, batch)
+    logits, lse, top = got["label_logits"].cpu(), got["lse"].cpu(), got["top"].cpu()
     n = batch.n
     lab = logits.numpy().reshape(2, n, len(labels)).transpose(1, 0, 2)
     prob = np.exp(lab - lse.numpy().reshape(2, n).T[..., None])
@@ -150,10 +168,12 @@ def summarize(ds: xr.Dataset) -> str:
 
 
 finalize = _verdict.finalize_decisions
+SHARED = SharedReads(start=_start, read=read_logits, build=_build)
 
 ANALYSIS = register(Analysis(
     name="decisions", options=DecisionOptions, compute=baseline_decisions, summarize=summarize, finalize=finalize,
     help="Baseline decisions: which label each prompt makes the model choose, its position bias and ethical "
          "preference, and the verdict; writes STORE/<model>/decisions.nc.",
     tables=export.decisions_tables,
-    render=("nnethics.render.verdict", "nnethics.render.decisions")))
+    render=("nnethics.render.verdict", "nnethics.render.decisions"),
+    shares=lambda model, options, prepared: SHARED))

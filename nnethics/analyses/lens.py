@@ -22,7 +22,7 @@ import xarray as xr
 
 from .. import export
 from ..prompts import SIDES, PromptPair
-from .base import Analysis, chat_field, check_values, labels_field, option, register
+from .base import Analysis, SharedReads, chat_field, check_values, labels_field, option, register
 from .common import encode_pairs
 
 if TYPE_CHECKING:  # loaded when a lens runs: declaring the analysis needs no torch
@@ -65,35 +65,54 @@ def lens_readout(model: Any, inputs: dict, option_ids: Sequence[int], k: int = 1
 
     from ..lenses import softcap_of
 
-    lm, n_layers, cap, ids = model.lm, model.n_layers, softcap_of(model), list(option_ids)
-    kept = None
+    cap = softcap_of(model)
     with torch.no_grad(), model.trace(inputs) as tracer:
-        if states is None:
-            outs = [lm.model.layers[i].output for i in range(n_layers)]
-            hs = torch.stack([(o[0] if isinstance(o, tuple) else o)[:, -1] for o in outs], dim=1)
-        else:
-            hs = states
-        logits = lm.lm_head(lm.model.norm(hs)).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        lse = logits.logsumexp(-1, keepdim=True)
-        log_q = logits - lse
-        log_p = log_q[:, -1:]
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0).save()
-        lse = lse.save()
-        top_logit, top_id = logits.topk(k, dim=-1)
-        top_logit = top_logit.save()
-        top_id = top_id.int().save()  # vocabularies fit int32: half the bytes of topk's int64
-        option_logit = logits[..., ids].save()
-        if keep_states:
-            kept = hs.clone().save()
+        raw = decode_layers(model, option_ids, k, states, keep_states, cap=cap)
         if states is not None:
             tracer.stop()
-    # probabilities are logit - logsumexp: computed here rather than sent back
-    out = {"top_logit": top_logit, "top_id": top_id.long(), "top_prob": (top_logit - lse).exp(),
-           "option_logit": option_logit, "option_prob": (option_logit - lse).exp(), "kl": kl}
-    if kept is not None:
-        out["states"] = kept
+    return finish_readout(raw)
+
+
+def decode_layers(model: Any, option_ids: Sequence[int], k: int, states: Any = None, keep_states: bool = False,
+                  after_forward: bool = False, cap: float | None = None) -> dict:
+    """Inside a trace: the body of :func:`lens_readout`, returning what it saved. ``after_forward``: decode once
+    the model's forward is over (in the chunk's shared trace, so the ad-hoc ``norm``/``lm_head`` calls never run
+    while another invoke waits on those modules). ``cap``: the model's final-logit soft-cap (``softcap_of``)."""
+    import nnsight
+    import torch
+
+    lm, n_layers, ids = model.lm, model.n_layers, list(option_ids)
+    if states is None:
+        outs = [lm.model.layers[i].output for i in range(n_layers)]
+        hs = torch.stack([(o[0] if isinstance(o, tuple) else o)[:, -1] for o in outs], dim=1)
+    else:
+        hs = states
+    if after_forward:
+        lm.output.logits  # noqa: B018 - wait for the end of the forward
+    logits = lm.lm_head(lm.model.norm(hs)).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    lse = logits.logsumexp(-1, keepdim=True)
+    log_q = logits - lse
+    log_p = log_q[:, -1:]
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)
+    top_logit, top_id = logits.topk(k, dim=-1)
+    top_id = top_id.int()  # vocabularies fit int32: half the bytes of topk's int64
+    option_logit = logits[..., ids]
+    out = {"top_logit": top_logit, "top_id": top_id, "option_logit": option_logit, "kl": kl, "lse": lse}
+    if keep_states:
+        out["states"] = hs.clone()
+    return nnsight.save(out)
+
+
+def finish_readout(raw: dict) -> dict:
+    """What :func:`decode_layers` saved, as :func:`lens_readout` returns it (CPU tensors; probabilities are
+    logit - logsumexp, computed here rather than sent back)."""
+    lse, top_logit, option_logit = raw["lse"], raw["top_logit"], raw["option_logit"]
+    out = {"top_logit": top_logit, "top_id": raw["top_id"].long(), "top_prob": (top_logit - lse).exp(),
+           "option_logit": option_logit, "option_prob": (option_logit - lse).exp(), "kl": raw["kl"]}
+    if "states" in raw:
+        out["states"] = raw["states"]
     return {key: value.detach().cpu() for key, value in out.items()}
 
 
@@ -132,17 +151,48 @@ def logit_lens(model: Any, pairs: Sequence[PromptPair], options: LensOptions = L
     option)`` (the label trajectory), ``kl_to_final (prompt, side, lens, layer)`` in nats,
     ``crossing_layer (prompt, side, lens)`` and ``final_choice (prompt, side)`` (the label the model prefers).
     """
+    from ..fused import compute_alone
+
+    return compute_alone(ANALYSIS, model, pairs, options, label_ids,
+                         lambda: _with_tuned(model, pairs, options, label_ids, tuned_lens), {"tuned_lens": tuned_lens})
+
+
+def _with_tuned(model: Any, pairs: Sequence[PromptPair], options: LensOptions, label_ids: Sequence[int] | None,
+                tuned_lens: TunedLens | None) -> xr.Dataset:
+    """The logit and the tuned lens: two traces (the residuals are translated here, between them)."""
     batch = encode_pairs(model, pairs, list(options.labels), options.chat, label_ids)
     inputs = batch.encoded.inputs()
-    results = [lens_readout(model, inputs, batch.label_ids, options.k, keep_states=tuned_lens is not None)]
-    names = ["logit"]
-    if tuned_lens is not None:
-        states = results[0].pop("states")
-        translated = tuned_lens.transform_stack(states.float()).to(states.dtype)
-        if model.weights_device is not None:
-            translated = translated.to(model.weights_device)
-        results.append(lens_readout(model, inputs, batch.label_ids, options.k, states=translated))
-        names.append("tuned")
+    results = [lens_readout(model, inputs, batch.label_ids, options.k, keep_states=True)]
+    states = results[0].pop("states")
+    translated = tuned_lens.transform_stack(states.float()).to(states.dtype)
+    if model.weights_device is not None:
+        translated = translated.to(model.weights_device)
+    results.append(lens_readout(model, inputs, batch.label_ids, options.k, states=translated))
+    return _lens_dataset(model, batch, options, results, ["logit", "tuned"])
+
+
+def _start(model: Any, batch: Any, options: LensOptions, prepared: dict) -> dict:
+    from ..lenses import softcap_of
+
+    return {"_options": options, "k": options.k, "cap": softcap_of(model)}
+
+
+def _read(model: Any, batch: Any, job: dict) -> dict:
+    return decode_layers(model, batch.label_ids, job["k"], after_forward=True, cap=job["cap"])
+
+
+def _build(model: Any, batch: Any, job: dict, got: dict) -> xr.Dataset:
+    return _lens_dataset(model, batch, job["_options"], [finish_readout(got)], ["logit"])
+
+
+def _shares(model: Any, options: LensOptions, prepared: dict) -> SharedReads | None:
+    """The logit lens reads the shared trace; a tuned lens needs its own two traces."""
+    return SharedReads(start=_start, read=_read, build=_build) if prepared.get("tuned_lens") is None else None
+
+
+def _lens_dataset(model: Any, batch: Any, options: LensOptions, results: list[dict], names: list[str]) -> xr.Dataset:
+    """The lens Dataset of a chunk from each lens' readout (rows ``[base..., cf...]``)."""
+    pairs = batch.pairs
     n, n_layers = batch.n, model.n_layers
 
     def arrange(key: str) -> np.ndarray:  # rows [base..., cf...] -> [prompt, side, lens, ...]
@@ -282,7 +332,7 @@ ANALYSIS = register(Analysis(
     name="lens", options=LensOptions, compute=logit_lens, summarize=summarize, prepare=prepare, command="lens run",
     help="Compute STORE/<model>/lens.nc (logit lens, and the tuned lens when one is given or cached).",
     tables=export.lens_tables,
-    render=("nnethics.render.lens",)))
+    render=("nnethics.render.lens",), shares=_shares))
 
 
 def evaluate_lenses(model: Any, tuned_lens: TunedLens, corpus: Sequence[str | Path] | None = None,

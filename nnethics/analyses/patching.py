@@ -37,6 +37,7 @@ from . import patching_results as results
 from .base import (
     Analysis,
     OptionError,
+    SharedReads,
     chat_field,
     check_layers,
     check_values,
@@ -96,7 +97,9 @@ class PatchingOptions:
                                    "mean (ROME uses 10).", min=1)
     noise_span: str = option("option1", SPAN_HELP, parse=parse_span)
     seed: int = option(0, "Noise seed.")
-    atp: bool = option(True, "Attribution patching beside the exact values.")
+    atp: bool | None = option(
+        None, "Attribution patching beside the exact values (default: on with --positions grid or all, where it "
+              "saves work; off at the last position, where the exact values cost about one token each).")
     kv_cache: str = option("auto", "Reuse the prefix's key/value cache when only the last position is patched (auto: "
                                    "where it applies; on: insist; off: full forwards).", choices=KV_CACHE)
     min_gap: float = option(DEFAULT_MIN_GAP, MIN_GAP_HELP, min=0)
@@ -121,9 +124,11 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
     ``peak_layer``, ``num_choice_flips``, ``gini_coefficient``, ``top5_concentration``
     ``(prompt, component)``. ``forward_path`` says whether the KV-cache path ran.
     """
+    from ..fused import compute_alone
     from .patching_run import run_patching
 
-    return run_patching(model, pairs, options, label_ids)
+    return compute_alone(ANALYSIS, model, pairs, options, label_ids,
+                         lambda: run_patching(model, pairs, options, label_ids))
 
 
 def causal_tracing(model: Any, pairs: Sequence[PromptPair], options: PatchingOptions = PatchingOptions(),
@@ -135,6 +140,16 @@ def causal_tracing(model: Any, pairs: Sequence[PromptPair], options: PatchingOpt
 
 # ---------------------------------------------------------------------------------------------
 # the Analysis: nnethics run / nnethics patch
+
+def shares(model: Any, options: PatchingOptions, prepared: dict) -> SharedReads | None:
+    """The last-position counterfactual path reads the shared trace (its prefix key/value cache) and runs its
+    patched one-token rows after it; the other modes patch full forwards of their own."""
+    if options.corruption != "counterfactual" or options.positions != "last":
+        return None
+    from . import patching_run as run
+
+    return SharedReads(start=run.start, read=run.read, rows=run.rows, build=run.build)
+
 
 def check_model(model: Any, options: PatchingOptions) -> None:
     check_layers("layers", options.layers, model.n_layers)
@@ -153,4 +168,4 @@ ANALYSIS = register(Analysis(
     help="Activation patching / causal tracing of the decision; writes STORE/<model>/patching*.nc (the file name "
          "follows --corruption and --positions).",
     tables=export.patching_tables,
-    render=("nnethics.render.patching",)))
+    render=("nnethics.render.patching",), shares=shares))

@@ -105,20 +105,53 @@ def _choose_path(model: Any, batch: PairBatch, plan: _Plan, opts: PatchingOption
 
 def run_patching(model: Any, pairs: Sequence[PromptPair], options: PatchingOptions,
                  label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """The computation behind :func:`nnethics.analyses.patching.activation_patching` (see there)."""
-    opts = options
-    pairs = list(pairs)
-    L = model.n_layers
+    """The computation behind :func:`nnethics.analyses.patching.activation_patching` on its own forwards (see
+    there); the last-position counterfactual path reads the chunk's shared trace instead (:data:`SHARED`)."""
+    batch = encode_pairs(model, list(pairs), list(options.labels), options.chat, label_ids)
+    job = start(model, batch, options, {})
+    return build(model, batch, job, model.session(_execute, batch.encoded, job["groups"], job["ids"], job["use_kv"],
+                                                  job["max_tokens"], job["atp"]))
+
+
+def atp_wanted(opts: PatchingOptions) -> bool:
+    """Attribution patching: as asked, else on in grid and all-position modes only (on the last-position path
+    the exact values cost about one token each, less than its forward and backward)."""
+    return opts.atp if opts.atp is not None else opts.positions != "last"
+
+
+def start(model: Any, batch: PairBatch, options: PatchingOptions, prepared: dict) -> dict:
+    """The plan of a chunk: its patched rows, the forward path and the attribution-patching job."""
+    opts, L = options, model.n_layers
     layers = list(range(L)) if opts.layers is None else sorted(set(opts.layers))
     if layers[0] < 0 or layers[-1] >= L:
         raise ValueError(f"layers must lie in 0..{L - 1}, got {opts.layers}")
-    batch = encode_pairs(model, pairs, list(opts.labels), opts.chat, label_ids)
-    ids = (batch.label_ids[0], batch.label_ids[1])
     plan = _plan(model, batch, opts, layers)
     use_kv, why = _choose_path(model, batch, plan, opts)
-    atp_job = _atp_job(batch, plan, opts, layers) if opts.atp and opts.corruption == "counterfactual" and \
+    atp_job = _atp_job(batch, plan, opts, layers) if atp_wanted(opts) and opts.corruption == "counterfactual" and \
         opts.window == 1 else None
-    lds, sigma, atp_raw = model.session(_execute, batch.encoded, plan.groups, ids, use_kv, opts.max_tokens, atp_job)
+    # keys with "_" stay here; the rest travel to the session (the server, remotely)
+    return {"_options": opts, "_layers": layers, "_plan": plan, "_why": why, "groups": plan.groups, "use_kv": use_kv,
+            "atp": atp_job, "ids": (batch.label_ids[0], batch.label_ids[1]), "cache": use_kv,
+            "max_tokens": opts.max_tokens}
+
+
+def read(model: Any, batch: PairBatch, job: dict) -> None:
+    """Patching reads nothing in the shared trace itself: its prefix cache comes with the rows step."""
+    return None
+
+
+def rows(model: Any, batch: PairBatch, job: dict, saved: Any, prefix: Any) -> tuple:
+    """After the shared trace, in its session: the patched rows (one-token rows over ``prefix`` on the KV path)
+    and attribution patching."""
+    return _execute(model, batch.encoded, job["groups"], job["ids"], job["use_kv"], job["max_tokens"], job["atp"],
+                    prefix)
+
+
+def build(model: Any, batch: PairBatch, job: dict, got: tuple) -> xr.Dataset:
+    """The patching Dataset of a chunk from the LDs of its rows."""
+    opts, plan, layers, why = job["_options"], job["_plan"], job["_layers"], job["_why"]
+    pairs, atp_job, use_kv = batch.pairs, job["atp"], job["use_kv"]
+    lds, sigma, atp_raw = got
     n, nL, nC = batch.n, len(layers), len(opts.components)
     shape = (n, len(plan.positions), nL, nC) if plan.positions is not None else (n, nL, nC)
     # noise mode: a pair's groups are its noise draws, and the LDs are their means
@@ -155,13 +188,14 @@ def run_patching(model: Any, pairs: Sequence[PromptPair], options: PatchingOptio
 
 
 def _execute(model: Any, enc, groups, ids, use_kv: bool, max_tokens: int,
-             atp_job: dict | None) -> tuple[list[list[float]], dict[int, float], Any]:
+             atp_job: dict | None, prefix: Any = None) -> tuple[list[list[float]], dict[int, float], Any]:
     """Every forward of a chunk: the prefix (KV path), the patched rows, the AtP forward + backward.
 
     Returns the LD of every row, the noise std per group and the raw AtP tensor ``[K, n, P]`` (or None).
     It runs as one :meth:`~nnethics.models.handle.ModelHandle.session`: on NDIF, one request, so the
-    prefix cache never travels."""
-    prefix = run_prefix(model, enc, groups) if use_kv else None
+    prefix cache never travels. ``prefix``: the KV path's prefix cache, already computed (by the shared trace)."""
+    if use_kv and prefix is None:
+        prefix = run_prefix(model, enc, groups)
     lds, sigma = run_groups(model, enc, groups, ids, prefix=prefix, max_tokens=max_tokens)
     atp = None
     if atp_job is not None:

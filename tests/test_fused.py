@@ -1,0 +1,167 @@
+"""ONE shared trace per chunk (nnethics.fused): the fused run gives every analysis the bits of its own run,
+one chunk is one session (one request remotely), a plug-in that declares nothing still runs, and a resumed run
+computes only what is missing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import nnethics as ne
+from nnethics import fused
+from nnethics.analyses import unregister
+from nnethics.analyses.patching import PatchingOptions
+from nnethics.models.handle import ModelHandle
+from nnethics.pipeline import make_context, pairs_as_set, run_all, run_one
+
+BUILTIN = ("decisions", "patching", "attribution", "lens")
+
+
+def _bits_equal(a: xr.Dataset, b: xr.Dataset) -> list[str]:
+    """The variables and coordinates that differ (NaN equal to NaN, floats to the last bit)."""
+    bad = []
+    for name in sorted(set(a.variables) | set(b.variables)):
+        if name not in a.variables or name not in b.variables:
+            bad.append(name)
+            continue
+        x, y = a[name].values, b[name].values
+        if x.dtype.kind in "fc":
+            same = x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True)
+        else:
+            same = np.array_equal(x.astype(str), y.astype(str))
+        if not same or a[name].dims != b[name].dims:
+            bad.append(name)
+    return bad
+
+
+def _pairs(prompt_set, n=2):
+    return list(prompt_set.pairs[:n])
+
+
+def _check_fused_equals_separate(model, pairs, **options):
+    together = ne.analyze(model, pairs, BUILTIN, **options)
+    for name in BUILTIN:
+        alone = ne.analyze(model, pairs, [name], **{k: v for k, v in options.items() if k == name})[name]
+        assert _bits_equal(together[name], alone) == [], name
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "mixtral", "gpt2", "gpt_neox", "phi3"])
+def test_fused_equals_separate_runs_to_the_last_bit_tiny(tiny_models, prompt_set, family):
+    _check_fused_equals_separate(tiny_models(family), _pairs(prompt_set), patching=PatchingOptions(atp=True))
+
+
+def test_fused_equals_separate_runs_to_the_last_bit_builtin(builtin_model, prompt_set):
+    _check_fused_equals_separate(builtin_model, _pairs(prompt_set))
+
+
+def test_the_shared_prefix_cache_gives_the_bits_of_a_prefix_forward(tiny_models, prompt_set, monkeypatch):
+    """Patching's one-token rows over the shared trace's cache cut to the prefix == over a prefix-only forward."""
+    model, pairs = tiny_models("llama"), _pairs(prompt_set)
+    opts = PatchingOptions(atp=True, layers=(0, 2))
+    shared = ne.analyze(model, pairs, ["patching"], patching=opts)["patching"]
+    monkeypatch.setattr(fused, "cut_prefix", lambda cache: False)  # its own prefix forward, as before fusion
+    own = ne.analyze(model, pairs, ["patching"], patching=opts)["patching"]
+    assert (own["forward_path"] == "kv_cache").all()
+    assert _bits_equal(shared, own) == []
+
+
+def test_one_chunk_is_one_session_with_one_shared_trace(tiny_models, prompt_set, monkeypatch):
+    model, pairs = tiny_models("llama"), _pairs(prompt_set, 3)
+    sessions, invokes = [], []
+    real_session, real_run = ModelHandle.session, fused._session
+
+    def spy_session(self, fn, *args):
+        sessions.append(fn.__name__)
+        return real_session(self, fn, *args)
+
+    def spy_run(m, rows, reads, jobs):
+        invokes.append(len(reads))
+        return real_run(m, rows, reads, jobs)
+
+    monkeypatch.setattr(ModelHandle, "session", spy_session)
+    monkeypatch.setattr(fused, "_session", spy_run)
+    ne.analyze(model, pairs, BUILTIN, batch_size=2)
+    assert sessions == ["spy_run", "spy_run"]  # 2 chunks, one session each, nothing else
+    assert invokes == [4, 4]
+
+
+def test_a_plugin_without_declarations_runs_in_a_fused_run(tiny_models, prompt_set):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from plugins import entropy
+
+    analysis = entropy.install()
+    try:
+        assert analysis.shares is None
+        model, pairs = tiny_models("llama"), _pairs(prompt_set)
+        out = ne.analyze(model, pairs, ["decisions", "entropy", "lens"])
+        alone = ne.analyze(model, pairs, ["entropy"])["entropy"]
+        assert _bits_equal(out["entropy"], alone) == []
+        assert (out["entropy"]["entropy"] > 0).all()
+    finally:
+        unregister(analysis)
+
+
+def test_a_resumed_run_computes_only_what_is_missing(tiny_models, prompt_set, tmp_path, monkeypatch):
+    model = tiny_models("llama")
+    prompts = pairs_as_set(list(prompt_set.pairs[:4]), prompt_set.labels)
+    fresh = run_all(model, prompts, str(tmp_path / "fresh"), BUILTIN, batch_size=2, progress=False)
+    store = str(tmp_path / "resumed")
+    ctx = make_context(model, prompts)
+    run_one("decisions", model, prompts, store, ctx, batch_size=2, progress=False)  # one analysis complete
+    calls: list[tuple[tuple[str, ...], int]] = []
+    real = fused.run_chunk
+
+    def spy(m, pairs, members, label_ids=None):
+        calls.append((tuple(x.name for x in members), len(pairs)))
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # a crash after the first chunk's parts are written
+        return real(m, pairs, members, label_ids)
+
+    monkeypatch.setattr(fused, "run_chunk", spy)
+    with pytest.raises(KeyboardInterrupt):
+        run_all(model, prompts, store, BUILTIN, batch_size=2, progress=False)
+    assert calls == [(("patching", "attribution", "lens"), 2)] * 2
+    calls.clear()
+    monkeypatch.setattr(fused, "run_chunk", lambda *a: (calls.append((tuple(x.name for x in a[2]), len(a[1]))),
+                                                         real(*a))[1])
+    run_all(model, prompts, store, BUILTIN, batch_size=2, progress=False)
+    assert calls == [(("patching", "attribution", "lens"), 2)]  # only the second chunk, decisions not at all
+    for name in BUILTIN:
+        a, b = xr.load_dataset(fresh[name][0]), xr.load_dataset(run_all.__globals__["result_path"](
+            store, model.slug, name))
+        assert _bits_equal(a, b) == [], name
+
+
+def test_atp_runs_on_the_last_position_only_when_asked(tiny_models, prompt_set):
+    model, pairs = tiny_models("llama"), _pairs(prompt_set)
+    default = ne.analyze(model, pairs, ["patching"])["patching"]
+    asked = ne.analyze(model, pairs, ["patching"], patching=PatchingOptions(atp=True))["patching"]
+    grid = ne.analyze(model, pairs, ["patching_grid"], patching_grid=PatchingOptions(layers=(0,)))["patching_grid"]
+    assert "atp_delta" not in default and "atp_delta" in asked and "atp_delta" in grid
+    assert _bits_equal(default, asked.drop_vars([v for v in asked.variables if v not in default.variables])) == []
+
+
+def test_the_benchmark_builds_its_random_model_and_long_pairs(prompt_set):
+    """scripts/bench_run.py's CUDA path, on a tiny shape on the CPU; its 8B shape has about 8e9 parameters."""
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_run
+
+    s = bench_run.SHAPE_8B
+    d, f, L, kv = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["num_key_value_heads"]
+    per_layer = 2 * d * d + 2 * d * (d // s["num_attention_heads"] * kv) + 3 * d * f
+    assert 7.9e9 < L * per_layer + 2 * s["vocab_size"] * d < 8.1e9
+    model = bench_run.random_model(bench_run.SHAPE_TINY, torch.float32, "cpu")
+    assert (model.n_layers, model.d_model) == (3, 64)
+    pairs = bench_run.long_pairs(str(Path(__file__).resolve().parents[1] / "prompts"), 5, "Some context.")
+    assert len({p.prompt_id for p in pairs}) == 5 and pairs[0].base.startswith("Some context. ")
+    out = ne.analyze(model, pairs[:2], ["decisions", "lens"])
+    assert out["decisions"].sizes["prompt"] == 2
