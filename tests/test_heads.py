@@ -110,7 +110,7 @@ def test_identities(strong):
     for family in ("llama", "gpt2"):  # o_proj is linear: the heads' AtP terms add up to the attention output's
         model = strong(family)
         heads = head_patching(model, SHORT, HeadsOptions(**PLAIN))
-        layers = activation_patching(model, SHORT, PatchingOptions(**PLAIN, components=("attn",)))
+        layers = activation_patching(model, SHORT, PatchingOptions(**PLAIN, components=("attn",), atp=True))
         np.testing.assert_allclose(heads["atp_delta"].sum("head"), layers["atp_delta"].values[..., 0], rtol=1e-4,
                                    atol=1e-5)
         dla = direct_logit_attribution(model, SHORT, AttributionOptions(**PLAIN))
@@ -134,7 +134,7 @@ def test_derived_values(strong):
 def test_finalize_ranks_by_mean_abs_effect_then_dla_and_keeps_the_top_attention(strong):
     model = strong("mistral")
     ds = head_patching(model, SHORT, HeadsOptions(**PLAIN, min_gap=0.0))
-    out = finalize(ds, top=5, n_boot=200)
+    out = finalize(ds, top=5, n_resamples=200)
     mean = np.abs(np.nanmean(ds["effect"].values, axis=0))
     want = sorted(((la, h) for la in range(3) for h in range(4)), key=lambda c: -mean[c])[:5]
     assert list(zip(out["top_layer"].values, out["top_head"].values)) == want

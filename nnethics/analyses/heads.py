@@ -19,7 +19,7 @@ Stored as ``store/<slug>/heads.nc``; dims ``prompt``, ``layer``, ``head`` (read 
   ``head_contribution``), the tie-break of the ranking and shown beside the effect in the report;
 * ``input_ids``/``token_text (prompt, side, token)`` as in ``decisions`` (padded with -1 / "");
 * after ``finalize``: ``mean_effect``, ``effect_ci_low``/``effect_ci_high`` (bootstrap 95% CI over prompts,
-  :func:`nnethics.metrics.bootstrap_ci` as patching), ``flip_rate``, ``mean_atp_effect``, ``mean_head_dla``
+  :func:`nnethics.metrics.mean_ci` as patching), ``flip_rate``, ``mean_atp_effect``, ``mean_head_dla``
   ``(layer, head)``, ``atp_exact_correlation_pooled``; and for the ``top_heads`` heads with the largest mean
   |effect| (ties: mean |head_dla|) ``top_layer``/``top_head (rank)`` and ``attention (prompt, side, rank,
   token)``: the head's attention weights from the decision position to every prompt token (token 0 = the
@@ -157,19 +157,22 @@ def _nanmean0(a: np.ndarray) -> np.ndarray:
         return np.where(n > 0, np.where(ok, a, 0).sum(0) / np.where(n > 0, n, 1), np.nan)
 
 
-def finalize(ds: xr.Dataset, top: int | None = None, n_boot: int = 2000, seed: int = 0) -> xr.Dataset:
+def finalize(ds: xr.Dataset, top: int | None = None, n_resamples: int = metrics.N_RESAMPLES, seed: int = 0
+             ) -> xr.Dataset:
     """Cross-prompt statistics per head and the attention of the ``top`` heads (default: the ``top_heads`` option
     the file was computed with; see the module docstring)."""
     ds = ds.copy()
     top = _top_option(ds, 8) if top is None else int(top)
     ds.attrs["heads"] = "query heads (GQA models: one o_proj input slice per query head)"
-    mean, low, high = metrics.bootstrap_ci(ds["effect"].values, axis=0, n_boot=n_boot, seed=seed)
+    mean, low, high = metrics.mean_ci(ds["effect"].values, axis=0, n_resamples=n_resamples, seed=seed)
     cell = ("layer", "head")
     ds["mean_effect"] = (cell, mean.astype(np.float32))
     ds["effect_ci_low"] = (cell, low.astype(np.float32))
     ds["effect_ci_high"] = (cell, high.astype(np.float32))
-    ci = f"bootstrap 95% CI over prompts ({n_boot} resamples, seed {seed})"
-    ds["effect_ci_low"].attrs["description"] = ds["effect_ci_high"].attrs["description"] = ci
+    for end in ("low", "high"):  # the same CI as patching's per-layer mean effect
+        ds[f"effect_ci_{end}"].attrs["description"] = (f"{metrics.ci_label('prompts where effect is defined')} "
+                                                      f"({n_resamples} resamples, seed {seed})")
+        ds[f"effect_ci_{end}"].attrs.update(metrics.ci_attrs(seed, n_resamples))
     ds["flip_rate"] = (cell, ds["flipped"].values.mean(axis=0).astype(np.float32))
     ds["mean_head_dla"] = (cell, ds["head_dla"].values.mean(axis=(0, 1)).astype(np.float32))
     if "atp_delta" in ds:

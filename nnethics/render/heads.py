@@ -3,7 +3,7 @@
 ``heads.nc``: ``mean_effect``/``effect_ci_low``/``effect_ci_high``/``mean_head_dla (layer, head)`` (after the
 analysis' finalize), ``effect (prompt, layer, head)``; the top heads' attention from the decision position
 ``attention (prompt, side, rank, token)`` with ``top_layer``/``top_head (rank)`` and ``token_text (prompt, side,
-token)``. Two figures: a layer × head heatmap of the mean effect (hover: its bootstrap CI and the head's mean
+token)``. Two figures: a layer × head heatmap of the mean effect (hover: its BCa bootstrap CI and the head's mean
 DLA), and per prompt the base prompt's tokens shaded by each top head's attention."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
+from .. import metrics
 from ._base import WIDE, Figure, MissingData, collect, layers_of, prompt_map, require, values
 
 SECTION = "Attention heads"
@@ -101,7 +102,7 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
                        note="Each cell: the base run with one head's output (its slice of o_proj's input, query "
                             "heads) at the decision position taken from the counterfactual; effect = (patched − "
                             f"base) / (cf − base), mean over the {k} of {n} pairs whose gap is at least min_gap, "
-                            "bootstrap 95% CI over prompts. Hover: the CI and the head's mean direct logit "
+                            f"{metrics.ci_label('pairs', k)}. Hover: the CI and the head's mean direct logit "
                             "attribution."),
         lambda: Figure("heads_attention", "What the top heads read", attention_text(ds, prompts), SECTION,
                        per_prompt=True,
