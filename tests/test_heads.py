@@ -163,6 +163,9 @@ def test_finalize_ranks_by_mean_abs_effect_then_dla_and_complete_adds_the_top_at
         for r, (la, h) in enumerate(want):  # rank r is head want[r], whatever order the trace read them in
             np.testing.assert_allclose(done["attention"].values[:, :, r], every[:, :, la, h], rtol=0,
                                        atol=0 if batch_size == 8 else 1e-6)
+    one = complete_attention(model, out, [SHORT[1]], opts)  # a prompt without its pair stays NaN
+    assert np.isnan(one["attention"].values[0]).all()
+    np.testing.assert_allclose(one["attention"].values[1], done["attention"].values[1], rtol=0, atol=1e-6)
     assert (out["effect_ci_low"] <= out["mean_effect"] + 1e-6).all()
     assert (out["mean_effect"] <= out["effect_ci_high"] + 1e-6).all()
     np.testing.assert_allclose(out["mean_head_dla"], ds["head_dla"].mean(("prompt", "side")), rtol=1e-6)
