@@ -207,8 +207,13 @@ def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], 
         got = top_attention(model, chunk, options, label_ids, chosen, use_kv=kv)
         for k, p in enumerate(chunk):
             att[row[p.prompt_id], :, :, :got.shape[-1]] = got[k]
+    return with_attention(ds, att)
+
+
+def with_attention(ds: xr.Dataset, att: np.ndarray) -> xr.Dataset:
+    """``ds`` (finalized) with ``attention (prompt, side, rank, token)`` set to ``att`` and described."""
     ds = ds.copy()
-    ds["attention"] = (("prompt", "side", "rank", "token"), att)
+    ds["attention"] = (("prompt", "side", "rank", "token"), att.astype(np.float32))
     ds["attention"].attrs["description"] = (
         "attention weights of the top heads (rank 0: largest mean |effect|) from the decision position to each "
         "prompt token (token 0 = first; NaN padding); query heads")
