@@ -248,6 +248,13 @@ def test_a_crash_in_the_complete_pass_keeps_the_parts_and_a_rerun_redoes_only_it
     ds = load(final)
     assert ds.sizes["prompt"] == 3 and np.isfinite(ds["attention"].values[..., 0]).all()
     assert not [p for p in final.parent.rglob("*.nc") if p != final]  # the parts are gone once the file is written
+    monkeypatch.setattr(heads_attention, "top_attention", lost)  # a rerun of the finished file computes nothing
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert not calls
+    again = load(final)
+    np.testing.assert_array_equal(again["attention"], ds["attention"])
+    np.testing.assert_array_equal(again["top_head"], ds["top_head"])
 
 
 def test_readme_schema_and_export_tables(tiny_model_dir, tmp_path):

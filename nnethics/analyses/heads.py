@@ -177,11 +177,14 @@ def finalize(ds: xr.Dataset, top: int | None = None, n_boot: int = 2000, seed: i
         exact = ds["patched_logit_diff"].values - ds["base_logit_diff"].values[:, None, None]
         ds["mean_atp_effect"] = (cell, _nanmean0(ds["atp_effect"].values).astype(np.float32))
         ds["atp_exact_correlation_pooled"] = ((), np.float32(metrics.pearson(ds["atp_delta"].values, exact)))
-    ds = ds.drop_vars([v for v in ("attention", "rank", "top_layer", "top_head") if v in ds.variables])  # a rerun's
-    chosen = top_heads(ds, top)
-    return ds.assign_coords(rank=np.arange(len(chosen), dtype=np.int32),
+    old = ds.drop_vars([v for v in ("attention", "rank", "top_layer", "top_head") if v in ds.variables])
+    chosen = top_heads(old, top)
+    same = "attention" in ds and [(int(a), int(b)) for a, b in zip(ds["top_layer"].values, ds["top_head"].values)]
+    new = old.assign_coords(rank=np.arange(len(chosen), dtype=np.int32),
                             top_layer=("rank", np.array([c[0] for c in chosen], dtype=np.int32)),
                             top_head=("rank", np.array([c[1] for c in chosen], dtype=np.int32)))
+    # a rerun of a finished file: the same heads keep their attention (complete_attention then computes none)
+    return with_attention(new, ds["attention"].values) if same == chosen else new
 
 
 def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], options: HeadsOptions = HeadsOptions(),
@@ -189,7 +192,9 @@ def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], 
     """The ``complete`` pass: ``attention (prompt, side, rank, token)`` of the heads ``finalize`` chose
     (``top_layer``/``top_head``) for every prompt of ``ds`` among ``pairs``, in chunks of ``batch_size`` pairs in
     ``ds``'s order (the chunks of the run, so the same padding), each on the forward path its prompts were
-    patched on (``forward_path``). Only those weights come back from a remote model."""
+    patched on (``forward_path``). Prompts that have them already (a rerun of a finished file: ``finalize`` kept
+    them, the top heads being the same) are not computed again. Only those weights come back from a remote
+    model."""
     from .heads_attention import top_attention
 
     if "top_layer" not in ds.coords:
@@ -198,9 +203,14 @@ def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], 
     ids = [str(x) for x in ds["prompt"].values]
     row = {pid: i for i, pid in enumerate(ids)}
     by_id = {p.prompt_id: p for p in pairs}
-    todo = [by_id[pid] for pid in ids if pid in by_id]
+    have = ds["attention"].values if "attention" in ds else None
+    todo = [by_id[pid] for pid in ids if pid in by_id and (have is None or np.isnan(have[row[pid]]).all())]
+    if have is not None and not todo:
+        return ds
     path = dict(zip(ids, ds["forward_path"].values.tolist()))
     att = np.full((len(ids), 2, len(chosen), ds.sizes["token"]), np.nan, dtype=np.float32)
+    if have is not None:
+        att[:] = have
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         kv = all(path[p.prompt_id] == "kv_cache" for p in chunk)
