@@ -163,6 +163,9 @@ def test_finalize_ranks_by_mean_abs_effect_then_dla_and_complete_adds_the_top_at
         for r, (la, h) in enumerate(want):  # rank r is head want[r], whatever order the trace read them in
             np.testing.assert_allclose(done["attention"].values[:, :, r], every[:, :, la, h], rtol=0,
                                        atol=0 if batch_size == 8 else 1e-6)
+    # finalize again (a rerun of the finished file): the same heads keep their attention, other heads drop it
+    np.testing.assert_array_equal(finalize(done, top=5, n_boot=10)["attention"], done["attention"])
+    assert "attention" not in finalize(done, top=3, n_boot=10)
     one = complete_attention(model, out, [SHORT[1]], opts)  # a prompt without its pair stays NaN
     assert np.isnan(one["attention"].values[0]).all()
     np.testing.assert_allclose(one["attention"].values[1], done["attention"].values[1], rtol=0, atol=1e-6)
