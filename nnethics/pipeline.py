@@ -64,6 +64,23 @@ class Plan:
         return {**attrs, "fingerprint": fingerprint(attrs)}
 
 
+def finishing(p: Plan, model: Any, pairs: Sequence[PromptPair], label_ids: Sequence[int], batch_size: int,
+              ) -> Callable[[xr.Dataset], xr.Dataset] | None:
+    """What runs once on the consolidated Dataset, shared by :func:`run_one` and :func:`analyze`: the analysis'
+    ``finalize``, then its ``complete`` pass over ``pairs`` (chunks of ``batch_size``; its remote requests count
+    under the analysis name); None when it has neither."""
+    fin, done = p.analysis.finalize, p.analysis.complete
+    if done is None:
+        return fin
+
+    def run(ds: xr.Dataset) -> xr.Dataset:
+        ds = fin(ds) if fin is not None else ds
+        with STATS.scope(p.name):
+            return done(model, ds, pairs, p.options, label_ids=label_ids, batch_size=batch_size, **p.prepared)
+
+    return run
+
+
 def plan(name: str, model: Any, ctx: RunContext, options: Any = None,
          note: Callable[[str], None] | None = None) -> Plan:
     """Resolve the analysis registered as ``name``: ``options`` default to its defaults (with the variant's fixed
@@ -83,7 +100,8 @@ def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunConte
             progress: bool | None = None, overwrite: bool = False, lock_timeout: float | None = None,
             options: Any = None, note: Callable[[str], None] | None = None) -> tuple[str, str]:
     """Run the analysis registered as ``name`` (resumably, holding the model folder's lock); its ``finalize`` runs
-    once on the consolidated Dataset, which is written once; returns ``(path, summary)``. ``options`` and ``note``:
+    once on the consolidated Dataset, then its ``complete`` pass (:func:`finishing`); the file is written once,
+    after both; returns ``(path, summary)``. ``options`` and ``note``:
     see :func:`plan`."""
     p = plan(name, model, ctx, options, note)
 
@@ -93,7 +111,8 @@ def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunConte
     path = result_path(store, model.slug, name)
     with store_lock(path.parent, timeout=lock_timeout):
         ds = run_analysis(name, compute, model, prompts, store, p.recorded, batch_size=batch_size, progress=progress,
-                          extra_attrs=p.extra_attrs, overwrite=overwrite, finalize=p.analysis.finalize)
+                          extra_attrs=p.extra_attrs, overwrite=overwrite,
+                          finalize=finishing(p, model, prompts.pairs, ctx.label_ids, batch_size))
     return str(path), p.analysis.summarize(ds)
 
 
@@ -200,6 +219,7 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
             with STATS.scope(name):
                 ds = combine([p.compute(model, chunk, ctx.label_ids) for chunk in chunks], prompts.ids())
         ds.attrs = p.attrs(model, prompts)
-        ds = p.analysis.finalize(ds) if p.analysis.finalize is not None else ds
+        finish = finishing(p, model, prompts.pairs, ctx.label_ids, batch_size)
+        ds = finish(ds) if finish is not None else ds
         out[name] = describe(ds)  # the CF attrs the store's writer adds
     return out

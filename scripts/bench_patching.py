@@ -8,9 +8,9 @@ Times, in one process and on the same pairs (median of ``--repeats``):
 (c) nnethics' activation patching of the same pairs (resid + attn + mlp at the decision position,
     every layer, with attribution patching), plus a variant without AtP and (``--full``) one with
     the KV cache off;
-(d) nnethics' per-head patching (``heads``: every layer x head at the decision position, with AtP, DLA and the
-    attention of every head), and without AtP; its cost beyond the layer sweep (c) per pair (goal: at most one
-    forward-equivalent).
+(d) nnethics' per-head patching (``heads``: every layer x head at the decision position, with AtP and DLA, then
+    ``finalize`` and the ``complete`` pass that computes the top heads' attention, as ``nnethics heads`` runs
+    them), and without AtP; its cost beyond the layer sweep (c) per pair (goal: at most one forward-equivalent).
 
 Prints forward-equivalents per pair (c / a) and the speed-up (b / c), and checks that (c) equals (b).
 
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.reference (the independent hook implementation)
 
 from nnethics.analyses.common import encode_pairs  # noqa: E402
-from nnethics.analyses.heads import HeadsOptions, head_patching  # noqa: E402
+from nnethics.analyses.heads import HeadsOptions, complete_attention, finalize, head_patching  # noqa: E402
 from nnethics.analyses.patching import PatchingOptions, activation_patching  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
@@ -116,7 +116,8 @@ def main() -> None:
     n_heads = model.n_layers * model.n_heads
     for name, opts in (("heads (KV blocks + AtP, the default)", HeadsOptions()),
                        ("heads (KV blocks, no AtP)", HeadsOptions(atp=False))):
-        t_d = median_time(lambda o=opts: head_patching(model, pairs, o), args.repeats) / n
+        t_d = median_time(lambda o=opts: complete_attention(model, finalize(head_patching(model, pairs, o)), pairs, o),
+                          args.repeats) / n
         print(f"(d) {name:44s} {t_d * 1e3:8.1f} ms/pair = {t_d / t_a:5.2f} forward-equivalents "
               f"({n_heads} heads); beyond the layer sweep (c): {(t_d - t_sweep) / t_a:+5.2f}", flush=True)
 

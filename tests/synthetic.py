@@ -330,11 +330,12 @@ def heads(n_prompts: int = 6, n_layers: int = 6, n_heads: int = 4, seed: int = 0
                         category=CATEGORIES[i % 3]) for i, p in enumerate(prompt_ids(n))]
     ds = h.build_dataset(pairs=pairs, labels=["1", "2"], base_ld=base, cf_ld=cf, patched_ld=patched,
                          atp_delta=(patched - base[:, None, None]) * 0.9, dla=rng.normal(0, 0.3, (n, 2, L, H)),
-                         attention=att, input_ids=ids, token_text=text, min_gap=0.1, forward_path="kv_cache", why="",
-                         top_heads=3)
+                         input_ids=ids, token_text=text, min_gap=0.1, forward_path="kv_cache", why="", top_heads=3)
     ds.attrs.update(_attrs("heads", slug, n_layers))
     ds.attrs["options"] = json.dumps({"top_heads": 3})
-    return h.finalize(ds)
+    ds = h.finalize(ds)  # then the complete pass's attention: the random weights of the chosen heads
+    top = zip(ds["top_layer"].values, ds["top_head"].values)
+    return h.with_attention(ds, np.stack([att[:, :, la, hd] for la, hd in top], axis=2))
 
 
 def build(name: str, n_prompts: int = 6, n_layers: int = 6, seed: int = 0, slug: str = "synthetic") -> xr.Dataset:

@@ -20,6 +20,7 @@ from conftest import PROMPTS
 
 import nnethics as ne
 from nnethics.analyses import ANALYSES, default_names
+from nnethics.analyses.heads import HeadsOptions
 from nnethics.cli import cli
 
 LIMIT, BATCH = 3, 2
@@ -34,7 +35,7 @@ def cli_files(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     store = tmp_path_factory.mktemp("api-store")
     common = ["--model", str(tiny_model_dir), "--limit", str(LIMIT), "--store", str(store), "--no-progress",
               "--batch-size", str(BATCH)]
-    for args in (["run", "--atp"], VARIANT[1]):  # --atp: every variable of the README's patching table
+    for args in (["run", "--atp"], VARIANT[1], ["heads", "--top-heads", "3"]):  # --atp: the README's patching table
         res = CliRunner().invoke(cli, [*args, *common])
         assert res.exit_code == 0, res.output
     return {p.stem: p for p in store.glob("*/*.nc")}
@@ -47,6 +48,7 @@ def api_results(tiny_model_dir) -> dict:
     out = ne.analyze(model, prompts, batch_size=BATCH, patching=ne.PatchingOptions(atp=True))
     out.update(ne.analyze(model, prompts, [VARIANT[0]], batch_size=BATCH,
                           **{VARIANT[0]: ne.PatchingOptions(**VARIANT[2])}))
+    out.update(ne.analyze(model, prompts, ["heads"], batch_size=BATCH, heads=HeadsOptions(top_heads=3)))  # complete
     return out
 
 
@@ -56,7 +58,7 @@ def _same(a, b) -> bool:
     return a.dtype == b.dtype and np.array_equal(a.values, b.values)
 
 
-@pytest.mark.parametrize("name", [*default_names(), VARIANT[0]])
+@pytest.mark.parametrize("name", [*default_names(), VARIANT[0], "heads"])
 def test_analyze_returns_the_dataset_the_cli_writes(name, cli_files, api_results):
     assert name in cli_files, sorted(cli_files)
     stored, ours = ne.load(cli_files[name]), api_results[name]

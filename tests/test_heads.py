@@ -18,7 +18,7 @@ import nnethics as ne
 from nnethics.analyses import ANALYSES
 from nnethics.analyses.attribution import AttributionOptions, direct_logit_attribution
 from nnethics.analyses.common import encode_pairs
-from nnethics.analyses.heads import ANALYSIS, HeadsOptions, finalize, head_patching, top_heads
+from nnethics.analyses.heads import ANALYSIS, HeadsOptions, complete_attention, finalize, head_patching, top_heads
 from nnethics.analyses.patching import PatchingOptions, activation_patching
 from nnethics.prompts import PromptPair, load_prompts
 
@@ -55,11 +55,24 @@ def _tokens(model, pairs, chat=False):
     return tuple(batch.label_ids), toks
 
 
-def _check_against_reference(model, ds, pairs, chat=False, layers=None, spread=1e-2):
+def _every_head_attention(model, ds, pairs, options):
+    """The ``complete`` pass with every head chosen: ``[prompt, side, layer, head, token]``."""
+    L, H = ds.sizes["layer"], ds.sizes["head"]
+    done = complete_attention(model, finalize(ds, top=L * H, n_boot=10), pairs, options)
+    att = np.full((ds.sizes["prompt"], 2, L, H, done.sizes["token"]), np.nan, np.float32)
+    for r, (la, h) in enumerate(zip(done["top_layer"].values, done["top_head"].values)):
+        att[:, :, la, h] = done["attention"].values[:, :, r]
+    assert sorted(zip(done["top_layer"].values, done["top_head"].values)) == [(la, h) for la in range(L)
+                                                                              for h in range(H)]
+    return att
+
+
+def _check_against_reference(model, ds, pairs, chat=False, layers=None, spread=1e-2, options=None):
     hf = model.lm._module
     ids, toks = _tokens(model, pairs, chat)
     assert len({b.shape[1] for b, _ in toks}) > 1  # left padding is exercised
     rows = slice(None) if layers is None else layers
+    every = _every_head_attention(model, ds, pairs, options or HeadsOptions(chat=chat))
     for i, (b, c) in enumerate(toks):
         want = ref.head_sweep(hf, b, c, ids, layers).numpy()[rows]
         assert want.std() > spread  # the heads do move the decision: the comparison means something
@@ -68,7 +81,7 @@ def _check_against_reference(model, ds, pairs, chat=False, layers=None, spread=1
         np.testing.assert_allclose(float(ds["cf_logit_diff"][i]), ref_patching.logit_diff(hf, c, ids), **TOL)
         for s, x in enumerate((b, c)):
             att = ref.decision_attention(hf, x).numpy()
-            got = ds["decision_attention"].values[i, s]
+            got = every[i, s]
             np.testing.assert_allclose(got[..., :x.shape[1]], att, **ATT_TOL)
             assert np.isnan(got[..., x.shape[1]:]).all()  # padded at the end, as input_ids are
             np.testing.assert_array_equal(ds["input_ids"].values[i, s, :x.shape[1]], x[0].numpy())
@@ -81,8 +94,8 @@ def test_every_head_matches_the_hook_reference_and_attention_matches_eager(famil
     kv = head_patching(model, SHORT, HeadsOptions(**PLAIN, kv_cache="on"))
     full = head_patching(model, SHORT, HeadsOptions(**PLAIN, kv_cache="off"))
     assert set(kv["forward_path"].values) == {"kv_cache"} and set(full["forward_path"].values) == {"full"}
-    for ds in (kv, full):
-        _check_against_reference(model, ds, SHORT)
+    for ds, kv_cache in ((kv, "on"), (full, "off")):
+        _check_against_reference(model, ds, SHORT, options=HeadsOptions(**PLAIN, kv_cache=kv_cache))
     np.testing.assert_allclose(kv["patched_logit_diff"], full["patched_logit_diff"], rtol=0, atol=1e-5)
     assert model.lm._module.config._attn_implementation != "eager" or family.startswith("gemma")  # restored
 
@@ -131,16 +144,31 @@ def test_derived_values(strong):
         np.testing.assert_allclose(float(ds["atp_correlation"][i]), want, atol=1e-4)
 
 
-def test_finalize_ranks_by_mean_abs_effect_then_dla_and_keeps_the_top_attention(strong):
+def test_finalize_ranks_by_mean_abs_effect_then_dla_and_complete_adds_the_top_attention(strong):
     model = strong("mistral")
-    ds = head_patching(model, SHORT, HeadsOptions(**PLAIN, min_gap=0.0))
+    opts = HeadsOptions(**PLAIN, min_gap=0.0)
+    ds = head_patching(model, SHORT, opts)
+    assert not [v for v in ds.data_vars if "token" in ds[v].dims and v not in ("input_ids", "token_text")]
     out = finalize(ds, top=5, n_resamples=200)
     mean = np.abs(np.nanmean(ds["effect"].values, axis=0))
     want = sorted(((la, h) for la in range(3) for h in range(4)), key=lambda c: -mean[c])[:5]
     assert list(zip(out["top_layer"].values, out["top_head"].values)) == want
-    for r, (la, h) in enumerate(want):
-        np.testing.assert_array_equal(out["attention"].values[:, :, r], ds["decision_attention"].values[:, :, la, h])
-    assert "decision_attention" not in out and out["attention"].dims == ("prompt", "side", "rank", "token")
+    assert "attention" not in out  # the complete pass adds it
+    every = _every_head_attention(model, ds, SHORT, opts)
+    pairs = [SHORT[1], PromptPair("other", "x", "y", "1", "2"), SHORT[0]]  # matched by id; extra pairs ignored
+    for batch_size in (1, 8):
+        done = complete_attention(model, out, pairs, opts, batch_size=batch_size)
+        assert done["attention"].dims == ("prompt", "side", "rank", "token")
+        assert done["attention"].shape == (2, 2, 5, ds.sizes["token"])
+        for r, (la, h) in enumerate(want):  # rank r is head want[r], whatever order the trace read them in
+            np.testing.assert_allclose(done["attention"].values[:, :, r], every[:, :, la, h], rtol=0,
+                                       atol=0 if batch_size == 8 else 1e-6)
+    # finalize again (a rerun of the finished file): the same heads keep their attention, other heads drop it
+    np.testing.assert_array_equal(finalize(done, top=5, n_boot=10)["attention"], done["attention"])
+    assert "attention" not in finalize(done, top=3, n_boot=10)
+    one = complete_attention(model, out, [SHORT[1]], opts)  # a prompt without its pair stays NaN
+    assert np.isnan(one["attention"].values[0]).all()
+    np.testing.assert_allclose(one["attention"].values[1], done["attention"].values[1], rtol=0, atol=1e-6)
     assert (out["effect_ci_low"] <= out["mean_effect"] + 1e-6).all()
     assert (out["mean_effect"] <= out["effect_ci_high"] + 1e-6).all()
     np.testing.assert_allclose(out["mean_head_dla"], ds["head_dla"].mean(("prompt", "side")), rtol=1e-6)
@@ -159,8 +187,12 @@ def test_traces_pass_the_remote_dry_run(strong):
     for kv in ("on", "off"):
         local = head_patching(model, SHORT, HeadsOptions(**PLAIN, kv_cache=kv))
         dry = head_patching(model.using(remote="local"), SHORT, HeadsOptions(**PLAIN, kv_cache=kv))
-        for v in ("patched_logit_diff", "base_logit_diff", "atp_delta", "head_dla", "decision_attention"):
+        for v in ("patched_logit_diff", "base_logit_diff", "atp_delta", "head_dla"):
             np.testing.assert_allclose(dry[v], local[v], rtol=0, atol=1e-6)
+        opts = HeadsOptions(**PLAIN, kv_cache=kv, top_heads=5)
+        att = [complete_attention(m, finalize(local, n_boot=10), SHORT, opts)["attention"]
+               for m in (model, model.using(remote="local"))]
+        np.testing.assert_allclose(att[1], att[0], rtol=0, atol=1e-6)
 
 
 def test_registry_options_and_cli(tokenizer, tmp_path):
@@ -179,15 +211,53 @@ def test_registry_options_and_cli(tokenizer, tmp_path):
     assert res.exit_code == 0, res.output
     ds = load(tmp_path / "store" / "tiny-llama" / "heads.nc")
     assert ds.sizes["prompt"] == 3 and ds.sizes["rank"] == 4 and json.loads(ds.attrs["options"])["top_heads"] == 4
-    assert "decision_attention" not in ds and "mean_effect" in ds
-    want = finalize(head_patching(model, load_prompts(PROMPTS).pairs[:3], HeadsOptions(top_heads=4)))
+    assert "mean_effect" in ds and ds["attention"].dims == ("prompt", "side", "rank", "token")
+    pairs = load_prompts(PROMPTS).pairs[:3]
+    want = finalize(head_patching(model, pairs, HeadsOptions(top_heads=4)))
     np.testing.assert_allclose(ds["patched_logit_diff"], want["patched_logit_diff"], atol=1e-5)
     np.testing.assert_array_equal(ds["top_head"], want["top_head"])
+    want = complete_attention(model, want, pairs, HeadsOptions(top_heads=4), batch_size=2)
+    np.testing.assert_allclose(ds["attention"], want["attention"], rtol=0, atol=1e-6)
     res = CliRunner().invoke(cli, ["heads", *common, "--top-heads", "99"])
     assert res.exit_code == 2 and "--top-heads" in res.output
     res = CliRunner().invoke(cli, ["run", "--analyses", "heads", *common, "--store", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "tiny-llama" / "heads.nc").exists()
+
+
+def test_a_crash_in_the_complete_pass_keeps_the_parts_and_a_rerun_redoes_only_it(tokenizer, tmp_path, monkeypatch):
+    from nnethics.analyses import heads_attention, heads_engine
+    from nnethics.cli import cli
+    from nnethics.store import load
+
+    folder = save_tiny(make_tiny("llama", tokenizer), tokenizer, tmp_path / "tiny-llama")
+    args = ["heads", "--model", str(folder), "--limit", "3", "--store", str(tmp_path / "store"), "--no-progress",
+            "--batch-size", "2"]
+    real_attention, real_heads = heads_attention.top_attention, heads_engine.run_heads
+
+    def lost(*a, **k):
+        raise RuntimeError("the connection dropped")
+
+    monkeypatch.setattr(heads_attention, "top_attention", lost)
+    assert CliRunner().invoke(cli, args).exit_code != 0
+    final = tmp_path / "store" / "tiny-llama" / "heads.nc"
+    assert not final.exists() and len([p for p in final.parent.rglob("*.nc")]) == 2  # the two chunks' parts
+    monkeypatch.setattr(heads_attention, "top_attention", real_attention)
+    calls = []
+    monkeypatch.setattr(heads_engine, "run_heads", lambda *a, **k: calls.append(a) or real_heads(*a, **k))
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert not calls  # no chunk is computed again: only the complete pass runs
+    ds = load(final)
+    assert ds.sizes["prompt"] == 3 and np.isfinite(ds["attention"].values[..., 0]).all()
+    assert not [p for p in final.parent.rglob("*.nc") if p != final]  # the parts are gone once the file is written
+    monkeypatch.setattr(heads_attention, "top_attention", lost)  # a rerun of the finished file computes nothing
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert not calls
+    again = load(final)
+    np.testing.assert_array_equal(again["attention"], ds["attention"])
+    np.testing.assert_array_equal(again["top_head"], ds["top_head"])
 
 
 def test_readme_schema_and_export_tables(tiny_model_dir, tmp_path):
@@ -222,10 +292,9 @@ def test_build_dataset_on_hand_made_numbers():
 
     pair = PromptPair("p", "b", "c", "1", "2")
     patched = np.array([[[0.5, -0.5], [1.0, -1.0]]])                 # [prompt, layer, head]
-    att = np.full((1, 2, 2, 2, 3), 1 / 3, np.float32)
     ds = build_dataset(pairs=[pair], labels=["1", "2"], base_ld=np.array([1.0]), cf_ld=np.array([-1.0]),
                        patched_ld=patched, atp_delta=np.array([[[-0.4, -1.6], [0.0, -2.0]]]),
-                       dla=np.zeros((1, 2, 2, 2)), attention=att, input_ids=np.zeros((1, 2, 3), np.int32),
+                       dla=np.zeros((1, 2, 2, 2)), input_ids=np.zeros((1, 2, 3), np.int32),
                        token_text=np.full((1, 2, 3), "a"), min_gap=0.1, forward_path="kv_cache", why="")
     np.testing.assert_allclose(ds["effect"].values, [[[0.25, 0.75], [0.0, 1.0]]])
     np.testing.assert_array_equal(ds["flipped"].values, [[[False, True], [False, True]]])

@@ -22,6 +22,10 @@ An analysis declares, once:
   is that same fused path with itself alone, so alone and together give the same bits;
 * ``summarize(ds) -> str`` (one line for the terminal) and optional ``finalize(ds)`` (cross-prompt
   statistics, once, after the chunks are consolidated);
+* optional ``complete(model, ds, pairs, options, label_ids=None, batch_size=8, **prepared) -> ds``: a pass over
+  the pairs once ``finalize`` has run, for what only the cross-prompt statistics decide (heads: the attention of
+  the top heads), in its own chunks of ``batch_size`` pairs (one request each remotely); the file is written
+  after it, so a crash before it keeps the parts and a rerun redoes only this pass;
 * ``render``: the modules of its report sections (each with ``SECTION`` and ``figures(ds, prompts)``, and
   ``variant_figures(ds, name)`` for the variants' files), and ``tables``: the export tables it owns
   (``tables(ds, data) -> {file stem: DataFrame | list of records}``, ``data`` being every file of the store).
@@ -207,6 +211,7 @@ class Analysis:
     summarize: Callable[[xr.Dataset], str]
     help: str
     finalize: Callable[[xr.Dataset], xr.Dataset] | None = None
+    complete: Callable[..., xr.Dataset] | None = None  # after finalize: complete(model, ds, pairs, options, ...)
     prepare: Callable[[Any, Any], tuple[dict, dict]] | None = None
     check: Callable[[Any, Any], None] | None = None
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # other file name -> fixed options

@@ -21,12 +21,15 @@ Stored as ``store/<slug>/heads.nc``; dims ``prompt``, ``layer``, ``head`` (read 
 * after ``finalize``: ``mean_effect``, ``effect_ci_low``/``effect_ci_high`` (bootstrap 95% CI over prompts,
   :func:`nnethics.metrics.mean_ci` as patching), ``flip_rate``, ``mean_atp_effect``, ``mean_head_dla``
   ``(layer, head)``, ``atp_exact_correlation_pooled``; and for the ``top_heads`` heads with the largest mean
-  |effect| (ties: mean |head_dla|) ``top_layer``/``top_head (rank)`` and ``attention (prompt, side, rank,
-  token)``: the head's attention weights from the decision position to every prompt token (token 0 = the
-  first; NaN padding), from the eager attention implementation for that trace.
+  |effect| (ties: mean |head_dla|) ``top_layer``/``top_head (rank)``;
+* after the ``complete`` pass (:func:`complete_attention`, run once after ``finalize`` by ``run`` and
+  ``analyze``): ``attention (prompt, side, rank, token)``, the top heads' attention weights from the decision
+  position to every prompt token (token 0 = the first; NaN padding), from the eager attention implementation
+  for that trace.
 
-Before ``finalize`` (per chunk) the attention of every head is kept as ``decision_attention (prompt, side,
-layer, head, token)``: which heads are the top ones is known only across all prompts.
+Which heads are the top ones is known only across all prompts, so the chunks compute no attention; the
+``complete`` pass runs the base and cf rows again, in chunks of ``batch_size`` pairs (one request each
+remotely), and brings back the weights of the chosen heads only (tokens x top heads x 2 floats per pair).
 """
 
 from __future__ import annotations
@@ -77,11 +80,11 @@ def head_patching(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions
 
 
 def build_dataset(*, pairs: Sequence[PromptPair], labels: list[str], base_ld: np.ndarray, cf_ld: np.ndarray,
-                  patched_ld: np.ndarray, atp_delta: np.ndarray | None, dla: np.ndarray, attention: np.ndarray,
-                  input_ids: np.ndarray, token_text: np.ndarray, min_gap: float, forward_path: str,
-                  why: str, top_heads: int = 8) -> xr.Dataset:
+                  patched_ld: np.ndarray, atp_delta: np.ndarray | None, dla: np.ndarray, input_ids: np.ndarray,
+                  token_text: np.ndarray, min_gap: float, forward_path: str, why: str,
+                  top_heads: int = 8) -> xr.Dataset:
     """One chunk's Dataset from NumPy arrays: ``patched_ld``/``atp_delta [prompt, layer, head]``, ``dla [prompt,
-    side, layer, head]``, ``attention [prompt, side, layer, head, token]``."""
+    side, layer, head]``."""
     n, L, H = patched_ld.shape
     effect, defined = metrics.normalized_effect(patched_ld, base_ld, cf_ld, min_gap)
     data: dict[str, tuple] = {
@@ -92,7 +95,6 @@ def build_dataset(*, pairs: Sequence[PromptPair], labels: list[str], base_ld: np
         "effect_defined": (("prompt",), defined),
         "flipped": (CELL, metrics.flips(patched_ld, base_ld)),
         "head_dla": (("prompt", "side", "layer", "head"), dla.astype(np.float32)),
-        "decision_attention": (("prompt", "side", "layer", "head", "token"), attention.astype(np.float32)),
         "input_ids": (("prompt", "side", "token"), input_ids),
         "token_text": (("prompt", "side", "token"), token_text),
         "category": (("prompt",), np.array([p.category for p in pairs], dtype=str)),
@@ -109,7 +111,7 @@ def build_dataset(*, pairs: Sequence[PromptPair], labels: list[str], base_ld: np
               "head": np.arange(H, dtype=np.int32), "side": list(SIDES)}
     ds = xr.Dataset(data, coords=coords)
     _describe(ds, labels, min_gap, why)
-    ds.attrs["top_heads"] = int(top_heads)  # finalize stores the attention of this many heads
+    ds.attrs["top_heads"] = int(top_heads)  # finalize chooses this many heads
     return ds
 
 
@@ -127,8 +129,6 @@ def _describe(ds: xr.Dataset, labels: list[str], min_gap: float, why: str) -> No
     ds["flipped"].attrs["description"] = "the patched run chooses the other label than the base run"
     ds["head_dla"].attrs["description"] = "direct logit attribution of the head (final-norm scale frozen), as " \
                                           "attribution's head_contribution"
-    ds["decision_attention"].attrs["description"] = "attention weights of every (query) head from the decision " \
-                                                    "position to each prompt token (token 0 = first; NaN padding)"
     ds["forward_path"].attrs["description"] = "kv_cache: one-token rows over the prefix cache; full: full " \
                                               "forwards" + (f" ({why})" if why else "")
     if "atp_delta" in ds:
@@ -159,8 +159,9 @@ def _nanmean0(a: np.ndarray) -> np.ndarray:
 
 def finalize(ds: xr.Dataset, top: int | None = None, n_resamples: int = metrics.N_RESAMPLES, seed: int = 0
              ) -> xr.Dataset:
-    """Cross-prompt statistics per head and the attention of the ``top`` heads (default: the ``top_heads`` option
-    the file was computed with; see the module docstring)."""
+    """Cross-prompt statistics per head and the ``top`` heads (default: the ``top_heads`` option the file was
+    computed with) as ``top_layer``/``top_head (rank)``, whose attention :func:`complete_attention` adds; see the
+    module docstring."""
     ds = ds.copy()
     top = _top_option(ds, 8) if top is None else int(top)
     ds.attrs["heads"] = "query heads (GQA models: one o_proj input slice per query head)"
@@ -179,18 +180,56 @@ def finalize(ds: xr.Dataset, top: int | None = None, n_resamples: int = metrics.
         exact = ds["patched_logit_diff"].values - ds["base_logit_diff"].values[:, None, None]
         ds["mean_atp_effect"] = (cell, _nanmean0(ds["atp_effect"].values).astype(np.float32))
         ds["atp_exact_correlation_pooled"] = ((), np.float32(metrics.pearson(ds["atp_delta"].values, exact)))
-    if "decision_attention" in ds:
-        chosen = top_heads(ds, top)
-        att = ds["decision_attention"].values
-        ds["attention"] = (("prompt", "side", "rank", "token"),
-                           np.stack([att[:, :, la, h] for la, h in chosen], axis=2))
-        ds = ds.drop_vars("decision_attention").assign_coords(
-            rank=np.arange(len(chosen), dtype=np.int32),
-            top_layer=("rank", np.array([c[0] for c in chosen], dtype=np.int32)),
-            top_head=("rank", np.array([c[1] for c in chosen], dtype=np.int32)))
-        ds["attention"].attrs["description"] = (
-            "attention weights of the top heads (rank 0: largest mean |effect|) from the decision position to each "
-            "prompt token (token 0 = first; NaN padding); query heads")
+    old = ds.drop_vars([v for v in ("attention", "rank", "top_layer", "top_head") if v in ds.variables])
+    chosen = top_heads(old, top)
+    same = "attention" in ds and [(int(a), int(b)) for a, b in zip(ds["top_layer"].values, ds["top_head"].values)]
+    new = old.assign_coords(rank=np.arange(len(chosen), dtype=np.int32),
+                            top_layer=("rank", np.array([c[0] for c in chosen], dtype=np.int32)),
+                            top_head=("rank", np.array([c[1] for c in chosen], dtype=np.int32)))
+    # a rerun of a finished file: the same heads keep their attention (complete_attention then computes none)
+    return with_attention(new, ds["attention"].values) if same == chosen else new
+
+
+def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], options: HeadsOptions = HeadsOptions(),
+                       label_ids: Sequence[int] | None = None, batch_size: int = 8, **_: Any) -> xr.Dataset:
+    """The ``complete`` pass: ``attention (prompt, side, rank, token)`` of the heads ``finalize`` chose
+    (``top_layer``/``top_head``) for every prompt of ``ds`` among ``pairs``, in chunks of ``batch_size`` pairs in
+    ``ds``'s order (the chunks of the run, so the same padding), each on the forward path its prompts were
+    patched on (``forward_path``). Prompts that have them already (a rerun of a finished file: ``finalize`` kept
+    them, the top heads being the same) are not computed again. Only those weights come back from a remote
+    model."""
+    from .heads_attention import top_attention
+
+    if "top_layer" not in ds.coords:
+        return ds
+    chosen = [(int(la), int(h)) for la, h in zip(ds["top_layer"].values, ds["top_head"].values)]
+    ids = [str(x) for x in ds["prompt"].values]
+    row = {pid: i for i, pid in enumerate(ids)}
+    by_id = {p.prompt_id: p for p in pairs}
+    have = ds["attention"].values if "attention" in ds else None
+    todo = [by_id[pid] for pid in ids if pid in by_id and (have is None or np.isnan(have[row[pid]]).all())]
+    if have is not None and not todo:
+        return ds
+    path = dict(zip(ids, ds["forward_path"].values.tolist()))
+    att = np.full((len(ids), 2, len(chosen), ds.sizes["token"]), np.nan, dtype=np.float32)
+    if have is not None:
+        att[:] = have
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        kv = all(path[p.prompt_id] == "kv_cache" for p in chunk)
+        got = top_attention(model, chunk, options, label_ids, chosen, use_kv=kv)
+        for k, p in enumerate(chunk):
+            att[row[p.prompt_id], :, :, :got.shape[-1]] = got[k]
+    return with_attention(ds, att)
+
+
+def with_attention(ds: xr.Dataset, att: np.ndarray) -> xr.Dataset:
+    """``ds`` (finalized) with ``attention (prompt, side, rank, token)`` set to ``att`` and described."""
+    ds = ds.copy()
+    ds["attention"] = (("prompt", "side", "rank", "token"), att.astype(np.float32))
+    ds["attention"].attrs["description"] = (
+        "attention weights of the top heads (rank 0: largest mean |effect|) from the decision position to each "
+        "prompt token (token 0 = first; NaN padding); query heads")
     return ds
 
 
@@ -244,7 +283,7 @@ def check_model(model: Any, options: HeadsOptions) -> None:
 
 ANALYSIS = register(Analysis(
     name="heads", options=HeadsOptions, compute=head_patching, summarize=summarize, finalize=finalize,
-    check=check_model, default=False,
+    complete=complete_attention, check=check_model, default=False,
     help="Activation patching per attention head at the decision position, and the attention of the top heads; "
          "writes STORE/<model>/heads.nc.",
     tables=tables, render=("nnethics.render.heads",)))

@@ -6,12 +6,13 @@ models) at the decision position, copied from the counterfactual row of the same
 path every row is a one-token forward over the prefix cache of its sequence (:func:`run_prefix`), so the
 ``L x H`` patched rows of a pair cost about ``L x H`` tokens of compute; without it, full forwards.
 
-Four kinds of forward, all inside one :meth:`~nnethics.models.handle.ModelHandle.session` (one request
+Per chunk, every forward inside one :meth:`~nnethics.models.handle.ModelHandle.session` (one request
 remotely): the prefix (KV path), the patched rows, attribution patching (one forward + one backward over the
-base and cf rows: ``(z_cf - z_base) . dLD/dz`` per head), and one eager-attention forward of the base and
-cf rows that brings back the attention weights of the decision position to every token (every head: the
-heads worth showing are chosen across all prompts by ``finalize``) and each head's direct logit
-attribution (DLA, through :func:`~.attribution_trace.collect`).
+base and cf rows: ``(z_cf - z_base) . dLD/dz`` per head) and each head's direct logit attribution (DLA,
+through :func:`~.attribution_trace.collect`). The attention of the top heads comes later, from
+:func:`top_attention` (the ``complete`` pass, once ``finalize`` has chosen the heads across all prompts):
+per chunk one session of the prefix (KV path) and one eager-attention forward of the base and cf rows,
+which brings back the decision position's weights for the chosen heads only.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..models.adapters import get_path
 from ..models.errors import is_oom
 from ..prompts import PromptPair
 from .attribution_trace import collect, contributions
@@ -44,31 +44,6 @@ if TYPE_CHECKING:
     from .heads import HeadsOptions
 
 BLOCKS = 6  # layer blocks of the KV path: a row patched in block k skips the layers before the block
-
-
-def attention_module(model: Any, layer: int) -> Any:
-    """The envoy of layer ``layer``'s attention block (the parent of the adapter's ``o_proj``)."""
-    parent = model.adapter.o_proj.rsplit(".", 1)[0]
-    return get_path(model.layer(layer), parent)
-
-
-class eager_attention:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """Switch the model to transformers' eager attention for one trace, so that every attention block returns
-    its weights (``output[1]``, ``[N, H, q, k]``, query heads), then switch back. It runs where
-    :func:`execute` runs: locally, or inside the remote session (the model there is the server's)."""
-
-    def __init__(self, model: Any):
-        self.config = model.lm._module.config
-        self.old = None
-
-    def __enter__(self):
-        self.old = self.config._attn_implementation
-        self.config._attn_implementation = "eager"
-        return self
-
-    def __exit__(self, *exc):
-        self.config._attn_implementation = self.old
-        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,15 +94,6 @@ def _trace_atp(model: Any, inputs: dict, projs: list, n: int, n_heads: int, ids:
                 est.append(((zl[n:] - zl[:n]) * gl).sum(-1))
         atp = torch.stack(est).detach().clone().save()
     return atp
-
-
-def _trace_attention(model: Any, inputs: dict, attns: list, use_cache: bool | None) -> torch.Tensor:
-    """The eager attention weights of the last position to every key: ``[N, L, H, keys]`` (float32)."""
-    kw = {} if use_cache is None else {"use_cache": use_cache}
-    with torch.no_grad(), model.trace(inputs, logits_to_keep=1, **kw):
-        got = [m.output[1][:, :, -1].detach().float() for m in attns]
-        weights = torch.stack(got, dim=1).cpu().save()
-    return weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +165,9 @@ def _side_inputs(enc: Any, n: int, prefix: Prefix | None) -> tuple[dict, bool | 
 
 
 def execute(model: Any, enc: Any, groups, cells, ids, n: int, use_kv: bool, max_tokens: int, atp: bool,
-            ) -> tuple[Any, Any, Any, Any, Any]:
-    """Every forward of a chunk, as one session: prefix, patched rows, AtP, DLA, attention. Returns the LDs of
-    the patched rows ``[n, L, H]`` and of the base and cf rows ``[2n]``, AtP, DLA and the attention weights."""
+            ) -> tuple[Any, Any, Any, Any]:
+    """Every forward of a chunk, as one session: prefix, patched rows, AtP, DLA. Returns the LDs of the patched
+    rows ``[n, L, H]`` and of the base and cf rows ``[2n]``, AtP and DLA."""
     L, H = model.n_layers, model.n_heads
     if use_kv:
         prefix = run_prefix(model, enc, groups)
@@ -215,10 +181,7 @@ def execute(model: Any, enc: Any, groups, cells, ids, n: int, use_kv: bool, max_
     inputs, use_cache = _side_inputs(enc, n, prefix)
     grads = _trace_atp(model, inputs, [model.o_proj(i) for i in range(L)], n, H, ids, use_cache) if atp else None
     proj = collect(model, _side_inputs(enc, n, prefix)[0], list(ids), heads=True, per_option=False)
-    with eager_attention(model):
-        weights = _trace_attention(model, _side_inputs(enc, n, prefix)[0],
-                                   [attention_module(model, i) for i in range(L)], use_cache)
-    return patched, sides, grads, contributions(proj)["heads"][..., 0], weights
+    return patched, sides, grads, contributions(proj)["heads"][..., 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,26 +323,15 @@ def run_heads(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions,
     if why and options.kv_cache == "on":
         raise ValueError(f"the KV-cache path cannot run here: {why}")
     use_kv = why is None
-    patched, sides, atp, dla, weights = model.session(execute, enc, groups, cells, ids, n, use_kv,
-                                                      options.max_tokens, options.atp)
+    patched, sides, atp, dla = model.session(execute, enc, groups, cells, ids, n, use_kv, options.max_tokens,
+                                             options.atp)
     patched = np.asarray(patched, dtype=np.float64).reshape(n, L, H)
     sides = np.asarray(sides.cpu().tolist() if hasattr(sides, "cpu") else sides, dtype=np.float64)
     base, cf = sides[:n], sides[n:]
     input_ids, n_tokens, _ = _prompt_tokens(batch)
-    att = _right_aligned(weights.numpy(), [enc.lengths[r] for r in range(2 * n)], n)
     return decl.build_dataset(
         pairs=pairs, labels=list(options.labels), base_ld=base, cf_ld=cf, patched_ld=patched,
         atp_delta=None if atp is None else atp.cpu().numpy().astype(np.float64).transpose(1, 0, 2),
-        dla=dla.numpy().reshape(2, n, L, H).transpose(1, 0, 2, 3), attention=att, input_ids=input_ids,
+        dla=dla.numpy().reshape(2, n, L, H).transpose(1, 0, 2, 3), input_ids=input_ids,
         token_text=_decoded(model.tokenizer, input_ids), min_gap=options.min_gap,
         forward_path="kv_cache" if use_kv else "full", why=why or "", top_heads=options.top_heads)
-
-
-def _right_aligned(weights: np.ndarray, lengths: list[int], n: int) -> np.ndarray:
-    """``[2n, L, H, keys]`` (left-padded keys) -> ``[n, side, L, H, token]`` with token 0 the first prompt token
-    (padded at the end with NaN, as ``input_ids`` are with -1)."""
-    width = max(lengths)
-    out = np.full((n, 2, weights.shape[1], weights.shape[2], width), np.nan, dtype=np.float32)
-    for row, length in enumerate(lengths):
-        out[row % n, row // n, :, :, :length] = weights[row, :, :, -length:]
-    return out

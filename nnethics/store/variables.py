@@ -149,8 +149,6 @@ VARIABLES: dict[str, tuple[str, str]] = {
     # heads
     "head_dla": (f"attention head's direct contribution to {LD} (as head_contribution)", LOGIT),
     "mean_head_dla": (f"mean over prompts and sides of the head's direct contribution to {LD}", LOGIT),
-    "decision_attention": ("attention weight of each (query) head from the decision position to each prompt token",
-                           ONE),
     "attention": ("attention weight of a top head from the decision position to each prompt token", ONE),
     "rank": ("rank of a head by mean |patching effect| (0 = largest)", ONE),
     "top_layer": ("layer of the head at this rank", ONE),

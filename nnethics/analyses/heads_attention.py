@@ -1,0 +1,111 @@
+"""The attention of the top heads at the decision position: the ``complete`` pass of ``heads`` (torch loads here).
+
+:func:`~nnethics.analyses.heads.finalize` chooses the top heads across all prompts; :func:`top_attention` then
+runs one session per chunk of pairs: the prefix on the KV path (as :func:`.heads_engine.execute` makes it) and
+one forward of the base and cf rows with transformers' eager attention (:class:`eager_attention`), whose trace
+returns the decision position's weights for the chosen heads only (``2 x heads x tokens`` floats per pair).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..models.adapters import get_path
+from ..models.errors import is_oom
+from ..prompts import PromptPair
+from .common import encode_pairs
+from .heads_engine import _side_inputs
+from .patching_engine import Row, run_prefix
+
+if TYPE_CHECKING:
+    from .heads import HeadsOptions
+
+
+def attention_module(model: Any, layer: int) -> Any:
+    """The envoy of layer ``layer``'s attention block (the parent of the adapter's ``o_proj``)."""
+    parent = model.adapter.o_proj.rsplit(".", 1)[0]
+    return get_path(model.layer(layer), parent)
+
+
+class eager_attention:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Switch the model to transformers' eager attention for one trace, so that every attention block returns
+    its weights (``output[1]``, ``[N, H, q, k]``, query heads), then switch back. It runs where
+    :func:`top_attention`'s session runs: locally, or inside the remote session (the model there is the
+    server's)."""
+
+    def __init__(self, model: Any):
+        self.config = model.lm._module.config
+        self.old = None
+
+    def __enter__(self):
+        self.old = self.config._attn_implementation
+        self.config._attn_implementation = "eager"
+        return self
+
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.old
+        return False
+
+
+def _trace_attention(model: Any, inputs: dict, attns: list, heads: list[list[int]],
+                     use_cache: bool | None) -> torch.Tensor:
+    """The eager attention weights of the last position to every key for the heads ``heads[i]`` of the attention
+    module ``attns[i]`` (modules in layer order): ``[N, sum of len(heads[i]), keys]`` (float32), in that order.
+    Only these come back: nothing else leaves the trace."""
+    kw = {} if use_cache is None else {"use_cache": use_cache}
+    with torch.no_grad(), model.trace(inputs, logits_to_keep=1, **kw):
+        got = [m.output[1][:, hs, -1].detach().float() for m, hs in zip(attns, heads)]
+        weights = torch.cat(got, dim=1).cpu().save()
+    return weights
+
+
+def _attention_session(model: Any, enc: Any, groups: list[list[Row]], n: int, use_kv: bool, layers: list[int],
+                       heads: list[list[int]]) -> Any:
+    """One session of the ``complete`` pass: the prefix (KV path, as :func:`.heads_engine.execute` makes it) and
+    one eager forward of the base and cf rows; the weights of ``heads[i]`` of layer ``layers[i]``, ``[2n, heads,
+    keys]``."""
+    prefix = run_prefix(model, enc, groups) if use_kv else None
+    inputs, use_cache = _side_inputs(enc, n, prefix)
+    with eager_attention(model):
+        return _trace_attention(model, inputs, [attention_module(model, la) for la in layers], heads, use_cache)
+
+
+def top_attention(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions, label_ids: Sequence[int] | None,
+                  chosen: Sequence[tuple[int, int]], use_kv: bool) -> np.ndarray:
+    """The attention weights of the decision position to every token for the ``chosen`` (layer, head)s, in their
+    order: ``[pair, side, rank, token]`` (token 0 = the first prompt token, NaN padding), for one chunk of pairs in
+    one session, over the same inputs as the chunk's :func:`.heads_engine.execute` (on the KV path one token over
+    the prefix cache); on out-of-memory the chunk runs in two halves."""
+    pairs = list(pairs)
+    batch = encode_pairs(model, pairs, list(options.labels), options.chat, label_ids)
+    enc, n = batch.encoded, batch.n
+    layers = sorted({la for la, _ in chosen})
+    heads = [[h for la2, h in chosen if la2 == la] for la in layers]
+    groups = [[Row(batch.row(i, "cf")), Row(batch.row(i, "base"))] for i in range(n)]
+    try:
+        weights = model.session(_attention_session, enc, groups, n, use_kv, layers, heads)
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+        if not is_oom(err) or n < 2:
+            raise
+        halves = [top_attention(model, part, options, label_ids, chosen, use_kv) for part in (pairs[:n // 2],
+                                                                                              pairs[n // 2:])]
+        width = max(h.shape[-1] for h in halves)
+        return np.concatenate([np.pad(h, [(0, 0)] * 3 + [(0, width - h.shape[-1])], constant_values=np.nan)
+                               for h in halves])
+    flat = [(la, h) for la, hs in zip(layers, heads) for h in hs]   # the trace's order: by layer
+    rank = [flat.index(tuple(c)) for c in chosen]
+    return _right_aligned(weights.numpy()[:, rank], [enc.lengths[r] for r in range(2 * n)], n)
+
+
+def _right_aligned(weights: np.ndarray, lengths: list[int], n: int) -> np.ndarray:
+    """``[2n, ..., keys]`` (rows ``[base..., cf...]``, left-padded keys) -> ``[n, side, ..., token]`` with token 0
+    the first prompt token (padded at the end with NaN, as ``input_ids`` are with -1)."""
+    width = max(lengths)
+    out = np.full((n, 2, *weights.shape[1:-1], width), np.nan, dtype=np.float32)
+    for row, length in enumerate(lengths):
+        out[row % n, row // n, ..., :length] = weights[row, ..., -length:]
+    return out
