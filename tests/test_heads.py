@@ -58,7 +58,7 @@ def _tokens(model, pairs, chat=False):
 def _every_head_attention(model, ds, pairs, options):
     """The ``complete`` pass with every head chosen: ``[prompt, side, layer, head, token]``."""
     L, H = ds.sizes["layer"], ds.sizes["head"]
-    done = complete_attention(model, finalize(ds, top=L * H, n_boot=10), pairs, options)
+    done = complete_attention(model, finalize(ds, top=L * H, n_resamples=10), pairs, options)
     att = np.full((ds.sizes["prompt"], 2, L, H, done.sizes["token"]), np.nan, np.float32)
     for r, (la, h) in enumerate(zip(done["top_layer"].values, done["top_head"].values)):
         att[:, :, la, h] = done["attention"].values[:, :, r]
@@ -164,8 +164,8 @@ def test_finalize_ranks_by_mean_abs_effect_then_dla_and_complete_adds_the_top_at
             np.testing.assert_allclose(done["attention"].values[:, :, r], every[:, :, la, h], rtol=0,
                                        atol=0 if batch_size == 8 else 1e-6)
     # finalize again (a rerun of the finished file): the same heads keep their attention, other heads drop it
-    np.testing.assert_array_equal(finalize(done, top=5, n_boot=10)["attention"], done["attention"])
-    assert "attention" not in finalize(done, top=3, n_boot=10)
+    np.testing.assert_array_equal(finalize(done, top=5, n_resamples=10)["attention"], done["attention"])
+    assert "attention" not in finalize(done, top=3, n_resamples=10)
     one = complete_attention(model, out, [SHORT[1]], opts)  # a prompt without its pair stays NaN
     assert np.isnan(one["attention"].values[0]).all()
     np.testing.assert_allclose(one["attention"].values[1], done["attention"].values[1], rtol=0, atol=1e-6)
@@ -190,7 +190,7 @@ def test_traces_pass_the_remote_dry_run(strong):
         for v in ("patched_logit_diff", "base_logit_diff", "atp_delta", "head_dla"):
             np.testing.assert_allclose(dry[v], local[v], rtol=0, atol=1e-6)
         opts = HeadsOptions(**PLAIN, kv_cache=kv, top_heads=5)
-        att = [complete_attention(m, finalize(local, n_boot=10), SHORT, opts)["attention"]
+        att = [complete_attention(m, finalize(local, n_resamples=10), SHORT, opts)["attention"]
                for m in (model, model.using(remote="local"))]
         np.testing.assert_allclose(att[1], att[0], rtol=0, atol=1e-6)
 
