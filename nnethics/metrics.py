@@ -123,6 +123,14 @@ def ci_label(over: str = "prompts", n: int | None = None) -> str:
     return f"95% CI, {MEAN_CI_METHOD} over {over}" + ("" if n is None else f", n={n}")
 
 
+def format_ci(low: float, high: float, fmt: str = "+.2f") -> str:
+    """``95% CI +a to +b`` for a line of text; a NaN interval (:func:`mean_ci` gives one for fewer than 2 values)
+    reads ``no CI (fewer than 2 pairs)`` rather than ``+nan to +nan``."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "no CI (fewer than 2 pairs)"
+    return f"95% CI {low:{fmt}} to {high:{fmt}}"
+
+
 def ci_attrs(seed: int = 0, n_resamples: int = N_RESAMPLES) -> dict:
     """What a stored mean CI records about how it was computed (its degenerate cases included)."""
     return {"ci_method": f"{MEAN_CI_METHOD} (scipy.stats.bootstrap, method='BCa')", "ci_level": CI_LEVEL,

@@ -149,3 +149,30 @@ def test_pearson():
 def test_logit_diff_and_choice():
     np.testing.assert_allclose(metrics.logit_diff(np.array([[3.0, 1.0], [0.0, 2.0]])), [2.0, -2.0])
     np.testing.assert_array_equal(metrics.choice(np.array([2.0, -2.0, np.nan])), [0, 1, -1])
+
+
+def test_format_ci_says_when_there_is_no_interval_instead_of_printing_nan():
+    assert metrics.format_ci(0.1, 0.25) == "95% CI +0.10 to +0.25"
+    assert metrics.format_ci(-0.1234, 0.5, "+.3f") == "95% CI -0.123 to +0.500"
+    assert metrics.format_ci(float("nan"), float("nan")) == "no CI (fewer than 2 pairs)"
+    _, lo, hi = metrics.mean_ci(np.array([[0.4], [np.nan], [np.nan]]))  # one defined pair: what `run` prints
+    assert metrics.format_ci(float(lo[0]), float(hi[0])) == "no CI (fewer than 2 pairs)"
+
+
+def test_patching_summary_of_one_defined_pair_prints_no_nan():
+    import xarray as xr
+
+    from nnethics.analyses.patching_results import finalize, summarize
+
+    effect = np.full((3, 4, 1), np.nan, np.float32)
+    effect[0, :, 0] = [0.0, 0.2, 0.6, 1.0]
+    ds = xr.Dataset({
+        "effect": (("prompt", "layer", "component"), effect),
+        "effect_defined": (("prompt",), np.array([True, False, False])),
+        "flipped": (("prompt", "layer", "component"), np.zeros((3, 4, 1), bool)),
+        "patched_logit_diff": (("prompt", "layer", "component"), np.zeros((3, 4, 1), np.float32)),
+        "base_logit_diff": (("prompt",), np.zeros(3, np.float32)),
+        "cf_logit_diff": (("prompt",), np.ones(3, np.float32)),
+    }, coords={"prompt": ["a", "b", "c"], "layer": np.arange(4), "component": ["resid"]})
+    text = summarize(finalize(ds, n_resamples=50))
+    assert "arrives at layer 2" in text and "no CI (fewer than 2 pairs)" in text and "nan" not in text

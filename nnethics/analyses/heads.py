@@ -254,7 +254,7 @@ def summarize(ds: xr.Dataset) -> str:
         for la, h in chosen:
             m = float(ds["mean_effect"].values[la, h])
             lo, hi = float(ds["effect_ci_low"].values[la, h]), float(ds["effect_ci_high"].values[la, h])
-            heads.append(f"L{la}H{h} {m:+.3f} (95% CI {lo:+.3f} to {hi:+.3f})")
+            heads.append(f"L{la}H{h} {m:+.3f} ({metrics.format_ci(lo, hi, '+.3f')})")
         parts.append("largest mean effect: " + ", ".join(heads))
     if "atp_exact_correlation_pooled" in ds:
         parts.append(f"AtP vs exact r = {float(ds['atp_exact_correlation_pooled']):.3f}")

@@ -177,15 +177,15 @@ def summarize(ds: xr.Dataset) -> str:
                     continue
                 text = f"resid: the decision arrives at layer {layer} (first mean effect >= 0.5: {float(m.sel(layer=layer)):+.2f}"
                 if ci:
-                    text += (f", 95% CI {float(ds['effect_ci_low'].sel(component=comp, layer=layer)):+.2f}"
-                             f" to {float(ds['effect_ci_high'].sel(component=comp, layer=layer)):+.2f}")
+                    text += ", " + metrics.format_ci(float(ds["effect_ci_low"].sel(component=comp, layer=layer)),
+                                                     float(ds["effect_ci_high"].sel(component=comp, layer=layer)))
                 parts.append(text + ")")
                 continue
             peak = int(m["layer"].values[int(np.nanargmax(np.abs(m.values)))])
             text = f"{comp} largest at layer {peak} (mean effect {float(m.sel(layer=peak)):+.2f}"
             if ci:
-                text += (f", 95% CI {float(ds['effect_ci_low'].sel(component=comp, layer=peak)):+.2f}"
-                         f" to {float(ds['effect_ci_high'].sel(component=comp, layer=peak)):+.2f}")
+                text += ", " + metrics.format_ci(float(ds["effect_ci_low"].sel(component=comp, layer=peak)),
+                                                 float(ds["effect_ci_high"].sel(component=comp, layer=peak)))
             parts.append(text + ")")
     if "atp_exact_correlation_pooled" in ds:
         parts.append(f"AtP vs exact r = {float(ds['atp_exact_correlation_pooled']):.3f}")
