@@ -63,6 +63,9 @@ def _detach(value: Any) -> Any:
     return value
 
 
+ZSTD_LEVEL = 19  # of the request payload (nnsight's default is 6)
+
+
 class NdifBackend(RemoteBackend):
     """nnsight's blocking remote backend with retries, a silence timeout, clear errors and accounting."""
 
@@ -91,6 +94,20 @@ class NdifBackend(RemoteBackend):
         if isinstance(result, dict):
             self._push(result, tracer)
         return result
+
+    def _serialize(self, tracer: Any) -> bytes:
+        """nnsight's payload, compressed with zstd at level 19 instead of nnsight's 6: measured on the loopback
+        server's patching-grid requests, about a tenth fewer bytes up for a few milliseconds of CPU per request (the
+        server decompresses any level)."""
+        from nnsight.ndif import pull_env
+
+        pull_env()  # local modules (nnethics) ship by value, as nnsight's own _serialize does
+        blob = RequestModel.serialize(tracer, compress=False)
+        if not self.compress:
+            return blob
+        import zstandard as zstd
+
+        return zstd.ZstdCompressor(level=ZSTD_LEVEL).compress(blob)
 
     def _with_retries(self, request: RequestModel, blob: bytes, record: RequestRecord) -> Any:
         """One attempt plus up to ``policy.retries`` more after a transient fault (a dropped connection or a
