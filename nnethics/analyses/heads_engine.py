@@ -50,6 +50,21 @@ BLOCKS = 6  # layer blocks of the KV path: a row patched in block k skips the la
 # trace bodies (remote-safe: envoys, ints, lists; tensors created inside the trace)
 
 
+def copy_heads(projs: dict, patches: dict, n_heads: int) -> None:
+    """Inside a trace: for each layer in ``patches[layer] = (rows, source rows, heads)``, copy those heads' slice of
+    o_proj's input at the last position from the source rows (both head-patching forwards use it)."""
+    import torch
+
+    for layer in sorted(patches):
+        z = projs[layer].input
+        rows, srcs, heads = patches[layer]
+        zh = z.view(z.shape[0], z.shape[1], n_heads, -1)
+        r = torch.tensor(rows, device=z.device)
+        s = torch.tensor(srcs, device=z.device)
+        h = torch.tensor(heads, device=z.device)
+        zh[r, -1, h] = zh[s, -1, h]
+
+
 def _trace_heads(model: Any, inputs: dict, projs: dict, patches: dict, n_heads: int, ids: tuple[int, int],
                  use_cache: bool | None) -> torch.Tensor:
     """One forward of a batch of rows; ``patches[layer] = (rows, src rows, heads)``: the head slice of o_proj's
@@ -57,14 +72,7 @@ def _trace_heads(model: Any, inputs: dict, projs: dict, patches: dict, n_heads: 
     a, b = ids
     kw = {} if use_cache is None else {"use_cache": use_cache}
     with torch.no_grad(), model.trace(inputs, logits_to_keep=1, **kw):
-        for layer in sorted(patches):
-            z = projs[layer].input
-            rows, src, heads = patches[layer]
-            zh = z.view(z.shape[0], z.shape[1], n_heads, -1)
-            r = torch.tensor(rows, device=z.device)
-            s = torch.tensor(src, device=z.device)
-            h = torch.tensor(heads, device=z.device)
-            zh[r, -1, h] = zh[s, -1, h]
+        copy_heads(projs, patches, n_heads)
         logits = model.lm.output.logits[:, -1]
         ld = (logits[:, a].float() - logits[:, b].float()).save()
     return ld
@@ -215,14 +223,7 @@ def _trace_block(model: Any, inputs: dict, layers: list, start: int, resid: Any,
             x = resid[torch.tensor(src, device=resid.device), start - 1][:, None]
             for j in range(start):
                 layers[j].skip(x)
-        for layer in sorted(patches):
-            z = projs[layer].input
-            rows, srcs, heads = patches[layer]
-            zh = z.view(z.shape[0], z.shape[1], n_heads, -1)
-            r = torch.tensor(rows, device=z.device)
-            s = torch.tensor(srcs, device=z.device)
-            h = torch.tensor(heads, device=z.device)
-            zh[r, -1, h] = zh[s, -1, h]
+        copy_heads(projs, patches, n_heads)
         # only the two label logits: lm_head's full vocabulary would cost a quarter of a small model's row
         head = model.lm.lm_head
         pair = model.lm.model.norm.output[:, -1] @ head.weight[[a, b]].T
