@@ -63,9 +63,9 @@ def cut_prefix(cache: Any) -> bool:
     if type(cache).__name__ != "DynamicCache" or not layers or \
             any(type(layer).__name__ != "DynamicLayer" for layer in layers):
         return False
-    for layer in layers:
-        layer.keys = layer.keys[..., :-1, :]
-        layer.values = layer.values[..., :-1, :]
+    for layer in layers:  # contiguous: the one-token rows gather from it once per layer and forward
+        layer.keys = layer.keys[..., :-1, :].contiguous()
+        layer.values = layer.values[..., :-1, :].contiguous()
     return True
 
 

@@ -166,7 +166,10 @@ def _start(model: Any, batch: Any, options: AttributionOptions, prepared: dict) 
     if bad or not keep:
         raise ValueError(f"layers {bad or keep} are out of range: the model has layers 0-{L - 1}")
     per_option, why = head_options_choice(model, options, len(keep))
-    return {"_options": options, "_why": why, "kept": keep, "heads": options.heads, "per_option": per_option}
+    from .unembed import label_columns
+
+    return {"_options": options, "_why": why, "kept": keep, "heads": options.heads, "per_option": per_option,
+            "columns": label_columns(model.lm.lm_head._module, batch.label_ids)}
 
 
 def _build(model: Any, batch: Any, job: dict, got: dict) -> xr.Dataset:

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..models.adapters import final_norm_eps, get_path
+from .unembed import logits_of
 
 F64 = torch.float64
 
@@ -230,16 +231,16 @@ def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], hea
     """
     n_rows = int(inputs["input_ids"].shape[0])
     with torch.no_grad(), model.trace(inputs):
-        got = project(model, n_rows, label_ids, heads, kept, per_option, adhoc_logits=False)
+        got = project(model, n_rows, label_ids, heads, kept, per_option, adhoc_logits=False, columns=None)
     return Projections(**got)
 
 
 def read_projections(model: Any, batch: Any, job: dict) -> dict:
     """:func:`project` inside the chunk's shared trace (:mod:`nnethics.fused`), whose forward keeps the last
     position's logits only: the label logits are unembedded from the full final-norm output here, as the plain
-    forward of :func:`collect` does, so they keep its bits."""
+    forward of :func:`collect` does, so they keep its bits (on ``job["columns"]`` only: see :mod:`.unembed`)."""
     return project(model, 2 * batch.n, batch.label_ids, job["heads"], job["kept"], job["per_option"],
-                   adhoc_logits=True)
+                   adhoc_logits=True, columns=job.get("columns"))
 
 
 def _softcapped(logits: Tensor, cap: float | None) -> Tensor:
@@ -250,10 +251,11 @@ def _softcapped(logits: Tensor, cap: float | None) -> Tensor:
 
 
 def project(model: Any, n_rows: int, label_ids: Sequence[int], heads: bool, kept: Sequence[int] | None,
-            per_option: bool, adhoc_logits: bool) -> dict:
+            per_option: bool, adhoc_logits: bool, columns: list[int] | None = None) -> dict:
     """Inside a trace over ``n_rows`` rows: every part at the last position on the label directions (see
     :func:`collect`). Reads in forward order. ``adhoc_logits``: the label logits from an unembedding of the
-    whole final-norm output after the forward (for a forward run with ``logits_to_keep=1``)."""
+    whole final-norm output after the forward (for a forward run with ``logits_to_keep=1``), on the lm_head
+    ``columns`` only (:func:`.unembed.label_columns`; None: every one)."""
     lm, ad = model.lm, model.adapter
     L, H, ids = model.n_layers, model.n_heads, [int(i) for i in label_ids]
     keep = list(range(L)) if kept is None else [int(i) for i in kept]
@@ -292,11 +294,11 @@ def project(model: Any, n_rows: int, label_ids: Sequence[int], heads: bool, kept
         parts.append(torch.stack([a, (m.to(direction.device) @ direction.T).cpu()], dim=1))  # [N, 2, O]
     x = norm.input[:, -1].detach().double()
     var = x.var(-1, unbiased=False) if centre else x.pow(2).mean(-1)
-    if adhoc_logits:
+    if adhoc_logits:  # the whole sequence unembedded as a forward without logits_to_keep does, label columns only
         normed = norm.output.detach()
         model.lm.output.logits  # noqa: B018 - wait for the end of the forward: the call below must not run inside it
-        full = head(normed)
-        pre_logits, logits = full[:, -1, ids].detach().double().cpu(), _softcapped(full, cap)[:, -1, ids]
+        full, at = (head(normed), ids) if columns is None else (logits_of(head, normed, columns), range(len(ids)))
+        pre_logits, logits = full[:, -1, list(at)].detach().double().cpu(), _softcapped(full, cap)[:, -1, list(at)]
     else:
         pre_logits, logits = head.output[:, -1, ids].detach().double().cpu(), lm.output.logits[:, -1, ids]
     return nnsight.save({

@@ -19,6 +19,7 @@ from . import patching_results as results
 from .common import PairBatch, encode_pairs
 from .patching_engine import Noise, Patch, Row, attribution, forward_keys, kv_possible, run_groups, run_prefix
 from .patching_noise import SpanError, pair_seed, restore_layers, span_chars, span_tokens
+from .unembed import label_columns
 
 if TYPE_CHECKING:
     from .patching import PatchingOptions
@@ -110,7 +111,7 @@ def run_patching(model: Any, pairs: Sequence[PromptPair], options: PatchingOptio
     batch = encode_pairs(model, list(pairs), list(options.labels), options.chat, label_ids)
     job = start(model, batch, options, {})
     return build(model, batch, job, model.session(_execute, batch.encoded, job["groups"], job["ids"], job["use_kv"],
-                                                  job["max_tokens"], job["atp"]))
+                                                  job["max_tokens"], job["atp"], None, job["columns"]))
 
 
 def atp_wanted(opts: PatchingOptions) -> bool:
@@ -130,9 +131,10 @@ def start(model: Any, batch: PairBatch, options: PatchingOptions, prepared: dict
     atp_job = _atp_job(batch, plan, opts, layers) if atp_wanted(opts) and opts.corruption == "counterfactual" and \
         opts.window == 1 else None
     # keys with "_" stay here; the rest travel to the session (the server, remotely)
+    ids = (batch.label_ids[0], batch.label_ids[1])
     return {"_options": opts, "_layers": layers, "_plan": plan, "_why": why, "groups": plan.groups, "use_kv": use_kv,
-            "atp": atp_job, "ids": (batch.label_ids[0], batch.label_ids[1]), "cache": use_kv,
-            "max_tokens": opts.max_tokens}
+            "atp": atp_job, "ids": ids, "cache": use_kv, "max_tokens": opts.max_tokens,
+            "columns": label_columns(model.lm.lm_head._module, ids)}
 
 
 def read(model: Any, batch: PairBatch, job: dict) -> None:
@@ -144,7 +146,7 @@ def rows(model: Any, batch: PairBatch, job: dict, saved: Any, prefix: Any) -> tu
     """After the shared trace, in its session: the patched rows (one-token rows over ``prefix`` on the KV path)
     and attribution patching."""
     return _execute(model, batch.encoded, job["groups"], job["ids"], job["use_kv"], job["max_tokens"], job["atp"],
-                    prefix)
+                    prefix, job["columns"])
 
 
 def build(model: Any, batch: PairBatch, job: dict, got: tuple) -> xr.Dataset:
@@ -188,15 +190,17 @@ def build(model: Any, batch: PairBatch, job: dict, got: tuple) -> xr.Dataset:
 
 
 def _execute(model: Any, enc, groups, ids, use_kv: bool, max_tokens: int,
-             atp_job: dict | None, prefix: Any = None) -> tuple[list[list[float]], dict[int, float], Any]:
+             atp_job: dict | None, prefix: Any = None, columns: list[int] | None = None
+             ) -> tuple[list[list[float]], dict[int, float], Any]:
     """Every forward of a chunk: the prefix (KV path), the patched rows, the AtP forward + backward.
 
     Returns the LD of every row, the noise std per group and the raw AtP tensor ``[K, n, P]`` (or None).
     It runs as one :meth:`~nnethics.models.handle.ModelHandle.session`: on NDIF, one request, so the
-    prefix cache never travels. ``prefix``: the KV path's prefix cache, already computed (by the shared trace)."""
+    prefix cache never travels. ``prefix``: the KV path's prefix cache, already computed (by the shared trace);
+    ``columns``: the lm_head columns the KV path's rows compute (:func:`.unembed.label_columns`)."""
     if use_kv and prefix is None:
         prefix = run_prefix(model, enc, groups)
-    lds, sigma = run_groups(model, enc, groups, ids, prefix=prefix, max_tokens=max_tokens)
+    lds, sigma = run_groups(model, enc, groups, ids, prefix=prefix, max_tokens=max_tokens, columns=columns)
     atp = None
     if atp_job is not None:
         atp, _, _ = attribution(model, enc, atp_job["recv"], atp_job["src"], atp_job["keys"], atp_job["positions"],
