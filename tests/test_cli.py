@@ -116,3 +116,12 @@ def test_package_exports_the_public_functions_lazily():
         nnethics.nope  # noqa: B018
     code = "import sys, nnethics; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "nnethics", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Usage: nnethics [OPTIONS] COMMAND [ARGS]...")
