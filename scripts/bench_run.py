@@ -15,6 +15,7 @@ are meant to be bit-equal). With a CUDA device, ``--gpu`` (the default there) al
 (``--gpu-shape tiny --gpu-device cpu`` runs that path on a tiny shape here).
 
     .venv/bin/python scripts/bench_run.py --threads 2 --pairs 3 --rounds 3
+    .venv/bin/python scripts/bench_run.py --threads 1 --clock cpu    # steadier on a busy machine
 """
 
 from __future__ import annotations
@@ -94,14 +95,17 @@ def max_difference(a: dict, b: dict) -> float:
     return worst
 
 
-def rotated_min(items: dict, rounds: int) -> dict[str, float]:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def rotated_min(items: dict, rounds: int, clock=time.perf_counter) -> dict[str, float]:
     """Each item's minimum time over ``rounds`` rounds, each round starting one item later."""
     names, best = list(items), {}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            t = time.perf_counter()
+            t = clock()
             items[name]()
-            dt = time.perf_counter() - t
+            dt = clock() - t
             best[name] = min(best.get(name, float("inf")), dt)
             print(f"  round {r + 1} {name}: {dt:.2f} s", flush=True)
     return best
@@ -133,9 +137,10 @@ def cpu_bench(args) -> None:
     for name, fn in items.items():  # warm-up: first calls pay one-off costs
         if not name.startswith("seed"):
             fn()
-    best = rotated_min(items, args.rounds)
+    best = rotated_min(items, args.rounds, CLOCKS[args.clock])
     t_unit = best["unit"] / len(rows)
-    print(f"unit: one plain forward of one prompt {t_unit * 1e3:.1f} ms (min of {args.rounds} rotated rounds)")
+    print(f"unit: one plain forward of one prompt {t_unit * 1e3:.1f} ms {args.clock} time (min of {args.rounds} "
+          "rotated rounds)")
     ok = True
     for j, title in enumerate(JOBS):
         fe = {k: best[f"{k}{j}"] / n / t_unit for k in ("seed", "separate", "fused")}
@@ -196,6 +201,9 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                    help="wall: elapsed time; cpu: this process' CPU time, steadier on a busy machine but only "
+                         "meaningful with --threads 1 (idle threads spinning count as work)")
     ap.add_argument("--prompts", default=str(ROOT / "prompts"))
     ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True, help="the CPU comparison")
     ap.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
@@ -206,6 +214,8 @@ def main() -> None:
     ap.add_argument("--gpu-batch", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu measures work only with --threads 1")
     if args.cpu:
         cpu_bench(args)
     if args.gpu if args.gpu is not None else torch.cuda.is_available():
