@@ -33,6 +33,9 @@ NOTICES = ("WebGL", "GL Driver Message", "GPU stall", "swiftshader")
 READY = """() => window.Bokeh && Bokeh.documents.length > 0 &&
   [...Bokeh.index.all_views()].some(v => v.model.type === 'Figure') &&
   [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure').every(v => v.has_finished())"""
+ALL_DRAWN = """() => (""" + READY + """)() &&
+  [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure').length ===
+  [...Bokeh.documents[0].all_models].filter(m => m.type === 'Figure').length"""
 FIGURES = """() => {
   const models = [...Bokeh.documents[0].all_models].filter(m => m.type === 'Figure');
   const views = [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure');
@@ -77,6 +80,13 @@ def _open(page_url: str, shot: Path | None = None, select: str | None = None, vi
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(page_url)
             page.wait_for_function(READY, timeout=60_000)
+            out["first_screen"] = page.evaluate(FIGURES)  # a report draws a block when it nears the viewport
+            holders = page.locator("div.nnethics-lazy")
+            out["lazy_blocks"] = holders.count()
+            for i in range(out["lazy_blocks"]):  # scroll every block into view, as a reader would
+                holders.nth(i).scroll_into_view_if_needed()
+                page.wait_for_function(f"() => nnethics_blocks.shown.has({i})", timeout=30_000)
+            page.wait_for_function(ALL_DRAWN, timeout=60_000)
             out["figures"] = page.evaluate(FIGURES)
             if shot is not None:
                 page.screenshot(path=str(shot), full_page=True)
@@ -130,6 +140,8 @@ def test_report_offline_renders_every_figure_and_the_selector_works(tmp_path):
     figs = res["figures"]
     assert figs["models"] >= 29  # every figure of every section, the verdict's four included
     assert figs["views"] == figs["models"] == figs["finished"] == figs["sized"]
+    # lazy: the first screen draws a few figures, the others once scrolled near (all were, above)
+    assert res["lazy_blocks"] >= 20 and 0 < res["first_screen"]["views"] < figs["models"] / 2
     prompt_selects = [i for i, opts in enumerate(res["options"]) if "case_004" in opts]
     assert len(prompt_selects) == 5  # the per-prompt figures; all linked
     assert [res["values"][i] for i in prompt_selects] == ["case_004"] * 5
