@@ -134,7 +134,7 @@ const seen = new IntersectionObserver((entries) => {
   }
 }, {rootMargin: "100% 0px"});
 holders.forEach((h) => seen.observe(h));
-window.nnethics_blocks = {count: holders.length, shown, show_all: () => Promise.all(holders.map((_, i) => show(i)))};
+window.nnethics_blocks = {count: holders.length, shown, show, show_all: () => Promise.all(holders.map((_, i) => show(i)))};
 """
 
 
