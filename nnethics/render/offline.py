@@ -120,13 +120,18 @@ const blocks = root.tags;
 const doc = root.document;
 const holders = [...document.querySelectorAll("div.nnethics-lazy")];
 const shown = new Set();
-async function show(i) {
-  if (shown.has(i)) return;
+let queue = Promise.resolve();
+function show(i) {
+  // one block at a time: blocks built concurrently (a tall window) lost their WebGL glyphs in Chromium
+  if (shown.has(i)) return queue;
   shown.add(i);
-  const view = await doc.views_manager.build_view(blocks[i]);  // also enters Bokeh.index
-  holders[i].textContent = "";
-  holders[i].style.minHeight = "";
-  view.build(holders[i]);
+  queue = queue.then(async () => {
+    const view = await doc.views_manager.build_view(blocks[i]);  // also enters Bokeh.index
+    holders[i].replaceChildren();  // the "drawing figure" note
+    holders[i].style.minHeight = "";
+    view.build(holders[i]);
+  });
+  return queue;
 }
 const seen = new IntersectionObserver((entries) => {
   for (const e of entries) {
@@ -180,8 +185,9 @@ def save_lazy(layout: Any, path: str | Path, title: str = "nnethics report", eag
     doc.add_root(root)
     doc.js_on_event("document_ready", CustomJS(args=dict(root=root), code=LAZY_JS))
     margin = html_.escape(";".join(f"{k}:{v}" for k, v in dict(layout.styles).items()))
-    holders = "".join(f'<div class="nnethics-lazy" data-block="{i}" style="{margin};min-height:{block_height(b)}px;'
-                      f'color:#999;font:13px sans-serif">drawing figure…</div>' for i, b in enumerate(blocks))
+    holders = "".join(f'<div class="nnethics-lazy" data-block="{i}" style="{margin};min-height:{block_height(b)}px">'
+                      f'<span style="color:#999;font:13px sans-serif">drawing figure…</span></div>'
+                      for i, b in enumerate(blocks))
     page = file_html(doc, INLINE, title)
     head, tail = page.rsplit("</body>", 1)
     if not re_.search(r"embed_items", head):
