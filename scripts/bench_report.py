@@ -146,8 +146,8 @@ def main() -> None:
     from nnethics.render import write_report
 
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bench_report_"))
-    print(f"{'pairs':>6} {'write s':>8} {'cpu s':>6} {'MB':>7} {'first s':>7} {'all s':>7} {'busy s':>7} {'external':>8} "
-          f"{'errors':>6}")
+    print(f"{'pairs':>6} {'write s':>8} {'cpu s':>6} {'MB':>7} {'first s':>7} {'all s':>7} {'busy s':>7} "
+          f"{'external':>8} {'errors':>6}")
     for n in (int(x) for x in args.pairs.split(",")):
         store = synthetic.write_store(root / f"n{n}", n_prompts=n, n_layers=args.layers)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -155,8 +155,8 @@ def main() -> None:
         write_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
         size = out.stat().st_size / 1e6
         first, opened, busy, external, errors = open_time(out)
-        print(f"{n:>6} {write_s:>8.1f} {cpu_s:>6.1f} {size:>7.2f} {first:>7.2f} {opened:>7.2f} {busy:>7.2f} {external:>8} "
-              f"{errors:>6}", flush=True)
+        print(f"{n:>6} {write_s:>8.1f} {cpu_s:>6.1f} {size:>7.2f} {first:>7.2f} {opened:>7.2f} {busy:>7.2f} "
+              f"{external:>8} {errors:>6}", flush=True)
 
 
 if __name__ == "__main__":

@@ -139,7 +139,8 @@ const seen = new IntersectionObserver((entries) => {
   }
 }, {rootMargin: "100% 0px"});
 holders.forEach((h) => seen.observe(h));
-window.nnethics_blocks = {count: holders.length, shown, show, show_all: () => Promise.all(holders.map((_, i) => show(i)))};
+window.nnethics_blocks = {count: holders.length, shown, show,
+                          show_all: () => Promise.all(holders.map((_, i) => show(i)))};
 """
 
 
@@ -165,10 +166,9 @@ def block_height(model: Any) -> int:
 def save_lazy(layout: Any, path: str | Path, title: str = "nnethics report", eager: int = 1) -> Path:
     """:func:`save_bokeh` for a long page: the first ``eager`` children of the column ``layout`` are drawn on
     load, each other child only when it scrolls near the viewport (``LAZY_JS``). Drawing ~35 Bokeh figures
-    at once took most of a 1,000-pair report's open time. Every model stays in one Document (in the callback's
-    arguments), so selectors linked across blocks keep working before a block is drawn."""
+    at once took most of a 1,000-pair report's open time. Every model stays in one Document (the first root's
+    ``tags`` hold the blocks), so selectors linked across blocks keep working before a block is drawn."""
     import html as html_
-    import re as re_
 
     from bokeh.document import Document
     from bokeh.embed import file_html
@@ -184,13 +184,14 @@ def save_lazy(layout: Any, path: str | Path, title: str = "nnethics report", eag
     root = Column(*children[:eager], styles=dict(layout.styles), tags=blocks)  # tags: references, not drawn
     doc.add_root(root)
     doc.js_on_event("document_ready", CustomJS(args=dict(root=root), code=LAZY_JS))
+    # the column's side margins, not its vertical ones (they would add up between blocks)
     margin = html_.escape(";".join(f"{k}:{v}" for k, v in dict(layout.styles).items()))
-    holders = "".join(f'<div class="nnethics-lazy" data-block="{i}" style="{margin};min-height:{block_height(b)}px">'
-                      f'<span style="color:#999;font:13px sans-serif">drawing figure…</span></div>'
-                      for i, b in enumerate(blocks))
+    holders = "".join(f'<div class="nnethics-lazy" data-block="{i}" style="{margin};margin-top:0;margin-bottom:0;'
+                      f'min-height:{block_height(b)}px"><span style="color:#999;font:13px sans-serif">drawing figure…'
+                      f'</span></div>' for i, b in enumerate(blocks))
     page = file_html(doc, INLINE, title)
     head, tail = page.rsplit("</body>", 1)
-    if not re_.search(r"embed_items", head):
+    if "embed_items" not in head:
         raise RuntimeError("bokeh's page has no embed script")  # pragma: no cover - bokeh changed its template
     return write_text_atomic(inline_cdn(inline_local_scripts(head + holders + "</body>" + tail)), Path(path))
 
