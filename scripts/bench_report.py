@@ -29,6 +29,10 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-b
 READY = """() => window.Bokeh && Bokeh.documents.length > 0 &&
   [...Bokeh.index.all_views()].some(v => v.model.type === 'Figure') &&
   [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure').every(v => v.has_finished())"""
+#: The first screen: every block the page asked for on load (those within a screen of the viewport) is built and
+#: every figure built so far is drawn (not merely the first block: blocks are built one after another).
+FIRST_SCREEN = """() => (""" + READY + """)() && (window.nnethics_blocks === undefined ||
+  (nnethics_blocks.shown.size > 0 && nnethics_blocks.pending === 0))"""
 ALL_DRAWN = """() => (""" + READY + """)() &&
   [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure').length ===
   [...Bokeh.documents[0].all_models].filter(m => m.type === 'Figure').length"""
@@ -71,7 +75,7 @@ def open_time(path: Path) -> tuple[float, float, float, int, int]:
             page.on("pageerror", lambda e: errors.append(str(e)))
             t0 = time.perf_counter()
             page.goto(path.as_uri())
-            page.wait_for_function(READY, timeout=300_000, polling=50)
+            page.wait_for_function(FIRST_SCREEN, timeout=300_000, polling=50)
             first = time.perf_counter() - t0
             scroll_through(page)
             wall = time.perf_counter() - t0

@@ -90,6 +90,8 @@ def _open(page_url: str, shot: Path | None = None, select: str | None = None, vi
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(page_url)
             page.wait_for_function(READY, timeout=60_000)
+            page.wait_for_function("() => window.nnethics_blocks === undefined || nnethics_blocks.pending === 0",
+                                   timeout=60_000)
             out["first_screen"] = page.evaluate(FIGURES)  # a report draws a block when it nears the viewport
             holders = page.locator("div.nnethics-lazy")
             out["lazy_blocks"] = holders.count()

@@ -121,15 +121,21 @@ const doc = root.document;
 const holders = [...document.querySelectorAll("div.nnethics-lazy")];
 const shown = new Set();
 let queue = Promise.resolve();
+let pending = 0;  // blocks asked for and not built yet
 function show(i) {
   // one block at a time: blocks built concurrently (a tall window) lost their WebGL glyphs in Chromium
   if (shown.has(i)) return queue;
   shown.add(i);
+  pending += 1;
   queue = queue.then(async () => {
-    const view = await doc.views_manager.build_view(blocks[i]);  // also enters Bokeh.index
-    holders[i].replaceChildren();  // the "drawing figure" note
-    holders[i].style.minHeight = "";
-    view.build(holders[i]);
+    try {
+      const view = await doc.views_manager.build_view(blocks[i]);  // also enters Bokeh.index
+      holders[i].replaceChildren();  // the "drawing figure" note
+      holders[i].style.minHeight = "";
+      view.build(holders[i]);
+    } finally {
+      pending -= 1;
+    }
   });
   return queue;
 }
@@ -139,7 +145,7 @@ const seen = new IntersectionObserver((entries) => {
   }
 }, {rootMargin: "100% 0px"});
 holders.forEach((h) => seen.observe(h));
-window.nnethics_blocks = {count: holders.length, shown, show,
+window.nnethics_blocks = {count: holders.length, shown, show, get pending() { return pending; },
                           show_all: () => Promise.all(holders.map((_, i) => show(i)))};
 """
 
