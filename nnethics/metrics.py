@@ -165,6 +165,84 @@ def mean_ci(x: np.ndarray, axis: int = 0, seed: int = 0, n_resamples: int = N_RE
     return mean.reshape(shape), low.reshape(shape), high.reshape(shape)
 
 
+#: Resample means this close (relative to the mean |value|) to the sample mean count as ties (see _bca_group):
+#: far above the rounding of a sum of 10^4 values (~1e-12), far below any real difference of two means.
+TIE_TOL = 1e-9
+#: Fewer cells than this with one count: per-cell calls (the batched call costs ~2 per-cell calls; measured).
+GROUP_MIN = 3
+
+
+def mean_ci_batched(x: np.ndarray, axis: int = 0, seed: int = 0, n_resamples: int = N_RESAMPLES,
+                    confidence: float = CI_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`mean_ci` for many cells at once, for figures only: stored CIs stay :func:`mean_ci`'s.
+
+    Each cell's interval is what :func:`mean_ci` gives up to rounding: one ``scipy.stats.bootstrap`` BCa call
+    per group of cells with the same number ``n`` of finite values, since every per-cell call with that ``n``
+    draws the same resample indices from ``default_rng(seed)``. The call bootstraps the indices ``0..n-1``
+    and its statistic takes each index resample's counts ``C`` (resamples x n) to ``C @ V / n``, the means of
+    every cell of the group at once (``V``: n x cells, each column a cell's finite values in order), so the
+    n-wide gather per cell and resample that scipy's own vectorised call does is one matrix product.
+    Measured on 30 cells x 1,000 values (9,999 resamples, 2 shared cores): per cell 1.7 s, scipy vectorised
+    over cells 0.6-1.3 s, this ~0.15 s; largest difference from per-cell 1e-14 (``tests/test_metrics.py``).
+    Degenerate cells as :func:`mean_ci` (NaN below 2 values, zero width when all equal). A cell falls back to
+    :func:`mean_ci`'s own per-cell call where its BCa bound is undefined, or where some resample mean ties
+    with the sample mean up to rounding (few values, or values on a coarse grid such as tenths): BCa's bias
+    term counts those ties, which then hang on the summation order (measured: up to 4e-4 on tenths).
+    """
+    a = np.moveaxis(np.asarray(x, dtype=np.float64), axis, 0)
+    n, shape = a.shape[0], a.shape[1:]
+    flat = a.reshape(n, int(np.prod(shape)))
+    finite = np.isfinite(flat)
+    with np.errstate(invalid="ignore"), _quiet():
+        mean = np.nanmean(flat, axis=0) if n else np.full(flat.shape[1], np.nan)
+    low, high = np.full(flat.shape[1], np.nan), np.full(flat.shape[1], np.nan)
+    counts = finite.sum(0)
+    equal = np.array([np.all(flat[finite[:, j], j] == flat[finite[:, j], j][:1]) for j in range(flat.shape[1])],
+                     dtype=bool)
+    low[equal & (counts >= 2)] = high[equal & (counts >= 2)] = mean[equal & (counts >= 2)]
+    for m in np.unique(counts[(counts >= 2) & ~equal]):
+        cols = np.flatnonzero((counts == m) & ~equal)
+        if len(cols) < GROUP_MIN:
+            for j in cols:
+                low[j], high[j] = _bca(flat[finite[:, j], j], seed, n_resamples, confidence)
+            continue
+        v = np.stack([flat[finite[:, j], j] for j in cols], axis=1)  # (m, cells): each cell's finite values
+        lo, hi, tied = _bca_group(v, seed, n_resamples, confidence)
+        for j, lo_j, hi_j, tie in zip(cols, lo, hi, tied):
+            low[j], high[j] = (lo_j, hi_j) if np.isfinite(lo_j) and np.isfinite(hi_j) and not tie else \
+                _bca(flat[finite[:, j], j], seed, n_resamples, confidence)
+    return mean.reshape(shape), low.reshape(shape), high.reshape(shape)
+
+
+def _bca_group(v: np.ndarray, seed: int, n_resamples: int, confidence: float
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """BCa bounds of the mean of every column of ``v`` (m x cells) from one ``scipy.stats.bootstrap`` call over
+    the row indices (see :func:`mean_ci_batched`), NaN where BCa is undefined, and whether a cell has resample
+    means within rounding of its mean (BCa's bias term counts those ties, so the summation order matters)."""
+    import warnings
+
+    from scipy import stats
+
+    m = v.shape[0]
+
+    def means(idx: np.ndarray, axis: int = -1) -> np.ndarray:
+        """``idx (..., k)``: index samples (k = m for a resample, m - 1 for a jackknife one) -> ``(cells, ...)``."""
+        rows = np.asarray(idx, dtype=np.int64).reshape(-1, idx.shape[-1])
+        c = np.bincount((rows + m * np.arange(len(rows))[:, None]).ravel(), minlength=len(rows) * m)
+        out = (c.reshape(len(rows), m).astype(np.float64) @ v / rows.shape[1]).T  # (cells, samples)
+        return out.reshape(v.shape[1], *idx.shape[:-1])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scipy warns on near-degenerate BCa; a NaN bound is handled by the caller
+        ci = stats.bootstrap((np.arange(m, dtype=np.float64),), means, vectorized=True, n_resamples=n_resamples,
+                             confidence_level=confidence, method="BCa", batch=1000,
+                             rng=np.random.default_rng(seed))
+    theta = v.mean(0)[:, None]
+    tied = (np.abs(ci.bootstrap_distribution - theta) <= TIE_TOL * np.abs(v).mean(0)[:, None]).any(1)
+    return (np.asarray(ci.confidence_interval.low, dtype=np.float64),
+            np.asarray(ci.confidence_interval.high, dtype=np.float64), tied)
+
+
 def _bca(v: np.ndarray, seed: int, n_resamples: int, confidence: float) -> tuple[float, float]:
     """BCa bounds of the mean of ``v`` (>= 2 values, not all equal), percentile where BCa is undefined."""
     import warnings

@@ -119,6 +119,40 @@ def test_mean_ci_degenerate_cells_give_nan_or_zero_width_not_an_error():
     assert (float(lo), float(hi)) == _scipy_bca(two) and 1.0 <= lo < m < hi <= 2.0
 
 
+def test_mean_ci_batched_matches_mean_ci_cell_by_cell():
+    """The figures' batched BCa (one bootstrap per group of cells with the same count) against the per-cell
+    reference: equal up to rounding, degenerate cells and NaN patterns included, cells kept apart."""
+    rng = np.random.default_rng(4)
+    x = rng.exponential(1.0, size=(300, 8)) * rng.normal(1.0, 0.5, size=8)  # skewed, scales per cell
+    x[3] = np.nan                     # a missing prompt: every cell (one group of 300 - 1)
+    x[10:40, 5] = np.nan              # one cell with its own count
+    x[:, 6] = 0.25                    # all equal: zero width
+    x[:, 7] = rng.integers(0, 2, 300)  # 0/1 values: many resample means tie with the mean (exact sums)
+    got = metrics.mean_ci_batched(x, axis=0, n_resamples=2000, seed=3)
+    ref = metrics.mean_ci(x, axis=0, n_resamples=2000, seed=3)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=0, atol=1e-12)
+    assert got[1][6] == got[2][6] == 0.25
+    tiny = metrics.mean_ci_batched(np.array([[1.5, np.nan, 1.0], [np.nan, np.nan, 2.0]]))
+    assert tiny[0][0] == 1.5 and np.isnan(tiny[1][:2]).all() and np.isfinite(tiny[1][2])
+    m, lo, hi = metrics.mean_ci_batched(rng.normal(size=(40, 2, 3)), axis=0, n_resamples=500)
+    assert m.shape == lo.shape == hi.shape == (2, 3) and np.all(lo < m) and np.all(m < hi)
+
+
+def test_mean_ci_batched_falls_back_per_cell_where_resample_means_tie_with_the_mean():
+    """Values on a grid of tenths: sums are inexact, so a resample mean equal to the mean in exact arithmetic
+    may round either side of it and BCa's bias term depends on the summation order; those cells are computed
+    per cell (bit-equal to mean_ci). So are few values (permutations of the sample tie with it)."""
+    rng = np.random.default_rng(5)
+    grid = np.round(rng.exponential(1.0, size=(200, 4)), 1)
+    few = rng.exponential(1.0, size=(6, 4))
+    for x in (grid, few):
+        got = metrics.mean_ci_batched(x, n_resamples=2000)
+        ref = metrics.mean_ci(x, n_resamples=2000)
+        np.testing.assert_array_equal(got[1], ref[1])
+        np.testing.assert_array_equal(got[2], ref[2])
+
+
 def test_proportion_ci_is_scipys_wilson_interval():
     from scipy import stats
 

@@ -179,6 +179,32 @@ def test_atp_scatter_reports_correlation():
     assert "patching_atp" not in [f.name for f in figs] and any("atp_effect" in s for s in skipped)
 
 
+def test_atp_scatter_draws_a_sample_of_many_cells_and_says_so(monkeypatch):
+    from nnethics.render import patching_prompt
+
+    ds = synthetic.patching(n_prompts=20, n_layers=6, legacy=True)
+    monkeypatch.setattr(patching_prompt, "ATP_POINTS_MAX", 50)
+    keep = patching_prompt.thin(120, 50)
+    e = ds["effect"].sel(component="resid").values
+    a = np.random.default_rng(9).normal(size=e.shape)
+    a.flat[keep] = e.flat[keep]  # the drawn cells lie on the diagonal (r = 1 over them), the others do not
+    ds["atp_effect"].loc[dict(component="resid")] = a.astype(ds["atp_effect"].dtype)
+    ov = rp.atp_scatter(ds)
+    title = ov.opts.get().kwargs["title"]
+    x = ds["effect"].sel(component="resid").values.ravel()
+    y = ds["atp_effect"].sel(component="resid").values.ravel()
+    r = np.corrcoef(x, y)[0, 1]
+    assert f"resid r={r:.2f}" in title and "resid r=1.00" not in title  # r over every cell, not the sample
+    assert "50 of 120 per component" in title
+    resid = next(el for el in ov if isinstance(el, hv.Scatter) and el.label == "resid")
+    assert len(resid) == 50
+    pairs = set(zip(x.tolist(), y.tolist()))
+    assert all(p in pairs for p in zip(resid.dimension_values(0).tolist(), resid.dimension_values(1).tolist()))
+    assert patching_prompt.thin(10_000, 100).max() > 5_000  # a sample of every prompt, not the first ones
+    assert len(set(keep.tolist())) == 50 and np.all(np.diff(keep) > 0) and np.array_equal(keep, patching_prompt.thin(120, 50))
+    np.testing.assert_array_equal(patching_prompt.thin(30, 50), np.arange(30))
+
+
 def test_attribution_figures_match_the_data():
     ds = synthetic.attribution(n_prompts=5, n_layers=4, n_heads=3)
     panels = ra.component_contributions(ds)

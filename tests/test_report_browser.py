@@ -33,6 +33,9 @@ NOTICES = ("WebGL", "GL Driver Message", "GPU stall", "swiftshader")
 READY = """() => window.Bokeh && Bokeh.documents.length > 0 &&
   [...Bokeh.index.all_views()].some(v => v.model.type === 'Figure') &&
   [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure').every(v => v.has_finished())"""
+ALL_DRAWN = """() => (""" + READY + """)() &&
+  [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure').length ===
+  [...Bokeh.documents[0].all_models].filter(m => m.type === 'Figure').length"""
 FIGURES = """() => {
   const models = [...Bokeh.documents[0].all_models].filter(m => m.type === 'Figure');
   const views = [...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure');
@@ -41,6 +44,15 @@ FIGURES = """() => {
           sized: views.filter(v => v.el.getBoundingClientRect().width > 50 &&
                                    v.el.getBoundingClientRect().height > 50).length};
 }"""
+INK = """() => Object.fromEntries([...Bokeh.index.all_views()].filter(v => v.model.type === 'Figure').map(v => {
+  const c = v.canvas_view.compose().canvas;
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0;  // saturated opaque pixels: coloured glyphs, not axes or text
+  for (let i = 0; i < d.length; i += 4) {
+    if (d[i + 3] > 200 && Math.max(d[i], d[i + 1], d[i + 2]) - Math.min(d[i], d[i + 1], d[i + 2]) > 60) n++;
+  }
+  return [v.model.title ? v.model.title.text : '', n];
+}))"""
 STATE = """() => {
   const doc = Bokeh.documents[0];
   const data = [...doc.all_models].filter(m => m.type === 'ColumnDataSource').map(m => {
@@ -53,7 +65,8 @@ STATE = """() => {
 }"""
 
 
-def _open(page_url: str, shot: Path | None = None, select: str | None = None, view: str | None = None) -> dict:
+def _open(page_url: str, shot: Path | None = None, select: str | None = None, view: str | None = None,
+          height: int = 900) -> dict:
     from playwright.sync_api import sync_playwright
 
     external: list[str] = []
@@ -63,7 +76,7 @@ def _open(page_url: str, shot: Path | None = None, select: str | None = None, vi
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page = browser.new_page(viewport={"width": 1200, "height": height})
 
             def route(r):
                 url = r.request.url
@@ -77,7 +90,17 @@ def _open(page_url: str, shot: Path | None = None, select: str | None = None, vi
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(page_url)
             page.wait_for_function(READY, timeout=60_000)
+            page.wait_for_function("() => window.nnethics_blocks === undefined || nnethics_blocks.pending === 0",
+                                   timeout=60_000)
+            out["first_screen"] = page.evaluate(FIGURES)  # a report draws a block when it nears the viewport
+            holders = page.locator("div.nnethics-lazy")
+            out["lazy_blocks"] = holders.count()
+            for i in range(out["lazy_blocks"]):  # scroll every block into view, as a reader would
+                holders.nth(i).scroll_into_view_if_needed()
+                page.wait_for_function(f"() => nnethics_blocks.shown.has({i})", timeout=30_000)
+            page.wait_for_function(ALL_DRAWN, timeout=60_000)
             out["figures"] = page.evaluate(FIGURES)
+            out["ink"] = page.evaluate(INK)
             if shot is not None:
                 page.screenshot(path=str(shot), full_page=True)
             selects = page.locator("select")
@@ -130,6 +153,8 @@ def test_report_offline_renders_every_figure_and_the_selector_works(tmp_path):
     figs = res["figures"]
     assert figs["models"] >= 29  # every figure of every section, the verdict's four included
     assert figs["views"] == figs["models"] == figs["finished"] == figs["sized"]
+    # lazy: the first screen draws a few figures, the others once scrolled near (all were, above)
+    assert res["lazy_blocks"] >= 20 and 0 < res["first_screen"]["views"] < figs["models"] / 2
     prompt_selects = [i for i, opts in enumerate(res["options"]) if "case_004" in opts]
     assert len(prompt_selects) == 5  # the per-prompt figures; all linked
     assert [res["values"][i] for i in prompt_selects] == ["case_004"] * 5
@@ -170,6 +195,12 @@ def test_report_offline_renders_every_figure_and_the_selector_works(tmp_path):
 
     assert shows(before, want["case_000"]) and not shows(before, want["case_004"])
     assert shows(after, want["case_004"]) and not shows(after, want["case_000"])
+    # a window tall enough to draw every block at once: the (WebGL) bars are still drawn, as when scrolled
+    tall = _open(report.as_uri(), height=12_000)
+    assert tall["first_screen"]["views"] == tall["figures"]["models"] and tall["console_errors"] == []
+    for ink in (res["ink"], tall["ink"]):
+        bars = [n for t, n in ink.items() if t.startswith(("Chose the ethical option", "Ethical choices by category"))]
+        assert len(bars) == 2 and min(bars) > 1000, ink
 
 
 def test_report_with_only_decisions_and_the_compare_page(tmp_path):

@@ -112,6 +112,96 @@ def save_bokeh(model: Any, path: str | Path, title: str = "nnethics report") -> 
     return write_text_atomic(inline_cdn(inline_local_scripts(html)), Path(path))
 
 
+#: Draws a block of a lazy page when its placeholder comes within a screen of the viewport (a DocumentReady
+#: callback). The blocks are in the page's one Document from the start (the first root's ``tags`` hold them),
+#: so selectors linked across blocks work before a block is drawn.
+LAZY_JS = """
+const blocks = root.tags;
+const doc = root.document;
+const holders = [...document.querySelectorAll("div.nnethics-lazy")];
+const shown = new Set();
+let queue = Promise.resolve();
+let pending = 0;  // blocks asked for and not built yet
+function show(i) {
+  // one block at a time: blocks built concurrently (a tall window) lost their WebGL glyphs in Chromium
+  if (shown.has(i)) return queue;
+  shown.add(i);
+  pending += 1;
+  queue = queue.then(async () => {
+    try {
+      const view = await doc.views_manager.build_view(blocks[i]);  // also enters Bokeh.index
+      holders[i].replaceChildren();  // the "drawing figure" note
+      holders[i].style.minHeight = "";
+      view.build(holders[i]);
+    } finally {
+      pending -= 1;
+    }
+  });
+  return queue;
+}
+const seen = new IntersectionObserver((entries) => {
+  for (const e of entries) {
+    if (e.isIntersecting) { seen.unobserve(e.target); show(Number(e.target.dataset.block)); }
+  }
+}, {rootMargin: "100% 0px"});
+holders.forEach((h) => seen.observe(h));
+window.nnethics_blocks = {count: holders.length, shown, show, get pending() { return pending; },
+                          show_all: () => Promise.all(holders.map((_, i) => show(i)))};
+"""
+
+
+def block_height(model: Any) -> int:
+    """A Bokeh layout's approximate height in pixels (a lazy block's placeholder, so scrolling stays put)."""
+    from bokeh.layouts import GridPlot
+    from bokeh.models import Column, Row, Select
+
+    if isinstance(model, Column):
+        return sum(block_height(c) for c in model.children)
+    if isinstance(model, Row):
+        return max((block_height(c) for c in model.children), default=0)
+    if isinstance(model, GridPlot):
+        rows: dict[int, int] = {}
+        for child, r, _c, *_ in model.children:
+            rows[r] = max(rows.get(r, 0), block_height(child))
+        return sum(rows.values())
+    if isinstance(model, Select):
+        return 56
+    return int(getattr(model, "height", None) or 60)
+
+
+def save_lazy(layout: Any, path: str | Path, title: str = "nnethics report", eager: int = 1) -> Path:
+    """:func:`save_bokeh` for a long page: the first ``eager`` children of the column ``layout`` are drawn on
+    load, each other child only when it scrolls near the viewport (``LAZY_JS``). Drawing ~35 Bokeh figures
+    at once took most of a 1,000-pair report's open time. Every model stays in one Document (the first root's
+    ``tags`` hold the blocks), so selectors linked across blocks keep working before a block is drawn."""
+    import html as html_
+
+    from bokeh.document import Document
+    from bokeh.embed import file_html
+    from bokeh.models import Column, CustomJS
+    from bokeh.resources import INLINE
+
+    children = list(layout.children)
+    if len(children) <= eager:
+        return save_bokeh(layout, path, title)
+    layout.children = []
+    blocks = children[eager:]
+    doc = Document()
+    root = Column(*children[:eager], styles=dict(layout.styles), tags=blocks)  # tags: references, not drawn
+    doc.add_root(root)
+    doc.js_on_event("document_ready", CustomJS(args=dict(root=root), code=LAZY_JS))
+    # the column's side margins, not its vertical ones (they would add up between blocks)
+    margin = html_.escape(";".join(f"{k}:{v}" for k, v in dict(layout.styles).items()))
+    holders = "".join(f'<div class="nnethics-lazy" data-block="{i}" style="{margin};margin-top:0;margin-bottom:0;'
+                      f'min-height:{block_height(b)}px"><span style="color:#999;font:13px sans-serif">drawing figure…'
+                      f'</span></div>' for i, b in enumerate(blocks))
+    page = file_html(doc, INLINE, title)
+    head, tail = page.rsplit("</body>", 1)
+    if "embed_items" not in head:
+        raise RuntimeError("bokeh's page has no embed script")  # pragma: no cover - bokeh changed its template
+    return write_text_atomic(inline_cdn(inline_local_scripts(head + holders + "</body>" + tail)), Path(path))
+
+
 def save_html(obj: Any, path: str | Path, title: str = "nnethics figure") -> Path:
     """Save one HoloViews object or per-prompt view (with a working selector) as an offline HTML file."""
     from bokeh.layouts import column

@@ -108,9 +108,24 @@ def prompt_view(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> PerProm
     return PerPrompt(prompts, frame, template, columns, spans, titles, limits, opts={**opts, "xlim": xlim})
 
 
+#: Points drawn per component in the AtP scatter; above, a seeded random sample of cells (r stays over all).
+#: 1,000 pairs x 30 layers drew 3 x 29,970 circles: 4.4 s of the report's open time in headless Chromium.
+ATP_POINTS_MAX = 4000
+
+
+def thin(n: int, k: int | None = None, seed: int = 0) -> np.ndarray:
+    """Indices of at most ``k`` (:data:`ATP_POINTS_MAX`) of ``n`` points: all, or a seeded random sample in order."""
+    k = ATP_POINTS_MAX if k is None else k
+    if n <= k:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
+
+
 def atp_scatter(ds: xr.Dataset) -> hv.Overlay:
-    """Exact patching effect against its attribution-patching (gradient) estimate, one point per cell."""
+    """Exact patching effect against its attribution-patching (gradient) estimate, one point per cell (over
+    :data:`ATP_POINTS_MAX` cells per component: a random sample of them, named in the title)."""
     require(ds, "effect", "atp_effect")
+    sampled = []
     parts = []
     lo, hi = np.inf, -np.inf
     comps = components(ds) or [None]
@@ -127,13 +142,18 @@ def atp_scatter(ds: xr.Dataset) -> hv.Overlay:
         r = float(np.corrcoef(x, y)[0, 1]) if x.size > 2 and x.std() > 0 and y.std() > 0 else float("nan")
         stats.append(f"{comp or 'effect'} r={r:.2f}")
         label = comp or "effect"
+        keep = thin(x.size)
+        if keep.size < x.size:
+            sampled.append(f"{keep.size:,} of {x.size:,}")
+        x, y = x[keep], y[keep]
         parts.append(hv.Scatter((x, y), "exact effect", "attribution-patching estimate", label=label).opts(
             color=COMPONENT_COLORS.get(label, "#4c72b0"), alpha=0.6, size=5, tools=["hover"]))
     if not parts:
         raise MissingData("patching: no finite effect/atp_effect values")
     diag = hv.Curve(([lo, hi], [lo, hi]), "exact effect", "attribution-patching estimate").opts(
         color="gray", line_dash="dashed", line_width=1)
-    return hv.Overlay([*parts, diag]).opts(title="Exact vs AtP estimate (" + ", ".join(stats) + ")",
+    shown = f"\nrandom sample of cells drawn ({', '.join(sampled)} per component); r over all" if sampled else ""
+    return hv.Overlay([*parts, diag]).opts(title="Exact vs AtP estimate (" + ", ".join(stats) + ")" + shown,
                                            width=WIDTH, height=HEIGHT, legend_position="top_left")
 
 

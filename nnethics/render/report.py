@@ -21,7 +21,7 @@ from ..analyses import analyses, default_names, file_names
 from ..store import load, result_files
 from ._base import WIDE, WIDTH, Figure, MissingData, model_name, prompt_order
 from .embed import Rendered, link_selectors, render
-from .offline import export_pngs, save_bokeh
+from .offline import export_pngs, save_lazy
 
 DEFAULT_MAX_PROMPTS = None  # every prompt: per-prompt data is carried once, compactly (carrier.py)
 PROVENANCE_KEYS = ("model_id", "model_revision", "dtype", "device", "quantization", "prompt_set",
@@ -194,7 +194,7 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, png: bool
     layout, figs = build_report(data, max_prompts=max_prompts, notes=notes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bokeh/panel deprecation chatter; not the user's concern
-        save_bokeh(layout, out, title=f"nnethics: {model_name(next(iter(data.values())))}")
+        save_lazy(layout, out, title=f"nnethics: {model_name(next(iter(data.values())))}")
         if png:
             export_pngs(figs, out.parent / f"{out.stem}_png")
     return out
