@@ -199,13 +199,26 @@ def test_cli_remote_decisions_and_attribution_match_local(server, tiny_model_dir
 
 
 def test_cli_remote_heads_matches_local(server, tiny_model_dir, tmp_path):
-    """heads through the loopback NDIF server: one request per chunk (prefix, patched blocks, AtP and DLA in one
-    session), then, once finalize has chosen the top heads, one request per chunk of the complete pass (prefix and
-    the eager-attention trace), which brings back the top heads' attention only (tokens x top heads x 2 sides);
-    the same file as locally. Its budget is still twice the others': what goes up is most of it (the chunk's
-    session, ~14 KB per pair at 2 pairs a chunk, and the complete pass's, ~9 KB); what comes down is ~8 KB."""
+    """heads through the loopback NDIF server: one request per chunk (prefix, patched blocks, AtP, DLA and the
+    attention of the chunk's candidate heads in one session); once finalize has chosen the top heads, the
+    complete pass takes their attention from the candidates (no request: here every head is a candidate, 2 x 8
+    top heads > 3 x 4); the same file as locally. Its budget is still twice the others': what goes up is most of
+    it (the chunk's session, ~14 KB per pair at 2 pairs a chunk); what comes down is ~9 KB."""
+    assert _compare_runs(server, tiny_model_dir, tmp_path, "--analyses", "decisions,heads", per_chunk=1,
+                         max_kb=2 * MAX_KB_PER_PAIR) == {"decisions", "heads"}
+
+
+def test_cli_remote_heads_falls_back_where_the_candidates_miss(server, tiny_model_dir, tmp_path, monkeypatch):
+    """Chunks whose candidates miss a top head (forced: one candidate each) get the top heads' attention from the
+    complete pass' fallback: one more request per chunk, the same file as locally."""
+    from test_heads import _miss
+
+    calls = _miss(monkeypatch)
     assert _compare_runs(server, tiny_model_dir, tmp_path, "--analyses", "heads", per_chunk=2,
                          max_kb=2 * MAX_KB_PER_PAIR) == {"heads"}
+    assert len(calls) == 4  # two chunks locally, two remotely
+    with xr.open_dataset(next((tmp_path / "remote").glob("*/heads.nc"))) as ds:
+        assert ds["attention"].attrs["fallback_prompts"] == 4
 
 
 def test_a_fused_remote_run_is_one_request_per_chunk_and_no_more_bytes(server, tiny_model_dir, tmp_path):

@@ -47,6 +47,7 @@ from ..prompts import SIDES, PromptPair
 from ..store import schema
 from .base import Analysis, OptionError, chat_field, check_values, labels_field, option, register
 from .decisions import MIN_GAP_HELP
+from .heads_candidates import CANDIDATES, RunningRank, assemble
 
 KV_CACHE = ("auto", "on", "off")
 CELL = ("prompt", "layer", "head")
@@ -72,11 +73,19 @@ class HeadsOptions:
 
 
 def head_patching(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions = HeadsOptions(),
-                  label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """Patch every (layer, head) of every pair at the decision position; see the module docstring."""
+                  label_ids: Sequence[int] | None = None, running: RunningRank | None = None) -> xr.Dataset:
+    """Patch every (layer, head) of every pair at the decision position; see the module docstring. ``running``
+    (:func:`prepare`'s, one per run): the previous chunks' sums the candidate heads are ranked with (None: this
+    chunk's alone); this chunk is added to it."""
     from .heads_engine import run_heads
 
-    return run_heads(model, pairs, options, label_ids)
+    return run_heads(model, pairs, options, label_ids, running)
+
+
+def prepare(model: Any, options: HeadsOptions) -> tuple[dict, dict, list[str]]:
+    """One :class:`~.heads_candidates.RunningRank` per run, passed to every chunk (nothing is recorded: which
+    heads are candidates changes no number of the file)."""
+    return {"running": RunningRank()}, {}, []
 
 
 def build_dataset(*, pairs: Sequence[PromptPair], labels: list[str], base_ld: np.ndarray, cf_ld: np.ndarray,
@@ -187,40 +196,66 @@ def finalize(ds: xr.Dataset, top: int | None = None, n_resamples: int = metrics.
                             top_layer=("rank", np.array([c[0] for c in chosen], dtype=np.int32)),
                             top_head=("rank", np.array([c[1] for c in chosen], dtype=np.int32)))
     # a rerun of a finished file: the same heads keep their attention (complete_attention then computes none)
-    return with_attention(new, ds["attention"].values) if same == chosen else new
+    if same != chosen:
+        return new
+    out = with_attention(new, ds["attention"].values)
+    out["attention"].attrs.update(ds["attention"].attrs)  # e.g. fallback_prompts
+    return out
 
 
 def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], options: HeadsOptions = HeadsOptions(),
                        label_ids: Sequence[int] | None = None, batch_size: int = 8, **_: Any) -> xr.Dataset:
     """The ``complete`` pass: ``attention (prompt, side, rank, token)`` of the heads ``finalize`` chose
-    (``top_layer``/``top_head``) for every prompt of ``ds`` among ``pairs``, in chunks of ``batch_size`` pairs in
-    ``ds``'s order (the chunks of the run, so the same padding), each on the forward path its prompts were
-    patched on (``forward_path``). Prompts that have them already (a rerun of a finished file: ``finalize`` kept
-    them, the top heads being the same) are not computed again. Only those weights come back from a remote
-    model."""
-    from .heads_attention import top_attention
-
+    (``top_layer``/``top_head``) for every prompt of ``ds`` among ``pairs``: from the chunks' candidates where
+    they hold every chosen head (:func:`~.heads_candidates.assemble`), else computed again (the fallback) in
+    chunks of ``batch_size`` pairs in ``ds``'s order, prompts of one chunk's candidates together (the chunks of
+    the run, so the same padding), each on the forward path its prompts were patched on (``forward_path``).
+    Prompts that have them already (a rerun of a finished file: ``finalize`` kept them, the top heads being the
+    same) are not computed again. The candidates are dropped; ``attention``'s attr ``fallback_prompts`` counts
+    the prompts the fallback computed. Only the chosen heads' weights come back from a remote model."""
     if "top_layer" not in ds.coords:
         return ds
     chosen = [(int(la), int(h)) for la, h in zip(ds["top_layer"].values, ds["top_head"].values)]
     ids = [str(x) for x in ds["prompt"].values]
-    row = {pid: i for i, pid in enumerate(ids)}
     by_id = {p.prompt_id: p for p in pairs}
     have = ds["attention"].values if "attention" in ds else None
-    todo = [by_id[pid] for pid in ids if pid in by_id and (have is None or np.isnan(have[row[pid]]).all())]
-    if have is not None and not todo:
-        return ds
-    path = dict(zip(ids, ds["forward_path"].values.tolist()))
+    rows = [i for i, pid in enumerate(ids) if pid in by_id and (have is None or np.isnan(have[i]).all())]
+    if have is not None and not rows:
+        return ds.drop_vars([v for v in CANDIDATES if v in ds.variables])
     att = np.full((len(ids), 2, len(chosen), ds.sizes["token"]), np.nan, dtype=np.float32)
     if have is not None:
         att[:] = have
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
+    if "candidate_layer" in ds:
+        rows = assemble(chosen, ds["candidate_layer"].values, ds["candidate_head"].values,
+                        ds["candidate_attention"].values, att, rows)
+    _fallback(model, ds, [by_id[ids[i]] for i in rows], att, options, label_ids, chosen, batch_size)
+    out = with_attention(ds.drop_vars([v for v in CANDIDATES if v in ds.variables]), att)
+    out["attention"].attrs["fallback_prompts"] = len(rows)
+    return out
+
+
+def _fallback(model: Any, ds: xr.Dataset, todo: list[PromptPair], att: np.ndarray, options: HeadsOptions,
+              label_ids: Sequence[int] | None, chosen: list[tuple[int, int]], batch_size: int) -> None:
+    """``att``'s rows of ``todo`` from :func:`~.heads_attention.top_attention`, in chunks of ``batch_size`` pairs
+    that never mix prompts of different candidate sets (different chunks of the run), in place."""
+    from .heads_attention import top_attention
+
+    ids = [str(x) for x in ds["prompt"].values]
+    row = {pid: i for i, pid in enumerate(ids)}
+    path = dict(zip(ids, ds["forward_path"].values.tolist()))
+    key = {pid: tuple(ds["candidate_layer"].values[row[pid]].tolist() + ds["candidate_head"].values[row[pid]].tolist())
+           if "candidate_layer" in ds else () for pid in ids}
+    runs: list[list[PromptPair]] = []
+    for p in todo:
+        if runs and key[runs[-1][-1].prompt_id] == key[p.prompt_id] and len(runs[-1]) < batch_size:
+            runs[-1].append(p)
+        else:
+            runs.append([p])
+    for chunk in runs:
         kv = all(path[p.prompt_id] == "kv_cache" for p in chunk)
         got = top_attention(model, chunk, options, label_ids, chosen, use_kv=kv)
         for k, p in enumerate(chunk):
             att[row[p.prompt_id], :, :, :got.shape[-1]] = got[k]
-    return with_attention(ds, att)
 
 
 def with_attention(ds: xr.Dataset, att: np.ndarray) -> xr.Dataset:
@@ -258,6 +293,9 @@ def summarize(ds: xr.Dataset) -> str:
         parts.append("largest mean effect: " + ", ".join(heads))
     if "atp_exact_correlation_pooled" in ds:
         parts.append(f"AtP vs exact r = {float(ds['atp_exact_correlation_pooled']):.3f}")
+    fallback = int(ds["attention"].attrs.get("fallback_prompts", 0)) if "attention" in ds else 0
+    if fallback:
+        parts.append(f"top heads' attention of {fallback} pairs computed again (not among their chunk's candidates)")
     return "; ".join(parts)
 
 
@@ -283,7 +321,7 @@ def check_model(model: Any, options: HeadsOptions) -> None:
 
 ANALYSIS = register(Analysis(
     name="heads", options=HeadsOptions, compute=head_patching, summarize=summarize, finalize=finalize,
-    complete=complete_attention, check=check_model, default=False,
+    complete=complete_attention, check=check_model, prepare=prepare, default=False,
     help="Activation patching per attention head at the decision position, and the attention of the top heads; "
          "writes STORE/<model>/heads.nc.",
     tables=tables, render=("nnethics.render.heads",)))

@@ -1,0 +1,92 @@
+"""The candidate heads of ``heads``: each chunk's one request brings back the attention of more heads than the
+top ones, chosen on the server from the prompts so far, and :func:`assemble` takes the top heads' attention from
+them once ``finalize`` has chosen those (NumPy only, no torch).
+
+The top heads are the ``top_heads`` with the largest |mean effect| over ALL prompts, known only once every chunk
+is done, but a chunk's session must decide what to bring back. It ranks the heads by |mean effect| over the
+prompts so far (the previous chunks' running sums, :class:`RunningRank`, plus its own effects; ties by |DLA|:
+:func:`nnethics.analyses.heads_attention.rank_candidates`) and brings back the attention of the first
+:func:`candidate_count` of them. A prompt whose candidates hold every chosen head gets its attention from them
+(the same eager forward over the same prefix and padding as the fallback's, so the same bits); the others go
+through the ``complete`` pass' fallback (:func:`nnethics.analyses.heads_attention.top_attention`), exact too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+# Candidates per chunk = CANDIDATE_FACTOR x top_heads (at most every head). Twice as many as are kept: the heads
+# near the cut move a few places as more prompts come in, and the margin keeps them among the candidates; it costs
+# tokens x top_heads x 2 more floats per pair (e.g. 8 more heads' weights) down, against a second request per
+# chunk (its upload is mostly code, ~10 KB) when a chosen head is missed.
+CANDIDATE_FACTOR = 2
+CANDIDATES = ("candidate_attention", "candidate_layer", "candidate_head")
+
+
+def candidate_count(top_heads: int, n_layers: int, n_heads: int) -> int:
+    """How many heads' attention a chunk brings back: ``CANDIDATE_FACTOR x top_heads``, at most every head."""
+    return min(CANDIDATE_FACTOR * int(top_heads), n_layers * n_heads)
+
+
+class RunningRank:
+    """The per-head sums over the chunks done so far that a chunk's ranking starts from: the sum and count of
+    the defined effects and the sum of |head_dla| over prompts and sides, ``[L, H]`` each. One per run (it is
+    ``heads``' ``prepare`` output); :meth:`update` adds each finished chunk's Dataset (what its part holds)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] | None = None
+
+    def update(self, ds: xr.Dataset) -> None:
+        eff = ds["effect"].values.astype(np.float64)
+        finite = np.isfinite(eff)
+        add = {"effect_sum": np.where(finite, eff, 0.0).sum(0), "effect_count": finite.sum(0).astype(np.float64),
+               "dla_sum": np.abs(ds["head_dla"].values.astype(np.float64)).sum((0, 1))}
+        self.sums = add if self.sums is None else {k: self.sums[k] + v for k, v in add.items()}
+
+    def job(self, n_layers: int, n_heads: int, min_gap: float, count: int) -> dict[str, Any]:
+        """What a chunk's session ranks with (small: three ``[L, H]`` float32 arrays, ``min_gap``, ``count``)."""
+        zero = np.zeros((n_layers, n_heads))
+        sums = self.sums or {"effect_sum": zero, "effect_count": zero, "dla_sum": zero}
+        return {**{k: v.astype(np.float32) for k, v in sums.items()}, "min_gap": float(min_gap), "count": int(count)}
+
+
+def ranking_job(running: RunningRank | None, n_layers: int, n_heads: int, min_gap: float, count: int
+                ) -> dict[str, Any]:
+    """The job of a chunk's ranking (the seam the tests use to force candidates that miss the top heads)."""
+    return (running or RunningRank()).job(n_layers, n_heads, min_gap, count)
+
+
+def with_candidates(ds: xr.Dataset, chosen: list[tuple[int, int]], att: np.ndarray) -> xr.Dataset:
+    """A chunk's Dataset with its candidates: ``candidate_attention (prompt, side, candidate, token)`` (``att``,
+    right-aligned as ``attention``) and ``candidate_layer``/``candidate_head (prompt, candidate)``."""
+    n = ds.sizes["prompt"]
+    cell = ("prompt", "candidate")
+    ds = ds.assign(candidate_attention=(("prompt", "side", "candidate", "token"), att.astype(np.float32)),
+                   candidate_layer=(cell, np.tile(np.array([c[0] for c in chosen], dtype=np.int32), (n, 1))),
+                   candidate_head=(cell, np.tile(np.array([c[1] for c in chosen], dtype=np.int32), (n, 1))))
+    ds["candidate_attention"].attrs["description"] = (
+        "attention weights of the chunk's candidate heads from the decision position to each prompt token (the "
+        "complete pass takes the top heads' from them; not in the final file)")
+    return ds
+
+
+def assemble(chosen: list[tuple[int, int]], layer: np.ndarray, head: np.ndarray, cand: np.ndarray,
+             att: np.ndarray, rows: list[int]) -> list[int]:
+    """Fill ``att [prompt, side, rank, token]`` for the prompts ``rows`` whose candidates (``layer``/``head
+    [prompt, candidate]``, weights ``cand [prompt, side, candidate, token]``) hold every ``chosen`` head, in
+    place; returns the rows that miss one (the fallback's). Missing candidates (-1 or NaN: a part written before
+    they existed) match nothing."""
+    missed = []
+    width = min(att.shape[-1], cand.shape[-1])
+    for i in rows:
+        where = {(int(la), int(h)): j for j, (la, h) in enumerate(zip(layer[i], head[i]))
+                 if np.isfinite(la) and np.isfinite(h) and la >= 0}
+        if not all(c in where for c in chosen):
+            missed.append(i)
+            continue
+        for r, c in enumerate(chosen):
+            att[i, :, r, :width] = cand[i, :, where[c], :width]
+    return missed
