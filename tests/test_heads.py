@@ -361,6 +361,39 @@ def test_the_chunk_ranking_adds_the_previous_chunks_sums(strong, prompt_set):
     assert np.isnan(att[0, ..., 4]).all() and np.isnan(att[1]).all()
 
 
+def test_a_resumed_run_ranks_the_candidates_with_the_chunks_it_skips(tokenizer, tmp_path, monkeypatch):
+    """A crash in the third chunk keeps the first two's parts; the rerun's chunk ranks its candidates with their
+    sums (run_one gives heads' RunningRank what is done), as the uninterrupted run's third chunk does."""
+    from nnethics.analyses import heads_candidates, heads_engine
+    from nnethics.cli import cli
+
+    folder = save_tiny(make_tiny("llama", tokenizer, init_std=0.2), tokenizer, tmp_path / "tiny-llama")
+    args = ["heads", "--model", str(folder), "--limit", "6", "--no-progress", "--batch-size", "2", "--top-heads", "2"]
+    real_heads, real_job, jobs = heads_engine.run_heads, heads_candidates.ranking_job, []
+    monkeypatch.setattr(heads_candidates, "ranking_job", lambda *a: jobs.append(real_job(*a)) or jobs[-1])
+    res = CliRunner().invoke(cli, [*args, "--store", str(tmp_path / "whole")])
+    assert res.exit_code == 0, res.output
+    assert len(jobs) == 3 and jobs[2]["dla_sum"].any()
+    whole, jobs[:] = jobs[2], []
+    calls = []
+
+    def crash(*a, **k):
+        calls.append(a)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_heads(*a, **k)
+
+    monkeypatch.setattr(heads_engine, "run_heads", crash)
+    assert CliRunner().invoke(cli, [*args, "--store", str(tmp_path / "store")]).exit_code != 0
+    assert len(jobs) == 2
+    monkeypatch.setattr(heads_engine, "run_heads", real_heads)
+    res = CliRunner().invoke(cli, [*args, "--store", str(tmp_path / "store")])
+    assert res.exit_code == 0, res.output
+    assert len(jobs) == 3  # the third chunk only, with the sums of the two it skipped
+    for key in ("effect_sum", "effect_count", "dla_sum"):
+        np.testing.assert_array_equal(jobs[2][key], whole[key])
+
+
 def test_readme_schema_and_export_tables(tiny_model_dir, tmp_path):
     """README's heads.nc section names only variables the file has and mentions every one of them; ``export``
     writes the heads tables."""

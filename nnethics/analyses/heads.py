@@ -25,11 +25,14 @@ Stored as ``store/<slug>/heads.nc``; dims ``prompt``, ``layer``, ``head`` (read 
 * after the ``complete`` pass (:func:`complete_attention`, run once after ``finalize`` by ``run`` and
   ``analyze``): ``attention (prompt, side, rank, token)``, the top heads' attention weights from the decision
   position to every prompt token (token 0 = the first; NaN padding), from the eager attention implementation
-  for that trace.
+  for that trace; its attr ``fallback_prompts`` counts the prompts computed again.
 
-Which heads are the top ones is known only across all prompts, so the chunks compute no attention; the
-``complete`` pass runs the base and cf rows again, in chunks of ``batch_size`` pairs (one request each
-remotely), and brings back the weights of the chosen heads only (tokens x top heads x 2 floats per pair).
+Which heads are the top ones is known only across all prompts, so each chunk guesses: its session ranks the heads
+on the prompts so far and brings back the attention of ``CANDIDATE_FACTOR x top_heads`` candidates
+(:mod:`.heads_candidates`: ``candidate_attention (prompt, side, candidate, token)``, ``candidate_layer``/
+``candidate_head (prompt, candidate)``, in the parts only). The ``complete`` pass takes the chosen heads' attention
+from them, and runs the base and cf rows again (one request per chunk remotely, the same forward, so the same
+bits) only for the prompts whose candidates miss a chosen head.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ def candidate_count(top_heads: int, n_layers: int, n_heads: int) -> int:
 class RunningRank:
     """The per-head sums over the chunks done so far that a chunk's ranking starts from: the sum and count of
     the defined effects and the sum of |head_dla| over prompts and sides, ``[L, H]`` each. One per run (it is
-    ``heads``' ``prepare`` output); :meth:`update` adds each finished chunk's Dataset (what its part holds)."""
+    ``heads``' ``prepare`` output); :meth:`update` adds each finished chunk's Dataset (what its part holds), and
+    :meth:`resume` what a resumed run finds done (``nnethics.pipeline.run_one`` calls it)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] | None = None
@@ -45,6 +46,11 @@ class RunningRank:
         add = {"effect_sum": np.where(finite, eff, 0.0).sum(0), "effect_count": finite.sum(0).astype(np.float64),
                "dla_sum": np.abs(ds["head_dla"].values.astype(np.float64)).sum((0, 1))}
         self.sums = add if self.sums is None else {k: self.sums[k] + v for k, v in add.items()}
+
+    def resume(self, done: list[xr.Dataset]) -> None:
+        """A resumed run: the sums start from what is done (the earlier result and the parts), as if run here."""
+        for ds in done:
+            self.update(ds)
 
     def job(self, n_layers: int, n_heads: int, min_gap: float, count: int) -> dict[str, Any]:
         """What a chunk's session ranks with (small: three ``[L, H]`` float32 arrays, ``min_gap``, ``count``)."""
