@@ -310,10 +310,16 @@ def test_candidates_give_the_attention_of_the_fallback_in_one_request_per_chunk(
     natural = ne.analyze(model, pairs, ["heads"], batch_size=2, heads=opts)["heads"]
     assert natural["attention"].attrs["fallback_prompts"] in (2, 4)  # the first chunk misses; the last does not
     np.testing.assert_array_equal(natural["attention"], hit["attention"])
+    from nnethics.analyses import heads_attention
+
+    real = heads_attention.top_attention
     for chunks, fallback in (({1}, 2), (None, 6)):
         _miss(monkeypatch, chunks=chunks, others=12)
+        asked = []  # the fallback computes the heads a chunk's one candidate misses: 2 of the 3, or all 3
+        monkeypatch.setattr(heads_attention, "top_attention", lambda *a, **k: asked.append(a[4]) or real(*a, **k))
         ds = ne.analyze(model, pairs, ["heads"], batch_size=2, heads=opts)["heads"]
-        assert ds["attention"].attrs["fallback_prompts"] == fallback
+        assert ds["attention"].attrs["fallback_prompts"] == fallback and len(asked) == fallback // 2
+        assert {len(heads) for heads in asked} <= {2, 3} and min(len(heads) for heads in asked) == 2
         np.testing.assert_array_equal(ds["attention"], hit["attention"])
         monkeypatch.undo()
 
@@ -351,14 +357,15 @@ def test_the_chunk_ranking_adds_the_previous_chunks_sums(strong, prompt_set):
     assert rank_candidates(patched, [0.0, 1.0], np.zeros((2, 2, 2)), prior) == [(0, 0), (1, 0)]
     prior["effect_sum"] = np.zeros((2, 2))        # (1,1) leads; (0,0), (0,1), (1,0) tie at 0: |DLA| 5 first
     assert rank_candidates(patched, [0.0, 1.0], np.zeros((2, 2, 2)), prior) == [(0, 1), (1, 1)]
-    # assemble: rank r takes candidate where[chosen[r]]; a prompt that misses one is left to the fallback
+    # assemble: rank r takes candidate where[chosen[r]]; the heads a prompt misses are left to the fallback
     cand = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(2, 2, 3, 4)
     layer, head = np.array([[0, 1, 2], [0, 1, -1]]), np.array([[3, 2, 1], [3, 2, -1]])
     att = np.full((2, 2, 2, 5), np.nan, np.float32)
-    assert assemble([(2, 1), (0, 3)], layer, head, cand, att, [0, 1]) == [1]
+    assert assemble([(2, 1), (0, 3)], layer, head, cand, att, [0, 1]) == {1: [0]}
     np.testing.assert_array_equal(att[0, :, 0, :4], cand[0, :, 2])
     np.testing.assert_array_equal(att[0, :, 1, :4], cand[0, :, 0])
-    assert np.isnan(att[0, ..., 4]).all() and np.isnan(att[1]).all()
+    np.testing.assert_array_equal(att[1, :, 1, :4], cand[1, :, 0])
+    assert np.isnan(att[..., 4]).all() and np.isnan(att[1, :, 0]).all()
 
 
 def test_a_resumed_run_ranks_the_candidates_with_the_chunks_it_skips(tokenizer, tmp_path, monkeypatch):

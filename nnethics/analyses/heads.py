@@ -209,10 +209,9 @@ def finalize(ds: xr.Dataset, top: int | None = None, n_resamples: int = metrics.
 def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], options: HeadsOptions = HeadsOptions(),
                        label_ids: Sequence[int] | None = None, batch_size: int = 8, **_: Any) -> xr.Dataset:
     """The ``complete`` pass: ``attention (prompt, side, rank, token)`` of the heads ``finalize`` chose
-    (``top_layer``/``top_head``) for every prompt of ``ds`` among ``pairs``: from the chunks' candidates where
-    they hold every chosen head (:func:`~.heads_candidates.assemble`), else computed again (the fallback) in
-    chunks of ``batch_size`` pairs in ``ds``'s order, prompts of one chunk's candidates together (the chunks of
-    the run, so the same padding), each on the forward path its prompts were patched on (``forward_path``).
+    (``top_layer``/``top_head``) for every prompt of ``ds`` among ``pairs``: from the chunks' candidates
+    (:func:`~.heads_candidates.assemble`); the heads a prompt's candidates miss are computed again (the
+    fallback, :func:`_fallback`), each prompt on the forward path it was patched on (``forward_path``).
     Prompts that have them already (a rerun of a finished file: ``finalize`` kept them, the top heads being the
     same) are not computed again. The candidates are dropped; ``attention``'s attr ``fallback_prompts`` counts
     the prompts the fallback computed. Only the chosen heads' weights come back from a remote model."""
@@ -228,37 +227,44 @@ def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], 
     att = np.full((len(ids), 2, len(chosen), ds.sizes["token"]), np.nan, dtype=np.float32)
     if have is not None:
         att[:] = have
+    missed = {i: list(range(len(chosen))) for i in rows}
     if "candidate_layer" in ds:
-        rows = assemble(chosen, ds["candidate_layer"].values, ds["candidate_head"].values,
-                        ds["candidate_attention"].values, att, rows)
-    _fallback(model, ds, [by_id[ids[i]] for i in rows], att, options, label_ids, chosen, batch_size)
+        missed = assemble(chosen, ds["candidate_layer"].values, ds["candidate_head"].values,
+                          ds["candidate_attention"].values, att, rows)
+    _fallback(model, ds, missed, by_id, att, options, label_ids, chosen, batch_size)
     out = with_attention(ds.drop_vars([v for v in CANDIDATES if v in ds.variables]), att)
-    out["attention"].attrs["fallback_prompts"] = len(rows)
+    out["attention"].attrs["fallback_prompts"] = len(missed)
     return out
 
 
-def _fallback(model: Any, ds: xr.Dataset, todo: list[PromptPair], att: np.ndarray, options: HeadsOptions,
-              label_ids: Sequence[int] | None, chosen: list[tuple[int, int]], batch_size: int) -> None:
-    """``att``'s rows of ``todo`` from :func:`~.heads_attention.top_attention`, in chunks of ``batch_size`` pairs
-    that never mix prompts of different candidate sets (different chunks of the run), in place."""
+def _fallback(model: Any, ds: xr.Dataset, missed: dict[int, list[int]], by_id: dict[str, PromptPair],
+              att: np.ndarray, options: HeadsOptions, label_ids: Sequence[int] | None, chosen: list[tuple[int, int]],
+              batch_size: int) -> None:
+    """``att``'s ranks ``missed[row]`` from :func:`~.heads_attention.top_attention` (those heads only), in chunks
+    of ``batch_size`` pairs in ``ds``'s order that never mix prompts of different candidate sets (different
+    chunks of the run, so the same padding), in place."""
     from .heads_attention import top_attention
 
     ids = [str(x) for x in ds["prompt"].values]
-    row = {pid: i for i, pid in enumerate(ids)}
-    path = dict(zip(ids, ds["forward_path"].values.tolist()))
-    key = {pid: tuple(ds["candidate_layer"].values[row[pid]].tolist() + ds["candidate_head"].values[row[pid]].tolist())
-           if "candidate_layer" in ds else () for pid in ids}
-    runs: list[list[PromptPair]] = []
-    for p in todo:
-        if runs and key[runs[-1][-1].prompt_id] == key[p.prompt_id] and len(runs[-1]) < batch_size:
-            runs[-1].append(p)
+    path = ds["forward_path"].values.tolist()
+    cand = [ds[v].values.tolist() for v in ("candidate_layer", "candidate_head") if v in ds]
+
+    def key(i: int) -> tuple:  # the chunk (its candidates) and the heads to compute
+        return [c[i] for c in cand], missed[i]
+
+    runs: list[list[int]] = []
+    for i in sorted(missed):
+        if runs and key(runs[-1][-1]) == key(i) and len(runs[-1]) < batch_size:
+            runs[-1].append(i)
         else:
-            runs.append([p])
+            runs.append([i])
     for chunk in runs:
-        kv = all(path[p.prompt_id] == "kv_cache" for p in chunk)
-        got = top_attention(model, chunk, options, label_ids, chosen, use_kv=kv)
-        for k, p in enumerate(chunk):
-            att[row[p.prompt_id], :, :, :got.shape[-1]] = got[k]
+        ranks = missed[chunk[0]]
+        kv = all(path[i] == "kv_cache" for i in chunk)
+        got = top_attention(model, [by_id[ids[i]] for i in chunk], options, label_ids, [chosen[r] for r in ranks],
+                            use_kv=kv)
+        for k, i in enumerate(chunk):
+            att[i][:, ranks, :got.shape[-1]] = got[k]  # att[i, :, ranks] would put the ranks first
 
 
 def with_attention(ds: xr.Dataset, att: np.ndarray) -> xr.Dataset:

@@ -6,9 +6,10 @@ The top heads are the ``top_heads`` with the largest |mean effect| over ALL prom
 is done, but a chunk's session must decide what to bring back. It ranks the heads by |mean effect| over the
 prompts so far (the previous chunks' running sums, :class:`RunningRank`, plus its own effects; ties by |DLA|:
 :func:`nnethics.analyses.heads_attention.rank_candidates`) and brings back the attention of the first
-:func:`candidate_count` of them. A prompt whose candidates hold every chosen head gets its attention from them
-(the same eager forward over the same prefix and padding as the fallback's, so the same bits); the others go
-through the ``complete`` pass' fallback (:func:`nnethics.analyses.heads_attention.top_attention`), exact too.
+:func:`candidate_count` of them. A chosen head among a prompt's candidates gets its attention from them (the
+same eager forward over the same prefix and padding as the fallback's, so the same bits); the heads a prompt's
+candidates miss go through the ``complete`` pass' fallback (:func:`nnethics.analyses.heads_attention.top_attention`
+for those heads only), exact too.
 """
 
 from __future__ import annotations
@@ -80,19 +81,20 @@ def with_candidates(ds: xr.Dataset, chosen: list[tuple[int, int]], att: np.ndarr
 
 
 def assemble(chosen: list[tuple[int, int]], layer: np.ndarray, head: np.ndarray, cand: np.ndarray,
-             att: np.ndarray, rows: list[int]) -> list[int]:
-    """Fill ``att [prompt, side, rank, token]`` for the prompts ``rows`` whose candidates (``layer``/``head
-    [prompt, candidate]``, weights ``cand [prompt, side, candidate, token]``) hold every ``chosen`` head, in
-    place; returns the rows that miss one (the fallback's). Missing candidates (-1 or NaN: a part written before
-    they existed) match nothing."""
-    missed = []
+             att: np.ndarray, rows: list[int]) -> dict[int, list[int]]:
+    """Fill ``att [prompt, side, rank, token]`` for the prompts ``rows`` with the ``chosen`` heads found among
+    their candidates (``layer``/``head [prompt, candidate]``, weights ``cand [prompt, side, candidate, token]``),
+    in place; returns ``{row: the ranks it misses}`` for the rows that miss one (the fallback computes those
+    heads only). Missing candidates (-1 or NaN: a part written before they existed) match nothing."""
+    missed = {}
     width = min(att.shape[-1], cand.shape[-1])
     for i in rows:
         where = {(int(la), int(h)): j for j, (la, h) in enumerate(zip(layer[i], head[i]))
                  if np.isfinite(la) and np.isfinite(h) and la >= 0}
-        if not all(c in where for c in chosen):
-            missed.append(i)
-            continue
         for r, c in enumerate(chosen):
-            att[i, :, r, :width] = cand[i, :, where[c], :width]
+            if c in where:
+                att[i, :, r, :width] = cand[i, :, where[c], :width]
+        lost = [r for r, c in enumerate(chosen) if c not in where]
+        if lost:
+            missed[i] = lost
     return missed
