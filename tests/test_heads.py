@@ -246,17 +246,17 @@ def test_a_crash_in_the_complete_pass_keeps_the_parts_and_a_rerun_redoes_only_it
     folder = save_tiny(make_tiny("llama", tokenizer), tokenizer, tmp_path / "tiny-llama")
     args = ["heads", "--model", str(folder), "--limit", "3", "--store", str(tmp_path / "store"), "--no-progress",
             "--batch-size", "2"]
-    real_attention, real_heads = heads_attention.top_attention, heads_engine.run_heads
+    real_attention, real_heads = heads_attention.fallback_attention, heads_engine.run_heads
 
     def lost(*a, **k):
         raise RuntimeError("the connection dropped")
 
     _miss(monkeypatch)  # every chunk's candidates miss a top head: the complete pass computes them again
-    monkeypatch.setattr(heads_attention, "top_attention", lost)
+    monkeypatch.setattr(heads_attention, "fallback_attention", lost)
     assert CliRunner().invoke(cli, args).exit_code != 0
     final = tmp_path / "store" / "tiny-llama" / "heads.nc"
     assert not final.exists() and len([p for p in final.parent.rglob("*.nc")]) == 2  # the two chunks' parts
-    monkeypatch.setattr(heads_attention, "top_attention", real_attention)
+    monkeypatch.setattr(heads_attention, "fallback_attention", real_attention)
     calls = []
     monkeypatch.setattr(heads_engine, "run_heads", lambda *a, **k: calls.append(a) or real_heads(*a, **k))
     res = CliRunner().invoke(cli, args)
@@ -267,7 +267,7 @@ def test_a_crash_in_the_complete_pass_keeps_the_parts_and_a_rerun_redoes_only_it
     assert ds["attention"].attrs["fallback_prompts"] == 3 and "3 pairs computed again" in res.output
     assert not [v for v in ds.variables if "candidate" in v]  # the candidates stay in the parts
     assert not [p for p in final.parent.rglob("*.nc") if p != final]  # the parts are gone once the file is written
-    monkeypatch.setattr(heads_attention, "top_attention", lost)  # a rerun of the finished file computes nothing
+    monkeypatch.setattr(heads_attention, "fallback_attention", lost)  # a rerun of the finished file computes none
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert not calls
@@ -312,14 +312,15 @@ def test_candidates_give_the_attention_of_the_fallback_in_one_request_per_chunk(
     np.testing.assert_array_equal(natural["attention"], hit["attention"])
     from nnethics.analyses import heads_attention
 
-    real = heads_attention.top_attention
+    real = heads_attention.fallback_attention
     for chunks, fallback in (({1}, 2), (None, 6)):
         _miss(monkeypatch, chunks=chunks, others=12)
-        asked = []  # the fallback computes the heads a chunk's one candidate misses: 2 of the 3, or all 3
-        monkeypatch.setattr(heads_attention, "top_attention", lambda *a, **k: asked.append(a[4]) or real(*a, **k))
+        asked = []  # one session for every chunk that misses; it computes the heads a chunk's one candidate misses
+        monkeypatch.setattr(heads_attention, "fallback_attention", lambda *a, **k: asked.append(a[1]) or real(*a, **k))
         ds = ne.analyze(model, pairs, ["heads"], batch_size=2, heads=opts)["heads"]
-        assert ds["attention"].attrs["fallback_prompts"] == fallback and len(asked) == fallback // 2
-        assert {len(heads) for heads in asked} <= {2, 3} and min(len(heads) for heads in asked) == 2
+        assert ds["attention"].attrs["fallback_prompts"] == fallback and len(asked) == 1
+        assert [len(pairs) for pairs, _, _ in asked[0]] == [2] * (fallback // 2)
+        assert {len(heads) for _, heads, _ in asked[0]} <= {2, 3} and min(len(h) for _, h, _ in asked[0]) == 2
         np.testing.assert_array_equal(ds["attention"], hit["attention"])
         monkeypatch.undo()
 

@@ -240,10 +240,10 @@ def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], 
 def _fallback(model: Any, ds: xr.Dataset, missed: dict[int, list[int]], by_id: dict[str, PromptPair],
               att: np.ndarray, options: HeadsOptions, label_ids: Sequence[int] | None, chosen: list[tuple[int, int]],
               batch_size: int) -> None:
-    """``att``'s ranks ``missed[row]`` from :func:`~.heads_attention.top_attention` (those heads only), in chunks
-    of ``batch_size`` pairs in ``ds``'s order that never mix prompts of different candidate sets (different
-    chunks of the run, so the same padding), in place."""
-    from .heads_attention import top_attention
+    """``att``'s ranks ``missed[row]`` (those heads only) in chunks of ``batch_size`` pairs in ``ds``'s order that
+    never mix prompts of different candidate sets (different chunks of the run, so the same padding), all in one
+    session (:func:`~.heads_attention.fallback_attention`: one request remotely), in place."""
+    from .heads_attention import fallback_attention
 
     ids = [str(x) for x in ds["prompt"].values]
     path = ds["forward_path"].values.tolist()
@@ -258,11 +258,12 @@ def _fallback(model: Any, ds: xr.Dataset, missed: dict[int, list[int]], by_id: d
             runs[-1].append(i)
         else:
             runs.append([i])
-    for chunk in runs:
+    if not runs:
+        return
+    jobs = [([by_id[ids[i]] for i in chunk], [chosen[r] for r in missed[chunk[0]]],
+             all(path[i] == "kv_cache" for i in chunk)) for chunk in runs]
+    for chunk, got in zip(runs, fallback_attention(model, jobs, options, label_ids)):  # one request for them all
         ranks = missed[chunk[0]]
-        kv = all(path[i] == "kv_cache" for i in chunk)
-        got = top_attention(model, [by_id[ids[i]] for i in chunk], options, label_ids, [chosen[r] for r in ranks],
-                            use_kv=kv)
         for k, i in enumerate(chunk):
             att[i][:, ranks, :got.shape[-1]] = got[k]  # att[i, :, ranks] would put the ranks first
 

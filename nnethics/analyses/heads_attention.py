@@ -128,6 +128,46 @@ def chunk_candidates(model: Any, enc: Any, n: int, prefix: Prefix | None, patche
     return chosen, eager_weights(model, enc, n, prefix, layers, heads)
 
 
+def _plan(model: Any, pairs: list[PromptPair], options: HeadsOptions, label_ids: Sequence[int] | None,
+          chosen: Sequence[tuple[int, int]], use_kv: bool) -> tuple:
+    """The arguments of :func:`_attention_session` for one chunk: its rows encoded as the chunk's were."""
+    batch = encode_pairs(model, pairs, list(options.labels), options.chat, label_ids)
+    layers = sorted({la for la, _ in chosen})
+    heads = [[h for la2, h in chosen if la2 == la] for la in layers]
+    groups = [[Row(batch.row(i, "cf")), Row(batch.row(i, "base"))] for i in range(batch.n)]
+    return batch.encoded, groups, batch.n, use_kv, layers, heads
+
+
+def _ordered(weights: Any, plan: tuple, chosen: Sequence[tuple[int, int]]) -> np.ndarray:
+    """A chunk's weights (the trace's order: by layer) as ``[pair, side, rank, token]`` in ``chosen``'s order."""
+    enc, _, n, _, layers, heads = plan
+    flat = [(la, h) for la, hs in zip(layers, heads) for h in hs]
+    rank = [flat.index(tuple(c)) for c in chosen]
+    return _right_aligned(weights.numpy()[:, rank], [enc.lengths[r] for r in range(2 * n)], n)
+
+
+def _sessions(model: Any, plans: list[tuple]) -> list[Any]:
+    """Several chunks' :func:`_attention_session`, one after the other in one session (one request remotely)."""
+    return [_attention_session(model, *plan) for plan in plans]
+
+
+def fallback_attention(model: Any, chunks: Sequence[tuple[list[PromptPair], list[tuple[int, int]], bool]],
+                       options: HeadsOptions, label_ids: Sequence[int] | None) -> list[np.ndarray]:
+    """:func:`top_attention` of each ``(pairs, chosen, use_kv)`` chunk, all in ONE session (one request remotely,
+    each chunk still encoded and run as its own, so the same bits); on out-of-memory, one session per chunk."""
+    if len(chunks) == 1:  # its out-of-memory halving
+        pairs, chosen, kv = chunks[0]
+        return [top_attention(model, pairs, options, label_ids, chosen, kv)]
+    plans = [_plan(model, list(pairs), options, label_ids, chosen, kv) for pairs, chosen, kv in chunks]
+    try:
+        got = model.session(_sessions, plans)
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+        if not is_oom(err):
+            raise
+        return [top_attention(model, pairs, options, label_ids, chosen, kv) for pairs, chosen, kv in chunks]
+    return [_ordered(w, plan, chosen) for w, plan, (_, chosen, _) in zip(got, plans, chunks)]
+
+
 def top_attention(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions, label_ids: Sequence[int] | None,
                   chosen: Sequence[tuple[int, int]], use_kv: bool) -> np.ndarray:
     """The attention weights of the decision position to every token for the ``chosen`` (layer, head)s, in their
@@ -135,13 +175,10 @@ def top_attention(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions
     one session, over the same inputs as the chunk's :func:`.heads_engine.execute` (on the KV path one token over
     the prefix cache); on out-of-memory the chunk runs in two halves."""
     pairs = list(pairs)
-    batch = encode_pairs(model, pairs, list(options.labels), options.chat, label_ids)
-    enc, n = batch.encoded, batch.n
-    layers = sorted({la for la, _ in chosen})
-    heads = [[h for la2, h in chosen if la2 == la] for la in layers]
-    groups = [[Row(batch.row(i, "cf")), Row(batch.row(i, "base"))] for i in range(n)]
+    plan = _plan(model, pairs, options, label_ids, chosen, use_kv)
+    n = plan[2]
     try:
-        weights = model.session(_attention_session, enc, groups, n, use_kv, layers, heads)
+        weights = model.session(_attention_session, *plan)
     except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
         if not is_oom(err) or n < 2:
             raise
@@ -150,9 +187,7 @@ def top_attention(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions
         width = max(h.shape[-1] for h in halves)
         return np.concatenate([np.pad(h, [(0, 0)] * 3 + [(0, width - h.shape[-1])], constant_values=np.nan)
                                for h in halves])
-    flat = [(la, h) for la, hs in zip(layers, heads) for h in hs]   # the trace's order: by layer
-    rank = [flat.index(tuple(c)) for c in chosen]
-    return _right_aligned(weights.numpy()[:, rank], [enc.lengths[r] for r in range(2 * n)], n)
+    return _ordered(weights, plan, chosen)
 
 
 def _right_aligned(weights: np.ndarray, lengths: list[int], n: int) -> np.ndarray:
