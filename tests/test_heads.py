@@ -369,6 +369,27 @@ def test_the_chunk_ranking_adds_the_previous_chunks_sums(strong, prompt_set):
     assert np.isnan(att[..., 4]).all() and np.isnan(att[1, :, 0]).all()
 
 
+def test_a_larger_limit_adds_prompts_to_a_finished_file(tokenizer, tmp_path):
+    """A finished file (no candidates) and new chunks' parts (with them): the new prompts' attention from their
+    candidates, the old ones' kept (or computed again, in their own chunks, if the top heads change); the same
+    bits as one run."""
+    from nnethics.cli import cli
+    from nnethics.store import load
+
+    folder = save_tiny(make_tiny("llama", tokenizer, init_std=0.2), tokenizer, tmp_path / "tiny-llama")
+    common = ["heads", "--model", str(folder), "--no-progress", "--batch-size", "2", "--top-heads", "3"]
+    for limit in ("2", "6"):
+        res = CliRunner().invoke(cli, [*common, "--limit", limit, "--store", str(tmp_path / "grown")])
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, [*common, "--limit", "6", "--store", str(tmp_path / "once")])
+    assert res.exit_code == 0, res.output
+    grown, once = load(tmp_path / "grown" / "tiny-llama" / "heads.nc"), load(tmp_path / "once" / "tiny-llama" /
+                                                                               "heads.nc")
+    np.testing.assert_array_equal(grown["top_head"], once["top_head"])
+    np.testing.assert_array_equal(grown["attention"], once["attention"])
+    assert not [v for v in grown.variables if "candidate" in v]
+
+
 def test_a_resumed_run_ranks_the_candidates_with_the_chunks_it_skips(tokenizer, tmp_path, monkeypatch):
     """A crash in the third chunk keeps the first two's parts; the rerun's chunk ranks its candidates with their
     sums (run_one gives heads' RunningRank what is done), as the uninterrupted run's third chunk does."""

@@ -31,8 +31,8 @@ Which heads are the top ones is known only across all prompts, so each chunk gue
 on the prompts so far and brings back the attention of ``CANDIDATE_FACTOR x top_heads`` candidates
 (:mod:`.heads_candidates`: ``candidate_attention (prompt, side, candidate, token)``, ``candidate_layer``/
 ``candidate_head (prompt, candidate)``, in the parts only). The ``complete`` pass takes the chosen heads' attention
-from them, and runs the base and cf rows again (one request per chunk remotely, the same forward, so the same
-bits) only for the prompts whose candidates miss a chosen head.
+from them, and runs the base and cf rows again (the same forward, so the same bits; every such chunk in one
+request remotely) only for the heads a chunk's candidates miss.
 """
 
 from __future__ import annotations
@@ -233,7 +233,8 @@ def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], 
                           ds["candidate_attention"].values, att, rows)
     _fallback(model, ds, missed, by_id, att, options, label_ids, chosen, batch_size)
     out = with_attention(ds.drop_vars([v for v in CANDIDATES if v in ds.variables]), att)
-    out["attention"].attrs["fallback_prompts"] = len(missed)
+    before = int(ds["attention"].attrs.get("fallback_prompts", 0)) if have is not None else 0  # earlier runs'
+    out["attention"].attrs["fallback_prompts"] = before + len(missed)
     return out
 
 
@@ -247,10 +248,11 @@ def _fallback(model: Any, ds: xr.Dataset, missed: dict[int, list[int]], by_id: d
 
     ids = [str(x) for x in ds["prompt"].values]
     path = ds["forward_path"].values.tolist()
-    cand = [ds[v].values.tolist() for v in ("candidate_layer", "candidate_head") if v in ds]
+    cand = [ds[v].values for v in ("candidate_layer", "candidate_head") if v in ds]
 
-    def key(i: int) -> tuple:  # the chunk (its candidates) and the heads to compute
-        return [c[i] for c in cand], missed[i]
+    def key(i: int) -> tuple:  # the chunk (its candidates; none for a prompt of an earlier file) and the heads
+        return [(int(la), int(h)) for la, h in zip(*[c[i] for c in cand]) if np.isfinite(la) and la >= 0] \
+            if cand else [], missed[i]
 
     runs: list[list[int]] = []
     for i in sorted(missed):
