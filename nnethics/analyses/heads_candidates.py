@@ -20,9 +20,11 @@ import numpy as np
 import xarray as xr
 
 # Candidates per chunk = CANDIDATE_FACTOR x top_heads (at most every head). Twice as many as are kept: the heads
-# near the cut move a few places as more prompts come in, and the margin keeps them among the candidates; it costs
-# tokens x top_heads x 2 more floats per pair (e.g. 8 more heads' weights) down, against a second request per
-# chunk (its upload is mostly code, ~10 KB) when a chosen head is missed.
+# near the cut move a few places as more prompts come in, and the margin keeps them among the candidates (on the
+# built-in model the first chunk of 8 pairs ranked the 6th final head 14th). It costs tokens x top_heads x 2 more
+# floats per pair down (about 0.8 KB per head per pair there), against the fallback's extra request (one for the
+# run; its upload is mostly code) and its prefix forward for every pair of a chunk that misses a head. No margin
+# catches a head whose mean |effect| is carried by pairs of later chunks (README, heads.nc).
 CANDIDATE_FACTOR = 2
 CANDIDATES = ("candidate_attention", "candidate_layer", "candidate_head")
 
