@@ -108,11 +108,14 @@ def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunConte
     def compute(m: Any, pairs: Sequence) -> Any:
         return p.compute(m, pairs, ctx.label_ids)
 
+    # a prepared value with a ``resume`` method (heads' running ranking) learns the chunks a resumed run skips
+    resumers = [v.resume for v in p.prepared.values() if callable(getattr(v, "resume", None))]
     path = result_path(store, model.slug, name)
     with store_lock(path.parent, timeout=lock_timeout):
         ds = run_analysis(name, compute, model, prompts, store, p.recorded, batch_size=batch_size, progress=progress,
                           extra_attrs=p.extra_attrs, overwrite=overwrite,
-                          finalize=finishing(p, model, prompts.pairs, ctx.label_ids, batch_size))
+                          finalize=finishing(p, model, prompts.pairs, ctx.label_ids, batch_size),
+                          resume=(lambda done: [r(done) for r in resumers]) if resumers else None)
     return str(path), p.analysis.summarize(ds)
 
 

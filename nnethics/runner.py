@@ -46,12 +46,14 @@ def run_analysis(
     overwrite: bool = False,
     lock_timeout: float | None = None,
     finalize: Callable[[xr.Dataset], xr.Dataset] | None = None,
+    resume: Callable[[list[xr.Dataset]], None] | None = None,
 ) -> xr.Dataset:
     """Run ``fn`` over every pair in chunks of ``batch_size`` pairs, resumably; return the consolidated Dataset.
 
     Holds the model folder's lock throughout (another process on the same folder waits, or gets
     :class:`~nnethics.store.StoreBusy` after ``lock_timeout`` seconds). A stored result or parts with
-    other options raise :class:`~nnethics.store.StoreConflict` unless ``overwrite``.
+    other options raise :class:`~nnethics.store.StoreConflict` unless ``overwrite``. ``resume``: given what is
+    already done (the earlier result and the parts) before the first chunk that still runs, if any.
     """
     if batch_size < 1:
         raise click.BadParameter(f"batch size must be at least 1, got {batch_size}")
@@ -59,14 +61,18 @@ def run_analysis(
     parts = PartStore(store, model.slug, name, attrs)
     with store_lock(parts.final.parent, timeout=lock_timeout):
         parts.check(overwrite)
-        return _run_chunks(name, fn, model, prompts, parts, batch_size, progress, finalize)
+        return _run_chunks(name, fn, model, prompts, parts, batch_size, progress, finalize, resume)
 
 
 def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts: PartStore, batch_size: int,
-                progress: bool | None, finalize: Callable[[xr.Dataset], xr.Dataset] | None = None) -> xr.Dataset:
+                progress: bool | None, finalize: Callable[[xr.Dataset], xr.Dataset] | None = None,
+                resume: Callable[[list[xr.Dataset]], None] | None = None) -> xr.Dataset:
     """Run the pairs not yet stored, in chunks (:func:`run_in_chunks`), then consolidate the parts."""
     done = parts.done_ids()
     todo = [p for p in prompts.pairs if p.prompt_id not in done]
+    if resume is not None and todo and done:
+        prev = parts.previous()
+        resume([*([prev] if prev is not None else []), *parts.load_parts()])
     label = f"{name} [{model.slug}]"
     say_skipped(label, len(prompts) - len(todo), len(prompts), parts.final.parent)
 

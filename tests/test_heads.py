@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -19,6 +20,7 @@ from nnethics.analyses import ANALYSES
 from nnethics.analyses.attribution import AttributionOptions, direct_logit_attribution
 from nnethics.analyses.common import encode_pairs
 from nnethics.analyses.heads import ANALYSIS, HeadsOptions, complete_attention, finalize, head_patching, top_heads
+from nnethics.analyses.heads_candidates import CANDIDATES
 from nnethics.analyses.patching import PatchingOptions, activation_patching
 from nnethics.prompts import PromptPair, load_prompts
 
@@ -56,14 +58,20 @@ def _tokens(model, pairs, chat=False):
 
 
 def _every_head_attention(model, ds, pairs, options):
-    """The ``complete`` pass with every head chosen: ``[prompt, side, layer, head, token]``."""
+    """The ``complete`` pass' fallback with every head chosen: ``[prompt, side, layer, head, token]``; the
+    candidates the chunk ``ds`` brought back (a chunk of ``pairs``) are the same bits."""
     L, H = ds.sizes["layer"], ds.sizes["head"]
-    done = complete_attention(model, finalize(ds, top=L * H, n_resamples=10), pairs, options)
+    done = complete_attention(model, finalize(ds.drop_vars(CANDIDATES), top=L * H, n_resamples=10), pairs, options)
+    assert done["attention"].attrs["fallback_prompts"] == ds.sizes["prompt"] and not set(CANDIDATES) & set(done)
     att = np.full((ds.sizes["prompt"], 2, L, H, done.sizes["token"]), np.nan, np.float32)
     for r, (la, h) in enumerate(zip(done["top_layer"].values, done["top_head"].values)):
         att[:, :, la, h] = done["attention"].values[:, :, r]
     assert sorted(zip(done["top_layer"].values, done["top_head"].values)) == [(la, h) for la in range(L)
                                                                               for h in range(H)]
+    assert ds.sizes["candidate"] == min(2 * options.top_heads, L * H)
+    for i in range(ds.sizes["prompt"]):
+        for j, (la, h) in enumerate(zip(ds["candidate_layer"].values[i], ds["candidate_head"].values[i])):
+            np.testing.assert_array_equal(ds["candidate_attention"].values[i, :, j], att[i, :, la, h])
     return att
 
 
@@ -148,7 +156,10 @@ def test_finalize_ranks_by_mean_abs_effect_then_dla_and_complete_adds_the_top_at
     model = strong("mistral")
     opts = HeadsOptions(**PLAIN, min_gap=0.0)
     ds = head_patching(model, SHORT, opts)
-    assert not [v for v in ds.data_vars if "token" in ds[v].dims and v not in ("input_ids", "token_text")]
+    # the chunk brings back its candidates' attention only (here every head: 2 x 8 top heads > 3 x 4)
+    assert [v for v in ds.data_vars if "token" in ds[v].dims and v not in ("input_ids", "token_text")] == [
+        "candidate_attention"]
+    assert ds["candidate_attention"].shape == (2, 2, 12, ds.sizes["token"])
     out = finalize(ds, top=5, n_resamples=200)
     mean = np.abs(np.nanmean(ds["effect"].values, axis=0))
     want = sorted(((la, h) for la in range(3) for h in range(4)), key=lambda c: -mean[c])[:5]
@@ -156,19 +167,21 @@ def test_finalize_ranks_by_mean_abs_effect_then_dla_and_complete_adds_the_top_at
     assert "attention" not in out  # the complete pass adds it
     every = _every_head_attention(model, ds, SHORT, opts)
     pairs = [SHORT[1], PromptPair("other", "x", "y", "1", "2"), SHORT[0]]  # matched by id; extra pairs ignored
-    for batch_size in (1, 8):
-        done = complete_attention(model, out, pairs, opts, batch_size=batch_size)
+    for source, batch_size in itertools.product((out, out.drop_vars(CANDIDATES)), (1, 8)):  # candidates, fallback
+        done = complete_attention(model, source, pairs, opts, batch_size=batch_size)
         assert done["attention"].dims == ("prompt", "side", "rank", "token")
         assert done["attention"].shape == (2, 2, 5, ds.sizes["token"])
+        assert done["attention"].attrs["fallback_prompts"] == (0 if source is out else 2)
         for r, (la, h) in enumerate(want):  # rank r is head want[r], whatever order the trace read them in
             np.testing.assert_allclose(done["attention"].values[:, :, r], every[:, :, la, h], rtol=0,
-                                       atol=0 if batch_size == 8 else 1e-6)
+                                       atol=0 if batch_size == 8 or source is out else 1e-6)
     # finalize again (a rerun of the finished file): the same heads keep their attention, other heads drop it
     np.testing.assert_array_equal(finalize(done, top=5, n_resamples=10)["attention"], done["attention"])
     assert "attention" not in finalize(done, top=3, n_resamples=10)
-    one = complete_attention(model, out, [SHORT[1]], opts)  # a prompt without its pair stays NaN
-    assert np.isnan(one["attention"].values[0]).all()
-    np.testing.assert_allclose(one["attention"].values[1], done["attention"].values[1], rtol=0, atol=1e-6)
+    for source in (out, out.drop_vars(CANDIDATES)):
+        one = complete_attention(model, source, [SHORT[1]], opts)  # a prompt without its pair stays NaN
+        assert np.isnan(one["attention"].values[0]).all()
+        np.testing.assert_allclose(one["attention"].values[1], done["attention"].values[1], rtol=0, atol=1e-6)
     assert (out["effect_ci_low"] <= out["mean_effect"] + 1e-6).all()
     assert (out["mean_effect"] <= out["effect_ci_high"] + 1e-6).all()
     np.testing.assert_allclose(out["mean_head_dla"], ds["head_dla"].mean(("prompt", "side")), rtol=1e-6)
@@ -233,16 +246,17 @@ def test_a_crash_in_the_complete_pass_keeps_the_parts_and_a_rerun_redoes_only_it
     folder = save_tiny(make_tiny("llama", tokenizer), tokenizer, tmp_path / "tiny-llama")
     args = ["heads", "--model", str(folder), "--limit", "3", "--store", str(tmp_path / "store"), "--no-progress",
             "--batch-size", "2"]
-    real_attention, real_heads = heads_attention.top_attention, heads_engine.run_heads
+    real_attention, real_heads = heads_attention.fallback_attention, heads_engine.run_heads
 
     def lost(*a, **k):
         raise RuntimeError("the connection dropped")
 
-    monkeypatch.setattr(heads_attention, "top_attention", lost)
+    _miss(monkeypatch)  # every chunk's candidates miss a top head: the complete pass computes them again
+    monkeypatch.setattr(heads_attention, "fallback_attention", lost)
     assert CliRunner().invoke(cli, args).exit_code != 0
     final = tmp_path / "store" / "tiny-llama" / "heads.nc"
     assert not final.exists() and len([p for p in final.parent.rglob("*.nc")]) == 2  # the two chunks' parts
-    monkeypatch.setattr(heads_attention, "top_attention", real_attention)
+    monkeypatch.setattr(heads_attention, "fallback_attention", real_attention)
     calls = []
     monkeypatch.setattr(heads_engine, "run_heads", lambda *a, **k: calls.append(a) or real_heads(*a, **k))
     res = CliRunner().invoke(cli, args)
@@ -250,14 +264,163 @@ def test_a_crash_in_the_complete_pass_keeps_the_parts_and_a_rerun_redoes_only_it
     assert not calls  # no chunk is computed again: only the complete pass runs
     ds = load(final)
     assert ds.sizes["prompt"] == 3 and np.isfinite(ds["attention"].values[..., 0]).all()
+    assert ds["attention"].attrs["fallback_prompts"] == 3 and "3 pairs computed again" in res.output
+    assert not [v for v in ds.variables if "candidate" in v]  # the candidates stay in the parts
     assert not [p for p in final.parent.rglob("*.nc") if p != final]  # the parts are gone once the file is written
-    monkeypatch.setattr(heads_attention, "top_attention", lost)  # a rerun of the finished file computes nothing
+    monkeypatch.setattr(heads_attention, "fallback_attention", lost)  # a rerun of the finished file computes none
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert not calls
     again = load(final)
     np.testing.assert_array_equal(again["attention"], ds["attention"])
     np.testing.assert_array_equal(again["top_head"], ds["top_head"])
+
+
+def _miss(monkeypatch, chunks=None, count=1, others=None):
+    """Chunks ``chunks`` (by call number; None: every one) bring back ``count`` candidate heads, the others
+    ``others`` (None: as ranked): one misses the top heads (more than one), so the ``complete`` pass' fallback
+    computes them; every head misses none."""
+    from nnethics.analyses import heads_candidates
+
+    real, calls = heads_candidates.ranking_job, []
+
+    def job(*a):
+        calls.append(a)
+        out = real(*a)
+        if chunks is None or len(calls) - 1 in chunks:
+            return {**out, "count": count}
+        return out if others is None else {**out, "count": others}
+
+    monkeypatch.setattr(heads_candidates, "ranking_job", job)
+    return calls
+
+
+def test_candidates_give_the_attention_of_the_fallback_in_one_request_per_chunk(strong, prompt_set, monkeypatch):
+    """The top heads' attention from the chunks' candidates equals, bit for bit, the fallback's, whether every
+    chunk's candidates hold the top heads, some chunks' or none's; a random model's heads rank differently from
+    prompt to prompt, so the chunks ranked on the prompts so far miss some (here the first chunks)."""
+    model = strong("llama")  # 3 layers x 4 heads; 3 top heads -> 6 candidates
+    pairs, opts = prompt_set.pairs[:6], HeadsOptions(top_heads=3)
+    calls = _miss(monkeypatch, count=12)
+    hit = ne.analyze(model, pairs, ["heads"], batch_size=2, heads=opts)["heads"]
+    assert hit["attention"].attrs["fallback_prompts"] == 0 and not [v for v in hit.variables if "cand" in v]
+    assert np.isfinite(hit["attention"].values[..., 0]).all()
+    assert len(calls) == 3 and calls[0][0] is calls[2][0] and calls[2][0].sums is not None  # prepare's RunningRank
+    monkeypatch.undo()
+    natural = ne.analyze(model, pairs, ["heads"], batch_size=2, heads=opts)["heads"]
+    assert natural["attention"].attrs["fallback_prompts"] in (2, 4)  # the first chunk misses; the last does not
+    np.testing.assert_array_equal(natural["attention"], hit["attention"])
+    from nnethics.analyses import heads_attention
+
+    real = heads_attention.fallback_attention
+    for chunks, fallback in (({1}, 2), (None, 6)):
+        _miss(monkeypatch, chunks=chunks, others=12)
+        asked = []  # one session for every chunk that misses; it computes the heads a chunk's one candidate misses
+        monkeypatch.setattr(heads_attention, "fallback_attention", lambda *a, **k: asked.append(a[1]) or real(*a, **k))
+        ds = ne.analyze(model, pairs, ["heads"], batch_size=2, heads=opts)["heads"]
+        assert ds["attention"].attrs["fallback_prompts"] == fallback and len(asked) == 1
+        assert [len(pairs) for pairs, _, _ in asked[0]] == [2] * (fallback // 2)
+        assert {len(heads) for _, heads, _ in asked[0]} <= {2, 3} and min(len(h) for _, h, _ in asked[0]) == 2
+        np.testing.assert_array_equal(ds["attention"], hit["attention"])
+        monkeypatch.undo()
+
+
+def test_the_chunk_ranking_adds_the_previous_chunks_sums(strong, prompt_set):
+    """The server-side ranking over the previous chunks' sums plus this chunk's effects is finalize's ranking of
+    all those prompts (hand-made: far-apart scores; from a model: the chunk ranking of the last chunk); the
+    running sums are the parts'."""
+    from nnethics.analyses.heads_attention import rank_candidates
+    from nnethics.analyses.heads_candidates import RunningRank, assemble
+    from nnethics.store.parts import combine
+
+    model = strong("llama")
+    opts = HeadsOptions(**PLAIN, min_gap=0.0)
+    first, second = head_patching(model, SHORT, opts), head_patching(model, list(prompt_set.pairs[:2]), opts)
+    running = RunningRank()
+    running.update(first)
+    job = running.job(3, 4, 0.0, 5)
+    np.testing.assert_allclose(job["effect_sum"], np.nansum(first["effect"].values, 0), rtol=1e-6)
+    np.testing.assert_array_equal(job["effect_count"], np.isfinite(first["effect"].values).sum(0))
+    np.testing.assert_allclose(job["dla_sum"], np.abs(first["head_dla"].values).sum((0, 1)), rtol=1e-6)
+    both = combine([first, second])
+    got = rank_candidates(second["patched_logit_diff"].values, np.concatenate(
+        [second["base_logit_diff"].values, second["cf_logit_diff"].values]), second["head_dla"].values.transpose(
+        1, 0, 2, 3), job)
+    assert got == sorted(top_heads(both, 5))
+    # hand-made: the prior alone decides against this chunk's effects; ties by |DLA|
+    patched = np.zeros((1, 2, 2))
+    patched[0, 1, 1] = 0.5                       # effect 0.5 of head (1, 1) in this chunk (base 0, cf 1)
+    prior = {"effect_sum": np.array([[3.0, 0.0], [-2.0, 0.0]]), "effect_count": np.full((2, 2), 2.0),
+             "dla_sum": np.array([[0.0, 5.0], [0.0, 1.0]]), "min_gap": 0.1, "count": 3}
+    # means over 3 prompts: |3/3| (0,0) > |-2/3| (1,0) > 0.5/3 (1,1) > 0 (0,1)
+    assert rank_candidates(patched, [0.0, 1.0], np.zeros((2, 2, 2)), prior) == [(0, 0), (1, 0), (1, 1)]
+    prior["count"] = 2
+    assert rank_candidates(patched, [0.0, 1.0], np.zeros((2, 2, 2)), prior) == [(0, 0), (1, 0)]
+    prior["effect_sum"] = np.zeros((2, 2))        # (1,1) leads; (0,0), (0,1), (1,0) tie at 0: |DLA| 5 first
+    assert rank_candidates(patched, [0.0, 1.0], np.zeros((2, 2, 2)), prior) == [(0, 1), (1, 1)]
+    # assemble: rank r takes candidate where[chosen[r]]; the heads a prompt misses are left to the fallback
+    cand = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(2, 2, 3, 4)
+    layer, head = np.array([[0, 1, 2], [0, 1, -1]]), np.array([[3, 2, 1], [3, 2, -1]])
+    att = np.full((2, 2, 2, 5), np.nan, np.float32)
+    assert assemble([(2, 1), (0, 3)], layer, head, cand, att, [0, 1]) == {1: [0]}
+    np.testing.assert_array_equal(att[0, :, 0, :4], cand[0, :, 2])
+    np.testing.assert_array_equal(att[0, :, 1, :4], cand[0, :, 0])
+    np.testing.assert_array_equal(att[1, :, 1, :4], cand[1, :, 0])
+    assert np.isnan(att[..., 4]).all() and np.isnan(att[1, :, 0]).all()
+
+
+def test_a_larger_limit_adds_prompts_to_a_finished_file(tokenizer, tmp_path):
+    """A finished file (no candidates) and new chunks' parts (with them): the new prompts' attention from their
+    candidates, the old ones' kept (or computed again, in their own chunks, if the top heads change); the same
+    bits as one run."""
+    from nnethics.cli import cli
+    from nnethics.store import load
+
+    folder = save_tiny(make_tiny("llama", tokenizer, init_std=0.2), tokenizer, tmp_path / "tiny-llama")
+    common = ["heads", "--model", str(folder), "--no-progress", "--batch-size", "2", "--top-heads", "3"]
+    for limit in ("2", "6"):
+        res = CliRunner().invoke(cli, [*common, "--limit", limit, "--store", str(tmp_path / "grown")])
+        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, [*common, "--limit", "6", "--store", str(tmp_path / "once")])
+    assert res.exit_code == 0, res.output
+    grown, once = load(tmp_path / "grown" / "tiny-llama" / "heads.nc"), load(tmp_path / "once" / "tiny-llama" /
+                                                                               "heads.nc")
+    np.testing.assert_array_equal(grown["top_head"], once["top_head"])
+    np.testing.assert_array_equal(grown["attention"], once["attention"])
+    assert not [v for v in grown.variables if "candidate" in v]
+
+
+def test_a_resumed_run_ranks_the_candidates_with_the_chunks_it_skips(tokenizer, tmp_path, monkeypatch):
+    """A crash in the third chunk keeps the first two's parts; the rerun's chunk ranks its candidates with their
+    sums (run_one gives heads' RunningRank what is done), as the uninterrupted run's third chunk does."""
+    from nnethics.analyses import heads_candidates, heads_engine
+    from nnethics.cli import cli
+
+    folder = save_tiny(make_tiny("llama", tokenizer, init_std=0.2), tokenizer, tmp_path / "tiny-llama")
+    args = ["heads", "--model", str(folder), "--limit", "6", "--no-progress", "--batch-size", "2", "--top-heads", "2"]
+    real_heads, real_job, jobs = heads_engine.run_heads, heads_candidates.ranking_job, []
+    monkeypatch.setattr(heads_candidates, "ranking_job", lambda *a: jobs.append(real_job(*a)) or jobs[-1])
+    res = CliRunner().invoke(cli, [*args, "--store", str(tmp_path / "whole")])
+    assert res.exit_code == 0, res.output
+    assert len(jobs) == 3 and jobs[2]["dla_sum"].any()
+    whole, jobs[:] = jobs[2], []
+    calls = []
+
+    def crash(*a, **k):
+        calls.append(a)
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real_heads(*a, **k)
+
+    monkeypatch.setattr(heads_engine, "run_heads", crash)
+    assert CliRunner().invoke(cli, [*args, "--store", str(tmp_path / "store")]).exit_code != 0
+    assert len(jobs) == 2
+    monkeypatch.setattr(heads_engine, "run_heads", real_heads)
+    res = CliRunner().invoke(cli, [*args, "--store", str(tmp_path / "store")])
+    assert res.exit_code == 0, res.output
+    assert len(jobs) == 3  # the third chunk only, with the sums of the two it skipped
+    for key in ("effect_sum", "effect_count", "dla_sum"):
+        np.testing.assert_array_equal(jobs[2][key], whole[key])
 
 
 def test_readme_schema_and_export_tables(tiny_model_dir, tmp_path):

@@ -152,10 +152,11 @@ def test_public_ndif_without_a_key_is_a_clear_bad_input(monkeypatch, tiny_model_
     assert res.exit_code == 2 and "set NDIF_API_KEY" in res.output
 
 
-def _compare_runs(server, model_dir, tmp_path, *extra, same=None, max_kb=MAX_KB_PER_PAIR, per_chunk=1) -> set[str]:
+def _compare_runs(server, model_dir, tmp_path, *extra, same=None, max_kb=MAX_KB_PER_PAIR, per_chunk=1,
+                  requests=None) -> set[str]:
     """Run the CLI locally and on the server; check every stored analysis matches and the request
-    and byte counts (client and server agree; ``per_chunk`` requests per chunk; KB per pair). Returns the
-    analyses."""
+    and byte counts (client and server agree; ``per_chunk`` requests per chunk, or ``requests`` in all; KB per
+    pair). Returns the analyses."""
     limit, batch = 4, 2
     chunks = limit // batch
     args = ("--limit", str(limit), "--batch-size", str(batch), *extra)
@@ -186,7 +187,7 @@ def _compare_runs(server, model_dir, tmp_path, *extra, same=None, max_kb=MAX_KB_
         per_pair = (t["bytes_sent"] + t["bytes_received"]) / 1024 / limit / len(names)
         print(f"{label}: {t['requests']} requests for {chunks} chunks of {batch} pairs in {len(names)} analyses, "
               f"{t['bytes_sent'] / limit / 1024:.2f} KB up + {t['bytes_received'] / limit / 1024:.2f} KB down per pair")
-        assert t["requests"] == per_chunk * chunks, label  # one request per chunk (and per chunk of a pass)
+        assert t["requests"] == (per_chunk * chunks if requests is None else requests), label  # one per chunk
         assert per_pair <= max_kb, (label, per_pair)
     assert sum(STATS.totals(label)["requests"] for label in STATS.labels() if "decisions" in label.split("+")) in (
         0, chunks)
@@ -199,13 +200,26 @@ def test_cli_remote_decisions_and_attribution_match_local(server, tiny_model_dir
 
 
 def test_cli_remote_heads_matches_local(server, tiny_model_dir, tmp_path):
-    """heads through the loopback NDIF server: one request per chunk (prefix, patched blocks, AtP and DLA in one
-    session), then, once finalize has chosen the top heads, one request per chunk of the complete pass (prefix and
-    the eager-attention trace), which brings back the top heads' attention only (tokens x top heads x 2 sides);
-    the same file as locally. Its budget is still twice the others': what goes up is most of it (the chunk's
-    session, ~14 KB per pair at 2 pairs a chunk, and the complete pass's, ~9 KB); what comes down is ~8 KB."""
-    assert _compare_runs(server, tiny_model_dir, tmp_path, "--analyses", "heads", per_chunk=2,
+    """heads through the loopback NDIF server: one request per chunk (prefix, patched blocks, AtP, DLA and the
+    attention of the chunk's candidate heads in one session); once finalize has chosen the top heads, the
+    complete pass takes their attention from the candidates (no request: here every head is a candidate, 2 x 8
+    top heads > 3 x 4); the same file as locally. Its budget is still twice the others': what goes up is most of
+    it (the chunk's session, ~14 KB per pair at 2 pairs a chunk); what comes down is ~9 KB."""
+    assert _compare_runs(server, tiny_model_dir, tmp_path, "--analyses", "decisions,heads", per_chunk=1,
+                         max_kb=2 * MAX_KB_PER_PAIR) == {"decisions", "heads"}
+
+
+def test_cli_remote_heads_falls_back_where_the_candidates_miss(server, tiny_model_dir, tmp_path, monkeypatch):
+    """Chunks whose candidates miss a top head (forced: one candidate each) get the heads they miss from the
+    complete pass' fallback: one more request for all of them, the same file as locally."""
+    from test_heads import _miss
+
+    calls = _miss(monkeypatch)
+    assert _compare_runs(server, tiny_model_dir, tmp_path, "--analyses", "heads", requests=3,
                          max_kb=2 * MAX_KB_PER_PAIR) == {"heads"}
+    assert len(calls) == 4  # two chunks locally, two remotely
+    with xr.open_dataset(next((tmp_path / "remote").glob("*/heads.nc"))) as ds:
+        assert ds["attention"].attrs["fallback_prompts"] == 4
 
 
 def test_a_fused_remote_run_is_one_request_per_chunk_and_no_more_bytes(server, tiny_model_dir, tmp_path):

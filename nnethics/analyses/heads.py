@@ -25,11 +25,14 @@ Stored as ``store/<slug>/heads.nc``; dims ``prompt``, ``layer``, ``head`` (read 
 * after the ``complete`` pass (:func:`complete_attention`, run once after ``finalize`` by ``run`` and
   ``analyze``): ``attention (prompt, side, rank, token)``, the top heads' attention weights from the decision
   position to every prompt token (token 0 = the first; NaN padding), from the eager attention implementation
-  for that trace.
+  for that trace; its attr ``fallback_prompts`` counts the prompts computed again.
 
-Which heads are the top ones is known only across all prompts, so the chunks compute no attention; the
-``complete`` pass runs the base and cf rows again, in chunks of ``batch_size`` pairs (one request each
-remotely), and brings back the weights of the chosen heads only (tokens x top heads x 2 floats per pair).
+Which heads are the top ones is known only across all prompts, so each chunk guesses: its session ranks the heads
+on the prompts so far and brings back the attention of ``CANDIDATE_FACTOR x top_heads`` candidates
+(:mod:`.heads_candidates`: ``candidate_attention (prompt, side, candidate, token)``, ``candidate_layer``/
+``candidate_head (prompt, candidate)``, in the parts only). The ``complete`` pass takes the chosen heads' attention
+from them, and runs the base and cf rows again (the same forward, so the same bits; every such chunk in one
+request remotely) only for the heads a chunk's candidates miss.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from ..prompts import SIDES, PromptPair
 from ..store import schema
 from .base import Analysis, OptionError, chat_field, check_values, labels_field, option, register
 from .decisions import MIN_GAP_HELP
+from .heads_candidates import CANDIDATES, RunningRank, assemble
 
 KV_CACHE = ("auto", "on", "off")
 CELL = ("prompt", "layer", "head")
@@ -72,11 +76,19 @@ class HeadsOptions:
 
 
 def head_patching(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions = HeadsOptions(),
-                  label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """Patch every (layer, head) of every pair at the decision position; see the module docstring."""
+                  label_ids: Sequence[int] | None = None, running: RunningRank | None = None) -> xr.Dataset:
+    """Patch every (layer, head) of every pair at the decision position; see the module docstring. ``running``
+    (:func:`prepare`'s, one per run): the previous chunks' sums the candidate heads are ranked with (None: this
+    chunk's alone); this chunk is added to it."""
     from .heads_engine import run_heads
 
-    return run_heads(model, pairs, options, label_ids)
+    return run_heads(model, pairs, options, label_ids, running)
+
+
+def prepare(model: Any, options: HeadsOptions) -> tuple[dict, dict, list[str]]:
+    """One :class:`~.heads_candidates.RunningRank` per run, passed to every chunk (nothing is recorded: which
+    heads are candidates changes no number of the file)."""
+    return {"running": RunningRank()}, {}, []
 
 
 def build_dataset(*, pairs: Sequence[PromptPair], labels: list[str], base_ld: np.ndarray, cf_ld: np.ndarray,
@@ -187,40 +199,75 @@ def finalize(ds: xr.Dataset, top: int | None = None, n_resamples: int = metrics.
                             top_layer=("rank", np.array([c[0] for c in chosen], dtype=np.int32)),
                             top_head=("rank", np.array([c[1] for c in chosen], dtype=np.int32)))
     # a rerun of a finished file: the same heads keep their attention (complete_attention then computes none)
-    return with_attention(new, ds["attention"].values) if same == chosen else new
+    if same != chosen:
+        return new
+    out = with_attention(new, ds["attention"].values)
+    out["attention"].attrs.update(ds["attention"].attrs)  # e.g. fallback_prompts
+    return out
 
 
 def complete_attention(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], options: HeadsOptions = HeadsOptions(),
                        label_ids: Sequence[int] | None = None, batch_size: int = 8, **_: Any) -> xr.Dataset:
     """The ``complete`` pass: ``attention (prompt, side, rank, token)`` of the heads ``finalize`` chose
-    (``top_layer``/``top_head``) for every prompt of ``ds`` among ``pairs``, in chunks of ``batch_size`` pairs in
-    ``ds``'s order (the chunks of the run, so the same padding), each on the forward path its prompts were
-    patched on (``forward_path``). Prompts that have them already (a rerun of a finished file: ``finalize`` kept
-    them, the top heads being the same) are not computed again. Only those weights come back from a remote
-    model."""
-    from .heads_attention import top_attention
-
+    (``top_layer``/``top_head``) for every prompt of ``ds`` among ``pairs``: from the chunks' candidates
+    (:func:`~.heads_candidates.assemble`); the heads a prompt's candidates miss are computed again (the
+    fallback, :func:`_fallback`), each prompt on the forward path it was patched on (``forward_path``).
+    Prompts that have them already (a rerun of a finished file: ``finalize`` kept them, the top heads being the
+    same) are not computed again. The candidates are dropped; ``attention``'s attr ``fallback_prompts`` counts
+    the prompts the fallback computed. Only the chosen heads' weights come back from a remote model."""
     if "top_layer" not in ds.coords:
         return ds
     chosen = [(int(la), int(h)) for la, h in zip(ds["top_layer"].values, ds["top_head"].values)]
     ids = [str(x) for x in ds["prompt"].values]
-    row = {pid: i for i, pid in enumerate(ids)}
     by_id = {p.prompt_id: p for p in pairs}
     have = ds["attention"].values if "attention" in ds else None
-    todo = [by_id[pid] for pid in ids if pid in by_id and (have is None or np.isnan(have[row[pid]]).all())]
-    if have is not None and not todo:
-        return ds
-    path = dict(zip(ids, ds["forward_path"].values.tolist()))
+    rows = [i for i, pid in enumerate(ids) if pid in by_id and (have is None or np.isnan(have[i]).all())]
+    if have is not None and not rows:
+        return ds.drop_vars([v for v in CANDIDATES if v in ds.variables])
     att = np.full((len(ids), 2, len(chosen), ds.sizes["token"]), np.nan, dtype=np.float32)
     if have is not None:
         att[:] = have
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        kv = all(path[p.prompt_id] == "kv_cache" for p in chunk)
-        got = top_attention(model, chunk, options, label_ids, chosen, use_kv=kv)
-        for k, p in enumerate(chunk):
-            att[row[p.prompt_id], :, :, :got.shape[-1]] = got[k]
-    return with_attention(ds, att)
+    missed = {i: list(range(len(chosen))) for i in rows}
+    if "candidate_layer" in ds:
+        missed = assemble(chosen, ds["candidate_layer"].values, ds["candidate_head"].values,
+                          ds["candidate_attention"].values, att, rows)
+    _fallback(model, ds, missed, by_id, att, options, label_ids, chosen, batch_size)
+    out = with_attention(ds.drop_vars([v for v in CANDIDATES if v in ds.variables]), att)
+    before = int(ds["attention"].attrs.get("fallback_prompts", 0)) if have is not None else 0  # earlier runs'
+    out["attention"].attrs["fallback_prompts"] = before + len(missed)
+    return out
+
+
+def _fallback(model: Any, ds: xr.Dataset, missed: dict[int, list[int]], by_id: dict[str, PromptPair],
+              att: np.ndarray, options: HeadsOptions, label_ids: Sequence[int] | None, chosen: list[tuple[int, int]],
+              batch_size: int) -> None:
+    """``att``'s ranks ``missed[row]`` (those heads only) in chunks of ``batch_size`` pairs in ``ds``'s order that
+    never mix prompts of different candidate sets (different chunks of the run, so the same padding), all in one
+    session (:func:`~.heads_attention.fallback_attention`: one request remotely), in place."""
+    from .heads_attention import fallback_attention
+
+    ids = [str(x) for x in ds["prompt"].values]
+    path = ds["forward_path"].values.tolist()
+    cand = [ds[v].values for v in ("candidate_layer", "candidate_head") if v in ds]
+
+    def key(i: int) -> tuple:  # the chunk (its candidates; none for a prompt of an earlier file) and the heads
+        return [(int(la), int(h)) for la, h in zip(*[c[i] for c in cand]) if np.isfinite(la) and la >= 0] \
+            if cand else [], missed[i]
+
+    runs: list[list[int]] = []
+    for i in sorted(missed):
+        if runs and key(runs[-1][-1]) == key(i) and len(runs[-1]) < batch_size:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    if not runs:
+        return
+    jobs = [([by_id[ids[i]] for i in chunk], [chosen[r] for r in missed[chunk[0]]],
+             all(path[i] == "kv_cache" for i in chunk)) for chunk in runs]
+    for chunk, got in zip(runs, fallback_attention(model, jobs, options, label_ids)):  # one request for them all
+        ranks = missed[chunk[0]]
+        for k, i in enumerate(chunk):
+            att[i][:, ranks, :got.shape[-1]] = got[k]  # att[i, :, ranks] would put the ranks first
 
 
 def with_attention(ds: xr.Dataset, att: np.ndarray) -> xr.Dataset:
@@ -258,6 +305,9 @@ def summarize(ds: xr.Dataset) -> str:
         parts.append("largest mean effect: " + ", ".join(heads))
     if "atp_exact_correlation_pooled" in ds:
         parts.append(f"AtP vs exact r = {float(ds['atp_exact_correlation_pooled']):.3f}")
+    fallback = int(ds["attention"].attrs.get("fallback_prompts", 0)) if "attention" in ds else 0
+    if fallback:
+        parts.append(f"top heads' attention of {fallback} pairs computed again (not among their chunk's candidates)")
     return "; ".join(parts)
 
 
@@ -283,7 +333,7 @@ def check_model(model: Any, options: HeadsOptions) -> None:
 
 ANALYSIS = register(Analysis(
     name="heads", options=HeadsOptions, compute=head_patching, summarize=summarize, finalize=finalize,
-    complete=complete_attention, check=check_model, default=False,
+    complete=complete_attention, check=check_model, prepare=prepare, default=False,
     help="Activation patching per attention head at the decision position, and the attention of the top heads; "
          "writes STORE/<model>/heads.nc.",
     tables=tables, render=("nnethics.render.heads",)))

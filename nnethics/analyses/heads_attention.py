@@ -1,9 +1,16 @@
-"""The attention of the top heads at the decision position: the ``complete`` pass of ``heads`` (torch loads here).
+"""The attention of the top heads at the decision position (torch loads here).
 
-:func:`~nnethics.analyses.heads.finalize` chooses the top heads across all prompts; :func:`top_attention` then
-runs one session per chunk of pairs: the prefix on the KV path (as :func:`.heads_engine.execute` makes it) and
-one forward of the base and cf rows with transformers' eager attention (:class:`eager_attention`), whose trace
-returns the decision position's weights for the chosen heads only (``2 x heads x tokens`` floats per pair).
+Which heads are the top ones is known only across all prompts, so each chunk's session
+(:func:`.heads_engine.execute`) guesses: once its patched rows are done, :func:`rank_candidates` ranks the heads
+by |mean effect| over the prompts so far (the previous chunks' sums, sent along, plus this chunk's effects),
+ties by |DLA|, and :func:`chunk_candidates` brings back the attention of the top ``count`` candidates from one
+forward of the base and cf rows with transformers' eager attention (:class:`eager_attention`) over the chunk's
+prefix: ``2 x candidates x tokens`` floats per pair, in the chunk's one request. Once
+:func:`~nnethics.analyses.heads.finalize` has chosen the top heads, :func:`.heads_candidates.assemble` takes
+their attention from the candidates; only for the prompts whose candidates miss a chosen head does
+:func:`top_attention` (the fallback of the ``complete`` pass) run one session per chunk of pairs: the prefix on
+the KV path (as ``execute`` makes it) and the same eager forward, for the chosen heads. Both are the same
+forward over the same prefix and padding, so both give the same bits.
 """
 
 from __future__ import annotations
@@ -18,11 +25,18 @@ from ..models.adapters import get_path
 from ..models.errors import is_oom
 from ..prompts import PromptPair
 from .common import encode_pairs
-from .heads_engine import _side_inputs
-from .patching_engine import Row, run_prefix
+from .patching_engine import Prefix, Row, _inputs_full, _inputs_token, run_prefix
 
 if TYPE_CHECKING:
     from .heads import HeadsOptions
+
+
+def _side_inputs(enc: Any, n: int, prefix: Prefix | None) -> tuple[dict, bool | None]:
+    """Inputs of the rows ``[base..., cf...]`` (one token over the prefix cache, or full)."""
+    seqs = list(range(2 * n))
+    if prefix is not None:
+        return _inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs]), None
+    return _inputs_full(enc, seqs)[0], False
 
 
 def attention_module(model: Any, layer: int) -> Any:
@@ -63,15 +77,95 @@ def _trace_attention(model: Any, inputs: dict, attns: list, heads: list[list[int
     return weights
 
 
-def _attention_session(model: Any, enc: Any, groups: list[list[Row]], n: int, use_kv: bool, layers: list[int],
-                       heads: list[list[int]]) -> Any:
-    """One session of the ``complete`` pass: the prefix (KV path, as :func:`.heads_engine.execute` makes it) and
-    one eager forward of the base and cf rows; the weights of ``heads[i]`` of layer ``layers[i]``, ``[2n, heads,
-    keys]``."""
-    prefix = run_prefix(model, enc, groups) if use_kv else None
+def eager_weights(model: Any, enc: Any, n: int, prefix: Prefix | None, layers: list[int],
+                  heads: list[list[int]]) -> Any:
+    """One eager forward of the base and cf rows (over ``prefix``, or full); the weights of ``heads[i]`` of layer
+    ``layers[i]``, ``[2n, heads, keys]`` (the candidates' and the fallback's one forward)."""
     inputs, use_cache = _side_inputs(enc, n, prefix)
     with eager_attention(model):
         return _trace_attention(model, inputs, [attention_module(model, la) for la in layers], heads, use_cache)
+
+
+def _attention_session(model: Any, enc: Any, groups: list[list[Row]], n: int, use_kv: bool, layers: list[int],
+                       heads: list[list[int]]) -> Any:
+    """One session of the fallback pass: the prefix (KV path, as :func:`.heads_engine.execute` makes it) and
+    :func:`eager_weights`."""
+    return eager_weights(model, enc, n, run_prefix(model, enc, groups) if use_kv else None, layers, heads)
+
+
+def rank_candidates(patched: Any, sides: Any, dla: Any, job: dict) -> list[tuple[int, int]]:
+    """Inside a chunk's session (remote-safe: NumPy only): the ``job["count"]`` (layer, head)s with the largest
+    |mean effect| over the prompts so far, ties by the larger sum of |DLA|, then by (layer, head); sorted by
+    (layer, head), the trace's order. ``patched [n, L, H]`` (or ``[n][L * H]``), ``sides [2n]`` (base rows, then cf), ``dla [2n, L,
+    H]`` are this chunk's; ``job`` holds the previous chunks' ``effect_sum``, ``effect_count``, ``dla_sum``
+    ``[L, H]`` and ``min_gap``. The effect is :func:`nnethics.metrics.normalized_effect`'s formula with its
+    ``min_gap`` test; a guess, so its float order need not be the file's."""
+    L, H = np.shape(job["effect_sum"])
+    p = np.asarray(patched, dtype=np.float64).reshape(-1, L, H)
+    n = p.shape[0]
+    s = np.asarray(sides.cpu().tolist() if hasattr(sides, "cpu") else sides, dtype=np.float64)
+    gap = s[n:] - s[:n]
+    ok = np.abs(gap) >= job["min_gap"]
+    eff = (p[ok] - s[:n][ok, None, None]) / gap[ok, None, None]
+    finite = np.isfinite(eff)
+    total = np.asarray(job["effect_sum"], dtype=np.float64) + np.where(finite, eff, 0.0).sum(0)
+    count = np.asarray(job["effect_count"], dtype=np.float64) + finite.sum(0)
+    score = np.where(count > 0, np.abs(total) / np.maximum(count, 1.0), -1.0)
+    d = np.abs(np.asarray(dla.detach().float().cpu().numpy() if hasattr(dla, "detach") else dla, dtype=np.float64))
+    tie = np.asarray(job["dla_sum"], dtype=np.float64) + d.reshape(-1, L, H).sum(0)
+    order = sorted(((la, h) for la in range(L) for h in range(H)), key=lambda c: (-score[c], -tie[c], c))
+    return sorted(order[:int(job["count"])])
+
+
+def chunk_candidates(model: Any, enc: Any, n: int, prefix: Prefix | None, patched: Any, sides: Any, dla: Any,
+                     job: dict) -> tuple[list[tuple[int, int]], Any]:
+    """Inside a chunk's session, after its patched rows: the candidates (:func:`rank_candidates`) and their
+    weights ``[2n, candidates, keys]`` from :func:`eager_weights` over the chunk's ``prefix`` (None: full
+    forwards), the same forward as the fallback's."""
+    chosen = rank_candidates(patched, sides, dla, job)
+    layers = sorted({la for la, _ in chosen})
+    heads = [[h for la2, h in chosen if la2 == la] for la in layers]
+    return chosen, eager_weights(model, enc, n, prefix, layers, heads)
+
+
+def _plan(model: Any, pairs: list[PromptPair], options: HeadsOptions, label_ids: Sequence[int] | None,
+          chosen: Sequence[tuple[int, int]], use_kv: bool) -> tuple:
+    """The arguments of :func:`_attention_session` for one chunk: its rows encoded as the chunk's were."""
+    batch = encode_pairs(model, pairs, list(options.labels), options.chat, label_ids)
+    layers = sorted({la for la, _ in chosen})
+    heads = [[h for la2, h in chosen if la2 == la] for la in layers]
+    groups = [[Row(batch.row(i, "cf")), Row(batch.row(i, "base"))] for i in range(batch.n)]
+    return batch.encoded, groups, batch.n, use_kv, layers, heads
+
+
+def _ordered(weights: Any, plan: tuple, chosen: Sequence[tuple[int, int]]) -> np.ndarray:
+    """A chunk's weights (the trace's order: by layer) as ``[pair, side, rank, token]`` in ``chosen``'s order."""
+    enc, _, n, _, layers, heads = plan
+    flat = [(la, h) for la, hs in zip(layers, heads) for h in hs]
+    rank = [flat.index(tuple(c)) for c in chosen]
+    return _right_aligned(weights.numpy()[:, rank], [enc.lengths[r] for r in range(2 * n)], n)
+
+
+def _sessions(model: Any, plans: list[tuple]) -> list[Any]:
+    """Several chunks' :func:`_attention_session`, one after the other in one session (one request remotely)."""
+    return [_attention_session(model, *plan) for plan in plans]
+
+
+def fallback_attention(model: Any, chunks: Sequence[tuple[list[PromptPair], list[tuple[int, int]], bool]],
+                       options: HeadsOptions, label_ids: Sequence[int] | None) -> list[np.ndarray]:
+    """:func:`top_attention` of each ``(pairs, chosen, use_kv)`` chunk, all in ONE session (one request remotely,
+    each chunk still encoded and run as its own, so the same bits); on out-of-memory, one session per chunk."""
+    if len(chunks) == 1:  # its out-of-memory halving
+        pairs, chosen, kv = chunks[0]
+        return [top_attention(model, pairs, options, label_ids, chosen, kv)]
+    plans = [_plan(model, list(pairs), options, label_ids, chosen, kv) for pairs, chosen, kv in chunks]
+    try:
+        got = model.session(_sessions, plans)
+    except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+        if not is_oom(err):
+            raise
+        return [top_attention(model, pairs, options, label_ids, chosen, kv) for pairs, chosen, kv in chunks]
+    return [_ordered(w, plan, chosen) for w, plan, (_, chosen, _) in zip(got, plans, chunks)]
 
 
 def top_attention(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions, label_ids: Sequence[int] | None,
@@ -81,13 +175,10 @@ def top_attention(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions
     one session, over the same inputs as the chunk's :func:`.heads_engine.execute` (on the KV path one token over
     the prefix cache); on out-of-memory the chunk runs in two halves."""
     pairs = list(pairs)
-    batch = encode_pairs(model, pairs, list(options.labels), options.chat, label_ids)
-    enc, n = batch.encoded, batch.n
-    layers = sorted({la for la, _ in chosen})
-    heads = [[h for la2, h in chosen if la2 == la] for la in layers]
-    groups = [[Row(batch.row(i, "cf")), Row(batch.row(i, "base"))] for i in range(n)]
+    plan = _plan(model, pairs, options, label_ids, chosen, use_kv)
+    n = plan[2]
     try:
-        weights = model.session(_attention_session, enc, groups, n, use_kv, layers, heads)
+        weights = model.session(_attention_session, *plan)
     except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
         if not is_oom(err) or n < 2:
             raise
@@ -96,9 +187,7 @@ def top_attention(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions
         width = max(h.shape[-1] for h in halves)
         return np.concatenate([np.pad(h, [(0, 0)] * 3 + [(0, width - h.shape[-1])], constant_values=np.nan)
                                for h in halves])
-    flat = [(la, h) for la, hs in zip(layers, heads) for h in hs]   # the trace's order: by layer
-    rank = [flat.index(tuple(c)) for c in chosen]
-    return _right_aligned(weights.numpy()[:, rank], [enc.lengths[r] for r in range(2 * n)], n)
+    return _ordered(weights, plan, chosen)
 
 
 def _right_aligned(weights: np.ndarray, lengths: list[int], n: int) -> np.ndarray:

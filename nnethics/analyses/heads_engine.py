@@ -9,10 +9,10 @@ path every row is a one-token forward over the prefix cache of its sequence (:fu
 Per chunk, every forward inside one :meth:`~nnethics.models.handle.ModelHandle.session` (one request
 remotely): the prefix (KV path), the patched rows, attribution patching (one forward + one backward over the
 base and cf rows: ``(z_cf - z_base) . dLD/dz`` per head) and each head's direct logit attribution (DLA,
-through :func:`~.attribution_trace.collect`). The attention of the top heads comes later, from
-:func:`top_attention` (the ``complete`` pass, once ``finalize`` has chosen the heads across all prompts):
-per chunk one session of the prefix (KV path) and one eager-attention forward of the base and cf rows,
-which brings back the decision position's weights for the chosen heads only.
+through :func:`~.attribution_trace.collect`), then the attention of the chunk's candidate heads (those ranked
+first by the prompts so far, :func:`.heads_attention.chunk_candidates`): one eager-attention forward of the base
+and cf rows, which brings back the decision position's weights for the candidates only. The ``complete`` pass
+takes the top heads' attention from them once ``finalize`` has chosen the heads across all prompts.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..models.errors import is_oom
 from ..prompts import PromptPair
 from .attribution_trace import collect, contributions
 from .common import encode_pairs
+from .heads_attention import _right_aligned, _side_inputs, chunk_candidates
 from .patching_engine import (
     Patch,
     Prefix,
@@ -42,6 +43,7 @@ from .patching_engine import (
 
 if TYPE_CHECKING:
     from .heads import HeadsOptions
+    from .heads_candidates import RunningRank
 
 BLOCKS = 6  # layer blocks of the KV path: a row patched in block k skips the layers before the block
 
@@ -164,18 +166,11 @@ def run_rows(model: Any, enc: Any, groups: list[list[Row]], cells: list[list[tup
     return lds
 
 
-def _side_inputs(enc: Any, n: int, prefix: Prefix | None) -> tuple[dict, bool | None]:
-    """Inputs of the rows ``[base..., cf...]`` (one token over the prefix cache, or full)."""
-    seqs = list(range(2 * n))
-    if prefix is not None:
-        return _inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs]), None
-    return _inputs_full(enc, seqs)[0], False
-
-
 def execute(model: Any, enc: Any, groups, cells, ids, n: int, use_kv: bool, max_tokens: int, atp: bool,
-            ) -> tuple[Any, Any, Any, Any]:
-    """Every forward of a chunk, as one session: prefix, patched rows, AtP, DLA. Returns the LDs of the patched
-    rows ``[n, L, H]`` and of the base and cf rows ``[2n]``, AtP and DLA."""
+            job: dict) -> tuple[Any, Any, Any, Any, Any]:
+    """Every forward of a chunk, as one session: prefix, patched rows, AtP, DLA, then the candidate heads'
+    attention (:func:`.heads_attention.chunk_candidates` with ``job``). Returns the LDs of the patched rows ``[n,
+    L, H]`` and of the base and cf rows ``[2n]``, AtP, DLA and ``(candidates, their weights)``."""
     L, H = model.n_layers, model.n_heads
     if use_kv:
         prefix = run_prefix(model, enc, groups)
@@ -189,7 +184,8 @@ def execute(model: Any, enc: Any, groups, cells, ids, n: int, use_kv: bool, max_
     inputs, use_cache = _side_inputs(enc, n, prefix)
     grads = _trace_atp(model, inputs, [model.o_proj(i) for i in range(L)], n, H, ids, use_cache) if atp else None
     proj = collect(model, _side_inputs(enc, n, prefix)[0], list(ids), heads=True, per_option=False)
-    return patched, sides, grads, contributions(proj)["heads"][..., 0]
+    dla = contributions(proj)["heads"][..., 0]
+    return patched, sides, grads, dla, chunk_candidates(model, enc, n, prefix, patched, sides, dla, job)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,10 +305,12 @@ def run_blocks(model: Any, enc: Any, prefix: Prefix, ids: tuple[int, int], n: in
 
 
 def run_heads(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions,
-              label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """The computation behind :func:`nnethics.analyses.heads.head_patching` (see there)."""
+              label_ids: Sequence[int] | None = None, running: RunningRank | None = None) -> xr.Dataset:
+    """The computation behind :func:`nnethics.analyses.heads.head_patching` (see there); ``running``: the sums
+    of the chunks done so far (updated with this one)."""
     from . import heads as decl
     from .decisions import _decoded, _prompt_tokens
+    from .heads_candidates import candidate_count, ranking_job, with_candidates
 
     pairs = list(pairs)
     L, H = model.n_layers, model.n_heads
@@ -324,15 +322,21 @@ def run_heads(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions,
     if why and options.kv_cache == "on":
         raise ValueError(f"the KV-cache path cannot run here: {why}")
     use_kv = why is None
-    patched, sides, atp, dla = model.session(execute, enc, groups, cells, ids, n, use_kv, options.max_tokens,
-                                             options.atp)
+    job = ranking_job(running, L, H, options.min_gap, candidate_count(options.top_heads, L, H))
+    patched, sides, atp, dla, (chosen, weights) = model.session(execute, enc, groups, cells, ids, n, use_kv,
+                                                                options.max_tokens, options.atp, job)
     patched = np.asarray(patched, dtype=np.float64).reshape(n, L, H)
     sides = np.asarray(sides.cpu().tolist() if hasattr(sides, "cpu") else sides, dtype=np.float64)
     base, cf = sides[:n], sides[n:]
     input_ids, n_tokens, _ = _prompt_tokens(batch)
-    return decl.build_dataset(
+    ds = decl.build_dataset(
         pairs=pairs, labels=list(options.labels), base_ld=base, cf_ld=cf, patched_ld=patched,
         atp_delta=None if atp is None else atp.cpu().numpy().astype(np.float64).transpose(1, 0, 2),
         dla=dla.numpy().reshape(2, n, L, H).transpose(1, 0, 2, 3), input_ids=input_ids,
         token_text=_decoded(model.tokenizer, input_ids), min_gap=options.min_gap,
         forward_path="kv_cache" if use_kv else "full", why=why or "", top_heads=options.top_heads)
+    att = _right_aligned(weights.numpy(), [enc.lengths[r] for r in range(2 * n)], n)
+    ds = with_candidates(ds, [(int(a), int(b)) for a, b in chosen], att)
+    if running is not None:
+        running.update(ds)
+    return ds

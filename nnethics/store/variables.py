@@ -153,6 +153,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "rank": ("rank of a head by mean |patching effect| (0 = largest)", ONE),
     "top_layer": ("layer of the head at this rank", ONE),
     "top_head": ("head index (query head) of the head at this rank", ONE),
+    "candidate_attention": ("attention weight of a chunk's candidate head from the decision position to each "
+                            "prompt token (chunk parts only)", ONE),
+    "candidate_layer": ("layer of a chunk's candidate head (chunk parts only)", ONE),
+    "candidate_head": ("head index (query head) of a chunk's candidate head (chunk parts only)", ONE),
     # lens, lens_eval
     "kl_to_final": ("KL(final ‖ lens) of the next-token distributions", NATS),
     "top_logit": ("lens logit of its top tokens", LOGIT),
