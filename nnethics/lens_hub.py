@@ -12,21 +12,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .hub_spec import SYNTAX, split_hub_spec
 from .lenses import CONFIG, PARAMS, TL_PARAMS, LensLoadError
 
-PREFIX = "hub:"
-REPO_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
 
 def parse_hub_spec(spec: str) -> tuple[str, str, str | None, str | None]:
     """``hub:[spaces/]ORG/REPO[/subfolder][@revision]`` -> (repo_id, repo_type, subfolder, revision)."""
-    rest, _, revision = spec[len(PREFIX):].partition("@")
-    parts = [p for p in rest.split("/") if p]
-    repo_type = REPO_TYPES.get(parts[0], "model") if parts else "model"
-    parts = parts[1:] if parts and parts[0] in REPO_TYPES else parts
-    if len(parts) < 2:
-        raise LensLoadError(f"--tuned-lens {spec}: expected hub:ORG/REPO[/subfolder][@revision] "
-                            "(e.g. hub:spaces/AlignmentResearch/tuned-lens/lens/gpt2)")
-    return "/".join(parts[:2]), repo_type, "/".join(parts[2:]) or None, revision or None
+    parsed = split_hub_spec(spec)
+    if parsed is None:
+        raise LensLoadError(f"--tuned-lens {spec}: {SYNTAX}")
+    return parsed
 
 def _download(spec: str, filename: str, local_only: bool) -> Path | None:
     """One file of the lens folder from the hub cache (downloading it unless ``local_only``); None if absent."""

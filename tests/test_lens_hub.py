@@ -138,3 +138,19 @@ def test_an_unreachable_hub_falls_back_on_the_cache(tiny_models, hub_cache, monk
     _cache_lens(hub_cache, "org/lenses", "lens/tiny-llama", _random_lens(model))
     lens, info = resolve_tuned_lens(model, "hub:org/lenses/lens/tiny-llama")
     assert info["tuned_lens"] == "hub:org/lenses/lens/tiny-llama" and asked[0] is False and True in asked
+
+
+def test_a_malformed_hub_spec_exits_2_before_the_model_loads(tmp_path, monkeypatch):
+    import nnethics.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not load for a malformed --tuned-lens")
+
+    monkeypatch.setattr(nnethics.models, "load_model", no_load)
+    from nnethics.cli import cli
+
+    res = CliRunner().invoke(cli, ["lens", "run", "--limit", "1", "--store", str(tmp_path), "--tuned-lens", "hub:org"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines()[-1] == (
+        "Error: --tuned-lens: hub:org: expected hub:ORG/REPO[/subfolder][@revision] "
+        "(e.g. hub:spaces/AlignmentResearch/tuned-lens/lens/gpt2)")

@@ -21,8 +21,9 @@ import numpy as np
 import xarray as xr
 
 from .. import export
+from ..hub_spec import SYNTAX, is_hub_spec, split_hub_spec
 from ..prompts import SIDES, PromptPair
-from .base import Analysis, SharedReads, chat_field, check_values, labels_field, option, register
+from .base import Analysis, OptionError, SharedReads, chat_field, check_values, labels_field, option, register
 from .common import encode_pairs
 
 if TYPE_CHECKING:  # loaded when a lens runs: declaring the analysis needs no torch
@@ -49,6 +50,8 @@ class LensOptions:
 
     def __post_init__(self) -> None:
         check_values(self)
+        if is_hub_spec(self.tuned_lens) and split_hub_spec(self.tuned_lens) is None:  # before a model loads
+            raise OptionError("tuned_lens", f"{self.tuned_lens}: {SYNTAX}")
 
 
 def lens_readout(model: Any, inputs: dict, option_ids: Sequence[int], k: int = 10, states: torch.Tensor | None = None,
@@ -282,10 +285,6 @@ def resolve_tuned_lens(model: Any, spec: str | Path | None) -> tuple[TunedLens |
             raise
         return None, {"tuned_lens": "", "tuned_lens_note": f"ignoring the cached tuned lens: {e}"}
     return lens, {"tuned_lens": str(folder), "tuned_lens_digest": _lens_digest(folder)}
-
-
-def is_hub_spec(spec: object) -> bool:
-    return isinstance(spec, str) and spec.startswith("hub:")
 
 
 def _hub_lens(model: Any, spec: str) -> tuple[TunedLens, dict]:
