@@ -66,9 +66,11 @@ def position_heatmap(ds: xr.Dataset, component: str | None = None, var: str = "e
     hm = hv.HeatMap((xs, ys, values(da).ravel().astype(float)), kdims=["layer", "position"], vdims=[var])
     height = int(min(700, max(220, 22 * len(pos) + 90)))
     order = sorted(set(ys), key=lambda s: int(s))
+    v = values(da)
+    low = float(np.nanmin(v)) if np.isfinite(v).any() else 0.0  # all NaN: no pair with a defined effect
     return hm.redim.values(position=order).opts(
-        cmap="Reds" if float(np.nanmin(values(da))) >= 0 else "RdBu_r",
-        symmetric=float(np.nanmin(values(da))) < 0, colorbar=True, tools=["hover"], width=WIDTH, height=height,
+        cmap="Reds" if low >= 0 else "RdBu_r",
+        symmetric=low < 0, colorbar=True, tools=["hover"], width=WIDTH, height=height,
         invert_yaxis=True,
         title=title or f"mean {var} by token position × layer", xlabel="layer", ylabel="token position (−1 = last)")
 
