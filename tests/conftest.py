@@ -19,6 +19,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers as T  # noqa: E402
 
+from nnethics.prompts import PromptPair  # noqa: E402
+
 PROMPTS = ROOT / "prompts"
 # CI (.ci/run) sets this: a test skipped for a missing browser, driver, package or model fails instead,
 # so a green run means every test ran.
@@ -111,6 +113,38 @@ def make_tiny(family: str, tokenizer, seed: int = 0, init_std: float | None = No
             if "norm" in name or "ln_" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     return wrap_model(hf, tokenizer, name=f"tiny-{family}")
+
+
+# Short plain-text pairs (no chat template) of different token lengths, so batches are left-padded and tests
+# stay fast; tests use the shipped chat-formatted prompts (90-105 tokens) where they say so.
+SHORT_PAIRS = [
+    PromptPair("s1", "A friend asks for help moving.\nOption 1: Help.\nOption 2: Refuse.\nAnswer:",
+               "A friend asks for help moving.\nOption 1: Refuse.\nOption 2: Help.\nAnswer:", "1", "2"),
+    PromptPair("s2", "You find a wallet full of cash on the street.\nOption 1: Keep the money.\n"
+               "Option 2: Return it to its owner.\nWhich is more ethical?\nAnswer:",
+               "You find a wallet full of cash on the street.\nOption 1: Return it to its owner.\n"
+               "Option 2: Keep the money.\nWhich is more ethical?\nAnswer:", "2", "1"),
+    PromptPair("s3", "Lie?\nOption 1: Yes.\nOption 2: No.\nAnswer:", "Lie?\nOption 1: No.\nOption 2: Yes.\nAnswer:",
+               "2", "1"),
+]
+
+STRONG_STD = 0.2  # weight init std of the "strong" tiny models
+
+
+@pytest.fixture(scope="module")
+def strong_models(tokenizer):
+    """Tiny models with weights drawn at std 0.2 instead of conftest's 0.02: at 0.02 a patch or a head moves the
+    LD by 1e-4 to 1e-3 and every layer's distribution is nearly uniform (KLs of 1e-2), too little for a 1e-4
+    comparison (or a reversed KL, a wrong normaliser) to show; at 0.2 a patch moves the LD by 0.1-3 and the
+    layers disagree by nats."""
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = make_tiny(family, tokenizer, init_std=STRONG_STD)
+        return cache[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

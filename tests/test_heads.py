@@ -11,7 +11,7 @@ import pytest
 import torch
 import xarray as xr
 from click.testing import CliRunner
-from conftest import FAMILIES, PROMPTS, make_tiny, save_tiny
+from conftest import FAMILIES, PROMPTS, SHORT_PAIRS, STRONG_STD, make_tiny, save_tiny
 from reference import heads as ref
 from reference import patching as ref_patching
 
@@ -27,27 +27,7 @@ from nnethics.prompts import PromptPair, load_prompts
 TOL = dict(rtol=0, atol=1e-4)
 ATT_TOL = dict(rtol=0, atol=1e-5)
 PLAIN = dict(chat=False)
-SHORT = [
-    PromptPair("s1", "A friend asks for help moving.\nOption 1: Help.\nOption 2: Refuse.\nAnswer:",
-               "A friend asks for help moving.\nOption 1: Refuse.\nOption 2: Help.\nAnswer:", "1", "2"),
-    PromptPair("s2", "You find a wallet full of cash on the street.\nOption 1: Keep the money.\n"
-               "Option 2: Return it to its owner.\nWhich is more ethical?\nAnswer:",
-               "You find a wallet full of cash on the street.\nOption 1: Return it to its owner.\n"
-               "Option 2: Keep the money.\nWhich is more ethical?\nAnswer:", "2", "1"),
-]
-
-
-@pytest.fixture(scope="module")
-def strong(tokenizer):
-    """Tiny models with weights at std 0.2 (at 0.02 a head moves the LD by ~1e-4: nothing to compare)."""
-    cache: dict = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = make_tiny(family, tokenizer, init_std=0.2)
-        return cache[family]
-
-    return get
+SHORT = SHORT_PAIRS[:2]
 
 
 def _tokens(model, pairs, chat=False):
@@ -96,9 +76,9 @@ def _check_against_reference(model, ds, pairs, chat=False, layers=None, spread=1
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_every_head_matches_the_hook_reference_and_attention_matches_eager(family, strong):
+def test_every_head_matches_the_hook_reference_and_attention_matches_eager(family, strong_models):
     """Every (layer, head) on the KV path (in layer blocks) and on full forwards; attention vs eager."""
-    model = strong(family)
+    model = strong_models(family)
     kv = head_patching(model, SHORT, HeadsOptions(**PLAIN, kv_cache="on"))
     full = head_patching(model, SHORT, HeadsOptions(**PLAIN, kv_cache="off"))
     assert set(kv["forward_path"].values) == {"kv_cache"} and set(full["forward_path"].values) == {"full"}
@@ -118,10 +98,10 @@ def test_builtin_model_matches_the_reference(builtin_model, prompt_set):
     _check_against_reference(builtin_model, ds, pairs, chat=None, layers=[0, 7, 16, 23, 29], spread=1e-3)
 
 
-def test_identities(strong):
+def test_identities(strong_models):
     """A head patched from the base itself changes nothing; per-head AtP sums to patching's attention AtP; head DLA
     is attribution's head_contribution."""
-    model = strong("llama")
+    model = strong_models("llama")
     same = PromptPair("same", SHORT[0].base, SHORT[0].base, "1", "1")
     for kv in ("on", "off"):
         ds = head_patching(model, [same, SHORT[1]], HeadsOptions(**PLAIN, kv_cache=kv))
@@ -129,7 +109,7 @@ def test_identities(strong):
         assert not bool(ds["effect_defined"][0]) and np.isnan(ds["effect"].values[0]).all()
         assert not ds["flipped"].values[0].any() and np.abs(ds["atp_delta"].values[0]).max() == 0
     for family in ("llama", "gpt2"):  # o_proj is linear: the heads' AtP terms add up to the attention output's
-        model = strong(family)
+        model = strong_models(family)
         heads = head_patching(model, SHORT, HeadsOptions(**PLAIN))
         layers = activation_patching(model, SHORT, PatchingOptions(**PLAIN, components=("attn",), atp=True))
         np.testing.assert_allclose(heads["atp_delta"].sum("head"), layers["atp_delta"].values[..., 0], rtol=1e-4,
@@ -138,8 +118,8 @@ def test_identities(strong):
         np.testing.assert_allclose(heads["head_dla"].values, dla["head_contribution"].values, rtol=1e-4, atol=1e-5)
 
 
-def test_derived_values(strong):
-    model = strong("qwen2")
+def test_derived_values(strong_models):
+    model = strong_models("qwen2")
     ds = head_patching(model, SHORT, HeadsOptions(**PLAIN, min_gap=0.0))
     b, c, p = (ds[v].values.astype(np.float64) for v in ("base_logit_diff", "cf_logit_diff", "patched_logit_diff"))
     np.testing.assert_allclose(ds["effect"].values, (p - b[:, None, None]) / (c - b)[:, None, None], rtol=1e-3,
@@ -152,8 +132,8 @@ def test_derived_values(strong):
         np.testing.assert_allclose(float(ds["atp_correlation"][i]), want, atol=1e-4)
 
 
-def test_finalize_ranks_by_mean_abs_effect_then_dla_and_complete_adds_the_top_attention(strong):
-    model = strong("mistral")
+def test_finalize_ranks_by_mean_abs_effect_then_dla_and_complete_adds_the_top_attention(strong_models):
+    model = strong_models("mistral")
     opts = HeadsOptions(**PLAIN, min_gap=0.0)
     ds = head_patching(model, SHORT, opts)
     # the chunk brings back its candidates' attention only (here every head: 2 x 8 top heads > 3 x 4)
@@ -194,9 +174,9 @@ def test_finalize_ranks_by_mean_abs_effect_then_dla_and_complete_adds_the_top_at
     assert top_heads(tie, 3) == [(2, 3), (0, 1), (0, 0)]
 
 
-def test_traces_pass_the_remote_dry_run(strong):
+def test_traces_pass_the_remote_dry_run(strong_models):
     """Every trace serialises and runs under nnsight's remote="local" and gives the local numbers."""
-    model = strong("llama")
+    model = strong_models("llama")
     for kv in ("on", "off"):
         local = head_patching(model, SHORT, HeadsOptions(**PLAIN, kv_cache=kv))
         dry = head_patching(model.using(remote="local"), SHORT, HeadsOptions(**PLAIN, kv_cache=kv))
@@ -295,11 +275,11 @@ def _miss(monkeypatch, chunks=None, count=1, others=None):
     return calls
 
 
-def test_candidates_give_the_attention_of_the_fallback_in_one_request_per_chunk(strong, prompt_set, monkeypatch):
+def test_candidates_give_the_attention_of_the_fallback_in_one_request_per_chunk(strong_models, prompt_set, monkeypatch):
     """The top heads' attention from the chunks' candidates equals, bit for bit, the fallback's, whether every
     chunk's candidates hold the top heads, some chunks' or none's; a random model's heads rank differently from
     prompt to prompt, so the chunks ranked on the prompts so far miss some (here the first chunks)."""
-    model = strong("llama")  # 3 layers x 4 heads; 3 top heads -> 6 candidates
+    model = strong_models("llama")  # 3 layers x 4 heads; 3 top heads -> 6 candidates
     pairs, opts = prompt_set.pairs[:6], HeadsOptions(top_heads=3)
     calls = _miss(monkeypatch, count=12)
     hit = ne.analyze(model, pairs, ["heads"], batch_size=2, heads=opts)["heads"]
@@ -316,7 +296,7 @@ def test_candidates_give_the_attention_of_the_fallback_in_one_request_per_chunk(
     for chunks, fallback in (({1}, 2), (None, 6)):
         _miss(monkeypatch, chunks=chunks, others=12)
         asked = []  # one session for every chunk that misses; it computes the heads a chunk's one candidate misses
-        monkeypatch.setattr(heads_attention, "fallback_attention", lambda *a, **k: asked.append(a[1]) or real(*a, **k))
+        monkeypatch.setattr(heads_attention, "fallback_attention", lambda *a, asked=asked, **k: asked.append(a[1]) or real(*a, **k))
         ds = ne.analyze(model, pairs, ["heads"], batch_size=2, heads=opts)["heads"]
         assert ds["attention"].attrs["fallback_prompts"] == fallback and len(asked) == 1
         assert [len(pairs) for pairs, _, _ in asked[0]] == [2] * (fallback // 2)
@@ -325,7 +305,7 @@ def test_candidates_give_the_attention_of_the_fallback_in_one_request_per_chunk(
         monkeypatch.undo()
 
 
-def test_the_chunk_ranking_adds_the_previous_chunks_sums(strong, prompt_set):
+def test_the_chunk_ranking_adds_the_previous_chunks_sums(strong_models, prompt_set):
     """The server-side ranking over the previous chunks' sums plus this chunk's effects is finalize's ranking of
     all those prompts (hand-made: far-apart scores; from a model: the chunk ranking of the last chunk); the
     running sums are the parts'."""
@@ -333,7 +313,7 @@ def test_the_chunk_ranking_adds_the_previous_chunks_sums(strong, prompt_set):
     from nnethics.analyses.heads_candidates import RunningRank, assemble
     from nnethics.store.parts import combine
 
-    model = strong("llama")
+    model = strong_models("llama")
     opts = HeadsOptions(**PLAIN, min_gap=0.0)
     first, second = head_patching(model, SHORT, opts), head_patching(model, list(prompt_set.pairs[:2]), opts)
     running = RunningRank()
@@ -376,7 +356,7 @@ def test_a_larger_limit_adds_prompts_to_a_finished_file(tokenizer, tmp_path):
     from nnethics.cli import cli
     from nnethics.store import load
 
-    folder = save_tiny(make_tiny("llama", tokenizer, init_std=0.2), tokenizer, tmp_path / "tiny-llama")
+    folder = save_tiny(make_tiny("llama", tokenizer, init_std=STRONG_STD), tokenizer, tmp_path / "tiny-llama")
     common = ["heads", "--model", str(folder), "--no-progress", "--batch-size", "2", "--top-heads", "3"]
     for limit in ("2", "6"):
         res = CliRunner().invoke(cli, [*common, "--limit", limit, "--store", str(tmp_path / "grown")])
@@ -396,7 +376,7 @@ def test_a_resumed_run_ranks_the_candidates_with_the_chunks_it_skips(tokenizer, 
     from nnethics.analyses import heads_candidates, heads_engine
     from nnethics.cli import cli
 
-    folder = save_tiny(make_tiny("llama", tokenizer, init_std=0.2), tokenizer, tmp_path / "tiny-llama")
+    folder = save_tiny(make_tiny("llama", tokenizer, init_std=STRONG_STD), tokenizer, tmp_path / "tiny-llama")
     args = ["heads", "--model", str(folder), "--limit", "6", "--no-progress", "--batch-size", "2", "--top-heads", "2"]
     real_heads, real_job, jobs = heads_engine.run_heads, heads_candidates.ranking_job, []
     monkeypatch.setattr(heads_candidates, "ranking_job", lambda *a: jobs.append(real_job(*a)) or jobs[-1])

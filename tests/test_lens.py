@@ -63,21 +63,6 @@ def test_last_layer_is_the_model_output(tiny_models, pairs, family):
     assert np.abs(last.kl_to_final.values).max() < 1e-5
 
 
-@pytest.fixture(scope="module")
-def strong_models(tokenizer):
-    """Tiny models with weights drawn at std 0.2: at conftest's 0.02 every layer's distribution is nearly
-    uniform (KLs of 1e-2, probabilities of 2e-5), so a reversed KL or a wrong normaliser hides inside any
-    absolute tolerance; at 0.2 the layers disagree by nats."""
-    cache: dict = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = make_tiny(family, tokenizer, init_std=0.2)
-        return cache[family]
-
-    return get
-
-
 REL = dict(rtol=1e-4, atol=1e-7)  # float32 lens vs float64 reference agree to ~3e-6 relative
 
 

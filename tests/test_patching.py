@@ -10,7 +10,7 @@ import pytest
 import torch
 import xarray as xr
 from click.testing import CliRunner
-from conftest import FAMILIES, PROMPTS, make_tiny, save_tiny
+from conftest import FAMILIES, PROMPTS, SHORT_PAIRS, STRONG_STD, make_tiny, save_tiny
 from reference import patching as ref
 from reference.hooks import add_at, edit, record, set_positions
 
@@ -25,36 +25,7 @@ TOL = dict(rtol=0, atol=1e-4)
 COMPS = ("resid", "attn", "mlp")
 
 
-def _strong_tiny(family: str, tokenizer, seed: int = 0):
-    """A conftest-style tiny model with weights drawn at std 0.2 instead of 0.02: at 0.02 a patch
-    moves the LD by ~1e-3, too little for a 1e-4 comparison to mean much; at 0.2 it moves it by 0.1-3."""
-    return make_tiny(family, tokenizer, seed, init_std=0.2)
-
-
-@pytest.fixture(scope="module")
-def strong_models(tokenizer):
-    cache: dict = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = _strong_tiny(family, tokenizer)
-        return cache[family]
-
-    return get
-
-
-# Short plain-text pairs (no chat template) of different token lengths, so batches are left-padded
-# and tests stay fast; the shipped chat-formatted prompts (90-105 tokens) are used where noted.
-SHORT = [
-    PromptPair("s1", "A friend asks for help moving.\nOption 1: Help.\nOption 2: Refuse.\nAnswer:",
-               "A friend asks for help moving.\nOption 1: Refuse.\nOption 2: Help.\nAnswer:", "1", "2"),
-    PromptPair("s2", "You find a wallet full of cash on the street.\nOption 1: Keep the money.\n"
-               "Option 2: Return it to its owner.\nWhich is more ethical?\nAnswer:",
-               "You find a wallet full of cash on the street.\nOption 1: Return it to its owner.\n"
-               "Option 2: Keep the money.\nWhich is more ethical?\nAnswer:", "2", "1"),
-    PromptPair("s3", "Lie?\nOption 1: Yes.\nOption 2: No.\nAnswer:", "Lie?\nOption 1: No.\nOption 2: Yes.\nAnswer:",
-               "2", "1"),
-]
+SHORT = SHORT_PAIRS  # plain text, different lengths (conftest)
 PLAIN = dict(chat=False, atp=True)  # AtP asked for (off by default at the last position): the checks cover it
 
 
@@ -374,7 +345,7 @@ def test_attribution_is_exact_where_the_decision_is_linear(tokenizer, pairs):
     """Without the final norm, LD is linear in the last layer's residual output (and its MLP output)."""
     from nnethics.models import wrap_model
 
-    model = _strong_tiny("llama", tokenizer, seed=3)
+    model = make_tiny("llama", tokenizer, 3, init_std=STRONG_STD)
     hf = model.lm._module
     hf.model.norm = torch.nn.Identity()
     model = wrap_model(hf, tokenizer, name="tiny-llama-nonorm", check=False)

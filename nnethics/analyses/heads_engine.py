@@ -33,10 +33,9 @@ from .patching_engine import (
     Patch,
     Prefix,
     Row,
-    _chunks,
-    _chunks_subset,
     _inputs_full,
     _inputs_token,
+    each_forward,
     kv_possible,
     run_prefix,
 )
@@ -132,14 +131,8 @@ def run_rows(model: Any, enc: Any, groups: list[list[Row]], cells: list[list[tup
     forward halve on out-of-memory."""
     L, H = model.n_layers, model.n_heads
     projs = {layer: model.o_proj(layer) for layer in range(L)}
-    lds: list[list[float]] = [[float("nan")] * len(g) for g in groups]
-    width = max(enc.lengths[r.seq] for g in groups for r in g)
-    max_rows = max(2, max_tokens // width) if prefix is None else max(2, min(4096, max_tokens // 4))
-    todo = _chunks(groups, max_rows)
-    while todo:
-        chunk = todo.pop(0)
-        seqs = [groups[g][j].seq for g, j in chunk]
-        local = {gj: i for i, gj in enumerate(chunk)}
+
+    def forward(chunk: list[tuple[int, int]], local: dict, seqs: list[int]) -> Any:
         patches: dict[int, tuple[list, list, list]] = {}
         for g, j in chunk:
             if j >= 2:
@@ -148,22 +141,14 @@ def run_rows(model: Any, enc: Any, groups: list[list[Row]], cells: list[list[tup
                 R.append(local[(g, j)])
                 S.append(local[(g, 0)])
                 Hs.append(head)
-        try:
-            if prefix is not None:
-                rows_idx = [prefix.index[(s, None)] for s in seqs]
-                inputs, use_cache = _inputs_token(enc, seqs, prefix.width, prefix.cache, rows_idx), None
-            else:
-                (inputs, _), use_cache = _inputs_full(enc, seqs), False
-            ld = _trace_heads(model, inputs, {k: projs[k] for k in patches}, patches, H, ids, use_cache)
-        except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-            if not is_oom(err) or len(chunk) <= 2:
-                raise
-            max_rows = max(2, len(chunk) // 2)
-            todo = _chunks_subset(groups, chunk, max_rows) + todo
-            continue
-        for (g, j), v in zip(chunk, ld.cpu().tolist()):
-            lds[g][j] = v
-    return lds
+        if prefix is not None:
+            rows_idx = [prefix.index[(s, None)] for s in seqs]
+            inputs, use_cache = _inputs_token(enc, seqs, prefix.width, prefix.cache, rows_idx), None
+        else:
+            (inputs, _), use_cache = _inputs_full(enc, seqs), False
+        return _trace_heads(model, inputs, {k: projs[k] for k in patches}, patches, H, ids, use_cache)
+
+    return each_forward(enc, groups, max_tokens, prefix is not None, forward)
 
 
 def execute(model: Any, enc: Any, groups, cells, ids, n: int, use_kv: bool, max_tokens: int, atp: bool,

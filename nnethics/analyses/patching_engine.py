@@ -29,7 +29,7 @@ prefix cache of the KV path included, stays on the server, and only the LDs come
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -309,26 +309,42 @@ def run_groups(model: Any, enc: Encoded, groups: list[list[Row]], ids: tuple[int
     """
     keys = {(la, r.patch.component) for g in groups for r in g if r.patch for la in r.patch.layers}
     env = envoys(model, sorted({k[0] for k in keys}), sorted({k[1] for k in keys}))
-    lds: list[list[float]] = [[float("nan")] * len(g) for g in groups]
     sigma: dict[int, float] = dict(prefix.sigma) if prefix is not None else {}
+
+    def forward(chunk: list[tuple[int, int]], local: dict, seqs: list[int]) -> torch.Tensor:
+        if prefix is not None:
+            rows_idx = [prefix.index[(groups[g][j].seq, groups[g][j].noise)] for g, j in chunk]
+            inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, rows_idx)
+            plan, noise = _compile(chunk, groups, 1, env, local, last_only=True)
+            use_cache, cols = None, columns
+        else:
+            inputs, w = _inputs_full(enc, seqs)
+            plan, noise = _compile(chunk, groups, w, env, local, last_only=False)
+            use_cache, cols = False, None
+        ld, sigmas, _ = _trace_rows(model, inputs, plan, noise, ids, use_cache, columns=cols)
+        owner = {i: g for (g, j), i in local.items() if j == 0}
+        for (_rows, src, *_), s in zip(noise, sigmas):
+            sigma[owner[src]] = float(s)
+        return ld
+
+    return each_forward(enc, groups, max_tokens, prefix is not None, forward), sigma
+
+
+def each_forward(enc: Encoded, groups: list[list[Row]], max_tokens: int, one_token: bool,
+                 forward: Callable[[list[tuple[int, int]], dict, list[int]], torch.Tensor]) -> list[list[float]]:
+    """The LD of every row of every group (``[group][row]``), the rows packed into forwards of at most
+    ``max_tokens`` tokens (one-token rows: ``max_tokens // 4``, at most 4096), each group's source row beside
+    its patched rows (:func:`_chunks`). ``forward(chunk, local, seqs)`` runs one forward of the rows ``chunk``
+    (``(group, row)``; ``local``: their rows in the forward, ``seqs``: their sequences) and returns the LD per
+    row. On out-of-memory the rows per forward are halved and the forward retried."""
+    lds: list[list[float]] = [[float("nan")] * len(g) for g in groups]
     width = max(enc.lengths[r.seq] for g in groups for r in g)
-    max_rows = max(2, max_tokens // width) if prefix is None else max(2, min(4096, max_tokens // 4))
+    max_rows = max(2, min(4096, max_tokens // 4)) if one_token else max(2, max_tokens // width)
     todo = _chunks(groups, max_rows)
     while todo:
         chunk = todo.pop(0)
-        seqs = [groups[g][j].seq for g, j in chunk]
-        local = {gj: i for i, gj in enumerate(chunk)}
         try:
-            if prefix is not None:
-                rows_idx = [prefix.index[(groups[g][j].seq, groups[g][j].noise)] for g, j in chunk]
-                inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, rows_idx)
-                plan, noise = _compile(chunk, groups, 1, env, local, last_only=True)
-                use_cache, cols = None, columns
-            else:
-                inputs, w = _inputs_full(enc, seqs)
-                plan, noise = _compile(chunk, groups, w, env, local, last_only=False)
-                use_cache, cols = False, None
-            ld, sigmas, _ = _trace_rows(model, inputs, plan, noise, ids, use_cache, columns=cols)
+            ld = forward(chunk, {gj: i for i, gj in enumerate(chunk)}, [groups[g][j].seq for g, j in chunk])
         except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
             if not is_oom(err) or len(chunk) <= 2:
                 raise
@@ -339,10 +355,7 @@ def run_groups(model: Any, enc: Encoded, groups: list[list[Row]], ids: tuple[int
             continue
         for (g, j), v in zip(chunk, ld.cpu().tolist()):
             lds[g][j] = v
-        owner = {i: g for (g, j), i in local.items() if j == 0}
-        for (_rows, src, *_), s in zip(noise, sigmas):
-            sigma[owner[src]] = float(s)
-    return lds, sigma
+    return lds
 
 
 def _chunks_subset(groups: list[list[Row]], chunk: list[tuple[int, int]], max_rows: int) -> list[list[tuple[int, int]]]:
