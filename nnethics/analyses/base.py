@@ -95,6 +95,14 @@ def chat_field() -> Any:
                         "has one).", cli=False)
 
 
+KV_CACHE = ("auto", "on", "off")  # the choices of a kv_cache option (patching, heads)
+
+
+def max_tokens_field() -> Any:
+    """``max_tokens`` of an analysis that packs patched rows into forwards (patching, heads)."""
+    return option(16384, "Tokens per forward (rows x width); the rows per forward halve on out-of-memory.", min=1)
+
+
 def spec_of(f: dataclasses.Field) -> OptionSpec | None:
     return f.metadata.get("nnethics")
 

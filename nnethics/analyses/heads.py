@@ -48,11 +48,20 @@ from .. import metrics
 from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import SIDES, PromptPair
 from ..store import schema
-from .base import Analysis, OptionError, chat_field, check_values, labels_field, option, register
+from .base import (
+    KV_CACHE,
+    Analysis,
+    OptionError,
+    chat_field,
+    check_values,
+    labels_field,
+    max_tokens_field,
+    option,
+    register,
+)
 from .decisions import MIN_GAP_HELP
 from .heads_candidates import CANDIDATES, RunningRank, assemble
 
-KV_CACHE = ("auto", "on", "off")
 CELL = ("prompt", "layer", "head")
 
 
@@ -68,8 +77,7 @@ class HeadsOptions:
     kv_cache: str = option("auto", "Reuse the prefix's key/value cache (auto: where it applies; on: insist; off: "
                                    "full forwards).", choices=KV_CACHE)
     min_gap: float = option(DEFAULT_MIN_GAP, MIN_GAP_HELP, min=0)
-    max_tokens: int = option(16384, "Tokens per forward (rows x width); the rows per forward halve on "
-                                    "out-of-memory.", min=1)
+    max_tokens: int = max_tokens_field()
 
     def __post_init__(self) -> None:
         check_values(self)

@@ -35,6 +35,7 @@ from ..metrics import DEFAULT_MIN_GAP
 from ..prompts import PromptPair
 from . import patching_results as results
 from .base import (
+    KV_CACHE,
     Analysis,
     OptionError,
     SharedReads,
@@ -42,6 +43,7 @@ from .base import (
     check_layers,
     check_values,
     labels_field,
+    max_tokens_field,
     option,
     parse_layers,
     parse_list,
@@ -52,7 +54,6 @@ from .patching_results import COMPONENTS
 
 POSITIONS = ("last", "all", "grid")
 CORRUPTIONS = ("counterfactual", "noise")
-KV_CACHE = ("auto", "on", "off")
 
 
 SPAN_HELP = "Tokens to corrupt: option1, option2, options, or regex:<pattern> on the formatted prompt."
@@ -103,8 +104,7 @@ class PatchingOptions:
     kv_cache: str = option("auto", "Reuse the prefix's key/value cache when only the last position is patched (auto: "
                                    "where it applies; on: insist; off: full forwards).", choices=KV_CACHE)
     min_gap: float = option(DEFAULT_MIN_GAP, MIN_GAP_HELP, min=0)
-    max_tokens: int = option(16384, "Tokens per forward (rows x width); the rows per forward halve on "
-                                    "out-of-memory.", min=1)
+    max_tokens: int = max_tokens_field()
 
     def __post_init__(self) -> None:
         check_values(self)
