@@ -108,14 +108,29 @@ def test_identities(strong_models):
         np.testing.assert_allclose(ds["patched_logit_diff"].values[0], float(ds["base_logit_diff"][0]), **TOL)
         assert not bool(ds["effect_defined"][0]) and np.isnan(ds["effect"].values[0]).all()
         assert not ds["flipped"].values[0].any() and np.abs(ds["atp_delta"].values[0]).max() == 0
-    for family in ("llama", "gpt2"):  # o_proj is linear: the heads' AtP terms add up to the attention output's
-        model = strong_models(family)
-        heads = head_patching(model, SHORT, HeadsOptions(**PLAIN))
+    for family, kv in itertools.product(("llama", "gpt2"), ("on", "off")):  # o_proj is linear: the heads' AtP
+        model = strong_models(family)                                     # terms add up to the attention output's
+        heads = head_patching(model, SHORT, HeadsOptions(**PLAIN, kv_cache=kv))
         layers = activation_patching(model, SHORT, PatchingOptions(**PLAIN, components=("attn",), atp=True))
         np.testing.assert_allclose(heads["atp_delta"].sum("head"), layers["atp_delta"].values[..., 0], rtol=1e-4,
                                    atol=1e-5)
         dla = direct_logit_attribution(model, SHORT, AttributionOptions(**PLAIN))
         np.testing.assert_allclose(heads["head_dla"].values, dla["head_contribution"].values, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_cache", ["on", "off"])
+def test_without_atp_the_same_patching_and_attention(strong_models, kv_cache):
+    """``atp=False`` drops the backward only: the same bits of the patched LDs and the candidates' attention as with AtP (on the KV
+    path the base and cf rows' forward then runs without gradients), no AtP, and the fallback still gives the
+    candidates' bits."""
+    model = strong_models("qwen2")
+    opts = dict(**PLAIN, kv_cache=kv_cache)
+    with_atp = head_patching(model, SHORT, HeadsOptions(**opts))
+    without = head_patching(model, SHORT, HeadsOptions(**opts, atp=False))
+    assert np.isfinite(with_atp["atp_delta"].values).all() and "atp_delta" not in without and "atp_effect" not in without
+    for name in ("patched_logit_diff", "base_logit_diff", "cf_logit_diff", "head_dla", "candidate_attention"):
+        np.testing.assert_array_equal(without[name].values, with_atp[name].values, err_msg=name)
+    _every_head_attention(model, without, SHORT, HeadsOptions(**opts, atp=False))
 
 
 def test_derived_values(strong_models):

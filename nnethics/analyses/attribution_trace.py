@@ -10,7 +10,7 @@ remote run brings back. The maths is in :mod:`nnethics.analyses.attribution`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -251,12 +251,15 @@ def _softcapped(logits: Tensor, cap: float | None) -> Tensor:
 
 
 def project(model: Any, n_rows: int, label_ids: Sequence[int], heads: bool, kept: Sequence[int] | None,
-            per_option: bool, adhoc_logits: bool, columns: list[int] | None = None) -> dict:
+            per_option: bool, adhoc_logits: bool, columns: list[int] | None = None,
+            tap: Callable[[int, str], None] | None = None) -> dict:
     """Inside a trace over ``n_rows`` rows: every part at the last position on the label directions (see
     :func:`collect`). Reads in forward order. ``adhoc_logits``: the label logits from an unembedding of the
     whole final-norm output after the forward (for a forward run with ``logits_to_keep=1``), on the lm_head
-    ``columns`` only (:func:`.unembed.label_columns`; None: every one)."""
-    lm, ad = model.lm, model.adapter
+    ``columns`` only (:func:`.unembed.label_columns`; None: every one). ``tap(layer, where)``: the caller's reads,
+    in forward order: ``(-1, "input")`` before the layer-0 input, per layer ``"z"`` before o_proj's input,
+    ``"attn"`` before the attention output and ``"layer"`` after the MLP output."""
+    lm, ad, tap = model.lm, model.adapter, tap or _no_tap
     L, H, ids = model.n_layers, model.n_heads, [int(i) for i in label_ids]
     keep = list(range(L)) if kept is None else [int(i) for i in kept]
     head, norm, first_layer = lm.lm_head, lm.model.norm, model.layer(0)
@@ -265,13 +268,14 @@ def project(model: Any, n_rows: int, label_ids: Sequence[int], heads: bool, kept
     post_eps, eps = [final_norm_eps(ad, p._module) for p in post_norms], final_norm_eps(ad, norm._module)
     post, moe, attn_tuple, conv1d = bool(post_norms), ad.moe, ad.attn_out_is_tuple, ad.o_proj_conv1d
     offset, centre, half = ad.norm == "rms_offset", ad.norm == "layer", is_half(model)
-    cap = getattr(model.config, "final_logit_softcapping", None)
     # The label directions, from the weights where they live: W_U rows ⊙ final-norm gain.
     direction, const = label_directions(head, norm, ids, offset, centre)
+    tap(-1, "input")
     x0 = first_layer.inputs[0][0][:, -1].detach().double()
     embed = (x0.to(direction.device) @ direction.T).cpu()
     parts, head_parts, biases, post_parts, expert_parts, expert_idx = [], [], [], [], [], []
     for i in range(L):
+        tap(i, "z")
         if i in keep:
             proj = o_projs[i]
             # Gemma: heads pass through the post-attention norm's gain (its scale frozen below)
@@ -282,6 +286,7 @@ def project(model: Any, n_rows: int, label_ids: Sequence[int], heads: bool, kept
             if post:
                 o = proj.output[:, -1].detach().double()
                 post_parts.append(torch.rsqrt(o.pow(2).mean(-1) + post_eps[i]).cpu())
+        tap(i, "attn")
         a = attn_outs[i].output
         a = (a[0] if attn_tuple else a)[:, -1].detach().double()
         a = (a.to(direction.device) @ direction.T).cpu()
@@ -292,15 +297,10 @@ def project(model: Any, n_rows: int, label_ids: Sequence[int], heads: bool, kept
         m = mlp_outs[i].output
         m = (m[0] if isinstance(m, tuple) else m)[:, -1].detach().double()
         parts.append(torch.stack([a, (m.to(direction.device) @ direction.T).cpu()], dim=1))  # [N, 2, O]
+        tap(i, "layer")
     x = norm.input[:, -1].detach().double()
     var = x.var(-1, unbiased=False) if centre else x.pow(2).mean(-1)
-    if adhoc_logits:  # the whole sequence unembedded as a forward without logits_to_keep does, label columns only
-        normed = norm.output.detach()
-        model.lm.output.logits  # noqa: B018 - wait for the end of the forward: the call below must not run inside it
-        full, at = (head(normed), ids) if columns is None else (logits_of(head, normed, columns), range(len(ids)))
-        pre_logits, logits = full[:, -1, list(at)].detach().double().cpu(), _softcapped(full, cap)[:, -1, list(at)]
-    else:
-        pre_logits, logits = head.output[:, -1, ids].detach().double().cpu(), lm.output.logits[:, -1, ids]
+    pre_logits, logits = _label_logits(model, ids, adhoc_logits, columns)
     return nnsight.save({
         "scale": torch.rsqrt(var + eps).cpu(), "embed": embed, "layers": torch.stack(parts, dim=1),
         "const": const.cpu(), "attn_bias": torch.stack(biases),
@@ -310,6 +310,23 @@ def project(model: Any, n_rows: int, label_ids: Sequence[int], heads: bool, kept
         "expert_idx": torch.stack(expert_idx, dim=1) if expert_idx else None,
         "pre_logits": pre_logits, "logits": logits.detach().double().cpu(), "kept": tuple(keep),
     })
+
+
+def _no_tap(layer: int, where: str) -> None:
+    """:func:`project`'s ``tap`` when the caller reads nothing else."""
+
+
+def _label_logits(model: Any, ids: list[int], adhoc_logits: bool, columns: list[int] | None) -> tuple[Tensor, Tensor]:
+    """Inside a trace, :func:`project`'s last reads: the label logits before the final-logit soft-cap (float64, CPU)
+    and after it, at the last position (``adhoc_logits``, ``columns``: see there)."""
+    head, norm = model.lm.lm_head, model.lm.model.norm
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if adhoc_logits:  # the whole sequence unembedded as a forward without logits_to_keep does, label columns only
+        normed = norm.output.detach()
+        model.lm.output.logits  # noqa: B018 - wait for the end of the forward: the call below must not run inside it
+        full, at = (head(normed), ids) if columns is None else (logits_of(head, normed, columns), range(len(ids)))
+        return full[:, -1, list(at)].detach().double().cpu(), _softcapped(full, cap)[:, -1, list(at)]
+    return head.output[:, -1, ids].detach().double().cpu(), model.lm.output.logits[:, -1, ids]
 
 
 def contributions(p: Projections, n_experts: int | None = None) -> dict[str, Tensor]:

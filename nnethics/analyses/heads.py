@@ -8,7 +8,9 @@ input has one slice per query head). The decision ``LD = logit(label 1) - logit(
 ``effect_defined``; attribution patching ``(z_cf - z_base) . dLD/dz`` per head sits beside it.
 
 Every patched row is a one-token forward over the prefix's key/value cache (the KV-cache path of
-:mod:`.patching_engine`), so the ``L x H`` heads of a pair cost about ``L x H`` tokens of compute.
+:mod:`.patching_engine`), so the ``L x H`` heads of a pair cost about ``L x H`` tokens of compute; the rows
+attend through :func:`.prefix_cache.shared_prefix_attention` (one product per prompt's prefix, not a copy of it
+per row; the last bits differ from SDPA's).
 
 Stored as ``store/<slug>/heads.nc``; dims ``prompt``, ``layer``, ``head`` (read it as ``ds["head"]``),
 ``side``, ``token``, and after ``finalize`` ``rank``:
@@ -24,8 +26,9 @@ Stored as ``store/<slug>/heads.nc``; dims ``prompt``, ``layer``, ``head`` (read 
   |effect| (ties: mean |head_dla|) ``top_layer``/``top_head (rank)``;
 * after the ``complete`` pass (:func:`complete_attention`, run once after ``finalize`` by ``run`` and
   ``analyze``): ``attention (prompt, side, rank, token)``, the top heads' attention weights from the decision
-  position to every prompt token (token 0 = the first; NaN padding), from the eager attention implementation
-  for that trace; its attr ``fallback_prompts`` counts the prompts computed again.
+  position to every prompt token (token 0 = the first; NaN padding), from the base and cf rows' own forward
+  (on the KV path the shared-prefix attention of :mod:`.prefix_cache` returns its weights; on full forwards
+  transformers' eager attention for that trace); its attr ``fallback_prompts`` counts the prompts computed again.
 
 Which heads are the top ones is known only across all prompts, so each chunk guesses: its session ranks the heads
 on the prompts so far and brings back the attention of ``CANDIDATE_FACTOR x top_heads`` candidates

@@ -24,19 +24,91 @@ import torch
 from ..models.adapters import get_path
 from ..models.errors import is_oom
 from ..prompts import PromptPair
+from .attribution_trace import Projections, project
 from .common import encode_pairs
 from .patching_engine import Prefix, Row, _inputs_full, _inputs_token, run_prefix
+from .prefix_cache import shared_attention
 
 if TYPE_CHECKING:
     from .heads import HeadsOptions
 
 
-def _side_inputs(enc: Any, n: int, prefix: Prefix | None) -> tuple[dict, bool | None]:
-    """Inputs of the rows ``[base..., cf...]`` (one token over the prefix cache, or full)."""
+def _side_inputs(enc: Any, n: int, prefix: Prefix | None, shared: bool = False) -> tuple[dict, bool | None]:
+    """Inputs of the rows ``[base..., cf...]`` (one token over the prefix cache, or full; ``shared``: for
+    :func:`.prefix_cache.shared_prefix_attention`)."""
     seqs = list(range(2 * n))
     if prefix is not None:
-        return _inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs]), None
+        rows = [prefix.index[(s, None)] for s in seqs]
+        return _inputs_token(enc, seqs, prefix.width, prefix.cache, rows, shared), None
     return _inputs_full(enc, seqs)[0], False
+
+
+class _Reads:
+    """The state trace's own reads, made through :func:`.attribution_trace.project`'s ``tap`` so that they come in
+    forward order between the projection's: the layer-0 input made a graph leaf (AtP), then per layer the o_proj
+    input (``z``), the attention weights and the layer's output."""
+
+    def __init__(self, model: Any, atp: bool):
+        L = model.n_layers
+        self.layers = [model.layer(i) for i in range(L)]
+        self.projs = [model.o_proj(i) for i in range(L)]
+        self.attns = [attention_module(model, i) for i in range(L)]
+        self.atp = atp
+        self.zs, self.ws, self.outs = [], [], []
+
+    def __call__(self, i: int, where: str) -> None:
+        if where == "input":
+            if self.atp:
+                x = self.layers[0].inputs[0][0]
+                if not x.requires_grad:  # frozen parameters: make the graph start at the layer-0 input
+                    x.requires_grad_(True)
+        elif where == "z":
+            self.zs.append(self.projs[i].input)
+        elif where == "attn":
+            self.ws.append(self.attns[i].output[1][:, :, -1].detach().float())
+        elif where == "layer":
+            o = self.layers[i].output
+            self.outs.append((o[0] if isinstance(o, tuple) else o)[:, -1].detach())
+
+
+def _trace_state(model: Any, inputs: dict, n: int, ids: tuple[int, int], atp: bool) -> tuple:
+    """Rows ``[base_0..base_{n-1}, cf_0..cf_{n-1}]``, one token over the prefix cache under
+    :class:`~.prefix_cache.shared_attention` with weights, in one forward (and one backward with ``atp``): the LD per
+    row ``[2n]``; every layer's output ``[2n, L, d]`` and o_proj input (the heads' ``z``) ``[2n, L, H * d_head]`` at
+    the last position, which the block forwards read; every head's attention weights from the last position
+    ``[2n, L, H, keys]``; with ``atp`` ``(z_cf - z_base) . dLD(base)/dz`` per head ``[L, n, H]`` (else None); and
+    the heads' DLA projections (:func:`.attribution_trace.project`, as ``collect`` brings them). All left where the
+    model is (remotely: on the server, in the chunk's session)."""
+    a, b = ids
+    H = model.n_heads
+    reads = _Reads(model, atp)
+    est = None  # (set inside the trace, nnsight would not hand a None back)
+    with (torch.enable_grad() if atp else torch.no_grad()), model.trace(inputs, logits_to_keep=1):
+        got = project(model, 2 * n, list(ids), True, None, False, adhoc_logits=False, tap=reads)
+        resid = torch.stack(reads.outs, dim=1).clone().save()
+        z = torch.stack([t[:, -1].detach() for t in reads.zs], dim=1).clone().save()
+        weights = torch.stack(reads.ws, dim=1).clone().save()
+        logits = model.lm.output.logits[:, -1]
+        ld_rows = logits[:, a].float() - logits[:, b].float()
+        ld = ld_rows.detach().clone().save()
+        if atp:
+            grads = torch.autograd.grad(ld_rows[:n].sum(), reads.zs, allow_unused=True)
+            parts = []
+            for zi, g in zip(reads.zs, grads):
+                zl = zi[:, -1].detach().float().reshape(zi.shape[0], H, -1)
+                if g is None:
+                    parts.append(torch.zeros(n, H, device=zl.device))
+                else:
+                    parts.append(((zl[n:] - zl[:n]) * g[:n, -1].float().reshape(n, H, -1)).sum(-1))
+            est = torch.stack(parts).detach().clone().save()
+    return ld, resid, z, weights, est, Projections(**got)
+
+
+def side_state(model: Any, enc: Any, n: int, prefix: Prefix, ids: tuple[int, int], atp: bool) -> tuple:
+    """:func:`_trace_state` of the base and cf rows over ``prefix`` (the chunk's state and the fallback's
+    attention: the same forward, so the same bits)."""
+    with shared_attention(model, weights=True):
+        return _trace_state(model, _side_inputs(enc, n, prefix, shared=True)[0], n, ids, atp)
 
 
 def attention_module(model: Any, layer: int) -> Any:
@@ -87,10 +159,14 @@ def eager_weights(model: Any, enc: Any, n: int, prefix: Prefix | None, layers: l
 
 
 def _attention_session(model: Any, enc: Any, groups: list[list[Row]], n: int, use_kv: bool, layers: list[int],
-                       heads: list[list[int]]) -> Any:
-    """One session of the fallback pass: the prefix (KV path, as :func:`.heads_engine.execute` makes it) and
-    :func:`eager_weights`."""
-    return eager_weights(model, enc, n, run_prefix(model, enc, groups) if use_kv else None, layers, heads)
+                       heads: list[list[int]], ids: tuple[int, int], atp: bool) -> Any:
+    """One session of the fallback pass, the forward the chunk's candidates came from: on the KV path the prefix
+    and :func:`side_state` (as :func:`.heads_engine.execute` runs them, AtP included: the same bits), else
+    :func:`eager_weights`. Returns ``[2n, heads, keys]`` in the order of ``layers``/``heads``."""
+    if not use_kv:
+        return eager_weights(model, enc, n, None, layers, heads)
+    every = side_state(model, enc, n, run_prefix(model, enc, groups), ids, atp)[3]
+    return pick(every, [(la, h) for la, hs in zip(layers, heads) for h in hs])
 
 
 def rank_candidates(patched: Any, sides: Any, dla: Any, job: dict) -> list[tuple[int, int]]:
@@ -118,14 +194,24 @@ def rank_candidates(patched: Any, sides: Any, dla: Any, job: dict) -> list[tuple
 
 
 def chunk_candidates(model: Any, enc: Any, n: int, prefix: Prefix | None, patched: Any, sides: Any, dla: Any,
-                     job: dict) -> tuple[list[tuple[int, int]], Any]:
+                     job: dict, every: Any = None) -> tuple[list[tuple[int, int]], Any]:
     """Inside a chunk's session, after its patched rows: the candidates (:func:`rank_candidates`) and their
-    weights ``[2n, candidates, keys]`` from :func:`eager_weights` over the chunk's ``prefix`` (None: full
-    forwards), the same forward as the fallback's."""
+    weights ``[2n, candidates, keys]``: on the KV path taken from ``every`` head's (:func:`side_state`'s, the
+    fallback's forward), on full forwards from :func:`eager_weights` (the fallback's there)."""
     chosen = rank_candidates(patched, sides, dla, job)
+    if every is not None:
+        return chosen, pick(every, chosen)
     layers = sorted({la for la, _ in chosen})
     heads = [[h for la2, h in chosen if la2 == la] for la in layers]
     return chosen, eager_weights(model, enc, n, prefix, layers, heads)
+
+
+def pick(every: Any, chosen: Sequence[tuple[int, int]]) -> Any:
+    """``every [N, L, H, keys]`` at the (layer, head)s ``chosen``, in that order: ``[N, len(chosen), keys]`` on the
+    CPU (inside a session: only these come back)."""
+    la = torch.tensor([int(c[0]) for c in chosen], device=every.device)
+    h = torch.tensor([int(c[1]) for c in chosen], device=every.device)
+    return every[:, la, h].cpu()
 
 
 def _plan(model: Any, pairs: list[PromptPair], options: HeadsOptions, label_ids: Sequence[int] | None,
@@ -135,12 +221,13 @@ def _plan(model: Any, pairs: list[PromptPair], options: HeadsOptions, label_ids:
     layers = sorted({la for la, _ in chosen})
     heads = [[h for la2, h in chosen if la2 == la] for la in layers]
     groups = [[Row(batch.row(i, "cf")), Row(batch.row(i, "base"))] for i in range(batch.n)]
-    return batch.encoded, groups, batch.n, use_kv, layers, heads
+    ids = (batch.label_ids[0], batch.label_ids[1])
+    return batch.encoded, groups, batch.n, use_kv, layers, heads, ids, bool(options.atp)
 
 
 def _ordered(weights: Any, plan: tuple, chosen: Sequence[tuple[int, int]]) -> np.ndarray:
     """A chunk's weights (the trace's order: by layer) as ``[pair, side, rank, token]`` in ``chosen``'s order."""
-    enc, _, n, _, layers, heads = plan
+    enc, _, n, _, layers, heads, *_ = plan
     flat = [(la, h) for la, hs in zip(layers, heads) for h in hs]
     rank = [flat.index(tuple(c)) for c in chosen]
     return _right_aligned(weights.numpy()[:, rank], [enc.lengths[r] for r in range(2 * n)], n)

@@ -1,18 +1,19 @@
 """The computation of per-head activation patching for one chunk of pairs (torch and nnsight load here).
 
-Rows per pair, as in :mod:`.patching_engine`: ``[cf, base, base with head (l, h) patched, ...]``. A patched
-head is the slice ``[h*dh:(h+1)*dh]`` of ``o_proj``'s input (TransformerLens' ``z``; query heads for GQA
-models) at the decision position, copied from the counterfactual row of the same forward. On the KV-cache
-path every row is a one-token forward over the prefix cache of its sequence (:func:`run_prefix`), so the
-``L x H`` patched rows of a pair cost about ``L x H`` tokens of compute; without it, full forwards.
+A patched head is the slice ``[h*dh:(h+1)*dh]`` of ``o_proj``'s input (TransformerLens' ``z``; query heads for
+GQA models) at the decision position, copied from the counterfactual.
 
-Per chunk, every forward inside one :meth:`~nnethics.models.handle.ModelHandle.session` (one request
-remotely): the prefix (KV path), the patched rows, attribution patching (one forward + one backward over the
-base and cf rows: ``(z_cf - z_base) . dLD/dz`` per head) and each head's direct logit attribution (DLA,
-through :func:`~.attribution_trace.collect`), then the attention of the chunk's candidate heads (those ranked
-first by the prompts so far, :func:`.heads_attention.chunk_candidates`): one eager-attention forward of the base
-and cf rows, which brings back the decision position's weights for the candidates only. The ``complete`` pass
-takes the top heads' attention from them once ``finalize`` has chosen the heads across all prompts.
+KV-cache path, per chunk, every forward inside one :meth:`~nnethics.models.handle.ModelHandle.session` (one
+request remotely): the prefix (:func:`.patching_engine.run_prefix`); one forward of the base and cf rows
+(:func:`.heads_attention.side_state`: their LDs, every layer's output and ``z`` at the last position, every head's
+attention weights there, the heads' DLA projections, and with AtP one backward: ``(z_cf - z_base) . dLD/dz`` per
+head); then the ``L x H`` patched rows per pair, one token each over the prefix cache, in layer blocks
+(:func:`run_blocks`: a row patched in block k skips the layers before the block, starting from the base row's
+state there; its head gets the cf row's ``z`` from the side forward); then the candidates' attention is picked
+from every head's (:func:`.heads_attention.chunk_candidates`). Full path (``kv_cache="off"``): rows ``[cf, base,
+base with head (l, h) patched, ...]`` per pair as full forwards (:func:`run_rows`), AtP, DLA and the candidates'
+eager attention in traces of their own. The ``complete`` pass takes the top heads' attention from the candidates
+once ``finalize`` has chosen the heads across all prompts.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..models.errors import is_oom
 from ..prompts import PromptPair
 from .attribution_trace import collect, contributions
 from .common import encode_pairs
-from .heads_attention import _right_aligned, _side_inputs, chunk_candidates
+from .heads_attention import _right_aligned, _side_inputs, chunk_candidates, side_state
 from .patching_engine import (
     Patch,
     Prefix,
@@ -39,6 +40,7 @@ from .patching_engine import (
     kv_possible,
     run_prefix,
 )
+from .prefix_cache import shared_attention
 
 if TYPE_CHECKING:
     from .heads import HeadsOptions
@@ -153,58 +155,54 @@ def run_rows(model: Any, enc: Any, groups: list[list[Row]], cells: list[list[tup
 
 def execute(model: Any, enc: Any, groups, cells, ids, n: int, use_kv: bool, max_tokens: int, atp: bool,
             job: dict) -> tuple[Any, Any, Any, Any, Any]:
-    """Every forward of a chunk, as one session: prefix, patched rows, AtP, DLA, then the candidate heads'
-    attention (:func:`.heads_attention.chunk_candidates` with ``job``). Returns the LDs of the patched rows ``[n,
-    L, H]`` and of the base and cf rows ``[2n]``, AtP, DLA and ``(candidates, their weights)``."""
+    """Every forward of a chunk, as one session. KV path: the prefix; the base and cf rows' state
+    (:func:`.heads_attention.side_state`: LDs, the states the blocks read, every head's attention, AtP, DLA); the
+    patched rows in layer blocks. Full forwards: the rows, AtP, DLA and the candidates' eager attention.
+    Returns the LDs of the patched rows ``[n, L, H]`` and of the base and cf rows ``[2n]``, AtP, DLA and
+    ``(candidates, their weights)`` (:func:`.heads_attention.chunk_candidates` with ``job``)."""
     L, H = model.n_layers, model.n_heads
+    every = None
     if use_kv:
         prefix = run_prefix(model, enc, groups)
-        sides, resid = _trace_sides(model, _side_inputs(enc, n, prefix)[0], [model.layer(i) for i in range(L)], ids)
-        patched = run_blocks(model, enc, prefix, ids, n, resid, max_tokens)
+        sides, resid, z, every, grads, proj = side_state(model, enc, n, prefix, ids, atp)
+        patched = run_blocks(model, enc, prefix, ids, n, resid, z, max_tokens)
     else:
         prefix = None
         lds = run_rows(model, enc, groups, cells, ids, None, max_tokens)
         patched = [g[2:] for g in lds]
         sides = [g[1] for g in lds] + [g[0] for g in lds]
-    inputs, use_cache = _side_inputs(enc, n, prefix)
-    grads = _trace_atp(model, inputs, [model.o_proj(i) for i in range(L)], n, H, ids, use_cache) if atp else None
-    proj = collect(model, _side_inputs(enc, n, prefix)[0], list(ids), heads=True, per_option=False)
+        grads = _trace_atp(model, _inputs_full(enc, list(range(2 * n)))[0], [model.o_proj(i) for i in range(L)], n,
+                           H, ids, False) if atp else None
+        proj = collect(model, _side_inputs(enc, n, None)[0], list(ids), heads=True, per_option=False)
     dla = contributions(proj)["heads"][..., 0]
-    return patched, sides, grads, dla, chunk_candidates(model, enc, n, prefix, patched, sides, dla, job)
+    return patched, sides, grads, dla, chunk_candidates(model, enc, n, prefix, patched, sides, dla, job, every)
 
 
 # ---------------------------------------------------------------------------------------------
 # the KV path in layer blocks: a row patched at layer l skips the layers before its block
 
 
-def _trace_sides(model: Any, inputs: dict, layers: list, ids: tuple[int, int]) -> tuple[Any, Any]:
-    """Rows ``[base..., cf...]`` over the prefix cache: the LD per row and every layer's output ``[N, L, d]``
-    (left where the model is: the block forwards read it)."""
-    a, b = ids
-    with torch.no_grad(), model.trace(inputs, logits_to_keep=1):
-        outs = []
-        for layer in layers:
-            o = layer.output
-            outs.append((o[0] if isinstance(o, tuple) else o)[:, -1])
-        resid = torch.stack(outs, dim=1).detach().clone().save()
-        logits = model.lm.output.logits[:, -1]
-        ld = (logits[:, a].float() - logits[:, b].float()).save()
-    return ld, resid
-
-
-def _trace_block(model: Any, inputs: dict, layers: list, start: int, resid: Any, src: list[int], projs: dict,
-                 patches: dict, n_heads: int, ids: tuple[int, int], cap: float | None) -> torch.Tensor:
-    """One forward of rows whose patches are all at layers >= ``start``: layers ``0..start-1`` are skipped, their
-    output being each row's own state after layer ``start-1`` (``resid[src[r], start-1]``, exact: nothing differs
-    from the unpatched run before the patch), then the head slices are patched as in :func:`_trace_heads`. ``cap``:
-    the model's final-logit soft-cap, if any."""
+def _trace_block(model: Any, inputs: dict, layers: list, start: int, resid: Any, z: Any, src: list[int],
+                 projs: dict, patches: dict, n_heads: int, ids: tuple[int, int], cap: float | None) -> torch.Tensor:
+    """One forward of rows (one token over the prefix cache, :func:`.prefix_cache.shared_prefix_attention`) whose
+    patches are all at layers >= ``start``: layers ``0..start-1`` are skipped, their output being each row's own
+    state after layer ``start-1`` (``resid[src[r], start-1]``, exact: nothing differs from the unpatched run before
+    the patch); ``patches[layer] = (rows, side rows, heads)``: the head slice of o_proj's input at the last
+    position is the counterfactual's, ``z[side row, layer]`` from :func:`.heads_attention.side_state`. ``cap``: the model's
+    final-logit soft-cap, if any."""
     a, b = ids
     with torch.no_grad(), model.trace(inputs, logits_to_keep=1):
         if start > 0:
             x = resid[torch.tensor(src, device=resid.device), start - 1][:, None]
             for j in range(start):
                 layers[j].skip(x)
-        copy_heads(projs, patches, n_heads)
+        for layer in sorted(patches):
+            zin = projs[layer].input
+            rows, sides, heads = patches[layer]
+            zh = zin.view(zin.shape[0], zin.shape[1], n_heads, -1)
+            h = torch.tensor(heads, device=zin.device)
+            cf = z[torch.tensor(sides, device=z.device), layer].view(len(sides), n_heads, -1)
+            zh[torch.tensor(rows, device=zin.device), -1, h] = cf[torch.arange(len(sides), device=z.device), h]
         # only the two label logits: lm_head's full vocabulary would cost a quarter of a small model's row
         head = model.lm.lm_head
         pair = model.lm.model.norm.output[:, -1] @ head.weight[[a, b]].T
@@ -226,10 +224,10 @@ def _units(n: int, L: int, H: int, blocks: int) -> list[list[tuple[int, int, lis
 
 
 def _pack(units: list[tuple[int, int, list]], max_rows: int) -> list[list[tuple[int, int, list]]]:
-    """Units of one block into forwards of at most ``max_rows`` rows (a unit is its cf row + its patched rows)."""
+    """Units of one block into forwards of at most ``max_rows`` rows (a unit's patched rows)."""
     out, cur, size = [], [], 0
     for u in units:
-        need = 1 + len(u[2])
+        need = len(u[2])
         if cur and size + need > max_rows:
             out.append(cur)
             cur, size = [], 0
@@ -248,8 +246,8 @@ def _split(chunk: list[tuple[int, int, list]]) -> list[list[tuple[int, int, list
     return [[(lo, i, cells[:len(cells) // 2])], [(lo, i, cells[len(cells) // 2:])]]
 
 
-def run_blocks(model: Any, enc: Any, prefix: Prefix, ids: tuple[int, int], n: int, resid: Any, max_tokens: int,
-               blocks: int = BLOCKS) -> np.ndarray:
+def run_blocks(model: Any, enc: Any, prefix: Prefix, ids: tuple[int, int], n: int, resid: Any, z: Any,
+               max_tokens: int, blocks: int = BLOCKS) -> np.ndarray:
     """The patched LD of every (pair, layer, head) ``[n, L, H]`` on the KV path, in ``blocks`` layer blocks."""
     L, H = model.n_layers, model.n_heads
     layers = [model.layer(i) for i in range(L)]
@@ -263,20 +261,19 @@ def run_blocks(model: Any, enc: Any, prefix: Prefix, ids: tuple[int, int], n: in
         chunk = todo.pop(0)
         seqs, targets, patches = [], [], {}
         for _, i, cells in chunk:
-            cf_row = len(seqs)
-            seqs.append(n + i)
-            targets.append(None)
             for la, h in cells:
                 R, S, Hs = patches.setdefault(la, ([], [], []))
                 R.append(len(seqs))
-                S.append(cf_row)
+                S.append(n + i)
                 Hs.append(h)
                 seqs.append(i)
                 targets.append((i, la, h))
         try:
-            inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs])
-            ld = _trace_block(model, inputs, layers, chunk[0][0], resid, seqs, {k: projs[k] for k in patches},
-                              patches, H, ids, cap)
+            inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs],
+                                   shared=True)
+            with shared_attention(model):
+                ld = _trace_block(model, inputs, layers, chunk[0][0], resid, z, seqs,
+                                  {k: projs[k] for k in patches}, patches, H, ids, cap)
         except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
             halves = _split(chunk) if is_oom(err) else None
             if halves is None:
@@ -284,8 +281,7 @@ def run_blocks(model: Any, enc: Any, prefix: Prefix, ids: tuple[int, int], n: in
             todo = halves + todo
             continue
         for t, v in zip(targets, ld.cpu().tolist()):
-            if t is not None:
-                out[t] = v
+            out[t] = v
     return out
 
 
