@@ -10,11 +10,14 @@ Times, in one process and on the same pairs (median of ``--repeats``):
     the KV cache off;
 (d) nnethics' per-head patching (``heads``: every layer x head at the decision position, with AtP and DLA, then
     ``finalize`` and the ``complete`` pass that computes the top heads' attention, as ``nnethics heads`` runs
-    them), and without AtP; its cost beyond the layer sweep (c) per pair (goal: at most one forward-equivalent).
+    them), and without AtP; its cost beyond the layer sweep (c) per pair (goal: at most one forward-equivalent),
+    timed in rounds that each run (a), (c) and (d) back to back (rotated), the difference taken per round: the
+    median of ``--repeats`` rounds and their range.
 
 Prints forward-equivalents per pair (c / a) and the speed-up (b / c), and checks that (c) equals (b).
 
     .venv/bin/python scripts/bench_patching.py --pairs 5 --repeats 3
+    .venv/bin/python scripts/bench_patching.py --pairs 3 --threads 1 --clock cpu --no-reference  # steadier
 """
 
 from __future__ import annotations
@@ -37,13 +40,16 @@ from nnethics.models import load_model  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 from tests.reference.patching import COMPONENTS, patch_sweep  # noqa: E402
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = CLOCKS["wall"]
+
 
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = CLOCK()
         fn()
-        times.append(time.perf_counter() - t)
+        times.append(CLOCK() - t)
     return statistics.median(times)
 
 
@@ -57,7 +63,13 @@ def main() -> None:
     ap.add_argument("--prompts", default=str(ROOT / "prompts"))
     ap.add_argument("--no-reference", action="store_true",
                     help="skip (b), the hook loop (3L+1 full forwards per pair: the slowest part) and the check of (c)")
+    ap.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                    help="cpu: this process' CPU time, steadier on a shared machine (only with --threads 1)")
     args = ap.parse_args()
+    if args.clock == "cpu" and args.threads != 1:
+        ap.error("--clock cpu measures work only with --threads 1")
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -70,7 +82,7 @@ def main() -> None:
     cf = [torch.tensor([batch.encoded.tokens(batch.row(i, "cf"))]) for i in range(len(pairs))]
     lengths = [b.shape[1] for b in base]
     print(f"model {model.name}: {model.n_layers} layers, d={model.d_model}; {len(pairs)} pairs, "
-          f"base tokens {min(lengths)}-{max(lengths)}; torch threads {torch.get_num_threads()}")
+          f"base tokens {min(lengths)}-{max(lengths)}; torch threads {torch.get_num_threads()}; {args.clock} clock")
 
     # warm-up (first calls pay one-off costs)
     with torch.no_grad():
@@ -112,14 +124,30 @@ def main() -> None:
         print(f"(c) {name:44s} {t_c * 1e3:8.1f} ms/pair = {t_c / t_a:5.2f} forward-equivalents; "
               f"speed-up over (b) {t_b / t_c:5.1f}x", flush=True)
 
-    t_sweep = times["nnethics (KV cache + AtP, the default)"]
+    # (d) paired with the sweep: each round times the unit, the sweep and both heads variants back to back, in an
+    # order rotated per round, so that a machine that slows down or speeds up between rounds (a shared VM does)
+    # moves all of them together; the cost beyond the sweep is taken per round, then its median.
     n_heads = model.n_layers * model.n_heads
-    for name, opts in (("heads (KV blocks + AtP, the default)", HeadsOptions()),
-                       ("heads (KV blocks, no AtP)", HeadsOptions(atp=False))):
-        t_d = median_time(lambda o=opts: complete_attention(model, finalize(head_patching(model, pairs, o)), pairs, o),
-                          args.repeats) / n
-        print(f"(d) {name:44s} {t_d * 1e3:8.1f} ms/pair = {t_d / t_a:5.2f} forward-equivalents "
-              f"({n_heads} heads); beyond the layer sweep (c): {(t_d - t_sweep) / t_a:+5.2f}", flush=True)
+    heads = {"heads (KV blocks + AtP, the default)": HeadsOptions(), "heads (KV blocks, no AtP)": HeadsOptions(atp=False)}
+    items = {"unit": plain, "sweep": lambda: activation_patching(model, pairs, PatchingOptions())}
+    for name, opts in heads.items():
+        items[name] = lambda o=opts: complete_attention(model, finalize(head_patching(model, pairs, o)), pairs, o)
+    names, rounds = list(items), {k: [] for k in items}
+    for r in range(args.repeats):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            t = CLOCK()
+            items[k]()
+            rounds[k].append(CLOCK() - t)
+    unit = rounds["unit"]  # n plain forwards: time / unit = forward-equivalents per pair
+    sweep = statistics.median(s / u for s, u in zip(rounds["sweep"], unit))
+    print(f"(d) paired rounds: the layer sweep (c, default) {sweep:5.2f} forward-equivalents per pair "
+          f"(median of {args.repeats} rounds)", flush=True)
+    for name in heads:
+        fe = [d / u for d, u in zip(rounds[name], unit)]
+        beyond = [(d - s) / u for d, s, u in zip(rounds[name], rounds["sweep"], unit)]
+        print(f"(d) {name:44s} {statistics.median(fe):5.2f} forward-equivalents ({n_heads} heads); beyond the "
+              f"layer sweep: {statistics.median(beyond):+5.2f} (rounds {min(beyond):+.2f} to {max(beyond):+.2f})",
+              flush=True)
 
     if args.no_reference:
         return

@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the loopback server
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from nnethics.analyses import ANALYSES  # noqa: E402
 from nnethics.lenses import find_cached_lens  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.models.builtin import ensure_cached  # noqa: E402
 from nnethics.models.remote import STATS, NdifBackend  # noqa: E402
-from nnethics.analyses import ANALYSES  # noqa: E402
 from nnethics.pipeline import DEFAULT_ANALYSES, make_context, run_all, run_one  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 
