@@ -106,17 +106,29 @@ def verdict(ds: xr.Dataset, rules: VerdictRules = VerdictRules()) -> str:
                  f"nothing about the ethics of the option.")
     ks = int(round(float(g["share_content_sensitive"]) * n))
     s.append(f"{ks} of {n} pairs ({float(g['share_content_sensitive']):.0%}, Wilson 95% interval "
-             f"{float(g['content_sensitive_ci_low']):.0%} to {float(g['content_sensitive_ci_high']):.0%}) are "
-             f"content-sensitive: swapping the options moves the logit difference by at least {min_gap:g} logits. "
-             f"Normalised patching effects are averaged over those {ks} pairs only; the other {n - ks} are left out "
-             f"because dividing by a gap under {min_gap:g} logits amplifies noise. Attribution averages over all "
-             f"{n} pairs, so where position dominates, its mean shows mostly the position circuit.")
+             f"{float(g['content_sensitive_ci_low']):.0%} to {float(g['content_sensitive_ci_high']):.0%}) "
+             f"{'is' if ks == 1 else 'are'} content-sensitive: swapping the options moves the logit difference by at "
+             f"least {min_gap:g} logits. {_normalised_over(ks, n, min_gap)} Attribution averages over "
+             f"{'the one pair' if n == 1 else f'all {n} pairs'}, so where position dominates, its mean shows mostly "
+             f"the position circuit.")
     if "label_is_top" in ds:
         top = float(ds["label_is_top"].mean())
         if top < rules.min_label_top:
             s.append(f"Caution: a label is the model's top next token in only {top:.0%} of prompts, so these logits "
                      f"compare two continuations the model would rarely produce.")
     return " ".join(s)
+
+
+def _normalised_over(ks: int, n: int, min_gap: float) -> str:
+    """The sentence on which pairs the normalised patching effects average over (``ks`` of ``n``)."""
+    why = f"dividing by a gap under {min_gap:g} logits amplifies noise"
+    if ks == 0:
+        return f"No normalised patching effect is averaged: {why}."
+    if ks == n:
+        return f"Normalised patching effects are averaged over {'the one pair' if n == 1 else f'all {n} pairs'}."
+    over = "that pair" if ks == 1 else f"those {ks} pairs"
+    rest = "the other one is" if n - ks == 1 else f"the other {n - ks} are"
+    return f"Normalised patching effects are averaged over {over} only; {rest} left out because {why}."
 
 
 def wrap(text: str, width: int = 100, indent: str = "  ") -> str:

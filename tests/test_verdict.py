@@ -189,7 +189,22 @@ def test_verdict_of_a_position_only_model():
     # a preference CI under 0.01 wide gets four decimals, so it does not read "+0.00 to +0.00"
     lo, hi = float(g["ethical_preference_ci_low"]), float(g["ethical_preference_ci_high"])
     assert hi - lo < 0.01 and f"95% CI {lo:+.4f} to {hi:+.4f}" in text
-    assert "0 of 20 pairs (0%" in text and "averaged over those 0 pairs only" in text
+    assert "0 of 20 pairs (0%" in text and "are content-sensitive" in text
+    assert "No normalised patching effect is averaged: dividing by a gap under 0.1 logits" in text
+
+
+@pytest.mark.parametrize("ks, n, want", [
+    (1, 3, "averaged over that pair only; the other 2 are left out because"),
+    (2, 3, "averaged over those 2 pairs only; the other one is left out because"),
+    (3, 3, "averaged over all 3 pairs."),
+    (1, 1, "averaged over the one pair."),
+    (0, 4, "No normalised patching effect is averaged"),
+])
+def test_the_normalised_effect_sentence_counts_in_words(ks, n, want):
+    from nnethics.verdict_text import _normalised_over
+
+    got = _normalised_over(ks, n, 0.1)
+    assert want in got and got.endswith(".") and "1 pairs" not in got
 
 
 def test_verdict_of_an_ethical_model_without_position_bias():
