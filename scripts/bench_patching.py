@@ -6,11 +6,12 @@ Times, in one process and on the same pairs (median of ``--repeats``):
 (b) the seed-style reference: plain PyTorch forward hooks, one forward per layer per component
     (``tests/reference/patching.py::patch_sweep``: 1 counterfactual + 3L patched forwards per pair);
 (c) nnethics' activation patching of the same pairs (resid + attn + mlp at the decision position,
-    every layer, with attribution patching), plus a variant without AtP and (``--full``) one with
-    the KV cache off;
+    every layer; the default, which on the last position has no attribution patching), plus a variant with
+    AtP (``--atp``) and (``--full``) one with the KV cache off;
 (d) nnethics' per-head patching (``heads``: every layer x head at the decision position, with AtP and DLA, then
     ``finalize`` and the ``complete`` pass that computes the top heads' attention, as ``nnethics heads`` runs
-    them), and without AtP; its cost beyond the layer sweep (c) per pair (goal: at most one forward-equivalent),
+    them), and without AtP; its cost beyond the default layer sweep (c, without AtP: the heads' AtP counts in the
+    difference) per pair (goal: at most one forward-equivalent),
     timed in rounds that each run (a), (c) and (d) back to back (rotated), the difference taken per round: the
     median of ``--repeats`` rounds and their range.
 
@@ -112,11 +113,11 @@ def main() -> None:
 
     out = {}
     variants = {  # name: (options, repeats)
-        "nnethics (KV cache + AtP, the default)": (PatchingOptions(), args.repeats),
-        "nnethics (KV cache, no AtP)": (PatchingOptions(atp=False), args.repeats),
+        "nnethics (KV cache, the default: no AtP)": (PatchingOptions(), args.repeats),
+        "nnethics (KV cache + AtP, --atp)": (PatchingOptions(atp=True), args.repeats),
     }
     if args.full:  # every patched row is a full forward here: as many FLOPs as (b), so one repeat
-        variants["nnethics (full forwards + AtP, --kv-cache off)"] = (PatchingOptions(kv_cache="off"), 1)
+        variants["nnethics (full forwards + AtP, --kv-cache off)"] = (PatchingOptions(kv_cache="off", atp=True), 1)
     times = {}
     for name, (opts, reps) in variants.items():
         t_c = median_time(lambda o=opts, k=name: out.__setitem__(k, activation_patching(model, pairs, o)), reps) / n
@@ -151,7 +152,7 @@ def main() -> None:
 
     if args.no_reference:
         return
-    ds = out["nnethics (KV cache + AtP, the default)"]
+    ds = out["nnethics (KV cache + AtP, --atp)"]
     err = max(float((torch.tensor(ds["patched_logit_diff"].values[i, :, j]) - ref_out[i][c]).abs().max())
               for i in range(n) for j, c in enumerate(COMPONENTS))
     print(f"max |nnethics - reference| patched LD: {err:.2e}")
