@@ -93,6 +93,11 @@ def test_summary_headlines_where_the_decision_arrives():
     layer = arrival_layer(m, ds["layer"].values)
     k = int(ds["effect_defined"].sum())
     assert f"{k} with a normalisable gap (means over those {k})" in line
+    for defined, words in ((1, "1 with a normalisable gap (means over that one)"),
+                           (0, "0 with a normalisable gap (no means)")):
+        few = ds.copy()
+        few["effect_defined"] = few["effect_defined"] & (np.arange(few.sizes["prompt"]) < defined)
+        assert words in summarize(finalize(few))
     assert (f"the decision arrives at layer {layer}" in line) if layer is not None else "never reaches 0.5" in line
     assert "peaks at layer" not in line
 

@@ -163,7 +163,8 @@ def summarize(ds: xr.Dataset) -> str:
     layers with the largest mean effect; AtP agreement."""
     n = ds.sizes["prompt"]
     k = int(ds["effect_defined"].sum())
-    parts = [f"{n} pairs, {k} with a normalisable gap (means over those {k})"]
+    means = "no means" if k == 0 else "means over that one" if k == 1 else f"means over those {k}"
+    parts = [f"{n} pairs, {k} with a normalisable gap ({means})"]
     if "mean_effect" in ds and "position" not in ds["mean_effect"].dims:
         ci = ("effect_ci_low" in ds and "effect_ci_high" in ds)
         for comp in ds["component"].values:
