@@ -93,15 +93,23 @@ def _trace_state(model: Any, inputs: dict, n: int, ids: tuple[int, int], atp: bo
         ld = ld_rows.detach().clone().save()
         if atp:
             grads = torch.autograd.grad(ld_rows[:n].sum(), reads.zs, allow_unused=True)
-            parts = []
-            for zi, g in zip(reads.zs, grads):
-                zl = zi[:, -1].detach().float().reshape(zi.shape[0], H, -1)
-                if g is None:
-                    parts.append(torch.zeros(n, H, device=zl.device))
-                else:
-                    parts.append(((zl[n:] - zl[:n]) * g[:n, -1].float().reshape(n, H, -1)).sum(-1))
-            est = torch.stack(parts).detach().clone().save()
+            est = atp_terms(reads.zs, grads, n, H).save()
     return ld, resid, z, weights, est, Projections(**got)
+
+
+def atp_terms(zs: list, grads: Sequence, n: int, n_heads: int) -> torch.Tensor:
+    """Inside a trace, for rows ``[base_0..base_{n-1}, cf_0..cf_{n-1}]``: ``(z_cf - z_base) . dLD(base)/dz`` per
+    head at the last position, ``[L, n, H]`` (detached), from each layer's o_proj input ``zs`` and its gradient
+    (None: the layer does not reach the LD, 0). Both paths' AtP (:func:`_trace_state`, and
+    :func:`.heads_engine._trace_atp` on full forwards)."""
+    est = []
+    for z, g in zip(zs, grads):
+        zl = z[:, -1].float().reshape(z.shape[0], n_heads, -1)
+        if g is None:
+            est.append(torch.zeros(n, n_heads, device=zl.device))
+        else:
+            est.append(((zl[n:] - zl[:n]) * g[:n, -1].float().reshape(n, n_heads, -1)).sum(-1))
+    return torch.stack(est).detach().clone()
 
 
 def side_state(model: Any, enc: Any, n: int, prefix: Prefix, ids: tuple[int, int], atp: bool) -> tuple:

@@ -29,7 +29,7 @@ from ..models.errors import is_oom
 from ..prompts import PromptPair
 from .attribution_trace import collect, contributions
 from .common import encode_pairs
-from .heads_attention import _right_aligned, _side_inputs, chunk_candidates, side_state
+from .heads_attention import _right_aligned, _side_inputs, atp_terms, chunk_candidates, side_state
 from .patching_engine import (
     Patch,
     Prefix,
@@ -95,15 +95,7 @@ def _trace_atp(model: Any, inputs: dict, projs: list, n: int, n_heads: int, ids:
         logits = model.lm.output.logits[:, -1]
         ld = logits[:, a].float() - logits[:, b].float()
         grads = torch.autograd.grad(ld[:n].sum(), zs, allow_unused=True)
-        est = []
-        for z, g in zip(zs, grads):
-            zl = z[:, -1].float().reshape(z.shape[0], n_heads, -1)
-            if g is None:
-                est.append(torch.zeros(n, n_heads, device=zl.device))
-            else:
-                gl = g[:n, -1].float().reshape(n, n_heads, -1)
-                est.append(((zl[n:] - zl[:n]) * gl).sum(-1))
-        atp = torch.stack(est).detach().clone().save()
+        atp = atp_terms(zs, grads, n, n_heads).save()
     return atp
 
 
