@@ -151,7 +151,9 @@ def run_all(model: Any, prompts: PromptSet, store: str, analyses: Sequence[str] 
 def pairs_as_set(pairs: Sequence[PromptPair], labels: Sequence[str] = DEFAULT_LABELS) -> PromptSet:
     """A list of pairs as a :class:`PromptSet` whose ``sha256`` is that of the pairs themselves (every field, in
     order), so provenance names exactly what ran; its name is ``"pairs"``."""
-    blob = json.dumps([dataclasses.asdict(p) for p in pairs], sort_keys=True, ensure_ascii=False)
+    # a pair's parts (``dilemma``) are left out: they are the text's, and sets hashed before they existed keep their sha
+    blob = json.dumps([{k: v for k, v in dataclasses.asdict(p).items() if k != "dilemma"} for p in pairs],
+                      sort_keys=True, ensure_ascii=False)
     return PromptSet(tuple(pairs), name="pairs", sha256=hashlib.sha256(blob.encode()).hexdigest(), labels=tuple(labels))
 
 

@@ -15,12 +15,14 @@ nothing is written downstream) while any problem remains. The record schema is t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .dilemma import parse_pair
 from .pairs import DEFAULT_LABELS, PromptError, PromptPair, PromptSet
 from .schema import (
     JSONL_FIELDS,
@@ -263,6 +265,10 @@ def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> Pr
     pairs = _load_seed(files[0].parent, labels, problems) if kind == "seed" else _load_jsonl(files[0], labels, problems)
     if not problems and not pairs:
         problems.append(f"{path}: no prompt pairs found; add at least one pair")
+    # a pair written in the shipped prompts' shape carries its parts (scenario, options), for other framings
+    pairs = [p if p.dilemma is not None else
+             dataclasses.replace(p, dilemma=parse_pair(p.base, p.cf, p.base_ethical, p.cf_ethical, labels))
+             for p in pairs]
     if problems:
         folded = _fold_label_problems(path, labels, problems)
         raise PromptError(folded) if len(folded) > 1 or folded == problems else LabelMismatch(folded)

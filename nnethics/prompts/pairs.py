@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .dilemma import Dilemma
+
 SIDES = ("base", "cf")
 DEFAULT_LABELS = ("1", "2")
 MAX_LISTED = 25
@@ -33,6 +35,7 @@ class PromptPair:
     cf_ethical: str
     category: str = ""
     original_id: str = ""
+    dilemma: Dilemma | None = None  # its parts, when known (nnethics.framings renders it in other framings)
 
     def text(self, side: str) -> str:
         return self.base if side == "base" else self.cf
@@ -51,6 +54,7 @@ class PromptSet:
     labels: tuple[str, ...] = DEFAULT_LABELS
     files: tuple[str, ...] = field(default_factory=tuple)
     warnings: tuple[tuple[str, str], ...] = ()  # (prompt_id, message): pairs that load but look wrong
+    framing: str = ""  # the framing id the pairs were rendered in (nnethics.framings.frame), "" for their own text
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -67,4 +71,4 @@ class PromptSet:
             pairs = pairs[:limit]
         kept = {p.prompt_id for p in pairs}
         return PromptSet(pairs, self.name, self.sha256, self.labels, self.files,
-                         tuple(w for w in self.warnings if w[0] in kept))
+                         tuple(w for w in self.warnings if w[0] in kept), self.framing)
