@@ -39,9 +39,17 @@ def cli() -> None:
 @click.option("--atp/--no-atp", default=None,
               help="Attribution patching in the patching analysis (default: off at the last position; as `nnethics "
                    "patch --atp`).")
+@click.option("--framings", default=None, metavar="SPEC",
+              help="Run the analyses in these framings (template.labels.order) of the structured pairs, plus the cloze "
+                   "readout and the verdict across framings: 'default', 'all' (4 templates x 3 label sets x 2 orders), "
+                   "'binding' (the content swap and the label swap), or a comma-separated list of ids, '*' allowed "
+                   "(e.g. 'moralchoice.*.*'). Writes STORE/<model>/framings/<id>/, cloze.nc and framings.nc.")
+@click.option("--templates", "templates_path", default=None, type=click.Path(path_type=Path),
+              help="A JSON file {name: template text} of extra templates for --framings (placeholders {scenario}, "
+                   "{option_1}, {option_2}, {label_1}, {label_2}; optional {label_a}, {label_b}, {question}).")
 @friendly
 def run(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat, limit,
-        store, overwrite, lock_timeout, batch_size, analyses, atp, progress) -> None:
+        store, overwrite, lock_timeout, batch_size, analyses, atp, framings, templates_path, progress) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
     from .analyses import default_names
     from .models.registry import ModelRegistry
@@ -51,30 +59,77 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
 
     wanted = list(analyses or default_names())
     prompts = load_prompt_set(prompts_path, labels, limit)
+    chosen = _chosen_framings(framings, templates_path, prompts)
     registry = ModelRegistry()
     for spec in model_spec:
         model = registry.add(spec, load_model_from_options(spec, revision, device, device_map, dtype, quantize, remote, token))
         STATS.reset()
         # One writer per model folder for the whole run: the analyses and the report that reads them.
         with store_lock(Path(store) / model.slug, timeout=lock_timeout):
-            results = run_all(model, prompts, store=str(store), analyses=wanted, chat=chat, batch_size=batch_size,
-                              progress=progress, overwrite=overwrite, lock_timeout=lock_timeout,
-                              note=lambda text: click.echo(f"note: {text}", err=True),
-                              overrides={"patching": {"atp": atp}} if atp is not None else None)
+            kwargs = dict(chat=chat, batch_size=batch_size, progress=progress, overwrite=overwrite,
+                          lock_timeout=lock_timeout, note=lambda text: click.echo(f"note: {text}", err=True),
+                          overrides={"patching": {"atp": atp}} if atp is not None else None)
+            if chosen:
+                from .framings_run import run_framings
+
+                results = run_framings(model, prompts, chosen, str(store), wanted, **kwargs)
+            else:
+                results = run_all(model, prompts, store=str(store), analyses=wanted, **kwargs)
             for name, (path, summary) in results.items():
                 click.echo(f"{name}: {path}")
                 if summary:
                     click.echo(f"  {summary}")
             if model.remote:
-                click.echo(STATS.report(n_pairs=len(prompts)), err=True)
+                click.echo(STATS.report(n_pairs=len(prompts) * max(1, len(chosen))), err=True)
             _finish_store(Path(store) / model.slug)
-            _print_verdict(Path(store) / model.slug)
+            if chosen:
+                _print_framings(Path(store) / model.slug)
+            else:
+                _print_verdict(Path(store) / model.slug)
         if len(model_spec) > 1:
             info = registry.memory_info()
             registry.unload(spec)
             after = registry.memory_info()
             click.echo(f"unloaded {spec}: process memory {info['rss_bytes'] / 2**20:.0f} MiB -> "
                        f"{after['rss_bytes'] / 2**20:.0f} MiB", err=True)
+
+
+def _chosen_framings(spec: str | None, templates_path: Path | None, prompts) -> list:
+    """The framings --framings names, checked with the prompts before the model loads ([] without --framings)."""
+    if spec is None:
+        if templates_path is not None:
+            raise BadInput("--templates: given without --framings; name the framings to run, e.g. --framings "
+                           "'mine.*.*' for a template named mine")
+        return []
+    from .framings import load_templates, select
+    from .framings_run import prepare
+
+    chosen = select(spec, load_templates(templates_path) if templates_path is not None else None)
+    _, free = prepare(prompts, chosen)
+    if free:
+        click.echo(f"note: {len(free)} of {len(prompts)} pairs are free text (no scenario and options: "
+                   f"{', '.join(free[:3])}{', ...' if len(free) > 3 else ''}); they have only their own framing and "
+                   "are left out of --framings", err=True)
+    return chosen
+
+
+def _print_framings(model_dir: Path) -> None:
+    """The decision across framings (framings.nc): a line per framing, pooled, cloze, then its verdict."""
+    import xarray as xr
+
+    from .framings_verdict import summary_lines
+    from .verdict import wrap
+
+    path = model_dir / "framings.nc"
+    if not path.exists():
+        return
+    ds = xr.load_dataset(path)
+    click.echo(f"across framings ({path}):")
+    for line in summary_lines(ds):
+        click.echo(f"  {line}")
+    text = ds.attrs.get("framings_verdict")
+    if text:
+        click.echo(f"verdict across framings:\n{wrap(str(text))}")
 
 
 def _print_verdict(model_dir: Path) -> None:
@@ -142,6 +197,9 @@ def prompts_check(path: Path, labels) -> None:
     click.echo(f"{path}: {len(ps)} valid pairs, sha256 {ps.sha256[:12]}")
     for cat, n in sorted(cats.items()):
         click.echo(f"  {cat}: {n}")
+    structured = sum(p.dilemma is not None for p in ps.pairs)
+    click.echo(f"structured: {structured} (carry scenario and options: run in every framing)")
+    click.echo(f"free text: {len(ps) - structured} (run only in their own framing)")
 
 
 @cli.command()

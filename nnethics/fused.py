@@ -152,13 +152,13 @@ def run_stored(plans: dict, members: dict[str, Member], model: Any, prompts: Any
     from .runner import run_in_chunks, say_skipped
     from .store import PartStore, provenance
 
-    parts = {n: PartStore(store, model.slug, n, provenance(n, model, prompts, p.recorded, **p.extra_attrs))
+    parts = {n: PartStore(store, model.store_folder, n, provenance(n, model, prompts, p.recorded, **p.extra_attrs))
              for n, p in plans.items()}
     for ps in parts.values():
         ps.check(overwrite)
     by_id = {p.prompt_id: p for p in prompts.pairs}
     for todo, names in _todo_groups(parts, prompts).items():
-        label = f"{'+'.join(names)} [{model.slug}]"
+        label = f"{'+'.join(names)} [{model.store_folder}]"
         say_skipped(label, len(prompts) - len(todo), len(prompts), parts[names[0]].final.parent)
 
         def step(chunk: list, names: list[str] = names) -> dict:

@@ -110,7 +110,7 @@ def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunConte
 
     # a prepared value with a ``resume`` method (heads' running ranking) learns the chunks a resumed run skips
     resumers = [v.resume for v in p.prepared.values() if callable(getattr(v, "resume", None))]
-    path = result_path(store, model.slug, name)
+    path = result_path(store, model.store_folder, name)
     with store_lock(path.parent, timeout=lock_timeout):
         ds = run_analysis(name, compute, model, prompts, store, p.recorded, batch_size=batch_size, progress=progress,
                           extra_attrs=p.extra_attrs, overwrite=overwrite,
@@ -137,10 +137,10 @@ def run_all(model: Any, prompts: PromptSet, store: str, analyses: Sequence[str] 
     fused = {name: p for name, p in plans.items() if members[name] is not None}
     done = {}
     if fused:  # ONE shared trace (one request remotely) per chunk for every analysis that declares its reads
-        with store_lock(result_path(store, model.slug, next(iter(fused))).parent, timeout=lock_timeout):
+        with store_lock(result_path(store, model.store_folder, next(iter(fused))).parent, timeout=lock_timeout):
             datasets = run_stored(fused, members, model, prompts, store, ctx.label_ids, batch_size, overwrite,
                                   progress)
-        done = {name: (str(result_path(store, model.slug, name)), fused[name].analysis.summarize(ds))
+        done = {name: (str(result_path(store, model.store_folder, name)), fused[name].analysis.summarize(ds))
                 for name, ds in datasets.items()}
     return {name: done[name] if name in done else
             run_one(name, model, prompts, store, ctx, batch_size, progress, overwrite, lock_timeout,
@@ -176,7 +176,8 @@ def _options_for(name: str, given: Any, ctx: RunContext) -> Any:
 
 def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Sequence[str] | None = None, *,
             chat: bool | None = None, labels: Sequence[str] | None = None, batch_size: int = 8,
-            note: Callable[[str], None] | None = None, **options: Any) -> dict[str, xr.Dataset]:
+            note: Callable[[str], None] | None = None, framings: str | Sequence[Any] | None = None,
+            templates: dict[str, str] | None = None, **options: Any) -> dict[str, xr.Dataset]:
     """Run each named analysis (default: every default one) over every pair in memory; ``{name: Dataset}``.
 
     Each Dataset is the one ``nnethics run`` (or the analysis' command) writes to ``store/<model>/<name>.nc`` for
@@ -188,6 +189,12 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
     of pairs), ``chat`` and ``batch_size`` are those options of the CLI (``--labels``, ``--chat``,
     ``--batch-size``): pairs run in chunks of ``batch_size`` as there, because a batched forward's floats depend on
     what else is in the batch (padding), so the same chunks give the same bits.
+
+    ``framings`` (``"default"``, ``"all"``, ``"binding"``, ids with ``*``, or a list of
+    :class:`~nnethics.framings.Framing`; ``templates``: extra templates by name) runs the analyses in each framing of
+    the structured pairs, as ``nnethics run --framings``; the keys are then the files' paths under the model folder
+    without ``.nc``: ``"framings/<id>/<name>"`` per framing and analysis (decisions always among them), ``"cloze"``
+    and ``"framings"`` (the decision across framings).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -196,6 +203,12 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
     elif labels is not None and tuple(labels) != tuple(prompts.labels):
         prompts = dataclasses.replace(prompts, labels=tuple(labels))
     names = tuple(analyses) if analyses is not None else default_names()
+    if framings is not None:
+        from .framings import select
+        from .framings_run import analyze_framings
+
+        chosen = select(framings, templates) if isinstance(framings, str) else list(framings)
+        return analyze_framings(model, prompts, chosen, names, chat=chat, batch_size=batch_size, note=note, **options)
     unknown = [n for n in (*names, *options) if n not in ANALYSES]
     if unknown:
         raise ValueError(f"unknown analysis {unknown[0]!r}; one of {', '.join(ANALYSES)}")

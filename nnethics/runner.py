@@ -58,7 +58,7 @@ def run_analysis(
     if batch_size < 1:
         raise click.BadParameter(f"batch size must be at least 1, got {batch_size}")
     attrs = provenance(name, model, prompts, options, **(extra_attrs or {}))
-    parts = PartStore(store, model.slug, name, attrs)
+    parts = PartStore(store, model.store_folder, name, attrs)
     with store_lock(parts.final.parent, timeout=lock_timeout):
         parts.check(overwrite)
         return _run_chunks(name, fn, model, prompts, parts, batch_size, progress, finalize, resume)
@@ -73,7 +73,7 @@ def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts
     if resume is not None and todo and done:
         prev = parts.previous()
         resume([*([prev] if prev is not None else []), *parts.load_parts()])
-    label = f"{name} [{model.slug}]"
+    label = f"{name} [{model.store_folder}]"
     say_skipped(label, len(prompts) - len(todo), len(prompts), parts.final.parent)
 
     def step(chunk: list[PromptPair]) -> xr.Dataset:

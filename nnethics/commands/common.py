@@ -23,6 +23,7 @@ class BadInput(click.ClickException):
 
 def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from ..analyses.base import OptionError
+    from ..framings import FramingError
     from ..models.adapters import UnsupportedArchitectureError
     from ..models.builtin import BuiltinModelMissing
     from ..models.loading import ModelLoadError
@@ -30,7 +31,7 @@ def _bad_input_errors() -> tuple[type[BaseException], ...]:
     from ..prompts import LabelTokenError, PromptError
     from ..store import StoreBusy, StoreConflict, StoreError
 
-    return (OptionError, PromptError, LabelTokenError, ConfigError, UnsupportedArchitectureError, BuiltinModelMissing, ModelLoadError,
+    return (OptionError, FramingError, PromptError, LabelTokenError, ConfigError, UnsupportedArchitectureError, BuiltinModelMissing, ModelLoadError,
             StoreBusy, StoreConflict, StoreError)
 
 
@@ -135,7 +136,7 @@ def model_options(fn: Callable | None = None, *, multiple: bool = False) -> Call
 def prompt_options(fn: Callable) -> Callable:
     options = [
         click.option("--prompts", "prompts_path", default=DEFAULT_PROMPTS, show_default=True, type=click.Path(path_type=Path),
-                     help="Folder with base_prompts.json + counterfactual_prompts.json, or a .jsonl file."),
+                     help="Folder with base_prompts.json + counterfactual_prompts.json, a .jsonl file or a MoralChoice .csv file."),
         click.option("--labels", default="1,2", show_default=True, callback=lambda c, p, v: parse_labels(v),
                      help="The two answer labels."),
         click.option("--chat/--no-chat", default=None, help="Wrap prompts in the chat template (default: when the tokenizer has one)."),

@@ -48,6 +48,7 @@ class ModelHandle:
     remote: bool | str = False
     source: str = ""
     extra: dict = field(default_factory=dict)
+    folder: str = ""  # where its results go under the store, when not its slug (a framing's: <slug>/framings/<id>)
     in_session: bool = field(default=False, repr=False, compare=False)
 
     @property
@@ -91,6 +92,11 @@ class ModelHandle:
         if self.quantization:
             slug += f"-{self.quantization}"
         return slug or "model"
+
+    @property
+    def store_folder(self) -> str:
+        """The folder of its results under the store: :attr:`slug`, or ``folder`` where a run set one (framings)."""
+        return self.folder or self.slug
 
     @property
     def weights_quantization(self) -> str:

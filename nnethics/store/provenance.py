@@ -43,8 +43,17 @@ def provenance(analysis: str, model: Any = None, prompts: Any = None, options: M
         attrs.update(model.provenance())
     if prompts is not None:
         attrs.update(prompt_set=prompts.name, prompt_set_sha256=prompts.sha256, labels=json.dumps(list(prompts.labels)))
+        if getattr(prompts, "framing", ""):  # the framing the pairs were rendered in (nnethics.framings)
+            attrs.update(framing_attrs(prompts.framing, prompts.labels))
     attrs.update(extra)
     return {k: attr_value(v) for k, v in attrs.items()}
+
+
+def framing_attrs(framing: str, labels: Any) -> dict[str, str]:
+    """The attrs of a file computed in a framing ``<template>.<label set>.<order>`` (its id, parts and labels)."""
+    template, _, order = framing.split(".")
+    return {"framing": framing, "framing_template": template, "framing_labels": ",".join(labels),
+            "framing_order": order, "counterfactual_kind": "label" if order == "swap" else "content"}
 
 
 FINGERPRINT_KEYS = ("analysis", "model_id", "model_revision", "dtype", "quantization", "prompt_set_sha256", "options",
