@@ -135,7 +135,7 @@ def test_a_custom_template_runs(tmp_path, tiny_model_dir):
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"mine": "{scenario}\n{label_1}) {option_1}\n{label_2}) {option_2}\nAnswer:"}))
     res = _run(["--prompts", str(PROMPTS), "--model", str(tiny_model_dir), "--analyses", "decisions", "--framings",
-                "mine.AB.rev", "--templates", str(path)], tmp_path)
+                "mine.AB.rev", "--templates", str(path), "--no-chat"], tmp_path)
     assert res.exit_code == 0, res.output
     ds = xr.load_dataset(next((tmp_path / "store").rglob("mine.AB.rev/decisions.nc")))
     assert ds["prompt_text"].values[0, 0].rstrip().endswith("Answer:")

@@ -1,7 +1,10 @@
 """Prompt pairs: loading, validation, chat formatting and answer-token resolution.
 
 * :mod:`.pairs`: ``PromptPair``, ``PromptSet``, ``PromptError`` (values, no I/O);
-* :mod:`.files`: ``load_prompts`` reads and validates the seed's two JSON files or one ``.jsonl`` file;
+* :mod:`.files`: ``load_prompts`` reads and validates the seed's two JSON files, one ``.jsonl`` file (texts or
+  structured records) or one MoralChoice ``.csv`` file;
+* :mod:`.dilemma`: ``Dilemma``, a pair's parts (scenario, options), for the framings;
+* :mod:`.parts`: pairs from parts (structured ``.jsonl`` lines, MoralChoice CSV rows);
 * :mod:`.tokens`: ``format_prompt`` (chat template), ``resolve_label_tokens``, ``check_context_length`` and
   the ``nnethics tokens`` diagnostics.
 """

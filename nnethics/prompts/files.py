@@ -6,7 +6,14 @@ Two input layouts are read:
   of records ``{prompt_id, prompt, ethical_option, [category], [original_id]}``) matched by
   ``prompt_id``;
 * one ``.jsonl`` file, one pair per line:
-  ``{"prompt_id", "category", "base": {"prompt", "ethical_option"}, "counterfactual": {...}}``.
+  ``{"prompt_id", "category", "base": {"prompt", "ethical_option"}, "counterfactual": {...}}``, or a structured
+  line, the dilemma's parts: ``{"prompt_id", "category", "scenario", "options": [o1, o2], "ethical_option",
+  "question"}`` (both kinds may be mixed in one file);
+* one MoralChoice CSV (Scherrer et al. 2023), one dilemma per row: ``scenario_id, context, action1, action2``
+  (``generation_rule`` is the category; rows of ambiguity ``high`` are refused: they have no favoured action).
+
+A structured line or a CSV row becomes a pair rendered from its parts (:mod:`.parts`); a base/counterfactual pair
+carries its parts when its text has the shipped prompts' shape (:func:`~.dilemma.parse_pair`), else it is free text.
 
 Every problem is reported with the file, the record and the fix; nothing is returned (and so
 nothing is written downstream) while any problem remains. The record schema is the pydantic models of
@@ -24,6 +31,7 @@ from typing import Any
 
 from .dilemma import parse_pair
 from .pairs import DEFAULT_LABELS, PromptError, PromptPair, PromptSet
+from .parts import STRUCTURED_KEYS, csv_pairs, structured_line
 from .schema import (
     JSONL_FIELDS,
     JSONL_REQUIRED,
@@ -32,6 +40,7 @@ from .schema import (
     SIDE_FIELDS,
     Errors,
     JsonlRecord,
+    LabelProblem,
     SeedRecord,
 )
 from .schema import norm_label as _norm_label
@@ -69,15 +78,6 @@ def _read_json(path: Path, problems: list[str]) -> Any:
         return None
 
 
-class _LabelProblem(str):
-    """A problem line for an ethical_option outside --labels; remembers the label so many of them fold into one."""
-
-    def __new__(cls, text: str, found: Any) -> _LabelProblem:
-        obj = super().__new__(cls, text)
-        obj.found = found
-        return obj
-
-
 class LabelMismatch(PromptError):
     """The one problem of the input is that its labels are not --labels: printed as that one line."""
 
@@ -89,7 +89,7 @@ class LabelMismatch(PromptError):
 def _fold_label_problems(path: Path, labels: Sequence[str], problems: list[str]) -> list[str]:
     """Many records with labels outside --labels (prompts labelled 1/2 read with --labels A,B) are one mistake:
     one line with the count, the labels found and the flag to pass, instead of one line per record."""
-    wrong = [p for p in problems if isinstance(p, _LabelProblem)]
+    wrong = [p for p in problems if isinstance(p, LabelProblem)]
     if len(wrong) < 2:
         return problems
     found = sorted({str(p.found) for p in wrong})
@@ -97,7 +97,7 @@ def _fold_label_problems(path: Path, labels: Sequence[str], problems: list[str])
            else "pass --labels with the two labels the prompts use, or fix those records")
     line = (f"{path}: {len(wrong)} ethical_option values are not the answer labels --labels {','.join(labels)} "
             f"(the prompts use {', '.join(repr(f) for f in found)}; first: {wrong[0].split(':')[0]}); {fix}")
-    return [line] + [p for p in problems if not isinstance(p, _LabelProblem)]
+    return [line] + [p for p in problems if not isinstance(p, LabelProblem)]
 
 
 def _side_problems(errs: Errors, at: tuple, where: str, problems: list[str]) -> None:
@@ -105,7 +105,7 @@ def _side_problems(errs: Errors, at: tuple, where: str, problems: list[str]) -> 
     for field in ("prompt", "ethical_option"):
         msg = errs.message((*at, field))
         if msg and field == "ethical_option":  # folded into one line when many records have it
-            problems.append(_LabelProblem(f"{where}: {msg}", _norm_label(errs.value((*at, field)))))
+            problems.append(LabelProblem(f"{where}: {msg}", _norm_label(errs.value((*at, field)))))
         elif msg:
             problems.append(f"{where}: {msg}")
 
@@ -194,10 +194,15 @@ def _load_jsonl(path: Path, labels: Sequence[str], problems: list[str]) -> list[
         if not isinstance(rec, dict):
             problems.append(f"{where}: expected a JSON object per line")
             continue
+        if any(k in rec for k in STRUCTURED_KEYS):
+            pair = structured_line(path, n, rec, labels, problems, seen)
+            pairs += [pair] if pair is not None else []
+            continue
         errs = Errors(JsonlRecord, rec, labels)
         missing = [f for f in JSONL_REQUIRED if f in errs.fields("missing")]
         if missing:
-            problems.append(f"{where}: missing field(s) {missing}; a line needs prompt_id, base and counterfactual")
+            problems.append(f"{where}: missing field(s) {missing}; a line needs prompt_id, base and counterfactual "
+                            "(or prompt_id, scenario, options and ethical_option)")
             continue
         if errs.message(("prompt_id",)):
             problems.append(f"{where}: {errs.message(('prompt_id',))}; give every pair a unique id like \"harm_001\"")
@@ -234,24 +239,32 @@ def _load_jsonl(path: Path, labels: Sequence[str], problems: list[str]) -> list[
     return pairs
 
 
+def _load_csv(path: Path, labels: Sequence[str], problems: list[str]) -> list[PromptPair]:
+    text = _read_text(path, problems, "check the path given to --prompts")
+    return [] if text is None else csv_pairs(path, text, labels, problems)
+
+
 def _files_for(path: Path) -> tuple[str, list[Path]]:
     if path.is_dir():
         if (path / BASE_FILE).exists() or (path / CF_FILE).exists():
             return "seed", [path / BASE_FILE, path / CF_FILE]
-        jsonl = sorted(path.glob("*.jsonl"))
-        if len(jsonl) == 1:
-            return "jsonl", jsonl
-        raise PromptError([
-            f"{path}: found no prompt files; expected {BASE_FILE} + {CF_FILE} (seed layout) or exactly one .jsonl file"
-            + (f" (found {len(jsonl)}: name one of them)" if jsonl else "")
-        ])
+        found = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.csv"))
+        if len(found) == 1:
+            return found[0].suffix[1:], found
+        if found:
+            raise PromptError([f"{path}: cannot tell which prompt file to read (found {len(found)}: name one of them): "
+                               f"{', '.join(f.name for f in found)}; e.g. pass {found[0]}"])
+        raise PromptError([f"{path}: found no prompt files; expected {BASE_FILE} + {CF_FILE} (seed layout) or exactly "
+                           "one .jsonl or MoralChoice .csv file"])
     if path.name in (BASE_FILE, CF_FILE):
         return "seed", [path.parent / BASE_FILE, path.parent / CF_FILE]
-    if path.suffix == ".jsonl":
-        return "jsonl", [path]
+    if path.suffix in (".jsonl", ".csv"):
+        return path.suffix[1:], [path]
     if not path.exists():
-        raise PromptError([f"{path}: no such file or folder; pass a folder with {BASE_FILE} + {CF_FILE} or a .jsonl file"])
-    raise PromptError([f"{path}: unknown prompt file type; use the seed layout ({BASE_FILE} + {CF_FILE}) or a .jsonl file"])
+        raise PromptError([f"{path}: no such file or folder; pass a folder with {BASE_FILE} + {CF_FILE}, a .jsonl "
+                           "file or a MoralChoice .csv file"])
+    raise PromptError([f"{path}: unknown prompt file type; use the seed layout ({BASE_FILE} + {CF_FILE}), a .jsonl "
+                       "file or a MoralChoice .csv file"])
 
 
 def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> PromptSet:
@@ -262,7 +275,10 @@ def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> Pr
         raise PromptError([f"answer labels must be two different strings, got {list(labels)}"])
     kind, files = _files_for(path)
     problems: list[str] = []
-    pairs = _load_seed(files[0].parent, labels, problems) if kind == "seed" else _load_jsonl(files[0], labels, problems)
+    if kind == "seed":
+        pairs = _load_seed(files[0].parent, labels, problems)
+    else:
+        pairs = (_load_csv if kind == "csv" else _load_jsonl)(files[0], labels, problems)
     if not problems and not pairs:
         problems.append(f"{path}: no prompt pairs found; add at least one pair")
     # a pair written in the shipped prompts' shape carries its parts (scenario, options), for other framings
@@ -278,7 +294,8 @@ def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> Pr
                      for p in pairs if p.base.strip() == p.cf.strip() and p.base_ethical == p.cf_ethical)
     digest = hashlib.sha256()
     for f in files:
-        digest.update(f.name.encode())
+        if kind != "csv":  # a CSV's is the sha256 of its bytes, the checksum its publisher gives
+            digest.update(f.name.encode())
         digest.update(f.read_bytes())
     name = path.name if path.is_dir() else path.stem
     if path.is_dir() and path.resolve().name == "prompts":

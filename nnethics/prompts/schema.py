@@ -78,11 +78,64 @@ class JsonlRecord(BaseModel):
     _id = field_validator("prompt_id")(SeedRecord._id.__func__)
 
 
+class StructuredRecord(BaseModel):
+    """A ``.jsonl`` line written as a dilemma's parts; ``ethical_option`` is the label beside the ethical option in
+    the base prompt, where the options are shown in the order given (``options[0]`` beside the first label)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_id: Any
+    category: Any = None
+    scenario: Any
+    options: Any
+    ethical_option: Any
+    question: Any = None
+
+    _id = field_validator("prompt_id")(SeedRecord._id.__func__)
+    _label = field_validator("ethical_option")(Side._label.__func__)
+
+    @field_validator("scenario")
+    @classmethod
+    def _scenario(cls, v: Any) -> Any:
+        if not isinstance(v, str):
+            raise ValueError(f"'scenario' must be a string, got {json.dumps(v)}; give the dilemma's situation")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _options(cls, v: Any) -> Any:
+        if not isinstance(v, list) or len(v) != 2 or not all(isinstance(o, str) for o in v):
+            raise ValueError(f"'options' must be a list of two strings (the two actions), got {json.dumps(v)}")
+        return v
+
+    @field_validator("question")
+    @classmethod
+    def _question(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"'question' must be a string, got {json.dumps(v)}; give a one-line question or leave "
+                             "it out")
+        return v
+
+
 SEED_REQUIRED = ("prompt_id", "prompt", "ethical_option")
 JSONL_REQUIRED = ("prompt_id", "base", "counterfactual")
+STRUCTURED_REQUIRED = ("prompt_id", "scenario", "options", "ethical_option")
 SEED_FIELDS = sorted(SeedRecord.model_fields)
 JSONL_FIELDS = sorted(JsonlRecord.model_fields)
 SIDE_FIELDS = sorted(Side.model_fields)
+STRUCTURED_FIELDS = sorted(StructuredRecord.model_fields)
+# MoralChoice (Scherrer et al. 2023) CSV: the columns read; the others (a1_death, ...) are ignored
+CSV_REQUIRED = ("scenario_id", "context", "action1", "action2")
+CSV_OPTIONAL = ("ambiguity", "generation_rule")
+
+
+class LabelProblem(str):
+    """A problem line (of :mod:`.files`) for an ethical_option outside --labels; remembers the label so many of them fold into one."""
+
+    def __new__(cls, text: str, found: Any) -> LabelProblem:
+        obj = super().__new__(cls, text)
+        obj.found = found
+        return obj
 
 
 class Errors:
