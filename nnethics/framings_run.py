@@ -103,12 +103,17 @@ def run_framings(model: Any, prompts: Any, framings: Sequence[Framing], store: s
     return out
 
 
-def analyze_framings(model: Any, prompts: Any, framings: Sequence[Framing], analyses: Sequence[str], *,
+def analyze_framings(model: Any, prompts: Any, framings: str | Sequence[Framing], analyses: Sequence[str], *,
                      chat: bool | None = None, batch_size: int = 8, note: Callable[[str], None] | None = None,
-                     **options: Any) -> dict[str, xr.Dataset]:
-    """In memory, what :func:`run_framings` writes: ``{"framings/<id>/<name>": Dataset, "cloze": ..., "framings":
-    ...}`` (the keys are the files' paths under the model folder, without ``.nc``)."""
+                     templates: Mapping[str, str] | None = None, **options: Any) -> dict[str, xr.Dataset]:
+    """In memory, what :func:`run_framings` writes (``ne.analyze(..., framings=...)``): ``{"framings/<id>/<name>":
+    Dataset, "cloze": ..., "framings": ...}``, the keys being the files' paths under the model folder without
+    ``.nc``. ``framings``: ``"default"``, ``"all"``, ``"binding"``, ids with ``*`` (with ``templates``: extra ones by
+    name), or a list of :class:`~nnethics.framings.Framing`."""
+    from .framings import select
     from .pipeline import analyze
+
+    framings = select(framings, templates) if isinstance(framings, str) else list(framings)
 
     sets, _ = prepare(prompts, framings)
     check_model(model, framings, sets, chat)

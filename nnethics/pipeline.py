@@ -180,9 +180,8 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
             templates: dict[str, str] | None = None, **options: Any) -> dict[str, xr.Dataset]:
     """Run each named analysis (default: every default one) over every pair in memory; ``{name: Dataset}``.
 
-    Each Dataset is the one ``nnethics run`` (or the analysis' command) writes to ``store/<model>/<name>.nc`` for
-    the same inputs: the same variables, ``finalize`` applied, the same provenance attrs and fingerprint (only
-    ``created`` differs). ``prompts``: a :class:`PromptSet` (``ne.load_prompts(...)``) or a list of
+    Each Dataset is the one ``nnethics run`` (or the analysis' command) writes to ``store/<model>/<name>.nc``: the
+    same variables, ``finalize`` applied, the same provenance and fingerprint (only ``created`` differs). ``prompts``: a :class:`PromptSet` (``ne.load_prompts(...)``) or a list of
     :class:`PromptPair` (recorded as prompt set ``"pairs"`` with the sha256 of the pairs). ``options``: one
     keyword per analysis name with its Options (``patching=PatchingOptions(layers=(0, 1))``; a variant such as
     ``patching_grid`` takes its analysis' class, with the variant's fixed values applied). ``labels`` (for a list
@@ -190,12 +189,7 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
     ``--batch-size``): pairs run in chunks of ``batch_size`` as there, because a batched forward's floats depend on
     what else is in the batch (padding), so the same chunks give the same bits.
 
-    ``framings`` (``"default"``, ``"all"``, ``"binding"``, ids with ``*``, or a list of
-    :class:`~nnethics.framings.Framing`; ``templates``: extra templates by name) runs the analyses in each framing of
-    the structured pairs, as ``nnethics run --framings``; the keys are then the files' paths under the model folder
-    without ``.nc``: ``"framings/<id>/<name>"`` per framing and analysis (decisions always among them), ``"cloze"``
-    and ``"framings"`` (the decision across framings).
-    """
+    ``framings``/``templates``: as ``run --framings``/``--templates`` (keys: :func:`.framings_run.analyze_framings`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if not isinstance(prompts, PromptSet):
@@ -204,11 +198,9 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
         prompts = dataclasses.replace(prompts, labels=tuple(labels))
     names = tuple(analyses) if analyses is not None else default_names()
     if framings is not None:
-        from .framings import select
         from .framings_run import analyze_framings
-
-        chosen = select(framings, templates) if isinstance(framings, str) else list(framings)
-        return analyze_framings(model, prompts, chosen, names, chat=chat, batch_size=batch_size, note=note, **options)
+        return analyze_framings(model, prompts, framings, names, chat=chat, batch_size=batch_size, note=note,
+                                templates=templates, **options)
     unknown = [n for n in (*names, *options) if n not in ANALYSES]
     if unknown:
         raise ValueError(f"unknown analysis {unknown[0]!r}; one of {', '.join(ANALYSES)}")
