@@ -6,7 +6,7 @@ import importlib
 
 from .base import ANALYSES, Analysis, OptionError, analyses, default_names, file_names, option, register, unregister
 
-BUILTIN = ("decisions", "patching", "attribution", "lens", "heads")
+BUILTIN = ("decisions", "patching", "attribution", "lens", "heads", "cloze")
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")
 
