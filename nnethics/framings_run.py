@@ -5,6 +5,7 @@ Layout of a model folder after ``nnethics run --framings ...``::
     store/<model>/framings/<framing id>/<analysis>.nc   each framing's files (attrs and a ``framing`` coordinate)
     store/<model>/cloze.nc                                the cloze readout of the structured pairs (no framing)
     store/<model>/framings.nc                             the decision across framings and its verdict
+    store/<model>/binding.nc (binding_grid.nc)           content swap vs label swap, where both ran with patching
 
 The model folder's own ``decisions.nc`` etc. are the prompts' own text, as without ``--framings``: a framed run
 never touches them. :func:`run_framings` (the CLI) and :func:`analyze_framings` (``ne.analyze(...,
@@ -24,6 +25,7 @@ from .framings import Framing, check_labels, frame, structured
 
 SUMMARY = "framings"  # store/<model>/framings.nc
 CLOZE = "cloze"
+BINDING = "binding"  # store/<model>/binding.nc: content swap vs label swap (nnethics.binding)
 FOLDER = "framings"  # store/<model>/framings/<id>/
 
 
@@ -65,6 +67,29 @@ def summary(decisions: Mapping[str, xr.Dataset], cloze: xr.Dataset | None, attrs
     return describe(ds)
 
 
+def binding_couples(framings: Sequence[Framing]) -> list[tuple[Framing, Framing]]:
+    """``(content framing, label swap)`` of each template and label set run both ways (``fwd`` with ``swap``)."""
+    by = {f.id: f for f in framings}
+    return [(by[f"{f.template}.{f.label_set}.fwd"], f) for f in framings
+            if f.order == "swap" and f"{f.template}.{f.label_set}.fwd" in by]
+
+
+def binding_results(framings: Sequence[Framing], get: Callable[[str, str], xr.Dataset | None]) -> dict[str, xr.Dataset]:
+    """binding.nc (and binding_grid.nc) of the first content/label-swap couple whose patching (grid) files exist:
+    ``{"binding": ds, "binding_grid": ds}``; ``get(framing id, analysis file name)`` reads a framing's file or
+    gives None."""
+    from .binding import binding_dataset
+    from .store.variables import describe
+
+    out: dict[str, xr.Dataset] = {}
+    for content, label in binding_couples(framings):
+        for name, target in (("patching", BINDING), ("patching_grid", f"{BINDING}_grid")):
+            a, b = get(content.id, name), get(label.id, name)
+            if target not in out and a is not None and b is not None:
+                out[target] = describe(binding_dataset(a, b))
+    return out
+
+
 def summary_attrs(model: Any, prompts: Any, framings: Sequence[Framing]) -> dict:
     from .store import provenance
 
@@ -100,6 +125,15 @@ def run_framings(model: Any, prompts: Any, framings: Sequence[Framing], store: s
     target = Path(store) / model.slug / f"{SUMMARY}.nc"
     write_atomic(ds, target)
     out[SUMMARY] = (str(target), "")
+
+    def stored(fid: str, name: str) -> xr.Dataset | None:
+        path = framing_folder(store, model, fid) / f"{name}.nc"
+        return xr.load_dataset(path) if f"{FOLDER}/{fid}/{name}" in out and path.exists() else None
+
+    for name, ds in binding_results(framings, stored).items():
+        target = Path(store) / model.slug / f"{name}.nc"
+        write_atomic(ds, target)
+        out[name] = (str(target), str(ds.attrs.get("binding", "")))
     return out
 
 
@@ -126,4 +160,5 @@ def analyze_framings(model: Any, prompts: Any, framings: str | Sequence[Framing]
     out[CLOZE] = analyze(model, source, [CLOZE], chat=chat, batch_size=batch_size, note=note)[CLOZE]
     decisions = {f.id: out[f"{FOLDER}/{f.id}/decisions"] for f in framings}
     out[SUMMARY] = summary(decisions, out[CLOZE], summary_attrs(model, prompts, framings))
+    out.update(binding_results(framings, lambda fid, name: out.get(f"{FOLDER}/{fid}/{name}")))
     return out

@@ -203,3 +203,22 @@ def test_parse_refuses_inconsistent_pairs():
     assert parse_pair(p.base, p.base, "2", "1", ("1", "2")) is None  # options not swapped
     assert parse_pair(p.base, p.cf.replace("A nurse", "A doctor"), "2", "1", ("1", "2")) is None
     assert parse_pair(p.base, p.cf, "2", "1", ("A", "B")) is None
+
+
+def test_binding_run_writes_binding_nc_as_the_api_does(tiny_model_dir, tmp_path):
+    """--framings binding with patching: binding.nc beside framings.nc, the same Dataset as ne.analyze's."""
+    res = CliRunner().invoke(cli, ["run", "--model", str(tiny_model_dir), "--limit", "3", "--store", str(tmp_path),
+                                   "--no-progress", "--batch-size", "2", "--analyses", "decisions,patching",
+                                   "--framings", "binding"])
+    assert res.exit_code == 0, res.output
+    folder = tmp_path / tiny_model_dir.name.lower()
+    stored = ne.load(folder / "binding.nc")
+    assert stored.attrs["content_framing"] == "ethical.12.fwd" and stored.attrs["label_framing"] == "ethical.12.swap"
+    assert f"binding: {folder / 'binding.nc'}" in res.output
+    model = ne.load_model(str(tiny_model_dir))
+    got = ne.analyze(model, ne.load_prompts(PROMPTS).subset(limit=3), ["decisions", "patching"], batch_size=2,
+                     framings="binding")
+    ours = got["binding"]
+    for v in stored.variables:
+        np.testing.assert_array_equal(stored[v].values, ours[v].values, err_msg=v)
+    assert stored.attrs["binding"] == ours.attrs["binding"]
