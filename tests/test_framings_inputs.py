@@ -267,7 +267,7 @@ def test_structured_records_take_the_sets_labels(tmp_path):
 
 
 def test_a_mixed_file_keeps_free_text_pairs_out_of_the_framings(tmp_path):
-    shipped_line = json.loads((PROMPTS / "example_pairs.jsonl").read_text().splitlines()[0])
+    shipped_line = json.loads((PROMPTS / "examples" / "example_pairs.jsonl").read_text().splitlines()[0])
     f = _write(tmp_path, "mixed.jsonl", _jsonl(_st("s1"), _free("f1"), shipped_line))
     ps = load_prompts(f)
     by_id = {p.prompt_id: p for p in ps.pairs}

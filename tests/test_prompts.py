@@ -45,7 +45,7 @@ def test_shipped_prompts_are_valid():
 
 
 def test_jsonl_layout(tmp_path):
-    ps = load_prompts(PROMPTS / "example_pairs.jsonl")
+    ps = load_prompts(PROMPTS / "examples" / "example_pairs.jsonl")
     assert len(ps) == 3 and ps.pairs[0].prompt_id == "example_001"
 
 
