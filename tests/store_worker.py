@@ -22,7 +22,7 @@ SLUG = "fake"
 
 
 class FakeModel:
-    slug = SLUG
+    slug = store_folder = SLUG
 
     def provenance(self) -> dict[str, str]:
         return {"model_id": "fake/model", "dtype": "float32"}

@@ -19,7 +19,7 @@ LINE = re.compile(r"^fake \[fake\]: (\d+)/(\d+) prompts \[\d\d:\d\d<(\d\d:\d\d|\
 
 
 class _FakeModel:
-    slug = "fake"
+    slug = store_folder = "fake"
 
     def provenance(self):
         return {"model_id": "fake/model", "dtype": "float32"}

@@ -45,7 +45,7 @@ def test_cli_remote_run_of_the_default_model_gets_past_loading_without_the_hub(b
     res = CliRunner().invoke(cli, ["run", "--remote", "--limit", "1", "--analyses", "decisions", "--store",
                                    str(tmp_path), "--no-progress"])
     # Loading worked; the request then fails to connect (nothing listens on port 9): a connection error, not a hub one.
-    assert res.exit_code == 1, res.output
+    assert res.exit_code == 3, res.output  # a remote failure: neither a crash (1) nor bad input (2)
     assert "could not complete a request to NDIF at http://127.0.0.1:9" in res.output
     assert "hub" not in res.output.lower() and "Traceback" not in res.output
     assert torch.tensor(0).device.type == "cpu"

@@ -31,7 +31,7 @@ def _worker(*args: str) -> subprocess.Popen:
 
 
 class _FakeModel:
-    slug = "fake"
+    slug = store_folder = "fake"
 
     def provenance(self):
         return {"model_id": "fake/model", "dtype": "float32"}

@@ -105,7 +105,7 @@ def _fake_analysis(calls):
 
 
 class _FakeModel:
-    slug = "fake"
+    slug = store_folder = "fake"
 
     def provenance(self):
         return {"model_id": "fake/model", "dtype": "float32"}

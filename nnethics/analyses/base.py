@@ -39,6 +39,7 @@ compute code imports its engines when it runs, so the report and ``import nnethi
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -75,14 +76,16 @@ class OptionSpec:
     parse: Callable[[str], Any] | None = None  # the text syntax of the option (e.g. parse_layers)
     metavar: str | None = None
     cli: bool = True  # False: API-only (a test keeps the list of those short and justified)
+    finite: bool = True  # False: NaN and ±inf are allowed values (no field needs that today)
 
 
 def option(default: Any, help: str, *, choices: Sequence[str] | None = None, min: float | None = None,
            max: float | None = None, min_open: bool = False, parse: Callable[[str], Any] | None = None,
-           metavar: str | None = None, cli: bool = True) -> Any:
-    """A field of an analysis' ``Options`` dataclass, with what its CLI option and its validation need."""
+           metavar: str | None = None, cli: bool = True, finite: bool = True) -> Any:
+    """A field of an analysis' ``Options`` dataclass, with what its CLI option and its validation need. A number
+    must be finite (no NaN, no ±inf) unless ``finite=False``, then within ``min``/``max``."""
     spec = OptionSpec(help=help, choices=tuple(choices) if choices is not None else None, min=min, max=max,
-                      min_open=min_open, parse=parse, metavar=metavar, cli=cli)
+                      min_open=min_open, parse=parse, metavar=metavar, cli=cli, finite=finite)
     return field(default=default, metadata={"nnethics": spec})
 
 
@@ -132,6 +135,8 @@ def check_values(opts: Any) -> None:
                 raise OptionError(f.name, f"{item!r} is not one of {', '.join(spec.choices)}")
             if isinstance(item, bool) or not isinstance(item, (int, float)):
                 continue
+            if spec.finite and not math.isfinite(item):  # NaN passes every bound below: refuse it first
+                raise OptionError(f.name, f"must be a finite number, got {item}")
             if spec.min is not None and (item < spec.min or (spec.min_open and item == spec.min)):
                 raise OptionError(f.name, f"must be {'>' if spec.min_open else '>='} {spec.min:g}, got {item}")
             if spec.max is not None and item > spec.max:
@@ -286,3 +291,11 @@ def default_names() -> tuple[str, ...]:
 def file_names() -> tuple[str, ...]:
     """Every result file name of every registered analysis, in registry order."""
     return tuple(name for a in analyses() for name in a.names)
+
+
+def not_a_result(name: str, attrs: Mapping[str, Any]) -> str | None:
+    """Why a file named ``<name>.nc`` is not an nnethics result of that analysis (its ``analysis`` attribute names
+    no registered analysis, or another one; variants share their analysis'), in words; None when it is one."""
+    if name in ANALYSES and ANALYSES.get(str(attrs.get("analysis", ""))) is ANALYSES[name]:
+        return None
+    return f"not an nnethics {name!r} result (its 'analysis' attribute is {attrs.get('analysis')!r})"

@@ -327,8 +327,17 @@ def summarize(ds: xr.Dataset) -> str:
     return f"{ds.sizes['prompt']} pairs, {ds.sizes['layer']} layers; " + "; ".join(parts)
 
 
+def check_model(model: Any, options: LensOptions) -> None:
+    """``k`` against the model's vocabulary (topk of more tokens than there are would fail mid-run)."""
+    vocab = getattr(model.config, "vocab_size", None)
+    if isinstance(vocab, int) and not isinstance(vocab, bool) and options.k > vocab:
+        raise OptionError("k", f"the model's vocabulary has {vocab} tokens (vocab_size in its config), got "
+                               f"{options.k}; pass --k {vocab} or less")
+
+
 ANALYSIS = register(Analysis(
     name="lens", options=LensOptions, compute=logit_lens, summarize=summarize, prepare=prepare, command="lens run",
+    check=check_model,
     help="Compute STORE/<model>/lens.nc (logit lens, and the tuned lens when one is given or cached).",
     tables=export.lens_tables,
     render=("nnethics.render.lens",), shares=_shares))

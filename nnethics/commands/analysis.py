@@ -16,7 +16,16 @@ from typing import Any
 import click
 
 from ..analyses.base import ANALYSES, Analysis, OptionSpec, option_fields
-from .common import friendly, load_model_from_options, load_prompt_set, model_options, prompt_options, store_options
+from .common import (
+    FiniteFloat,
+    before_loading,
+    friendly,
+    load_model_from_options,
+    load_prompt_set,
+    model_options,
+    prompt_options,
+    store_options,
+)
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -61,9 +70,9 @@ def click_option(f: dataclasses.Field, spec: OptionSpec, tp: Any) -> Callable:
         return click.option(flag, f.name, type=int, **kw)
     if base is int:
         return click.option(flag, f.name, type=click.IntRange(min=spec.min, max=spec.max), **kw)
-    if base is float:
-        return click.option(flag, f.name, type=click.FloatRange(min=spec.min, max=spec.max, min_open=spec.min_open),
-                            **kw)
+    if base is float:  # finite unless the field declares otherwise (one rule with check_values)
+        kind = FiniteFloat if spec.finite else click.FloatRange
+        return click.option(flag, f.name, type=kind(min=spec.min, max=spec.max, min_open=spec.min_open), **kw)
     if base is str:
         return click.option(flag, f.name, type=str, **kw)
     raise TypeError(f"{f.name}: no CLI syntax for {tp}; give the option a parse=")
@@ -107,11 +116,13 @@ def analysis_command(analysis: Analysis, name: str | None = None) -> click.Comma
         # OptionError on a bad mix, before anything is loaded
         options = analysis.make_options(None, labels=tuple(labels), chat=chat, **{k: values[k] for k in fields})
         prompts = load_prompt_set(prompts_path, labels, limit)
-        model = load_model_from_options(model_spec, revision, device, device_map, dtype, quantize, remote, token)
+        out = analysis.name_for(options)
+        with before_loading(store, model_spec, quantize, remote, lock_timeout, prompts, {out: (analysis, options)},
+                            overwrite):
+            model = load_model_from_options(model_spec, revision, device, device_map, dtype, quantize, remote, token)
         if analysis.check is not None:
             analysis.check(model, options)
         ctx = make_context(model, prompts, chat)
-        out = analysis.name_for(options)
         path, summary = run_one(out, model, prompts, str(store), ctx, batch_size, progress, overwrite=overwrite,
                                 lock_timeout=lock_timeout, options=options,
                                 note=lambda text: click.echo(f"note: {text}", err=True))

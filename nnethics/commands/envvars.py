@@ -14,9 +14,11 @@ ENVIRONMENT: tuple[tuple[str, str], ...] = (
     ("NNETHICS_REMOTE", "default of --remote/--local (1: run on NDIF)"),
     ("NNETHICS_CONFIG", "models file for --model keys (default: config/models.json)"),
     ("NNETHICS_CACHE", "cache of the built-in model and trained lenses (default: ~/.cache/nnethics)"),
-    ("NNETHICS_NDIF_RETRIES", "extra attempts after a dropped NDIF connection (default 3)"),
-    ("NNETHICS_NDIF_TIMEOUT", "seconds of NDIF silence before an attempt is abandoned (default 900)"),
-    ("NNETHICS_NDIF_BACKOFF", "first wait in seconds between NDIF attempts, doubled each time (default 2)"),
+    ("NNETHICS_NDIF_RETRIES", "extra attempts after a dropped NDIF connection (default 3; 0 to 100)"),
+    ("NNETHICS_NDIF_TIMEOUT", "seconds of NDIF silence before an attempt is abandoned (default 900; above 0, "
+                              "at most 86400)"),
+    ("NNETHICS_NDIF_BACKOFF", "first wait in seconds between NDIF attempts, doubled each time (default 2; 0 to "
+                              "3600)"),
     ("NDIF_API_KEY", "NDIF API key for --remote (secret: never printed or stored)"),
     ("NDIF_HOST", "NDIF server URL (default: nnsight's config, else https://api.ndif.us)"),
     ("HF_TOKEN", "default of --token, Hugging Face token for gated models (secret: never printed or stored)"),

@@ -8,7 +8,15 @@ import click
 
 from ..analyses.lens import ANALYSIS
 from .analysis import analysis_command
-from .common import DEFAULT_STORE, BadInput, checked_store, friendly, load_model_from_options, model_options
+from .common import (
+    DEFAULT_STORE,
+    BadInput,
+    FiniteFloat,
+    checked_store,
+    friendly,
+    load_model_from_options,
+    model_options,
+)
 
 
 def _corpus_errors():
@@ -29,19 +37,19 @@ def lens_group() -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Lens folder (default: $NNETHICS_CACHE/lenses/<model>/, which `nnethics run` picks up).")
 @click.option("--steps", type=click.IntRange(min=1), default=200, show_default=True, help="Optimizer steps.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-3, show_default=True, help="Adam learning rate.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=128, show_default=True, help="Positions per step.")
 @click.option("--train-tokens", type=click.IntRange(min=2), default=16384, show_default=True,
               help="Training tokens whose residuals are cached (float32: layers x tokens x d_model x 4 bytes).")
 @click.option("--eval-tokens", type=click.IntRange(min=2), default=1024, show_default=True,
               help="Held-out tokens `lens eval` uses by default.")
 @click.option("--seq-len", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per window.")
-@click.option("--heldout", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
+@click.option("--heldout", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.1, show_default=True,
               help="Fraction of documents held out for evaluation.")
-@click.option("--chat-fraction", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--chat-fraction", type=FiniteFloat(0, 1), default=0.5, show_default=True,
               help="Fraction of documents wrapped in the chat template, like the analysed prompts.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weight-decay", type=FiniteFloat(min=0), default=0.0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True)
 @click.option("--matmul-dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="dtype of the unembedding matmuls while training (auto: bfloat16 where faster).")
 @click.option("--restart", is_flag=True, help="Ignore a checkpoint left by an interrupted run.")

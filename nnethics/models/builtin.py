@@ -27,12 +27,46 @@ class BuiltinModelMissing(RuntimeError):
     """The wheel carrying the built-in model's GGUF file is not installed."""
 
 
+class CacheError(BuiltinModelMissing):
+    """The built-in model is not cached yet and its cache folder (``NNETHICS_CACHE``) cannot take it: a file, or
+    not writable. A bad input (exit code 2) like a missing wheel: the built-in model cannot be made ready."""
+
+
 def is_builtin(spec: str) -> bool:
     return spec in BUILTIN_ALIASES
 
 
+CACHE_ENV = "NNETHICS_CACHE"
+
+
 def cache_root() -> Path:
-    return Path(os.environ.get("NNETHICS_CACHE") or Path.home() / ".cache" / "nnethics")
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "nnethics")
+
+
+def is_cached() -> bool:
+    target = cached_dir()
+    return (target / "config.json").exists() and any(target.glob("*.safetensors"))
+
+
+def check_cache() -> None:
+    """Raise :class:`CacheError` unless the built-in model is cached, or its cache folder is (or can become) a
+    writable folder; creates nothing. Run before the de-quantization (and by the CLI before anything loads)."""
+    if is_cached():
+        return
+    root = cache_root()
+    named = f"{CACHE_ENV}={root}" if os.environ.get(CACHE_ENV) else f"the cache folder {root}"
+    fix = f"point {CACHE_ENV} at a folder you can write to" + (", or unset it" if os.environ.get(CACHE_ENV) else "")
+    probe = root
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CacheError(f"{named}: {probe} is a file, not a folder, so the built-in model cannot be cached there; {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".nnethics-write-test-", suffix=".tmp"):
+            pass
+    except OSError as e:
+        raise CacheError(f"{named}: not writable ({e.strerror or e}), so the built-in model cannot be cached there; "
+                         f"{fix}") from None
 
 
 def gguf_path() -> Path:
@@ -66,8 +100,9 @@ def ensure_cached(progress: bool = False) -> Path:
     first load never leaves a half-written cache behind.
     """
     target = cached_dir()
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+    if is_cached():
         return target
+    check_cache()  # a file or a read-only folder: one line now, not a traceback after 15 s of de-quantizing
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging

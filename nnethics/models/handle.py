@@ -28,6 +28,18 @@ from .remote.backend import register_nnethics
 T = TypeVar("T")
 
 
+def slug_of(name: str, quantization: str | None = None) -> str:
+    """The store folder of a model named ``name`` (a hub id's last part, a ``.gguf`` file's stem, a folder's name),
+    with its runtime quantization: :attr:`ModelHandle.slug`, and :func:`~nnethics.models.loading.store_slug` before
+    the model loads."""
+    base = name.rstrip("/").split("/")[-1] if "/" in name else name
+    base = re.sub(r"\.gguf$", "", base)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower()
+    if quantization:
+        slug += f"-{quantization}"
+    return slug or "model"
+
+
 @dataclass
 class ModelHandle:
     """An nnsight-wrapped model with everything the analyses need to address it uniformly.
@@ -86,12 +98,7 @@ class ModelHandle:
     @property
     def slug(self) -> str:
         """Folder name for this model under the store."""
-        base = self.name.rstrip("/").split("/")[-1] if "/" in self.name else self.name
-        base = re.sub(r"\.gguf$", "", base)
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-").lower()
-        if self.quantization:
-            slug += f"-{self.quantization}"
-        return slug or "model"
+        return slug_of(self.name, self.quantization)
 
     @property
     def store_folder(self) -> str:

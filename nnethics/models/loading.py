@@ -19,7 +19,7 @@ from . import builtin
 from .adapters import adapter_for
 from .checks import check_adapter
 from .errors import ModelLoadError
-from .handle import ModelHandle
+from .handle import ModelHandle, slug_of
 from .remote.loading import load_remote_model
 from .secrets import load_model_config, redact, resolve_token
 
@@ -227,6 +227,32 @@ def load_model(
     return wrap_model(hf_model, tokenizer, name=name, revision=revision, dtype=dtype_name,
                       device=str(device_map) if device_map else str(device), quantization=quantize, source=source,
                       check=check)
+
+
+def store_slug(spec: str = builtin.BUILTIN_NAME, *, quantize: str | None = None, remote: bool | str = False) -> str:
+    """The store folder (:attr:`ModelHandle.slug`) that :func:`load_model` with these arguments gives, found without
+    loading anything, so that a busy folder or a conflicting stored result is reported before a long load. Exact
+    for the built-in model, a local folder, a ``.gguf`` file and a hub id loaded here; for a hub id on NDIF the
+    loaded handle carries the hub's spelling of the id, whose last part may differ (a renamed repository), in which
+    case the run locks and checks the loaded model's folder after the load, as before."""
+    configured = load_model_config().get(spec)
+    if configured is not None:
+        spec, remote = configured.name, remote or configured.remote
+    spec, _ = _split_revision(spec)
+    path = Path(spec).expanduser()
+    if builtin.is_builtin(spec):
+        name = builtin.BUILTIN_HUB_ID
+    elif remote:  # the id NDIF knows it by where already looked up (no hub look-up here); no runtime quantization
+        from nnsight.modeling.huggingface import _ID_CACHE
+
+        return slug_of(_ID_CACHE.get(spec, spec))
+    elif path.suffix == ".gguf":
+        name = path.name
+    elif path.is_dir():
+        name = path.resolve().name
+    else:
+        name = spec
+    return slug_of(name, None if remote else quantize)
 
 
 def model_cache_info() -> dict[str, str]:

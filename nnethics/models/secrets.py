@@ -83,9 +83,14 @@ def _entry_problem(path: Path, key: str, entry: dict, err: ValidationError) -> s
 
 
 def load_model_config(path: Path | None = None) -> dict[str, ConfiguredModel]:
-    """Read the configured models; a missing file means no configured models."""
+    """Read the configured models; a missing ``config/models.json`` means no configured models, but a missing file
+    that ``NNETHICS_CONFIG`` names is an error (a typo there must not send a --model key to the hub)."""
+    named = path is None and bool(os.environ.get(CONFIG_ENV))
     path = path or config_path()
     if not path.exists():
+        if named:
+            raise ConfigError(f"{CONFIG_ENV}={path}: no such file; create it, fix the path, or unset {CONFIG_ENV} to "
+                              f"use {DEFAULT_CONFIG}")
         return {}
     try:
         raw = json.loads(path.read_bytes().decode("utf-8-sig"))

@@ -23,8 +23,10 @@ nothing is written downstream) while any problem remains. The record schema is t
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from .schema import (
     JsonlRecord,
     LabelProblem,
     SeedRecord,
+    nul_problem,
 )
 from .schema import norm_label as _norm_label
 
@@ -59,12 +62,29 @@ def _read_text(path: Path, problems: list[str], missing: str) -> str | None:
     except IsADirectoryError:
         problems.append(f"{path}: is a folder, not a file; {missing}")
         return None
+    except OSError as e:  # a symbolic link loop, no permission, an I/O error: a line, not a traceback
+        problems.append(_loop_problem(path) if e.errno == errno.ELOOP else
+                        f"{path}: cannot be read ({e.strerror or e}); fix its permissions, or {missing}")
+        return None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         problems.append(f"{path} line {line}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8")
         return None
+
+
+def _loop_problem(path: Path) -> str:
+    return (f"{path}: is a symbolic link loop (Too many levels of symbolic links: it points back at itself); "
+            "point it at the real file, or pass the file itself to --prompts")
+
+
+def _is_loop(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 def _read_json(path: Path, problems: list[str]) -> Any:
@@ -137,6 +157,8 @@ def _seed_records(path: Path, data: Any, labels: Sequence[str], problems: list[s
             problems.append(f"{where}: {errs.message(('prompt_id',))}")
             continue
         pid = str(pid)
+        if nul := nul_problem(where, rec):  # kept for the pairing check: the input is refused all the same
+            problems.append(nul)
         if pid in out:
             problems.append(f"{where}: duplicate prompt_id {pid!r} (first at record {out[pid]['_index']}); ids must be unique")
             continue
@@ -162,6 +184,11 @@ def _load_seed(folder: Path, labels: Sequence[str], problems: list[str]) -> list
         if pid not in cf:
             continue
         c = cf[pid]
+        if type(b["prompt_id"]) is not type(c["prompt_id"]):  # 5 and "5": JSON tells them apart, so we do too
+            problems.append(f"{cf_path} record {c['_index']}: prompt_id {json.dumps(c['prompt_id'])} is not "
+                            f"{base_path} record {b['_index']}'s prompt_id {json.dumps(b['prompt_id'])} (a number and "
+                            f"a string); write it the same way in both files, e.g. {json.dumps(pid)}")
+            continue
         pairs.append(
             PromptPair(
                 prompt_id=pid,
@@ -212,6 +239,9 @@ def _load_jsonl(path: Path, labels: Sequence[str], problems: list[str]) -> list[
         unknown = sorted(errs.fields("extra_forbidden"))
         if unknown:
             problems.append(f"{where}: unknown field(s) {unknown}; allowed fields are {JSONL_FIELDS}")
+        if nul := nul_problem(where, rec):  # before the duplicate check: ids that differ after a NUL would merge
+            problems.append(nul)
+            continue
         if pid in seen:
             problems.append(f"{where}: duplicate prompt_id {pid!r} (first on line {seen[pid]}); ids must be unique")
             continue
@@ -245,8 +275,10 @@ def _load_csv(path: Path, labels: Sequence[str], problems: list[str]) -> list[Pr
 
 
 def _files_for(path: Path) -> tuple[str, list[Path]]:
+    if _is_loop(path):
+        raise PromptError([_loop_problem(path)])
     if path.is_dir():
-        if (path / BASE_FILE).exists() or (path / CF_FILE).exists():
+        if any(os.path.lexists(path / f) for f in (BASE_FILE, CF_FILE)):  # a broken or looping link is read, and named
             return "seed", [path / BASE_FILE, path / CF_FILE]
         found = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.csv"))
         if len(found) == 1:
@@ -267,12 +299,42 @@ def _files_for(path: Path) -> tuple[str, list[Path]]:
                        "file or a MoralChoice .csv file"])
 
 
+def _pair_warnings(path: Path, pairs: Sequence[PromptPair]) -> list[tuple[str, str]]:
+    """Pairs that load but cannot work: a counterfactual identical to its base, with the same ethical_option (it
+    cannot move the decision) or another one (one text, two ethical answers: every choice is ethical on one side)."""
+    out = []
+    for p in pairs:
+        if p.base.strip() != p.cf.strip():
+            continue
+        if p.base_ethical == p.cf_ethical:
+            out.append((p.prompt_id, f"{path}: prompt_id {p.prompt_id!r}: the counterfactual is identical to the base "
+                        f"prompt with the same ethical_option {p.base_ethical!r}, so it cannot move the decision; "
+                        "swap the options in the counterfactual"))
+        else:
+            out.append((p.prompt_id, f"{path}: prompt_id {p.prompt_id!r}: the counterfactual is identical to the base "
+                        f"prompt but its ethical_option is {p.cf_ethical!r} where the base's is {p.base_ethical!r}: "
+                        "one text with two ethical answers; swap the options in the counterfactual's text"))
+    return out
+
+
+def _folder_warnings(path: Path, kind: str) -> list[tuple[str, str]]:
+    """A folder holding the seed files and a .jsonl or .csv as well: which one was read (a note on the input as a
+    whole: prompt_id "", printed as ``note: ...``)."""
+    others = sorted(path.glob("*.jsonl")) + sorted(path.glob("*.csv")) if path.is_dir() and kind == "seed" else []
+    if not others:
+        return []
+    return [("", f"{path}: read {BASE_FILE} + {CF_FILE} (the seed layout); the folder also holds "
+                 f"{', '.join(f.name for f in others)}, not read (pass --prompts {others[0]} to read it instead)")]
+
+
 def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> PromptSet:
     """Load and validate prompt pairs; raises :class:`PromptError` listing every problem."""
     path = Path(path)
     labels = tuple(str(x) for x in labels)
     if len(labels) != 2 or labels[0] == labels[1]:
         raise PromptError([f"answer labels must be two different strings, got {list(labels)}"])
+    if nul := nul_problem("--labels", {f"label {i}": label for i, label in enumerate(labels, 1)}):
+        raise PromptError([nul])
     kind, files = _files_for(path)
     problems: list[str] = []
     if kind == "seed":
@@ -288,10 +350,7 @@ def load_prompts(path: str | Path, labels: Sequence[str] = DEFAULT_LABELS) -> Pr
     if problems:
         folded = _fold_label_problems(path, labels, problems)
         raise PromptError(folded) if len(folded) > 1 or folded == problems else LabelMismatch(folded)
-    warnings = tuple((p.prompt_id, f"{path}: prompt_id {p.prompt_id!r}: the counterfactual is identical to the base "
-                      f"prompt with the same ethical_option {p.base_ethical!r}, so it cannot move the decision; swap "
-                      "the options in the counterfactual")
-                     for p in pairs if p.base.strip() == p.cf.strip() and p.base_ethical == p.cf_ethical)
+    warnings = (*_folder_warnings(path, kind), *_pair_warnings(path, pairs))
     digest = hashlib.sha256()
     for f in files:
         if kind != "csv":  # a CSV's is the sha256 of its bytes, the checksum its publisher gives

@@ -53,7 +53,7 @@ class PromptSet:
     sha256: str
     labels: tuple[str, ...] = DEFAULT_LABELS
     files: tuple[str, ...] = field(default_factory=tuple)
-    warnings: tuple[tuple[str, str], ...] = ()  # (prompt_id, message): pairs that load but look wrong
+    warnings: tuple[tuple[str, str], ...] = ()  # (prompt_id, message): pairs that load but look wrong; ("", note)
     framing: str = ""  # the framing id the pairs were rendered in (nnethics.framings.frame), "" for their own text
 
     def __len__(self) -> int:
@@ -71,4 +71,4 @@ class PromptSet:
             pairs = pairs[:limit]
         kept = {p.prompt_id for p in pairs}
         return PromptSet(pairs, self.name, self.sha256, self.labels, self.files,
-                         tuple(w for w in self.warnings if w[0] in kept), self.framing)
+                         tuple(w for w in self.warnings if w[0] in kept or w[0] == ""), self.framing)

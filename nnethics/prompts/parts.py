@@ -23,6 +23,7 @@ from .schema import (
     Errors,
     LabelProblem,
     StructuredRecord,
+    nul_problem,
 )
 from .schema import norm_label as _norm_label
 
@@ -70,6 +71,9 @@ def structured_line(path: Path, n: int, rec: dict, labels: Sequence[str], proble
     if unknown:
         problems.append(f"{where}: unknown field(s) {unknown}; allowed fields of a structured line are "
                         f"{STRUCTURED_FIELDS}")
+    if nul := nul_problem(where, rec):  # before the duplicate check: ids that differ after a NUL would merge
+        problems.append(nul)
+        return None
     if pid in seen:
         problems.append(f"{where}: duplicate prompt_id {pid!r} (first on line {seen[pid]}); ids must be unique")
         return None
@@ -122,6 +126,9 @@ def csv_pairs(path: Path, text: str, labels: Sequence[str], problems: list[str])
             problems.append(f"{path} line {n}: empty scenario_id; give every row a unique id")
             continue
         where = f"{path} line {n} (scenario_id {sid!r})"
+        if nul := nul_problem(where, {k: row[k] for k in (*CSV_REQUIRED, *CSV_OPTIONAL) if k in row}):
+            problems.append(nul)
+            continue
         if sid in seen:
             problems.append(f"{where}: duplicate scenario_id {sid!r} (first on line {seen[sid]}); ids must be unique")
             continue

@@ -25,6 +25,31 @@ def valid_id(pid: Any) -> bool:
     return isinstance(pid, (str, int)) and not isinstance(pid, bool) and str(pid).strip() != ""
 
 
+NUL = "\x00"
+
+
+def nul_fields(value: Any, at: str = "") -> list[str]:
+    """Where the strings of a record hold a NUL character (``prompt_id``, ``base.prompt``, ``options[1]``), in order."""
+    if isinstance(value, str):
+        return [at] if NUL in value else []
+    if isinstance(value, dict):
+        return [f for k, v in value.items() for f in nul_fields(v, f"{at}.{k}" if at else str(k))]
+    if isinstance(value, list):
+        return [f for i, v in enumerate(value) for f in nul_fields(v, f"{at}[{i}]")]
+    return []
+
+
+def nul_problem(where: str, record: Any) -> str | None:
+    """The problem line of a record whose strings hold a NUL, else None. A stored result cannot hold one: NetCDF
+    strings end at it, so a text would be stored cut there and two ids that differ only after it would merge."""
+    found = nul_fields(record)
+    if not found:
+        return None
+    names = ", ".join(f"'{f}'" for f in found)
+    return (f"{where}: {names} contain{'s' if len(found) == 1 else ''} a NUL character (\\u0000), which a stored "
+            "result cannot hold (NetCDF strings end at it: the text would be cut there); remove it")
+
+
 class Side(BaseModel):
     """One side of a pair: the dilemma text and which answer label is the ethical one."""
 

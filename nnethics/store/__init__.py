@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from .atomic import TMP_SUFFIX, tmp_prefix, write_text_atomic, write_via_temp
+from .atomic import TMP_SUFFIX, staged_folder, tmp_prefix, write_problem, write_text_atomic, write_via_temp
 from .files import (
     ENGINE,
     StoreError,
@@ -33,6 +33,6 @@ __all__ = [
     "ENGINE", "FINGERPRINT_KEYS", "PARTS", "SCHEMA_VERSION", "TMP_SUFFIX", "PartStore", "StoreBusy", "StoreConflict",
     "StoreError", "attr_value", "check_store", "describe_differences", "effect_kind", "fingerprint", "load",
     "min_gap", "mixed_settings", "provenance", "read_attrs", "result_files", "result_path", "schema_version",
-    "store_lock", "summarize", "tmp_prefix", "unreadable_results", "upgrade", "write_atomic", "write_text_atomic",
-    "write_via_temp",
+    "staged_folder", "store_lock", "summarize", "tmp_prefix", "unreadable_results", "upgrade", "write_atomic",
+    "write_problem", "write_text_atomic", "write_via_temp",
 ]

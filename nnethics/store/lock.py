@@ -54,14 +54,9 @@ def describe_holder(folder: Path) -> str:
 
 def default_timeout() -> float | None:
     """Seconds to wait for a busy folder: ``$NNETHICS_LOCK_TIMEOUT``, else ``None`` (wait as long as it takes)."""
-    raw = os.environ.get(TIMEOUT_ENV, "").strip()
-    if not raw:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise StoreBusy(f"{TIMEOUT_ENV}={raw!r} is not a number of seconds; set it to e.g. 0 or 600, or unset it") from None
-    return None if value < 0 else value
+    from ..numbers import env_number
+
+    return env_number(TIMEOUT_ENV, None, float, lo=0, unit="seconds")  # NaN, inf or < 0: NumberError (exit code 2)
 
 
 def _lock_for(folder: Path) -> FileLock:
