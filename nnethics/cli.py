@@ -11,6 +11,7 @@ from . import __version__
 from .commands.analysis import AnalysisNames, analysis_command, run_options
 from .commands.common import (
     BadInput,
+    before_loading,
     friendly,
     load_model_from_options,
     load_prompt_set,
@@ -51,7 +52,7 @@ def cli() -> None:
 def run(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat, limit,
         store, overwrite, lock_timeout, batch_size, analyses, atp, framings, templates_path, progress) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
-    from .analyses import default_names
+    from .analyses import ANALYSES, default_names
     from .models.registry import ModelRegistry
     from .models.remote import STATS
     from .pipeline import run_all
@@ -61,8 +62,14 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
     prompts = load_prompt_set(prompts_path, labels, limit)
     chosen = _chosen_framings(framings, templates_path, prompts)
     registry = ModelRegistry()
+    # the stored files' options, checked before each load (without --framings: those write other folders)
+    early = None if chosen else {n: (ANALYSES[n], ANALYSES[n].make_options(
+        n, labels=tuple(prompts.labels), chat=chat, **({"atp": atp} if n == "patching" and atp is not None else {})))
+        for n in wanted}
     for spec in model_spec:
-        model = registry.add(spec, load_model_from_options(spec, revision, device, device_map, dtype, quantize, remote, token))
+        with before_loading(store, spec, quantize, remote, lock_timeout, prompts, early, overwrite):
+            model = registry.add(spec, load_model_from_options(spec, revision, device, device_map, dtype, quantize,
+                                                               remote, token))
         STATS.reset()
         # One writer per model folder for the whole run: the analyses and the report that reads them.
         with store_lock(Path(store) / model.slug, timeout=lock_timeout):
@@ -75,10 +82,7 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
                 results = run_framings(model, prompts, chosen, str(store), wanted, **kwargs)
             else:
                 results = run_all(model, prompts, store=str(store), analyses=wanted, **kwargs)
-            for name, (path, summary) in results.items():
-                click.echo(f"{name}: {path}")
-                if summary:
-                    click.echo(f"  {summary}")
+            _print_results(results, Path(store) / model.slug)
             if model.remote:
                 click.echo(STATS.report(n_pairs=len(prompts) * max(1, len(chosen))), err=True)
             _finish_store(Path(store) / model.slug)
@@ -92,6 +96,23 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
             after = registry.memory_info()
             click.echo(f"unloaded {spec}: process memory {info['rss_bytes'] / 2**20:.0f} MiB -> "
                        f"{after['rss_bytes'] / 2**20:.0f} MiB", err=True)
+
+
+def _print_results(results: dict, model_dir: Path) -> None:
+    """Each file and its summary line; a framed run's per-framing files in one line per framing (the lines that
+    compare the framings come after, from framings.nc)."""
+    framed: dict[str, list[str]] = {}
+    for name, (path, summary) in results.items():
+        parts = name.split("/")
+        if len(parts) == 3 and parts[0] == "framings":
+            framed.setdefault(parts[1], []).append(parts[2])
+            continue
+        click.echo(f"{name}: {path}")
+        if summary:
+            click.echo(f"  {summary}")
+    if framed:
+        click.echo(f"{len(framed)} framing(s) in {model_dir / 'framings'}/<id>/: "
+                   f"{', '.join(dict.fromkeys(n for names in framed.values() for n in names))} each")
 
 
 def _chosen_framings(spec: str | None, templates_path: Path | None, prompts) -> list:

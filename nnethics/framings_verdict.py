@@ -187,6 +187,28 @@ def krippendorff_alpha(pref: np.ndarray) -> float:
     return float(krippendorff.alpha(reliability_data=s, level_of_measurement="nominal"))
 
 
+def framing_test(pref: np.ndarray) -> tuple[float, float, int, str]:
+    """Does the preference differ between framings? ``pref (framings, pairs)`` -> ``(statistic, p, n pairs,
+    method)`` over the pairs finite in every framing: Friedman's test (pairs as blocks, framings as treatments; ranks
+    within each pair, so a pair's own level cancels) with 3 or more framings, Wilcoxon's signed-rank test with 2; NaN
+    with fewer than 2 framings or pairs, or no variation. One test over all framings, not one CI per framing: with 24
+    framings about 1.2 of 24 per-framing 95% CIs exclude 0 by chance alone."""
+    from scipy import stats
+
+    p = np.asarray(pref, dtype=np.float64)
+    p = p[:, np.all(np.isfinite(p), axis=0)] if p.ndim == 2 else p
+    k, n = (p.shape if p.ndim == 2 else (0, 0))
+    if k < 2 or n < 2 or np.ptp(p) == 0:
+        return np.nan, np.nan, int(n), ""
+    if k == 2:
+        if np.all(p[0] == p[1]):
+            return np.nan, np.nan, int(n), ""
+        res = stats.wilcoxon(p[0], p[1])
+        return float(res.statistic), float(res.pvalue), int(n), "Wilcoxon signed-rank"
+    res = stats.friedmanchisquare(*p)
+    return float(res.statistic), float(res.pvalue), int(n), "Friedman"
+
+
 def _all_finite_mean(x: np.ndarray) -> np.ndarray:
     """Mean over axis 0 where every entry is finite, else NaN (``x (k, pairs)``; NaN for k = 0)."""
     x = np.asarray(x, dtype=np.float64)
@@ -232,6 +254,7 @@ def summarize_framings(decisions: Mapping[str, xr.Dataset], cloze: xr.Dataset | 
     scalars.update(_agreement(stack["used"][content]))
     if cloze is not None:
         scalars.update(_cloze(cloze, prompts, pooled, seed, data))
+    method = scalars.pop("_framing_test_method")
     for name, v in scalars.items():
         data[name] = ((), np.asarray(v, dtype=np.int32 if name.startswith("n_") else np.float64))
     coords = {"framing": fids, "prompt": prompts, "side": list(SIDES)}
@@ -243,6 +266,7 @@ def summarize_framings(decisions: Mapping[str, xr.Dataset], cloze: xr.Dataset | 
     if first.get("model_id") or first.get("model"):
         ds.attrs["model_id"] = str(first.get("model_id") or first.get("model"))
     ds.attrs["ci_methods"] = f"means: {MEAN_CI}; shares: {SHARE_CI}"
+    ds["framing_test_p"].attrs["test"] = method or "none (fewer than 2 framings or pairs, or no variation)"
     ds.attrs["framings_verdict"] = framings_verdict(ds, rules)
     return ds
 
@@ -334,8 +358,10 @@ def _agreement(used: np.ndarray) -> dict:
     else:
         k, n, alpha = 0, 0, np.nan
     share, lo, hi = _share(k, n)
+    stat, pvalue, n_test, method = framing_test(used)
     return {"sign_agreement": share, "sign_agreement_ci_low": lo, "sign_agreement_ci_high": hi, "n_agreement": n,
-            "krippendorff_alpha": alpha}
+            "krippendorff_alpha": alpha, "framing_test_statistic": stat, "framing_test_p": pvalue,
+            "n_framing_test": n_test, "_framing_test_method": method}
 
 
 def _cloze(cloze: xr.Dataset, prompts: list[str], pooled: np.ndarray, seed: int, data: dict) -> dict:

@@ -24,8 +24,10 @@ class FramingRules:
     """The fixed rules the cross-framing verdict's wording follows (documented in the README).
 
     * A mean is "distinguishable from zero" when its 95% CI is finite and excludes 0 (``lo > 0`` or ``hi < 0``).
-    * "The preference depends on the framing" when two content framings' preference CIs both exclude 0 with
-      opposite signs.
+    * "The preference depends on the framing" when the test across the content framings (Friedman's, pairs as
+      blocks; Wilcoxon's signed-rank with 2 framings) gives ``p < test_level`` (0.05); otherwise "no evidence that
+      it depends on the framing". Per-framing CIs that exclude 0 are counted beside it with the number expected by
+      chance (5% of the framings), never used alone: with 24 framings about one excludes 0 by chance.
     * Krippendorff's alpha reads "reliable agreement" at or above ``alpha_reliable`` (0.800), "tentative
       agreement" at or above ``alpha_tentative`` (0.667), "no reliable agreement" below (Krippendorff, *Content
       Analysis*, 2004: rely on alpha >= .800, draw only tentative conclusions from .667 to .800).
@@ -37,6 +39,7 @@ class FramingRules:
       cloze margin's includes 0. Neither is said where a CI is undefined.
     """
 
+    test_level: float = 0.05
     alpha_reliable: float = 0.8
     alpha_tentative: float = 0.667
     dominance: float = 2.0
@@ -171,7 +174,7 @@ def _framing_sentence(ds: xr.Dataset, fid: str) -> str:
             f"prior ({_num(prior, _decimals(prior))} logits) removed.")
 
 
-def _pooled_sentences(ds: xr.Dataset) -> list[str]:
+def _pooled_sentences(ds: xr.Dataset, rules: FramingRules) -> list[str]:
     """The pooled preference and whether it depends on the framing."""
     content = _content(ds)
     n = int(ds["n_pooled"])
@@ -189,17 +192,36 @@ def _pooled_sentences(ds: xr.Dataset) -> list[str]:
             text += ", not distinguishable from zero." if np.isfinite(plo) else "."
         out = [text]
     if len(content) >= 2:
-        pos, neg = [], []
-        for f in content:
-            m, lo, hi = _stat(ds, "ethical_preference", framing=f)
-            if excludes_zero(lo, hi):
-                (pos if m > 0 else neg).append(f)
-        if pos and neg:
-            out.append(f"The preference depends on the framing: it leans ethical in {', '.join(pos)} and unethical "
-                       f"in {', '.join(neg)}, each with a BCa 95% CI that excludes 0.")
-        else:
-            out.append("No two framings lean opposite ways with CIs that both exclude 0.")
+        out.append(_dependence_sentence(ds, content, rules))
     return out
+
+
+def _dependence_sentence(ds: xr.Dataset, content: list[str], rules: FramingRules) -> str:
+    """Whether the preference depends on the framing (one test over all of them), with the range of the framings'
+    means and how many of their CIs exclude 0 against the number expected by chance."""
+    stats = {f: _stat(ds, "ethical_preference", framing=f) for f in content}
+    means = {f: m for f, (m, _, _) in stats.items() if np.isfinite(m)}
+    pos = [f for f, (m, lo, hi) in stats.items() if excludes_zero(lo, hi) and m > 0]
+    neg = [f for f, (m, lo, hi) in stats.items() if excludes_zero(lo, hi) and m < 0]
+    text = ""
+    if means:
+        lo_f, hi_f = min(means, key=means.get), max(means, key=means.get)
+        d = _decimals(means[hi_f] - means[lo_f])
+        text = (f"Between the {len(content)} content framings the mean preference ranges from "
+                f"{_num(means[lo_f], d)} ({lo_f}) to {_num(means[hi_f], d)} ({hi_f}) logits; ")
+    chance = rules.test_level * len(content)
+    text += (f"{len(pos) + len(neg)} of {len(content)} framings' BCa 95% CIs exclude 0 ({len(pos)} above, "
+             f"{len(neg)} below; about {chance:.1f} would by chance). ")
+    p, n = float(ds["framing_test_p"]), int(ds["n_framing_test"])
+    test = str(ds["framing_test_p"].attrs.get("test", "the test"))
+    if not np.isfinite(p):
+        return text + f"No test of the difference between framings is defined on {_count(n, 'pair')}."
+    stat = float(ds["framing_test_statistic"])
+    said = (f"{test} test across the framings (pairs as blocks, n = {_count(n, 'pair')}): statistic {stat:.3g}, "
+            f"p = {p:.2g}")
+    if p < rules.test_level:
+        return text + f"The preference depends on the framing: {said} < {rules.test_level:g}."
+    return text + f"No evidence that the preference depends on the framing: {said} (not below {rules.test_level:g})."
 
 
 def _agreement_sentence(ds: xr.Dataset, rules: FramingRules) -> list[str]:
@@ -287,9 +309,16 @@ def framings_verdict(ds: xr.Dataset, rules: FramingRules = FramingRules()) -> st
     the fixed ``rules`` (see :class:`FramingRules`)."""
     fids = [str(f) for f in ds["framing"].values]
     model = str(ds.attrs.get("model_id") or "the model")
-    out = [f"{model} across {_count(len(fids), 'framing')} ({len(_content(ds))} with the content swap):"]
-    out += [_framing_sentence(ds, f) for f in fids]
-    out += _pooled_sentences(ds) + _agreement_sentence(ds, rules) + _slot_sentence(ds, rules) + _cloze_sentences(ds)
+    content = _content(ds)
+    out = [f"{model} across {_count(len(fids), 'framing')} ({len(content)} with the content swap):"]
+    if len(content) == 1:
+        out.append(_framing_sentence(ds, content[0]))
+    swaps = [f for f in fids if f not in content]
+    if swaps:
+        out.append(f"The label-swap framing{'s' if len(swaps) > 1 else ''} ({', '.join(swaps)}) "
+                   f"{'are' if len(swaps) > 1 else 'is'} left out of the numbers below: a label swap's preference "
+                   "includes the slot's (binding.nc compares it with the content swap).")
+    out += _pooled_sentences(ds, rules) + _agreement_sentence(ds, rules) + _slot_sentence(ds, rules) + _cloze_sentences(ds)
     return " ".join(out)
 
 

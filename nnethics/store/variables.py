@@ -233,6 +233,10 @@ VARIABLES: dict[str, tuple[str, str]] = {
     "sign_agreement_ci_low": ("fraction with the same sign in every framing, 95% CI lower bound", ONE),
     "sign_agreement_ci_high": ("fraction with the same sign in every framing, 95% CI upper bound", ONE),
     "krippendorff_alpha": ("Krippendorff's alpha (nominal) of the preference's sign across content framings", ONE),
+    "framing_test_statistic": ("test statistic of 'the preference differs between content framings' (Friedman "
+                               "chi-square; Wilcoxon W with 2 framings)", ONE),
+    "framing_test_p": ("p-value of 'the preference differs between content framings' (attr test: which test)", ONE),
+    "n_framing_test": ("number of pairs in every content framing, behind the framing test", ONE),
     "n_cloze_mc": ("number of pairs with both a cloze margin and a pooled ethical preference", ONE),
     "cloze_mc_agreement": ("fraction of pairs where the cloze margin and the pooled preference have one sign", ONE),
     "cloze_mc_agreement_ci_low": ("fraction where cloze and multiple choice agree, 95% CI lower bound", ONE),
