@@ -547,3 +547,18 @@ def test_the_dataset_round_trips_through_netcdf(summary, tmp_path):
     back = xr.load_dataset(path)
     assert back.attrs["framings_verdict"] == summary.attrs["framings_verdict"]
     xr.testing.assert_allclose(back["pooled_ethical_preference"], summary["pooled_ethical_preference"])
+
+
+def test_the_readme_section_names_every_variable(summary):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = re.search(r"^### The verdict across framings.*?$(.*?)(?=^## )", text, re.M | re.S).group(1)
+    patterns = re.findall(r"`([\w*]+)", section)
+    import fnmatch
+
+    names = [str(v) for v in summary.data_vars]
+    unmentioned = [v for v in names if not any(fnmatch.fnmatchcase(v, p) or fnmatch.fnmatchcase(v, f"mean_{p}")
+                                               or v.startswith(p + "_ci_") for p in patterns)]
+    assert not unmentioned, f"README's framings.nc section does not mention: {unmentioned}"
