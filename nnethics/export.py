@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .store.atomic import write_text_atomic
+from .store.atomic import staged_folder, write_text_atomic
 from .store.schema import upgrade
 
 FORMATS = ("csv", "json")
@@ -334,7 +334,7 @@ def _json_only(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _load(folder: Path, name: str) -> xr.Dataset | None:
-    from .analyses import ANALYSES
+    from .analyses import not_a_result
     from .store import load, result_files
 
     path = result_files(folder).get(name)
@@ -345,9 +345,8 @@ def _load(folder: Path, name: str) -> xr.Dataset | None:
     except (OSError, ValueError, RuntimeError) as e:
         raise ExportError(f"{path}: not a readable NetCDF file ({e}); recompute it with `nnethics run` "
                           "or move it out of the folder, then export again") from None
-    if ANALYSES.get(str(ds.attrs.get("analysis", ""))) is not ANALYSES[name]:  # variants share their analysis
-        raise ExportError(f"{path}: not an nnethics {name!r} result (its 'analysis' attribute is "
-                          f"{ds.attrs.get('analysis')!r}); move it out of {folder} or recompute it with `nnethics run`")
+    if (foreign := not_a_result(name, ds.attrs)) is not None:  # variants share their analysis
+        raise ExportError(f"{path}: {foreign}; move it out of {folder} or recompute it with `nnethics run`")
     return ds
 
 
@@ -370,18 +369,20 @@ def export_store(store_dir: str | Path, fmt: str = "csv", out: str | Path | None
     jobs = [(name, stem, build) for a in analyses() if a.tables is not None for name in a.names if name in data
             for stem, build in a.tables(name, data[name], data).items()]
     written, tables = [], {}
-    for name, stem, build in jobs:
-        table = _build(folder, name, stem, build)
-        stem = SEED_FILES.get(stem, stem) if seed_names else stem
-        table = table if isinstance(table, pd.DataFrame) else _json_only(pd.DataFrame.from_records(table))  # records
-        constants_ = table.attrs.get("constants", {})
-        written.append(_table(table.rename(columns=SEED_COLUMNS) if seed_names else table, out_dir, stem, fmt))
-        tables[written[-1].name] = {"source": f"{name}.nc", "constants": constants_}
-    meta = {"tables": tables, "column_aliases": SEED_COLUMNS if seed_names else {},
-            "sources": {f"{n}.nc": {"constants": constants(ds),
-                                    "attrs": {k: _jsonable(v) for k, v in ds.attrs.items()}} for n, ds in data.items()}}
-    written.append(_write(json.dumps(meta, ensure_ascii=False, indent=1, default=str), out_dir / METADATA))
-    return written
+    # all or nothing: into a staging folder, moved into out_dir at the end, metadata.json (the manifest) last
+    with staged_folder(out_dir, METADATA, "pass --out with another folder you can write to (nothing was exported; "
+                                          "the files already there are unchanged)") as stage:
+        for name, stem, build in jobs:
+            table = _build(folder, name, stem, build)
+            stem = SEED_FILES.get(stem, stem) if seed_names else stem
+            table = table if isinstance(table, pd.DataFrame) else _json_only(pd.DataFrame.from_records(table))
+            constants_ = table.attrs.get("constants", {})
+            written.append(_table(table.rename(columns=SEED_COLUMNS) if seed_names else table, stage, stem, fmt))
+            tables[written[-1].name] = {"source": f"{name}.nc", "constants": constants_}
+        sources = {f"{n}.nc": {"constants": constants(ds), "attrs": _jsonable(dict(ds.attrs))} for n, ds in data.items()}
+        meta = {"tables": tables, "column_aliases": SEED_COLUMNS if seed_names else {}, "sources": sources}
+        written.append(_write(json.dumps(meta, ensure_ascii=False, indent=1, default=str), stage / METADATA))
+    return [out_dir / p.name for p in written]
 
 
 def _build(folder: Path, name: str, stem: str, build: Callable[[], Any]) -> Any:

@@ -24,6 +24,7 @@ from nnethics.analyses.cloze import (
     DEFAULT_STEM,
     FREE_TEXT,
     ClozeOptions,
+    ClozeRows,
     cloze,
     continuation_logprobs,
     finalize,
@@ -74,6 +75,7 @@ def test_cloze_matches_an_unpadded_plain_forward(family, tiny_models, prompt_set
     ds = cloze(model, pairs, ClozeOptions())
     assert dict(ds.sizes)["choice"] == 2 and list(ds["choice"].values) == ["ethical", "other"]
     assert len(set(ds["cloze_n_tokens"].values.ravel().tolist())) > 1  # padding really differs between rows
+    assert len(set(ds["cloze_stem_n_tokens"].values.tolist())) > 1  # and between the cached stems
     assert not ds["skipped"].any()
     _check_against_reference(model, pairs, ds)
 
@@ -124,7 +126,7 @@ def test_continuation_logprobs_by_hand():
             probs = torch.full((V,), (1 - q[r][p]) / (V - 1), dtype=torch.float64)
             probs[target] = q[r][p]
             logits[r, p] = probs.log() + 3.7 * (p + 1) - 2.0 * r  # offsets: log_softmax must remove them
-    got = continuation_logprobs(logits, ids[:, 1:], torch.tensor([3, 5]))
+    got = continuation_logprobs(logits[:, :-1], ids[:, 1:], torch.tensor([3, 5]))  # position p predicts p + 1
     ln2 = math.log(2)
     # row 0: tokens 1, 2, 3 at positions 4-6, predicted with q = 1/2, 1/4, 1/8: -(1 + 2 + 3) ln 2
     # row 1: tokens 1, 2, 3, 6, 7 at positions 2-6, q = 1/2, 1/2, 1/4, 1/4, 1/8: -(1 + 1 + 2 + 2 + 3) ln 2
@@ -132,10 +134,29 @@ def test_continuation_logprobs_by_hand():
     np.testing.assert_allclose(got["mean"].numpy(), [-2 * ln2, -9 * ln2 / 5], rtol=1e-6)
     np.testing.assert_allclose(got["token"].numpy(), [[0, 0, 0, -ln2, -2 * ln2, -3 * ln2],
                                                       [0, -ln2, -ln2, -2 * ln2, -2 * ln2, -3 * ln2]], atol=1e-5)
-    # only the last K positions' logits (as the trace keeps them): the same numbers
-    keep = 6
-    part = continuation_logprobs(logits[:, -keep:], ids[:, -(keep - 1):], torch.tensor([3, 5]))
+    # only the last K positions (as the option rows hold them): the same numbers
+    keep = 5
+    part = continuation_logprobs(logits[:, -keep - 1:-1], ids[:, -keep:], torch.tensor([3, 5]))
     np.testing.assert_allclose(part["sum"].numpy(), got["sum"].numpy(), rtol=1e-12)
+
+
+def test_stem_and_option_rows_by_hand():
+    """Two pairs: stems of 4 and 2 tokens, options of (1, 2) and (3, 1) tokens. The stem forward gets every stem
+    but its last token, left-padded; option row 2 p + c is stem p's last token + option c but its last token,
+    left-padded, its positions continuing after the stem, its mask the stem's ++ its own."""
+    rows = ClozeRows([0, 1], ["", ""], [("", ""), ("", "")], [[11, 12, 13, 14], [21, 22]],
+                     [([31], [41, 42]), ([51, 52, 53], [61])])
+    stem, opt, targets, n_cont = rows.inputs(pad=0)
+    assert stem["input_ids"].tolist() == [[11, 12, 13], [0, 0, 21]]
+    assert stem["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert stem["position_ids"].tolist() == [[0, 1, 2], [0, 0, 0]]
+    assert opt["input_ids"].tolist() == [[0, 0, 14], [0, 14, 41], [22, 51, 52], [0, 0, 22]]
+    assert opt["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 1], [1, 1, 1, 0, 1, 1],
+                                              [0, 0, 1, 1, 1, 1], [0, 0, 1, 0, 0, 1]]
+    real = opt["attention_mask"][:, 3:].bool()
+    assert opt["position_ids"][real].tolist() == [3, 3, 4, 1, 2, 3, 1]
+    assert targets.tolist() == [[0, 0, 31], [0, 41, 42], [51, 52, 53], [0, 0, 61]]
+    assert n_cont.tolist() == [1, 2, 3, 1]
 
 
 # ----------------------------------------------------------------------------------------------

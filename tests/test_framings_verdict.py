@@ -338,7 +338,7 @@ def test_the_verdict_of_the_scenario(summary):
     assert f"ranges from {means[lo_f]:+.2f} ({lo_f}) to {means[hi_f]:+.2f} ({hi_f}) logits" in text
     assert "2 of 3 framings' BCa 95% CIs exclude 0 (1 above, 1 below; about 0.2 would by chance)" in text
     p = float(summary["framing_test_p"])
-    assert f"Friedman test across the framings (pairs as blocks, n = 4 pairs)" in text and f"p = {p:.2g}" in text
+    assert "Friedman test across the framings (pairs as blocks, n = 4 pairs)" in text and f"p = {p:.2g}" in text
     assert "in all 3 content framings in 1 of 4 pairs (25%, Wilson 95% interval" in text
     assert f"= {float(summary['krippendorff_alpha']):.3f}, below 0.667: no reliable agreement" in text
     assert "Over the one template-and-label-set couple asked in both orders" in text

@@ -75,10 +75,10 @@ def test_a_prompt_longer_than_the_context_exits_2_before_any_forward(runner, tin
     res = runner.invoke(cli, ["run", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--analyses", "decisions",
                               "--store", str(tmp_path / "store")])
     line = _error_line(res)
-    assert line.startswith("  - prompt_id 'too_long' (counterfactual): ")
+    assert line.startswith("Error: prompt_id 'too_long' (counterfactual): ")  # one problem: one line
     assert line.endswith("tokens as the model reads it (chat template included), but the model reads at most 512 "
                          "(max_position_embeddings in its config); shorten the prompt or remove the pair")
-    n = int(line.split(": ")[1].split()[0])
+    n = int(line.split(": ")[2].split()[0])
     assert n > 512
     assert not list((tmp_path / "store").rglob("*.nc"))
 

@@ -81,7 +81,7 @@ def test_run_refuses_a_nul_before_the_model_loads_and_writes_nothing(tmp_path, n
     res = CliRunner().invoke(cli, ["run", "--prompts", str(f), "--store", str(tmp_path / "store"),
                                    "--analyses", "decisions"])
     assert res.exit_code == 2, res.output
-    assert res.output.strip().splitlines()[-1] == f"  - {f} line 2 (prompt_id 'b'): 'base.prompt' contains {FIX}"
+    assert res.output.strip().splitlines()[-1] == f"Error: {f} line 2 (prompt_id 'b'): 'base.prompt' contains {FIX}"
     assert not (tmp_path / "store").exists()
 
 

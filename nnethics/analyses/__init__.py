@@ -4,11 +4,22 @@ in the order ``nnethics run`` runs them."""
 
 import importlib
 
-from .base import ANALYSES, Analysis, OptionError, analyses, default_names, file_names, option, register, unregister
+from .base import (
+    ANALYSES,
+    Analysis,
+    OptionError,
+    analyses,
+    default_names,
+    file_names,
+    not_a_result,
+    option,
+    register,
+    unregister,
+)
 
 BUILTIN = ("decisions", "patching", "attribution", "lens", "heads", "cloze")
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")
 
-__all__ = ["ANALYSES", "BUILTIN", "Analysis", "OptionError", "analyses", "default_names", "file_names", "option",
-           "register", "unregister"]
+__all__ = ["ANALYSES", "BUILTIN", "Analysis", "OptionError", "analyses", "default_names", "file_names",
+           "not_a_result", "option", "register", "unregister"]

@@ -11,9 +11,16 @@ scored tokens are exactly the option's own tokens, and::
     cloze_mean_logprob[c] = cloze_logprob[c] / cloze_n_tokens[c]                          (per token)
     cloze_margin          = cloze_logprob[ethical] - cloze_logprob[other]
 
-Both options of every pair of a chunk run in ONE batched forward (two left-padded rows per pair, attention mask
-and position ids as every analysis encodes them; one request remotely), keeping only the logits of the last
-``max option tokens + 1`` positions. :func:`continuation_logprobs` is the arithmetic, a pure function of the logits.
+The stem is computed ONCE per pair: per chunk one forward of every stem but its last token (left-padded, as
+every analysis encodes a prompt) keeps its key/value cache, and one forward of the option rows reads that cache,
+repeated for the pair's two options: row ``2 p + c`` is the last stem token followed by option c's tokens but its
+last (left-padded; position ids continuing after the stem; attention mask = the stem's ++ the row's), so its
+logits at every position predict the option's tokens. Both forwards run in one
+:meth:`~nnethics.models.handle.ModelHandle.session` (one request remotely); only ``[2 x pairs, longest option]``
+numbers come back. That is the stem's tokens once plus about two options' per pair, where scoring two full
+rows (stem + option, one forward) costs the stem twice: measured on the built-in model (1 thread, CPU time,
+``scripts/bench_run.py``'s unit) 0.68 instead of 0.96 forward-equivalents per pair on 3 shipped pairs, 0.63
+instead of 0.98 on 8, 0.75 instead of 1.09 on 8 MoralChoice pairs. :func:`continuation_logprobs` is the arithmetic, a pure function of the logits.
 Pairs without a dilemma (free text) are kept with NaN values, ``skipped`` and the reason. Not part of a plain
 ``nnethics run``: ``nnethics cloze``, ``nnethics run --analyses cloze`` or ``ne.analyze(model, prompts, ["cloze"])``.
 """
@@ -62,18 +69,18 @@ class ClozeOptions:
 # the arithmetic (pure)
 
 def continuation_logprobs(logits: torch.Tensor, targets: torch.Tensor, n_cont: torch.Tensor) -> dict:
-    """Log-probabilities of each row's last ``n_cont[i]`` tokens given everything before them.
+    """Log-probabilities of each row's last ``n_cont[i]`` target tokens.
 
     ``logits [N, K, V]``: each row's logits at its last K positions (rows left-padded, so every row ends at the
-    last column); the logits at a position predict the token at the next one, so ``logits[:, :-1]`` predict
-    ``targets [N, K-1]``, each row's last K-1 token ids. Row i's scored tokens are its last ``n_cont[i]``
-    (``<= K-1``). Returns ``{"token": [N, K-1]`` the log-probability of each scored token (0 elsewhere),
-    ``"sum": [N]`` their sum (float64), ``"mean": [N]`` the sum over ``n_cont}``. Plain torch: it also runs
-    inside a remote trace.
+    last column); ``targets [N, K]``: the token each of those positions predicts (the row's next token). Row
+    i's scored tokens are its last ``n_cont[i]`` (``<= K``). Returns ``{"token": [N, K]`` the log-probability of
+    each scored token (0 elsewhere), ``"sum": [N]`` their sum, ``"mean": [N]`` the sum over ``n_cont}``, all
+    float64: the log-softmax in float32 drifted sums of ~10 tokens by up to 1.3e-4 nats from a float64 one on the
+    built-in model (3e-5 in float64). Plain torch: it also runs inside a remote trace.
     """
     import torch
 
-    logp = logits[:, :-1].float().log_softmax(-1)
+    logp = logits.double().log_softmax(-1)
     targets = targets.to(logp.device)
     n = n_cont.to(logp.device)
     tok = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -128,25 +135,40 @@ class ClozeRows:
     stems: list[list[int]]
     conts: list[tuple[list[int], list[int]]]
 
-    def inputs(self, pad: int, device: Any = None) -> tuple[dict, torch.Tensor, torch.Tensor, int]:
-        """Left-padded ``inputs`` (ids, attention mask, position ids), the ``targets`` and ``n_cont`` of
-        :func:`continuation_logprobs`, and ``keep`` (``logits_to_keep``: the longest continuation + 1)."""
+    def inputs(self, pad: int, device: Any = None) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+        """``(stem, rows, targets, n_cont)``: the inputs of the stem forward (every stem but its last token,
+        left-padded: ids, attention mask, position ids), those of the option rows over its cache (row ``2 p + c``:
+        pair p's last stem token + option c's tokens but the last, left-padded; the attention mask covers the
+        cached stem columns and the row's), and the ``targets [rows, K]`` (each option's tokens, left-padded) and
+        ``n_cont`` of :func:`continuation_logprobs`."""
         import torch
 
-        rows = [s + c for s, pair in zip(self.stems, self.conts) for c in pair]
-        n_cont = [len(c) for pair in self.conts for c in pair]
-        width, keep = max(map(len, rows)), max(n_cont) + 1
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        targets = ids[:, width - keep + 1:]
+        def padded(seqs: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(seqs), width), dtype=torch.long)
+            for i, r in enumerate(seqs):
+                if r:
+                    ids[i, width - len(r):] = torch.tensor(r)
+                    mask[i, width - len(r):] = 1
+            return ids, mask
+
+        prefixes = [s[:-1] for s in self.stems]
+        sids, smask = padded(prefixes, max(1, max(map(len, prefixes))))  # a 1-token stem: an all-padding row
+        spos = (smask.cumsum(-1) - 1).clamp(min=0)
+        conts = [c for pair in self.conts for c in pair]
+        n_cont = [len(c) for c in conts]
+        k = max(n_cont)
+        rows = [[s[-1], *c[:-1]] for s, pair in zip(self.stems, self.conts) for c in pair]
+        oids, omask = padded(rows, k)
+        targets, _ = padded(conts, k)
+        cached = smask.repeat_interleave(2, dim=0)  # each pair's stem, once per option
+        opos = cached.sum(-1, keepdim=True) + (omask.cumsum(-1) - 1).clamp(min=0)
+        stem = {"input_ids": sids, "attention_mask": smask, "position_ids": spos}
+        rows_in = {"input_ids": oids, "attention_mask": torch.cat([cached, omask], dim=-1), "position_ids": opos}
         if device is not None:
-            ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
-        return ({"input_ids": ids, "attention_mask": mask, "position_ids": pos}, targets,
-                torch.tensor(n_cont, dtype=torch.long), keep)
+            stem = {name: t.to(device) for name, t in stem.items()}
+            rows_in = {name: t.to(device) for name, t in rows_in.items()}
+        return stem, rows_in, targets, torch.tensor(n_cont, dtype=torch.long)
 
 
 def cloze_rows(tokenizer: Any, pairs: Sequence[PromptPair], options: ClozeOptions) -> ClozeRows:
@@ -166,16 +188,24 @@ def cloze_rows(tokenizer: Any, pairs: Sequence[PromptPair], options: ClozeOption
     return rows
 
 
-def score(model: Any, inputs: dict, targets: torch.Tensor, n_cont: torch.Tensor, keep: int) -> dict:
-    """One trace over the rows (one request remotely): :func:`continuation_logprobs` of the last ``keep``
-    positions' logits (after any final soft-cap), computed where the model runs; only ``[rows, keep - 1]``
-    numbers come back."""
+def _score(model: Any, stem: dict, rows: dict, targets: torch.Tensor, n_cont: torch.Tensor) -> dict:
+    """The session body of :func:`score` (a function: nnsight compiles a session from the handle's source)."""
     import nnsight
     import torch
 
-    with torch.no_grad(), model.trace(inputs, logits_to_keep=keep):
+    with torch.no_grad(), model.trace(stem, use_cache=True, logits_to_keep=1):
+        cache = model.lm.output.cache.save()
+    cache.batch_repeat_interleave(2)  # in place: row 2 p + c reads pair p's stem
+    with torch.no_grad(), model.trace({**rows, "cache": cache}):
         got = nnsight.save(continuation_logprobs(model.lm.output.logits, targets, n_cont))
     return got
+
+
+def score(model: Any, stem: dict, rows: dict, targets: torch.Tensor, n_cont: torch.Tensor) -> dict:
+    """The stem forward and the option rows over its key/value cache, in one session (one request remotely):
+    :func:`continuation_logprobs` of the option rows' logits (after any final soft-cap), computed where the model
+    runs; only ``[rows, K]`` numbers come back."""
+    return model.session(_score, stem, rows, targets, n_cont)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,8 +235,7 @@ def cloze(model: Any, pairs: Sequence[PromptPair], options: ClozeOptions = Cloze
     stem_n = np.zeros(n, dtype=np.int32)
     if rows.index:
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        inputs, targets, n_cont, keep = rows.inputs(pad, model.input_device)
-        got = score(model, inputs, targets, n_cont, keep)
+        got = score(model, *rows.inputs(pad, model.input_device))
         sums, means, per = got["sum"].cpu().numpy(), got["mean"].cpu().numpy(), got["token"].float().cpu().numpy()
         for r, i in enumerate(rows.index):
             stem_text[i], stem_n[i] = rows.stem_texts[r], len(rows.stems[r])

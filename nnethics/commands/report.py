@@ -5,6 +5,7 @@ These commands read NetCDF files only; they never load a model (so no torch impo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -24,15 +25,35 @@ def _bad_input(err: Exception) -> click.ClickException:
     return BadInput(str(err))
 
 
-def warn_unreadable(store_dir: Path) -> None:
-    """Say on stderr which result files the report has to leave out (the page lists them too), and which
-    settings differ between the files it puts side by side."""
-    from ..store import mixed_settings, unreadable_results
+def left_out(store_dir: Path) -> list[tuple[Path, str]]:
+    """The ``*.nc`` files of a model folder that the report leaves out, each with why and what to do: unreadable
+    ones (truncated, not NetCDF) and someone else's named like a result (``export`` refuses those)."""
+    from ..analyses import file_names, not_a_result
+    from ..store import read_attrs, result_files, unreadable_results
 
-    for path, reason in unreadable_results(store_dir):
-        click.echo(f"warning: {path} cannot be read ({reason}); the report leaves it out; recompute it with "
-                   "`nnethics run` or remove it", err=True)
-    for difference in mixed_settings(store_dir):
+    out = [(path, f"cannot be read ({reason}); {{what}} leaves it out; recompute it with `nnethics run` or remove it")
+           for path, reason in unreadable_results(store_dir)]
+    files = result_files(store_dir)
+    for name in file_names():
+        if name in files and files[name] not in {p for p, _ in out}:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):  # unreadable now: the next reader says so
+                if (foreign := not_a_result(name, read_attrs(files[name]))) is not None:
+                    out.append((files[name], f"is {foreign}; {{what}} leaves it out; move it out of {store_dir} or "
+                                             "recompute it with `nnethics run`"))
+    return out
+
+
+def warn_unreadable(store_dir: Path, what: str = "the report") -> None:
+    """Say on stderr which result files ``what`` (the report, the comparison) has to leave out (the page lists
+    them too), and which settings differ between the files the report puts side by side."""
+    from ..store import mixed_settings
+
+    bad = left_out(store_dir)
+    for path, reason in bad:
+        click.echo(f"warning: {path} {reason.replace('{what}', what)}", err=True)
+    if what != "the report":
+        return
+    for difference in mixed_settings(store_dir, skip={p for p, _ in bad}):
         click.echo(f"warning: {store_dir}: {difference}; the report compares them side by side (rerun the odd one "
                    "out with --overwrite to make them match)", err=True)
 
@@ -49,12 +70,13 @@ def report(store_dir: Path, out: Path | None, png: bool, max_prompts: int | None
     """Write one self-contained, offline report.html for STORE_DIR (a store/<model-slug> folder)."""
     from ..render import ReportError, write_report
     from ..render.offline import PngExportError
+    from ..store import StoreError
 
     t0 = time.monotonic()
     warn_unreadable(store_dir)
     try:
         path = write_report(store_dir, out=out, png=png, max_prompts=max_prompts)
-    except ReportError as e:
+    except (ReportError, StoreError) as e:  # StoreError: a full disk or a folder that cannot be written
         raise _bad_input(e) from None
     except PngExportError as e:
         raise click.ClickException(str(e)) from None
@@ -73,10 +95,12 @@ def report(store_dir: Path, out: Path | None, png: bool, max_prompts: int | None
 @click.option("--name", "names", multiple=True,
               help="Legend label of each STORE_DIR, once per folder in the same order (default: the model id).")
 def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: str, names: tuple[str, ...]) -> None:
-    """Overlay the figures of several models (STORE_DIRS are store/<model-slug> folders)."""
+    """Overlay the figures of several models (STORE_DIRS are store/<model-slug> folders); where they hold framings.nc,
+    also each model's ethical preference per framing and pooled."""
     from ..render import MissingData, ReportError
     from ..render.compare import write_comparison
     from ..render.offline import PngExportError
+    from ..store import StoreError
 
     if len(store_dirs) < 2:
         raise _bad_input(ValueError("compare needs at least two store folders"))
@@ -86,9 +110,11 @@ def compare(store_dirs: tuple[Path, ...], out: Path | None, png: bool, depth: st
                                     "in the same order, or none"))
     relative = None if depth == "auto" else depth == "relative"
     t0 = time.monotonic()
+    for store_dir in store_dirs:
+        warn_unreadable(store_dir, "the comparison")
     try:
         path = write_comparison(list(store_dirs), out=out, png=png, relative=relative, names=names or None)
-    except (ReportError, MissingData) as e:
+    except (ReportError, MissingData, StoreError) as e:
         raise _bad_input(e) from None
     except PngExportError as e:
         raise click.ClickException(str(e)) from None
@@ -107,10 +133,11 @@ def export(store_dir: Path, fmt: str, out: Path | None, seed_names: bool) -> Non
     """Write flat CSV/JSON tables (detailed_layer_data, summary_results, attribution, lens, ...) and metadata.json
     (each table's source, the constants left out of its rows, each file's provenance)."""
     from ..export import ExportError, export_store
+    from ..store import StoreError
 
     try:
         paths = export_store(store_dir, fmt=fmt.lower(), out=out, seed_names=seed_names)
-    except ExportError as e:
+    except (ExportError, StoreError) as e:  # StoreError: a full disk or a folder that cannot be written
         raise _bad_input(e) from None
     for p in paths:
         click.echo(f"{p} ({_size(p)})")

@@ -21,7 +21,10 @@ class PromptError(ValueError):
         shown = self.problems[:MAX_LISTED]
         more = len(self.problems) - len(shown)
         text = "\n".join(f"  - {p}" for p in shown) + (f"\n  ... and {more} more" if more > 0 else "")
-        super().__init__(f"{len(self.problems)} problem(s) in the prompt input:\n{text}")
+        if len(self.problems) == 1:  # one problem: one line (the file, the record and the fix)
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} problems in the prompt input:\n{text}")
 
 
 @dataclass(frozen=True)

@@ -160,6 +160,31 @@ def verdict_stats(stores: Stores) -> hv.Layout:
     return hv.Layout(panels).cols(2).opts(shared_axes=False)
 
 
+def framing_forest(stores: Stores) -> hv.Overlay:
+    """Each model's ethical preference per framing and pooled over framings (``framings.nc``), with the stored BCa
+    95% CIs: one block of rows per framing (pooled last), one row per model holding it, coloured by model."""
+    from .framings import POOLED, Row, forest, forest_rows
+
+    per_model = {m: forest_rows(d["framings"], "ethical_preference") for m, d in stores.items() if "framings" in d}
+    if not per_model:
+        raise MissingData("compare: no framings.nc")
+    order = list(dict.fromkeys(r.label for rows in per_model.values() for r in rows if r.label != POOLED))
+    rows = []
+    for framing in [*order, POOLED]:
+        first = True
+        for model, model_rows in per_model.items():
+            r = next((x for x in model_rows if x.label == framing), None)
+            if r is None:
+                continue
+            rows.append(Row(f"{framing} · {model}", model, r.mean, r.low, r.high, r.n, block=framing,
+                            tick=framing if first else ""))
+            first = False
+    colors = {m: MODEL_COLORS[i % len(MODEL_COLORS)] for i, m in enumerate(stores)}
+    n = ", ".join(f"{m}: {d['framings'].sizes.get('prompt', 0)}" for m, d in stores.items() if "framings" in d)
+    return forest(rows, f"Ethical preference per framing and pooled, by model (pairs: {n})\n{ci_label('pairs')}",
+                  "ethical preference (logits; > 0: leans ethical)", colors=colors, width=WIDE)
+
+
 def decision_rates(stores: Stores) -> hv.Bars:
     rows = []
     for model, data in stores.items():
@@ -235,6 +260,7 @@ def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure],
         lambda: Figure("compare_verdict_stats", "Position bias and ethical preference", verdict_stats(stores),
                        SECTION),
         lambda: Figure("compare_decisions", "Ethical choices", decision_rates(stores), SECTION),
+        lambda: Figure("compare_framings", "Ethical preference across framings", framing_forest(stores), SECTION),
         effects,
         lambda: Figure("compare_peak_layers", "Peak layers", _box(stores, "patching", "peak_layer",
                                                                   "Peak patching layer per prompt", rel), SECTION),
@@ -256,7 +282,7 @@ def write_comparison(store_dirs: Sequence[str | Path], out: str | Path | None = 
 
     from .embed import render
     from .offline import export_pngs, save_bokeh
-    from .report import provenance_html
+    from .report import provenance_html, writing
 
     stores, notes = load_stores(store_dirs, names)
     figs, skipped = figures(stores, relative)
@@ -281,7 +307,7 @@ def write_comparison(store_dirs: Sequence[str | Path], out: str | Path | None = 
         items.append(block)
     if narrow:
         items.append(row(*narrow))
-    with warnings.catch_warnings():
+    with writing(out, "pass --out with a file in another folder you can write to"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         save_bokeh(column(*items, styles={"margin": "10px 20px"}), out, title="nnethics comparison")
         if png:

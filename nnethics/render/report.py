@@ -8,17 +8,19 @@ analysis declares, in registry order, and writes ``report.html`` next to them (p
 
 from __future__ import annotations
 
+import contextlib
 import html
 import importlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import xarray as xr
 
-from ..analyses import analyses, default_names, file_names
-from ..store import load, result_files
+from ..analyses import analyses, default_names, file_names, not_a_result
+from ..store import load, result_files, write_problem
+from . import framings
 from ._base import WIDE, WIDTH, Figure, MissingData, model_name, prompt_order
 from .embed import Rendered, link_selectors, render
 from .offline import export_pngs, save_lazy
@@ -45,9 +47,20 @@ def load_store(store_dir: str | Path) -> tuple[dict[str, xr.Dataset], list[str]]
         if path is None:
             continue
         try:
-            data[name] = load(path)  # in the current schema, whatever version wrote it
+            ds = load(path)  # in the current schema, whatever version wrote it
         except (OSError, ValueError) as e:
             notes.append(f"{path.name}: unreadable ({e})")
+            continue
+        if (foreign := not_a_result(name, ds.attrs)) is not None:  # someone else's file named like a result
+            notes.append(f"{path.name}: {foreign}")
+            continue
+        data[name] = ds
+    extra, extra_notes = framings.load_files(folder)  # framings.nc and the framings' patching files, when present
+    data.update(extra)
+    notes += extra_notes
+    if not data and notes:  # every file is someone else's or unreadable: say which, not "none found"
+        raise ReportError(f"{folder}: no result files to report ({'; '.join(notes)}); move those files out of {folder} "
+                          "or recompute them with `nnethics run`")
     if not data:
         found = ", ".join(sorted(p.name for p in folder.glob("*.nc"))) or "none"
         raise ReportError(f"{folder}: no result files to report (looked for {', '.join(f + '.nc' for f in file_names())};"
@@ -57,7 +70,8 @@ def load_store(store_dir: str | Path) -> tuple[dict[str, xr.Dataset], list[str]]
 
 def sections() -> list[str]:
     """The report's sections in registry order (each analysis' render modules, in the order it lists them)."""
-    return list(dict.fromkeys(importlib.import_module(m).SECTION for a in analyses() for m in a.render))
+    return framings.with_sections(list(dict.fromkeys(importlib.import_module(m).SECTION for a in analyses()
+                                                     for m in a.render)))
 
 
 def _builders(prompts: list[str]) -> list[tuple[str, Any]]:
@@ -91,7 +105,8 @@ def report_figures(data: Mapping[str, xr.Dataset], max_prompts: int | None = DEF
             f, s = [], [str(e)]
         figs += f
         skipped += s
-    return figs, prompts, skipped
+    f, s = framings.folder_figures(data, prompts)  # across framings; content vs label swap
+    return figs + f, prompts, skipped + s
 
 
 def provenance_html(data: Mapping[str, xr.Dataset]) -> str:
@@ -105,6 +120,7 @@ def provenance_html(data: Mapping[str, xr.Dataset]) -> str:
             files.append(f"<li><b>{name}.nc</b> ({html.escape(dims)}; {html.escape(str(ds.attrs.get('created', '')))})</li>")
         elif name in default_names():
             files.append(f"<li style='color:#888'>{name}.nc: not in this store</li>")
+    files += framings.file_items(data)
     table = "".join(f"<tr><td style='padding:1px 12px 1px 0;color:#555'>{html.escape(k)}</td>"
                     f"<td>{html.escape(str(v))}</td></tr>" for k, v in rows)
     return f"<table style='font-size:13px'>{table}</table><ul style='font-size:13px'>{''.join(files)}</ul>"
@@ -190,11 +206,28 @@ def write_report(store_dir: str | Path, out: str | Path | None = None, png: bool
     """
     store_dir = Path(store_dir)
     data, notes = load_store(store_dir)
+    fix = (f"write the report elsewhere with `nnethics report {store_dir} --out FILE`" if out is None else
+           "pass --out with a file in another folder you can write to")
     out = Path(out) if out is not None else store_dir / "report.html"
     layout, figs = build_report(data, max_prompts=max_prompts, notes=notes)
-    with warnings.catch_warnings():
+    with writing(out, fix), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # bokeh/panel deprecation chatter; not the user's concern
         save_lazy(layout, out, title=f"nnethics: {model_name(next(iter(data.values())))}")
         if png:
             export_pngs(figs, out.parent / f"{out.stem}_png")
     return out
+
+
+@contextlib.contextmanager
+def writing(out: Path, fix: str) -> Iterator[None]:
+    """A full disk or a folder that cannot be written while ``out`` (or its PNGs) is written becomes a
+    :class:`~nnethics.store.StoreError` naming the file and ending in ``fix``; the old ``out`` stays as it was."""
+    try:
+        yield
+    except OSError as err:
+        failed = Path(str(err.filename)) if err.filename else out
+        ours = failed == out or failed.name.startswith(f".{out.name}.")  # the page or its temp file
+        problem = write_problem(err, out.parent if ours else failed.parent, out.name if ours else failed.name, fix)
+        if problem is None:
+            raise
+        raise problem from None

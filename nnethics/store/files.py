@@ -15,22 +15,19 @@ import errno
 import json
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-from .atomic import TMP_SUFFIX, write_via_temp
+from .atomic import TMP_SUFFIX, StoreError, write_via_temp
 from .provenance import json_or_text
 from .schema import upgrade
 from .variables import describe
 
 ENGINE = "netcdf4"
 RESULT_SUFFIX = ".nc"
-
-
-class StoreError(RuntimeError):
-    """The store cannot be written (no space, read-only, not a folder); the message says where and what to do."""
 
 
 def _encoding(ds: xr.Dataset) -> dict[str, dict]:
@@ -137,11 +134,14 @@ def unreadable_results(folder: str | Path) -> list[tuple[Path, str]]:
 SHARED_KEYS = ("model_id", "model_revision", "dtype", "quantization", "prompt_set_sha256", "labels")
 
 
-def mixed_settings(folder: str | Path) -> list[str]:
+def mixed_settings(folder: str | Path, skip: Collection[Path] = ()) -> list[str]:
     """Settings that differ between the result files of one model folder (e.g. chat and no-chat runs of two
-    analyses), in words: a report over them would compare unlike things."""
+    analyses), in words: a report over them would compare unlike things. Files in ``skip`` (left out of the
+    report) are not compared."""
     seen: dict[str, dict[str, str]] = {}
     for name, path in result_files(folder).items():
+        if path in skip:
+            continue
         try:
             attrs = read_attrs(path)
         except (OSError, ValueError, RuntimeError):
