@@ -17,6 +17,7 @@ are meant to be bit-equal). With a CUDA device, ``--gpu`` (the default there) al
 
     .venv/bin/python scripts/bench_run.py --threads 2 --pairs 3 --rounds 3
     .venv/bin/python scripts/bench_run.py --threads 1 --clock cpu    # steadier on a busy machine
+    .venv/bin/python scripts/bench_run.py --framing moralchoice.AB.rev   # per framing: the same pairs reworded
 """
 
 from __future__ import annotations
@@ -115,13 +116,20 @@ def rotated_min(items: dict, rounds: int, clock=time.perf_counter) -> dict[str, 
 def cpu_bench(args) -> None:
     model = load_model("smollm2-135m-instruct", device="cpu", dtype="float32")
     hf = model.lm._module
-    pairs = list(load_prompts(args.prompts).pairs[: args.pairs])
-    batch = encode_pairs(model, pairs, ["1", "2"])
+    prompts = load_prompts(args.prompts)
+    if args.framing:  # the same pairs in another framing (its wording and labels): the cost per framing
+        from nnethics.framings import frame, select
+
+        prompts = frame(prompts, select(args.framing)[0])
+    prompts = prompts.subset(limit=args.pairs)
+    pairs = list(prompts.pairs)
+    batch = encode_pairs(model, pairs, prompts.labels)
     ids = tuple(batch.label_ids)
     rows = [torch.tensor([batch.encoded.tokens(r)]) for r in range(2 * len(pairs))]
     base, cf = rows[: len(pairs)], rows[len(pairs):]
     n = len(pairs)
-    print(f"model {model.name}: {model.n_layers} layers, d={model.d_model}; {n} pairs, prompt tokens "
+    print(f"model {model.name}: {model.n_layers} layers, d={model.d_model}; {n} pairs"
+          f"{' in framing ' + args.framing if args.framing else ''}, prompt tokens "
           f"{min(r.shape[1] for r in rows)}-{max(r.shape[1] for r in rows)}; torch threads {torch.get_num_threads()}")
 
     def unit():
@@ -133,9 +141,9 @@ def cpu_bench(args) -> None:
     items = {"unit": unit}
     for j, job in enumerate(JOBS.values()):
         items[f"seed{j}"] = lambda job=job: seed_loop(hf, base, cf, ids, job)
-        items[f"separate{j}"] = lambda job=job, j=j: results.__setitem__(f"separate{j}", separate(model, pairs, job))
-        items[f"fused{j}"] = lambda job=job, j=j: results.__setitem__(f"fused{j}", fused(model, pairs, job))
-    items["cloze"] = lambda: ne.analyze(model, pairs, ["cloze"])  # its own session: the stems, then 2 option rows each
+        items[f"separate{j}"] = lambda job=job, j=j: results.__setitem__(f"separate{j}", separate(model, prompts, job))
+        items[f"fused{j}"] = lambda job=job, j=j: results.__setitem__(f"fused{j}", fused(model, prompts, job))
+    items["cloze"] = lambda: ne.analyze(model, prompts, ["cloze"])  # its own session: the stems, then 2 option rows each
     for name, fn in items.items():  # warm-up: first calls pay one-off costs
         if not name.startswith("seed"):
             fn()
@@ -209,6 +217,8 @@ def main() -> None:
                     help="wall: elapsed time; cpu: this process' CPU time, steadier on a busy machine but only "
                          "meaningful with --threads 1 (idle threads spinning count as work)")
     ap.add_argument("--prompts", default=str(ROOT / "prompts"))
+    ap.add_argument("--framing", default=None, help="render the pairs in this framing first (e.g. moralchoice.AB.rev): "
+                    "the cost per framing; the unit is then a plain forward of that framing's prompts")
     ap.add_argument("--cpu", action=argparse.BooleanOptionalAction, default=True, help="the CPU comparison")
     ap.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
                     help="the random 8B-shaped model (default: when CUDA is available)")
