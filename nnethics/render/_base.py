@@ -272,3 +272,38 @@ def side_name(side: str) -> str:
 def model_name(ds: xr.Dataset, fallback: str = "model") -> str:
     a = ds.attrs
     return str(a.get("model_id") or a.get("model_slug") or a.get("model") or fallback)
+
+
+@dataclass
+class Share:
+    """A share of pairs: ``k`` of ``n`` (``value`` = k / n) with its Wilson 95% interval."""
+
+    value: float
+    low: float
+    high: float
+    k: int
+    n: int
+
+    def text(self) -> str:
+        if not self.n or not np.isfinite(self.value):
+            return "no pairs"
+        ci = (f"; Wilson 95% CI {self.low:.0%} to {self.high:.0%}" if np.isfinite(self.low) and np.isfinite(self.high)
+              else "")
+        return f"{self.value:.0%}{ci}"
+
+
+def share(ds: xr.Dataset, name: str, k: int, n: int, n_name: str | None = None) -> Share:
+    """The share ``name`` as stored (with ``<name>_ci_low``/``_ci_high`` and its count ``n_name`` when stored; k
+    recovered as share × n), else ``k`` of ``n`` counted here, with a Wilson interval; NaN with ``n = 0``."""
+    if name not in ds.variables:
+        lo, hi = metrics.proportion_ci(np.array([k]), np.array([n]))
+        return Share(k / n if n else float("nan"), float(lo[0]), float(hi[0]), k, n)
+    s = float(values(ds[name]))
+    if n_name is not None and n_name in ds.variables:
+        n = int(values(ds[n_name]))
+    k = int(round(s * n)) if np.isfinite(s) else 0
+    if f"{name}_ci_low" in ds.variables and f"{name}_ci_high" in ds.variables:
+        lo, hi = float(values(ds[f"{name}_ci_low"])), float(values(ds[f"{name}_ci_high"]))
+    else:
+        lo, hi = (float(x[0]) for x in metrics.proportion_ci(np.array([k]), np.array([n])))
+    return Share(s, lo, hi, k, n)

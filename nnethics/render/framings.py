@@ -25,7 +25,6 @@ import holoviews as hv
 import numpy as np
 import xarray as xr
 
-from .. import metrics
 from . import counterfactual_kinds
 from ._base import (
     HEIGHT,
@@ -37,6 +36,7 @@ from ._base import (
     collect,
     mean_ci,
     require,
+    share,
     values,
 )
 
@@ -117,41 +117,6 @@ def n_pairs(ds: xr.Dataset, var: str = "ethical_preference") -> np.ndarray:
             return values(ds[name]).astype(int)
     require(ds, var)
     return values(np.isfinite(ds[var]).sum("prompt")).astype(int)
-
-
-@dataclass
-class Share:
-    """A share of pairs: ``k`` of ``n`` (``value`` = k / n) with its Wilson 95% interval."""
-
-    value: float
-    low: float
-    high: float
-    k: int
-    n: int
-
-    def text(self) -> str:
-        if not self.n or not np.isfinite(self.value):
-            return "no pairs"
-        ci = (f"; Wilson 95% CI {self.low:.0%} to {self.high:.0%}" if np.isfinite(self.low) and np.isfinite(self.high)
-              else "")
-        return f"{self.value:.0%}{ci}"
-
-
-def share(ds: xr.Dataset, name: str, k: int, n: int, n_name: str | None = None) -> Share:
-    """The share ``name`` as stored (with ``<name>_ci_low``/``_ci_high`` and its count ``n_name`` when stored; k
-    recovered as share × n), else ``k`` of ``n`` counted here, with a Wilson interval; NaN with ``n = 0``."""
-    if name not in ds.variables:
-        lo, hi = metrics.proportion_ci(np.array([k]), np.array([n]))
-        return Share(k / n if n else float("nan"), float(lo[0]), float(hi[0]), k, n)
-    s = float(values(ds[name]))
-    if n_name is not None and n_name in ds.variables:
-        n = int(values(ds[n_name]))
-    k = int(round(s * n)) if np.isfinite(s) else 0
-    if f"{name}_ci_low" in ds.variables and f"{name}_ci_high" in ds.variables:
-        lo, hi = float(values(ds[f"{name}_ci_low"])), float(values(ds[f"{name}_ci_high"]))
-    else:
-        lo, hi = (float(x[0]) for x in metrics.proportion_ci(np.array([k]), np.array([n])))
-    return Share(s, lo, hi, k, n)
 
 
 def content_framings(ds: xr.Dataset) -> list[str]:
@@ -273,13 +238,20 @@ def forest_plots(ds: xr.Dataset) -> hv.Layout:
     """Left: the ethical preference per framing and pooled; right: the position bias per framing (what a model
     that ignores the content shows), each with its BCa 95% CI over pairs."""
     pref = forest_rows(ds, "ethical_preference")
-    bias = forest_rows(ds, "position_bias")
+    bias = forest_rows(ds, "position_bias", pooled=False)
+    # pooled, the position bias is the label-token prior: each couple's fwd and rev biases average the slot out
+    got = {s: [float(x[0]) for x in stat(ds, f"pooled_{s}")] if f"mean_pooled_{s}" in ds.variables else [np.nan] * 3
+           for s in ("token_prior", "slot_bias")}
+    bias.append(Row(POOLED, POOLED, *got["token_prior"], int(values(ds.get("n_pooled_slot", xr.DataArray(0)))),
+                    tick="pooled: label-token prior"))
+    sm, slo, shi = got["slot_bias"]
+    slot = f"\npooled slot bias {sm:+.3g} logits [{slo:+.3g}, {shi:+.3g}]" if np.isfinite(sm) else ""
     n = sorted({r.n for r in pref if r.group != POOLED})
     n_txt = f"n={n[0]} pairs" if len(n) == 1 else f"n={n[0]}-{n[-1]} pairs per framing"
     left = forest(pref, f"Ethical preference per framing ({n_txt})\n{ci_label('pairs')}",
                   "ethical preference (logits; > 0: leans ethical)", legend=False)
-    right = forest(bias, f"Position bias per framing ({n_txt})\n{ci_label('pairs')}",
-                   "position bias (logits; > 0: favours the first slot)", legend=False)
+    right = forest(bias, f"Position bias per framing ({n_txt})\n{ci_label('pairs')}{slot}",
+                   "position bias (logits; > 0: favours label a, the set's first)", legend=False)
     return hv.Layout([left, right]).cols(2).opts(shared_axes=False)
 
 
@@ -315,9 +287,11 @@ def agreement_heatmap(ds: xr.Dataset) -> hv.HeatMap:
     the signs of the rest. The title gives the share of pairs leaning the same way in every framing and
     Krippendorff's alpha."""
     require(ds, "ethical_preference")
-    fids = content_framings(ds)
-    if not fids:
+    content = set(content_framings(ds))
+    if not content:
         raise MissingData("framings: no content framing to compare")
+    # rows in the forest plot's order (template, label set, order), so the two figures read alike
+    fids = [r.label for r in forest_rows(ds, "ethical_preference", pooled=False) if r.label in content]
     da = ds["ethical_preference"].sel(framing=fids).transpose("framing", "prompt")
     v = values(da).astype(float)
     prompts = [str(p) for p in values(ds["prompt"])]
