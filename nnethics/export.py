@@ -262,7 +262,9 @@ def neutralise_formulas(df: pd.DataFrame) -> pd.DataFrame:
 
 def _table(df: pd.DataFrame, out: Path, stem: str, fmt: str) -> Path:
     if fmt == "csv" and df.attrs.get("format") != "json":
-        return _write(neutralise_formulas(df).to_csv(index=False), out / f"{stem}.csv")
+        # RFC 4180's CRLF rows: the csv writer then quotes a text cell holding a lone CR, which with "\n" rows it
+        # leaves bare (and every reader splits that row in two)
+        return _write(neutralise_formulas(df).to_csv(index=False, lineterminator="\r\n"), out / f"{stem}.csv")
     return _write(records_json(df), out / f"{stem}.json")
 
 

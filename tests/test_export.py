@@ -237,3 +237,54 @@ def test_rows_follow_the_file_order_of_unsorted_prompt_ids():
         assert row.logit_diff == pytest.approx(float(one["logit_diff"]))
         assert row.logit_1 == pytest.approx(float(one["label_logit"].sel(option="1")))
         assert row.prob_2 == pytest.approx(float(one["label_prob"].sel(option="2")))
+
+
+# OWASP's CSV-injection characters, written out here (not read from nnethics.export): a cell starting with one of
+# them is run as a formula by spreadsheets, so it gets a leading apostrophe.
+GUARDED = ("=", "+", "-", "@", "\t", "\r")
+
+
+def test_csv_guard_covers_every_formula_character_and_leaves_the_rest():
+    from nnethics.export import neutralise_formulas
+
+    cells = [c + "1+1" for c in GUARDED] + ["-3.5", "+44 20 7946 0000", "plain", " =1+1", "a=b", "1-2", "'=x", ""]
+    want = (["'" + c + "1+1" for c in GUARDED] + ["'-3.5", "'+44 20 7946 0000"]  # number-looking text too
+            + ["plain", " =1+1", "a=b", "1-2", "'=x", ""])
+    df = pd.DataFrame({"text": cells, "number": np.linspace(-3.0, 3.0, len(cells))})
+    out = neutralise_formulas(df)
+    assert list(out["text"]) == want
+    pd.testing.assert_series_equal(out["number"], df["number"])  # numbers, negative ones included, untouched
+    assert list(df["text"]) == cells  # the caller's frame is not changed
+
+
+def test_written_csv_guards_every_formula_character(tmp_path):
+    from nnethics.store import write_atomic
+
+    ids = [c + "SUM(A1)" for c in GUARDED] + ["-31415.9265", "plain"]  # a number-looking text cell too
+    ds = synthetic.decisions(n_prompts=len(ids)).assign_coords(prompt=ids)
+    write_atomic(ds, tmp_path / "m" / "decisions.nc")
+    path = next(p for p in export_store(tmp_path / "m") if p.name == "decisions.csv")
+    text = path.read_bytes().decode("utf-8")  # as written: tab and CR kept
+    for i in ids[:-1]:
+        assert text.count("'" + i) == text.count(i) > 0, repr(i)  # every occurrence guarded
+    assert "'plain" not in text and "plain" in text
+
+
+def test_a_text_cell_with_a_carriage_return_stays_one_row(tmp_path):
+    """A CR inside a cell must be quoted, or every CSV reader (and a spreadsheet) splits the row in two."""
+    import csv
+    import io
+
+    from nnethics.store import write_atomic
+
+    ids = ["a\rb", "c\nd", "plain", "\rlead"]
+    ds = synthetic.decisions(n_prompts=len(ids)).assign_coords(prompt=ids)
+    write_atomic(ds, tmp_path / "m" / "decisions.nc")
+    path = next(p for p in export_store(tmp_path / "m") if p.name == "decisions.csv")
+    rows = list(csv.reader(io.StringIO(path.read_bytes().decode("utf-8"), newline="")))
+    header, body = rows[0], rows[1:]
+    assert all(len(r) == len(header) for r in body), [len(r) for r in body]
+    col = header.index("prompt_id")
+    assert sorted({r[col] for r in body}) == sorted(["a\rb", "c\nd", "plain", "'\rlead"])
+    frame = pd.read_csv(path, keep_default_na=False)
+    assert len(frame) == len(body)

@@ -159,25 +159,75 @@ def test_noise_restoration_matches_reference(family, strong_models, pairs):
         assert "Option 1" in str(everywhere["noise_span_text"].values[i])
         clean = ref.logit_diff(hf, b, ids)
         corrupted = ref.noise_corrupted_ld(hf, b, ids, span, noise)
-        T_i = b.shape[1]
         for ds in (everywhere, last_kv, last_full):
             _close(ds["base_logit_diff"][i], clean)
             _close(ds["corrupted_logit_diff"][i], corrupted)
-        p = ref.parts(hf)
         for j, comp in enumerate(COMPS):
             for layer in range(model.n_layers):
                 _close(everywhere["patched_logit_diff"].values[i, layer, j],
                        ref.noise_restore(hf, b, ids, span, noise, layer, 3, comp))
-                # restore the decision position only (hook reference built from the same helpers)
-                mods = {k: ref._module(p, k, comp) for k in restore_layers(model.n_layers, layer, 3)}
-                with record({str(k): m for k, m in mods.items()}) as cl:
-                    hf(b)
-                edits = [(p.resid0, add_at(noise, *span))]
-                edits += [(m, set_positions(cl[str(k)][0, T_i - 1], T_i - 1)) for k, m in mods.items()]
-                with torch.no_grad(), edit(edits):
-                    want = float(ref._ld(hf(b).logits, ids))
+                # restore the decision position only, over the reference's own window (not nnethics' restore_layers)
+                want = _restore_last_layers(hf, b, ids, span, noise, ref.restore_layers(model.n_layers, layer, 3), comp)
                 for ds in (last_kv, last_full):
                     _close(ds["patched_logit_diff"].values[i, layer, j], want)
+
+
+def _restore_last_layers(hf, b, ids, span, noise, layers, comp):
+    """The hook reference for restoring the clean ``comp`` states of ``layers`` at the last position of a
+    noised base ``b``; returns the LD."""
+    p = ref.parts(hf)
+    mods = {k: ref._module(p, k, comp) for k in layers}
+    T = b.shape[1]
+    with torch.no_grad(), record({str(k): m for k, m in mods.items()}) as cl:
+        hf(b)
+    edits = [(p.resid0, add_at(noise, *span))]
+    edits += [(m, set_positions(cl[str(k)][0, T - 1], T - 1)) for k, m in mods.items()]
+    with torch.no_grad(), edit(edits):
+        return float(ref._ld(hf(b).logits, ids))
+
+
+# ROME's window (Meng et al. 2022, causal_trace.py): `window` consecutive layers starting `window // 2` below the
+# layer, clipped to the model. Written out by hand for a 28-layer model: a middle layer, both ends, one in.
+WINDOWS_BY_HAND = {
+    # (layer, window): the layers restored
+    (14, 1): (14,), (0, 1): (0,), (27, 1): (27,),
+    (14, 2): (13, 14), (0, 2): (0,), (1, 2): (0, 1), (27, 2): (26, 27),
+    (14, 3): (13, 14, 15), (0, 3): (0, 1), (27, 3): (26, 27),
+    (14, 10): (9, 10, 11, 12, 13, 14, 15, 16, 17, 18), (0, 10): (0, 1, 2, 3, 4), (2, 10): (0, 1, 2, 3, 4, 5, 6),
+    (27, 10): (22, 23, 24, 25, 26, 27), (24, 10): (19, 20, 21, 22, 23, 24, 25, 26, 27),
+    (25, 10): (20, 21, 22, 23, 24, 25, 26, 27),
+}
+
+
+@pytest.mark.parametrize("layer, window", list(WINDOWS_BY_HAND))
+def test_restore_window_is_romes_written_out_by_hand(layer, window):
+    """nnethics' window and the test reference's, against the layer sets written out above (28 layers)."""
+    want = WINDOWS_BY_HAND[layer, window]
+    assert restore_layers(28, layer, window) == want
+    assert tuple(ref.restore_layers(28, layer, window)) == want
+
+
+@pytest.mark.parametrize("window", [2, 4])
+def test_even_noise_windows_match_the_reference(strong_models, pairs, window):
+    """Even windows (one layer more below than above) restore exactly the reference's layers: every position
+    (reference ``noise_restore``) and the decision position only (KV-cache path), at every layer of 3."""
+    model = strong_models("llama")
+    hf = model.lm._module
+    ids, toks = _ids(model, pairs[:2])
+    everywhere = causal_tracing(model, pairs[:2], PatchingOptions(**PLAIN, positions="all", window=window))
+    last = causal_tracing(model, pairs[:2], PatchingOptions(**PLAIN, positions="last", window=window, kv_cache="on"))
+    for i, (b, _) in enumerate(toks):
+        span, noise = _noise(model, pairs[i], everywhere, i)
+        restored = []
+        for j, comp in enumerate(COMPS):
+            for layer in range(model.n_layers):
+                want = ref.noise_restore(hf, b, ids, span, noise, layer, window, comp)
+                _close(everywhere["patched_logit_diff"].values[i, layer, j], want)
+                restored.append(want)
+                _close(last["patched_logit_diff"].values[i, layer, j],
+                       _restore_last_layers(hf, b, ids, span, noise, ref.restore_layers(model.n_layers, layer, window),
+                                            comp))
+        assert np.ptp(restored) > 0.1  # the layers restored change the LD: a shifted window would show
 
 
 @pytest.mark.parametrize("kv", ["on", "off"])
@@ -371,6 +421,29 @@ def test_traces_pass_the_remote_dry_run(family, strong_models, pairs):
         for v in ("patched_logit_diff", "base_logit_diff", "atp_delta", "corrupted_logit_diff"):
             if v in local:
                 np.testing.assert_allclose(dry[v], local[v], rtol=0, atol=1e-6)
+        if opts.positions == "last" and opts.kv_cache == "off":
+            _dry_run_matches_hooks(model, pairs[:2], opts, dry)
+
+
+def _dry_run_matches_hooks(model, pairs, opts, dry):
+    """The dry run's numbers against the plain-hook reference on the local transformers model (local and dry
+    runs share nnethics' code path, so agreeing with each other alone would not catch a bug in it)."""
+    hf = model.lm._module
+    ids, toks = _ids(model, pairs)
+    L = model.n_layers
+    for i, (b, c) in enumerate(toks):
+        _close(dry["base_logit_diff"][i], ref.logit_diff(hf, b, ids))
+        if opts.corruption == "noise":
+            span, noise = _noise(model, pairs[i], dry, i)
+            _close(dry["corrupted_logit_diff"][i], ref.noise_corrupted_ld(hf, b, ids, span, noise))
+            for j, comp in enumerate(COMPS):
+                for layer in range(L):
+                    want = _restore_last_layers(hf, b, ids, span, noise, ref.restore_layers(L, layer, opts.window), comp)
+                    _close(dry["patched_logit_diff"].values[i, layer, j], want)
+        else:
+            sweep = ref.patch_sweep(hf, b, c, ids, COMPS)
+            for j, comp in enumerate(COMPS):
+                _close(dry["patched_logit_diff"].values[i, :, j], sweep[comp])
 
 
 def test_store_contract_summary_and_finalize(strong_models, pairs, tmp_path):
@@ -437,7 +510,13 @@ def test_cli_patch_end_to_end(tokenizer, tmp_path):
     ds = load(tmp_path / "store" / "tiny-llama" / "patching.nc")
     assert dict(ds.sizes) == {"prompt": 3, "layer": 2, "component": 3}
     assert "mean_effect" in ds and "effect_ci_low" in ds and ds.attrs["analysis"] == "patching"
+    # other layers over the stored file: the conflict is found from the spec, before the model loads
     res = CliRunner().invoke(cli, ["patch", "--model", str(folder), "--limit", "1", "--store", str(tmp_path / "store"),
+                                   "--layers", "0-9", "--no-progress"])
+    assert res.exit_code == 2 and "holds results computed with other options" in res.output
+    assert "loading model" not in res.output
+    # on an empty store the layers the model lacks are refused once it has loaded
+    res = CliRunner().invoke(cli, ["patch", "--model", str(folder), "--limit", "1", "--store", str(tmp_path / "store2"),
                                    "--layers", "0-9", "--no-progress"])
     assert res.exit_code == 2 and "--layers: layers 3-9 do not exist: the model has layers 0-2" in res.output
     res = CliRunner().invoke(cli, ["patch", "--model", str(folder), "--limit", "2", "--store", str(tmp_path / "store"),

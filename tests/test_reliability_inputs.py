@@ -200,7 +200,7 @@ def test_prompts_check_on_non_utf8_jsonl_exits_2_naming_the_line(runner, tmp_pat
     f = tmp_path / "p.jsonl"
     f.write_bytes(good.encode() + b"\n" + good.replace('"a"', '"caf\xe9"').encode("latin-1") + b"\n")
     res = runner.invoke(cli, ["prompts", "check", str(f)])
-    assert _error_line(res).startswith(f"  - {f} line 2: not UTF-8 text (invalid continuation byte at byte ")
+    assert _error_line(res).startswith(f"Error: {f} line 2: not UTF-8 text (invalid continuation byte at byte ")
     assert res.output.strip().endswith("); save the file as UTF-8")
 
 

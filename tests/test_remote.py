@@ -301,6 +301,12 @@ def test_handle_session_is_one_request_labelled_by_its_scope(server, tiny_model_
     torch.testing.assert_close(patched, clean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(patched, here, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dry, here)
+    # and against plain transformers, outside nnsight (the three above share nnethics' code path): the last
+    # layer's last-position output decides the last logits alone, so patching in a's gives a's own last logits
+    with torch.no_grad():
+        plain = local.lm._module(a).logits[:, -1, :4]
+    torch.testing.assert_close(patched, plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dry, plain, atol=1e-5, rtol=1e-5)
     assert STATS.totals("mine")["requests"] == 1 and STATS.totals("api")["requests"] == 1  # unscoped: "api"
     assert STATS.totals()["requests"] == 2
     with pytest.raises(TypeError, match="handle.using"):
@@ -357,6 +363,7 @@ def test_dropped_connection_is_retried(server, tiny_model_dir, tmp_path):
     assert res.exit_code == 0, _message(res)
     after = server.snapshot()
     assert after["dropped"] - before["dropped"] == 1
+    assert after["requests"] - before["requests"] == 3  # as the server saw them: 2 chunks, one sent twice
     assert STATS.totals() | {"bytes_sent": 0, "bytes_received": 0} == {
         "requests": 2, "attempts": 3, "failed": 0, "bytes_sent": 0, "bytes_received": 0}
 
@@ -366,13 +373,19 @@ def test_timeout_is_retried_then_reported(server, tiny_model_dir, tmp_path, monk
     monkeypatch.setenv(ENV_TIMEOUT, "3")
     monkeypatch.setenv(ENV_RETRIES, "2")
     args = ("--analyses", "decisions", "--limit", "2", "--batch-size", "2")
+    before = server.snapshot()
     server.inject("delay", times=1, seconds=8)
     res = _run(tmp_path / "ok", tiny_model_dir, *args)
     assert res.exit_code == 0, _message(res)
     assert STATS.totals()["attempts"] == 2
+    seen = server.snapshot()  # counted by the server itself, not derived from the retry settings
+    assert (seen["requests"] - before["requests"], seen["delayed"] - before["delayed"]) == (2, 1)
     server.inject("delay", times=3, seconds=8)
     res = _run(tmp_path / "fail", tiny_model_dir, *args)
     assert res.exit_code != 0
+    after = server.snapshot()
+    # retries=2: one attempt and two more, so exactly 3 requests reached the server, every one of them delayed
+    assert (after["requests"] - seen["requests"], after["delayed"] - seen["delayed"]) == (3, 3)
     msg = _message(res)
     assert "sent nothing for 3 s on each of 3 attempts" in msg and server.url in msg and KEY not in msg
     assert "rerun the same command to resume" in msg

@@ -159,6 +159,29 @@ def test_position_heatmaps_for_both_layouts():
         rp.position_heatmap(synthetic.patching())
 
 
+def test_position_heatmap_cells_off_the_diagonal_of_a_non_square_grid():
+    """3 positions x 4 layers, two prompts, values written by hand (stored prompt, layer, position): every cell is
+    the mean over the prompts at its own (layer, position), off-diagonal cells included. The largest sits in the
+    last cell, where a transposed grid would put it too, so the other cells are what this checks."""
+    a = np.array([[0.1, 0.0, 0.2], [0.9, 0.1, 0.2], [0.2, 0.3, 0.5], [0.0, 0.4, 1.0]])  # layer x position (-3 -2 -1)
+    b = np.array([[0.3, 0.2, 0.0], [0.5, 0.1, 0.4], [0.0, 0.1, 0.3], [0.2, 0.0, 0.8]])
+    ds = xr.Dataset({"effect": (("prompt", "layer", "position"), np.stack([a, b]).astype(np.float32),
+                                {"effect_kind": "normalized"})},
+                    coords={"prompt": ["p0", "p1"], "layer": [0, 1, 2, 3], "position": [-3, -2, -1]},
+                    attrs={"analysis": "patching_noise_grid"})
+    want = {  # (layer, position row): mean over the two prompts, by hand
+        (0, "-3"): 0.2, (1, "-3"): 0.7, (2, "-3"): 0.1, (3, "-3"): 0.1,
+        (0, "-2"): 0.1, (1, "-2"): 0.1, (2, "-2"): 0.2, (3, "-2"): 0.2,
+        (0, "-1"): 0.1, (1, "-1"): 0.3, (2, "-1"): 0.4, (3, "-1"): 0.9,
+    }
+    hm = rp.position_heatmap(ds)
+    xs, ys, vs = (hm.dimension_values(i) for i in range(3))
+    got = {(int(x), str(y)): float(v) for x, y, v in zip(xs, ys, vs, strict=True)}
+    assert got.keys() == want.keys()
+    for cell, v in want.items():
+        assert got[cell] == pytest.approx(v, abs=1e-6), cell
+
+
 def test_noise_restoration_at_the_last_token():
     ds = synthetic.noise_last(n_prompts=5, n_layers=6)
     assert rp.effect_kind(ds) == "normalized"  # receiver = the noised run, source = the clean one

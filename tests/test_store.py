@@ -349,3 +349,50 @@ def test_chunks_of_different_token_lengths_are_padded_with_missing_values():
     assert short["input_ids"].values.tolist() == [0, 1, -1, -1]
     assert short["token_text"].values.tolist() == ["a", "a", "", ""]
     assert np.isnan(short["score"].values[2:]).all() and (short["score"].values[:2] == 1).all()
+
+
+# Every setting that decides whether stored work is reused, written out here (not read from FINGERPRINT_KEYS, so a
+# key dropped there is not dropped here too): its value in the stored run, in this run, and how the refusal names it.
+REUSE_SETTINGS = {
+    "analysis": ("decisions", "lens", "analysis: stored 'decisions', this run 'lens'"),
+    "model_id": ("org/model", "org/other", "model_id: stored 'org/model', this run 'org/other'"),
+    "model_revision": ("abc123", "def456", "model_revision: stored 'abc123', this run 'def456'"),
+    "dtype": ("float32", "bfloat16", "dtype: stored 'float32', this run 'bfloat16'"),
+    "quantization": ("", "4bit", "quantization: stored '', this run '4bit'"),
+    "prompt_set_sha256": ("a" * 64, "b" * 64, "prompt set sha256: stored aaaaaaaaaaaa, this run bbbbbbbbbbbb"),
+    "options": ('{"o": 1}', '{"o": 2}', "o: stored 1, this run 2"),
+    "labels": ('["1", "2"]', '["A", "B"]', "labels: stored '[\"1\", \"2\"]', this run '[\"A\", \"B\"]'"),
+}
+
+
+def _stored_run(tmp_path, changes: dict) -> tuple[PartStore, PartStore]:
+    """A finished result and one finished part of a run with every REUSE_SETTINGS value, and a PartStore for a
+    run that differs from it in ``changes`` only."""
+    attrs = {k: v[0] for k, v in REUSE_SETTINGS.items()} | {"created": "2024-01-01T00:00:00+00:00",
+                                                            "nnethics_version": "0.1.0"}
+    stored = PartStore(tmp_path, "fake", "fake", attrs)
+    stored.write_part(_sample())
+    stored.consolidate()
+    stored.write_part(_sample().assign_coords(prompt=["d", "e", "f"]))
+    return stored, PartStore(tmp_path, "fake", "fake", {**attrs, **changes})
+
+
+@pytest.mark.parametrize("key", list(REUSE_SETTINGS))
+def test_each_setting_alone_keeps_stored_work_from_being_reused(tmp_path, key):
+    """One setting changed at a time: the result and the parts are not reused, and the refusal names that setting."""
+    from nnethics.store import fingerprint
+
+    stored, ours = _stored_run(tmp_path, {key: REUSE_SETTINGS[key][1]})
+    assert ours.key != stored.key == fingerprint(stored.attrs)
+    assert ours.previous() is None and ours.load_parts() == [] and ours.done_ids() == set()
+    with pytest.raises(StoreConflict) as err:
+        ours.check()
+    said = [name for name, (_, _, words) in REUSE_SETTINGS.items() if words in str(err.value)]
+    assert said == [key], str(err.value)  # that setting, and no other
+
+
+def test_settings_that_do_not_change_results_keep_stored_work_reusable(tmp_path):
+    stored, ours = _stored_run(tmp_path, {"created": "2025-06-01T12:00:00+00:00", "nnethics_version": "0.2.0"})
+    assert ours.key == stored.key
+    ours.check()  # no conflict
+    assert ours.previous() is not None and ours.done_ids() == {"a", "b", "c", "d", "e", "f"}

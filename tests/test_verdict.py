@@ -355,3 +355,42 @@ def test_the_printed_verdict_never_splits_a_word():
         text = "x" * k + " content-sensitive pairs, -0.0268 logits"
         wrapped = verdict.wrap(text, width=40)
         assert " ".join(wrapped.split()) == " ".join(text.split()), wrapped
+
+
+def _stated(bias: float, bias_ci: tuple[float, float], pref: float, pref_ci: tuple[float, float]) -> xr.Dataset:
+    """A finalised decisions Dataset whose statistics over all pairs are set by hand (what the paragraph reads)."""
+    n = 10
+    g = {"n_pairs": n, "n_debiased": n, "mean_position_bias": bias, "position_bias_ci_low": bias_ci[0],
+         "position_bias_ci_high": bias_ci[1], "mean_ethical_preference": pref, "ethical_preference_ci_low": pref_ci[0],
+         "ethical_preference_ci_high": pref_ci[1], "sign_test_k": 6, "sign_test_n": 10, "sign_test_p": 0.38,
+         "mean_p_ethical": 0.55, "share_content_sensitive": 0.5, "content_sensitive_ci_low": 0.24,
+         "content_sensitive_ci_high": 0.76}
+    data = {k: (("group",), np.array([v])) for k, v in g.items()}
+    data["chosen"] = (("prompt", "side"), np.full((n, 2), LABELS[0]))
+    return xr.Dataset(data, coords={"group": [verdict.ALL], "option": list(LABELS), "prompt": [f"p{i}" for i in range(n)],
+                                    "side": ["base", "cf"]}, attrs={"model_id": "test/model", "min_gap": 0.1})
+
+
+# The preference's CI has ends of different size, so the largest |preference| it allows (0.75) is not the other
+# end's (0.25) nor the mean's (0.25): 2 x 0.75 = 1.5 logits is the line, exactly representable.
+@pytest.mark.parametrize("bias, pref, pref_ci, dominates", [
+    (1.5, 0.25, (-0.25, 0.75), True),     # exactly 2x the upper end: "at least" twice
+    (1.52, 0.25, (-0.25, 0.75), True),    # just inside
+    (1.48, 0.25, (-0.25, 0.75), False),   # just outside: 1.48 is over 2x the lower end (0.25) and the mean
+    (-1.48, -0.25, (-0.75, 0.25), False), # the larger end below zero this time, bias toward label 2
+    (-1.52, -0.25, (-0.75, 0.25), True),
+])
+def test_position_dominates_just_inside_and_outside_twice_the_largest_preference(bias, pref, pref_ci, dominates):
+    ds = _stated(bias, (bias - 0.2, bias + 0.2), pref, pref_ci)  # the bias's CI excludes 0 in every case
+    text = verdict.verdict(ds)
+    assert ("Position dominates" in text) == dominates, text
+    if dominates:
+        assert "the bias is 2 times the largest preference the interval allows (0.75 logits)" in text
+
+
+def test_position_dominance_follows_the_rule_it_is_given():
+    ds = _stated(2.2, (2.0, 2.4), 0.25, (-0.25, 0.75))
+    assert "Position dominates" in verdict.verdict(ds)
+    assert "Position dominates" not in verdict.verdict(ds, verdict.VerdictRules(dominance=3.0))  # 2.2 < 2.25
+    assert "Position dominates" in verdict.verdict(_stated(2.3, (2.1, 2.5), 0.25, (-0.25, 0.75)),
+                                                  verdict.VerdictRules(dominance=3.0))

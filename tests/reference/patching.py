@@ -85,8 +85,15 @@ def patch_all_positions_resid(
 
 
 def restore_layers(n_layers: int, layer: int, window: int = 1) -> list[int]:
-    """ROME window convention: layers max(0, l - w//2) .. min(L, l - (-w//2)) exclusive."""
-    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+    """ROME's window of ``window`` consecutive layers around ``layer``, clipped to the model: it starts
+    ``window // 2`` layers below ``layer`` (so an odd window is centred and an even one has one layer more below
+    than above, as in ROME's ``trace_with_repatch`` calls), then drops the layers outside ``0 .. n_layers - 1``.
+
+    Written as a run of ``window`` layers from its first one, not as nnethics' ``range(max(..), min(..))``, so
+    the two formulations check each other (tests/test_patching.py also checks both against sets written out).
+    """
+    first = layer - window // 2
+    return [k for k in range(first, first + window) if 0 <= k < n_layers]
 
 
 @torch.no_grad()
