@@ -184,3 +184,29 @@ def save_tiny(model, tokenizer, folder: Path) -> Path:
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama saved as a local model folder, so the CLI can load it by path."""
     return save_tiny(make_tiny("llama", tokenizer, seed=1), tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture()
+def runner():
+    from click.testing import CliRunner
+
+    return CliRunner()
+
+
+@pytest.fixture()
+def no_model_load(monkeypatch):
+    """Fail the test if a command gets as far as loading a model (bad input must stop before it)."""
+    import nnethics.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(nnethics.models, "load_model", refuse)
+
+
+def error_line(res) -> str:
+    """The one line a command printed for a bad input (click prints 'Error: ...' last), after exit code 2 and no
+    traceback."""
+    assert res.exit_code == 2, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
+    return res.output.strip().splitlines()[-1]

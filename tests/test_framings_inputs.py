@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import PROMPTS
+from conftest import error_line as _error_line
 
 from nnethics import framings
 from nnethics.cli import cli
@@ -61,12 +62,6 @@ def _free(pid="f1") -> dict:
 def _check(path: Path, *args: str):
     return CliRunner().invoke(cli, ["prompts", "check", str(path), *args])
 
-
-def _error_line(res) -> str:
-    """The line naming the problem: exit code 2 and no traceback (click prints the message last)."""
-    assert res.exit_code == 2, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    return res.output.strip().splitlines()[-1]
 
 
 # (case, files {name: text}, path checked ("" = the folder), substrings the error line holds)

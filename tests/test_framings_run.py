@@ -92,16 +92,6 @@ def test_api_equals_cli(framed_store, tiny_model_dir):
         assert differ <= {"created"}, {k: (stored.attrs.get(k), ours.attrs.get(k)) for k in differ}
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Bad input must stop before the model loads: loading fails the test."""
-    import nnethics.models as models
-
-    def fail(*a, **k):
-        raise AssertionError("the model was loaded before the bad input was refused")
-
-    monkeypatch.setattr(models, "load_model", fail)
-
 
 def _run(args, tmp_path):
     return CliRunner().invoke(cli, ["run", "--limit", "2", "--store", str(tmp_path / "store"), "--no-progress", *args])

@@ -18,26 +18,13 @@ import click
 import pytest
 from click.testing import CliRunner
 from conftest import PROMPTS
+from conftest import error_line as _error_line
 
 import nnethics.models
 from nnethics.cli import cli
 from nnethics.commands.common import REMOTE_EXIT_CODE, friendly
 from nnethics.models.loading import store_slug
 from nnethics.store import PARTS
-
-
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(nnethics.models, "load_model", refuse)
-
-
-def _error_line(res) -> str:
-    assert res.exit_code == 2, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    return res.output.strip().splitlines()[-1]
 
 
 def _hold(folder) -> subprocess.Popen:

@@ -21,33 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from conftest import PROMPTS
+from conftest import error_line as _error_line
 
-import nnethics.models
 import nnethics.store.atomic as atomic
 from nnethics.cli import cli
-
-
-@pytest.fixture()
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    """Fail the test if a command gets as far as loading a model."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(nnethics.models, "load_model", refuse)
-
-
-def _error_line(res) -> str:
-    """The one line a command printed for a bad input (click prints 'Error: ...' last), after exit code 2."""
-    assert res.exit_code == 2, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    return res.output.strip().splitlines()[-1]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:

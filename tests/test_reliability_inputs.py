@@ -15,10 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from click.testing import CliRunner
 from conftest import PROMPTS
+from conftest import error_line as _error_line
 
-import nnethics.models
 from nnethics.cli import cli
 from nnethics.export import export_store
 from nnethics.models.secrets import ConfigError, load_model_config
@@ -27,27 +26,6 @@ from nnethics.store import load, write_atomic
 
 SECRET = "hf_ConfigTokenNeverShown123456"
 
-
-@pytest.fixture()
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    """Fail the test if a command gets as far as loading a model."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(nnethics.models, "load_model", refuse)
-
-
-def _error_line(res) -> str:
-    """The one line a command printed for a bad input (click prints 'Error: ...' last)."""
-    lines = res.output.strip().splitlines()
-    assert res.exit_code == 2, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    return lines[-1]
 
 
 def _jsonl(path: Path, records: list[dict], bom: bool = False) -> Path:

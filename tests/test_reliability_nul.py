@@ -14,7 +14,6 @@ import pytest
 from click.testing import CliRunner
 from conftest import PROMPTS
 
-import nnethics.models
 from nnethics.cli import cli
 from nnethics.prompts import PromptError, load_prompts
 
@@ -22,13 +21,6 @@ FIX = "a NUL character (\\u0000), which a stored result cannot hold (NetCDF stri
       "cut there); remove it"
 BASE, CF = "Should you help? 1) yes 2) no. Answer:", "Should you help? 1) no 2) yes. Answer:"
 
-
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(nnethics.models, "load_model", refuse)
 
 
 def _pair(pid="a", base=BASE, cf=CF, category="c"):

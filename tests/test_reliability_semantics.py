@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from click.testing import CliRunner
 from conftest import PROMPTS
+from conftest import error_line as _error_line
 
-import nnethics.models
 from nnethics.cli import cli
 from nnethics.models.secrets import ConfigError, load_model_config
 from nnethics.prompts import PromptError, load_prompts
@@ -27,25 +26,6 @@ from nnethics.store import write_atomic
 
 SAME = "Should you help? 1) yes 2) no. Answer:"
 
-
-@pytest.fixture()
-def runner():
-    return CliRunner()
-
-
-@pytest.fixture()
-def no_model_load(monkeypatch):
-    """Fail the test if a command gets as far as loading a model."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(nnethics.models, "load_model", refuse)
-
-
-def _error_line(res) -> str:
-    assert res.exit_code == 2, res.output
-    assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
-    return res.output.strip().splitlines()[-1]
 
 
 def _jsonl(path: Path, records: list[dict]) -> Path:
