@@ -37,6 +37,7 @@ import xarray as xr
 from .. import metrics
 from ..prompts import PromptPair, format_prompt
 from .base import Analysis, OptionError, chat_field, check_values, labels_field, option, register
+from .common import left_pad
 
 if TYPE_CHECKING:
     import torch
@@ -144,13 +145,7 @@ class ClozeRows:
         import torch
 
         def padded(seqs: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-            ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for i, r in enumerate(seqs):
-                if r:
-                    ids[i, width - len(r):] = torch.tensor(r)
-                    mask[i, width - len(r):] = 1
-            return ids, mask
+            return left_pad(seqs, width, pad)
 
         prefixes = [s[:-1] for s in self.stems]
         sids, smask = padded(prefixes, max(1, max(map(len, prefixes))))  # a 1-token stem: an all-padding row

@@ -38,21 +38,27 @@ class Encoded:
         return self.input_ids[row, -n:].tolist() if n else []
 
 
-def encode(tokenizer: Any, texts: Sequence[str], device: Any = None) -> Encoded:
-    """Tokenize formatted texts (no special tokens added: the chat template carries its own) with left padding."""
+def left_pad(rows: Sequence[Sequence[int]], width: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded with ``pad`` to ``width``: ``(ids, mask)``, both ``[len(rows), width]`` long."""
     import torch
 
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    if getattr(tokenizer, "bos_token_id", None) is not None and getattr(tokenizer, "add_bos_token", False):
-        rows = [r if r[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id, *r] for r in rows]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, width - len(r):] = torch.tensor(r)
+            ids[i, width - len(r):] = torch.tensor(list(r))
             mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def encode(tokenizer: Any, texts: Sequence[str], device: Any = None) -> Encoded:
+    """Tokenize formatted texts (no special tokens added: the chat template carries its own) with left padding."""
+
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if getattr(tokenizer, "bos_token_id", None) is not None and getattr(tokenizer, "add_bos_token", False):
+        rows = [r if r[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id, *r] for r in rows]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids, mask = left_pad(rows, max(len(r) for r in rows), pad)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     if device is not None:
         ids, mask, pos = ids.to(device), mask.to(device), pos.to(device)
