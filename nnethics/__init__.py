@@ -37,6 +37,9 @@ _PUBLIC = {
     "TrainOptions": "nnethics.analyses.lens_training",
     "TunedLens": "nnethics.lenses",
     "LogitLens": "nnethics.lenses",
+    "ClozeOptions": "nnethics.analyses.cloze",
+    "load_framings": "nnethics.framings_run",
+    "summarize_framings": "nnethics.framings_verdict",
     "load": "nnethics.store",
     "write_atomic": "nnethics.store",
 }

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xarray as xr
 
 from .framings import Framing, check_labels, frame, structured
@@ -27,6 +28,50 @@ SUMMARY = "framings"  # store/<model>/framings.nc
 CLOZE = "cloze"
 BINDING = "binding"  # store/<model>/binding.nc: content swap vs label swap (nnethics.binding)
 FOLDER = "framings"  # store/<model>/framings/<id>/
+
+
+def load_framings(model_dir: str | Path, name: str = "decisions", framings: Sequence[str] | None = None
+                  ) -> xr.Dataset:
+    """One analysis' files of every framing in a model folder (``store/<model>/framings/<id>/<name>.nc``), stacked
+    along a ``framing`` dimension (coords ``framing_template``, ``framing_labels``, ``framing_order`` on it); the
+    ``option`` coordinate becomes the positions ``a``/``b`` (the labels differ between label sets; which labels a
+    framing used is ``framing_labels``). ``framings``: the ids to read (default: every folder holding the file)."""
+    from .store import load
+
+    root = Path(model_dir) / FOLDER
+    ids = list(framings) if framings is not None else sorted(p.parent.name for p in root.glob(f"*/{name}.nc"))
+    if not ids:
+        raise FileNotFoundError(f"{root}: no framing folder holds {name}.nc; run `nnethics run --framings ...` first")
+    parts = []
+    for fid in ids:
+        ds = load(root / fid / f"{name}.nc")
+        if "option" in ds.dims:
+            ds = ds.assign_coords(option=["a", "b"][: ds.sizes["option"]])
+        extra = {k: ("framing", [str(ds.attrs.get(k, ""))]) for k in ("framing_template", "framing_labels",
+                                                                      "framing_order")}
+        parts.append(ds.expand_dims("framing").assign_coords(framing=[fid], **extra))
+    return xr.concat(_same_widths(parts), dim="framing", coords="different", compat="equals",
+                     combine_attrs="drop_conflicts", join="outer")
+
+
+def _same_widths(parts: list[xr.Dataset]) -> list[xr.Dataset]:
+    """Unindexed dims whose size differs between files (``token``: the framings' prompt lengths) padded to the
+    widest, as the files pad them: −1 for ids and counts, "" for text, NaN for floats."""
+    sizes: dict[str, int] = {}
+    for ds in parts:
+        for dim, n in ds.sizes.items():
+            if dim not in ds.indexes:
+                sizes[dim] = max(sizes.get(dim, 0), n)
+    out = []
+    for ds in parts:
+        for dim, n in sizes.items():
+            if dim in ds.dims and ds.sizes[dim] < n:
+                fill = {v: -1 if ds[v].dtype.kind in "iu" else "" if ds[v].dtype.kind in "US" else
+                        False if ds[v].dtype.kind == "b" else np.nan for v in ds.variables if dim in ds[v].dims}
+                ds = ds.assign_coords({dim: np.arange(ds.sizes[dim])}).reindex({dim: np.arange(n)}, fill_value=fill)
+                ds = ds.drop_vars(dim)
+        out.append(ds)
+    return out
 
 
 def framed_model(model: Any, framing: Framing) -> Any:

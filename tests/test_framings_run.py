@@ -212,3 +212,22 @@ def test_binding_run_writes_binding_nc_as_the_api_does(tiny_model_dir, tmp_path)
     for v in stored.variables:
         np.testing.assert_array_equal(stored[v].values, ours[v].values, err_msg=v)
     assert stored.attrs["binding"] == ours.attrs["binding"]
+
+
+def test_load_framings_stacks_every_framing(framed_store):
+    ds = ne.load_framings(framed_store)
+    assert list(ds["framing"].values) == sorted(CHOSEN.split(","))
+    assert list(ds["option"].values) == ["a", "b"]
+    for fid in CHOSEN.split(","):
+        one = xr.load_dataset(framed_store / "framings" / fid / "decisions.nc")
+        got = ds.sel(framing=fid)
+        np.testing.assert_array_equal(got["logit_diff"].values, one["logit_diff"].values)
+        assert str(got["framing_labels"].values) == one.attrs["framing_labels"]
+        n = one.sizes["token"]
+        np.testing.assert_array_equal(got["input_ids"].values[..., :n], one["input_ids"].values)
+        assert (got["input_ids"].values[..., n:] == -1).all()  # padded as the files pad: -1, not 0
+        assert (got["token_text"].values[..., n:] == "").all()
+    assert ds.sizes["token"] == max(xr.load_dataset(p).sizes["token"]
+                                    for p in framed_store.glob("framings/*/decisions.nc"))
+    with pytest.raises(FileNotFoundError, match="no framing folder holds cloze.nc"):
+        ne.load_framings(framed_store, "cloze")
