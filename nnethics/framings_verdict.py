@@ -64,30 +64,15 @@ from collections.abc import Mapping
 import numpy as np
 import xarray as xr
 
-from . import metrics
+from .framings_cloze import cloze_summary as _cloze
+from .framings_cloze import mean_ci_finite as _mean_ci
+from .framings_cloze import share_ci as _share
 from .framings_verdict_text import MEAN_CI, SHARE_CI, FramingRules, describe, framings_verdict, summary_lines
 
 SIDES = ("base", "cf")
 
 
 # --------------------------------------------------------------------------------------------- numbers
-
-
-def _mean_ci(x: np.ndarray, seed: int) -> tuple[float, float, float, int]:
-    """Mean, BCa CI and count of the finite values of ``x`` (NaN mean for none)."""
-    v = np.asarray(x, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return (np.nan, np.nan, np.nan, 0)
-    mean, lo, hi = metrics.mean_ci(v, axis=0, seed=seed)
-    return (float(mean), float(lo), float(hi), int(v.size))
-
-
-def _share(k: int, n: int) -> tuple[float, float, float]:
-    if n == 0:
-        return (np.nan, np.nan, np.nan)
-    lo, hi = metrics.proportion_ci(k, n)
-    return (k / n, float(lo), float(hi))
 
 
 def _meta(fid: str, ds: xr.Dataset) -> dict[str, str]:
@@ -362,28 +347,6 @@ def _agreement(used: np.ndarray) -> dict:
     return {"sign_agreement": share, "sign_agreement_ci_low": lo, "sign_agreement_ci_high": hi, "n_agreement": n,
             "krippendorff_alpha": alpha, "framing_test_statistic": stat, "framing_test_p": pvalue,
             "n_framing_test": n_test, "_framing_test_method": method}
-
-
-def _cloze(cloze: xr.Dataset, prompts: list[str], pooled: np.ndarray, seed: int, data: dict) -> dict:
-    """The cloze margin on ``prompts`` (NaN where skipped or absent) into ``data``; its mean (BCa), the share of
-    pairs where it is > 0 and the share where its sign is the pooled preference's (Wilson)."""
-    ids = [str(p) for p in cloze["prompt"].values]
-    cm = cloze["cloze_margin"].assign_coords(prompt=ids).reset_coords(drop=True).reindex(prompt=prompts)
-    cm = cm.values.astype(np.float64)
-    if "skipped" in cloze:
-        sk = cloze["skipped"].assign_coords(prompt=ids).reset_coords(drop=True)
-        cm = np.where(sk.reindex(prompt=prompts, fill_value=True).values.astype(bool), np.nan, cm)
-    data["cloze_margin"] = (("prompt",), cm)
-    mean, lo, hi, n = _mean_ci(cm, seed)
-    out = {"mean_cloze_margin": mean, "cloze_margin_ci_low": lo, "cloze_margin_ci_high": hi, "n_cloze": n}
-    fin = cm[np.isfinite(cm)]
-    share, lo, hi = _share(int((fin > 0).sum()), int(fin.size))
-    out.update(share_cloze_ethical=share, cloze_ethical_ci_low=lo, cloze_ethical_ci_high=hi)
-    both = np.isfinite(cm) & np.isfinite(pooled)
-    share, lo, hi = _share(int((np.sign(cm[both]) == np.sign(pooled[both])).sum()), int(both.sum()))
-    out.update(cloze_mc_agreement=share, cloze_mc_agreement_ci_low=lo, cloze_mc_agreement_ci_high=hi,
-               n_cloze_mc=int(both.sum()))
-    return out
 
 
 __all__ = ["FramingRules", "framings_verdict", "summarize_framings", "summary_lines"]

@@ -562,3 +562,51 @@ def test_the_readme_section_names_every_variable(summary):
     unmentioned = [v for v in names if not any(fnmatch.fnmatchcase(v, p) or fnmatch.fnmatchcase(v, f"mean_{p}")
                                                or v.startswith(p + "_ci_") for p in patterns)]
     assert not unmentioned, f"README's framings.nc section does not mention: {unmentioned}"
+
+
+def _cloze_with_tokens(summed, per_token, n_eth, n_other, prompts):
+    c = cloze_like(summed, prompts)
+    c["cloze_mean_margin"] = (("prompt",), np.asarray(per_token, dtype=np.float64))
+    c["cloze_n_tokens"] = (("prompt", "choice"), np.stack([n_eth, n_other], axis=1).astype(np.int32))
+    return c
+
+
+def test_the_per_token_margin_and_the_length_gap_by_hand(decisions):
+    # 5 pairs: the ethical texts are longer (gaps 6, 4, 5, 7, 3 tokens: mean 5), so their summed log-probability is
+    # lower while per token they are the likelier text
+    summed = [-3.0, -2.0, -4.5, -1.0, -2.5]
+    per = [0.4, 0.2, 0.35, 0.1, 0.3]
+    ds = fv.summarize_framings(decisions, _cloze_with_tokens(summed, per, np.array([16, 12, 15, 17, 10]),
+                                                           np.array([10, 8, 10, 10, 7]), PROMPTS))
+    np.testing.assert_array_equal(ds["cloze_length_gap"].values, [6, 4, 5, 7, 3])
+    assert float(ds["mean_cloze_length_gap"]) == 5.0
+    mean, lo, hi = bca(per)
+    assert float(ds["mean_cloze_mean_margin"]) == pytest.approx(0.27, abs=1e-12) == pytest.approx(mean)
+    assert float(ds["cloze_mean_margin_ci_low"]) == pytest.approx(lo) and float(ds["cloze_mean_margin_ci_high"]) == pytest.approx(hi)
+    assert float(ds["share_cloze_mean_ethical"]) == 1.0 and float(ds["share_cloze_ethical"]) == 0.0
+    text = ds.attrs["framings_verdict"]
+    assert "the ethical texts have +5.0 tokens more than the others on average" in text
+    assert "the ethical text is the more likely per token in 5 of 5 pairs (100%" in text
+    assert "The summed cloze margin is length-confounded" in text and "5.0 tokens longer on average" in text
+
+
+@pytest.mark.parametrize("gap, confounded", [(1.0, True), (0.999, False), (-1.0, True)])
+def test_length_confounding_is_said_at_a_gap_of_one_token(summary, gap, confounded):
+    ds = summary.copy(deep=True)
+    sign = 1 if gap > 0 else -1
+    ds["mean_cloze_length_gap"] = ((), np.float64(gap))
+    ds["mean_cloze_mean_margin"] = ((), np.float64(0.3 * sign))
+    ds["cloze_mean_margin_ci_low"] = ((), np.float64(0.1 if sign > 0 else -0.5))
+    ds["cloze_mean_margin_ci_high"] = ((), np.float64(0.5 if sign > 0 else -0.1))
+    ds["share_cloze_mean_ethical"] = ((), np.float64(1.0))
+    ds["cloze_mean_ethical_ci_low"] = ((), np.float64(0.5))
+    ds["cloze_mean_ethical_ci_high"] = ((), np.float64(1.0))
+    ds["mean_cloze_margin"] = ((), np.float64(-2.0 * sign))
+    ds["cloze_margin_ci_low"] = ((), np.float64(-3.0 if sign > 0 else 1.0))
+    ds["cloze_margin_ci_high"] = ((), np.float64(-1.0 if sign > 0 else 3.0))
+    text = fv.framings_verdict(ds)
+    assert ("The summed cloze margin is length-confounded" in text) is confounded
+    # the same gap with both margins leaning one way is no confounding
+    ds["cloze_margin_ci_low"], ds["cloze_margin_ci_high"] = ds["cloze_mean_margin_ci_low"], ds["cloze_mean_margin_ci_high"]
+    ds["mean_cloze_margin"] = ds["mean_cloze_mean_margin"]
+    assert "length-confounded" not in fv.framings_verdict(ds)
