@@ -46,7 +46,7 @@ test-slow: install-dev browser
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
 # Deliberate bugs (scripts/mutations.toml), each in a temporary copy, against the tests that should catch them.
-# Not part of .ci/run (about 6 minutes here); run it before every stop that touches numerical code.
+# .ci/run runs it after the tests (about 13 minutes here); run it before every stop that touches numerical code.
 mutants: install-dev
 	$(BIN)/python scripts/mutation_check.py $(MUTANT_ARGS)
 

@@ -626,3 +626,16 @@ def test_knows_but_does_not_say_reads_the_per_token_margin_when_the_sum_is_lengt
     # without the token counts there is no per-token margin: the (negative) sum is read, and nothing is said
     plain = fv.summarize_framings(decisions, cloze_like(summed, PROMPTS))
     assert "Knows but does not say" not in plain.attrs["framings_verdict"]
+
+
+def test_one_content_framing_is_described_in_the_paragraph(decisions):
+    """With one content framing the paragraph carries its sentence: raw and debiased counts in that order."""
+    ds = fv.summarize_framings({"ethical.AB.fwd": decisions["ethical.AB.fwd"]})
+    d = decisions["ethical.AB.fwd"]
+    chose = d["chose_ethical"].values.astype(bool)
+    ld = d["logit_diff"].values.astype(np.float64)
+    e = np.where(d["ethical_option"].values == "A", 1.0, -1.0)
+    prior = ld.mean()  # every pair swaps the ethical label here: the PriDe prior is the mean LD
+    k, kd = int(chose.sum()), int((e * (ld - prior) > 0).sum())
+    assert k != kd  # the two counts differ, so their order is tested
+    assert f"ethical on {k} of 10 prompts, {kd} of 10 with its label prior" in ds.attrs["framings_verdict"]
