@@ -286,8 +286,14 @@ def test_cli_attribute_on_the_builtin_model(tmp_path, builtin_dir):
     ds = load(files[0])
     assert ds["layer"].values.tolist() == [0, 1, 2, 3, 29] and ds.attrs["complete_layers"] == "false"
     _close(_total(ds), ds["logit_diff"], atol=1e-4, rtol=0)
+    # other layers over the stored file: the conflict is found from the spec, before the model loads
     bad = CliRunner().invoke(cli, ["attribute", "--prompts", str(PROMPTS), "--limit", "1", "--store",
                                    str(tmp_path), "--layers", "30"])
+    assert bad.exit_code == 2 and "holds results computed with other options" in bad.output
+    assert "loading model" not in bad.output
+    # on an empty store a layer the model lacks is refused once it has loaded
+    bad = CliRunner().invoke(cli, ["attribute", "--prompts", str(PROMPTS), "--limit", "1", "--store",
+                                   str(tmp_path / "other"), "--layers", "30"])
     assert bad.exit_code == 2 and "--layers: layer 30 does not exist: the model has layers 0-29" in bad.output
 
 
