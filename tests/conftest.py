@@ -210,3 +210,24 @@ def error_line(res) -> str:
     assert res.exit_code == 2, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit), repr(res.exception)
     return res.output.strip().splitlines()[-1]
+
+
+def sweep_matches_reference(datasets, hf, toks, ids, components, atol: float = 1e-4) -> None:
+    """Each patching Dataset (last position, with AtP) equals the plain-hook reference (``tests/reference``) pair by
+    pair: the base and counterfactual LDs, every patched cell and every AtP estimate, within ``atol``."""
+    import numpy as np
+    from reference import patching as ref
+
+    def close(actual, expected):
+        np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64),
+                                   rtol=0, atol=atol)
+
+    for i, (b, c) in enumerate(toks):
+        sweep = ref.patch_sweep(hf, b, c, ids, components)
+        atp = ref.attribution_patching(hf, b, c, ids, components=components)
+        for ds in datasets:
+            close(ds["base_logit_diff"][i], ref.logit_diff(hf, b, ids))
+            close(ds["cf_logit_diff"][i], ref.logit_diff(hf, c, ids))
+            for j, comp in enumerate(components):
+                close(ds["patched_logit_diff"].values[i, :, j], sweep[comp])
+                close(ds["atp_delta"].values[i, :, j], atp[comp])

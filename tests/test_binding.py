@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import FAMILIES
+from conftest import FAMILIES, sweep_matches_reference
 from reference import patching as ref
 
 from nnethics import binding as B
@@ -370,16 +370,8 @@ def test_label_swap_last_position_matches_reference(family, strong_models, swapp
     assert len({b.shape[1] for b, _ in toks}) > 1  # padded batch
     kv = activation_patching(model, swapped, PatchingOptions(chat=False, atp=True, kv_cache="on"))
     full = activation_patching(model, swapped, PatchingOptions(chat=False, atp=True, kv_cache="off"))
-    for i, (b, c) in enumerate(toks):
-        assert len(_differing(b, c)) == 2  # the two label tokens
-        sweep = ref.patch_sweep(hf, b, c, ids, COMPS)
-        atp = ref.attribution_patching(hf, b, c, ids, components=COMPS)
-        for ds in (kv, full):
-            _close(ds["base_logit_diff"][i], ref.logit_diff(hf, b, ids))
-            _close(ds["cf_logit_diff"][i], ref.logit_diff(hf, c, ids))
-            for j, comp in enumerate(COMPS):
-                _close(ds["patched_logit_diff"].values[i, :, j], sweep[comp])
-                _close(ds["atp_delta"].values[i, :, j], atp[comp])
+    assert all(len(_differing(b, c)) == 2 for b, c in toks)  # the two label tokens
+    sweep_matches_reference((kv, full), hf, toks, ids, COMPS)
 
 
 def test_label_swap_chat_formatted_matches_reference(strong_models, swapped):

@@ -10,7 +10,7 @@ import pytest
 import torch
 import xarray as xr
 from click.testing import CliRunner
-from conftest import FAMILIES, PROMPTS, SHORT_PAIRS, STRONG_STD, make_tiny, save_tiny
+from conftest import FAMILIES, PROMPTS, SHORT_PAIRS, STRONG_STD, make_tiny, save_tiny, sweep_matches_reference
 from reference import patching as ref
 from reference.hooks import add_at, edit, record, set_positions
 
@@ -61,15 +61,7 @@ def test_last_position_sweep_matches_reference(family, strong_models, pairs):
     kv = activation_patching(model, pairs, PatchingOptions(**PLAIN, kv_cache="on"))
     full = activation_patching(model, pairs, PatchingOptions(**PLAIN, kv_cache="off"))
     assert set(kv["forward_path"].values) == {"kv_cache"} and set(full["forward_path"].values) == {"full"}
-    for i, (b, c) in enumerate(toks):
-        sweep = ref.patch_sweep(hf, b, c, ids, COMPS)
-        atp = ref.attribution_patching(hf, b, c, ids, components=COMPS)
-        for ds in (kv, full):
-            _close(ds["base_logit_diff"][i], ref.logit_diff(hf, b, ids))
-            _close(ds["cf_logit_diff"][i], ref.logit_diff(hf, c, ids))
-            for j, comp in enumerate(COMPS):
-                _close(ds["patched_logit_diff"].values[i, :, j], sweep[comp])
-                _close(ds["atp_delta"].values[i, :, j], atp[comp])
+    sweep_matches_reference((kv, full), hf, toks, ids, COMPS)
     # the two paths agree with each other far below the tolerance
     np.testing.assert_allclose(kv["patched_logit_diff"], full["patched_logit_diff"], rtol=0, atol=1e-5)
 
