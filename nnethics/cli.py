@@ -48,9 +48,14 @@ def cli() -> None:
 @click.option("--templates", "templates_path", default=None, type=click.Path(path_type=Path),
               help="A JSON file {name: template text} of extra templates for --framings (placeholders {scenario}, "
                    "{option_1}, {option_2}, {label_1}, {label_2}; optional {label_a}, {label_b}, {question}).")
+@click.option("--per-request", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Chunks of --batch-size pairs per NDIF request for the analyses that share a trace (each chunk is "
+                   "still stored as its own part, so a failed request loses only its chunks). Fewer requests wait "
+                   "fewer times in NDIF's queue; locally it changes nothing.")
 @friendly
 def run(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat, limit,
-        store, overwrite, lock_timeout, batch_size, analyses, atp, framings, templates_path, progress) -> None:
+        store, overwrite, lock_timeout, batch_size, analyses, atp, framings, templates_path, per_request,
+        progress) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
     from .analyses import ANALYSES, default_names
     from .models.registry import ModelRegistry
@@ -75,7 +80,7 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
         with store_lock(Path(store) / model.slug, timeout=lock_timeout):
             kwargs = dict(chat=chat, batch_size=batch_size, progress=progress, overwrite=overwrite,
                           lock_timeout=lock_timeout, note=lambda text: click.echo(f"note: {text}", err=True),
-                          overrides={"patching": {"atp": atp}} if atp is not None else None)
+                          overrides={"patching": {"atp": atp}} if atp is not None else None, per_request=per_request)
             if chosen:
                 from .framings_run import run_framings
 

@@ -145,9 +145,11 @@ def run_framings(model: Any, prompts: Any, framings: Sequence[Framing], store: s
                  chat: bool | None = None, batch_size: int = 8, progress: bool | None = None,
                  overwrite: bool = False, lock_timeout: float | None = None,
                  note: Callable[[str], None] | None = None,
-                 overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[str, str]]:
+                 overrides: dict[str, dict[str, Any]] | None = None, per_request: int = 1
+                 ) -> dict[str, tuple[str, str]]:
     """Run ``analyses`` (decisions always among them) in every framing, the cloze readout on the structured pairs,
-    and write framings.nc; ``{relative name: (path, summary line)}``, names as :func:`analyze_framings`' keys."""
+    and write framings.nc; ``{relative name: (path, summary line)}``, names as :func:`analyze_framings`' keys.
+    ``per_request``: as :func:`nnethics.pipeline.run_all`'s, for each framing's fused run."""
     from .pipeline import make_context, run_all, run_one
     from .store import write_atomic
 
@@ -158,7 +160,7 @@ def run_framings(model: Any, prompts: Any, framings: Sequence[Framing], store: s
     for f in framings:
         m = framed_model(model, f)
         done = run_all(m, sets[f.id], store, with_decisions(analyses), chat, batch_size, progress, overwrite,
-                       lock_timeout, note, overrides)
+                       lock_timeout, note, overrides, per_request=per_request)
         for name, got in done.items():
             out[f"{FOLDER}/{f.id}/{name}"] = got
         decisions[f.id] = xr.load_dataset(done["decisions"][0])

@@ -103,22 +103,40 @@ def _session(model: Any, batch: Rows, steps: list[tuple], jobs: list[dict]) -> l
     return out
 
 
+def _sessions(model: Any, batches: list[Rows], steps: list[tuple], jobs: list[list[dict]]) -> list[list[Any]]:
+    """:func:`_session` for each of several chunks, one after the other: one session (one request) for all."""
+    return [_session(model, batch, steps, chunk_jobs) for batch, chunk_jobs in zip(batches, jobs)]
+
+
+def run_chunks(model: Any, chunks: Sequence[Sequence], members: Sequence[Member],
+               label_ids: Sequence[int] | None = None) -> list[dict[str, xr.Dataset]]:
+    """Every member's Dataset for each chunk of pairs: ONE session (one request remotely) per group for all the
+    chunks (``run --per-request``). Each chunk keeps its own encoding and trace, so its bits do not depend on the
+    chunks it travels with."""
+    from .analyses.common import encode_pairs
+
+    out: list[dict[str, xr.Dataset]] = [{} for _ in chunks]
+    for group in groups(members):
+        first = group[0].options
+        batches = [encode_pairs(model, pairs, list(first.labels), first.chat, label_ids) for pairs in chunks]
+        jobs = [[m.reads.start(model, batch, m.options, m.prepared) for m in group] for batch in batches]
+        wire = [[{k: v for k, v in job.items() if not k.startswith("_")} for job in js] for js in jobs]  # "_": here
+        rows = [Rows(dataclasses.replace(b.encoded, texts=[]), list(b.label_ids), b.n) for b in batches]
+        steps = [(m.reads.read, m.reads.rows) for m in group]
+        if len(chunks) == 1:  # the request a chunk has always sent
+            got = [model.session(_session, rows[0], steps, wire[0])]
+        else:
+            got = model.session(_sessions, rows, steps, wire)
+        for i, (batch, js, g) in enumerate(zip(batches, jobs, got)):
+            for m, job, gi in zip(group, js, g):
+                out[i][m.name] = m.reads.build(model, batch, job, gi)
+    return out
+
+
 def run_chunk(model: Any, pairs: Sequence, members: Sequence[Member], label_ids: Sequence[int] | None = None
               ) -> dict[str, xr.Dataset]:
     """Every member's Dataset for one chunk of pairs, from ONE shared trace (one request remotely) per group."""
-    from .analyses.common import encode_pairs
-
-    out: dict[str, xr.Dataset] = {}
-    for group in groups(members):
-        first = group[0].options
-        batch = encode_pairs(model, pairs, list(first.labels), first.chat, label_ids)
-        jobs = [m.reads.start(model, batch, m.options, m.prepared) for m in group]
-        wire = [{k: v for k, v in job.items() if not k.startswith("_")} for job in jobs]  # "_": stays here
-        rows = Rows(dataclasses.replace(batch.encoded, texts=[]), list(batch.label_ids), batch.n)
-        got = model.session(_session, rows, [(m.reads.read, m.reads.rows) for m in group], wire)
-        for m, job, g in zip(group, jobs, got):
-            out[m.name] = m.reads.build(model, batch, job, g)
-    return out
+    return run_chunks(model, [pairs], members, label_ids)[0]
 
 
 def compute_alone(analysis: Analysis, model: Any, pairs: Sequence, options: Any, label_ids: Sequence[int] | None,
@@ -128,6 +146,11 @@ def compute_alone(analysis: Analysis, model: Any, pairs: Sequence, options: Any,
     if m is None:
         return fallback()
     return run_chunk(model, pairs, [m], label_ids)[m.name]
+
+
+def _listed(chunks: list, per_request: int) -> list[list]:
+    """:func:`nnethics.runner.run_in_chunks` hands one chunk when ``per_request`` is 1, a list of chunks otherwise."""
+    return [chunks] if per_request == 1 else chunks
 
 
 def _todo_groups(parts: dict, prompts: Any) -> dict[tuple[str, ...], list[str]]:
@@ -143,13 +166,14 @@ def _todo_groups(parts: dict, prompts: Any) -> dict[tuple[str, ...], list[str]]:
 
 def run_stored(plans: dict, members: dict[str, Member], model: Any, prompts: Any, store: str,
                label_ids: Sequence[int], batch_size: int = 8, overwrite: bool = False,
-               progress: bool | None = None) -> dict[str, xr.Dataset]:
+               progress: bool | None = None, per_request: int = 1) -> dict[str, xr.Dataset]:
     """The fused analyses of a run, resumably: each writes its own parts and file as a run of its own would
     (``plans``: :class:`nnethics.pipeline.Plan` by name). The caller holds the model folder's lock. Chunks run
-    through :func:`nnethics.runner.run_in_chunks` (its out-of-memory halving) with one progress bar per group."""
+    through :func:`nnethics.runner.run_in_chunks` (its out-of-memory halving) with one progress bar per group;
+    ``per_request`` chunks share one request (each still its own part: a failed request loses only its chunks)."""
     from .models.remote.stats import STATS
-    from .progress import progress_bar
-    from .runner import run_in_chunks, say_skipped
+    from .progress import progress_bar, remote_status
+    from .runner import chunk_failure, run_in_chunks, say_skipped
     from .store import PartStore, provenance
 
     parts = {n: PartStore(store, model.store_folder, n, provenance(n, model, prompts, p.recorded, **p.extra_attrs))
@@ -161,14 +185,18 @@ def run_stored(plans: dict, members: dict[str, Member], model: Any, prompts: Any
         label = f"{'+'.join(names)} [{model.store_folder}]"
         say_skipped(label, len(prompts) - len(todo), len(prompts), parts[names[0]].final.parent)
 
-        def step(chunk: list, names: list[str] = names) -> dict:
-            with STATS.scope("+".join(names)):  # one request for every analysis of the chunk
-                return run_chunk(model, chunk, [members[n] for n in names], label_ids)
+        def step(chunks: list, names: list[str] = names) -> list[dict]:
+            with STATS.scope("+".join(names)):  # one request for every analysis of the chunks
+                return run_chunks(model, chunks, [members[n] for n in names], label_ids)
 
-        def write(chunk: list, out: dict, names: list[str] = names) -> None:
-            for n in names:
-                parts[n].write_part(out[n])
+        def write(chunks: list, outs: list[dict], names: list[str] = names) -> None:
+            for out in outs:
+                for n in names:
+                    parts[n].write_part(out[n])
 
-        with progress_bar(len(prompts), label, show=progress, initial=len(prompts) - len(todo)) as bar:
-            run_in_chunks([by_id[t] for t in todo], batch_size, step, write, bar)
+        with progress_bar(len(prompts), label, show=progress, initial=len(prompts) - len(todo)) as bar, \
+                remote_status(bar):
+            run_in_chunks([by_id[t] for t in todo], batch_size, lambda c: step(_listed(c, per_request)),
+                          lambda c, o: write(_listed(c, per_request), o), bar,
+                          chunk_failure(parts[names[0]].final.parent, label), per_step=per_request)
     return {n: parts[n].consolidate(order=prompts.ids(), finalize=plans[n].analysis.finalize) for n in plans}

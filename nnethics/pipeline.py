@@ -122,10 +122,12 @@ def run_one(name: str, model: Any, prompts: PromptSet, store: str, ctx: RunConte
 def run_all(model: Any, prompts: PromptSet, store: str, analyses: Sequence[str] | None = None, chat: bool | None = None,
             batch_size: int = 8, progress: bool | None = None, overwrite: bool = False,
             lock_timeout: float | None = None, note: Callable[[str], None] | None = None,
-            overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, tuple[str, str]]:
+            overrides: dict[str, dict[str, Any]] | None = None, per_request: int = 1) -> dict[str, tuple[str, str]]:
     """Run each named analysis (default: every default one) with its default options (``overrides``: option values by
     analysis name, e.g. ``{"patching": {"atp": True}}``); ``{name: (path, summary)}``. The analyses that declare
-    their reads share ONE trace per chunk (:mod:`nnethics.fused`); the others run one after the other."""
+    their reads share ONE trace per chunk (:mod:`nnethics.fused`); the others run one after the other.
+    ``per_request``: chunks of the shared trace sent in one session (one NDIF request), each still its own part."""
+    _at_least_one(per_request=per_request)
     from .fused import member, run_stored
 
     ctx = make_context(model, prompts, chat)
@@ -139,13 +141,19 @@ def run_all(model: Any, prompts: PromptSet, store: str, analyses: Sequence[str] 
     if fused:  # ONE shared trace (one request remotely) per chunk for every analysis that declares its reads
         with store_lock(result_path(store, model.store_folder, next(iter(fused))).parent, timeout=lock_timeout):
             datasets = run_stored(fused, members, model, prompts, store, ctx.label_ids, batch_size, overwrite,
-                                  progress)
+                                  progress, per_request)
         done = {name: (str(result_path(store, model.store_folder, name)), fused[name].analysis.summarize(ds))
                 for name, ds in datasets.items()}
     return {name: done[name] if name in done else
             run_one(name, model, prompts, store, ctx, batch_size, progress, overwrite, lock_timeout,
                     options=plans[name].options)
             for name in names}
+
+
+def _at_least_one(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 def pairs_as_set(pairs: Sequence[PromptPair], labels: Sequence[str] = DEFAULT_LABELS) -> PromptSet:
@@ -177,7 +185,7 @@ def _options_for(name: str, given: Any, ctx: RunContext) -> Any:
 def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Sequence[str] | None = None, *,
             chat: bool | None = None, labels: Sequence[str] | None = None, batch_size: int = 8,
             note: Callable[[str], None] | None = None, framings: str | Sequence[Any] | None = None,
-            templates: dict[str, str] | None = None, **options: Any) -> dict[str, xr.Dataset]:
+            templates: dict[str, str] | None = None, per_request: int = 1, **options: Any) -> dict[str, xr.Dataset]:
     """Run each named analysis (default: every default one) over every pair in memory; ``{name: Dataset}``.
 
     Each Dataset is the one ``nnethics run`` (or the analysis' command) writes to ``store/<model>/<name>.nc``: the
@@ -189,9 +197,9 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
     ``--batch-size``): pairs run in chunks of ``batch_size`` as there, because a batched forward's floats depend on
     what else is in the batch (padding), so the same chunks give the same bits.
 
-    ``framings``/``templates``: as ``run --framings``/``--templates`` (keys: :func:`.framings_run.analyze_framings`)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    ``framings``/``templates``: as ``run --framings``/``--templates`` (keys: :func:`.framings_run.analyze_framings`).
+    ``per_request``: as ``run --per-request`` (chunks per NDIF request; the same chunks, the same bits)."""
+    _at_least_one(batch_size=batch_size, per_request=per_request)
     if not isinstance(prompts, PromptSet):
         prompts = pairs_as_set(list(prompts), labels or DEFAULT_LABELS)
     elif labels is not None and tuple(labels) != tuple(prompts.labels):
@@ -207,7 +215,7 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
     extra = [n for n in options if n not in names]
     if extra:
         raise ValueError(f"options given for {', '.join(extra)}, which is not among the analyses run ({', '.join(names)})")
-    from .fused import member, run_chunk
+    from .fused import member, run_chunks
 
     ctx = make_context(model, prompts, chat)
     plans = {}
@@ -220,7 +228,8 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
     fused = [n for n in names if members[n] is not None]
     chunks = [prompts.pairs[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     with STATS.scope("+".join(fused)):  # ONE shared trace (one request remotely) per chunk for all of them
-        got = [run_chunk(model, chunk, [members[n] for n in fused], ctx.label_ids) for chunk in chunks] if fused else []
+        got = [out for i in range(0, len(chunks), per_request) for out in
+               run_chunks(model, chunks[i:i + per_request], [members[n] for n in fused], ctx.label_ids)] if fused else []
     out = {}
     for name, p in plans.items():
         if name in fused:

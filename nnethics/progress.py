@@ -13,12 +13,14 @@ every :data:`LOG_INTERVAL` seconds, plus one at the start and one at the end.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 LOG_INTERVAL = 30.0
 """Seconds between two progress lines when the stream is not a terminal."""
 
-LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}]"
+LOG_FORMAT = "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
 
 class _Lines:
@@ -59,3 +61,25 @@ def progress_bar(total: int, desc: str, unit: str = "prompts", show: bool | None
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=_Lines(stream), disable=not show,
                 mininterval=LOG_INTERVAL if interval is None else interval, miniters=1, bar_format=LOG_FORMAT,
                 dynamic_ncols=False, ascii=True)
+
+
+WAITING = ("QUEUED", "PROVISIONING", "DEPLOYING")
+"""The statuses of a request that waits on the server (drawn at once, also in a log: they explain a bar that does not
+move); RUNNING is shown on the bar's next redraw, and COMPLETED or ERROR clear it."""
+
+
+@contextmanager
+def remote_status(bar: Any) -> Iterator[None]:
+    """Show on ``bar`` what NDIF says of the request in flight (``NDIF queued: Moved to position 2``, ``NDIF
+    running``), from :meth:`~nnethics.models.remote.stats.RemoteStats.watch`."""
+    from .models.remote.stats import STATS
+
+    def show(record: Any, status: str, description: str) -> None:
+        if status in ("COMPLETED", "ERROR"):
+            bar.set_postfix_str("", refresh=False)
+            return
+        text = f"NDIF {status.lower()}" + (f": {description.strip()}" if status in WAITING and description else "")
+        bar.set_postfix_str(text[:80], refresh=status in WAITING)
+
+    with STATS.watch(show):
+        yield

@@ -10,6 +10,8 @@ analysis name in :data:`nnethics.models.remote.STATS`.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import click
@@ -18,7 +20,7 @@ from accelerate.utils import find_executable_batch_size
 
 from .models.errors import is_oom
 from .models.remote.stats import STATS
-from .progress import progress_bar
+from .progress import progress_bar, remote_status
 from .prompts import PromptPair, PromptSet
 from .store import PartStore, provenance, store_lock
 
@@ -80,8 +82,10 @@ def _run_chunks(name: str, fn: AnalysisFn, model: Any, prompts: PromptSet, parts
         with STATS.scope(name):  # remote requests of this chunk count under the analysis name
             return fn(model, chunk)
 
-    with progress_bar(len(prompts), label, show=progress, initial=len(prompts) - len(todo)) as bar:
-        run_in_chunks(todo, batch_size, step, lambda chunk, ds: parts.write_part(ds), bar)
+    with progress_bar(len(prompts), label, show=progress, initial=len(prompts) - len(todo)) as bar, \
+            remote_status(bar):
+        run_in_chunks(todo, batch_size, step, lambda chunk, ds: parts.write_part(ds), bar,
+                      chunk_failure(parts.final.parent, label))
     return parts.consolidate(order=prompts.ids(), finalize=finalize)
 
 
@@ -90,8 +94,41 @@ def say_skipped(label: str, skipped: int, total: int, folder: Any) -> None:
         click.echo(f"{label}: skipping {skipped} of {total} prompts already done in {folder}", err=True)
 
 
+ERRORS_LOG = "errors.log"
+"""The store's log of failed remote chunks (in the model's folder): what the server said, its traceback whole."""
+
+
+def chunk_failure(folder: Path, label: str) -> Callable[[list, int, int, BaseException], BaseException | None]:
+    """What a run reports when the server fails a chunk (:class:`~nnethics.models.remote.errors.RemoteExecutionError`:
+    the traced code raised there; :class:`~nnethics.models.remote.errors.RemoteRequestError`: it refused the request,
+    e.g. a model it does not serve): ONE line naming the analyses, the chunk and the cause, while the server's whole
+    traceback goes to ``folder/errors.log``. None for any other error (it is raised as it is)."""
+    from .models.remote.errors import RemoteExecutionError, RemoteRequestError
+
+    def fail(chunk: list, start: int, total: int, err: BaseException) -> BaseException | None:
+        if not isinstance(err, (RemoteExecutionError, RemoteRequestError)) or is_oom(err):
+            return None
+        where = (f"pairs {start + 1}-{start + len(chunk)} of the {total} to run "
+                 f"({chunk[0].prompt_id}..{chunk[-1].prompt_id})")
+        log = folder / ERRORS_LOG
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(log, "a", encoding="utf-8") as f:  # a log: appended to, one entry per failure
+            said = str(err).splitlines()[0]  # our reading of it (e.g. which model could not start), then its words
+            f.write(f"--- {stamp} {label}: {where} failed on NDIF at {err.host}\n{said}\n{err.detail or ''}\n")
+        kind = "the code inside the trace failed there, not retried" if isinstance(err, RemoteExecutionError) \
+            else "the server refused the request"
+        line = (f"{label}: NDIF at {err.host} failed on {where}: {err.cause} ({kind}; the server's traceback is in "
+                f"{log}). Chunks finished before it are stored: rerun the same command to resume.")
+        return type(err)(" ".join(line.split()), err.host, detail=err.detail)
+
+    return fail
+
+
 def run_in_chunks(todo: Sequence[PromptPair], batch_size: int, step: Callable[[list], Any],
-                  done: Callable[[list, Any], None], bar: Any = None) -> None:
+                  done: Callable[[list, Any], None], bar: Any = None,
+                  failed: Callable[[list, int, int, BaseException], BaseException | None] | None = None,
+                  per_step: int = 1) -> None:
     """``done(chunk, step(chunk))`` for chunks of ``todo``; on OOM, halve the chunk and go on from the first
     unfinished pair (the runner's loop and the fused run's, :mod:`nnethics.fused`).
 
@@ -104,6 +141,13 @@ def run_in_chunks(todo: Sequence[PromptPair], batch_size: int, step: Callable[[l
     original error at size 1 (as before), and also re-raises errors it would wrongly retry (a cuDNN
     "not supported" is no OOM). The loop state lives outside the retried function, so a retry resumes at
     the first unfinished pair, not at the start, and finished chunks stay written.
+
+    ``failed(chunk, start, total, err)``: the error to raise instead of ``err`` when a chunk fails (None: ``err``
+    itself), e.g. :func:`chunk_failure`.
+
+    ``per_step`` > 1: each ``step`` gets a list of up to ``per_step`` chunks (one remote request for all of them, in
+    :mod:`nnethics.fused`), cut exactly as one at a time would cut them, and ``done`` gets that list; an
+    out-of-memory halves the chunks, not their number.
     """
     state: dict[str, Any] = {"i": 0, "size": batch_size, "err": None, "original": None}
 
@@ -116,17 +160,21 @@ def run_in_chunks(todo: Sequence[PromptPair], batch_size: int, step: Callable[[l
     @find_executable_batch_size(starting_batch_size=batch_size, reduce_batch_size_fn=halve)
     def rest(size: int) -> None:
         while state["i"] < len(todo):
-            chunk = list(todo[state["i"]:state["i"] + size])
+            span = list(todo[state["i"]:state["i"] + size * per_step])
+            chunk = span if per_step == 1 else [span[j:j + size] for j in range(0, len(span), size)]
             try:
                 out = step(chunk)
             except Exception as err:  # noqa: BLE001 - only OOM is retried
                 state["original"], state["err"] = err, ChunkOutOfMemory(size) if is_oom(err) else err
                 if state["err"] is err:
+                    replaced = failed(span, state["i"], len(todo), err) if failed is not None else None
+                    if replaced is not None:
+                        raise replaced from err
                     raise
                 raise state["err"] from err
             done(chunk, out)
-            state["i"] += len(chunk)
+            state["i"] += len(span)
             if bar is not None:
-                bar.update(len(chunk))
+                bar.update(len(span))
 
     rest()

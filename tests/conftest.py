@@ -7,6 +7,7 @@ formatting and label resolution are exercised as in real runs; their weights are
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +185,35 @@ def save_tiny(model, tokenizer, folder: Path) -> Path:
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """A tiny random Llama saved as a local model folder, so the CLI can load it by path."""
     return save_tiny(make_tiny("llama", tokenizer, seed=1), tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tokenizer, tmp_path_factory):
+    """A tiny random GPT-2 saved as a local model folder (the remote tests serve it as ``org/tiny-gpt2``)."""
+    return save_tiny(make_tiny("gpt2", tokenizer, seed=2), tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def real_ndif(tmp_path_factory, builtin_dir):
+    """The real NDIF server (``make test-ndif``), started once per test run with the built-in model deployed; the
+    tests deploy their tiny models on it as they need them (:meth:`ndif_real.RealNdif.serve`)."""
+    import ndif_real
+
+    from nnethics.models.builtin import BUILTIN_HUB_ID
+
+    if not ndif_real.wanted():
+        pytest.skip(f"the real NDIF server runs under make test-ndif ({ndif_real.ENV}=real)")
+    server = ndif_real.RealNdif(tmp_path_factory.mktemp("ndif-real"))
+    try:
+        server.start({BUILTIN_HUB_ID: builtin_dir})
+        print(f"\nNDIF stack: started in {server.stack.startup_s:.0f} s, built-in deployed in "
+              f"{sum(server.deploy_s.values()):.0f} s")
+        yield server
+    finally:
+        started = time.monotonic()
+        left = server.stop()
+        print(f"\nNDIF stack: stopped in {time.monotonic() - started:.0f} s")
+        assert not left, f"the NDIF stack left behind: {left}"
 
 
 @pytest.fixture()

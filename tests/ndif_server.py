@@ -1,4 +1,10 @@
-"""A loopback NDIF server for tests: nnsight's real remote protocol on 127.0.0.1, run against local models.
+"""A loopback imitation of NDIF for tests: nnsight's remote protocol on 127.0.0.1, run against local models.
+
+**The real server is tested too** (``make test-ndif``: the ``ndif`` package, tests/ndif_real.py). This imitation
+stays for what the real server cannot do or does not say: fault injection (a dropped socket, a silent server, an
+ERROR on the n-th request), API-key rejection (without Postgres the real server accepts any key), byte counters on
+the server's side, and the default test run on machines without the server's Python 3.12. Every test of
+tests/test_remote.py that needs none of these runs against both.
 
 It speaks what ``nnsight.intervention.backends.remote.RemoteBackend`` expects:
 
@@ -241,7 +247,7 @@ class NdifServer:
     def schedule(self, job: Job) -> None:
         fault = self._take_fault()
         self.pending += 1
-        self._status(job, "QUEUED")
+        self._status(job, "QUEUED", f"Added to Queue at position {self.pending}.")  # the real server's words
         if fault and fault["fault"] == "delay":
             self.count("delayed")
             self.loop.call_later(fault["seconds"], self._dispatch, job, None)

@@ -113,21 +113,21 @@ def test_a_resumed_run_computes_only_what_is_missing(tiny_models, prompt_set, tm
     ctx = make_context(model, prompts)
     run_one("decisions", model, prompts, store, ctx, batch_size=2, progress=False)  # one analysis complete
     calls: list[tuple[tuple[str, ...], int]] = []
-    real = fused.run_chunk
+    real = fused.run_chunks  # what the stored run calls: the chunks of one request (one at a time here)
 
-    def spy(m, pairs, members, label_ids=None):
-        calls.append((tuple(x.name for x in members), len(pairs)))
+    def spy(m, chunks, members, label_ids=None):
+        calls.append((tuple(x.name for x in members), sum(len(c) for c in chunks)))
         if len(calls) == 2:
             raise KeyboardInterrupt  # a crash after the first chunk's parts are written
-        return real(m, pairs, members, label_ids)
+        return real(m, chunks, members, label_ids)
 
-    monkeypatch.setattr(fused, "run_chunk", spy)
+    monkeypatch.setattr(fused, "run_chunks", spy)
     with pytest.raises(KeyboardInterrupt):
         run_all(model, prompts, store, BUILTIN, batch_size=2, progress=False)
     assert calls == [(("patching", "attribution", "lens"), 2)] * 2
     calls.clear()
-    monkeypatch.setattr(fused, "run_chunk", lambda *a: (calls.append((tuple(x.name for x in a[2]), len(a[1]))),
-                                                         real(*a))[1])
+    monkeypatch.setattr(fused, "run_chunks", lambda *a: (calls.append((tuple(x.name for x in a[2]),
+                                                                       sum(len(c) for c in a[1]))), real(*a))[1])
     run_all(model, prompts, store, BUILTIN, batch_size=2, progress=False)
     assert calls == [(("patching", "attribution", "lens"), 2)]  # only the second chunk, decisions not at all
     for name in BUILTIN:

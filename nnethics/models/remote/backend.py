@@ -35,6 +35,7 @@ from .errors import (
     RemoteTimeoutError,
     TransientFault,
 )
+from .portable import portable
 from .settings import ENV_RETRIES, ENV_TIMEOUT, PUBLIC_HOST, RetryPolicy, api_key, resolve_host
 from .stats import STATS, RemoteStats, RequestRecord
 
@@ -102,7 +103,8 @@ class NdifBackend(RemoteBackend):
         from nnsight.ndif import pull_env
 
         pull_env()  # local modules (nnethics) ship by value, as nnsight's own _serialize does
-        blob = RequestModel.serialize(tracer, compress=False)
+        with portable():  # dataclasses rebuilt on the server, in its Python, not shipped as our bytecode
+            blob = RequestModel.serialize(tracer, compress=False)
         if not self.compress:
             return blob
         import zstandard as zstd
@@ -155,9 +157,12 @@ class NdifBackend(RemoteBackend):
             while True:
                 response = self.parse(self._recv(conn, record))
                 self.display.update(response)
+                self.stats.status(record, response.status.name, response.description or "")
                 if response.meta is not None:
                     self.meta = response.meta
                 if response.status == Status.ERROR:
+                    if is_unavailable(response.description or ""):
+                        raise TransientFault("unavailable", response.description)
                     raise self._execution_error(response.description)
                 if response.status == Status.COMPLETED:
                     return self._result(response.data, record)
@@ -209,7 +214,8 @@ class NdifBackend(RemoteBackend):
                                      self.host)
         response = ResponseModel.model_validate_json(reply.text)
         if response.status == Status.ERROR:
-            raise RemoteRequestError(f"NDIF at {self.host} refused the request: {response.description}", self.host)
+            raise RemoteRequestError(f"NDIF at {self.host} refused the request: {response.description}", self.host,
+                                     detail=response.description or "")
         return response
 
     def _result(self, data: Any, record: RequestRecord) -> Any:
@@ -233,13 +239,42 @@ class NdifBackend(RemoteBackend):
         return self.finalize(reply.content)
 
     def _execution_error(self, description: str) -> NdifError:
+        if description.strip().startswith(NOT_STARTED):
+            return RemoteRequestError(
+                f"NDIF at {self.host} could not start the model {_repo(self.model_key)} (is it served there? NDIF's "
+                f"status lists what is): {description.strip()}", self.host, detail=description)
         if "out of memory" in description.lower():
             return RemoteOutOfMemoryError(
-                f"NDIF at {self.host} ran out of memory on this batch (the runner halves it): {description}", self.host)
+                f"NDIF at {self.host} ran out of memory on this batch (the runner halves it): {description}", self.host,
+                detail=description)
         return RemoteExecutionError(
             f"NDIF at {self.host} ran the request, but the code inside the trace failed there:\n{description}\n"
             "This is a bug in the traced code (or a model it does not support), not a network fault, so it was "
-            "not retried. Prompts finished before it are kept.", self.host)
+            "not retried. Prompts finished before it are kept.", self.host, detail=description)
+
+
+UNAVAILABLE = ("Error submitting request to model deployment.",)
+"""ERROR descriptions that mean the server could not reach the model, not that the request failed: NDIF (``ndif``
+0.1.2, ``services/api/queue/replica.py``) answers so when the model's actor is gone (it died, or was killed while
+the request ran; Ray restarts it). Retried like a dropped connection."""
+
+
+NOT_STARTED = ("Error provisioning model.", "Error starting model.", "Could not deploy this model.")
+"""ERROR descriptions of NDIF (``ndif`` 0.1.2, ``services/api/queue/processor.py``) when the model could not be
+deployed for the request (not served, or its deployment failed; a model that is not deployed ahead fails there
+with ``describe_checkpoint() got an unexpected keyword argument 'trust_remote_code'`` against nnsight 0.8.1): the
+request is refused, nothing ran."""
+
+
+def _repo(model_key: str) -> str:
+    try:
+        return json.loads(model_key.split(":", 1)[1]).get("repo_id") or model_key
+    except (IndexError, ValueError, AttributeError):
+        return model_key
+
+
+def is_unavailable(description: str) -> bool:
+    return description.strip().startswith(UNAVAILABLE)
 
 
 def _detail(reply: Any) -> str:
@@ -248,6 +283,14 @@ def _detail(reply: Any) -> str:
         return str(body.get("detail", body) if isinstance(body, dict) else body)
     except ValueError:
         return reply.text or reply.reason_phrase
+
+
+class _PortableRemoteBackend(RemoteBackend):
+    """nnsight's own backend (non-blocking submit, then poll), serialising with :func:`portable` as ours does."""
+
+    def __call__(self, tracer: Any = None) -> Any:
+        with portable():
+            return super().__call__(tracer)
 
 
 # --- the weightless client model ----------------------------------------------------------------
@@ -271,8 +314,9 @@ class NdifModel(TransformersModel):
         host = resolve_host(remote) if isinstance(remote, str) else self._ndif_host
         if not blocking:  # submit now, poll later: nnsight's own backend (no retries, not counted)
             register_nnethics()
-            backend = RemoteBackend(self.to_model_key(), host=host, api_key=api_key(),
-                                    env=self._remoteable_get_env(), blocking=False, job_id=job_id, verbose=verbose)
+            backend = _PortableRemoteBackend(self.to_model_key(), host=host, api_key=api_key(),
+                                             env=self._remoteable_get_env(), blocking=False, job_id=job_id,
+                                             verbose=verbose)
             backend.display = StatusDisplay(enabled=verbose, verbose=verbose)
             return backend
         return NdifBackend(self.to_model_key(), host, env=self._remoteable_get_env(), policy=self._ndif_policy,

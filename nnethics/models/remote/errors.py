@@ -15,9 +15,17 @@ class NdifError(RemoteError, RuntimeError):
 
     retried = False
 
-    def __init__(self, message: str, host: str = "") -> None:
+    def __init__(self, message: str, host: str = "", detail: str = "") -> None:
         super().__init__(redact(message, api_key()))
         self.host = host
+        self.detail = redact(detail, api_key()) if detail else ""  # the server's own words (its traceback), if any
+
+    @property
+    def cause(self) -> str:
+        """One line: the last line of what the server said (a traceback ends with ``Type: message``), else the
+        first line of the message."""
+        lines = [line.strip() for line in (self.detail or str(self)).splitlines() if line.strip()]
+        return (lines[-1] if self.detail else lines[0]) if lines else type(self).__name__
 
 
 class RemoteExecutionError(NdifError):

@@ -8,7 +8,7 @@ sent outside any scope (the Python API called directly, a bare ``handle.trace``)
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -28,6 +28,7 @@ class RequestRecord:
     result_bytes: int = 0
     seconds: float = 0.0
     status: str = "running"
+    server_status: str = ""  # the last status the server reported (QUEUED, RUNNING, ...)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class RemoteStats:
     records: list[RequestRecord] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _scope: threading.local = field(default_factory=threading.local, repr=False)
+    _watchers: list[Callable[[RequestRecord, str, str], None]] = field(default_factory=list, repr=False)
 
     def reset(self) -> None:
         with self._lock:
@@ -51,6 +53,26 @@ class RemoteStats:
             yield
         finally:
             self._scope.label = previous
+
+    @contextmanager
+    def watch(self, fn: Callable[[RequestRecord, str, str], None]) -> Iterator[None]:
+        """Call ``fn(record, status, description)`` for every status a server reports inside the block (the
+        progress display shows them: a request waiting in NDIF's queue says so)."""
+        with self._lock:
+            self._watchers.append(fn)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._watchers.remove(fn)
+
+    def status(self, record: RequestRecord, status: str, description: str = "") -> None:
+        """What the server said of ``record``'s request (the backend calls it for each status it receives)."""
+        record.server_status = status
+        with self._lock:
+            watchers = list(self._watchers)
+        for fn in watchers:
+            fn(record, status, description)
 
     def current_label(self) -> str:
         """The label a request sent now gets: the innermost open scope, else :data:`UNSCOPED`."""
