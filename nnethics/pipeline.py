@@ -208,7 +208,7 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
     if framings is not None:
         from .framings_run import analyze_framings
         return analyze_framings(model, prompts, framings, names, chat=chat, batch_size=batch_size, note=note,
-                                templates=templates, **options)
+                                templates=templates, per_request=per_request, **options)
     unknown = [n for n in (*names, *options) if n not in ANALYSES]
     if unknown:
         raise ValueError(f"unknown analysis {unknown[0]!r}; one of {', '.join(ANALYSES)}")
