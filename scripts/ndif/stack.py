@@ -336,7 +336,10 @@ def main(argv: list[str] | None = None) -> int:
         print(install(quiet=False))
         return 0
     folder = Path(args.folder or tempfile.mkdtemp(prefix="ndif-"))
+    folder.mkdir(parents=True, exist_ok=True)
     models = dict(spec.split("=", 1) for spec in args.model)
+    # Ctrl-C or a kill is taken by sigwait below (not by the default handlers, which would leave the stack running)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     stack = Stack(folder, {k: Path(v) for k, v in models.items()})
     try:
         stack.start()
