@@ -1,6 +1,6 @@
 """Dataclasses shipped to a server rebuild there (nnethics.models.remote.portable): no bytecode travels.
 
-A server in another Python (the real NDIF runs 3.12) cannot run this client's bytecode: a request that hashed a
+A server in another Python (the NDIF server needs 3.12 or newer) cannot run this client's bytecode: a request that hashed a
 patching row crashed the real server's model actor (make test-ndif). These tests pickle as a remote request does,
 with nnsight's pickler, and load in this Python; tests/test_ndif_real.py loads in the server's.
 """

@@ -4,8 +4,8 @@ bytecode.
 nnethics travels by value, and nnsight's pickler ships a function by its *source*, recompiled on the server. A
 function without source falls back to cloudpickle's bytecode, and bytecode belongs to one Python version: the
 methods that ``@dataclass`` generates (``__init__``, ``__eq__``, ``__hash__``, ``__setattr__``...) have none. The
-real NDIF server runs Python 3.12 (``ndif`` requires >= 3.12) and this client may run 3.10 or 3.11; there the first
-request that hashed a patching row (``Row.__hash__``, 3.11 bytecode) killed the model actor with a segmentation
+NDIF server runs Python 3.12 or newer (``ndif`` 0.1.2 requires it) and this client may run 3.10 or 3.11; there the
+first request that hashed a patching row (``Row.__hash__``, 3.11 bytecode) killed the model actor with a segmentation
 fault (found against ``ndif`` 0.1.2 by ``make test-ndif``; an imitation server in the client's own Python never
 sees it).
 
