@@ -216,6 +216,23 @@ def real_ndif(tmp_path_factory, builtin_dir):
         assert not left, f"the NDIF stack left behind: {left}"
 
 
+def bytecode_fallbacks(monkeypatch) -> list[str]:
+    """Record every function pickled as bytecode (cloudpickle's reducer, which nnsight's pickler falls back to when a
+    function has no source): ``module.qualname`` in order. Bytecode belongs to one Python (see
+    :mod:`nnethics.models.remote.portable`)."""
+    import cloudpickle
+
+    seen: list[str] = []
+    original = cloudpickle.CloudPickler._dynamic_function_reduce
+
+    def record(self, func):
+        seen.append(f"{func.__module__}.{func.__qualname__}")
+        return original(self, func)
+
+    monkeypatch.setattr(cloudpickle.CloudPickler, "_dynamic_function_reduce", record)
+    return seen
+
+
 @pytest.fixture()
 def runner():
     from click.testing import CliRunner

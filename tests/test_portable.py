@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from conftest import bytecode_fallbacks
 from nnsight.intervention.serialization import dumps
 
 from nnethics.models.remote.portable import portable
@@ -49,18 +50,6 @@ def _module(tmp_path, monkeypatch):
 
     cloudpickle.register_pickle_by_value(shipped_dc)
     return shipped_dc
-
-
-def _fallbacks(monkeypatch) -> list[str]:
-    seen: list[str] = []
-    original = cloudpickle.CloudPickler._dynamic_function_reduce
-
-    def record(self, func):
-        seen.append(f"{func.__module__}.{func.__qualname__}")
-        return original(self, func)
-
-    monkeypatch.setattr(cloudpickle.CloudPickler, "_dynamic_function_reduce", record)
-    return seen
 
 
 CHECK = textwrap.dedent("""
@@ -112,7 +101,7 @@ def _load(python: str, path: Path) -> subprocess.CompletedProcess:
 
 
 def test_a_shipped_dataclass_is_rebuilt_with_the_same_behaviour_and_no_bytecode(tmp_path, monkeypatch):
-    seen = _fallbacks(monkeypatch)
+    seen = bytecode_fallbacks(monkeypatch)
     out = _load(sys.executable, _payload(tmp_path, monkeypatch, seen))
     assert out.returncode == 0 and out.stdout.startswith("ok"), out.stderr[-3000:]
 

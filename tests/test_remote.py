@@ -21,7 +21,7 @@ import pytest
 import torch
 import xarray as xr
 from click.testing import CliRunner
-from conftest import PROMPTS
+from conftest import PROMPTS, bytecode_fallbacks
 from ndif_server import NdifServer, ServerProcess
 
 from nnethics.cli import cli
@@ -629,16 +629,7 @@ def test_no_nnethics_function_travels_as_bytecode(server, tiny_model_dir, tmp_pa
     """Bytecode belongs to one Python; the real NDIF server runs another (3.12). Every nnethics function a run sends
     travels as source (nnsight's pickler), and every dataclass is rebuilt there (:mod:`nnethics.models.remote.
     portable`): nothing of nnethics reaches cloudpickle's bytecode reducer, whichever analysis runs."""
-    import cloudpickle
-
-    seen: list[str] = []
-    original = cloudpickle.CloudPickler._dynamic_function_reduce
-
-    def record(self, func):
-        seen.append(f"{func.__module__}.{func.__qualname__}")
-        return original(self, func)
-
-    monkeypatch.setattr(cloudpickle.CloudPickler, "_dynamic_function_reduce", record)
+    seen = bytecode_fallbacks(monkeypatch)
     res = _run(tmp_path, tiny_model_dir, "--limit", "2", "--batch-size", "2", "--analyses",
                "decisions,attribution,lens,patching,patching_noise,heads,cloze")
     assert res.exit_code == 0, _message(res)
