@@ -320,13 +320,25 @@ def _children_then(proc: subprocess.Popen) -> None:
     _terminate(proc)
 
 
+def model_spec(text: str) -> tuple[str, Path]:
+    """``--model ORG/NAME=FOLDER``: a hub-style id and a model folder with a config.json (checked before anything
+    starts; argparse turns the error into one line and exit code 2)."""
+    repo_id, sep, folder = text.partition("=")
+    if not sep or repo_id.count("/") != 1 or not all(repo_id.split("/")) or not folder:
+        raise argparse.ArgumentTypeError(f"{text!r}: give ORG/NAME=FOLDER, e.g. org/tiny-llama=/path/to/model")
+    if not (Path(folder) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r}: {folder} is not a model folder (no config.json in it); "
+                                         "give a folder saved with save_pretrained")
+    return repo_id, Path(folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("install", help="make the server's venv (cached) and install redis-server")
     sub.add_parser("venv", help="print the server venv's path")
     up = sub.add_parser("up", help="start the stack, deploy the models, wait until Ctrl-C")
-    up.add_argument("--model", action="append", default=[], metavar="ORG/NAME=FOLDER", required=True)
+    up.add_argument("--model", action="append", default=[], metavar="ORG/NAME=FOLDER", required=True, type=model_spec)
     up.add_argument("--folder", default=None, help="where its logs and state go (default: a new temporary folder)")
     args = parser.parse_args(argv)
     if args.command == "venv":
@@ -335,12 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "install":
         print(install(quiet=False))
         return 0
+    if not (venv_dir() / ".complete").exists():
+        parser.error(f"no server venv at {venv_dir()}: run `python {sys.argv[0]} install` first")
+    models = dict(args.model)
     folder = Path(args.folder or tempfile.mkdtemp(prefix="ndif-"))
     folder.mkdir(parents=True, exist_ok=True)
-    models = dict(spec.split("=", 1) for spec in args.model)
     # Ctrl-C or a kill is taken by sigwait below (not by the default handlers, which would leave the stack running)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    stack = Stack(folder, {k: Path(v) for k, v in models.items()})
+    stack = Stack(folder, models)
     try:
         stack.start()
         seconds = stack.deploy()
