@@ -148,11 +148,6 @@ def compute_alone(analysis: Analysis, model: Any, pairs: Sequence, options: Any,
     return run_chunk(model, pairs, [m], label_ids)[m.name]
 
 
-def _listed(chunks: list, per_request: int) -> list[list]:
-    """:func:`nnethics.runner.run_in_chunks` hands one chunk when ``per_request`` is 1, a list of chunks otherwise."""
-    return [chunks] if per_request == 1 else chunks
-
-
 def _todo_groups(parts: dict, prompts: Any) -> dict[tuple[str, ...], list[str]]:
     """Analyses grouped by the prompts each still lacks (its parts and result on disk): a group shares its
     chunks, so each analysis sees the chunks a run of its own would, and a complete one computes nothing."""
@@ -196,7 +191,6 @@ def run_stored(plans: dict, members: dict[str, Member], model: Any, prompts: Any
 
         with progress_bar(len(prompts), label, show=progress, initial=len(prompts) - len(todo)) as bar, \
                 remote_status(bar):
-            run_in_chunks([by_id[t] for t in todo], batch_size, lambda c: step(_listed(c, per_request)),
-                          lambda c, o: write(_listed(c, per_request), o), bar,
+            run_in_chunks([by_id[t] for t in todo], batch_size, step, write, bar,
                           chunk_failure(parts[names[0]].final.parent, label), per_step=per_request)
     return {n: parts[n].consolidate(order=prompts.ids(), finalize=plans[n].analysis.finalize) for n in plans}

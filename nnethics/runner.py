@@ -128,7 +128,7 @@ def chunk_failure(folder: Path, label: str) -> Callable[[list, int, int, BaseExc
 def run_in_chunks(todo: Sequence[PromptPair], batch_size: int, step: Callable[[list], Any],
                   done: Callable[[list, Any], None], bar: Any = None,
                   failed: Callable[[list, int, int, BaseException], BaseException | None] | None = None,
-                  per_step: int = 1) -> None:
+                  per_step: int | None = None) -> None:
     """``done(chunk, step(chunk))`` for chunks of ``todo``; on OOM, halve the chunk and go on from the first
     unfinished pair (the runner's loop and the fused run's, :mod:`nnethics.fused`).
 
@@ -145,8 +145,8 @@ def run_in_chunks(todo: Sequence[PromptPair], batch_size: int, step: Callable[[l
     ``failed(chunk, start, total, err)``: the error to raise instead of ``err`` when a chunk fails (None: ``err``
     itself), e.g. :func:`chunk_failure`.
 
-    ``per_step`` > 1: each ``step`` gets a list of up to ``per_step`` chunks (one remote request for all of them, in
-    :mod:`nnethics.fused`), cut exactly as one at a time would cut them, and ``done`` gets that list; an
+    ``per_step`` given: each ``step`` gets a list of up to ``per_step`` chunks (one remote request for all of them,
+    in :mod:`nnethics.fused`), cut exactly as one at a time would cut them, and ``done`` gets that list; an
     out-of-memory halves the chunks, not their number.
     """
     state: dict[str, Any] = {"i": 0, "size": batch_size, "err": None, "original": None}
@@ -160,8 +160,8 @@ def run_in_chunks(todo: Sequence[PromptPair], batch_size: int, step: Callable[[l
     @find_executable_batch_size(starting_batch_size=batch_size, reduce_batch_size_fn=halve)
     def rest(size: int) -> None:
         while state["i"] < len(todo):
-            span = list(todo[state["i"]:state["i"] + size * per_step])
-            chunk = span if per_step == 1 else [span[j:j + size] for j in range(0, len(span), size)]
+            span = list(todo[state["i"]:state["i"] + size * (per_step or 1)])
+            chunk = span if per_step is None else [span[j:j + size] for j in range(0, len(span), size)]
             try:
                 out = step(chunk)
             except Exception as err:  # noqa: BLE001 - only OOM is retried
