@@ -58,10 +58,9 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
         progress) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
     from .analyses import ANALYSES, default_names
+    from .engine import Run
     from .models.registry import ModelRegistry
     from .models.remote import STATS
-    from .pipeline import run_all
-    from .store import store_lock
 
     wanted = list(analyses or default_names())
     prompts = load_prompt_set(prompts_path, labels, limit)
@@ -77,16 +76,16 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
                                                                remote, token))
         STATS.reset()
         # One writer per model folder for the whole run: the analyses and the report that reads them.
-        with store_lock(Path(store) / model.slug, timeout=lock_timeout):
-            kwargs = dict(chat=chat, batch_size=batch_size, progress=progress, overwrite=overwrite,
-                          lock_timeout=lock_timeout, note=lambda text: click.echo(f"note: {text}", err=True),
-                          overrides={"patching": {"atp": atp}} if atp is not None else None, per_request=per_request)
+        with Run(model, store, overwrite=overwrite, lock_timeout=lock_timeout, batch_size=batch_size,
+                 progress=progress, per_request=per_request,
+                 note=lambda text: click.echo(f"note: {text}", err=True)) as r:
+            overrides = {"patching": {"atp": atp}} if atp is not None else None
             if chosen:
                 from .framings_run import run_framings
 
-                results = run_framings(model, prompts, chosen, str(store), wanted, **kwargs)
+                results = run_framings(r, prompts, chosen, wanted, chat, overrides)
             else:
-                results = run_all(model, prompts, store=str(store), analyses=wanted, **kwargs)
+                results = r.analyses(prompts, wanted, chat, overrides)
             _print_results(results, Path(store) / model.slug)
             if model.remote:
                 click.echo(STATS.report(n_pairs=len(prompts) * max(1, len(chosen))), err=True)

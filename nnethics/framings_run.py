@@ -141,32 +141,26 @@ def summary_attrs(model: Any, prompts: Any, framings: Sequence[Framing]) -> dict
     return provenance(SUMMARY, model, prompts, {"framings": [f.id for f in framings]})
 
 
-def run_framings(model: Any, prompts: Any, framings: Sequence[Framing], store: str, analyses: Sequence[str],
-                 chat: bool | None = None, batch_size: int = 8, progress: bool | None = None,
-                 overwrite: bool = False, lock_timeout: float | None = None,
-                 note: Callable[[str], None] | None = None,
-                 overrides: dict[str, dict[str, Any]] | None = None, per_request: int = 1
+def run_framings(run: Any, prompts: Any, framings: Sequence[Framing], analyses: Sequence[str],
+                 chat: bool | None = None, overrides: dict[str, dict[str, Any]] | None = None
                  ) -> dict[str, tuple[str, str]]:
-    """Run ``analyses`` (decisions always among them) in every framing, the cloze readout on the structured pairs,
-    and write framings.nc; ``{relative name: (path, summary line)}``, names as :func:`analyze_framings`' keys.
-    ``per_request``: as :func:`nnethics.pipeline.run_all`'s, for each framing's fused run."""
-    from .pipeline import make_context, run_all, run_one
+    """In ``run`` (a :class:`nnethics.engine.Run`, which holds the model folder's lock), ``analyses`` (decisions
+    always among them) in every framing, the cloze readout on the structured pairs, and framings.nc; ``{relative
+    name: (path, summary line)}``, names as :func:`analyze_framings`' keys."""
     from .store import write_atomic
 
+    model, store = run.model, run.store
     sets, _ = prepare(prompts, framings)
     check_model(model, framings, sets, chat)
     out: dict[str, tuple[str, str]] = {}
     decisions = {}
     for f in framings:
-        m = framed_model(model, f)
-        done = run_all(m, sets[f.id], store, with_decisions(analyses), chat, batch_size, progress, overwrite,
-                       lock_timeout, note, overrides, per_request=per_request)
+        done = run.analyses(sets[f.id], with_decisions(analyses), chat, overrides, model=framed_model(model, f))
         for name, got in done.items():
             out[f"{FOLDER}/{f.id}/{name}"] = got
         decisions[f.id] = xr.load_dataset(done["decisions"][0])
     source = dataclasses.replace(prompts, pairs=tuple(structured(prompts)[0]))
-    ctx = make_context(model, source, chat)
-    path, line = run_one(CLOZE, model, source, store, ctx, batch_size, progress, overwrite, lock_timeout)
+    path, line = run.one(CLOZE, source, chat=chat)
     out[CLOZE] = (path, line)
     ds = summary(decisions, xr.load_dataset(path), summary_attrs(model, prompts, framings))
     target = Path(store) / model.slug / f"{SUMMARY}.nc"
@@ -191,8 +185,8 @@ def analyze_framings(model: Any, prompts: Any, framings: str | Sequence[Framing]
     Dataset, "cloze": ..., "framings": ...}``, the keys being the files' paths under the model folder without
     ``.nc``. ``framings``: ``"default"``, ``"all"``, ``"binding"``, ids with ``*`` (with ``templates``: extra ones by
     name), or a list of :class:`~nnethics.framings.Framing`."""
+    from .engine import analyze
     from .framings import select
-    from .pipeline import analyze
 
     framings = select(framings, templates) if isinstance(framings, str) else list(framings)
 

@@ -2,7 +2,7 @@
 
 (a) A randomly initialised model with Llama-3.1-8B's shapes (32 layers x 4096, 32 query / 8 key-value
     heads, MLP 14336, vocabulary 128256) in bfloat16 runs decisions, activation patching (with AtP),
-    direct logit attribution and the logit lens on the shipped prompts through ``nnethics.pipeline``
+    direct logit attribution and the logit lens on the shipped prompts through ``nnethics.engine``
     (chunks of ``--batch-size`` pairs, as ``nnethics run`` does). Prints seconds, pairs per second and
     peak GPU memory per analysis. Random weights make the numbers meaningless but the timings real.
 (b) The built-in model loaded in 4-bit (bitsandbytes nf4) on the same device: its decisions must stay
@@ -29,11 +29,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nnethics.analyses.attribution import direct_logit_attribution  # noqa: E402
-from nnethics.analyses.decisions import baseline_decisions  # noqa: E402
+from nnethics.analyses import default_names  # noqa: E402
+from nnethics.engine import (  # noqa: E402
+    baseline_decisions,  # noqa: E402
+    direct_logit_attribution,  # noqa: E402
+    make_context,
+    run_one,
+)
 from nnethics.models import load_model, wrap_model  # noqa: E402
 from nnethics.models.builtin import ensure_cached  # noqa: E402
-from nnethics.pipeline import DEFAULT_ANALYSES, make_context, run_one  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 
 SHAPES = {
@@ -71,7 +75,7 @@ def time_analyses(shape: str, device: str, dtype: torch.dtype, pairs: int, batch
     prompts = load_prompts(ROOT / "prompts").subset(limit=pairs)
     print("| analysis | pairs | batch | seconds | pairs/s | peak GPU GiB |\n|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as store:
-        for name in DEFAULT_ANALYSES:
+        for name in default_names():
             if device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             ctx = make_context(model, prompts)

@@ -36,10 +36,10 @@ import stack as ndif_stack  # noqa: E402
 import torch  # noqa: E402
 import xarray as xr  # noqa: E402
 
+from nnethics.engine import run_all  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.models.builtin import BUILTIN_HUB_ID, ensure_cached  # noqa: E402
 from nnethics.models.remote import STATS  # noqa: E402
-from nnethics.pipeline import run_all  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 
 RECEIVED = re.compile(r"\[ndif\.request\] Your job has been received")  # one line per request the API accepted

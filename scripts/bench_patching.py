@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))  # for tests.reference (the independent hook imple
 
 from nnethics.analyses.common import encode_pairs  # noqa: E402
 from nnethics.analyses.heads import HeadsOptions, complete_attention, finalize, head_patching  # noqa: E402
-from nnethics.analyses.patching import PatchingOptions, activation_patching  # noqa: E402
+from nnethics.analyses.patching import PatchingOptions  # noqa: E402
+from nnethics.engine import activation_patching  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 from tests.reference.patching import COMPONENTS, patch_sweep  # noqa: E402

@@ -4,7 +4,7 @@ Three measurements, each printed as one table row per analysis:
 
 (a) **loopback**: the built-in model is served by the loopback NDIF server of ``tests/ndif_server.py``
     (a child process that cannot import nnethics, speaking the real protocol on 127.0.0.1) and each
-    analysis runs through ``nnethics.pipeline.run_one`` with a remote handle, then all of them as one
+    analysis runs through ``nnethics.engine.run_one`` with a remote handle, then all of them as one
     ``run_all`` (the fused run: one shared trace, one request per chunk). Bytes are on the wire,
     as :data:`nnethics.models.remote.STATS` counts them: up = payload + request envelope, down =
     status frames + result.
@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the loopback server
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from nnethics.analyses import ANALYSES  # noqa: E402
+from nnethics.analyses import ANALYSES, default_names  # noqa: E402
+from nnethics.engine import make_context, run_all, run_one  # noqa: E402
 from nnethics.lenses import find_cached_lens  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.models.builtin import ensure_cached  # noqa: E402
 from nnethics.models.remote import STATS, NdifBackend  # noqa: E402
-from nnethics.pipeline import DEFAULT_ANALYSES, make_context, run_all, run_one  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 
 BUILTIN_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -157,7 +157,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--analyses", default=",".join((*DEFAULT_ANALYSES, "heads")))  # heads: opt-in, counted too
+    ap.add_argument("--analyses", default=",".join((*default_names(), "heads")))  # heads: opt-in, counted too
     ap.add_argument("--shape", choices=["builtin", "70b", "70b-results"], default="builtin")
     args = ap.parse_args()
     analyses = [a for a in args.analyses.split(",") if a]

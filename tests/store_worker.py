@@ -34,8 +34,8 @@ def value(prompt_id: str) -> np.ndarray:
 
 
 def write(store: str, log: str, option: str, limits: list[int]) -> None:
+    from nnethics.engine import run_function
     from nnethics.prompts import load_prompts
-    from nnethics.runner import run_analysis
 
     prompts = load_prompts(ROOT / "prompts")
 
@@ -47,7 +47,7 @@ def write(store: str, log: str, option: str, limits: list[int]) -> None:
                           coords={"prompt": [p.prompt_id for p in pairs], "layer": np.arange(4)})
 
     for limit in limits:
-        run_analysis("fake", fn, FakeModel(), prompts.subset(limit=limit), store, {"o": option}, batch_size=2,
+        run_function("fake", fn, FakeModel(), prompts.subset(limit=limit), store, {"o": option}, batch_size=2,
                      progress=False)
 
 

@@ -15,13 +15,12 @@ from reference.attribution import dla
 from nnethics.analyses.attribution import (
     HEAD_BYTES_PER_ROW,
     AttributionOptions,
-    direct_logit_attribution,
     per_option_heads,
     summarize,
 )
 from nnethics.analyses.attribution_trace import collect, readout, wire_bytes
 from nnethics.analyses.common import encode_pairs
-from nnethics.analyses.decisions import baseline_decisions
+from nnethics.engine import baseline_decisions, direct_logit_attribution
 from nnethics.prompts import PromptPair
 
 TOL = dict(rtol=1e-4, atol=1e-5)
@@ -228,13 +227,14 @@ def test_a_16_bit_model_sends_float16_heads(tokenizer):
 
 
 def test_pipeline_run_writes_a_consolidated_file(tiny_models, prompt_set, tmp_path):
-    from nnethics.pipeline import make_context, run_one
+    from nnethics.engine import Run, make_context
     from nnethics.store import load
 
     model = tiny_models("llama")
     prompts = prompt_set.subset(limit=3)
     ctx = make_context(model, prompts)
-    path, summary = run_one("attribution", model, prompts, str(tmp_path), ctx, batch_size=2, progress=False)
+    with Run(model, tmp_path, batch_size=2, progress=False) as run:
+        path, summary = run.one("attribution", prompts, ctx)
     ds = load(path)
     assert ds.attrs["complete_layers"] == "true" and ds.attrs["analysis"] == "attribution"
     assert ds["prompt"].values.tolist() == prompts.ids()

@@ -14,7 +14,8 @@ from reference import patching as ref
 from nnethics import binding as B
 from nnethics import framings as F
 from nnethics.analyses.common import encode_pairs
-from nnethics.analyses.patching import PatchingOptions, activation_patching
+from nnethics.analyses.patching import PatchingOptions
+from nnethics.engine import activation_patching
 from nnethics.store import write_atomic
 from nnethics.store.variables import describe, undocumented
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 from reference.patching import logit_diff
 
-from nnethics.analyses.decisions import DecisionOptions, baseline_decisions
+from nnethics.analyses.decisions import DecisionOptions
+from nnethics.engine import baseline_decisions
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "mixtral"])

@@ -1,4 +1,4 @@
-"""ONE shared trace per chunk (nnethics.fused): the fused run gives every analysis the bits of its own run,
+"""ONE shared trace per chunk (nnethics.engine.trace): the fused run gives every analysis the bits of its own run,
 one chunk is one session (one request remotely), a plug-in that declares nothing still runs, and a resumed run
 computes only what is missing."""
 
@@ -9,11 +9,12 @@ import pytest
 import xarray as xr
 
 import nnethics as ne
-from nnethics import fused
-from nnethics.analyses import unregister
+from nnethics.analyses import prefix_cache, unregister
 from nnethics.analyses.patching import PatchingOptions
+from nnethics.engine import Run, make_context, pairs_as_set, run_all
+from nnethics.engine import trace as fused
 from nnethics.models.handle import ModelHandle
-from nnethics.pipeline import make_context, pairs_as_set, run_all, run_one
+from nnethics.store import result_path
 
 BUILTIN = ("decisions", "patching", "attribution", "lens")
 
@@ -60,7 +61,7 @@ def test_the_shared_prefix_cache_gives_the_bits_of_a_prefix_forward(tiny_models,
     model, pairs = tiny_models("llama"), _pairs(prompt_set)
     opts = PatchingOptions(atp=True, layers=(0, 2))
     shared = ne.analyze(model, pairs, ["patching"], patching=opts)["patching"]
-    monkeypatch.setattr(fused, "cut_prefix", lambda cache: False)  # its own prefix forward, as before fusion
+    monkeypatch.setattr(prefix_cache, "cut_prefix", lambda cache: False)  # its own prefix forward, as before fusion
     own = ne.analyze(model, pairs, ["patching"], patching=opts)["patching"]
     assert (own["forward_path"] == "kv_cache").all()
     assert _bits_equal(shared, own) == []
@@ -111,7 +112,8 @@ def test_a_resumed_run_computes_only_what_is_missing(tiny_models, prompt_set, tm
     fresh = run_all(model, prompts, str(tmp_path / "fresh"), BUILTIN, batch_size=2, progress=False)
     store = str(tmp_path / "resumed")
     ctx = make_context(model, prompts)
-    run_one("decisions", model, prompts, store, ctx, batch_size=2, progress=False)  # one analysis complete
+    with Run(model, store, batch_size=2, progress=False) as run:
+        run.one("decisions", prompts, ctx)  # one analysis complete
     calls: list[tuple[tuple[str, ...], int]] = []
     real = fused.run_chunks  # what the stored run calls: the chunks of one request (one at a time here)
 
@@ -131,8 +133,7 @@ def test_a_resumed_run_computes_only_what_is_missing(tiny_models, prompt_set, tm
     run_all(model, prompts, store, BUILTIN, batch_size=2, progress=False)
     assert calls == [(("patching", "attribution", "lens"), 2)]  # only the second chunk, decisions not at all
     for name in BUILTIN:
-        a, b = xr.load_dataset(fresh[name][0]), xr.load_dataset(run_all.__globals__["result_path"](
-            store, model.slug, name))
+        a, b = xr.load_dataset(fresh[name][0]), xr.load_dataset(result_path(store, model.slug, name))
         assert _bits_equal(a, b) == [], name
 
 

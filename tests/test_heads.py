@@ -17,11 +17,12 @@ from reference import patching as ref_patching
 
 import nnethics as ne
 from nnethics.analyses import ANALYSES
-from nnethics.analyses.attribution import AttributionOptions, direct_logit_attribution
+from nnethics.analyses.attribution import AttributionOptions
 from nnethics.analyses.common import encode_pairs
 from nnethics.analyses.heads import ANALYSIS, HeadsOptions, complete_attention, finalize, head_patching, top_heads
 from nnethics.analyses.heads_candidates import CANDIDATES
-from nnethics.analyses.patching import PatchingOptions, activation_patching
+from nnethics.analyses.patching import PatchingOptions
+from nnethics.engine import activation_patching, direct_logit_attribution
 from nnethics.prompts import PromptPair, load_prompts
 
 TOL = dict(rtol=0, atol=1e-4)

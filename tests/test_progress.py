@@ -11,9 +11,9 @@ import xarray as xr
 from conftest import PROMPTS
 
 import nnethics.progress
+from nnethics.engine import run_function
 from nnethics.progress import progress_bar
 from nnethics.prompts import load_prompts
-from nnethics.runner import run_analysis
 
 LINE = re.compile(r"^fake \[fake\]: (\d+)/(\d+) prompts \[\d\d:\d\d<(\d\d:\d\d|\?), .+prompts/s\]$")
 
@@ -62,12 +62,12 @@ def test_hidden_unless_asked_when_not_a_terminal():
 def test_runner_progress_to_a_log_and_a_rerun_says_what_it_skips(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(nnethics.progress, "LOG_INTERVAL", 0.0)
     prompts = load_prompts(PROMPTS)
-    run_analysis("fake", _fn, _FakeModel(), prompts.subset(limit=4), str(tmp_path), {}, batch_size=2, progress=True)
+    run_function("fake", _fn, _FakeModel(), prompts.subset(limit=4), str(tmp_path), {}, batch_size=2, progress=True)
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("fake [fake]")]
     counts = [LINE.match(line).group(1) for line in lines]
     assert counts[:3] == ["0", "2", "4"] and set(counts[3:]) <= {"4"}, err  # the closing line: overall rate
     assert "skipping" not in err
-    run_analysis("fake", _fn, _FakeModel(), prompts.subset(limit=6), str(tmp_path), {}, batch_size=2, progress=False)
+    run_function("fake", _fn, _FakeModel(), prompts.subset(limit=6), str(tmp_path), {}, batch_size=2, progress=False)
     err = capsys.readouterr().err
     assert f"fake [fake]: skipping 4 of 6 prompts already done in {tmp_path / 'fake'}" in err

@@ -13,8 +13,8 @@ import xarray as xr
 from click.testing import CliRunner
 from conftest import PROMPTS
 
-from nnethics.analyses.decisions import baseline_decisions
 from nnethics.cli import cli
+from nnethics.engine import baseline_decisions
 from nnethics.models import load_model
 from nnethics.prompts import load_prompts
 
@@ -109,7 +109,7 @@ def test_quantized_attribution_splits_heads_through_the_dequantized_o_proj(tiny_
     """bitsandbytes stores o_proj packed (4-bit, repacked for the CPU kernel after a first forward) or as
     int8 with row scales; the heads go through the dequantized weight, so heads + o_proj bias add up to
     the attention contribution and stay close to the float32 model's heads."""
-    from nnethics.analyses.attribution import direct_logit_attribution
+    from nnethics.engine import direct_logit_attribution
 
     model = load_model(str(tiny_model_dir), quantize=quant, device="cpu")
     ds = direct_logit_attribution(model, pairs)
@@ -133,8 +133,8 @@ def test_dense_weight_is_what_the_quantized_layer_multiplies_by(builtin_dir, qua
     the layer's own output, and the attribution heads still add up to the attention part."""
     import torch
 
-    from nnethics.analyses.attribution import direct_logit_attribution
     from nnethics.analyses.attribution_trace import dense_weight
+    from nnethics.engine import direct_logit_attribution
 
     model = load_model(str(builtin_dir), quantize=quant, device="cpu")
     pairs = load_prompts(PROMPTS).pairs[:2]

@@ -42,12 +42,12 @@ def _pair(pid, base="Should you help? 1) yes 2) no. Answer:", cf="Should you hel
 # --- 3. prompts longer than the model can read ----------------------------------------------------
 
 def test_a_prompt_longer_than_the_context_exits_2_before_any_forward(runner, tiny_model_dir, tmp_path, monkeypatch):
-    import nnethics.pipeline
+    import nnethics.engine.run
 
     def no_forward(*args, **kwargs):
         raise AssertionError("an analysis ran")
 
-    monkeypatch.setattr(nnethics.pipeline, "run_analysis", no_forward)
+    monkeypatch.setattr(nnethics.engine.run, "execute", no_forward)
     long = "Should you help? " * 300 + "1) yes 2) no. Answer:"
     prompts = _jsonl(tmp_path / "p.jsonl", [_pair("short"), _pair("too_long", cf=long, ec="2")])
     res = runner.invoke(cli, ["run", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--analyses", "decisions",
@@ -65,7 +65,7 @@ def test_a_prompt_longer_than_the_context_exits_2_before_any_forward(runner, tin
 def test_a_22k_token_prompt_is_refused_for_smollm2_at_once(builtin_model, tmp_path):
     import time
 
-    from nnethics.pipeline import make_context
+    from nnethics.engine import make_context
 
     prompts = load_prompts(_jsonl(tmp_path / "p.jsonl", [_pair("huge", base="word " * 22000 + "Answer:")]))
     t0 = time.monotonic()

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 from conftest import PROMPTS
 
 from nnethics.cli import cli
+from nnethics.engine import run_function
 from nnethics.prompts import load_prompts
-from nnethics.runner import run_analysis
 from nnethics.store import PartStore, StoreBusy, StoreConflict, load, provenance, result_path, store_lock, write_atomic
 
 WORKER = Path(__file__).with_name("store_worker.py")
@@ -108,14 +108,14 @@ def test_a_second_run_waits_for_the_first_and_then_reuses_its_results(tmp_path):
 
     prompts = load_prompts(PROMPTS).subset(limit=4)
     calls: list[str] = []
-    run_analysis("fake", _analysis(calls), _FakeModel(), prompts, str(tmp_path), {}, progress=False)
+    run_function("fake", _analysis(calls), _FakeModel(), prompts, str(tmp_path), {}, progress=False)
     holder = _worker("hold", str(tmp_path))
     assert holder.stdout.readline().strip() == "holding"
     timer = threading.Timer(1.0, holder.send_signal, (signal.SIGKILL,))
     timer.start()
     calls.clear()
     t0 = time.monotonic()
-    ds = run_analysis("fake", _analysis(calls), _FakeModel(), prompts, str(tmp_path), {}, progress=False)
+    ds = run_function("fake", _analysis(calls), _FakeModel(), prompts, str(tmp_path), {}, progress=False)
     waited = time.monotonic() - t0
     holder.wait()
     assert waited >= 1.0  # it waited for the holder instead of writing beside it
@@ -158,25 +158,25 @@ def test_temp_files_never_match_what_readers_glob(tmp_path):
 
 def test_a_rerun_with_other_options_refuses_and_keeps_the_stored_file_byte_for_byte(tmp_path):
     prompts = load_prompts(PROMPTS)
-    run_analysis("fake", _analysis([]), _FakeModel(), prompts.subset(limit=9), str(tmp_path), {"chat": None},
+    run_function("fake", _analysis([]), _FakeModel(), prompts.subset(limit=9), str(tmp_path), {"chat": None},
                  progress=False)
     final = result_path(tmp_path, "fake", "fake")
     before = final.read_bytes()
     calls: list[str] = []
     with pytest.raises(StoreConflict) as err:
-        run_analysis("fake", _analysis(calls), _FakeModel(), prompts.subset(limit=1), str(tmp_path), {"chat": False},
+        run_function("fake", _analysis(calls), _FakeModel(), prompts.subset(limit=1), str(tmp_path), {"chat": False},
                      progress=False)
     assert str(err.value) == (f"{final} holds results computed with other options (chat: stored null, this run false); "
                               "rerun with --overwrite to replace them, or pass another --store to keep both")
     assert calls == [] and final.read_bytes() == before
-    ds = run_analysis("fake", _analysis(calls), _FakeModel(), prompts.subset(limit=1), str(tmp_path), {"chat": False},
+    ds = run_function("fake", _analysis(calls), _FakeModel(), prompts.subset(limit=1), str(tmp_path), {"chat": False},
                       progress=False, overwrite=True)
     assert calls == prompts.ids()[:1] and load(final).sizes["prompt"] == 1 == ds.sizes["prompt"]
 
 
 def test_other_models_dtypes_and_prompt_files_are_named_in_the_refusal(tmp_path):
     prompts = load_prompts(PROMPTS).subset(limit=2)
-    run_analysis("fake", _analysis([]), _FakeModel(), prompts, str(tmp_path), {}, progress=False)
+    run_function("fake", _analysis([]), _FakeModel(), prompts, str(tmp_path), {}, progress=False)
 
     class Half(_FakeModel):
         def provenance(self):
@@ -185,7 +185,7 @@ def test_other_models_dtypes_and_prompt_files_are_named_in_the_refusal(tmp_path)
     edited = type(prompts)(prompts.pairs, prompts.name, "f" * 64, prompts.labels, prompts.files)
     with pytest.raises(StoreConflict, match=r"dtype: stored 'float32', this run 'bfloat16'; prompt set sha256: stored "
                                             r"\w{12}, this run ffffffffffff \(the prompt file changed\)"):
-        run_analysis("fake", _analysis([]), Half(), edited, str(tmp_path), {}, progress=False)
+        run_function("fake", _analysis([]), Half(), edited, str(tmp_path), {}, progress=False)
 
 
 def test_an_unreadable_result_is_moved_aside_recomputed_and_reported(tmp_path, capsys):
@@ -194,7 +194,7 @@ def test_an_unreadable_result_is_moved_aside_recomputed_and_reported(tmp_path, c
     final.parent.mkdir(parents=True)
     final.write_bytes(b"\x89HDF\r\n\x1a\n this is not a complete file")
     calls: list[str] = []
-    run_analysis("fake", _analysis(calls), _FakeModel(), prompts, str(tmp_path), {}, progress=False)
+    run_function("fake", _analysis(calls), _FakeModel(), prompts, str(tmp_path), {}, progress=False)
     err = capsys.readouterr().err
     aside = [p for p in final.parent.iterdir() if p.name.startswith("fake.nc.unreadable-")]
     assert len(aside) == 1 and aside[0].read_bytes().endswith(b"not a complete file")
@@ -208,7 +208,7 @@ def test_an_unreadable_part_is_reported_and_recomputed(tmp_path, capsys):
     parts.write_part(_analysis([])(None, prompts.pairs[:2]))
     (parts.dir / "000001.nc").write_bytes(b"garbage")
     calls: list[str] = []
-    run_analysis("fake", _analysis(calls), _FakeModel(), prompts, str(tmp_path), {"labels": ["1", "2"]},
+    run_function("fake", _analysis(calls), _FakeModel(), prompts, str(tmp_path), {"labels": ["1", "2"]},
                  batch_size=2, progress=False)
     assert calls == prompts.ids()[2:]
     assert f"{parts.dir / '000001.nc'} cannot be read" in capsys.readouterr().err

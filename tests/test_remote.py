@@ -187,7 +187,7 @@ def _compare_runs(server, model_dir, tmp_path, *extra, same=None, max_kb=MAX_KB_
         assert total["bytes_sent"] == after["bytes_in"] - before["bytes_in"]
     print()
     # requests are labelled with the analysis name from the registry (the runner's STATS.scope); the analyses
-    # that share one trace per chunk (nnethics.fused) send ONE request per chunk, labelled "a+b+..."
+    # that share one trace per chunk (nnethics.engine.trace) send ONE request per chunk, labelled "a+b+..."
     stems = {f.stem for f in local_files}
     for label in STATS.labels():
         names = label.split("+")
@@ -253,13 +253,13 @@ def test_a_fused_remote_run_is_one_request_per_chunk_and_no_more_bytes(server, t
 
 @pytest.mark.slow
 def test_cli_remote_run_of_every_analysis_matches_local(server, tiny_model_dir, tmp_path):
-    from nnethics.pipeline import DEFAULT_ANALYSES
+    from nnethics.analyses import default_names
 
-    assert _compare_runs(server, tiny_model_dir, tmp_path) >= set(DEFAULT_ANALYSES)
+    assert _compare_runs(server, tiny_model_dir, tmp_path) >= set(default_names())
 
 
 def test_gpt2_aliases_work_remotely(server, gpt2_dir):
-    from nnethics.analyses.decisions import baseline_decisions
+    from nnethics.engine import baseline_decisions
     from nnethics.prompts import load_prompts
 
     pairs = load_prompts(PROMPTS).pairs[:3]
@@ -425,7 +425,7 @@ def test_in_process_server_and_large_results_by_url(tiny_model_dir, monkeypatch)
     """The in-process mode (blocking unpickler only) with every result staged for download."""
     from nnsight.modeling.huggingface import _ID_CACHE
 
-    from nnethics.analyses.decisions import baseline_decisions
+    from nnethics.engine import baseline_decisions
     from nnethics.prompts import load_prompts
 
     _ID_CACHE[str(tiny_model_dir)] = LLAMA
@@ -446,7 +446,7 @@ def test_in_process_server_and_large_results_by_url(tiny_model_dir, monkeypatch)
 
 @pytest.mark.imitation
 def test_error_types_from_the_api(server, tiny_model_dir):
-    from nnethics.analyses.decisions import baseline_decisions
+    from nnethics.engine import baseline_decisions
     from nnethics.models.remote import RemoteExecutionError
     from nnethics.prompts import load_prompts
 
@@ -458,8 +458,8 @@ def test_error_types_from_the_api(server, tiny_model_dir):
 
 
 def test_server_out_of_memory_makes_the_runner_halve_the_batch():
+    from nnethics.models.errors import is_oom
     from nnethics.models.remote import NdifBackend, RemoteExecutionError, RemoteOutOfMemoryError
-    from nnethics.runner import is_oom
 
     backend = NdifBackend("nnsight.modeling.transformers.TransformersModel:{}", "http://127.0.0.1:9")
     oom = backend._execution_error("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -517,7 +517,7 @@ def test_attribution_bytes_per_prompt(server, tiny_model_dir, tmp_path):
     """
     from nnethics.analyses.attribution import AttributionOptions
     from nnethics.analyses.attribution_trace import wire_bytes
-    from nnethics.pipeline import make_context, run_one
+    from nnethics.engine import Run, make_context
     from nnethics.prompts import load_prompts
 
     handle = load_model(str(tiny_model_dir), remote=True)
@@ -530,8 +530,8 @@ def test_attribution_bytes_per_prompt(server, tiny_model_dir, tmp_path):
     for heads in (True, False):
         STATS.reset()
         ctx = make_context(handle, prompts)
-        run_one("attribution", handle, prompts, str(tmp_path / str(heads)), ctx, batch_size=2, progress=False,
-                options=AttributionOptions(heads=heads))
+        with Run(handle, tmp_path / str(heads), batch_size=2, progress=False) as run:
+            run.one("attribution", prompts, ctx, AttributionOptions(heads=heads))
         t = STATS.totals("attribution")
         assert t["requests"] == t["attempts"] == chunks == STATS.totals()["requests"]  # one request per chunk
         numbers = sum(wire_bytes(handle.n_layers, handle.n_heads, 2, heads=heads).values())

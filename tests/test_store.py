@@ -10,8 +10,8 @@ import pytest
 import xarray as xr
 from conftest import PROMPTS
 
+from nnethics.engine import run_function
 from nnethics.prompts import load_prompts
-from nnethics.runner import run_analysis
 from nnethics.store import (
     SCHEMA_VERSION,
     PartStore,
@@ -124,16 +124,16 @@ def test_resume_after_interrupted_run(tmp_path):
         return inner(model, pairs)
 
     with pytest.raises(KeyboardInterrupt):
-        run_analysis("fake", crashing, _FakeModel(), prompts, str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+        run_function("fake", crashing, _FakeModel(), prompts, str(tmp_path), {"o": 1}, batch_size=2, progress=False)
     assert not result_path(tmp_path, "fake", "fake").exists()
     assert sorted(calls) == sorted(prompts.ids()[:4])  # two chunks finished and were kept
 
     calls.clear()
-    ds = run_analysis("fake", inner, _FakeModel(), prompts, str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    ds = run_function("fake", inner, _FakeModel(), prompts, str(tmp_path), {"o": 1}, batch_size=2, progress=False)
     assert calls == prompts.ids()[4:]  # only the unfinished prompts ran again
     assert list(ds["prompt"].values) == prompts.ids()
     calls.clear()
-    fresh = run_analysis("fake", inner, _FakeModel(), prompts, str(tmp_path / "fresh"), {"o": 1}, batch_size=3, progress=False)
+    fresh = run_function("fake", inner, _FakeModel(), prompts, str(tmp_path / "fresh"), {"o": 1}, batch_size=3, progress=False)
     np.testing.assert_array_equal(ds["value"].values, fresh["value"].values)
     assert not (tmp_path / "fake" / ".parts").exists()
 
@@ -144,10 +144,10 @@ def test_parts_from_other_options_are_not_reused(tmp_path):
     parts = PartStore(tmp_path, "fake", "fake", provenance("fake", _FakeModel(), prompts, {"o": 1}))
     parts.write_part(_fake_analysis([])(None, prompts.pairs[:2]))
     with pytest.raises(StoreConflict, match=r"interrupted run with other options \(o: stored 1, this run 2\)"):
-        run_analysis("fake", _fake_analysis(calls), _FakeModel(), prompts, str(tmp_path), {"o": 2}, batch_size=4,
+        run_function("fake", _fake_analysis(calls), _FakeModel(), prompts, str(tmp_path), {"o": 2}, batch_size=4,
                      progress=False)
     assert calls == [] and len(parts.load_parts()) == 1  # refused before computing or deleting anything
-    run_analysis("fake", _fake_analysis(calls), _FakeModel(), prompts, str(tmp_path), {"o": 2}, batch_size=4,
+    run_function("fake", _fake_analysis(calls), _FakeModel(), prompts, str(tmp_path), {"o": 2}, batch_size=4,
                  progress=False, overwrite=True)
     assert calls == prompts.ids()  # different options, --overwrite: everything recomputed
 
@@ -166,12 +166,12 @@ def test_out_of_memory_halves_the_batch_without_losing_work(tmp_path):
             raise torch.OutOfMemoryError("CUDA out of memory")
         return inner(model, pairs)
 
-    ds = run_analysis("fake", picky, _FakeModel(), prompts, str(tmp_path), {}, batch_size=8, progress=False)
+    ds = run_function("fake", picky, _FakeModel(), prompts, str(tmp_path), {}, batch_size=8, progress=False)
     assert sizes[:3] == [6, 4, 2] and list(ds["prompt"].values) == prompts.ids()
 
 
 def test_out_of_memory_retries_resume_at_the_first_unfinished_pair_and_end_with_the_original_error(tmp_path):
-    """The halving runs on accelerate's find_executable_batch_size; what nnethics needs beyond it holds."""
+    """The halving (nnethics.models.errors.halving) resumes at the first unfinished pair and ends with the real error."""
     import torch
 
     prompts = load_prompts(PROMPTS).subset(limit=6)
@@ -185,7 +185,7 @@ def test_out_of_memory_retries_resume_at_the_first_unfinished_pair_and_end_with_
             raise RuntimeError("CUDA error: out of memory")  # is_oom's, not accelerate's wording
         return inner(model, pairs)
 
-    ds = run_analysis("fake", late_oom, _FakeModel(), prompts, str(tmp_path / "a"), {}, batch_size=4, progress=False)
+    ds = run_function("fake", late_oom, _FakeModel(), prompts, str(tmp_path / "a"), {}, batch_size=4, progress=False)
     ids = prompts.ids()
     assert seen == [ids[:4], ids[4:6], ids[4:6]] and calls == ids  # retried at size 2 from pair 5
     assert list(ds["prompt"].values) == ids
@@ -194,7 +194,7 @@ def test_out_of_memory_retries_resume_at_the_first_unfinished_pair_and_end_with_
         raise torch.OutOfMemoryError("CUDA out of memory")
 
     with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):  # not accelerate's "reached zero"
-        run_analysis("fake", always_oom, _FakeModel(), prompts, str(tmp_path / "b"), {}, batch_size=2, progress=False)
+        run_function("fake", always_oom, _FakeModel(), prompts, str(tmp_path / "b"), {}, batch_size=2, progress=False)
     tries: list[int] = []
 
     def cudnn(model, pairs):  # accelerate would shrink the batch on this; it is no OOM, so it is raised
@@ -202,7 +202,7 @@ def test_out_of_memory_retries_resume_at_the_first_unfinished_pair_and_end_with_
         raise RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED.")
 
     with pytest.raises(RuntimeError, match="cuDNN"):
-        run_analysis("fake", cudnn, _FakeModel(), prompts, str(tmp_path / "c"), {}, batch_size=4, progress=False)
+        run_function("fake", cudnn, _FakeModel(), prompts, str(tmp_path / "c"), {}, batch_size=4, progress=False)
     assert tries == [4]
 
 
@@ -210,10 +210,10 @@ def test_completed_run_is_reused_and_extended(tmp_path):
     prompts = load_prompts(PROMPTS)
     calls: list[str] = []
     fn = _fake_analysis(calls)
-    run_analysis("fake", fn, _FakeModel(), prompts.subset(limit=3), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    run_function("fake", fn, _FakeModel(), prompts.subset(limit=3), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
     calls.clear()
     # same prompt set file, more pairs requested: only the new ones are computed
-    ds = run_analysis("fake", fn, _FakeModel(), prompts.subset(limit=5), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    ds = run_function("fake", fn, _FakeModel(), prompts.subset(limit=5), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
     assert calls == prompts.ids()[3:5]
     assert list(ds["prompt"].values) == prompts.ids()[:5]
     assert "fingerprint" in load(result_path(tmp_path, "fake", "fake")).attrs
@@ -222,8 +222,8 @@ def test_completed_run_is_reused_and_extended(tmp_path):
 def test_a_smaller_rerun_never_drops_stored_prompts(tmp_path):
     prompts = load_prompts(PROMPTS)
     fn = _fake_analysis([])
-    run_analysis("fake", fn, _FakeModel(), prompts.subset(limit=4), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
-    ds = run_analysis("fake", fn, _FakeModel(), prompts.subset(limit=2), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    run_function("fake", fn, _FakeModel(), prompts.subset(limit=4), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
+    ds = run_function("fake", fn, _FakeModel(), prompts.subset(limit=2), str(tmp_path), {"o": 1}, batch_size=2, progress=False)
     assert list(ds["prompt"].values) == prompts.ids()[:4]
 
 
@@ -241,7 +241,7 @@ def test_consolidation_keeps_longer_strings_of_later_parts(tmp_path):
             coords={"prompt": [p.prompt_id for p in chunk]},
         )
 
-    ds = run_analysis("fake", fn, _FakeModel(), sub, str(tmp_path), {}, batch_size=1, progress=False)
+    ds = run_function("fake", fn, _FakeModel(), sub, str(tmp_path), {}, batch_size=1, progress=False)
     stored = load(result_path(tmp_path, "fake", "fake"))
     assert list(stored["prompt"].values) == [p.prompt_id for p in pairs] == list(ds["prompt"].values)
     assert list(stored["text"].values) == [p.cf for p in pairs]

@@ -255,8 +255,9 @@ def test_decisions_and_patching_agree_on_which_pairs_are_content_sensitive(token
     """decisions' content_sensitive and patching's effect_defined come from the same test on the same LDs."""
     from conftest import make_tiny
 
-    from nnethics.analyses.decisions import DecisionOptions, baseline_decisions
-    from nnethics.analyses.patching import PatchingOptions, activation_patching
+    from nnethics.analyses.decisions import DecisionOptions
+    from nnethics.analyses.patching import PatchingOptions
+    from nnethics.engine import activation_patching, baseline_decisions
 
     model = make_tiny("llama", tokenizer, seed=3, init_std=0.2)
     pairs = list(prompt_set.pairs[:8])
@@ -299,8 +300,7 @@ def test_attribution_splits_into_position_and_ethical_parts_that_sum_exactly(fam
     preference (decisions' values, from an independent forward), and per head to the attention part."""
     from conftest import make_tiny
 
-    from nnethics.analyses.attribution import direct_logit_attribution
-    from nnethics.analyses.decisions import baseline_decisions
+    from nnethics.engine import baseline_decisions, direct_logit_attribution
 
     model = make_tiny(family, tokenizer, seed=2, init_std=0.2)
     pairs = list(prompt_set.pairs[:5])

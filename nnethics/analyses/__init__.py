@@ -8,6 +8,7 @@ from .base import (
     ANALYSES,
     Analysis,
     OptionError,
+    Prepared,
     analyses,
     default_names,
     file_names,
@@ -21,5 +22,5 @@ BUILTIN = ("decisions", "patching", "attribution", "lens", "heads", "cloze")
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")
 
-__all__ = ["ANALYSES", "BUILTIN", "Analysis", "OptionError", "analyses", "default_names", "file_names",
+__all__ = ["ANALYSES", "BUILTIN", "Analysis", "OptionError", "Prepared", "analyses", "default_names", "file_names",
            "not_a_result", "option", "register", "unregister"]

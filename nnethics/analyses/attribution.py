@@ -140,21 +140,6 @@ def _diff(x: np.ndarray) -> np.ndarray:
     return x[..., 0] - x[..., 1]
 
 
-def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair],
-                             options: AttributionOptions = AttributionOptions(),
-                             label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """DLA for every pair, both sides, at the last prompt token (one trace, one request, for the whole chunk).
-
-    Returns the Dataset described in the module docstring. Whether heads came back per option (it depends
-    on where the handle runs traces, see :func:`per_option_heads`) is recorded as the attrs
-    ``head_options`` (``"true"``/``"false"``) and ``head_options_reason`` of ``head_contribution`` (and of
-    the Dataset, for a direct call).
-    """
-    from ..fused import compute_alone
-
-    return compute_alone(ANALYSIS, model, pairs, options, label_ids, lambda: None)
-
-
 def _start(model: Any, batch: Any, options: AttributionOptions, prepared: dict) -> dict:
     """What the shared trace projects: the kept layers, heads and whether they come back per option."""
     labels = list(options.labels)
@@ -298,7 +283,7 @@ def summarize(ds: xr.Dataset, top: int = 5) -> str:
 
 
 ANALYSIS = register(Analysis(
-    name="attribution", options=AttributionOptions, compute=direct_logit_attribution, summarize=summarize,
+    name="attribution", options=AttributionOptions, summarize=summarize,
     finalize=finalize, check=check_model, command="attribute",
     help="Direct logit attribution: each layer's attention and MLP (and each head / expert) contribution to the "
          "label logits at the decision token; writes STORE/<model>/attribution.nc.",

@@ -236,7 +236,7 @@ def collect(model: Any, inputs: dict[str, Tensor], label_ids: Sequence[int], hea
 
 
 def read_projections(model: Any, batch: Any, job: dict) -> dict:
-    """:func:`project` inside the chunk's shared trace (:mod:`nnethics.fused`), whose forward keeps the last
+    """:func:`project` inside the chunk's shared trace (:mod:`nnethics.engine.trace`), whose forward keeps the last
     position's logits only: the label logits are unembedded from the full final-norm output here, as the plain
     forward of :func:`collect` does, so they keep its bits (on ``job["columns"]`` only: see :mod:`.unembed`)."""
     return project(model, 2 * batch.n, batch.label_ids, job["heads"], job["kept"], job["per_option"],

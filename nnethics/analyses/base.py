@@ -8,18 +8,19 @@ An analysis declares, once:
   bounds, parser). The click options of its command and of ``nnethics run`` are generated from those
   fields (as tuned-lens generates its CLI from dataclasses), and every field lands in provenance
   (:meth:`Analysis.record`), so an option exists once in the code;
-* ``compute(model, pairs, options, label_ids=None, **prepared) -> xr.Dataset`` for one chunk of pairs
-  (dim ``prompt``); it returns data and never prints;
-* optional ``prepare(model, options) -> (prepared, recorded)``: what is resolved once per run with the model
-  at hand (the tuned lens to use), passed to every ``compute`` call and recorded in provenance;
+* how a chunk of pairs (dim ``prompt``) is computed, one of both: ``shares(model, options, prepared) ->
+  SharedReads | None``, what the analysis reads from the chunk's **shared trace** of the base and counterfactual
+  rows (and which extra rows it runs after it), or None where these options need a forward of its own; and
+  ``compute(model, pairs, options, label_ids=None, **prepared) -> xr.Dataset``, that forward of its own. The
+  engine (:mod:`nnethics.engine`) plans ONE trace per chunk (one request remotely) from the declarations of every
+  analysis of a run, so analyses compose without knowing each other, and alone and together give the same bits.
+  Compute code returns data and never prints; an analysis never imports the engine;
+* optional ``prepare(model, options) -> Prepared``: what is resolved once per run with the model at hand (the
+  tuned lens to use): ``values`` passed to every chunk, ``recorded`` in provenance, ``notes`` for the terminal;
+  and optional ``resume(prepared, done)``: a resumed run tells it the Datasets it finds done (heads' running
+  ranking starts from them);
 * optional ``check(model, options)``: option values the model rules out (a layer it does not have), raised
   as :class:`OptionError` before any prompt runs;
-* optional ``shares(model, options, prepared) -> SharedReads | None``: what the analysis reads from the chunk's
-  **shared trace** of the base and counterfactual rows (and which extra rows it runs after it), or None where
-  these options need a forward of its own. :mod:`nnethics.fused` plans ONE trace per chunk (one request
-  remotely) from the declarations of every analysis of a run, so analyses compose without knowing each other;
-  an analysis that declares nothing runs its own ``compute`` in the same run. A declaring analysis' ``compute``
-  is that same fused path with itself alone, so alone and together give the same bits;
 * ``summarize(ds) -> str`` (one line for the terminal) and optional ``finalize(ds)`` (cross-prompt
   statistics, once, after the chunks are consolidated);
 * optional ``complete(model, ds, pairs, options, label_ids=None, batch_size=8, **prepared) -> ds``: a pass over
@@ -44,7 +45,7 @@ import re
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import xarray as xr
 
@@ -196,7 +197,7 @@ Compute = Callable[..., xr.Dataset]
 
 @dataclass(frozen=True)
 class SharedReads:
-    """An analysis' use of the chunk's shared trace (see :mod:`nnethics.fused`), as four steps.
+    """An analysis' use of the chunk's shared trace (see :mod:`nnethics.engine.trace`), as four steps.
 
     ``start(model, batch, options, prepared) -> job``: before the trace, on this machine (a plan of extra rows);
     ``read(model, batch, job) -> saved``: inside the shared trace, in an invoke of its own over every base and
@@ -214,25 +215,44 @@ class SharedReads:
     rows: Callable[..., Any] | None = None
 
 
+class Prepared(NamedTuple):
+    """What an analysis' ``prepare(model, options)`` resolves once per run: ``values`` passed to every chunk's
+    ``compute`` (and to ``shares``/``complete``) as keywords, ``recorded`` in provenance beside the options, and
+    ``notes`` for the terminal (why a cached tuned lens is not used)."""
+
+    values: Mapping[str, Any] = {}
+    recorded: Mapping[str, Any] = {}
+    notes: Sequence[str] = ()
+
+
 @dataclass(frozen=True)
 class Analysis:
-    """One technique: see the module docstring for each part."""
+    """One technique: see the module docstring for each part. A declaration that cannot run (neither
+    ``compute`` nor ``shares``; ``resume`` without ``prepare``) fails here, when it is built."""
 
     name: str
     options: type
-    compute: Compute
     summarize: Callable[[xr.Dataset], str]
     help: str
+    compute: Compute | None = None  # (model, pairs, options, label_ids=None, **prepared.values) -> one chunk
     finalize: Callable[[xr.Dataset], xr.Dataset] | None = None
     complete: Callable[..., xr.Dataset] | None = None  # after finalize: complete(model, ds, pairs, options, ...)
-    prepare: Callable[[Any, Any], tuple[dict, dict]] | None = None
+    prepare: Callable[[Any, Any], Prepared] | None = None
+    resume: Callable[[Prepared, list[xr.Dataset]], None] | None = None  # a resumed run: what it finds done
     check: Callable[[Any, Any], None] | None = None
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # other file name -> fixed options
     command: str | None = None  # the CLI command (default: the name); "lens run" puts it in a group
     render: tuple[str, ...] = ()  # modules with SECTION and figures(ds, prompts) [+ variant_figures(ds, name)]
     tables: Callable[[xr.Dataset, Mapping[str, xr.Dataset]], dict[str, Any]] | None = None
     default: bool = True  # run by ``nnethics run`` without --analyses
-    shares: Callable[[Any, Any, dict], SharedReads | None] | None = None  # (model, options, prepared): its reads
+    shares: Callable[[Any, Any, Mapping], SharedReads | None] | None = None  # (model, options, prepared values)
+
+    def __post_init__(self) -> None:
+        if self.compute is None and self.shares is None:
+            raise TypeError(f"analysis {self.name!r} declares neither compute nor shares: nothing would run it")
+        if self.resume is not None and self.prepare is None:
+            raise TypeError(f"analysis {self.name!r} declares resume without prepare: resume updates what prepare "
+                            "made")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -263,11 +283,17 @@ class Analysis:
 ANALYSES: dict[str, Analysis] = {}
 
 
+def _same_declaration(a: Analysis, b: Analysis) -> bool:
+    """The same declaration built again (its module reloaded): the same name and the same Options class by name."""
+    return a.name == b.name and (a.options.__module__, a.options.__qualname__) == \
+        (b.options.__module__, b.options.__qualname__)
+
+
 def register(analysis: Analysis) -> Analysis:
     """Add an analysis to the registry (its name and its variants' names); returns it."""
     for name in analysis.names:
         other = ANALYSES.get(name)
-        if other is not None and other is not analysis and other.compute is not analysis.compute:
+        if other is not None and other is not analysis and not _same_declaration(other, analysis):
             raise ValueError(f"analysis name {name!r} is taken by {other.name}")
         ANALYSES[name] = analysis
     return analysis

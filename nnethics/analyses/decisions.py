@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +11,7 @@ import xarray as xr
 from .. import export
 from .. import verdict as _verdict
 from ..metrics import DEFAULT_MIN_GAP
-from ..prompts import SIDES, PromptPair
+from ..prompts import SIDES
 from .base import Analysis, SharedReads, chat_field, check_values, labels_field, option, register
 from .common import PairBatch
 
@@ -25,7 +24,7 @@ MIN_GAP_HELP = ("Logits |LD_cf - LD_base| from which a pair counts as content-se
 
 @dataclass(frozen=True)
 class DecisionOptions:
-    """Options of :func:`baseline_decisions`."""
+    """Options of the decisions analysis."""
 
     labels: tuple[str, ...] = labels_field()
     chat: bool | None = chat_field()
@@ -80,9 +79,12 @@ def _decoded(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
     return texts[inverse.reshape(ids.shape)].astype(str)
 
 
-def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: DecisionOptions = DecisionOptions(),
-                       label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """Decisions for every pair, both sides.
+def _start(model: Any, batch: PairBatch, options: DecisionOptions, prepared: dict) -> dict:
+    return {"_options": options}
+
+
+def _build(model: Any, batch: PairBatch, job: dict, got: dict) -> xr.Dataset:
+    """The decisions Dataset of a chunk, from what :func:`read_logits` brought back: every pair, both sides.
 
     Returns a Dataset with dims ``prompt``, ``side`` (base, cf), ``option`` (labels), ``token``:
     ``label_logit``/``label_prob (prompt, side, option)``, ``logit_diff (prompt, side)`` (label 1 −
@@ -94,17 +96,6 @@ def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Decisio
     ``ethical_preference``, ``p_ethical``, ``position_bias``, ``swaps_ethical_label``, ``content_gap``,
     ``content_sensitive (prompt)``. :func:`finalize` adds the cross-pair statistics and the verdict.
     """
-    from ..fused import compute_alone
-
-    return compute_alone(ANALYSIS, model, pairs, options, label_ids, lambda: None)
-
-
-def _start(model: Any, batch: PairBatch, options: DecisionOptions, prepared: dict) -> dict:
-    return {"_options": options}
-
-
-def _build(model: Any, batch: PairBatch, job: dict, got: dict) -> xr.Dataset:
-    """The decisions Dataset of a chunk from what :func:`read_logits` brought back."""
     options, pairs = job["_options"], batch.pairs
     labels = list(options.labels)
     logits, lse, top = got["label_logits"].cpu(), got["lse"].cpu(), got["top"].cpu()
@@ -171,7 +162,7 @@ finalize = _verdict.finalize_decisions
 SHARED = SharedReads(start=_start, read=read_logits, build=_build)
 
 ANALYSIS = register(Analysis(
-    name="decisions", options=DecisionOptions, compute=baseline_decisions, summarize=summarize, finalize=finalize,
+    name="decisions", options=DecisionOptions, summarize=summarize, finalize=finalize,
     help="Baseline decisions: which label each prompt makes the model choose, its position bias and ethical "
          "preference, and the verdict; writes STORE/<model>/decisions.nc.",
     tables=export.decisions_tables,

@@ -55,6 +55,7 @@ from .base import (
     KV_CACHE,
     Analysis,
     OptionError,
+    Prepared,
     chat_field,
     check_values,
     labels_field,
@@ -96,10 +97,15 @@ def head_patching(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions
     return run_heads(model, pairs, options, label_ids, running)
 
 
-def prepare(model: Any, options: HeadsOptions) -> tuple[dict, dict, list[str]]:
+def prepare(model: Any, options: HeadsOptions) -> Prepared:
     """One :class:`~.heads_candidates.RunningRank` per run, passed to every chunk (nothing is recorded: which
     heads are candidates changes no number of the file)."""
-    return {"running": RunningRank()}, {}, []
+    return Prepared({"running": RunningRank()})
+
+
+def resume(prepared: Prepared, done: list[xr.Dataset]) -> None:
+    """A resumed run: the running ranking starts from what is done (the earlier result and the parts)."""
+    prepared.values["running"].resume(done)
 
 
 def build_dataset(*, pairs: Sequence[PromptPair], labels: list[str], base_ld: np.ndarray, cf_ld: np.ndarray,
@@ -344,7 +350,7 @@ def check_model(model: Any, options: HeadsOptions) -> None:
 
 ANALYSIS = register(Analysis(
     name="heads", options=HeadsOptions, compute=head_patching, summarize=summarize, finalize=finalize,
-    complete=complete_attention, check=check_model, prepare=prepare, default=False,
+    complete=complete_attention, check=check_model, prepare=prepare, resume=resume, default=False,
     help="Activation patching per attention head at the decision position, and the attention of the top heads; "
          "writes STORE/<model>/heads.nc.",
     tables=tables, render=("nnethics.render.heads",)))

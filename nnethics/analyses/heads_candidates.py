@@ -38,7 +38,7 @@ class RunningRank:
     """The per-head sums over the chunks done so far that a chunk's ranking starts from: the sum and count of
     the defined effects and the sum of |head_dla| over prompts and sides, ``[L, H]`` each. One per run (it is
     ``heads``' ``prepare`` output); :meth:`update` adds each finished chunk's Dataset (what its part holds), and
-    :meth:`resume` what a resumed run finds done (``nnethics.pipeline.run_one`` calls it)."""
+    :meth:`resume` what a resumed run finds done (the engine calls it through heads' ``resume`` hook)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] | None = None

@@ -23,7 +23,7 @@ import xarray as xr
 from .. import export
 from ..hub_spec import SYNTAX, is_hub_spec, split_hub_spec
 from ..prompts import SIDES, PromptPair
-from .base import Analysis, OptionError, SharedReads, chat_field, check_values, labels_field, option, register
+from .base import Analysis, OptionError, Prepared, SharedReads, chat_field, check_values, labels_field, option, register
 from .common import encode_pairs
 
 if TYPE_CHECKING:  # loaded when a lens runs: declaring the analysis needs no torch
@@ -144,28 +144,23 @@ def _token_texts(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
     return np.array(texts, dtype=object)[inverse].reshape(ids.shape).astype(str)
 
 
-def logit_lens(model: Any, pairs: Sequence[PromptPair], options: LensOptions = LensOptions(),
-               label_ids: Sequence[int] | None = None, tuned_lens: TunedLens | None = None) -> xr.Dataset:
-    """The logit lens (and ``tuned_lens``, if given) at the decision position of every pair, both sides.
+def with_tuned(model: Any, pairs: Sequence[PromptPair], options: LensOptions, label_ids: Sequence[int] | None = None,
+               tuned_lens: TunedLens | None = None) -> xr.Dataset:
+    """The logit and the tuned lens at the decision position of every pair, both sides: two traces (the residuals
+    are translated here, between them); the logit lens alone reads the shared trace (:func:`_shares`).
 
     Returns a Dataset with dims ``prompt``, ``side`` (base, cf), ``lens`` (``logit`` and, with a tuned lens,
     ``tuned``), ``layer``, ``k``, ``option``: ``top_token``/``top_token_id``/``top_prob``/``top_logit``
     ``(prompt, side, lens, layer, k)``, ``label_logit``/``label_prob`` ``(prompt, side, lens, layer,
     option)`` (the label trajectory), ``kl_to_final (prompt, side, lens, layer)`` in nats,
     ``crossing_layer (prompt, side, lens)`` and ``final_choice (prompt, side)`` (the label the model prefers).
+    Without ``tuned_lens``: the logit lens alone, in one trace of its own.
     """
-    from ..fused import compute_alone
-
-    return compute_alone(ANALYSIS, model, pairs, options, label_ids,
-                         lambda: _with_tuned(model, pairs, options, label_ids, tuned_lens), {"tuned_lens": tuned_lens})
-
-
-def _with_tuned(model: Any, pairs: Sequence[PromptPair], options: LensOptions, label_ids: Sequence[int] | None,
-                tuned_lens: TunedLens | None) -> xr.Dataset:
-    """The logit and the tuned lens: two traces (the residuals are translated here, between them)."""
     batch = encode_pairs(model, pairs, list(options.labels), options.chat, label_ids)
     inputs = batch.encoded.inputs()
-    results = [lens_readout(model, inputs, batch.label_ids, options.k, keep_states=True)]
+    results = [lens_readout(model, inputs, batch.label_ids, options.k, keep_states=tuned_lens is not None)]
+    if tuned_lens is None:
+        return _lens_dataset(model, batch, options, results, ["logit"])
     states = results[0].pop("states")
     translated = tuned_lens.transform_stack(states.float()).to(states.dtype)
     if model.weights_device is not None:
@@ -308,11 +303,11 @@ def residual_round_trip(model: Any) -> int:
     return 2 * model.n_layers * model.d_model * width
 
 
-def prepare(model: Any, options: LensOptions) -> tuple[dict, dict, list[str]]:
+def prepare(model: Any, options: LensOptions) -> Prepared:
     """Once per run: the tuned lens to use (passed to every chunk), what provenance records of it, and notes."""
     lens, info = resolve_tuned_lens(model, options.tuned_lens)
     note = info.pop("tuned_lens_note", None)
-    return {"tuned_lens": lens}, info, [note] if note else []
+    return Prepared({"tuned_lens": lens}, info, [note] if note else [])
 
 
 def summarize(ds: xr.Dataset) -> str:
@@ -336,7 +331,7 @@ def check_model(model: Any, options: LensOptions) -> None:
 
 
 ANALYSIS = register(Analysis(
-    name="lens", options=LensOptions, compute=logit_lens, summarize=summarize, prepare=prepare, command="lens run",
+    name="lens", options=LensOptions, compute=with_tuned, summarize=summarize, prepare=prepare, command="lens run",
     check=check_model,
     help="Compute STORE/<model>/lens.nc (logit lens, and the tuned lens when one is given or cached).",
     tables=export.lens_tables,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import xarray as xr
@@ -112,9 +112,10 @@ class PatchingOptions:
             raise OptionError("kv_cache", "'on' needs positions 'last' (only the last position can reuse the prefix "
                                           "cache)")
 
-def activation_patching(model: Any, pairs: Sequence[PromptPair], options: PatchingOptions = PatchingOptions(),
-                        label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """Patch every (layer, component[, position]) cell of every pair and measure the decision.
+def own_forward(model: Any, pairs: Sequence[PromptPair], options: PatchingOptions, label_ids: Sequence[int] | None = None
+                ) -> xr.Dataset:
+    """Patch every (layer, component[, position]) cell of every pair and measure the decision, on forwards of its
+    own (the modes that do not read the shared trace, :func:`shares`).
 
     Returns a Dataset with dims ``prompt``, ``layer``, ``component`` (and ``position`` in grid mode):
     ``base_logit_diff``, ``cf_logit_diff`` (noise: ``corrupted_logit_diff``) ``(prompt)``,
@@ -124,18 +125,9 @@ def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Patchi
     ``peak_layer``, ``num_choice_flips``, ``gini_coefficient``, ``top5_concentration``
     ``(prompt, component)``. ``forward_path`` says whether the KV-cache path ran.
     """
-    from ..fused import compute_alone
     from .patching_run import run_patching
 
-    return compute_alone(ANALYSIS, model, pairs, options, label_ids,
-                         lambda: run_patching(model, pairs, options, label_ids))
-
-
-def causal_tracing(model: Any, pairs: Sequence[PromptPair], options: PatchingOptions = PatchingOptions(),
-                   label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """Noise corruption and clean-state restoration (ROME): :func:`activation_patching` with
-    ``corruption="noise"``."""
-    return activation_patching(model, pairs, replace(options, corruption="noise"), label_ids)
+    return run_patching(model, pairs, options, label_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,7 +155,7 @@ VARIANTS = {"patching_grid": {"corruption": "counterfactual", "positions": "grid
             "patching_noise_all": {"corruption": "noise", "positions": "all"}}
 
 ANALYSIS = register(Analysis(
-    name="patching", options=PatchingOptions, compute=activation_patching, summarize=results.summarize,
+    name="patching", options=PatchingOptions, compute=own_forward, summarize=results.summarize,
     finalize=results.finalize, check=check_model, variants=VARIANTS, command="patch",
     help="Activation patching / causal tracing of the decision; writes STORE/<model>/patching*.nc (the file name "
          "follows --corruption and --positions).",

@@ -35,11 +35,11 @@ from typing import Any
 
 import nnsight
 import torch
-from transformers import DynamicCache
 
 from ..models.errors import is_oom
 from .common import Encoded
 from .patching_results import COMPONENTS
+from .prefix_cache import Prefix
 from .prefix_cache import inputs_token as _inputs_token
 from .unembed import logits_of
 
@@ -256,16 +256,6 @@ def kv_possible(model: Any, enc: Encoded, groups: list[list[Row]]) -> str | None
     if window and max(enc.lengths) > int(window):
         return "prompts are longer than the sliding attention window"
     return None
-
-
-@dataclass
-class Prefix:
-    """The key/value cache of every distinct (sequence, noise) over all tokens but the last."""
-
-    cache: DynamicCache
-    index: dict            # (seq, noise) -> row of the cache
-    width: int             # cached positions (left-padded width - 1)
-    sigma: dict            # group -> noise std used
 
 
 def run_prefix(model: Any, enc: Encoded, groups: list[list[Row]]) -> Prefix:

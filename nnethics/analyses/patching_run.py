@@ -106,7 +106,7 @@ def _choose_path(model: Any, batch: PairBatch, plan: _Plan, opts: PatchingOption
 
 def run_patching(model: Any, pairs: Sequence[PromptPair], options: PatchingOptions,
                  label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """The computation behind :func:`nnethics.analyses.patching.activation_patching` on its own forwards (see
+    """The computation behind :func:`nnethics.engine.activation_patching` on its own forwards (see
     there); the last-position counterfactual path reads the chunk's shared trace instead (:data:`SHARED`)."""
     batch = encode_pairs(model, list(pairs), list(options.labels), options.chat, label_ids)
     job = start(model, batch, options, {})

@@ -15,6 +15,9 @@ from SDPA's in the last bits only (another order of summation), checked per fami
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 from transformers import DynamicCache
 
@@ -23,6 +26,39 @@ from .common import Encoded
 ATTENTION = "nnethics_shared_prefix"  # the name of shared_prefix_attention in transformers' attention registry
 _PENDING: list = []  # the prefix of the layer whose attention runs next (set by update, taken by the attention)
 _WEIGHTS: list = []  # [True] while shared_attention(weights=True) is on: the attention returns its weights too
+
+
+@dataclass
+class Prefix:
+    """The key/value cache of every distinct (sequence, noise) over all tokens but the last."""
+
+    cache: DynamicCache
+    index: dict            # (seq, noise) -> row of the cache
+    width: int             # cached positions (left-padded width - 1)
+    sigma: dict            # group -> noise std used
+
+
+def cut_prefix(cache: Any) -> bool:
+    """A trace's key/value cache of every row, cut to all tokens but the last, in place (the prefix that one-token
+    rows read; the same bits as a forward of the prefix alone, checked by the tests). Only a plain cache of
+    full-attention layers is cut (False for others, e.g. Gemma's sliding-window layers, whose bookkeeping is not
+    just the keys: the rows then run a prefix forward of their own)."""
+    layers = getattr(cache, "layers", None)
+    if type(cache).__name__ != "DynamicCache" or not layers or \
+            any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        return False
+    for layer in layers:  # contiguous: the one-token rows gather from it once per layer and forward
+        layer.keys = layer.keys[..., :-1, :].contiguous()
+        layer.values = layer.values[..., :-1, :].contiguous()
+    return True
+
+
+def trace_prefix(cache: Any, n_rows: int, width: int) -> Prefix | None:
+    """The :class:`Prefix` of a trace's ``n_rows`` rows of left-padded ``width`` (its cache cut by
+    :func:`cut_prefix`; row ``s`` is sequence ``s``, unnoised), or None where the cache cannot be cut."""
+    if cache is None or not cut_prefix(cache):
+        return None
+    return Prefix(cache, {(s, None): s for s in range(n_rows)}, width - 1, {})
 
 
 class SharedPrefixCache(DynamicCache):

@@ -111,7 +111,7 @@ def analysis_command(analysis: Analysis, name: str | None = None) -> click.Comma
     @friendly
     def command(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat,
                 limit, store, overwrite, lock_timeout, batch_size, progress, **values) -> None:
-        from ..pipeline import make_context, run_one
+        from ..engine import Run, make_context
 
         # OptionError on a bad mix, before anything is loaded
         options = analysis.make_options(None, labels=tuple(labels), chat=chat, **{k: values[k] for k in fields})
@@ -120,12 +120,10 @@ def analysis_command(analysis: Analysis, name: str | None = None) -> click.Comma
         with before_loading(store, model_spec, quantize, remote, lock_timeout, prompts, {out: (analysis, options)},
                             overwrite):
             model = load_model_from_options(model_spec, revision, device, device_map, dtype, quantize, remote, token)
-        if analysis.check is not None:
-            analysis.check(model, options)
         ctx = make_context(model, prompts, chat)
-        path, summary = run_one(out, model, prompts, str(store), ctx, batch_size, progress, overwrite=overwrite,
-                                lock_timeout=lock_timeout, options=options,
-                                note=lambda text: click.echo(f"note: {text}", err=True))
+        with Run(model, store, overwrite=overwrite, lock_timeout=lock_timeout, batch_size=batch_size,
+                 progress=progress, note=lambda text: click.echo(f"note: {text}", err=True)) as run:
+            path, summary = run.one(out, prompts, ctx, options)
         click.echo(f"{out}: {path}")
         if summary:
             click.echo(f"  {summary}")

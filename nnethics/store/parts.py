@@ -164,10 +164,8 @@ class PartStore:
             parts = padded
         return parts
 
-    def consolidate(self, order: Iterable[str] | None = None, extra_attrs: Mapping[str, Any] | None = None,
-                    finalize: Callable[[xr.Dataset], xr.Dataset] | None = None) -> xr.Dataset:
-        """Concatenate the parts along ``prompt`` (in ``order``), apply ``finalize`` (cross-prompt statistics) once,
-        write the final file (once), remove the parts."""
+    def gather(self, order: Iterable[str] | None = None, extra_attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
+        """The earlier result and the parts, concatenated along ``prompt`` (in ``order``), with the run's attrs."""
         parts = self.load_parts()
         prev = self.previous()
         if prev is not None:
@@ -177,14 +175,24 @@ class PartStore:
         ds = combine(parts, order)
         attrs = {**self.attrs, **(extra_attrs or {}), "fingerprint": self.key}
         ds.attrs = {k: attr_value(v) for k, v in attrs.items()}
-        if finalize is not None:
-            ds = finalize(ds)
+        return ds
+
+    def commit(self, ds: xr.Dataset) -> None:
+        """Write the final file (once) and remove the parts."""
         write_atomic(ds, self.final)
         shutil.rmtree(self.dir, ignore_errors=True)
         try:
             self.dir.parent.rmdir()
         except OSError:
             pass
+
+    def consolidate(self, order: Iterable[str] | None = None, extra_attrs: Mapping[str, Any] | None = None,
+                    finalize: Callable[[xr.Dataset], xr.Dataset] | None = None) -> xr.Dataset:
+        """:meth:`gather`, ``finalize`` (cross-prompt statistics) once, :meth:`commit`."""
+        ds = self.gather(order, extra_attrs)
+        if finalize is not None:
+            ds = finalize(ds)
+        self.commit(ds)
         return ds
 
 
