@@ -179,13 +179,14 @@ def run_framings(run: Any, prompts: Any, framings: Sequence[Framing], analyses: 
 
 
 def analyze_framings(model: Any, prompts: Any, framings: str | Sequence[Framing], analyses: Sequence[str], *,
-                     chat: bool | None = None, batch_size: int = 8, note: Callable[[str], None] | None = None,
-                     templates: Mapping[str, str] | None = None, **options: Any) -> dict[str, xr.Dataset]:
+                     analyze: Callable[..., dict[str, xr.Dataset]], chat: bool | None = None, batch_size: int = 8,
+                     note: Callable[[str], None] | None = None, templates: Mapping[str, str] | None = None,
+                     **options: Any) -> dict[str, xr.Dataset]:
     """In memory, what :func:`run_framings` writes (``ne.analyze(..., framings=...)``): ``{"framings/<id>/<name>":
     Dataset, "cloze": ..., "framings": ...}``, the keys being the files' paths under the model folder without
     ``.nc``. ``framings``: ``"default"``, ``"all"``, ``"binding"``, ids with ``*`` (with ``templates``: extra ones by
-    name), or a list of :class:`~nnethics.framings.Framing`."""
-    from .engine import analyze
+    name), or a list of :class:`~nnethics.framings.Framing`. ``analyze``: :func:`nnethics.engine.analyze`, which
+    calls this with itself (so this module never imports the engine)."""
     from .framings import select
 
     framings = select(framings, templates) if isinstance(framings, str) else list(framings)

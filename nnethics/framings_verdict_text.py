@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from . import metrics
-from .verdict_text import _decimals, _num
+from .verdict_text import decimals, num
 
 MEAN_CI = f"{metrics.MEAN_CI_METHOD} 95% CI over pairs"
 SHARE_CI = f"{metrics.SHARE_CI_METHOD} 95% interval"
@@ -145,10 +145,10 @@ def _count(n: int, one: str) -> str:
 
 def _mean_text(mean: float, lo: float, hi: float, n: int, unit: str = "logits") -> str:
     """``+0.12 logits (BCa 95% CI +0.01 to +0.30, n = 5 pairs)``; no CI under 2 pairs."""
-    d = _decimals(mean, hi - lo)
-    ci = f"BCa 95% CI {_num(lo, d)} to {_num(hi, d)}" if np.isfinite(lo) and np.isfinite(hi) else \
+    d = decimals(mean, hi - lo)
+    ci = f"BCa 95% CI {num(lo, d)} to {num(hi, d)}" if np.isfinite(lo) and np.isfinite(hi) else \
         "no CI with fewer than 2 pairs"
-    return f"{_num(mean, d)} {unit} ({ci}, n = {_count(n, 'pair')})"
+    return f"{num(mean, d)} {unit} ({ci}, n = {_count(n, 'pair')})"
 
 
 def _share_text(k: int, n: int, lo: float, hi: float, of: str = "pairs") -> str:
@@ -182,7 +182,7 @@ def _framing_sentence(ds: xr.Dataset, fid: str) -> str:
     return (f"{head}: preference {_mean_text(*_stat(ds, 'ethical_preference', framing=fid), nd)}, position bias "
             f"{_mean_text(*_stat(ds, 'position_bias', framing=fid), nd)}; ethical on "
             f"{_k(s['share_ethical'], m)} of {m} prompts, {_k(s['share_ethical_debiased'], m)} of {m} with its label "
-            f"prior ({_num(prior, _decimals(prior))} logits) removed.")
+            f"prior ({num(prior, decimals(prior))} logits) removed.")
 
 
 def _pooled_sentences(ds: xr.Dataset, rules: FramingRules) -> list[str]:
@@ -217,9 +217,9 @@ def _dependence_sentence(ds: xr.Dataset, content: list[str], rules: FramingRules
     text = ""
     if means:
         lo_f, hi_f = min(means, key=means.get), max(means, key=means.get)
-        d = _decimals(means[hi_f] - means[lo_f])
+        d = decimals(means[hi_f] - means[lo_f])
         text = (f"Between the {len(content)} content framings the mean preference ranges from "
-                f"{_num(means[lo_f], d)} ({lo_f}) to {_num(means[hi_f], d)} ({hi_f}) logits; ")
+                f"{num(means[lo_f], d)} ({lo_f}) to {num(means[hi_f], d)} ({hi_f}) logits; ")
     chance = rules.test_level * len(content)
     text += (f"{len(pos) + len(neg)} of {len(content)} framings' BCa 95% CIs exclude 0 ({len(pos)} above, "
              f"{len(neg)} below; about {chance:.1f} would by chance). ")
@@ -292,7 +292,7 @@ def _per_token_sentences(ds: xr.Dataset, nz: int, clo: float, chi: float, rules:
     m, lo, hi = _stat(ds, "cloze_mean_margin")
     gap = float(ds["mean_cloze_length_gap"])
     k = _k(ds["share_cloze_mean_ethical"], nz)
-    out = [f"Per token (the length baseline: the ethical texts have {_num(gap, 1)} tokens more than the others on "
+    out = [f"Per token (the length baseline: the ethical texts have {num(gap, 1)} tokens more than the others on "
            f"average): margin {_mean_text(m, lo, hi, nz, unit='nats per token')}; the ethical text is the more "
            f"likely per token in {_share_text(k, nz, float(ds['cloze_mean_ethical_ci_low']), float(ds['cloze_mean_ethical_ci_high']))}."]
     if abs(gap) >= rules.length_gap and excludes_zero(lo, hi) and excludes_zero(clo, chi) and (m > 0) != (chi > 0):

@@ -6,7 +6,8 @@
 Each count prints with what it found, so a number can be checked by eye:
 
 * lifecycle drivers: functions that call the chunk loop (``run_in_chunks``);
-* places building provenance: calls of ``provenance(`` outside ``nnethics/store`` (by what they build);
+* places building provenance: calls of the function ``provenance(`` outside ``nnethics/store`` (methods named so
+  are not counted: they call it);
 * lock sites: calls of ``store_lock(`` outside ``nnethics/store``; with ``--run``, the acquisitions of the model
   folder's lock that one ``nnethics run`` makes (nested holds of the same process not counted as new);
 * places naming analyses: string constants equal to a registered analysis or variant name, outside
@@ -118,7 +119,7 @@ def _docstrings(tree: ast.AST) -> set[int]:
 def calls(mods: dict[str, Path], name: str, skip: str) -> list[str]:
     """``file:line function`` of each call of ``name(...)`` outside the folder ``skip``."""
     out = []
-    for mod, path in mods.items():
+    for path in mods.values():
         rel = path.relative_to(ROOT).as_posix()
         if rel.startswith(skip):
             continue
@@ -126,7 +127,7 @@ def calls(mods: dict[str, Path], name: str, skip: str) -> list[str]:
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for node in ast.walk(fn):
-                    if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == name:
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name:
                         out.append(f"{rel}:{node.lineno} {fn.name}")
     return sorted(set(out))
 
@@ -136,7 +137,7 @@ def naming(mods: dict[str, Path]) -> dict[str, list[str]]:
 
     names = set(ANALYSES)
     out: dict[str, list[str]] = defaultdict(list)
-    for mod, path in mods.items():
+    for path in mods.values():
         rel = path.relative_to(ROOT).as_posix()
         if rel.startswith("nnethics/analyses/"):
             continue
@@ -162,7 +163,7 @@ def lock_count() -> int:
     from nnethics.store import lock
 
     count = [0]
-    real = lock._lock_for
+    real = lock.lock_for
 
     def counting(folder: Path):
         fl = real(folder)
@@ -177,7 +178,7 @@ def lock_count() -> int:
             fl.acquire, fl._counted = counted, True
         return fl
 
-    lock._lock_for = counting
+    lock.lock_for = counting
     with tempfile.TemporaryDirectory() as store:
         res = CliRunner().invoke(cli, ["run", "--limit", "2", "--analyses", "decisions,patching,heads", "--store", store,
                                        "--no-progress"], catch_exceptions=False)

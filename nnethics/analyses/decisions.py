@@ -56,7 +56,7 @@ def read_logits(model: Any, batch: PairBatch, job: dict) -> dict:
                          "top": last.argmax(dim=-1)})
 
 
-def _prompt_tokens(batch: PairBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def prompt_tokens(batch: PairBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per (prompt, side): the token ids padded with -1 to the widest prompt, their count, the formatted text."""
     n, width = batch.n, max(batch.encoded.lengths)
     input_ids = np.full((n, 2, width), -1, dtype=np.int32)
@@ -72,7 +72,7 @@ def _prompt_tokens(batch: PairBatch) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return input_ids, n_tokens, texts
 
 
-def _decoded(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
+def decoded_tokens(tokenizer: Any, ids: np.ndarray) -> np.ndarray:
     """Each token id decoded on its own (``" A"``, ``"\\n"``), "" for the −1 padding; NUL escaped as ``\\x00``."""
     uniq, inverse = np.unique(ids, return_inverse=True)
     texts = np.array(["" if i < 0 else tokenizer.decode([int(i)]).replace("\x00", "\\x00") for i in uniq], dtype=object)
@@ -107,7 +107,7 @@ def _build(model: Any, batch: PairBatch, job: dict, got: dict) -> xr.Dataset:
     ethical = np.array([[p.ethical(s) for s in SIDES] for p in pairs], dtype=object)
     chose_ethical = chosen == ethical
     top_ids = top.numpy().reshape(2, n).T
-    input_ids, n_tokens, texts = _prompt_tokens(batch)
+    input_ids, n_tokens, texts = prompt_tokens(batch)
     tok = model.tokenizer
     ds = xr.Dataset(
         {
@@ -122,7 +122,7 @@ def _build(model: Any, batch: PairBatch, job: dict, got: dict) -> xr.Dataset:
             "top_token_id": (("prompt", "side"), top_ids.astype(np.int32)),
             "prompt_text": (("prompt", "side"), texts.astype(str)),
             "input_ids": (("prompt", "side", "token"), input_ids),
-            "token_text": (("prompt", "side", "token"), _decoded(tok, input_ids)),
+            "token_text": (("prompt", "side", "token"), decoded_tokens(tok, input_ids)),
             "n_tokens": (("prompt", "side"), n_tokens),
             "category": (("prompt",), np.array([p.category for p in pairs], dtype=str)),
         },

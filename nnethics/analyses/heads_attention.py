@@ -22,25 +22,25 @@ import numpy as np
 import torch
 
 from ..models.adapters import get_path
-from ..models.errors import is_oom
+from ..models.errors import halving
 from ..prompts import PromptPair
 from .attribution_trace import Projections, project
 from .common import encode_pairs
-from .patching_engine import Prefix, Row, _inputs_full, _inputs_token, run_prefix
-from .prefix_cache import shared_attention
+from .patching_engine import Row, inputs_full, run_prefix
+from .prefix_cache import Prefix, inputs_token, shared_attention
 
 if TYPE_CHECKING:
-    from .heads import HeadsOptions
+    from .heads_results import HeadsOptions
 
 
-def _side_inputs(enc: Any, n: int, prefix: Prefix | None, shared: bool = False) -> tuple[dict, bool | None]:
+def side_inputs(enc: Any, n: int, prefix: Prefix | None, shared: bool = False) -> tuple[dict, bool | None]:
     """Inputs of the rows ``[base..., cf...]`` (one token over the prefix cache, or full; ``shared``: for
     :func:`.prefix_cache.shared_prefix_attention`)."""
     seqs = list(range(2 * n))
     if prefix is not None:
         rows = [prefix.index[(s, None)] for s in seqs]
-        return _inputs_token(enc, seqs, prefix.width, prefix.cache, rows, shared), None
-    return _inputs_full(enc, seqs)[0], False
+        return inputs_token(enc, seqs, prefix.width, prefix.cache, rows, shared), None
+    return inputs_full(enc, seqs)[0], False
 
 
 class _Reads:
@@ -116,7 +116,7 @@ def side_state(model: Any, enc: Any, n: int, prefix: Prefix, ids: tuple[int, int
     """:func:`_trace_state` of the base and cf rows over ``prefix`` (the chunk's state and the fallback's
     attention: the same forward, so the same bits)."""
     with shared_attention(model, weights=True):
-        return _trace_state(model, _side_inputs(enc, n, prefix, shared=True)[0], n, ids, atp)
+        return _trace_state(model, side_inputs(enc, n, prefix, shared=True)[0], n, ids, atp)
 
 
 def attention_module(model: Any, layer: int) -> Any:
@@ -161,7 +161,7 @@ def eager_weights(model: Any, enc: Any, n: int, prefix: Prefix | None, layers: l
                   heads: list[list[int]]) -> Any:
     """One eager forward of the base and cf rows (over ``prefix``, or full); the weights of ``heads[i]`` of layer
     ``layers[i]``, ``[2n, heads, keys]`` (the candidates' and the fallback's one forward)."""
-    inputs, use_cache = _side_inputs(enc, n, prefix)
+    inputs, use_cache = side_inputs(enc, n, prefix)
     with eager_attention(model):
         return _trace_attention(model, inputs, [attention_module(model, la) for la in layers], heads, use_cache)
 
@@ -238,7 +238,7 @@ def _ordered(weights: Any, plan: tuple, chosen: Sequence[tuple[int, int]]) -> np
     enc, _, n, _, layers, heads, *_ = plan
     flat = [(la, h) for la, hs in zip(layers, heads) for h in hs]
     rank = [flat.index(tuple(c)) for c in chosen]
-    return _right_aligned(weights.numpy()[:, rank], [enc.lengths[r] for r in range(2 * n)], n)
+    return right_aligned(weights.numpy()[:, rank], [enc.lengths[r] for r in range(2 * n)], n)
 
 
 def _sessions(model: Any, plans: list[tuple]) -> list[Any]:
@@ -249,18 +249,23 @@ def _sessions(model: Any, plans: list[tuple]) -> list[Any]:
 def fallback_attention(model: Any, chunks: Sequence[tuple[list[PromptPair], list[tuple[int, int]], bool]],
                        options: HeadsOptions, label_ids: Sequence[int] | None) -> list[np.ndarray]:
     """:func:`top_attention` of each ``(pairs, chosen, use_kv)`` chunk, all in ONE session (one request remotely,
-    each chunk still encoded and run as its own, so the same bits); on out-of-memory, one session per chunk."""
-    if len(chunks) == 1:  # its out-of-memory halving
-        pairs, chosen, kv = chunks[0]
-        return [top_attention(model, pairs, options, label_ids, chosen, kv)]
-    plans = [_plan(model, list(pairs), options, label_ids, chosen, kv) for pairs, chosen, kv in chunks]
-    try:
-        got = model.session(_sessions, plans)
-    except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-        if not is_oom(err):
-            raise
-        return [top_attention(model, pairs, options, label_ids, chosen, kv) for pairs, chosen, kv in chunks]
-    return [_ordered(w, plan, chosen) for w, plan, (_, chosen, _) in zip(got, plans, chunks)]
+    each chunk still encoded and run as its own, so the same bits); on out-of-memory, half as many chunks per
+    session (:func:`~nnethics.models.errors.halving`), down to one chunk, which :func:`top_attention` halves."""
+    out: list[np.ndarray] = []
+
+    def rest(size: int) -> None:
+        while len(out) < len(chunks):
+            part = chunks[len(out):len(out) + size]
+            if len(part) == 1:
+                pairs, chosen, kv = part[0]
+                out.append(top_attention(model, pairs, options, label_ids, chosen, kv))
+                continue
+            plans = [_plan(model, list(pairs), options, label_ids, chosen, kv) for pairs, chosen, kv in part]
+            got = model.session(_sessions, plans)
+            out.extend(_ordered(w, plan, chosen) for w, plan, (_, chosen, _) in zip(got, plans, part))
+
+    halving(len(chunks), rest)
+    return out
 
 
 def top_attention(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions, label_ids: Sequence[int] | None,
@@ -268,24 +273,28 @@ def top_attention(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions
     """The attention weights of the decision position to every token for the ``chosen`` (layer, head)s, in their
     order: ``[pair, side, rank, token]`` (token 0 = the first prompt token, NaN padding), for one chunk of pairs in
     one session, over the same inputs as the chunk's :func:`.heads_engine.execute` (on the KV path one token over
-    the prefix cache); on out-of-memory the chunk runs in two halves."""
+    the prefix cache); on out-of-memory, in parts of half as many pairs (:func:`~nnethics.models.errors.halving`),
+    their token widths padded to the widest with NaN."""
     pairs = list(pairs)
-    plan = _plan(model, pairs, options, label_ids, chosen, use_kv)
-    n = plan[2]
-    try:
-        weights = model.session(_attention_session, *plan)
-    except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-        if not is_oom(err) or n < 2:
-            raise
-        halves = [top_attention(model, part, options, label_ids, chosen, use_kv) for part in (pairs[:n // 2],
-                                                                                              pairs[n // 2:])]
-        width = max(h.shape[-1] for h in halves)
-        return np.concatenate([np.pad(h, [(0, 0)] * 3 + [(0, width - h.shape[-1])], constant_values=np.nan)
-                               for h in halves])
-    return _ordered(weights, plan, chosen)
+    parts: list[np.ndarray] = []
+    done = [0]
+
+    def rest(size: int) -> None:
+        while done[0] < len(pairs):
+            part = pairs[done[0]:done[0] + size]
+            plan = _plan(model, part, options, label_ids, chosen, use_kv)
+            parts.append(_ordered(model.session(_attention_session, *plan), plan, chosen))
+            done[0] += len(part)
+
+    halving(len(pairs), rest)
+    if len(parts) == 1:
+        return parts[0]
+    width = max(h.shape[-1] for h in parts)
+    return np.concatenate([np.pad(h, [(0, 0)] * 3 + [(0, width - h.shape[-1])], constant_values=np.nan)
+                           for h in parts])
 
 
-def _right_aligned(weights: np.ndarray, lengths: list[int], n: int) -> np.ndarray:
+def right_aligned(weights: np.ndarray, lengths: list[int], n: int) -> np.ndarray:
     """``[2n, ..., keys]`` (rows ``[base..., cf...]``, left-padded keys) -> ``[n, side, ..., token]`` with token 0
     the first prompt token (padded at the end with NaN, as ``input_ids`` are with -1)."""
     width = max(lengths)

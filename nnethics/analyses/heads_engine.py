@@ -25,25 +25,18 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..models.errors import is_oom
+from ..models.errors import halving
 from ..prompts import PromptPair
+from . import heads_candidates as candidates
 from .attribution_trace import collect, contributions
 from .common import encode_pairs
-from .heads_attention import _right_aligned, _side_inputs, atp_terms, chunk_candidates, side_state
-from .patching_engine import (
-    Patch,
-    Prefix,
-    Row,
-    _inputs_full,
-    _inputs_token,
-    each_forward,
-    kv_possible,
-    run_prefix,
-)
-from .prefix_cache import shared_attention
+from .decisions import decoded_tokens, prompt_tokens
+from .heads_attention import atp_terms, chunk_candidates, right_aligned, side_inputs, side_state
+from .heads_results import HeadsOptions, build_dataset
+from .patching_engine import Patch, Row, each_forward, inputs_full, kv_possible, run_prefix
+from .prefix_cache import Prefix, inputs_token, shared_attention
 
 if TYPE_CHECKING:
-    from .heads import HeadsOptions
     from .heads_candidates import RunningRank
 
 BLOCKS = 6  # layer blocks of the KV path: a row patched in block k skips the layers before the block
@@ -137,9 +130,9 @@ def run_rows(model: Any, enc: Any, groups: list[list[Row]], cells: list[list[tup
                 Hs.append(head)
         if prefix is not None:
             rows_idx = [prefix.index[(s, None)] for s in seqs]
-            inputs, use_cache = _inputs_token(enc, seqs, prefix.width, prefix.cache, rows_idx), None
+            inputs, use_cache = inputs_token(enc, seqs, prefix.width, prefix.cache, rows_idx), None
         else:
-            (inputs, _), use_cache = _inputs_full(enc, seqs), False
+            (inputs, _), use_cache = inputs_full(enc, seqs), False
         return _trace_heads(model, inputs, {k: projs[k] for k in patches}, patches, H, ids, use_cache)
 
     return each_forward(enc, groups, max_tokens, prefix is not None, forward)
@@ -163,9 +156,9 @@ def execute(model: Any, enc: Any, groups, cells, ids, n: int, use_kv: bool, max_
         lds = run_rows(model, enc, groups, cells, ids, None, max_tokens)
         patched = [g[2:] for g in lds]
         sides = [g[1] for g in lds] + [g[0] for g in lds]
-        grads = _trace_atp(model, _inputs_full(enc, list(range(2 * n)))[0], [model.o_proj(i) for i in range(L)], n,
+        grads = _trace_atp(model, inputs_full(enc, list(range(2 * n)))[0], [model.o_proj(i) for i in range(L)], n,
                            H, ids, False) if atp else None
-        proj = collect(model, _side_inputs(enc, n, None)[0], list(ids), heads=True, per_option=False)
+        proj = collect(model, side_inputs(enc, n, None)[0], list(ids), heads=True, per_option=False)
     dla = contributions(proj)["heads"][..., 0]
     return patched, sides, grads, dla, chunk_candidates(model, enc, n, prefix, patched, sides, dla, job, every)
 
@@ -228,14 +221,14 @@ def _pack(units: list[tuple[int, int, list]], max_rows: int) -> list[list[tuple[
     return out + ([cur] if cur else [])
 
 
-def _split(chunk: list[tuple[int, int, list]]) -> list[list[tuple[int, int, list]]] | None:
-    """A failed forward's units in two halves (one unit: its heads in two halves); None when it is one row."""
-    if len(chunk) > 1:
-        return [chunk[:len(chunk) // 2], chunk[len(chunk) // 2:]]
-    lo, i, cells = chunk[0]
-    if len(cells) < 2:
-        return None
-    return [[(lo, i, cells[:len(cells) // 2])], [(lo, i, cells[len(cells) // 2:])]]
+def _repack(todo: list[list[tuple[int, int, list]]], rows: int) -> list[list[tuple[int, int, list]]]:
+    """The units of forwards not yet run, their heads cut into pieces of at most ``rows`` and packed again, block by
+    block (a forward starts at one block's first layer)."""
+    by_block: dict[int, list] = {}
+    for lo, i, cells in (u for chunk in todo for u in chunk):
+        for k in range(0, len(cells), rows):
+            by_block.setdefault(lo, []).append((lo, i, cells[k:k + rows]))
+    return [c for block in by_block.values() for c in _pack(block, rows)]
 
 
 def run_blocks(model: Any, enc: Any, prefix: Prefix, ids: tuple[int, int], n: int, resid: Any, z: Any,
@@ -248,9 +241,18 @@ def run_blocks(model: Any, enc: Any, prefix: Prefix, ids: tuple[int, int], n: in
     max_rows = max(2, min(4096, max_tokens // 4))
     attr = model.adapter.softcap_attr
     cap = getattr(model.config, attr, None) if attr else None
-    todo = [c for block in _units(n, L, H, blocks) for c in _pack(block, max_rows)]
-    while todo:
-        chunk = todo.pop(0)
+    state = {"todo": [c for block in _units(n, L, H, blocks) for c in _pack(block, max_rows)], "rows": max_rows}
+
+    def rest(rows: int) -> None:
+        if rows != state["rows"]:  # a retry: the failed forward and the rest, packed smaller
+            state["todo"], state["rows"] = _repack(state["todo"], rows), rows
+        while state["todo"]:
+            chunk = state["todo"][0]
+            for t, v in zip(*_run_chunk(chunk)):
+                out[t] = v
+            state["todo"].pop(0)
+
+    def _run_chunk(chunk: list) -> tuple[list, list]:
         seqs, targets, patches = [], [], {}
         for _, i, cells in chunk:
             for la, h in cells:
@@ -260,20 +262,14 @@ def run_blocks(model: Any, enc: Any, prefix: Prefix, ids: tuple[int, int], n: in
                 Hs.append(h)
                 seqs.append(i)
                 targets.append((i, la, h))
-        try:
-            inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs],
-                                   shared=True)
-            with shared_attention(model):
-                ld = _trace_block(model, inputs, layers, chunk[0][0], resid, z, seqs,
-                                  {k: projs[k] for k in patches}, patches, H, ids, cap)
-        except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-            halves = _split(chunk) if is_oom(err) else None
-            if halves is None:
-                raise
-            todo = halves + todo
-            continue
-        for t, v in zip(targets, ld.cpu().tolist()):
-            out[t] = v
+        inputs = inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs],
+                              shared=True)
+        with shared_attention(model):
+            ld = _trace_block(model, inputs, layers, chunk[0][0], resid, z, seqs,
+                              {k: projs[k] for k in patches}, patches, H, ids, cap)
+        return targets, ld.cpu().tolist()
+
+    halving(max_rows, rest)
     return out
 
 
@@ -281,10 +277,6 @@ def run_heads(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions,
               label_ids: Sequence[int] | None = None, running: RunningRank | None = None) -> xr.Dataset:
     """The computation behind :func:`nnethics.analyses.heads.head_patching` (see there); ``running``: the sums
     of the chunks done so far (updated with this one)."""
-    from . import heads as decl
-    from .decisions import _decoded, _prompt_tokens
-    from .heads_candidates import candidate_count, ranking_job, with_candidates
-
     pairs = list(pairs)
     L, H = model.n_layers, model.n_heads
     batch = encode_pairs(model, pairs, list(options.labels), options.chat, label_ids)
@@ -295,21 +287,21 @@ def run_heads(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions,
     if why and options.kv_cache == "on":
         raise ValueError(f"the KV-cache path cannot run here: {why}")
     use_kv = why is None
-    job = ranking_job(running, L, H, options.min_gap, candidate_count(options.top_heads, L, H))
+    job = candidates.ranking_job(running, L, H, options.min_gap, candidates.candidate_count(options.top_heads, L, H))
     patched, sides, atp, dla, (chosen, weights) = model.session(execute, enc, groups, cells, ids, n, use_kv,
                                                                 options.max_tokens, options.atp, job)
     patched = np.asarray(patched, dtype=np.float64).reshape(n, L, H)
     sides = np.asarray(sides.cpu().tolist() if hasattr(sides, "cpu") else sides, dtype=np.float64)
     base, cf = sides[:n], sides[n:]
-    input_ids, n_tokens, _ = _prompt_tokens(batch)
-    ds = decl.build_dataset(
+    input_ids, n_tokens, _ = prompt_tokens(batch)
+    ds = build_dataset(
         pairs=pairs, labels=list(options.labels), base_ld=base, cf_ld=cf, patched_ld=patched,
         atp_delta=None if atp is None else atp.cpu().numpy().astype(np.float64).transpose(1, 0, 2),
         dla=dla.numpy().reshape(2, n, L, H).transpose(1, 0, 2, 3), input_ids=input_ids,
-        token_text=_decoded(model.tokenizer, input_ids), min_gap=options.min_gap,
+        token_text=decoded_tokens(model.tokenizer, input_ids), min_gap=options.min_gap,
         forward_path="kv_cache" if use_kv else "full", why=why or "", top_heads=options.top_heads)
-    att = _right_aligned(weights.numpy(), [enc.lengths[r] for r in range(2 * n)], n)
-    ds = with_candidates(ds, [(int(a), int(b)) for a, b in chosen], att)
+    att = right_aligned(weights.numpy(), [enc.lengths[r] for r in range(2 * n)], n)
+    ds = candidates.with_candidates(ds, [(int(a), int(b)) for a, b in chosen], att)
     if running is not None:
         running.update(ds)
     return ds

@@ -36,11 +36,10 @@ from typing import Any
 import nnsight
 import torch
 
-from ..models.errors import is_oom
+from ..models.errors import halving
 from .common import Encoded
 from .patching_results import COMPONENTS
-from .prefix_cache import Prefix
-from .prefix_cache import inputs_token as _inputs_token
+from .prefix_cache import Prefix, inputs_token
 from .unembed import logits_of
 
 FORWARD_ORDER = ("attn", "mlp", "resid")  # order in which a decoder layer produces them
@@ -179,7 +178,7 @@ def _trace_atp(model: Any, inputs: dict, env: dict, keys: list, recv: list[int],
 # planning and running
 
 
-def _inputs_full(enc: Encoded, seqs: list[int]) -> tuple[dict, int]:
+def inputs_full(enc: Encoded, seqs: list[int]) -> tuple[dict, int]:
     inp = enc.inputs(seqs)
     return inp, int(inp["input_ids"].shape[1])
 
@@ -273,7 +272,7 @@ def run_prefix(model: Any, enc: Encoded, groups: list[list[Row]]) -> Prefix:
                 index[key] = len(seqs)
                 seqs.append(row.seq)
                 owners.append((g, row.noise))
-    inp, width = _inputs_full(enc, seqs)
+    inp, width = inputs_full(enc, seqs)
     inputs = {k: v[:, :-1] for k, v in inp.items()}
     noise, noised = [], []
     for i, (g, nz) in enumerate(owners):
@@ -304,11 +303,11 @@ def run_groups(model: Any, enc: Encoded, groups: list[list[Row]], ids: tuple[int
     def forward(chunk: list[tuple[int, int]], local: dict, seqs: list[int]) -> torch.Tensor:
         if prefix is not None:
             rows_idx = [prefix.index[(groups[g][j].seq, groups[g][j].noise)] for g, j in chunk]
-            inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, rows_idx)
+            inputs = inputs_token(enc, seqs, prefix.width, prefix.cache, rows_idx)
             plan, noise = _compile(chunk, groups, 1, env, local, last_only=True)
             use_cache, cols = None, columns
         else:
-            inputs, w = _inputs_full(enc, seqs)
+            inputs, w = inputs_full(enc, seqs)
             plan, noise = _compile(chunk, groups, w, env, local, last_only=False)
             use_cache, cols = False, None
         ld, sigmas, _ = _trace_rows(model, inputs, plan, noise, ids, use_cache, columns=cols)
@@ -326,30 +325,30 @@ def each_forward(enc: Encoded, groups: list[list[Row]], max_tokens: int, one_tok
     ``max_tokens`` tokens (one-token rows: ``max_tokens // 4``, at most 4096), each group's source row beside
     its patched rows (:func:`_chunks`). ``forward(chunk, local, seqs)`` runs one forward of the rows ``chunk``
     (``(group, row)``; ``local``: their rows in the forward, ``seqs``: their sequences) and returns the LD per
-    row. On out-of-memory the rows per forward are halved and the forward retried."""
+    row. On out-of-memory the rows not yet run are packed again with half the rows per forward
+    (:func:`~nnethics.models.errors.halving`), down to 2 (a source and one patched row)."""
     lds: list[list[float]] = [[float("nan")] * len(g) for g in groups]
     width = max(enc.lengths[r.seq] for g in groups for r in g)
     max_rows = max(2, min(4096, max_tokens // 4)) if one_token else max(2, max_tokens // width)
-    todo = _chunks(groups, max_rows)
-    while todo:
-        chunk = todo.pop(0)
-        try:
+    state = {"todo": _chunks(groups, max_rows), "rows": max_rows}
+
+    def rest(rows: int) -> None:
+        if rows != state["rows"]:  # a retry: the failed forward and the rest, packed smaller
+            state["todo"] = _chunks_subset(groups, [gj for c in state["todo"] for gj in c], rows)
+            state["rows"] = rows
+        while state["todo"]:
+            chunk = state["todo"][0]
             ld = forward(chunk, {gj: i for i, gj in enumerate(chunk)}, [groups[g][j].seq for g, j in chunk])
-        except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-            if not is_oom(err) or len(chunk) <= 2:
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            max_rows = max(2, len(chunk) // 2)
-            todo = _chunks_subset(groups, chunk, max_rows) + todo
-            continue
-        for (g, j), v in zip(chunk, ld.cpu().tolist()):
-            lds[g][j] = v
+            for (g, j), v in zip(chunk, ld.cpu().tolist()):
+                lds[g][j] = v
+            state["todo"].pop(0)
+
+    halving(max_rows, rest, floor=2)
     return lds
 
 
 def _chunks_subset(groups: list[list[Row]], chunk: list[tuple[int, int]], max_rows: int) -> list[list[tuple[int, int]]]:
-    """Re-pack the rows of a failed forward into smaller forwards."""
+    """Re-pack rows (``(group, row)``) into forwards of at most ``max_rows``, each group's source row in each."""
     sub: dict[int, list[int]] = {}
     for g, j in chunk:
         sub.setdefault(g, []).append(j)
@@ -379,10 +378,10 @@ def attribution(model: Any, enc: Encoded, recv: list[int], src: list[int], keys:
     if prefix is not None:
         if tuple(positions) != (-1,):
             raise ValueError("the KV path attributes the last position only")
-        inputs = _inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs])
+        inputs = inputs_token(enc, seqs, prefix.width, prefix.cache, [prefix.index[(s, None)] for s in seqs])
         cols, use_cache = [0], None
     else:
-        inputs, width = _inputs_full(enc, seqs)
+        inputs, width = inputs_full(enc, seqs)
         cols, use_cache = [width + p for p in positions], False
     atp, lds = _trace_atp(model, inputs, {k: env[k] for k in keys}, keys, list(range(n)), list(range(n, 2 * n)),
                           cols, ids, use_cache)

@@ -22,7 +22,7 @@ from .patching_noise import SpanError, pair_seed, restore_layers, span_chars, sp
 from .unembed import label_columns
 
 if TYPE_CHECKING:
-    from .patching import PatchingOptions
+    from .patching_options import PatchingOptions
 
 
 @dataclass

@@ -12,7 +12,7 @@ import xarray as xr
 from ..analyses import ANALYSES, default_names
 from ..prompts import DEFAULT_LABELS, PromptPair, PromptSet
 from .plan import make_context, options_for, pairs_as_set, plans
-from .run import _at_least_one, in_memory
+from .run import at_least_one, in_memory
 
 
 def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Sequence[str] | None = None, *,
@@ -34,7 +34,7 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
 
     ``framings``/``templates``: as ``run --framings``/``--templates`` (keys: :func:`.framings_run.analyze_framings`).
     ``per_request``: as ``run --per-request`` (chunks per NDIF request; the same chunks, the same bits)."""
-    _at_least_one(batch_size=batch_size, per_request=per_request)
+    at_least_one(batch_size=batch_size, per_request=per_request)
     if not isinstance(prompts, PromptSet):
         prompts = pairs_as_set(list(prompts), labels or DEFAULT_LABELS)
     elif labels is not None and tuple(labels) != tuple(prompts.labels):
@@ -42,8 +42,8 @@ def analyze(model: Any, prompts: PromptSet | Sequence[PromptPair], analyses: Seq
     names = tuple(analyses) if analyses is not None else default_names()
     if framings is not None:
         from ..framings_run import analyze_framings
-        return analyze_framings(model, prompts, framings, names, chat=chat, batch_size=batch_size, note=note,
-                                templates=templates, per_request=per_request, **options)
+        return analyze_framings(model, prompts, framings, names, analyze=analyze, chat=chat, batch_size=batch_size,
+                                note=note, templates=templates, per_request=per_request, **options)
     unknown = [n for n in (*names, *options) if n not in ANALYSES]
     if unknown:
         raise ValueError(f"unknown analysis {unknown[0]!r}; one of {', '.join(ANALYSES)}")

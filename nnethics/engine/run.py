@@ -106,7 +106,7 @@ def execute(model: Any, prompts: PromptSet, plans_: dict[str, Plan], sink: Any, 
     return out
 
 
-def _at_least_one(**values: int) -> None:
+def at_least_one(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
@@ -121,7 +121,7 @@ class Run:
     def __init__(self, model: Any, store: str | Path, *, overwrite: bool = False, lock_timeout: float | None = None,
                  batch_size: int = 8, progress: bool | None = None, per_request: int = 1,
                  note: Callable[[str], None] | None = None) -> None:
-        _at_least_one(batch_size=batch_size, per_request=per_request)
+        at_least_one(batch_size=batch_size, per_request=per_request)
         self.model, self.store, self.overwrite, self.lock_timeout = model, str(store), overwrite, lock_timeout
         self.batch_size, self.progress, self.per_request, self.note = batch_size, progress, per_request, note
         self._lock: Any = None

@@ -75,6 +75,11 @@ for (const other of group) {
 """
 
 
+def select_width(labels: Sequence[str]) -> int:
+    """Wide enough to show the longest option (about 7.5 px a character), 320 to 760 px."""
+    return int(min(760, max(320, 7.5 * max((len(str(x)) for x in labels), default=0) + 40)))
+
+
 def pack(rows: np.ndarray | Sequence) -> list:
     """One carried array: ``[kind, row length, values, vocabulary]`` (see :data:`JS_KINDS`).
 
@@ -222,8 +227,6 @@ def apply_row(targets: list, sources: list, props: list, i: int) -> None:
 
 
 def selector(prompts: Sequence[str], title: str = "prompt") -> Select:
-    from .embed import select_width
-
     labels = [str(p) for p in prompts]
     return Select(title=title, value=labels[0], options=labels, width=select_width(labels))
 

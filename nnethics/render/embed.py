@@ -37,6 +37,8 @@ from bokeh.models import (
 )
 from bokeh.models import Model as BokehModel
 
+from .carrier import PerPrompt, PerPromptLayout, callback, carried, select_width, selector
+
 #: Bokeh properties that a HoloMap frame may change (everything else is fixed by HoloViews' plot init).
 DYNAMIC: tuple[tuple[type, tuple[str, ...]], ...] = (
     (ColumnDataSource, ("data",)),
@@ -71,11 +73,6 @@ for (const other of group) {
   }
 }
 """
-
-
-def select_width(labels: Sequence[str]) -> int:
-    """Wide enough to show the longest option (about 7.5 px a character), 320 to 760 px."""
-    return int(min(760, max(320, 7.5 * max((len(str(x)) for x in labels), default=0) + 40)))
 
 
 @dataclass
@@ -179,7 +176,6 @@ def _carried(obj: Any) -> Rendered:
     """A :class:`~nnethics.render.carrier.PerPrompt` (or a layout of them) and one selector for it."""
     from bokeh.layouts import gridplot
 
-    from .carrier import PerPromptLayout, carried, selector
 
     panels = obj.panels if isinstance(obj, PerPromptLayout) else [obj]
     models, targets, sources, props = [], [], [], []
@@ -197,7 +193,6 @@ def _carried(obj: Any) -> Rendered:
 
 def render(obj: Any) -> Rendered:
     """Render a HoloViews object to Bokeh; for HoloMaps, record every frame for the JS selector."""
-    from .carrier import PerPrompt, PerPromptLayout
 
     if isinstance(obj, (PerPrompt, PerPromptLayout)):
         return _carried(obj)
@@ -240,7 +235,6 @@ def render(obj: Any) -> Rendered:
 
 def link_selectors(rendered: Sequence[Rendered]) -> None:
     """Attach the frame-replay callbacks; every selector of the page follows the others."""
-    from .carrier import callback
 
     group = [r.select for r in rendered if r.select is not None]
     for r in rendered:

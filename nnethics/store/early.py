@@ -23,7 +23,7 @@ from typing import Any
 from filelock import Timeout
 
 from .files import read_attrs
-from .lock import LOCK_FILE, _lock_for, store_lock
+from .lock import LOCK_FILE, lock_for, store_lock
 from .parts import PART_NAME, PARTS, StoreConflict
 from .provenance import json_or_text
 
@@ -37,7 +37,7 @@ def early_lock(folder: str | Path, timeout: float | None = None) -> Iterator[Non
     if not (folder / LOCK_FILE).exists():
         yield
         return
-    lock = _lock_for(folder)
+    lock = lock_for(folder)
     busy = False
     if not lock.is_locked:  # not ours already
         try:

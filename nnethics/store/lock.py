@@ -59,7 +59,7 @@ def default_timeout() -> float | None:
     return env_number(TIMEOUT_ENV, None, float, lo=0, unit="seconds")  # NaN, inf or < 0: NumberError (exit code 2)
 
 
-def _lock_for(folder: Path) -> FileLock:
+def lock_for(folder: Path) -> FileLock:
     # One instance per path in this process (is_singleton), shared by its threads, so nested holds count up.
     return FileLock(folder / LOCK_FILE, is_singleton=True, thread_local=False)
 
@@ -73,7 +73,7 @@ def store_lock(folder: str | Path, timeout: float | None = None, announce: bool 
     naming the holder goes to stderr (``announce``). Raises :class:`StoreBusy` naming the holder on timeout.
     """
     folder = Path(folder)
-    lock = _lock_for(folder)
+    lock = lock_for(folder)
     if lock.is_locked:  # already ours: nested use
         with lock:
             yield
