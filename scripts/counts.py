@@ -27,6 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nnethics"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 def modules() -> dict[str, Path]:
@@ -60,38 +61,6 @@ def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
                     deps.add(sub if sub in mods else target)
         graph[mod] = {d for d in deps if d in mods and d != mod}
     return graph
-
-
-def circles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components of more than one module (Tarjan, iterative enough for this size)."""
-    sys.setrecursionlimit(10000)
-    index, low, stack, on, out = {}, {}, [], set(), []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in sorted(graph[v]):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return out
 
 
 def private_imports(mods: dict[str, Path]) -> list[str]:
@@ -196,7 +165,9 @@ def main() -> None:
     locks = calls(mods, "store_lock", "nnethics/store/")
     named = naming(mods)
     private = private_imports(mods)
-    loops = circles(imports(mods))
+    from test_architecture import import_cycles  # the same Tarjan search, over this graph (function-level too)
+
+    loops = import_cycles(imports(mods))
     print(f"lifecycle drivers (callers of the chunk loop): {len(drivers)}  {drivers}")
     print(f"places building provenance: {len(prov)}  {prov}")
     print(f"lock sites outside the store: {len(locks)}  {locks}")

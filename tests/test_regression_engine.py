@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from click.testing import CliRunner
+from test_regression import _same  # bit for bit, NaN equal to NaN
 
 from nnethics.cli import cli
 
@@ -60,15 +61,6 @@ def new_stores(tmp_path_factory, builtin_dir) -> Path:
     finally:
         torch.set_num_threads(before)
     return root
-
-
-def _same(a: xr.DataArray, b: xr.DataArray) -> bool:
-    if a.dims != b.dims or a.shape != b.shape:
-        return False
-    x, y = a.values, b.values
-    if x.dtype.kind in "fc":
-        return x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True)
-    return np.array_equal(x.astype(str) if x.dtype.kind in "OUS" else x, y.astype(str) if y.dtype.kind in "OUS" else y)
 
 
 def _attrs(attrs: dict) -> dict:
