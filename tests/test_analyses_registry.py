@@ -112,3 +112,36 @@ def test_an_added_analysis_is_run_reported_and_exported(entropy_analysis, tiny_m
     res = CliRunner().invoke(cli, ["export", str(folder)])
     assert res.exit_code == 0, res.output
     assert (folder / "export" / "entropy.csv").read_text().startswith("prompt,side,entropy")
+
+
+def test_a_declaration_that_cannot_run_fails_when_it_is_built():
+    from dataclasses import replace
+
+    decisions = ANALYSES["decisions"]
+    with pytest.raises(TypeError, match="neither compute nor shares"):
+        replace(decisions, name="nothing", shares=None, compute=None)
+    with pytest.raises(TypeError, match="resume without prepare"):
+        replace(decisions, name="half", resume=lambda prepared, done: None, prepare=None)
+
+
+def test_a_name_another_analysis_holds_is_refused_and_a_rebuilt_declaration_is_not():
+    from dataclasses import dataclass, replace
+
+    from nnethics.analyses import register
+    from nnethics.analyses.base import chat_field, labels_field
+
+    @dataclass(frozen=True)
+    class OtherOptions:
+        labels: tuple[str, ...] = labels_field()
+        chat: bool | None = chat_field()
+
+    decisions = ANALYSES["decisions"]
+    with pytest.raises(ValueError, match="'decisions' is taken by decisions"):
+        register(replace(decisions, options=OtherOptions))
+    assert ANALYSES["decisions"] is decisions
+    rebuilt = replace(decisions)  # the same declaration built again (its module reloaded)
+    try:
+        assert register(rebuilt) is rebuilt and ANALYSES["decisions"] is rebuilt
+    finally:
+        register(decisions)
+    assert ANALYSES["decisions"] is decisions
