@@ -97,7 +97,9 @@ def causal_tracing(model: Any, pairs: Sequence[PromptPair], options: Any = None,
 def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair], options: Any = None,
                              label_ids: Sequence[int] | None = None) -> xr.Dataset:
     """Each layer's attention and MLP (and head / expert) contribution to the label logit difference, as one chunk
-    (see :mod:`nnethics.analyses.attribution`)."""
+    (see :mod:`nnethics.analyses.attribution`). Whether heads came back per option (it depends on where the handle
+    runs traces, :func:`nnethics.analyses.attribution.per_option_heads`) is recorded as the attrs ``head_options``
+    (``"true"``/``"false"``) and ``head_options_reason`` of ``head_contribution``."""
     return chunk("attribution", model, pairs, options, label_ids)
 
 

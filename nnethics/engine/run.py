@@ -138,11 +138,17 @@ class Run:
     def __exit__(self, *exc: Any) -> None:
         self._lock.__exit__(*exc)
 
-    def execute(self, model: Any, prompts: PromptSet, plans_: dict[str, Plan]) -> dict[str, tuple[str, str]]:
-        """:func:`execute` into the store (``model``: this run's, or a framing of it, which writes a subfolder)."""
+    def results(self, model: Any, prompts: PromptSet, plans_: dict[str, Plan]) -> dict[str, tuple[str, xr.Dataset]]:
+        """:func:`execute` into the store (``model``: this run's, or a framing of it, which writes a subfolder);
+        ``{name: (path, Dataset)}``."""
         sink = StoreSink(model, prompts, plans_, self.store, self.overwrite)
         got = execute(model, prompts, plans_, sink, self.batch_size, self.per_request, self.progress)
-        return {n: (sink.path(n), plans_[n].analysis.summarize(ds)) for n, ds in got.items()}
+        return {n: (sink.path(n), ds) for n, ds in got.items()}
+
+    def execute(self, model: Any, prompts: PromptSet, plans_: dict[str, Plan]) -> dict[str, tuple[str, str]]:
+        """:meth:`results`, each Dataset as its summary line: ``{name: (path, summary)}``."""
+        return {n: (path, plans_[n].analysis.summarize(ds))
+                for n, (path, ds) in self.results(model, prompts, plans_).items()}
 
     def analyses(self, prompts: PromptSet, names: Sequence[str] | None = None, chat: bool | None = None,
                  overrides: dict[str, dict[str, Any]] | None = None, model: Any = None
@@ -161,8 +167,8 @@ class Run:
         """The analysis (or variant) ``name`` alone, with ``options`` (default: its defaults, with ``chat``);
         ``(path, summary)``."""
         ctx = ctx or make_context(self.model, prompts, options.chat if options is not None else chat)
-        return self.execute(self.model, prompts, plans(self.model, ctx, [name], {name: options} if options else {},
-                                                       self.note))[name]
+        given = {name: options} if options is not None else {}
+        return self.execute(self.model, prompts, plans(self.model, ctx, [name], given, self.note))[name]
 
 
 def run_all(model: Any, prompts: PromptSet, store: str, analyses: Sequence[str] | None = None, chat: bool | None = None,
@@ -202,8 +208,7 @@ def run_function(name: str, fn: Callable[[Any, Sequence[PromptPair]], xr.Dataset
     p = Plan(name, analysis, _NoOptions(), Prepared(), dict(options), None)
     with Run(model, store, overwrite=overwrite, lock_timeout=lock_timeout, batch_size=batch_size,
              progress=progress) as run:
-        return execute(model, prompts, {name: p}, StoreSink(model, prompts, {name: p}, run.store, overwrite),
-                       batch_size, 1, progress)[name]
+        return run.results(model, prompts, {name: p})[name][1]
 
 
 def in_memory(model: Any, prompts: PromptSet, plans_: dict[str, Plan], batch_size: int = 8, per_request: int = 1
