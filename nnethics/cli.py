@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .commands.analysis import AnalysisNames, analysis_command, run_options
+from .commands.analysis import AnalysisNames, FlagsCommand, analysis_command, flag_overrides, run_options
 from .commands.common import (
     BadInput,
     before_loading,
@@ -29,7 +29,7 @@ def cli() -> None:
     """nnethics: where and how a language model decides an ethical dilemma."""
 
 
-@cli.command()
+@cli.command(cls=FlagsCommand)
 @model_options(multiple=True)
 @prompt_options
 @store_options
@@ -37,9 +37,6 @@ def cli() -> None:
 @click.option("--analyses", type=AnalysisNames(), default=None,
               help="Comma-separated analyses to run, each with its default options (default: decisions, patching, "
                    "attribution, lens; `nnethics run --help` lists every registered name in the error for a wrong one).")
-@click.option("--atp/--no-atp", default=None,
-              help="Attribution patching in the patching analysis (default: off at the last position; as `nnethics "
-                   "patch --atp`).")
 @click.option("--framings", default=None, metavar="SPEC",
               help="Run the analyses in these framings (template.labels.order) of the structured pairs, plus the cloze "
                    "readout and the verdict across framings: 'default', 'all' (4 templates x 3 label sets x 2 orders), "
@@ -54,8 +51,8 @@ def cli() -> None:
                    "fewer times in NDIF's queue; locally it changes nothing.")
 @friendly
 def run(model_spec, revision, device, device_map, dtype, quantize, remote, token, prompts_path, labels, chat, limit,
-        store, overwrite, lock_timeout, batch_size, analyses, atp, framings, templates_path, per_request,
-        progress) -> None:
+        store, overwrite, lock_timeout, batch_size, analyses, framings, templates_path, per_request,
+        progress, **flags) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
     from .analyses import ANALYSES, default_names
     from .engine import Run
@@ -67,9 +64,9 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
     chosen = _chosen_framings(framings, templates_path, prompts)
     registry = ModelRegistry()
     # the stored files' options, checked before each load (without --framings: those write other folders)
+    overrides = flag_overrides(flags)  # {analysis: {field: value}} of the run flags given (patching's --atp)
     early = None if chosen else {n: (ANALYSES[n], ANALYSES[n].make_options(
-        n, labels=tuple(prompts.labels), chat=chat, **({"atp": atp} if n == "patching" and atp is not None else {})))
-        for n in wanted}
+        n, labels=tuple(prompts.labels), chat=chat, **(overrides or {}).get(n, {}))) for n in wanted}
     for spec in model_spec:
         with before_loading(store, spec, quantize, remote, lock_timeout, prompts, early, overwrite):
             model = registry.add(spec, load_model_from_options(spec, revision, device, device_map, dtype, quantize,
@@ -79,7 +76,6 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
         with Run(model, store, overwrite=overwrite, lock_timeout=lock_timeout, batch_size=batch_size,
                  progress=progress, per_request=per_request,
                  note=lambda text: click.echo(f"note: {text}", err=True)) as r:
-            overrides = {"patching": {"atp": atp}} if atp is not None else None
             if chosen:
                 from .framings_run import run_framings
 
@@ -259,14 +255,19 @@ def show(path: Path) -> None:
 
 
 def _add_commands() -> None:
-    """One command per registered analysis (generated from its Options), then the lens and report commands."""
+    """One command per registered analysis (generated from its Options), the commands the analyses declare beyond
+    (``Analysis.commands``: lens' group), then the report commands."""
+    import importlib
+
     from .analyses import analyses
-    from .commands import lens, report
+    from .commands import report
 
     for analysis in analyses():
         if " " not in (analysis.command or analysis.name):
             cli.add_command(analysis_command(analysis))
-    lens.register(cli)
+    for analysis in analyses():
+        for module in analysis.commands:
+            importlib.import_module(module).register(cli)
     report.register(cli)
 
 

@@ -22,15 +22,15 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from .analyses import BINDING_SOURCES, CLOZE, DECISIONS
 from .framings import Framing, check_labels, frame, structured
 
 SUMMARY = "framings"  # store/<model>/framings.nc
-CLOZE = "cloze"
 BINDING = "binding"  # store/<model>/binding.nc: content swap vs label swap (nnethics.binding)
 FOLDER = "framings"  # store/<model>/framings/<id>/
 
 
-def load_framings(model_dir: str | Path, name: str = "decisions", framings: Sequence[str] | None = None
+def load_framings(model_dir: str | Path, name: str = DECISIONS, framings: Sequence[str] | None = None
                   ) -> xr.Dataset:
     """One analysis' files of every framing in a model folder (``store/<model>/framings/<id>/<name>.nc``), stacked
     along a ``framing`` dimension (coords ``framing_template``, ``framing_labels``, ``framing_order`` on it); the
@@ -98,7 +98,7 @@ def check_model(model: Any, framings: Sequence[Framing], sets: Mapping[str, Any]
 
 def with_decisions(analyses: Sequence[str]) -> tuple[str, ...]:
     """The framings' summary reads each framing's decisions: they run whatever else is asked."""
-    return tuple(dict.fromkeys(("decisions", *analyses)))
+    return tuple(dict.fromkeys((DECISIONS, *analyses)))
 
 
 def summary(decisions: Mapping[str, xr.Dataset], cloze: xr.Dataset | None, attrs: Mapping[str, Any]) -> xr.Dataset:
@@ -128,7 +128,7 @@ def binding_results(framings: Sequence[Framing], get: Callable[[str, str], xr.Da
 
     out: dict[str, xr.Dataset] = {}
     for content, label in binding_couples(framings):
-        for name, target in (("patching", BINDING), ("patching_grid", f"{BINDING}_grid")):
+        for name, target in zip(BINDING_SOURCES, (BINDING, f"{BINDING}_grid")):
             a, b = get(content.id, name), get(label.id, name)
             if target not in out and a is not None and b is not None:
                 out[target] = describe(binding_dataset(a, b))
@@ -158,7 +158,7 @@ def run_framings(run: Any, prompts: Any, framings: Sequence[Framing], analyses: 
         done = run.analyses(sets[f.id], with_decisions(analyses), chat, overrides, model=framed_model(model, f))
         for name, got in done.items():
             out[f"{FOLDER}/{f.id}/{name}"] = got
-        decisions[f.id] = xr.load_dataset(done["decisions"][0])
+        decisions[f.id] = xr.load_dataset(done[DECISIONS][0])
     source = dataclasses.replace(prompts, pairs=tuple(structured(prompts)[0]))
     path, line = run.one(CLOZE, source, chat=chat)
     out[CLOZE] = (path, line)

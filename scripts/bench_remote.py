@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # the loopback server
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from nnethics.analyses import ANALYSES, default_names  # noqa: E402
+from nnethics.analyses.lens.lenses import find_cached_lens  # noqa: E402
 from nnethics.engine import make_context, run_all, run_one  # noqa: E402
-from nnethics.lenses import find_cached_lens  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.models.builtin import ensure_cached  # noqa: E402
 from nnethics.models.remote import STATS, NdifBackend  # noqa: E402

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import click
 import pytest
@@ -97,23 +98,6 @@ def entropy_analysis():
     assert "entropy" not in ANALYSES
 
 
-def test_an_added_analysis_is_run_reported_and_exported(entropy_analysis, tiny_model_dir, tmp_path):
-    store = tmp_path / "store"
-    res = CliRunner().invoke(cli, ["run", "--model", str(tiny_model_dir), "--analyses", "decisions,entropy", "--limit",
-                                   "3", "--store", str(store), "--no-progress"], catch_exceptions=False)
-    assert res.exit_code == 0, res.output
-    folder = next(store.iterdir())
-    ds = xr.load_dataset(folder / "entropy.nc")
-    assert ds["entropy"].dims == ("prompt", "side") and ds.sizes["prompt"] == 3
-    assert (ds["entropy"] > 0).all() and ds.attrs["analysis"] == "entropy" and '"base": 2.0' in ds.attrs["options"]
-    assert "entropy:" in res.output and "mean entropy" in res.output  # the summary line
-    html = (folder / "report.html").read_text()
-    assert "Next-token entropy" in html and "Entropy at the decision position (n=6 prompts)" in html
-    res = CliRunner().invoke(cli, ["export", str(folder)])
-    assert res.exit_code == 0, res.output
-    assert (folder / "export" / "entropy.csv").read_text().startswith("prompt,side,entropy")
-
-
 def test_a_declaration_that_cannot_run_fails_when_it_is_built():
     from dataclasses import replace
 
@@ -145,3 +129,104 @@ def test_a_name_another_analysis_holds_is_refused_and_a_rebuilt_declaration_is_n
     finally:
         register(decisions)
     assert ANALYSES["decisions"] is decisions
+
+
+def test_an_added_analysis_package_reaches_every_surface_from_its_declaration(entropy_analysis, tiny_model_dir,
+                                                                               tmp_path):
+    """The README's walk-through: a package of two files (declaration + figures), registered, is run with its run
+    flag, described (CF), reported, compared, exported, given a command and a function of the Python API."""
+    import numpy as np
+
+    import nnethics as ne
+    from nnethics.commands.analysis import analysis_command
+    from nnethics.engine import function
+
+    store = tmp_path / "store"
+    res = CliRunner().invoke(cli, ["run", "--model", str(tiny_model_dir), "--analyses", "decisions,entropy", "--limit",
+                                   "3", "--store", str(store), "--no-progress", "--temperature", "2"],
+                             catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    folder = next(store.iterdir())
+    ds = xr.load_dataset(folder / "entropy.nc")
+    assert ds["entropy"].dims == ("prompt", "side") and ds.sizes["prompt"] == 3
+    assert (ds["entropy"] > 0).all() and ds.attrs["analysis"] == "entropy"
+    assert '"temperature": 2.0' in ds.attrs["options"]  # the run flag reached the analysis' options
+    assert (ds["entropy"].attrs["long_name"], ds["entropy"].attrs["units"]) == (
+        "next-token entropy at the decision position", "nats")  # declared by the analysis, written by the store
+    assert "entropy:" in res.output and "mean entropy" in res.output  # the summary line
+    html = (folder / "report.html").read_text()
+    assert "Next-token entropy" in html and "Entropy at the decision position (n=6 prompts)" in html
+    res = CliRunner().invoke(cli, ["export", str(folder)])
+    assert res.exit_code == 0, res.output
+    assert (folder / "export" / "entropy.csv").read_text().startswith("prompt,side,entropy")
+    other = tmp_path / "other"
+    shutil.copytree(folder, other / folder.name)
+    out = tmp_path / "compare.html"
+    res = CliRunner().invoke(cli, ["compare", str(folder), str(other / folder.name), "--out", str(out),
+                                   "--name", "a", "--name", "b"])
+    assert res.exit_code == 0, res.output
+    assert "Mean next-token entropy by model" in out.read_text()
+    assert "temperature" in {p.name for p in analysis_command(entropy_analysis).params}
+
+    # the declared API function: the same numbers as the stored chunk (the same 3 pairs in one batch), and the
+    # temperature matters: softmax(logits / T) has a higher entropy at T = 2 than at T = 1
+    model = ne.load_model(str(tiny_model_dir))
+    pairs = list(ne.load_prompts("prompts").pairs[:3])
+    api = function("next_token_entropy")
+    hot = api(model, pairs, entropy_analysis.make_options(temperature=2.0))
+    np.testing.assert_array_equal(hot["entropy"].values, ds["entropy"].values)
+    cold = api(model, pairs)
+    assert (hot["entropy"] > cold["entropy"]).all()
+
+
+def test_a_run_flag_is_offered_once_and_only_for_a_field(entropy_analysis):
+    from nnethics.commands.analysis import flag_overrides, run_flags
+
+    assert flag_overrides({"temperature": None, "atp": None}) is None
+    assert flag_overrides({"temperature": 2.0, "atp": True}) == {"entropy": {"temperature": 2.0},
+                                                                 "patching": {"atp": True}}
+    twice = dataclasses.replace(entropy_analysis, name="entropy2", run_flags=("temperature",))
+    ANALYSES["entropy2"] = twice
+    try:
+        with pytest.raises(TypeError, match="offered by 'entropy' already"):
+            run_flags(lambda: None)
+    finally:
+        del ANALYSES["entropy2"]
+    ANALYSES["entropy2"] = dataclasses.replace(entropy_analysis, name="entropy2", run_flags=("nothing",))
+    try:
+        with pytest.raises(TypeError, match="not one of its Options fields"):
+            run_flags(lambda: None)
+    finally:
+        del ANALYSES["entropy2"]
+
+
+def test_a_hook_that_cannot_take_the_engines_arguments_fails_when_declared():
+    decisions = ANALYSES["decisions"]
+    with pytest.raises(TypeError, match="summarize cannot be called with the 1 positional"):
+        dataclasses.replace(decisions, summarize=lambda: "")
+    with pytest.raises(TypeError, match="tables cannot be called with the 3 positional"):
+        dataclasses.replace(decisions, tables=lambda ds, data: {})
+    with pytest.raises(TypeError, match="check is not callable"):
+        dataclasses.replace(decisions, check="no")
+    # the engine's own calls fit: keywords beyond the positional ones, and *args, are fine
+    dataclasses.replace(decisions, summarize=lambda ds, extra=None: "", tables=lambda *a: {})
+
+
+def test_a_variable_declared_twice_must_mean_the_same():
+    from nnethics.store.variables import VARIABLES, declare
+
+    declare({"logit_diff": VARIABLES["logit_diff"]}, "same")  # the same meaning again: fine
+    with pytest.raises(ValueError, match="'logit_diff' is declared already"):
+        declare({"logit_diff": ("something else", "logit")}, "other")
+    with pytest.raises(ValueError, match="units 'bits'"):
+        declare({"fresh_variable": ("a new one", "bits")}, "other")
+    assert "fresh_variable" not in VARIABLES
+
+
+def test_an_unknown_api_function_is_an_attribute_error():
+    import nnethics.engine as engine
+
+    assert engine.activation_patching is engine.activation_patching  # one object per declaration
+    assert engine.causal_tracing.__name__ == "causal_tracing"
+    with pytest.raises(AttributeError, match="no attribute 'not_a_function'"):
+        engine.not_a_function  # noqa: B018

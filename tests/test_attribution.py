@@ -18,7 +18,7 @@ from nnethics.analyses.attribution import (
     per_option_heads,
     summarize,
 )
-from nnethics.analyses.attribution_trace import collect, readout, wire_bytes
+from nnethics.analyses.attribution.trace import collect, readout, wire_bytes
 from nnethics.analyses.common import encode_pairs
 from nnethics.engine import baseline_decisions, direct_logit_attribution
 from nnethics.prompts import PromptPair

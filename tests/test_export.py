@@ -12,16 +12,11 @@ import synthetic
 import xarray as xr
 from click.testing import CliRunner
 
-from nnethics.export import (
-    ExportError,
-    attribution_table,
-    decisions_table,
-    detailed_layer_data,
-    export_store,
-    lens_topk_records,
-    summary_results,
-    trajectory_table,
-)
+from nnethics.analyses.attribution.tables import attribution_table
+from nnethics.analyses.decisions.tables import decisions_table
+from nnethics.analyses.lens.tables import lens_topk_records, trajectory_table
+from nnethics.analyses.patching.tables import detailed_layer_data, summary_results
+from nnethics.export import ExportError, export_store
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def test_halving_halves_down_to_the_floor_then_raises_the_real_error():
 def test_each_forward_packs_the_rest_smaller_after_out_of_memory_and_keeps_every_value():
     from types import SimpleNamespace
 
-    from nnethics.analyses.patching_engine import Row, each_forward
+    from nnethics.analyses.patching.engine import Row, each_forward
 
     enc = SimpleNamespace(lengths=[4] * 6)
     groups = [[Row(seq=g)] + [Row(seq=g) for _ in range(7)] for g in range(3)]  # source + 7 rows each
@@ -71,8 +71,8 @@ def llama(tiny_models):
 
 
 def test_heads_rows_halved_on_out_of_memory_give_the_same_effects(llama, prompt_set, monkeypatch):
-    from nnethics.analyses import heads_engine
     from nnethics.analyses.heads import HeadsOptions, head_patching
+    from nnethics.analyses.heads import engine as heads_engine
 
     pairs = list(prompt_set.pairs[:2])
     options = HeadsOptions(top_heads=2)
@@ -93,8 +93,8 @@ def test_heads_rows_halved_on_out_of_memory_give_the_same_effects(llama, prompt_
 
 
 def test_heads_attention_sessions_halved_on_out_of_memory_give_the_same_weights(llama, prompt_set, monkeypatch):
-    from nnethics.analyses import heads_attention
     from nnethics.analyses.heads import HeadsOptions
+    from nnethics.analyses.heads import attention as heads_attention
     from nnethics.models.handle import ModelHandle
 
     pairs = list(prompt_set.pairs[:3])

@@ -20,7 +20,7 @@ from nnethics.analyses import ANALYSES
 from nnethics.analyses.attribution import AttributionOptions
 from nnethics.analyses.common import encode_pairs
 from nnethics.analyses.heads import ANALYSIS, HeadsOptions, complete_attention, finalize, head_patching, top_heads
-from nnethics.analyses.heads_candidates import CANDIDATES
+from nnethics.analyses.heads.candidates import CANDIDATES
 from nnethics.analyses.patching import PatchingOptions
 from nnethics.engine import activation_patching, direct_logit_attribution
 from nnethics.prompts import PromptPair, load_prompts
@@ -235,7 +235,8 @@ def test_registry_options_and_cli(tokenizer, tmp_path):
 
 
 def test_a_crash_in_the_complete_pass_keeps_the_parts_and_a_rerun_redoes_only_it(tokenizer, tmp_path, monkeypatch):
-    from nnethics.analyses import heads_attention, heads_engine
+    from nnethics.analyses.heads import attention as heads_attention
+    from nnethics.analyses.heads import engine as heads_engine
     from nnethics.cli import cli
     from nnethics.store import load
 
@@ -276,7 +277,7 @@ def _miss(monkeypatch, chunks=None, count=1, others=None):
     """Chunks ``chunks`` (by call number; None: every one) bring back ``count`` candidate heads, the others
     ``others`` (None: as ranked): one misses the top heads (more than one), so the ``complete`` pass' fallback
     computes them; every head misses none."""
-    from nnethics.analyses import heads_candidates
+    from nnethics.analyses.heads import candidates as heads_candidates
 
     real, calls = heads_candidates.ranking_job, []
 
@@ -306,7 +307,7 @@ def test_candidates_give_the_attention_of_the_fallback_in_one_request_per_chunk(
     natural = ne.analyze(model, pairs, ["heads"], batch_size=2, heads=opts)["heads"]
     assert natural["attention"].attrs["fallback_prompts"] in (2, 4)  # the first chunk misses; the last does not
     np.testing.assert_array_equal(natural["attention"], hit["attention"])
-    from nnethics.analyses import heads_attention
+    from nnethics.analyses.heads import attention as heads_attention
 
     real = heads_attention.fallback_attention
     for chunks, fallback in (({1}, 2), (None, 6)):
@@ -325,8 +326,8 @@ def test_the_chunk_ranking_adds_the_previous_chunks_sums(strong_models, prompt_s
     """The server-side ranking over the previous chunks' sums plus this chunk's effects is finalize's ranking of
     all those prompts (hand-made: far-apart scores; from a model: the chunk ranking of the last chunk); the
     running sums are the parts'."""
-    from nnethics.analyses.heads_attention import rank_candidates
-    from nnethics.analyses.heads_candidates import RunningRank, assemble
+    from nnethics.analyses.heads.attention import rank_candidates
+    from nnethics.analyses.heads.candidates import RunningRank, assemble
     from nnethics.store.parts import combine
 
     model = strong_models("llama")
@@ -389,7 +390,8 @@ def test_a_larger_limit_adds_prompts_to_a_finished_file(tokenizer, tmp_path):
 def test_a_resumed_run_ranks_the_candidates_with_the_chunks_it_skips(tokenizer, tmp_path, monkeypatch):
     """A crash in the third chunk keeps the first two's parts; the rerun's chunk ranks its candidates with their
     sums (run_one gives heads' RunningRank what is done), as the uninterrupted run's third chunk does."""
-    from nnethics.analyses import heads_candidates, heads_engine
+    from nnethics.analyses.heads import candidates as heads_candidates
+    from nnethics.analyses.heads import engine as heads_engine
     from nnethics.cli import cli
 
     folder = save_tiny(make_tiny("llama", tokenizer, init_std=STRONG_STD), tokenizer, tmp_path / "tiny-llama")

@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from conftest import FAMILIES, make_tiny
 from reference.lens import logit_lens as reference_logit_lens
 
-from nnethics import lenses as L
 from nnethics.analyses.common import encode_pairs
 from nnethics.analyses.lens import LensOptions, crossing_layer, lens_readout
-from nnethics.analyses.lens_training import TrainOptions
+from nnethics.analyses.lens import lenses as L
+from nnethics.analyses.lens.lenses import LensLoadError, LogitLens, TunedLens, Unembed
+from nnethics.analyses.lens.training import TrainOptions
 from nnethics.engine import logit_lens
-from nnethics.lenses import LensLoadError, LogitLens, TunedLens, Unembed
 
 K = 5
 

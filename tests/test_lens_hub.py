@@ -11,8 +11,8 @@ import xarray as xr
 from click.testing import CliRunner
 
 from nnethics.analyses.lens import resolve_tuned_lens
-from nnethics.lens_hub import parse_hub_spec
-from nnethics.lenses import LensConfig, LensLoadError, TunedLens
+from nnethics.analyses.lens.hub import parse_hub_spec
+from nnethics.analyses.lens.lenses import LensConfig, LensLoadError, TunedLens
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

@@ -11,10 +11,10 @@ import torch
 import xarray as xr
 from click.testing import CliRunner
 
-from nnethics.analyses import lens_training as T
 from nnethics.analyses.lens import evaluate_lenses
-from nnethics.analyses.lens_training import TrainOptions
-from nnethics.lenses import TunedLens, Unembed
+from nnethics.analyses.lens import training as T
+from nnethics.analyses.lens.lenses import TunedLens, Unembed
+from nnethics.analyses.lens.training import TrainOptions
 
 
 def _kl_grad_reference(unembed, n, p):

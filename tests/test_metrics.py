@@ -196,7 +196,7 @@ def test_format_ci_says_when_there_is_no_interval_instead_of_printing_nan():
 def test_patching_summary_of_one_defined_pair_prints_no_nan():
     import xarray as xr
 
-    from nnethics.analyses.patching_results import finalize, summarize
+    from nnethics.analyses.patching.results import finalize, summarize
 
     effect = np.full((3, 4, 1), np.nan, np.float32)
     effect[0, :, 0] = [0.0, 0.2, 0.6, 1.0]

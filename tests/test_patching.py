@@ -16,9 +16,9 @@ from reference.hooks import add_at, edit, record, set_positions
 
 from nnethics.analyses.common import encode_pairs
 from nnethics.analyses.patching import ANALYSIS, PatchingOptions
-from nnethics.analyses.patching_engine import noise_sample
-from nnethics.analyses.patching_noise import pair_seed, restore_layers
-from nnethics.analyses.patching_results import finalize
+from nnethics.analyses.patching.engine import noise_sample
+from nnethics.analyses.patching.noise import pair_seed, restore_layers
+from nnethics.analyses.patching.results import finalize
 from nnethics.engine import activation_patching, causal_tracing
 from nnethics.prompts import PromptPair, load_prompts
 

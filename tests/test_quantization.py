@@ -133,7 +133,7 @@ def test_dense_weight_is_what_the_quantized_layer_multiplies_by(builtin_dir, qua
     the layer's own output, and the attribution heads still add up to the attention part."""
     import torch
 
-    from nnethics.analyses.attribution_trace import dense_weight
+    from nnethics.analyses.attribution.trace import dense_weight
     from nnethics.engine import direct_logit_attribution
 
     model = load_model(str(builtin_dir), quantize=quant, device="cpu")

@@ -516,7 +516,7 @@ def test_attribution_bytes_per_prompt(server, tiny_model_dir, tmp_path):
     d=64 per prompt (about 3 KB) and made one more request for the readout weights.
     """
     from nnethics.analyses.attribution import AttributionOptions
-    from nnethics.analyses.attribution_trace import wire_bytes
+    from nnethics.analyses.attribution.trace import wire_bytes
     from nnethics.engine import Run, make_context
     from nnethics.prompts import load_prompts
 
@@ -599,7 +599,7 @@ def test_cli_remote_patching_variants_and_lens_match_local(server, tiny_model_di
 
 def test_cli_remote_tuned_lens_matches_local(server, tiny_model_dir, tmp_path):
     """A tuned lens asked for remotely (residuals down, translated here, decoded up again) gives the local lens.nc."""
-    from nnethics.lenses import TunedLens
+    from nnethics.analyses.lens.lenses import TunedLens
 
     model = load_model(str(tiny_model_dir))
     lens = TunedLens.from_model(model)

@@ -17,11 +17,11 @@ import xarray as xr
 from click.testing import CliRunner
 
 from nnethics import metrics
+from nnethics.analyses.attribution import figures as ra
+from nnethics.analyses.decisions import figures as rd
+from nnethics.analyses.lens import figures as rl
+from nnethics.analyses.patching import figures as rp
 from nnethics.render import MissingData, embed, mean_ci, offline, report_figures, write_report
-from nnethics.render import attribution as ra
-from nnethics.render import decisions as rd
-from nnethics.render import lens as rl
-from nnethics.render import patching as rp
 from nnethics.render.compare import figures as compare_figures
 from nnethics.render.compare import load_stores, write_comparison
 
@@ -203,7 +203,7 @@ def test_atp_scatter_reports_correlation():
 
 
 def test_atp_scatter_draws_a_sample_of_many_cells_and_says_so(monkeypatch):
-    from nnethics.render import patching_prompt
+    from nnethics.analyses.patching import figures_prompt as patching_prompt
 
     ds = synthetic.patching(n_prompts=20, n_layers=6, legacy=True)
     monkeypatch.setattr(patching_prompt, "ATP_POINTS_MAX", 50)

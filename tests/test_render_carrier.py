@@ -9,11 +9,11 @@ import pytest
 import synthetic
 from bokeh.models import GlyphRenderer, Span
 
-from nnethics.render import attribution as ra
-from nnethics.render import decisions as rd
+from nnethics.analyses.attribution import figures as ra
+from nnethics.analyses.decisions import figures as rd
+from nnethics.analyses.lens import figures as rl
+from nnethics.analyses.patching import figures as rp
 from nnethics.render import embed
-from nnethics.render import lens as rl
-from nnethics.render import patching as rp
 from nnethics.render.carrier import PerPrompt, PerPromptLayout, apply_row, carried, pack, unpack
 
 NUMERIC = ("layer", "rank", "zvalues", "probability", "token_id")
@@ -135,7 +135,7 @@ def test_a_thousand_prompts_are_carried_in_float32(n):
 
 
 def test_prompt_by_layer_heatmaps_of_many_prompts_are_one_float32_image():
-    from nnethics.render.patching_effect import HEATMAP_CELLS_MAX
+    from nnethics.analyses.patching.figures_effect import HEATMAP_CELLS_MAX
 
     n = HEATMAP_CELLS_MAX + 20
     ds = synthetic.patching(n_prompts=n, n_layers=5)

@@ -10,9 +10,9 @@ import synthetic
 import xarray as xr
 
 from nnethics import verdict
-from nnethics.analyses.patching_results import arrival_layer, summarize
-from nnethics.render import attribution as ra
-from nnethics.render import patching as rp
+from nnethics.analyses.attribution import figures as ra
+from nnethics.analyses.patching import figures as rp
+from nnethics.analyses.patching.results import arrival_layer, summarize
 from nnethics.render import verdict as rv
 
 
@@ -86,7 +86,7 @@ def test_summary_headlines_where_the_decision_arrives():
     assert arrival_layer(np.array([0.1, 0.3, 0.55, 0.4, 1.0]), [0, 1, 2, 3, 4]) == 2
     assert arrival_layer(np.array([0.1, np.nan, 0.2]), [5, 6, 7]) is None
     ds = synthetic.patching(n_prompts=7, n_layers=5)
-    from nnethics.analyses.patching_results import finalize
+    from nnethics.analyses.patching.results import finalize
 
     line = summarize(finalize(ds))
     m = finalize(ds)["mean_effect"].sel(component="resid").values

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nnethics.analyses.common import encode_pairs
-from nnethics.analyses.patching_engine import Patch, Row, run_groups, run_prefix
+from nnethics.analyses.patching.engine import Patch, Row, run_groups, run_prefix
 from nnethics.analyses.unembed import MIN_COLUMNS, label_columns, logits_of
 
 

@@ -29,7 +29,16 @@ An analysis declares, once:
   after it, so a crash before it keeps the parts and a rerun redoes only this pass;
 * ``render``: the modules of its report sections (each with ``SECTION`` and ``figures(ds, prompts)``, and
   ``variant_figures(ds, name)`` for the variants' files), and ``tables``: the export tables it owns
-  (``tables(ds, data) -> {file stem: DataFrame | list of records}``, ``data`` being every file of the store).
+  (``tables(name, ds, data) -> {file stem: build() -> DataFrame | list of records}``, ``name`` the file's name,
+  ``data`` every file of the store);
+* what it writes and offers beyond its own command: ``variables`` (each variable's CF ``long_name`` and ``units``,
+  added to the store's table by :func:`register`), ``compare`` (a module with ``compare_figures(stores,
+  relative)`` for ``nnethics compare``), ``commands`` (modules with ``register(cli)``: lens' ``train``/``eval``),
+  ``run_flags`` (Options fields that ``nnethics run`` offers too: patching's ``--atp``) and ``functions`` (its
+  functions of the Python API, ``ne.activation_patching``: :class:`Function`).
+
+Every hook is checked when the declaration is built (:func:`check_hooks`): one that cannot take the arguments the
+engine passes fails there, as an abstract method left out fails when an ABC subclass is instantiated.
 
 :data:`ANALYSES` is the registry: ``nnethics run --analyses``, the commands, the runner, the report, ``compare``
 and ``export`` all read it. :func:`register` adds one (a module in ``nnethics/analyses`` registers itself at
@@ -226,6 +235,44 @@ class Prepared(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Function:
+    """A function of the Python API that an analysis declares (``ne.activation_patching``): the analysis on one
+    chunk of pairs, ``(model, pairs, options=None, label_ids=None, **prepared) -> xr.Dataset``, with ``fixed``
+    option values applied over the given (or default) options; ``doc`` is its docstring."""
+
+    doc: str
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+
+# The positional parameters each hook is called with (the engine's calls); a hook that cannot take them fails when
+# its analysis is declared, not at the first chunk.
+HOOKS = {"summarize": 1, "compute": 3, "finalize": 1, "complete": 4, "prepare": 2, "resume": 2, "check": 2,
+         "tables": 3, "shares": 3}
+
+
+def check_hooks(analysis: Any) -> None:
+    """Each declared hook takes the positional arguments the engine passes it (:data:`HOOKS`), else TypeError."""
+    import inspect
+
+    for name, n in HOOKS.items():
+        hook = getattr(analysis, name)
+        if hook is None:
+            continue
+        if not callable(hook):
+            raise TypeError(f"analysis {analysis.name!r}: {name} is not callable")
+        try:
+            inspect.signature(hook).bind(*range(n))
+        except TypeError as e:
+            raise TypeError(f"analysis {analysis.name!r}: {name} cannot be called with the {n} positional "
+                            f"argument(s) the engine passes ({e})") from None
+        except ValueError:  # a builtin without a signature: nothing to check
+            continue
+    for name in ("options",):
+        if not dataclasses.is_dataclass(getattr(analysis, name)):
+            raise TypeError(f"analysis {analysis.name!r}: options must be a dataclass of option() fields")
+
+
+@dataclass(frozen=True)
 class Analysis:
     """One technique: see the module docstring for each part. A declaration that cannot run (neither
     ``compute`` nor ``shares``; ``resume`` without ``prepare``) fails here, when it is built."""
@@ -246,8 +293,14 @@ class Analysis:
     tables: Callable[[xr.Dataset, Mapping[str, xr.Dataset]], dict[str, Any]] | None = None
     default: bool = True  # run by ``nnethics run`` without --analyses
     shares: Callable[[Any, Any, Mapping], SharedReads | None] | None = None  # (model, options, prepared values)
+    variables: Mapping[str, tuple[str, str]] = field(default_factory=dict)  # name -> (long_name, units) it writes
+    compare: str | None = None  # module with compare_figures(stores, relative) for ``nnethics compare``
+    commands: tuple[str, ...] = ()  # modules with register(cli): commands beyond its own (lens: train, eval)
+    run_flags: tuple[str, ...] = ()  # Options fields ``nnethics run`` offers as its own flags (patching: atp)
+    functions: Mapping[str, Function] = field(default_factory=dict)  # the Python API: ne.<name>(model, pairs, ...)
 
     def __post_init__(self) -> None:
+        check_hooks(self)
         if self.compute is None and self.shares is None:
             raise TypeError(f"analysis {self.name!r} declares neither compute nor shares: nothing would run it")
         if self.resume is not None and self.prepare is None:
@@ -290,11 +343,16 @@ def _same_declaration(a: Analysis, b: Analysis) -> bool:
 
 
 def register(analysis: Analysis) -> Analysis:
-    """Add an analysis to the registry (its name and its variants' names); returns it."""
+    """Add an analysis to the registry (its name and its variants' names) and its variables to the store's table
+    (:func:`nnethics.store.variables.declare`); returns it."""
+    from ..store.variables import declare
+
     for name in analysis.names:
         other = ANALYSES.get(name)
         if other is not None and other is not analysis and not _same_declaration(other, analysis):
             raise ValueError(f"analysis name {name!r} is taken by {other.name}")
+    declare(analysis.variables, analysis.name)
+    for name in analysis.names:
         ANALYSES[name] = analysis
     return analysis
 

@@ -36,6 +36,7 @@ import xarray as xr
 
 from .. import metrics
 from ..prompts import PromptPair, format_prompt
+from ..store.variables import NATS, ONE
 from .base import Analysis, OptionError, chat_field, check_values, labels_field, option, register
 from .common import left_pad
 
@@ -309,7 +310,31 @@ def summarize(ds: xr.Dataset) -> str:
             f"{ci}{tail}")
 
 
+VARIABLES = {  # what each variable and coordinate it writes is (CF long_name, units): see store.variables
+    "choice": ("which option of the dilemma: the ethical one or the other", ONE),
+    "cloze_logprob": ("log-probability of the option's text after the cloze stem (summed over its tokens)", NATS),
+    "cloze_mean_logprob": ("log-probability of the option's text after the cloze stem, per token", NATS),
+    "cloze_n_tokens": ("number of tokens of the option's text as scored", ONE),
+    "cloze_token_ids": ("token ids of the option's text as scored (−1: padding)", ONE),
+    "cloze_token_logprob": ("log-probability of each token of the option's text (NaN: padding)", NATS),
+    "cloze_option_text": ("continuation text scored (the option's text; ' ' + it without chat)", ONE),
+    "cloze_stem_text": ("cloze stem as given to the model (scenario + stem, chat-formatted where chat applies)", ONE),
+    "cloze_stem_n_tokens": ("number of tokens of the cloze stem", ONE),
+    "cloze_margin": ("cloze log-probability of the ethical option minus the other's", NATS),
+    "cloze_mean_margin": ("per-token cloze log-probability of the ethical option minus the other's", NATS),
+    "n_cloze": ("number of pairs scored by the cloze readout (with a dilemma)", ONE),
+    "n_cloze_ethical": ("number of scored pairs with cloze_margin > 0", ONE),
+    "mean_cloze_margin": ("mean cloze margin over the scored pairs", NATS),
+    "cloze_margin_ci_low": ("mean cloze margin, 95% CI lower bound", NATS),
+    "cloze_margin_ci_high": ("mean cloze margin, 95% CI upper bound", NATS),
+    "share_cloze_ethical": ("fraction of scored pairs with cloze_margin > 0", ONE),
+    "cloze_ethical_ci_low": ("fraction with cloze_margin > 0, 95% CI lower bound", ONE),
+    "cloze_ethical_ci_high": ("fraction with cloze_margin > 0, 95% CI upper bound", ONE),
+}
+
+
 ANALYSIS = register(Analysis(
+    variables=VARIABLES,
     name="cloze", options=ClozeOptions, compute=cloze, summarize=summarize, finalize=finalize,
     help="Cloze readout (OLMES-style): log P(each option's own text | scenario + stem), no labels, no positions; "
          "writes STORE/<model>/cloze.nc.",

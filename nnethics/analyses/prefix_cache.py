@@ -168,7 +168,7 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
 class shared_attention:  # noqa: N801 - used as a context manager, like torch.no_grad
     """Switch the model to :func:`shared_prefix_attention` for one trace (registered with transformers under
     :data:`ATTENTION`, its mask the SDPA one), then back; ``weights``: the attention modules return their weights
-    (``output[1]``). Like :class:`.heads_attention.eager_attention` it runs where the trace runs: locally, or inside
+    (``output[1]``). Like :func:`.heads.attention.eager_attention` it runs where the trace runs: locally, or inside
     the remote session on the server's model."""
 
     def __init__(self, model, weights: bool = False):

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from ..analyses.base import ANALYSES, Analysis, OptionSpec, option_fields
+from ..analyses.base import ANALYSES, Analysis, OptionSpec, analyses, option_fields
 from .common import (
     FiniteFloat,
     before_loading,
@@ -52,14 +52,17 @@ def _parser(spec: OptionSpec) -> Callable[[click.Context, click.Parameter, Any],
     return convert
 
 
-def click_option(f: dataclasses.Field, spec: OptionSpec, tp: Any) -> Callable:
+def click_option(f: dataclasses.Field, spec: OptionSpec, tp: Any, unset: str | None = None) -> Callable:
     """The click option of one Options field, its default the field's (in the option's text form where it has a
-    parser, so ``--help`` shows it as typed)."""
+    parser, so ``--help`` shows it as typed); ``unset``: default None instead, and this text after the help (a run
+    flag: the analysis keeps its own default)."""
     flag = "--" + f.name.replace("_", "-")
     base, _ = _base_type(tp)
-    text_form = spec.parse is not None and f.default is not None
-    kw: dict[str, Any] = {"default": _shown(f.default) if text_form else f.default, "help": spec.help,
-                          "metavar": spec.metavar, "show_default": f.default is not None}
+    text_form = spec.parse is not None and f.default is not None and unset is None
+    default = None if unset is not None else f.default
+    kw: dict[str, Any] = {"default": _shown(default) if text_form else default,
+                          "help": spec.help if unset is None else f"{spec.help} {unset}",
+                          "metavar": spec.metavar, "show_default": default is not None}
     if base is bool:
         return click.option(f"{flag}/--no-{flag[2:]}", f.name, **kw)
     if spec.parse is not None:
@@ -88,6 +91,46 @@ def options_decorator(analysis: Analysis) -> Callable:
         return fn
 
     return apply
+
+
+def run_flags(fn: Callable) -> Callable:
+    """The Options fields the registered analyses offer to ``nnethics run`` (``Analysis.run_flags``: patching's
+    ``--atp``), each a click option whose default (None) leaves the analysis' own; two analyses offering one name is
+    a TypeError."""
+    owners: dict[str, str] = {}
+    for analysis in analyses():
+        fields = {f.name: (f, spec, tp) for f, spec, tp in option_fields(analysis.options)}
+        for name in analysis.run_flags:
+            if name in owners or name not in fields:
+                raise TypeError(f"analysis {analysis.name!r}: run flag {name!r} is " + (
+                    f"offered by {owners[name]!r} already" if name in owners else "not one of its Options fields"))
+            owners[name] = analysis.name
+            flag = "--" + name.replace("_", "-")
+            fn = click_option(*fields[name], unset=f"(The {analysis.name} analysis; default: its own, as "
+                                                   f"`nnethics {analysis.command or analysis.name}`'s {flag}.)")(fn)
+    return fn
+
+
+class FlagsCommand(click.Command):
+    """A command whose options end with the run flags of every analysis registered when it runs (:func:`run_flags`;
+    a plug-in registered after ``nnethics.cli`` was imported included), before ``--help``."""
+
+    def get_params(self, ctx: click.Context) -> list[click.Parameter]:
+        params = super().get_params(ctx)
+        return params[:-1] + flag_params() + params[-1:]
+
+
+def flag_params() -> list[click.Parameter]:
+    """The click options :func:`run_flags` makes, in declaration order."""
+    holder = run_flags(lambda: None)
+    return list(reversed(getattr(holder, "__click_params__", [])))
+
+
+def flag_overrides(flags: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The run flags given (not None), by the analysis that owns them: ``{"patching": {"atp": True}}``; None when
+    none is given."""
+    out = {a.name: {k: flags[k] for k in a.run_flags if flags.get(k) is not None} for a in analyses()}
+    return {k: v for k, v in out.items() if v} or None
 
 
 def run_options(fn: Callable) -> Callable:

@@ -1,5 +1,6 @@
-"""The Python API of a run: :func:`analyze` (what ``nnethics run`` writes, in memory) and one function per
-technique, each a thin call of the engine on one chunk of pairs."""
+"""The Python API of a run: :func:`analyze` (what ``nnethics run`` writes, in memory), :func:`chunk`, and the
+functions the analyses declare (``ne.activation_patching`` ...: :func:`function`), each a thin call of
+:func:`chunk` on one chunk of pairs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import xarray as xr
 
-from ..analyses import ANALYSES, default_names
+from ..analyses import ANALYSES, analyses, default_names
 from ..prompts import DEFAULT_LABELS, PromptPair, PromptSet
 from .plan import make_context, options_for, pairs_as_set, plans
 from .run import at_least_one, in_memory
@@ -73,38 +74,37 @@ def chunk(name: str, model: Any, pairs: Sequence[PromptPair], options: Any = Non
     return analysis.compute(model, list(pairs), options, label_ids=label_ids, **prepared)
 
 
-def baseline_decisions(model: Any, pairs: Sequence[PromptPair], options: Any = None,
-                       label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """Decisions for every pair, both sides, as one chunk (see :mod:`nnethics.analyses.decisions`)."""
-    return chunk("decisions", model, pairs, options, label_ids)
+_MADE: dict[tuple[str, int], Callable[..., xr.Dataset]] = {}
 
 
-def activation_patching(model: Any, pairs: Sequence[PromptPair], options: Any = None,
-                        label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """Patch every (layer, component[, position]) cell of every pair and measure the decision, as one chunk
-    (see :mod:`nnethics.analyses.patching`; a variant's options write the same variables)."""
-    return chunk("patching", model, pairs, options, label_ids)
+def function(name: str) -> Callable[..., xr.Dataset]:
+    """The Python API function ``name`` that a registered analysis declares (:class:`~nnethics.analyses.Function`):
+    ``(model, pairs, options=None, label_ids=None, **prepared) -> xr.Dataset``, the analysis on one chunk
+    (:func:`chunk`) with the function's fixed option values applied (``ne.causal_tracing`` is patching with
+    ``corruption="noise"``)."""
+    for analysis in analyses():
+        if name in analysis.functions:
+            key = (name, id(analysis))
+            if key not in _MADE:  # one function object per declaration: ne.x is ne.x
+                _MADE[key] = _function(analysis, name, analysis.functions[name])
+            return _MADE[key]
+    raise AttributeError(f"no registered analysis declares a function {name!r}")
 
 
-def causal_tracing(model: Any, pairs: Sequence[PromptPair], options: Any = None,
-                   label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """Noise corruption and clean-state restoration (ROME): :func:`activation_patching` with
-    ``corruption="noise"``."""
-    options = options if options is not None else ANALYSES["patching"].make_options("patching")
-    return activation_patching(model, pairs, dataclasses.replace(options, corruption="noise"), label_ids)
+def function_names() -> tuple[str, ...]:
+    """Every API function the registered analyses declare, in registry order."""
+    return tuple(name for analysis in analyses() for name in analysis.functions)
 
 
-def direct_logit_attribution(model: Any, pairs: Sequence[PromptPair], options: Any = None,
-                             label_ids: Sequence[int] | None = None) -> xr.Dataset:
-    """Each layer's attention and MLP (and head / expert) contribution to the label logit difference, as one chunk
-    (see :mod:`nnethics.analyses.attribution`). Whether heads came back per option (it depends on where the handle
-    runs traces, :func:`nnethics.analyses.attribution.per_option_heads`) is recorded as the attrs ``head_options``
-    (``"true"``/``"false"``) and ``head_options_reason`` of ``head_contribution``."""
-    return chunk("attribution", model, pairs, options, label_ids)
+def _function(analysis: Any, name: str, spec: Any) -> Callable[..., xr.Dataset]:
+    def technique(model: Any, pairs: Sequence[PromptPair], options: Any = None,
+                  label_ids: Sequence[int] | None = None, **prepared: Any) -> xr.Dataset:
+        options = options if options is not None else analysis.make_options(analysis.name)
+        if spec.fixed:
+            options = dataclasses.replace(options, **spec.fixed)
+        return chunk(analysis.name, model, pairs, options, label_ids, **prepared)
 
-
-def logit_lens(model: Any, pairs: Sequence[PromptPair], options: Any = None,
-               label_ids: Sequence[int] | None = None, tuned_lens: Any = None) -> xr.Dataset:
-    """The logit lens (and ``tuned_lens``, if given) at the decision position of every pair, both sides, as one
-    chunk (see :mod:`nnethics.analyses.lens`)."""
-    return chunk("lens", model, pairs, options, label_ids, tuned_lens=tuned_lens)
+    technique.__name__ = technique.__qualname__ = name
+    technique.__doc__ = spec.doc
+    technique.__module__ = __name__
+    return technique

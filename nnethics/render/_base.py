@@ -16,7 +16,7 @@ A new section (e.g. attention heads) does the same in four steps:
 4. ``PerPrompt(prompts, frame, template, columns=..., titles=..., ylim=..., opts=frame_opts)``.
 
 Numbers are stored float32 (ids int32), strings dictionary-coded; ``carrier.CARRY_JS`` copies row i into
-the template's data sources when the selector changes. See ``patching_prompt.prompt_view``.
+the template's data sources when the selector changes. See ``nnethics.analyses.patching.figures_prompt.prompt_view``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ the prompt changes; all prompt selectors of a page are linked (:func:`nnethics.r
 This replaced a HoloMap frame per prompt replayed from recorded Bokeh states (``embed.render``): a
 40-pair store took 23 s and 4.0 MB, a 1,000-pair one minutes and tens of MB (see ``scripts/bench_report.py``).
 
-How a module declares one (see ``patching_prompt.prompt_view`` for a full example)::
+How a module declares one (see ``nnethics.analyses.patching.figures_prompt.prompt_view`` for a full example)::
 
     PerPrompt(prompts, frame=lambda p: ..., template=frame_with_every_element,
               columns={(2, "effect"): arr_PxL, (3, "effect"): arr_with_nan_where_hidden},

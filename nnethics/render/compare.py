@@ -30,7 +30,6 @@ from ._base import (
     model_name,
     values,
 )
-from .decisions import measures
 from .report import load_store
 
 SECTION = "Comparison"
@@ -96,7 +95,7 @@ def label_text(stores: Stores, name: str) -> str:
     return "first − second label (" + "; ".join(f"{m}: {p[0]} − {p[-1]}" for m, p in pairs.items()) + ")"
 
 
-def _curves(stores: Stores, name: str, pick, title: str, ylabel: str, relative: bool,
+def curves(stores: Stores, name: str, pick, title: str, ylabel: str, relative: bool,
             dim: str | Sequence[str] = "prompt") -> hv.Overlay:
     parts = []
     for i, (model, data) in enumerate(stores.items()):
@@ -115,49 +114,6 @@ def _curves(stores: Stores, name: str, pick, title: str, ylabel: str, relative: 
     return hv.Overlay(parts).opts(title=f"{title}; {n_text(stores, name)}", width=WIDE, height=HEIGHT,
                                   legend_position="top_left",
                                   xlabel=_xlabel(relative), ylabel=ylabel)
-
-
-def verdicts(stores: Stores) -> hv.Div:
-    """Each model's verdict (the ``verdict`` attr of its ``decisions.nc``), side by side."""
-    cells = []
-    for i, (model, data) in enumerate(stores.items()):
-        text = data["decisions"].attrs.get("verdict") if "decisions" in data else None
-        body = html.escape(str(text)) if text else "<i>no verdict (no decisions.nc, or one from before the verdict)</i>"
-        cells.append(f"<div style='flex:1;min-width:0;font-size:13px;line-height:1.4;background:#f4f6fa;padding:8px;"
-                     f"border-top:4px solid {MODEL_COLORS[i % len(MODEL_COLORS)]}'><b>{html.escape(model)}</b>"
-                     f"<br>{body}</div>")
-    if not any("decisions" in d and d["decisions"].attrs.get("verdict") for d in stores.values()):
-        raise MissingData("compare: no decisions.nc with a verdict")
-    return hv.Div(f"<div style='display:flex;gap:12px;width:{WIDE - 20}px'>{''.join(cells)}</div>").opts(
-        width=WIDE, height=330)
-
-
-def verdict_stats(stores: Stores) -> hv.Layout:
-    """Mean ethical preference and position bias over all pairs, per model, with their BCa bootstrap 95% CIs."""
-    from ..verdict import ALL
-
-    rows = {stem: [] for stem in ("ethical_preference", "position_bias")}
-    for model, data in stores.items():
-        ds = data.get("decisions")
-        if ds is None or "group" not in ds.dims:
-            continue
-        g = ds.sel(group=ALL)
-        for stem in rows:
-            m, lo, hi = (float(g[k]) for k in (f"mean_{stem}", f"{stem}_ci_low", f"{stem}_ci_high"))
-            rows[stem].append((f"{model} (n={int(g['n_debiased'])})", m, m - lo if np.isfinite(lo) else 0.0,
-                               hi - m if np.isfinite(hi) else 0.0))
-    if not rows["ethical_preference"]:
-        raise MissingData("compare: no decisions.nc with verdict statistics")
-    panels = []
-    for stem, title in (("ethical_preference", "Ethical preference"), ("position_bias", "Position bias")):
-        r = rows[stem]
-        bars = hv.Bars([(a, b) for a, b, _, _ in r], kdims=["model"], vdims=["logits"]).opts(
-            color="#55a868" if stem == "ethical_preference" else "#8c8c8c", tools=["hover"])
-        err = hv.ErrorBars(r, kdims=["model"], vdims=["logits", "neg", "pos"]).opts(color="black", line_width=1.5)
-        panels.append((bars * err * hv.HLine(0).opts(color="gray", line_dash="dotted")).opts(
-            title=f"{title}, all pairs\n{ci_label('pairs')}", width=WIDTH, height=HEIGHT, xlabel="",
-            ylabel="logits"))
-    return hv.Layout(panels).cols(2).opts(shared_axes=False)
 
 
 def framing_forest(stores: Stores) -> hv.Overlay:
@@ -185,23 +141,7 @@ def framing_forest(stores: Stores) -> hv.Overlay:
                   "ethical preference (logits; > 0: leans ethical)", colors=colors, width=WIDE)
 
 
-def decision_rates(stores: Stores) -> hv.Bars:
-    rows = []
-    for model, data in stores.items():
-        if "decisions" not in data:
-            continue
-        for measure, v in measures(data["decisions"]).items():
-            rows.append((measure, model, float(v.mean()), int(v.sum()), int(v.size)))
-    if not rows:
-        raise MissingData("compare: no decisions.nc")
-    names = list(dict.fromkeys(r[0] for r in rows))
-    bars = hv.Bars(rows, kdims=[hv.Dimension("measure", values=names), "model"], vdims=["rate", "count", "prompts"])
-    return bars.opts(title=f"Chose the ethical option, by model ({n_text(stores, 'decisions')})", width=WIDE, height=HEIGHT, ylim=(0, 1.05),
-                     tools=["hover"], multi_level=False, cmap=list(MODEL_COLORS), show_legend=True,
-                     legend_position="top", ylabel="fraction of prompts", xlabel="")
-
-
-def _box(stores: Stores, name: str, var: str, title: str, relative: bool, transform=None) -> hv.BoxWhisker:
+def box(stores: Stores, name: str, var: str, title: str, relative: bool, transform=None) -> hv.BoxWhisker:
     models, vals = [], []
     for model, data in stores.items():
         if name not in data or var not in data[name]:
@@ -224,53 +164,16 @@ def _box(stores: Stores, name: str, var: str, title: str, relative: bool, transf
 
 
 def figures(stores: Stores, relative: bool | None = None) -> tuple[list[Figure], list[str]]:
-    """The comparison figures; figures no model has data for are skipped."""
+    """The comparison figures: each registered analysis' (its ``compare`` module's ``compare_figures(stores,
+    relative)``, in registry order), then the framings'; figures no model has data for are skipped."""
+    import importlib
+
     rel = use_relative(stores) if relative is None else relative
-
-    def comp(c):
-        return lambda ds: ds["effect"].sel(component=c) if "component" in ds["effect"].dims else ds["effect"]
-
-    def effects() -> list[Figure]:
-        comps = []
-        for data in stores.values():
-            if "patching" in data and "component" in data["patching"].dims:
-                comps += [str(c) for c in values(data["patching"]["component"]) if str(c) not in comps]
-        return [Figure(f"compare_patching_{c}", f"Mean patching effect ({c})",
-                       _curves(stores, "patching", comp(c), f"Mean patching effect by depth: {c} ({ci_label('prompts')})",
-                               "effect", rel), SECTION) for c in (comps or ["resid"])]
-
-    def attribution(component: str):
-        def pick(ds):
-            return ds["diff_contribution"].sel(component=component, side="base")
-        return lambda: Figure(f"compare_attribution_{component}", f"Attribution profile ({component})",
-                              _curves(stores, "attribution", pick,
-                                      f"{component} contribution to {label_text(stores, 'attribution')} "
-                                      f"(base prompts, {ci_label('prompts')})",
-                                      "contribution", rel), SECTION)
-
-    def lens_kl():
-        def pick(ds):
-            return ds["kl_to_final"].sel(lens=str(values(ds["lens"])[0])).stack(sample=("prompt", "side"))
-        return Figure("compare_lens_kl", "Lens KL to the final output",
-                      _curves(stores, "lens", pick, f"KL to the final output by depth (first lens, {ci_label('prompts')})", "KL",
-                              rel, dim="sample"), SECTION)
-
-    return collect([
-        lambda: Figure("compare_verdicts", "Verdicts", verdicts(stores), SECTION),
-        lambda: Figure("compare_verdict_stats", "Position bias and ethical preference", verdict_stats(stores),
-                       SECTION),
-        lambda: Figure("compare_decisions", "Ethical choices", decision_rates(stores), SECTION),
-        lambda: Figure("compare_framings", "Ethical preference across framings", framing_forest(stores), SECTION),
-        effects,
-        lambda: Figure("compare_peak_layers", "Peak layers", _box(stores, "patching", "peak_layer",
-                                                                  "Peak patching layer per prompt", rel), SECTION),
-        attribution("attn"),
-        attribution("mlp"),
-        lens_kl,
-        lambda: Figure("compare_crossing", "Crossing layers", _box(
-            stores, "lens", "crossing_layer", "Layer from which the final choice leads (first lens)", rel,
-            transform=lambda da: da.isel(lens=0) if "lens" in da.dims else da), SECTION),
-    ])
+    makers = [make for a in analyses() if a.compare is not None
+              for make in importlib.import_module(a.compare).compare_figures(stores, rel)]
+    makers.append(lambda: Figure("compare_framings", "Ethical preference across framings", framing_forest(stores),
+                                 SECTION))
+    return collect(makers)
 
 
 def write_comparison(store_dirs: Sequence[str | Path], out: str | Path | None = None, png: bool = False,

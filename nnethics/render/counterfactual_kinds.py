@@ -42,7 +42,7 @@ def kind_pairs(ids: Sequence[str]) -> list[tuple[str, str]]:
 def kind_effect(ds: xr.Dataset, component: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """``(layers, mean, low, high, n)`` of one patching file's ``effect`` for ``component``: the stored mean and CI
     when present, else the BCa bootstrap over pairs; n = pairs with a defined effect."""
-    from .patching_effect import CI_NAMES
+    from ..analyses.patching.figures_effect import CI_NAMES
 
     require(ds, "effect", "layer")
     eff = ds["effect"].sel(component=component) if "component" in ds["effect"].dims else ds["effect"]
@@ -103,7 +103,7 @@ def kind_curves(content: xr.Dataset, label: xr.Dataset, ids: tuple[str, str], bi
     """Mean patching effect per layer of the content swap and of the label swap of one template and label set, with
     their CI bands and n in the legend, and the crossing layers of ``binding`` (:func:`crossing_marks`); a
     ``component`` selector (resid first)."""
-    from .patching_effect import effect_kind, effect_label
+    from ..analyses.patching.figures_effect import effect_kind, effect_label
 
     if effect_kind(content) != effect_kind(label):
         raise MissingData(f"framings: {ids[0]} and {ids[1]} patching hold effects of different kinds "

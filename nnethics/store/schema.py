@@ -33,6 +33,7 @@ EFFECT_KINDS = {NORMALIZED: "(patched − receiver) / (source − receiver): 1 =
 MIN_GAP = "min_gap"
 
 # Version 1 names of quantities that have one name across files since version 2 (all in lens.nc).
+V1_PATCHING = "patching"  # the 'analysis' attr of version-1 patching files: a fact of a closed format, not a name
 V1_NAMES = {"option_logit": "label_logit", "option_prob": "label_prob"}
 _V1_MIN_GAP = re.compile(r"min_gap = ([-+0-9.eE]+)")
 
@@ -54,7 +55,7 @@ def _upgrade_v1(ds: xr.Dataset) -> xr.Dataset:
     """Version 1 -> 2. The version-1 path: what version 1 left implicit is read from the file's structure."""
     ds = ds.rename({old: new for old, new in V1_NAMES.items() if old in ds.variables and new not in ds.variables})
     ds = ds.copy(deep=False)
-    patching = str(ds.attrs.get("analysis", "")).startswith("patching") or "patched_logit_diff" in ds
+    patching = str(ds.attrs.get("analysis", "")).startswith(V1_PATCHING) or "patched_logit_diff" in ds
     for name in ("effect", "atp_effect") if patching else ():
         if name in ds and EFFECT_KIND not in ds[name].attrs:
             # Every version-1 file nnethics wrote stored the normalised effect beside ``effect_defined``;
