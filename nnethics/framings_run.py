@@ -136,9 +136,9 @@ def binding_results(framings: Sequence[Framing], get: Callable[[str, str], xr.Da
 
 
 def summary_attrs(model: Any, prompts: Any, framings: Sequence[Framing]) -> dict:
-    from .store import provenance
+    from .engine.plan import provenance_attrs
 
-    return provenance(SUMMARY, model, prompts, {"framings": [f.id for f in framings]})
+    return provenance_attrs(SUMMARY, model, prompts, {"framings": [f.id for f in framings]})
 
 
 def run_framings(run: Any, prompts: Any, framings: Sequence[Framing], analyses: Sequence[str],

@@ -196,3 +196,14 @@ def test_the_naming_count_sees_a_name_and_an_import(tmp_path, monkeypatch):
     monkeypatch.setattr(counts, "ROOT", tmp_path)
     monkeypatch.setattr(counts, "PACKAGE", tmp_path / "nnethics")
     assert counts.naming(counts.modules()) == {"nnethics/other.py": ["2:import analyses.lens", "3:patching_grid"]}
+
+
+def test_analysis_code_never_imports_the_engine():
+    """The engine runs the analyses; an analysis declares and computes and never calls back into its driver. Only
+    an analysis' own CLI commands (``command.py``, as ``nnethics/commands``) may use the engine's run."""
+    counts = _counts()
+    graph = counts.imports(counts.modules())
+    back = {m: sorted(d for d in deps if d.startswith("nnethics.engine")) for m, deps in graph.items()
+            if m.startswith("nnethics.analyses") and not m.endswith(".command")}
+    assert {m: d for m, d in back.items() if d} == {}
+    assert any(d.startswith("nnethics.engine") for d in graph["nnethics.analyses.lens.command"])  # the rule sees one

@@ -237,6 +237,14 @@ def test_cli_train_eval_run_on_a_saved_tiny_model(tiny_model_dir, tmp_path, prom
     ev = load(store / tiny_model_dir.name.lower() / "lens_eval.nc")
     assert dict(ev.sizes) == {"lens": 2, "layer": 3} and ev.attrs["analysis"] == "lens_eval"
     assert "tuned lens lower at 2 of 2 layers" in res.output
+    # a second evaluation never replaces the first silently: exit 2 before the model loads, the file unchanged
+    before = (store / tiny_model_dir.name.lower() / "lens_eval.nc").read_bytes()
+    res = runner.invoke(cli, ["lens", "eval", *model, "--lens", str(lens_dir), "--store", str(store)])
+    assert res.exit_code == 2 and "lens_eval.nc exists; rerun with --overwrite" in res.output, res.output
+    assert "loading model" not in res.output
+    assert (store / tiny_model_dir.name.lower() / "lens_eval.nc").read_bytes() == before
+    res = runner.invoke(cli, ["lens", "eval", *model, "--lens", str(lens_dir), "--store", str(store), "--overwrite"])
+    assert res.exit_code == 0 and "tuned lens lower at 2 of 2 layers" in res.output, res.output
     res = runner.invoke(cli, ["lens", "run", *model, "--limit", "2", "--store", str(store), "--tuned-lens", str(lens_dir),
                               "--k", "4", "--no-progress"])
     assert res.exit_code == 0, res.output

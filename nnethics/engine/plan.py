@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +39,15 @@ def make_context(model: Any, prompts: PromptSet, chat: bool | None = None) -> Ru
     return RunContext(labels=tuple(prompts.labels), label_ids=tuple(label_ids), chat=chat)
 
 
+def provenance_attrs(name: str, model: Any, prompts: PromptSet | None, recorded: Mapping[str, Any],
+                     label_ids: Sequence[int] | None = None) -> dict:
+    """The provenance attrs (without their fingerprint) of a file nnethics stores: the one place they are built,
+    for every analysis' file (:meth:`Plan.provenance`), framings.nc and lens_eval.nc alike. ``recorded``: every
+    option; ``label_ids``: the labels' token ids (None: the file reads no labels)."""
+    extra = {} if label_ids is None else {"label_token_ids": list(label_ids)}
+    return provenance(name, model, prompts, recorded, **extra)
+
+
 @dataclass(frozen=True)
 class Plan:
     """One analysis of a run (``name``: its file name, the analysis' own or a variant's), resolved once."""
@@ -51,9 +60,8 @@ class Plan:
     label_ids: tuple[int, ...] | None  # None: a function that reads no labels (:func:`nnethics.engine.run_function`)
 
     def provenance(self, model: Any, prompts: PromptSet) -> dict:
-        """The file's provenance attrs (without their fingerprint): the one place a run builds them."""
-        extra = {} if self.label_ids is None else {"label_token_ids": list(self.label_ids)}
-        return provenance(self.name, model, prompts, self.recorded, **extra)
+        """The file's provenance attrs (without their fingerprint), by :func:`provenance_attrs`."""
+        return provenance_attrs(self.name, model, prompts, self.recorded, self.label_ids)
 
     def attrs(self, model: Any, prompts: PromptSet) -> dict:
         """:meth:`provenance` with its fingerprint, as the stored file has them."""

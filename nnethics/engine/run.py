@@ -25,9 +25,9 @@ from ..analyses import ANALYSES, Analysis, Prepared, default_names
 from ..models.remote.stats import STATS
 from ..progress import progress_bar, remote_status
 from ..prompts import PromptPair, PromptSet
-from ..store import store_lock
+from ..store import StoreConflict, store_lock, write_atomic
 from .chunks import run_in_chunks
-from .plan import Plan, RunContext, make_context, plans
+from .plan import Plan, RunContext, make_context, plans, provenance_attrs
 from .sinks import MemorySink, StoreSink
 
 
@@ -137,6 +137,19 @@ class Run:
 
     def __exit__(self, *exc: Any) -> None:
         self._lock.__exit__(*exc)
+
+    def write(self, name: str, ds: xr.Dataset, recorded: Mapping[str, Any], prompts: PromptSet | None = None) -> Path:
+        """A file that no analysis writes (``nnethics lens eval``'s lens_eval.nc) into this run's folder, under its
+        lock: its provenance by :func:`~nnethics.engine.plan.provenance_attrs` (``recorded``: its options), written
+        atomically. One already there is replaced only with ``overwrite`` (else :class:`StoreConflict`, nothing
+        written)."""
+        path = self.folder / f"{name}.nc"
+        if path.exists() and not self.overwrite:
+            raise StoreConflict(f"{path} exists; rerun with --overwrite to replace it, or pass another --store to keep "
+                                "both")
+        ds = ds.copy(deep=False)
+        ds.attrs = {**provenance_attrs(name, self.model, prompts, recorded), **ds.attrs}
+        return Path(write_atomic(ds, path))
 
     def results(self, model: Any, prompts: PromptSet, plans_: dict[str, Plan]) -> dict[str, tuple[str, xr.Dataset]]:
         """:func:`execute` into the store (``model``: this run's, or a framing of it, which writes a subfolder);

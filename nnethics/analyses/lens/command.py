@@ -18,6 +18,8 @@ from ...commands.common import (
 )
 from . import ANALYSIS
 
+EVAL = "lens_eval"  # STORE/<model>/lens_eval.nc
+
 
 def _corpus_errors():
     from ...data.corpus import CorpusError
@@ -99,16 +101,25 @@ def lens_train(model_spec, revision, device, device_map, dtype, quantize, remote
 @click.option("--eval-tokens", type=click.IntRange(min=2), default=None, help="Held-out tokens (default: the lens' setting).")
 @click.option("--store", default=DEFAULT_STORE, show_default=True, type=click.Path(path_type=Path), callback=checked_store,
               help="Output folder.")
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Replace a lens_eval.nc already in the model's folder (without it, one there stops the command "
+                   "before the model loads).")
 @friendly
 def lens_eval(model_spec, revision, device, device_map, dtype, quantize, remote, token, lens_path, corpus, eval_tokens,
-              store) -> None:
+              store, overwrite) -> None:
     """Held-out KL of the logit lens and the tuned lens per layer; writes STORE/<model>/lens_eval.nc."""
-    from ...store import provenance, result_path, write_atomic
+    from ...engine import Run
+    from ...models.loading import store_slug
+    from ...store import StoreConflict
     from . import evaluate_lenses
     from .lenses import TunedLens, find_cached_lens
 
     if remote:
         raise BadInput("lens evaluation needs the model's weights locally; drop --remote")
+    there = Path(store) / store_slug(model_spec, quantize=quantize, remote=remote) / f"{EVAL}.nc"
+    if there.exists() and not overwrite:  # before the load: the same words as the write's own check
+        raise StoreConflict(f"{there} exists; rerun with --overwrite to replace it, or pass another --store to keep "
+                            "both")
     model = load_model_from_options(model_spec, revision, device, device_map, dtype, quantize, remote, token)
     folder = lens_path or find_cached_lens(model)
     if folder is None:
@@ -121,8 +132,8 @@ def lens_eval(model_spec, revision, device, device_map, dtype, quantize, remote,
     except _corpus_errors() as e:
         raise BadInput(str(e)) from None
     options = {"lens": str(folder), "eval_tokens": ds.attrs["n_tokens"], "corpus": ds.attrs["corpus_files"]}
-    ds.attrs = {**provenance("lens_eval", model, None, options), **ds.attrs}
-    path = write_atomic(ds, result_path(store, model.slug, "lens_eval"))
+    with Run(model, store, overwrite=overwrite) as run:
+        path = run.write(EVAL, ds, options)
     click.echo(f"held-out KL(final ‖ lens) in nats, {ds.attrs['n_tokens']} tokens:")
     click.echo(f"{'layer':>5}  {'logit':>8}  {'tuned':>8}  {'top1 logit':>10}  {'top1 tuned':>10}")
     kl, top1 = ds["kl"], ds["top1_agreement"]
