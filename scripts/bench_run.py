@@ -6,6 +6,8 @@ rotated (each round starts one item later), the minimum of ``--rounds`` rounds p
 * the unit: one plain transformers forward of one prompt (no hooks), over every base and counterfactual prompt;
 * job 1: resid patching over every layer + DLA (attn/MLP, no heads) + logit lens;
 * job 2: decisions + resid/attn/MLP patching + attribution patching + DLA with heads + logit lens;
+* job 3: resid/attn/MLP patching + per-head patching (no seed-style loop: the seed had none): fused, heads reads the
+  shared trace's prefix cache that patching reads, so the prefix runs once;
 * cloze alone (``ne.analyze(model, pairs, ["cloze"])``), in forward-equivalents per pair too;
 
 each as (a) a seed-style loop of plain PyTorch hooks (``tests/reference``: one forward per patched cell), (b)
@@ -37,6 +39,7 @@ sys.path.insert(0, str(ROOT))  # tests.reference: the independent hook implement
 import nnethics as ne  # noqa: E402
 from nnethics.analyses.attribution import AttributionOptions  # noqa: E402
 from nnethics.analyses.common import encode_pairs  # noqa: E402
+from nnethics.analyses.heads import HeadsOptions  # noqa: E402
 from nnethics.analyses.lens import LensOptions  # noqa: E402
 from nnethics.analyses.patching import PatchingOptions  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
@@ -52,7 +55,10 @@ JOBS = {  # name: {analysis: options}; the description is printed
         "lens": LENS},
     "job 2: decisions + resid/attn/MLP patching + AtP + DLA with heads + logit lens": {
         "decisions": None, "patching": PatchingOptions(atp=True), "attribution": AttributionOptions(), "lens": LENS},
+    "job 3: resid/attn/MLP patching + per-head patching (heads, its complete pass included)": {
+        "patching": PatchingOptions(), "heads": HeadsOptions()},
 }
+SEEDLESS = {"heads"}  # no seed-style loop is timed for a job with these (the seed scripts had no head patching)
 SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5)
 SHAPE_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -140,7 +146,7 @@ def cpu_bench(args) -> None:
     results: dict = {}
     items = {"unit": unit}
     for j, job in enumerate(JOBS.values()):
-        if args.seed_loop:
+        if args.seed_loop and not SEEDLESS & set(job):
             items[f"seed{j}"] = lambda job=job: seed_loop(hf, base, cf, ids, job)
         items[f"separate{j}"] = lambda job=job, j=j: results.__setitem__(f"separate{j}", separate(model, prompts, job))
         items[f"fused{j}"] = lambda job=job, j=j: results.__setitem__(f"fused{j}", fused(model, prompts, job))

@@ -230,3 +230,15 @@ def test_an_unknown_api_function_is_an_attribute_error():
     assert engine.causal_tracing.__name__ == "causal_tracing"
     with pytest.raises(AttributeError, match="no attribute 'not_a_function'"):
         engine.not_a_function  # noqa: B018
+
+
+def test_the_render_package_gives_each_analysis_figures_module_by_its_name():
+    """``from nnethics.render import lens`` (what notebooks written before the packages import) is the lens
+    analysis' own figures module, found through the registry; a name no analysis has is an AttributeError."""
+    import nnethics.render as render
+    from nnethics.analyses.decisions import figures as decisions_figures
+    from nnethics.render import lens
+
+    assert lens.__name__ == "nnethics.analyses.lens.figures" and render.decisions is decisions_figures
+    with pytest.raises(AttributeError, match="no attribute 'patching_grid'"):
+        render.patching_grid  # noqa: B018  (a variant's file, not an analysis)

@@ -67,6 +67,36 @@ def test_the_shared_prefix_cache_gives_the_bits_of_a_prefix_forward(tiny_models,
     assert _bits_equal(shared, own) == []
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "mistral"])
+def test_heads_beside_patching_reads_the_one_prefix_and_keeps_its_bits(tiny_models, prompt_set, monkeypatch, family):
+    """Heads' KV path reads the shared trace's prefix cache: beside patching the prefix runs once (no prefix forward
+    of heads' own), one session per chunk, and every file has the bits of its analysis alone, whose prefix came
+    from a prefix forward of its own before (cut_prefix refused: the same bits). A model whose cache has
+    sliding-window layers (Mistral) cannot cut it: heads runs its own prefix there, as before."""
+    from nnethics.analyses.heads import HeadsOptions
+    from nnethics.analyses.heads import engine as heads_engine
+
+    model, pairs = tiny_models(family), _pairs(prompt_set, 3)
+    opts = {"patching": PatchingOptions(layers=(0, 2)), "heads": HeadsOptions(top_heads=2)}
+    prefixes, sessions = [], []
+    real_prefix, real_session = heads_engine.run_prefix, ModelHandle.session
+    monkeypatch.setattr(heads_engine, "run_prefix", lambda *a: prefixes.append(1) or real_prefix(*a))
+    monkeypatch.setattr(ModelHandle, "session", lambda self, fn, *a: sessions.append(fn.__name__) or
+                        real_session(self, fn, *a))
+    together = ne.analyze(model, pairs, ["patching", "heads"], batch_size=2, **opts)
+    own_prefix = family == "mistral"
+    assert len(prefixes) == (2 if own_prefix else 0)  # 2 chunks
+    chunk_sessions = [f for f in sessions if f in ("_session", "execute")]  # the complete pass' are others
+    assert sorted(chunk_sessions) == ["_session"] * 2 + (["execute"] * 2 if own_prefix else [])
+    assert (together["heads"]["forward_path"] == "kv_cache").all() or own_prefix
+    prefixes.clear()
+    monkeypatch.setattr(prefix_cache, "cut_prefix", lambda cache: False)  # a prefix forward of heads' own
+    for name in opts:
+        alone = ne.analyze(model, pairs, [name], batch_size=2, **{name: opts[name]})[name]
+        assert _bits_equal(together[name], alone) == [], name
+    assert len(prefixes) == 2
+
+
 def test_one_chunk_is_one_session_with_one_shared_trace(tiny_models, prompt_set, monkeypatch):
     model, pairs = tiny_models("llama"), _pairs(prompt_set, 3)
     sessions, invokes = [], []

@@ -243,7 +243,7 @@ def test_a_crash_in_the_complete_pass_keeps_the_parts_and_a_rerun_redoes_only_it
     folder = save_tiny(make_tiny("llama", tokenizer), tokenizer, tmp_path / "tiny-llama")
     args = ["heads", "--model", str(folder), "--limit", "3", "--store", str(tmp_path / "store"), "--no-progress",
             "--batch-size", "2"]
-    real_attention, real_heads = heads_attention.fallback_attention, heads_engine.run_heads
+    real_attention, real_heads = heads_attention.fallback_attention, heads_engine.execute
 
     def lost(*a, **k):
         raise RuntimeError("the connection dropped")
@@ -255,7 +255,7 @@ def test_a_crash_in_the_complete_pass_keeps_the_parts_and_a_rerun_redoes_only_it
     assert not final.exists() and len([p for p in final.parent.rglob("*.nc")]) == 2  # the two chunks' parts
     monkeypatch.setattr(heads_attention, "fallback_attention", real_attention)
     calls = []
-    monkeypatch.setattr(heads_engine, "run_heads", lambda *a, **k: calls.append(a) or real_heads(*a, **k))
+    monkeypatch.setattr(heads_engine, "execute", lambda *a, **k: calls.append(a) or real_heads(*a, **k))
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     assert not calls  # no chunk is computed again: only the complete pass runs
@@ -396,7 +396,7 @@ def test_a_resumed_run_ranks_the_candidates_with_the_chunks_it_skips(tokenizer, 
 
     folder = save_tiny(make_tiny("llama", tokenizer, init_std=STRONG_STD), tokenizer, tmp_path / "tiny-llama")
     args = ["heads", "--model", str(folder), "--limit", "6", "--no-progress", "--batch-size", "2", "--top-heads", "2"]
-    real_heads, real_job, jobs = heads_engine.run_heads, heads_candidates.ranking_job, []
+    real_heads, real_job, jobs = heads_engine.execute, heads_candidates.ranking_job, []
     monkeypatch.setattr(heads_candidates, "ranking_job", lambda *a: jobs.append(real_job(*a)) or jobs[-1])
     res = CliRunner().invoke(cli, [*args, "--store", str(tmp_path / "whole")])
     assert res.exit_code == 0, res.output
@@ -410,15 +410,16 @@ def test_a_resumed_run_ranks_the_candidates_with_the_chunks_it_skips(tokenizer, 
             raise RuntimeError("killed")
         return real_heads(*a, **k)
 
-    monkeypatch.setattr(heads_engine, "run_heads", crash)
+    monkeypatch.setattr(heads_engine, "execute", crash)
     assert CliRunner().invoke(cli, [*args, "--store", str(tmp_path / "store")]).exit_code != 0
-    assert len(jobs) == 2
-    monkeypatch.setattr(heads_engine, "run_heads", real_heads)
+    assert len(jobs) == 3 and len(calls) == 3  # the third chunk was planned, then its forwards died
+    jobs[:] = []
+    monkeypatch.setattr(heads_engine, "execute", real_heads)
     res = CliRunner().invoke(cli, [*args, "--store", str(tmp_path / "store")])
     assert res.exit_code == 0, res.output
-    assert len(jobs) == 3  # the third chunk only, with the sums of the two it skipped
+    assert len(jobs) == 1  # the third chunk only, with the sums of the two it skipped
     for key in ("effect_sum", "effect_count", "dla_sum"):
-        np.testing.assert_array_equal(jobs[2][key], whole[key])
+        np.testing.assert_array_equal(jobs[0][key], whole[key])
 
 
 def test_readme_schema_and_export_tables(tiny_model_dir, tmp_path):

@@ -14,3 +14,17 @@ from .report import ReportError, build_report, load_store, report_figures, write
 
 __all__ = ["Figure", "MissingData", "PngExportError", "ReportError", "build_report", "export_pngs", "load_store",
            "mean_ci", "report_figures", "save_html", "write_comparison", "write_report"]
+
+
+def __getattr__(name: str):
+    """``nnethics.render.<analysis>`` (``from nnethics.render import lens``): the figures module that analysis
+    declares last in ``Analysis.render`` (its own, e.g. ``nnethics.analyses.lens.figures``), read from the
+    registry."""
+    import importlib
+
+    from ..analyses import ANALYSES
+
+    analysis = ANALYSES.get(name)
+    if analysis is None or analysis.name != name or not analysis.render:
+        raise AttributeError(f"module 'nnethics.render' has no attribute {name!r}")
+    return importlib.import_module(analysis.render[-1])

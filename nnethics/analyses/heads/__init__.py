@@ -49,7 +49,7 @@ import xarray as xr
 from ... import metrics
 from ...prompts import PromptPair
 from ...store.variables import LD, LOGIT, ONE
-from ..base import Analysis, OptionError, Prepared, register
+from ..base import Analysis, OptionError, Prepared, SharedReads, register
 from .candidates import CANDIDATES, RunningRank, assemble
 from .results import CELL, HeadsOptions, build_dataset
 
@@ -65,6 +65,18 @@ def head_patching(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions
     from .engine import run_heads
 
     return run_heads(model, pairs, options, label_ids, running)
+
+
+def shares(model: Any, options: HeadsOptions, prepared: dict) -> SharedReads | None:
+    """The KV path reads the chunk's shared trace: its key/value cache cut to the prefix replaces a prefix forward
+    of its own (the same bits), and its patched rows run after it in the same session, so beside patching the
+    prefix runs once. The full path (``kv_cache="off"``) and a model whose cache has sliding-window layers (it
+    cannot be cut: :func:`~nnethics.analyses.prefix_cache.cut_prefix`) run forwards of their own."""
+    if options.kv_cache == "off" or getattr(model.config, "sliding_window", None):
+        return None
+    from . import engine
+
+    return SharedReads(start=engine.start, read=engine.read, rows=engine.rows, build=engine.build)
 
 
 def prepare(model: Any, options: HeadsOptions) -> Prepared:
@@ -274,7 +286,7 @@ VARIABLES = {  # what each variable and coordinate it writes is (CF long_name, u
 
 ANALYSIS = register(Analysis(
     variables=VARIABLES,
-    name="heads", options=HeadsOptions, compute=head_patching, summarize=summarize, finalize=finalize,
+    name="heads", options=HeadsOptions, compute=head_patching, shares=shares, summarize=summarize, finalize=finalize,
     complete=complete_attention, check=check_model, prepare=prepare, resume=resume, default=False,
     help="Activation patching per attention head at the decision position, and the attention of the top heads; "
          "writes STORE/<model>/heads.nc.",

@@ -139,8 +139,9 @@ def run_rows(model: Any, enc: Any, groups: list[list[Row]], cells: list[list[tup
 
 
 def execute(model: Any, enc: Any, groups, cells, ids, n: int, use_kv: bool, max_tokens: int, atp: bool,
-            job: dict) -> tuple[Any, Any, Any, Any, Any]:
-    """Every forward of a chunk, as one session. KV path: the prefix; the base and cf rows' state
+            job: dict, prefix: Prefix | None = None) -> tuple[Any, Any, Any, Any, Any]:
+    """Every forward of a chunk, in one session. KV path: the prefix (``prefix``, the chunk's shared trace's cache
+    cut to it; None: a prefix forward of its own, the same bits); the base and cf rows' state
     (:func:`.attention.side_state`: LDs, the states the blocks read, every head's attention, AtP, DLA); the
     patched rows in layer blocks. Full forwards: the rows, AtP, DLA and the candidates' eager attention.
     Returns the LDs of the patched rows ``[n, L, H]`` and of the base and cf rows ``[2n]``, AtP, DLA and
@@ -148,7 +149,7 @@ def execute(model: Any, enc: Any, groups, cells, ids, n: int, use_kv: bool, max_
     L, H = model.n_layers, model.n_heads
     every = None
     if use_kv:
-        prefix = run_prefix(model, enc, groups)
+        prefix = prefix if prefix is not None else run_prefix(model, enc, groups)
         sides, resid, z, every, grads, proj = side_state(model, enc, n, prefix, ids, atp)
         patched = run_blocks(model, enc, prefix, ids, n, resid, z, max_tokens)
     else:
@@ -273,35 +274,61 @@ def run_blocks(model: Any, enc: Any, prefix: Prefix, ids: tuple[int, int], n: in
     return out
 
 
-def run_heads(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions,
-              label_ids: Sequence[int] | None = None, running: RunningRank | None = None) -> xr.Dataset:
-    """The computation behind :func:`nnethics.analyses.heads.head_patching` (see there); ``running``: the sums
-    of the chunks done so far (updated with this one)."""
-    pairs = list(pairs)
+def start(model: Any, batch: Any, options: HeadsOptions, prepared: dict) -> dict:
+    """A chunk's plan, here, before its forwards: its rows, whether the KV path runs (``cache``: the chunk's shared
+    trace keeps its key/value cache for it) and the candidates' ranking job over the chunks done so far
+    (``prepared["running"]``); the ``_`` keys stay on this machine."""
     L, H = model.n_layers, model.n_heads
-    batch = encode_pairs(model, pairs, list(options.labels), options.chat, label_ids)
-    ids = (batch.label_ids[0], batch.label_ids[1])
-    enc, n = batch.encoded, batch.n
     groups, cells = _groups(batch, L, H)
-    why = "off" if options.kv_cache == "off" else kv_possible(model, enc, groups)
+    why = "off" if options.kv_cache == "off" else kv_possible(model, batch.encoded, groups)
     if why and options.kv_cache == "on":
         raise ValueError(f"the KV-cache path cannot run here: {why}")
-    use_kv = why is None
-    job = candidates.ranking_job(running, L, H, options.min_gap, candidates.candidate_count(options.top_heads, L, H))
-    patched, sides, atp, dla, (chosen, weights) = model.session(execute, enc, groups, cells, ids, n, use_kv,
-                                                                options.max_tokens, options.atp, job)
+    running = prepared.get("running")
+    rank = candidates.ranking_job(running, L, H, options.min_gap, candidates.candidate_count(options.top_heads, L, H))
+    return {"cache": why is None, "groups": groups, "cells": cells, "max_tokens": options.max_tokens,
+            "atp": options.atp, "rank": rank, "_why": why or "", "_options": options, "_running": running}
+
+
+def read(model: Any, batch: Any, job: dict) -> None:
+    """Inside the chunk's shared trace: nothing to read (what heads takes from it is its key/value cache)."""
+    return None
+
+
+def rows(model: Any, batch: Any, job: dict, got: Any, prefix: Prefix | None) -> tuple:
+    """After the shared trace, in its session: every forward of :func:`execute`, over the trace's cache cut to the
+    prefix (the rows of a KV chunk need no prefix forward of their own: beside patching the prefix runs once)."""
+    return execute(model, batch.encoded, job["groups"], job["cells"], (batch.label_ids[0], batch.label_ids[1]),
+                   batch.n, job["cache"], job["max_tokens"], job["atp"], job["rank"], prefix)
+
+
+def build(model: Any, batch: Any, job: dict, got: tuple) -> xr.Dataset:
+    """The chunk's Dataset from what :func:`execute` brought back, here; the run's ranking sums get this chunk."""
+    options, running = job["_options"], job["_running"]
+    L, H, n, enc = model.n_layers, model.n_heads, batch.n, batch.encoded
+    patched, sides, atp, dla, (chosen, weights) = got
     patched = np.asarray(patched, dtype=np.float64).reshape(n, L, H)
     sides = np.asarray(sides.cpu().tolist() if hasattr(sides, "cpu") else sides, dtype=np.float64)
-    base, cf = sides[:n], sides[n:]
-    input_ids, n_tokens, _ = prompt_tokens(batch)
+    input_ids, _, _ = prompt_tokens(batch)
     ds = build_dataset(
-        pairs=pairs, labels=list(options.labels), base_ld=base, cf_ld=cf, patched_ld=patched,
+        pairs=batch.pairs, labels=list(options.labels), base_ld=sides[:n], cf_ld=sides[n:], patched_ld=patched,
         atp_delta=None if atp is None else atp.cpu().numpy().astype(np.float64).transpose(1, 0, 2),
         dla=dla.numpy().reshape(2, n, L, H).transpose(1, 0, 2, 3), input_ids=input_ids,
         token_text=decoded_tokens(model.tokenizer, input_ids), min_gap=options.min_gap,
-        forward_path="kv_cache" if use_kv else "full", why=why or "", top_heads=options.top_heads)
+        forward_path="kv_cache" if job["cache"] else "full", why=job["_why"], top_heads=options.top_heads)
     att = right_aligned(weights.numpy(), [enc.lengths[r] for r in range(2 * n)], n)
     ds = candidates.with_candidates(ds, [(int(a), int(b)) for a, b in chosen], att)
     if running is not None:
         running.update(ds)
     return ds
+
+
+def run_heads(model: Any, pairs: Sequence[PromptPair], options: HeadsOptions,
+              label_ids: Sequence[int] | None = None, running: RunningRank | None = None) -> xr.Dataset:
+    """The computation behind :func:`nnethics.analyses.heads.head_patching` with forwards of its own (the full
+    path, ``kv_cache="off"``; the KV path reads the shared trace instead: :func:`start`, :func:`rows`,
+    :func:`build`); ``running``: the sums of the chunks done so far (updated with this one)."""
+    batch = encode_pairs(model, list(pairs), list(options.labels), options.chat, label_ids)
+    job = start(model, batch, options, {"running": running})
+    got = model.session(execute, batch.encoded, job["groups"], job["cells"], (batch.label_ids[0],
+                        batch.label_ids[1]), batch.n, job["cache"], job["max_tokens"], job["atp"], job["rank"])
+    return build(model, batch, job, got)
