@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .analyses import default_names, file_names
 from .commands.analysis import AnalysisNames, FlagsCommand, analysis_command, flag_overrides, run_options
 from .commands.common import (
     BadInput,
@@ -35,8 +36,8 @@ def cli() -> None:
 @store_options
 @run_options
 @click.option("--analyses", type=AnalysisNames(), default=None,
-              help="Comma-separated analyses to run, each with its default options (default: decisions, patching, "
-                   "attribution, lens; `nnethics run --help` lists every registered name in the error for a wrong one).")
+              help="Comma-separated analyses to run, each with its default options (default: "
+                   f"{', '.join(default_names())}; any of: {', '.join(file_names())}).")
 @click.option("--framings", default=None, metavar="SPEC",
               help="Run the analyses in these framings (template.labels.order) of the structured pairs, plus the cloze "
                    "readout and the verdict across framings: 'default', 'all' (4 templates x 3 label sets x 2 orders), "
@@ -54,7 +55,7 @@ def run(model_spec, revision, device, device_map, dtype, quantize, remote, token
         store, overwrite, lock_timeout, batch_size, analyses, framings, templates_path, per_request,
         progress, **flags) -> None:
     """Run the analyses on a model and a prompt set; write NetCDF files under STORE/<model>/."""
-    from .analyses import ANALYSES, default_names
+    from .analyses import ANALYSES
     from .engine import Run
     from .models.registry import ModelRegistry
     from .models.remote import STATS

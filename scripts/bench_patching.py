@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # for tests.reference (the independent hook implementation)
 
 from nnethics.analyses.common import encode_pairs  # noqa: E402
-from nnethics.analyses.heads import HeadsOptions, complete_attention, finalize, head_patching  # noqa: E402
+from nnethics.analyses.heads import HeadsOptions, complete_attention, finalize  # noqa: E402
 from nnethics.analyses.patching import PatchingOptions  # noqa: E402
-from nnethics.engine import activation_patching  # noqa: E402
+from nnethics.engine import activation_patching, chunk  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 from tests.reference.patching import COMPONENTS, patch_sweep  # noqa: E402
@@ -90,7 +90,7 @@ def main() -> None:
     with torch.no_grad():
         hf(input_ids=base[0])
     activation_patching(model, pairs[:1], PatchingOptions())
-    head_patching(model, pairs[:1], HeadsOptions())
+    chunk("heads", model, pairs[:1], HeadsOptions())  # the engine's path: the shared trace's prefix cache
 
     def plain():
         with torch.no_grad():
@@ -133,7 +133,7 @@ def main() -> None:
     heads = {"heads (KV blocks + AtP, the default)": HeadsOptions(), "heads (KV blocks, no AtP)": HeadsOptions(atp=False)}
     items = {"unit": plain, "sweep": lambda: activation_patching(model, pairs, PatchingOptions())}
     for name, opts in heads.items():
-        items[name] = lambda o=opts: complete_attention(model, finalize(head_patching(model, pairs, o)), pairs, o)
+        items[name] = lambda o=opts: complete_attention(model, finalize(chunk("heads", model, pairs, o)), pairs, o)
     names, rounds = list(items), {k: [] for k in items}
     for r in range(args.repeats):
         for k in names[r % len(names):] + names[:r % len(names)]:
