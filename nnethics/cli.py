@@ -266,7 +266,6 @@ def _add_commands() -> None:
     for analysis in analyses():
         if " " not in (analysis.command or analysis.name):
             cli.add_command(analysis_command(analysis))
-    for analysis in analyses():
         for module in analysis.commands:
             importlib.import_module(module).register(cli)
     report.register(cli)

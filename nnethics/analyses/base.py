@@ -267,9 +267,8 @@ def check_hooks(analysis: Any) -> None:
                             f"argument(s) the engine passes ({e})") from None
         except ValueError:  # a builtin without a signature: nothing to check
             continue
-    for name in ("options",):
-        if not dataclasses.is_dataclass(getattr(analysis, name)):
-            raise TypeError(f"analysis {analysis.name!r}: options must be a dataclass of option() fields")
+    if not dataclasses.is_dataclass(analysis.options):
+        raise TypeError(f"analysis {analysis.name!r}: options must be a dataclass of option() fields")
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,13 @@ def at_least_one(**values: int) -> None:
             raise ValueError(f"{name} must be at least 1, got {value}")
 
 
+def refuse_existing(path: Path, overwrite: bool) -> None:
+    """:class:`StoreConflict` when ``path`` exists and ``overwrite`` is not given (:meth:`Run.write`'s rule, which a
+    command can also check before its model loads)."""
+    if path.exists() and not overwrite:
+        raise StoreConflict(f"{path} exists; rerun with --overwrite to replace it, or pass another --store to keep both")
+
+
 class Run:
     """A run over one model's store folder (``store/<model>/``): holds its lock from ``with`` to its end, and runs
     analyses there (:meth:`analyses`, :meth:`one`); the CLI builds the report inside it too. A busy folder is
@@ -144,9 +151,7 @@ class Run:
         atomically. One already there is replaced only with ``overwrite`` (else :class:`StoreConflict`, nothing
         written)."""
         path = self.folder / f"{name}.nc"
-        if path.exists() and not self.overwrite:
-            raise StoreConflict(f"{path} exists; rerun with --overwrite to replace it, or pass another --store to keep "
-                                "both")
+        refuse_existing(path, self.overwrite)
         ds = ds.copy(deep=False)
         ds.attrs = {**provenance_attrs(name, self.model, prompts, recorded), **ds.attrs}
         return Path(write_atomic(ds, path))

@@ -109,17 +109,15 @@ def lens_eval(model_spec, revision, device, device_map, dtype, quantize, remote,
               store, overwrite) -> None:
     """Held-out KL of the logit lens and the tuned lens per layer; writes STORE/<model>/lens_eval.nc."""
     from ...engine import Run
+    from ...engine.run import refuse_existing
     from ...models.loading import store_slug
-    from ...store import StoreConflict
     from . import evaluate_lenses
     from .lenses import TunedLens, find_cached_lens
 
     if remote:
         raise BadInput("lens evaluation needs the model's weights locally; drop --remote")
-    there = Path(store) / store_slug(model_spec, quantize=quantize, remote=remote) / f"{EVAL}.nc"
-    if there.exists() and not overwrite:  # before the load: the same words as the write's own check
-        raise StoreConflict(f"{there} exists; rerun with --overwrite to replace it, or pass another --store to keep "
-                            "both")
+    # before the load: Run.write's own rule
+    refuse_existing(Path(store) / store_slug(model_spec, quantize=quantize, remote=remote) / f"{EVAL}.nc", overwrite)
     model = load_model_from_options(model_spec, revision, device, device_map, dtype, quantize, remote, token)
     folder = lens_path or find_cached_lens(model)
     if folder is None:
