@@ -22,7 +22,8 @@ NAMES = tuple(ANALYSES)  # every analysis and variant registered (at import: no 
 DEFAULT = ("decisions", "patching", "attribution", "lens")
 COMMANDS = [
     ["run", "--limit", "2", "--analyses", ",".join(DEFAULT)],  # 2 pairs: the cross-pair statistics defined
-    ["run", "--limit", "1", "--analyses", ",".join(n for n in NAMES if n not in DEFAULT)],
+    ["run", "--limit", "1", "--analyses", ",".join(n for n in NAMES if n not in (*DEFAULT, "steer"))],
+    ["steer", "--limit", "4", "--folds", "2", "--null-seeds", "2", "--alphas", "-1,1"],  # folds need 2+ pairs each
 ]
 
 

@@ -1,4 +1,6 @@
-"""The steered forward (work in progress, issue 27) against a plain transformers forward with a hook."""
+"""The steer engine's rows against plain transformers forwards with hooks (tests/reference/steer.py), per family:
+steered rows on the KV path (one token over the prefix cache, layers before the steered one skipped) and on full
+forwards, the KL against the unsteered row, and the answer-token states of the caa direction."""
 
 from __future__ import annotations
 
@@ -6,39 +8,75 @@ import numpy as np
 import pytest
 import torch
 from conftest import FAMILIES
-from reference.steer import steered_logit_diff
+from reference.steer import last_states, steered_next_token
 
 from nnethics.analyses.common import encode_pairs
-from nnethics.analyses.steer.forward import steered
+from nnethics.analyses.steer.engine import add_row, answer_states, empty_rows, own_prefix, run_rows
+
+
+def _setup(model, prompt_set):
+    batch = encode_pairs(model, list(prompt_set.pairs[:2]), ["1", "2"], False)
+    ids = (batch.label_ids[0], batch.label_ids[1])
+    hf = model.lm._module
+    toks = [torch.tensor([batch.encoded.tokens(s)]) for s in range(4)]
+    states = torch.stack([last_states(hf, t) for t in toks]).float()  # [4, L, d], from the reference
+    return batch, ids, hf, toks, states
+
+
+@pytest.mark.parametrize("path", ["kv", "full"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steered_rows_equal_a_hooked_plain_forward(tiny_models, prompt_set, family, path):
+    model = tiny_models(family)
+    batch, ids, hf, toks, states = _setup(model, prompt_set)
+    L, d = model.n_layers, model.d_model
+    rng = np.random.default_rng(0)
+    units = torch.tensor(rng.normal(size=(3, d)), dtype=torch.float32)
+    units = units / units.norm(dim=1, keepdim=True)
+    # (seq, layer, direction, coefficient): every layer, both sides, negative and zero coefficients, no direction
+    spec = [(0, 0, 0, 2.0), (1, 1, 1, -3.0), (2, L - 1, 2, 1.5), (3, 1, 0, 0.0), (0, 1, -1, 0.0), (3, 0, 2, 4.0),
+            (1, L - 1, 1, -2.5)]
+    refs, rows = empty_rows(), empty_rows()
+    for r, (seq, layer, u, coef) in enumerate(spec):
+        add_row(refs, seq, seq, layer, layer)
+        add_row(rows, seq, seq, layer, layer, u, coef, r)
+    prefix = own_prefix(model, batch.encoded, 4) if path == "kv" else None
+    r0 = run_rows(model, batch.encoded, prefix, ids, states, units, refs, 3, torch.float32, keep=True)
+    got = run_rows(model, batch.encoded, prefix, ids, states, units, rows, 3, torch.float32, ref=r0["logp"])
+    for r, (seq, layer, u, coef) in enumerate(spec):
+        vec = torch.zeros(d) if u < 0 else coef * units[u]
+        want_ld, want_logp = steered_next_token(hf, toks[seq], layer, vec, ids)
+        plain_ld, plain_logp = steered_next_token(hf, toks[seq], layer, torch.zeros(d), ids)
+        assert float(got["ld"][r]) == pytest.approx(want_ld, abs=1e-4), (family, path, r)
+        assert float(r0["ld"][r]) == pytest.approx(plain_ld, abs=1e-4), (family, path, r)
+        kl = float((plain_logp.exp() * (plain_logp - want_logp)).sum())
+        assert float(got["kl"][r]) == pytest.approx(kl, abs=1e-4), (family, path, r)
+        assert bool(got["top"][r]) == (int(want_logp.argmax()) in ids)
+    assert torch.isnan(r0["kl"]).all()  # no reference: no KL
+
+
+def test_a_zero_coefficient_is_the_unsteered_row_bit_for_bit(tiny_models, prompt_set):
+    model = tiny_models("llama")
+    batch, ids, _, _, states = _setup(model, prompt_set)
+    units = torch.randn(2, model.d_model, generator=torch.Generator().manual_seed(0))
+    rows = empty_rows()
+    for seq in range(4):
+        add_row(rows, seq, seq, 1, 1)  # no direction
+        add_row(rows, seq, seq, 1, 1, 0, 0.0)  # a direction times zero
+        add_row(rows, seq, seq, 1, 1, 1, 0.0)
+    for prefix in (own_prefix(model, batch.encoded, 4), None):
+        got = run_rows(model, batch.encoded, prefix, ids, states, units, rows, 16, torch.float32)["ld"].numpy()
+        np.testing.assert_array_equal(got[0::3], got[1::3])
+        np.testing.assert_array_equal(got[0::3], got[2::3])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_steered_logit_difference_equals_a_hooked_plain_forward(tiny_models, prompt_set, family):
+def test_answer_states_equal_a_plain_forward_of_the_prompt_and_the_answer(tiny_models, prompt_set, family):
     model = tiny_models(family)
-    pairs = list(prompt_set.pairs[:2])
-    batch = encode_pairs(model, pairs, ["1", "2"], False)
-    ids = (batch.label_ids[0], batch.label_ids[1])
-    rng = np.random.default_rng(0)
-    seqs = [0, 1, 2, 3, 0, 3]
-    layers = [0, 1, model.n_layers - 1, 1, 1, 0]
-    vectors = rng.normal(scale=2.0, size=(len(seqs), model.d_model)).astype(np.float32)
-    vectors[4] = 0.0  # an unsteered row
-    ld, logp = steered(model, batch.encoded, seqs, layers, vectors, ids)
-    hf = model.lm._module
-    for r, (s, layer) in enumerate(zip(seqs, layers)):
-        toks = torch.tensor([batch.encoded.tokens(s)])
-        want = steered_logit_diff(hf, toks, layer, torch.from_numpy(vectors[r]), ids)
-        assert ld[r] == pytest.approx(want, abs=1e-4), (family, r)
-    np.testing.assert_allclose(np.exp(logp).sum(-1), 1.0, atol=1e-4)
-
-
-def test_a_zero_vector_is_the_unsteered_row_bit_for_bit(tiny_models, prompt_set):
-    model = tiny_models("llama")
-    batch = encode_pairs(model, list(prompt_set.pairs[:2]), ["1", "2"], False)
-    ids = (batch.label_ids[0], batch.label_ids[1])
-    zero = np.zeros((4, model.d_model), dtype=np.float32)
-    steered_ld, _ = steered(model, batch.encoded, [0, 1, 2, 3], [1, 1, 1, 1], zero, ids)
-    with torch.no_grad(), model.trace(batch.encoded.inputs(), logits_to_keep=1):
-        logits = model.lm.output.logits[:, -1].float()
-        plain = (logits[:, ids[0]] - logits[:, ids[1]]).save()
-    np.testing.assert_array_equal(steered_ld, plain.cpu().numpy())
+    batch, ids, hf, toks, _ = _setup(model, prompt_set)
+    for prefix in (own_prefix(model, batch.encoded, 4), None):
+        got = answer_states(model, batch.encoded, prefix, list(ids), 3)  # [4, 2, L, d]
+        for s in range(4):
+            for a in range(2):
+                want = last_states(hf, torch.cat([toks[s], torch.tensor([[ids[a]]])], 1))
+                np.testing.assert_allclose(got[s, a].double().numpy(), want.numpy(), atol=2e-5,
+                                           err_msg=f"{family} {s} {a}")

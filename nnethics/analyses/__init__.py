@@ -18,7 +18,7 @@ from .base import (
     unregister,
 )
 
-BUILTIN = ("decisions", "patching", "attribution", "lens", "heads", "cloze")
+BUILTIN = ("decisions", "patching", "attribution", "lens", "heads", "cloze", "steer")
 for _name in BUILTIN:
     importlib.import_module(f"{__name__}.{_name}")
 

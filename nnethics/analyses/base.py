@@ -20,7 +20,8 @@ An analysis declares, once:
   and optional ``resume(prepared, done)``: a resumed run tells it the Datasets it finds done (heads' running
   ranking starts from them);
 * optional ``check(model, options)``: option values the model rules out (a layer it does not have), raised
-  as :class:`OptionError` before any prompt runs;
+  as :class:`OptionError` before any prompt runs; and optional ``check_pairs(options, pairs)``: option values the
+  pairs rule out (steer's folds need 2 training pairs each), raised before the model loads;
 * ``summarize(ds) -> str`` (one line for the terminal) and optional ``finalize(ds)`` (cross-prompt
   statistics, once, after the chunks are consolidated);
 * optional ``complete(model, ds, pairs, options, label_ids=None, batch_size=8, **prepared) -> ds``: a pass over
@@ -247,7 +248,7 @@ class Function:
 # The positional parameters each hook is called with (the engine's calls); a hook that cannot take them fails when
 # its analysis is declared, not at the first chunk.
 HOOKS = {"summarize": 1, "compute": 3, "finalize": 1, "complete": 4, "prepare": 2, "resume": 2, "check": 2,
-         "tables": 3, "shares": 3}
+         "tables": 3, "shares": 3, "check_pairs": 2}
 
 
 def check_hooks(analysis: Any) -> None:
@@ -286,6 +287,7 @@ class Analysis:
     prepare: Callable[[Any, Any], Prepared] | None = None
     resume: Callable[[Prepared, list[xr.Dataset]], None] | None = None  # a resumed run: what it finds done
     check: Callable[[Any, Any], None] | None = None
+    check_pairs: Callable[[Any, Sequence[Any]], None] | None = None  # (options, pairs): before the model loads
     variants: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # other file name -> fixed options
     command: str | None = None  # the CLI command (default: the name); "lens run" puts it in a group
     render: tuple[str, ...] = ()  # modules with SECTION and figures(ds, prompts) [+ variant_figures(ds, name)]

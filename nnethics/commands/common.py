@@ -216,6 +216,9 @@ def before_loading(store: Path, spec: str, quantize: str | None, remote: bool | 
     from ..models.loading import store_slug
     from ..store.early import early_conflicts, early_lock
 
+    for analysis, options in (wanted or {}).values():  # options the pairs rule out (steer's folds), first
+        if analysis.check_pairs is not None and prompts is not None:
+            analysis.check_pairs(options, prompts.pairs)
     folder = Path(store) / store_slug(spec, quantize=quantize, remote=remote)
     with early_lock(folder, lock_timeout):
         if wanted:

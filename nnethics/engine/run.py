@@ -82,6 +82,9 @@ def execute(model: Any, prompts: PromptSet, plans_: dict[str, Plan], sink: Any, 
     sent in one session (one NDIF request), each still its own chunk for the sink."""
     from .trace import member
 
+    for p in plans_.values():  # the API's path to what the CLI checks before the model loads
+        if p.analysis.check_pairs is not None:
+            p.analysis.check_pairs(p.options, prompts.pairs)
     members = {n: member(p.analysis, model, p.options, p.prepared.values, n) for n, p in plans_.items()}
     out: dict[str, xr.Dataset] = {}
     for names, todo in _groups(members, sink):

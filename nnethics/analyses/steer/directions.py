@@ -1,21 +1,28 @@
-"""The steering directions of one layer, from training pairs only (issue 27, work in progress): numpy, no torch.
+"""The steering directions of one layer, from training pairs only: numpy, no torch.
 
 For pair ``i`` and side ``s`` (base, counterfactual): ``h[i, s]``, the residual stream after the layer at the
-decision position; ``ethical[i, s]``, the index (0: label 1, 1: label 2) of the ethical option's label on that side;
-``chosen[i, s]``, the index of the label the model chose. Every direction points toward label 1:
+decision position; ``answers[i, s, a]``, the same after the prompt followed by label ``a``'s token (at that token);
+``ethical[i, s]``, the index (0: label 1, 1: label 2) of the ethical option's label on that side.
 
 * ``content``: the mean over training pairs of ``sign_i * (h[i, cf] - h[i, base])``, ``sign_i = +1`` where the
-  counterfactual's ethical option is label 1, ``-1`` where it is label 2; a pair whose counterfactual keeps the
-  ethical label carries no sign and is left out;
-* ``caa`` (contrastive activation addition, Rimsky et al. 2024): the mean state where the ethical option is label
-  1 minus the mean state where it is label 2, over both sides;
-* ``position``: the mean state where the model chose label 1 minus where it chose label 2 (content-free: a push
-  toward a label);
+  counterfactual's ethical option is label 1, ``-1`` where it is label 2 (it points toward "the ethical option is
+  label 1"); a pair whose counterfactual keeps the ethical label carries no sign and is left out;
+* ``caa`` (contrastive activation addition, Rimsky et al. 2024, at the answer letter's position as there): the mean
+  over training prompts (both sides) of ``answers[i, s, ethical] - answers[i, s, other]``: the state after the
+  ethical answer minus after the other one. It points toward "answered ethically", whichever label that is, so it
+  is applied unsigned (:data:`SIGNED`). The state where the ethical option is label 1 minus where it is label 2 at
+  the decision position is not a second direction here: over pairs that swap the ethical label it equals
+  ``content`` exactly (each pair puts one state in each group);
+* ``position``: the mean over training prompts of ``answers[i, s, 0] - answers[i, s, 1]``: the state after answering
+  label 1 minus after answering label 2, whichever is ethical (content-free: a push toward label 1; the same
+  numbers as ``caa``, grouped by label instead of by ethics, and defined where the model chose one label on every
+  prompt, as the built-in model does);
 * ``random``: seeded Gaussian directions, the null.
 
-Each comes with unit norm beside its raw norm; the analysis adds ``alpha * scale * unit``, ``scale`` being the mean
-norm of the layer's training states (alpha in units of the mean residual norm there). Folds are by pair
-(:func:`folds`): the directions a pair is steered with never saw it.
+Each comes with unit norm beside its raw norm; the analysis adds ``alpha * scale * sign * unit``, ``scale`` being
+the mean norm of the layer's training states (alpha in units of the mean residual norm there) and ``sign`` the
+side's ethical label (+1: label 1) for the kinds that point toward label 1. Folds are by pair (:func:`folds`): the
+directions a pair is steered with never saw it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from collections.abc import Sequence
 import numpy as np
 
 KINDS = ("content", "caa", "position")
+#: Whether a kind points toward label 1 (applied times the side's ethical sign) or toward the ethical answer (caa).
+SIGNED = {"content": True, "caa": False, "position": True}
 
 
 class FoldError(ValueError):
@@ -53,25 +62,24 @@ def _unit(v: np.ndarray) -> tuple[np.ndarray, float]:
     return (v / norm if norm > 0 else np.zeros_like(v)), norm
 
 
-def directions(h: np.ndarray, ethical: np.ndarray, chosen: np.ndarray, train: np.ndarray
+def directions(h: np.ndarray, ethical: np.ndarray, train: np.ndarray, answers: np.ndarray
                ) -> dict[str, tuple[np.ndarray, float]]:
     """``{kind: (unit direction [d], raw norm)}`` from the training pairs ``train`` (a boolean mask over pairs) of
-    ``h [pair, side, d]`` (side 0: base, 1: counterfactual), ``ethical`` and ``chosen [pair, side]`` (label index).
-    A kind without both of its groups among the training pairs gets a zero direction and norm 0."""
+    ``h [pair, side, d]`` (side 0: base, 1: counterfactual), ``answers [pair, side, 2, d]`` and ``ethical [pair,
+    side]`` (label index). ``content`` without a training pair that swaps the ethical label is a zero direction
+    with norm 0."""
     h = np.asarray(h, dtype=np.float64)[train]
-    ethical, chosen = np.asarray(ethical)[train], np.asarray(chosen)[train]
+    answers = np.asarray(answers, dtype=np.float64)[train]
+    ethical = np.asarray(ethical)[train]
+    d = h.shape[-1]
     swaps = ethical[:, 0] != ethical[:, 1]
     sign = np.where(ethical[:, 1] == 0, 1.0, -1.0)[swaps]
-    content = (sign[:, None] * (h[swaps, 1] - h[swaps, 0])).mean(0) if swaps.any() else np.zeros(h.shape[-1])
-    states = h.reshape(-1, h.shape[-1])
-
-    def contrast(labels: np.ndarray) -> np.ndarray:
-        labels = labels.reshape(-1)
-        if not (labels == 0).any() or not (labels == 1).any():
-            return np.zeros(h.shape[-1])
-        return states[labels == 0].mean(0) - states[labels == 1].mean(0)
-
-    return {"content": _unit(content), "caa": _unit(contrast(ethical)), "position": _unit(contrast(chosen))}
+    content = (sign[:, None] * (h[swaps, 1] - h[swaps, 0])).mean(0) if swaps.any() else np.zeros(d)
+    good = np.take_along_axis(answers, ethical[:, :, None, None], axis=2)[:, :, 0]
+    bad = np.take_along_axis(answers, 1 - ethical[:, :, None, None], axis=2)[:, :, 0]
+    caa = (good - bad).reshape(-1, d).mean(0)
+    position = (answers[:, :, 0] - answers[:, :, 1]).reshape(-1, d).mean(0)
+    return {"content": _unit(content), "caa": _unit(caa), "position": _unit(position)}
 
 
 def random_directions(d: int, seeds: Sequence[int]) -> np.ndarray:

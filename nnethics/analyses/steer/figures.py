@@ -1,0 +1,114 @@
+"""Steering figures from ``steer.nc``: the render contract.
+
+``mean_preference_change``/``preference_change_ci_low``/``preference_change_ci_high (layer, kind, alpha)``,
+``null_low``/``null_high (layer, alpha)``, ``is_null (kind)``; ``mean_patch_effect`` with its CI ``(patch_layer)``.
+Three figures: the dose-response per steered layer (each real kind's mean change in ethical preference with its
+BCa CI, over the random directions' band), a layer x alpha heatmap per kind, and the resid patching curve that
+chose the default layers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import holoviews as hv
+import numpy as np
+import xarray as xr
+
+from ... import metrics
+from ...render._base import WIDE, WIDTH, Figure, MissingData, band_and_curve, collect, reference_hline, require, values
+
+SECTION = "Steering"
+COLORS = {"content": "#1f77b4", "caa": "#d62728", "position": "#7f7f7f"}
+PANEL = 250
+
+
+def _kinds(ds: xr.Dataset) -> list[str]:
+    return [str(k) for k, null in zip(values(ds["direction_kind"]), values(ds["is_null"])) if not null]
+
+
+def dose_response(ds: xr.Dataset) -> hv.Layout:
+    """Per steered layer: mean change in ethical preference against alpha for each kind (CI band), the random
+    directions' band (grey) and zero."""
+    require(ds, "mean_preference_change", "preference_change_ci_low", "preference_change_ci_high", "null_low",
+            "null_high", "alpha")
+    alphas = values(ds["alpha"]).astype(float)
+    panels = []
+    for layer in values(ds["layer"]).astype(int):
+        one = ds.sel(layer=layer)
+        null = hv.Area((alphas, values(one["null_low"]).astype(float), values(one["null_high"]).astype(float)),
+                       kdims=["alpha"], vdims=["null_lo", "null_hi"], label="random (null band)").opts(
+            color="#bbbbbb", alpha=0.5, line_alpha=0)
+        curves = [band_and_curve(alphas, *(values(one[v].sel(direction_kind=k)).astype(float) for v in (
+            "mean_preference_change", "preference_change_ci_low", "preference_change_ci_high")), k,
+            COLORS.get(k, "#2ca02c"), kdim="alpha", vdim="preference_change") for k in _kinds(ds)]
+        over = hv.Overlay([null, *curves, reference_hline()])
+        panels.append(over.opts(title=f"layer {layer}", width=PANEL, height=PANEL, show_legend=layer == int(
+            values(ds["layer"])[0]), legend_position="top_left", xlabel="alpha (x mean residual norm)",
+            ylabel="change in ethical preference (logit)"))
+    return hv.Layout(panels).cols(4)
+
+
+def heatmaps(ds: xr.Dataset) -> hv.Layout:
+    """Per kind: the mean change in ethical preference over layer x alpha (hover: its CI and the null band)."""
+    require(ds, "mean_preference_change", "alpha")
+    layers = values(ds["layer"]).astype(int)
+    alphas = values(ds["alpha"]).astype(float)
+    out = []
+    lim = float(np.nanmax(np.abs(values(ds["mean_preference_change"]))) or 1.0)
+    for k in _kinds(ds):
+        one = ds.sel(direction_kind=k)
+        cols = {v: values(one[v].transpose("layer", "alpha")).astype(float).ravel()
+                for v in ("mean_preference_change", "preference_change_ci_low", "preference_change_ci_high")}
+        nl = values(ds["null_low"].transpose("layer", "alpha")).astype(float).ravel()
+        nh = values(ds["null_high"].transpose("layer", "alpha")).astype(float).ravel()
+        data = (np.repeat(layers, len(alphas)), np.tile([f"{a:+g}" for a in alphas], len(layers)),
+                cols["mean_preference_change"], cols["preference_change_ci_low"], cols["preference_change_ci_high"],
+                nl, nh)
+        hm = hv.HeatMap(data, kdims=["layer", "alpha"], vdims=[
+            hv.Dimension("change", label="mean change (logit)"), hv.Dimension("ci_low", label="CI low"),
+            hv.Dimension("ci_high", label="CI high"), hv.Dimension("null_low", label="null low"),
+            hv.Dimension("null_high", label="null high")])
+        out.append(hm.redim.values(alpha=[f"{a:+g}" for a in alphas]).opts(
+            cmap="RdBu_r", clim=(-lim, lim), colorbar=True, tools=["hover"], width=WIDTH // 1 + 40, height=300,
+            title=f"{k}: mean change in ethical preference", xlabel="layer", ylabel="alpha"))
+    return hv.Layout(out).cols(2)
+
+
+def crossing(ds: xr.Dataset) -> hv.Overlay:
+    """The mean resid patching effect at the decision position per layer, with 0.5 and the steered layers."""
+    require(ds, "mean_patch_effect", "patch_effect_ci_low", "patch_effect_ci_high", "patch_layer")
+    x = values(ds["patch_layer"]).astype(float)
+    curve = band_and_curve(x, values(ds["mean_patch_effect"]), values(ds["patch_effect_ci_low"]),
+                           values(ds["patch_effect_ci_high"]), "resid patching", "#1f77b4")
+    steered = [hv.VLine(float(la)).opts(color="#ff7f0e", line_dash="dotted") for la in values(ds["layer"])] \
+        if "layer" in ds.coords else []
+    half = hv.HLine(0.5).opts(color="#999999", line_dash="dashed")
+    return hv.Overlay([curve, half, *steered, reference_hline()]).opts(
+        width=WIDE, height=300, xlabel="layer", ylabel="mean effect", show_legend=False,
+        title="Resid patching at the decision position (dashed: 0.5; dotted: the steered layers)")
+
+
+def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[Figure], list[str]]:
+    """The steering figures (figures whose inputs are missing are skipped)."""
+    if "prompt" not in ds.dims:
+        raise MissingData("steer: no prompt dim")
+    n = ds.sizes["prompt"]
+    k = int(values(ds["effect_defined"]).sum()) if "effect_defined" in ds else n
+    nulls = int(values(ds["is_null"]).sum()) if "is_null" in ds else 0
+    folds = ds.attrs.get("folds", "?")
+    return collect([
+        lambda: Figure("steer_dose_response", "Dose-response per layer", dose_response(ds), SECTION,
+                       note=f"Each pair is steered with directions from the other folds ({folds} folds by pair): "
+                            "alpha x the layer's mean residual norm x the direction, added after the layer at the "
+                            "decision position, toward each side's ethical label (negative alpha: away). y: the mean "
+                            f"over the {n} pairs of the change in ethical preference (the mean ethical margin of the "
+                            f"two sides) from the unsteered row, {metrics.ci_label('pairs', n)}. Grey: the lowest to "
+                            f"highest mean change of {nulls} random directions of the same norm (the null band)."),
+        lambda: Figure("steer_heatmap", "Preference change over layer x alpha", heatmaps(ds), SECTION,
+                       note="The same means as the dose-response, one heatmap per direction kind; hover for the CI "
+                            "and the null band of the cell."),
+        lambda: Figure("steer_crossing", "Where patching says the decision arrives", crossing(ds), SECTION,
+                       note=f"Mean resid patching effect at the decision position over the {k} of {n} pairs with "
+                            f"a normalisable gap, {metrics.ci_label('pairs', k)}; its crossing of 0.5, and 2 "
+                            "layers either side, are the default steered layers."),
+    ])
