@@ -21,11 +21,14 @@ from conftest import PROMPTS
 import nnethics as ne
 from nnethics.analyses import ANALYSES, default_names
 from nnethics.analyses.heads import HeadsOptions
+from nnethics.analyses.steer import SteerOptions
 from nnethics.cli import cli
 
 LIMIT, BATCH = 3, 2
 README = Path(__file__).resolve().parents[1] / "README.md"
 VARIANT = ("patching_grid", ["patch", "--positions", "grid", "--layers", "0-1"], dict(layers=(0, 1)))
+STEER = (["steer", "--folds", "3", "--null-seeds", "2", "--alphas", "-1,0,1", "--layers", "0-1"],
+         dict(folds=3, null_seeds=2, alphas=(-1.0, 0.0, 1.0), layers=(0, 1)))
 DIFFERING_ATTRS = {"created"}
 
 
@@ -35,7 +38,7 @@ def cli_files(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     store = tmp_path_factory.mktemp("api-store")
     common = ["--model", str(tiny_model_dir), "--limit", str(LIMIT), "--store", str(store), "--no-progress",
               "--batch-size", str(BATCH)]
-    for args in (["run", "--atp"], VARIANT[1], ["heads", "--top-heads", "3"]):  # --atp: the README's patching table
+    for args in (["run", "--atp"], VARIANT[1], ["heads", "--top-heads", "3"], STEER[0]):  # --atp: the README's patching table
         res = CliRunner().invoke(cli, [*args, *common])
         assert res.exit_code == 0, res.output
     return {p.stem: p for p in store.glob("*/*.nc")}
@@ -49,6 +52,7 @@ def api_results(tiny_model_dir) -> dict:
     out.update(ne.analyze(model, prompts, [VARIANT[0]], batch_size=BATCH,
                           **{VARIANT[0]: ne.PatchingOptions(**VARIANT[2])}))
     out.update(ne.analyze(model, prompts, ["heads"], batch_size=BATCH, heads=HeadsOptions(top_heads=3)))  # complete
+    out.update(ne.analyze(model, prompts, ["steer"], batch_size=BATCH, steer=SteerOptions(**STEER[1])))
     return out
 
 
@@ -58,7 +62,7 @@ def _same(a, b) -> bool:
     return a.dtype == b.dtype and np.array_equal(a.values, b.values)
 
 
-@pytest.mark.parametrize("name", [*default_names(), VARIANT[0], "heads"])
+@pytest.mark.parametrize("name", [*default_names(), VARIANT[0], "heads", "steer"])
 def test_analyze_returns_the_dataset_the_cli_writes(name, cli_files, api_results):
     assert name in cli_files, sorted(cli_files)
     stored, ours = ne.load(cli_files[name]), api_results[name]
@@ -117,7 +121,7 @@ def _mentioned(section: str) -> list[str]:
     return re.findall(r"`([\w*]+)", section)
 
 
-@pytest.mark.parametrize("name", default_names())
+@pytest.mark.parametrize("name", [*default_names(), "steer"])
 def test_readme_schema_agrees_with_the_dataset(name, api_results):
     sections = _sections()
     assert name in sections, f"README has no section for {name}.nc"

@@ -692,3 +692,12 @@ def test_the_servers_statuses_reach_the_progress_display(server, tiny_model_dir,
     queued = [line for line in res.output.splitlines() if "NDIF queued" in line]
     assert queued and "Added to Queue at position" in queued[0], res.output
     assert queued[0].startswith("decisions [tiny-llama]: 0/2 prompts"), queued
+
+
+def test_cli_remote_steer_matches_local(server, tiny_model_dir, tmp_path):
+    """steer through the loopback NDIF server: its chunk pass rides in the shared trace's request (decisions+steer,
+    one per chunk: the states, resid patching and the answer-token rows), its complete pass is one request per
+    chunk (the fold directions and states go up, only LD, KL and label-is-top per row come back); the same file as
+    locally."""
+    assert _compare_runs(server, tiny_model_dir, tmp_path, "--analyses", "decisions,steer",
+                         max_kb=3 * MAX_KB_PER_PAIR) == {"decisions", "steer"}

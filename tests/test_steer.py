@@ -237,3 +237,31 @@ def test_the_summary_reads_the_statistics(run):
         s = stats.kind_summary(ds, kind)
         assert f"{kind}: best at layer {s['layer']}, alpha +1 moves the ethical preference {s['change']:+.3f}" in line
     assert "2 random directions" in line
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: sliding-window layers, a prefix forward of its own
+def test_the_crossing_rows_are_patchings_resid_rows(tiny_models, prompt_set, family):
+    model = tiny_models(family)
+    ps = prompt_set.subset(limit=4)
+    out = ne.analyze(model, ps, ["patching", "steer"], batch_size=4,
+                     steer=SteerOptions(folds=2, null_seeds=2, alphas=(-1.0, 1.0)))
+    patched = out["patching"]["patched_logit_diff"].sel(component="resid").transpose("prompt", "layer").values
+    np.testing.assert_allclose(out["steer"]["patched_logit_diff"].values, patched, atol=1e-5)
+    ds = out["steer"]
+    layers, rule = stats.default_layers(ds["mean_patch_effect"].values)
+    assert tuple(ds["layer"].values) == layers and ds["layer"].attrs["rule"] == rule
+
+
+def test_full_forwards_give_the_kv_paths_numbers(tiny_models, prompt_set, monkeypatch):
+    """Where the KV path cannot run (forced here) every row is a full forward: the same file within 1e-4."""
+    from nnethics.analyses.patching import engine as patching_engine
+
+    model = tiny_models("llama")
+    ps = prompt_set.subset(limit=4)
+    opts = SteerOptions(layers=(1,), folds=2, null_seeds=2, alphas=(-0.5, 1.0))
+    kv = ne.analyze(model, ps, ["steer"], steer=opts, batch_size=4)["steer"]
+    monkeypatch.setattr(patching_engine, "kv_possible", lambda *a: "forced by the test")
+    full = ne.analyze(model, ps, ["steer"], steer=opts, batch_size=4)["steer"]
+    assert set(full["forward_path"].values) == {"full"} and set(kv["forward_path"].values) == {"kv_cache"}
+    for var in ("patched_logit_diff", "steered_logit_diff", "unsteered_logit_diff", "steered_kl", "direction"):
+        np.testing.assert_allclose(full[var].values, kv[var].values, atol=1e-4, err_msg=var)

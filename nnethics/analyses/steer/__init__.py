@@ -38,60 +38,17 @@ from .options import SteerOptions
 __all__ = ["ANALYSIS", "SteerOptions", "complete", "finalize", "summarize"]
 
 
-def start(model: Any, batch: Any, options: SteerOptions, prepared: dict) -> dict:
-    """The chunk's plan: whether its rows run over a prefix cache (``cache``)."""
-    from ..patching.engine import Row, kv_possible
-
-    n = batch.n
-    why = kv_possible(model, batch.encoded, [[Row(i), Row(n + i)] for i in range(n)])
-    return {"cache": why is None, "max_tokens": options.max_tokens, "_options": options, "_why": why or ""}
-
-
-def read(model: Any, batch: Any, job: dict) -> Any:
-    """Inside the shared trace: every layer's output at the decision position ``[2n, L, d]`` and the label logits."""
-    import nnsight
-    import torch
-
-    outs = [model.lm.model.layers[i].output for i in range(model.n_layers)]
-    states = torch.stack([(o[0] if isinstance(o, tuple) else o)[:, -1] for o in outs], dim=1)
-    ids = [batch.label_ids[0], batch.label_ids[1]]
-    label = model.lm.output.logits[:, -1][:, ids].float()
-    return nnsight.save({"states": states.clone(), "label": label.clone()})
-
-
-def rows(model: Any, batch: Any, job: dict, saved: Any, prefix: Any) -> dict:
-    """After the shared trace, in its session: resid patching at the decision position and the answer-token states
-    (:func:`.engine.chunk_pass`)."""
-    from .engine import chunk_pass
-
-    got = chunk_pass(model, batch, job, saved["states"], prefix)
-    return {"states": saved["states"], "label": saved["label"], **got}
-
-
-def build(model: Any, batch: Any, job: dict, got: dict) -> xr.Dataset:
-    options, n = job["_options"], batch.n
-    label = got["label"].cpu().double().numpy()
-    ld = (label[:, 0] - label[:, 1]).reshape(2, n).T
-    states = got["states"]
-    dtype = str(states.dtype).replace("torch.", "")
-    h = states.float().cpu().numpy().reshape(2, n, *states.shape[1:]).transpose(1, 0, 2, 3)
-    answers = got["answers"].float().cpu().numpy().reshape(2, n, *got["answers"].shape[1:]).transpose(1, 0, 2, 3, 4)
-    patched = got["ld"].double().numpy().reshape(n, -1)
-    ds = stats.chunk_dataset(batch.pairs, options.labels, ld, patched, h, answers,
-                             "kv_cache" if job["cache"] else "full", dtype)
-    ds.attrs["min_gap"] = float(options.min_gap)
-    ds.attrs["forward_path_why"] = job["_why"]
-    return ds
-
-
 def shares(model: Any, options: SteerOptions, prepared: dict) -> SharedReads:
-    return SharedReads(start=start, read=read, rows=rows, build=build)
+    """The chunk pass reads the shared trace and runs its rows in the trace's session (:mod:`.chunk`)."""
+    from . import chunk
+
+    return SharedReads(start=chunk.start, read=chunk.read, rows=chunk.rows, build=chunk.build)
 
 
 def finalize(ds: xr.Dataset) -> xr.Dataset:
-    """The resid patching effect per layer (a finished file: unchanged)."""
+    """The resid patching effect per layer (a finished file: as it was written)."""
     if "steered_logit_diff" in ds:
-        return ds
+        return stats.unbroadcast(ds)
     return stats.patch_statistics(ds, float(ds.attrs.get("min_gap", metrics.DEFAULT_MIN_GAP)))
 
 
@@ -110,7 +67,7 @@ def complete(model: Any, ds: xr.Dataset, pairs: Any, options: SteerOptions, labe
     check_folds(options, [str(p) for p in ds["prompt"].values])
     ds = stats.fold_directions(ds, layers, options.kinds, options.folds, options.null_seeds)
     ds = ds.assign_coords(alpha=np.asarray(options.alphas, dtype=np.float64))
-    ds.attrs.update(layers_rule=rule, folds=int(options.folds))
+    ds["layer"].attrs["rule"] = rule  # on the coordinate: a rerun's provenance replaces the file's own attrs
     ds = run_grid(model, ds, pairs, options, label_ids, batch_size)
     return stats.grid_statistics(ds)
 
@@ -143,8 +100,8 @@ def summarize(ds: xr.Dataset) -> str:
     e = stats.ethical_sign(ds)
     ld0 = ds["unsteered_logit_diff"].transpose("layer", "prompt", "side").values.astype(np.float64)
     pref0 = float(np.nanmean((e[None] * ld0).mean(-1)))
-    head = (f"{n} pairs in {int(ds.attrs.get('folds', 0))} folds, layers {format_layers(ds['layer'].values)} "
-            f"({ds.attrs.get('layers_rule', '')}); unsteered ethical preference {pref0:+.3f} logits; "
+    head = (f"{n} pairs in {ds.sizes['fold_id']} folds, layers {format_layers(ds['layer'].values)} "
+            f"({ds['layer'].attrs.get('rule', '')}); unsteered ethical preference {pref0:+.3f} logits; "
             f"{int(ds['is_null'].values.sum())} random directions give the null band")
     parts = [head]
     for kind in kinds:

@@ -43,10 +43,12 @@ class FoldError(ValueError):
 
 def folds(prompt_ids: Sequence[str], k: int) -> np.ndarray:
     """The fold (0..k-1) of each pair: pairs ordered by the sha256 of their id and dealt round-robin, so the folds
-    do not depend on the order of the prompt file and differ in size by at most one."""
+    do not depend on the order of the prompt file and differ in size by at most one. More folds than pairs: one
+    pair per fold (leave-one-out), ``n`` folds."""
     n = len(prompt_ids)
     if k < 2:
         raise FoldError(f"k = {k}: at least 2 folds are needed to hold pairs out")
+    k = min(k, n) if n else k
     if n - (-(-n // k)) < 2:  # the largest fold leaves fewer than 2 pairs to train on
         raise FoldError(f"{n} pairs in {k} folds leave fewer than 2 training pairs per fold; use more pairs or "
                         "fewer folds")

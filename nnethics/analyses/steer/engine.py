@@ -27,7 +27,7 @@ import torch
 
 from ...models.errors import halving
 from ..patching.engine import Row, inputs_full, run_prefix
-from ..prefix_cache import Prefix, inputs_token
+from ..prefix_cache import Prefix, SharedPrefixCache, inputs_token
 
 FIELDS = ("seq", "src", "k", "layer", "u", "coef", "ref")
 
@@ -229,8 +229,6 @@ def _answer_inputs(enc: Any, seqs: list[int], answers: list[int], prefix: Prefix
     if prefix is None:
         return {"input_ids": torch.cat([enc.input_ids[s], ans], 1), "attention_mask": torch.cat([mask, one], 1),
                 "position_ids": torch.cat([pos, pos[:, -1:] + 1], 1)}
-    from ..prefix_cache import SharedPrefixCache
-
     rows = torch.tensor([prefix.index[(q, None)] for q in seqs], dtype=torch.long, device=enc.input_ids.device)
     return {"input_ids": torch.cat([enc.input_ids[s][:, -1:], ans], 1),
             "attention_mask": torch.cat([mask[:, -(prefix.width + 1):], one], 1),

@@ -42,8 +42,8 @@ def dose_response(ds: xr.Dataset) -> hv.Layout:
             "mean_preference_change", "preference_change_ci_low", "preference_change_ci_high")), k,
             COLORS.get(k, "#2ca02c"), kdim="alpha", vdim="preference_change") for k in _kinds(ds)]
         over = hv.Overlay([null, *curves, reference_hline()])
-        panels.append(over.opts(title=f"layer {layer}", width=PANEL, height=PANEL, show_legend=layer == int(
-            values(ds["layer"])[0]), legend_position="top_left", xlabel="alpha (x mean residual norm)",
+        panels.append(over.opts(title=f"layer {layer}", width=PANEL, height=PANEL, show_legend=bool(layer == int(
+            values(ds["layer"])[0])), legend_position="top_left", xlabel="alpha (x mean residual norm)",
             ylabel="change in ethical preference (logit)"))
     return hv.Layout(panels).cols(4)
 
@@ -95,7 +95,7 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
     n = ds.sizes["prompt"]
     k = int(values(ds["effect_defined"]).sum()) if "effect_defined" in ds else n
     nulls = int(values(ds["is_null"]).sum()) if "is_null" in ds else 0
-    folds = ds.attrs.get("folds", "?")
+    folds = ds.sizes.get("fold_id", "?")
     return collect([
         lambda: Figure("steer_dose_response", "Dose-response per layer", dose_response(ds), SECTION,
                        note=f"Each pair is steered with directions from the other folds ({folds} folds by pair): "

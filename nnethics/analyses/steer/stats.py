@@ -20,6 +20,21 @@ MARGIN = 2  # layers either side of a crossing
 ONE_LOGIT = 1.0  # the change in ethical preference the summary's alpha reaches
 
 
+#: The variables of steer.nc with a prompt dim (every other one has none).
+PER_PROMPT = ("logit_diff", "ethical_option", "patched_logit_diff", "category", "forward_path", "patch_effect",
+              "effect_defined", "fold", "state", "answer_state", "steered_logit_diff", "steered_kl",
+              "steered_label_top", "unsteered_logit_diff", "unsteered_label_top", "steered_ethical_margin",
+              "preference_change", "bias_change")
+
+
+def unbroadcast(ds: xr.Dataset) -> xr.Dataset:
+    """A finished file gathered again (a rerun: the store concatenates what is done along ``prompt``, which gives
+    every variable a prompt dim): the variables that have none in steer.nc lose it again (the same values for
+    every prompt)."""
+    extra = [v for v in ds.data_vars if "prompt" in ds[v].dims and v not in PER_PROMPT]
+    return ds.assign({v: ds[v].isel(prompt=0, drop=True) for v in extra}) if extra else ds
+
+
 def chunk_dataset(pairs: Sequence[PromptPair], labels: Sequence[str], label_ld: np.ndarray, patched: np.ndarray,
                   states: np.ndarray, answers: np.ndarray, forward_path: str, state_dtype: str) -> xr.Dataset:
     """One chunk: ``label_ld [n, 2]`` (side 0 base), ``patched [n, L]`` (the base with the cf's state after layer
@@ -96,6 +111,7 @@ def fold_directions(ds: xr.Dataset, layers: Sequence[int], kinds: Sequence[str],
     states of the chunk parts are dropped."""
     ids = [str(p) for p in ds["prompt"].values]
     fold = dirs.folds(ids, k)
+    k = int(fold.max()) + 1  # more folds than pairs: leave-one-out
     h_all = ds["state_all"].transpose("prompt", "side", "patch_layer", "hidden").values
     h = h_all[:, :, list(layers)]
     answers = ds["answer_state_all"].transpose("prompt", "side", "answer", "patch_layer", "hidden").values[
@@ -201,15 +217,20 @@ def kind_summary(ds: xr.Dataset, kind: str) -> dict[str, Any]:
     and whether it beats the band (the CI's lower end above the band's top)."""
     alphas = ds["alpha"].values
     top = int(np.argmax(alphas))
-    m = ds["mean_preference_change"].sel(direction_kind=kind).values  # [layer, alpha]
+
+    def grid(name: str, kind: str | None = None) -> np.ndarray:  # [layer, alpha], whatever order the file keeps
+        da = ds[name] if kind is None else ds[name].sel(direction_kind=kind)
+        return da.transpose("layer", "alpha").values.astype(np.float64)
+
+    m = grid("mean_preference_change", kind)
     col = np.where(np.isfinite(m[:, top]), m[:, top], -np.inf)
     j = int(np.argmax(col))
-    low = float(ds["preference_change_ci_low"].sel(direction_kind=kind).values[j, top])
-    null_high = float(ds["null_high"].values[j, top])
-    return {"direction_kind": kind, "layer": int(ds["layer"].values[j]), "alpha": float(alphas[top]),
+    low = float(grid("preference_change_ci_low", kind)[j, top])
+    null_high = float(grid("null_high")[j, top])
+    return {"kind": kind, "layer": int(ds["layer"].values[j]), "alpha": float(alphas[top]),
             "change": float(m[j, top]), "ci_low": low,
-            "ci_high": float(ds["preference_change_ci_high"].sel(direction_kind=kind).values[j, top]),
-            "null_low": float(ds["null_low"].values[j, top]), "null_high": null_high,
-            "bias_change": float(ds["mean_bias_change"].sel(direction_kind=kind).values[j, top]),
+            "ci_high": float(grid("preference_change_ci_high", kind)[j, top]),
+            "null_low": float(grid("null_low")[j, top]), "null_high": null_high,
+            "bias_change": float(grid("mean_bias_change", kind)[j, top]),
             "one_logit_alpha": one_logit_alpha(alphas, m[j]),
             "beats_null": bool(np.isfinite(low) and np.isfinite(null_high) and low > null_high)}

@@ -1,0 +1,72 @@
+"""``nnethics steer`` and ``nnethics run --analyses ...,steer`` from the command line: bad input gets exit 2 and one
+line naming the flag (before the model loads where the input alone rules it out), nothing stored is touched, and
+a finished file is left as it is by a rerun."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import xarray as xr
+from click.testing import CliRunner
+
+import nnethics as ne
+
+from nnethics.cli import cli
+
+SMALL = ["--folds", "2", "--null-seeds", "2", "--alphas", "-1,1", "--layers", "0-1"]
+
+
+def _invoke(args, model_dir, store):
+    return CliRunner().invoke(cli, [*args, "--model", str(model_dir), "--store", str(store), "--no-progress"])
+
+
+@pytest.mark.parametrize("args, flag, message", [
+    (["--alphas", ""], "--alphas", "must not be empty"),
+    (["--alphas", "nan"], "--alphas", "finite"),
+    (["--alphas", "1,inf"], "--alphas", "finite"),
+    (["--alphas", "0"], "--alphas", "non-zero"),
+    (["--alphas", "1,x"], "--alphas", "not a number"),
+    (["--kinds", "content,ethics"], "--kinds", "'ethics' is not one of content, caa, position"),
+    (["--kinds", ""], "--kinds", "must not be empty"),
+    (["--folds", "1"], "--folds", "1"),
+    (["--null-seeds", "1"], "--null-seeds", "1"),
+    (["--limit", "3", "--folds", "2"], "--folds", "fewer than 2 training pairs"),
+    (["--layers", "3-1"], "--layers", "empty range"),
+])
+def test_bad_input_is_one_line_before_the_model_loads(tiny_model_dir, tmp_path, args, flag, message):
+    res = _invoke(["steer", "--limit", "4", *args], tiny_model_dir, tmp_path)
+    assert res.exit_code == 2, res.output
+    lines = [x for x in res.output.splitlines() if x.strip() and not x.startswith(("Usage:", "Try "))]
+    assert len(lines) == 1 and flag in lines[0] and message in lines[0], res.output
+    assert "loading model" not in res.output
+    assert not list(tmp_path.rglob("*.nc"))
+
+
+def test_a_layer_the_model_lacks_is_one_line_and_touches_nothing(tiny_model_dir, tmp_path):
+    res = _invoke(["steer", "--limit", "4", *SMALL], tiny_model_dir, tmp_path)
+    assert res.exit_code == 0, res.output
+    path = next(tmp_path.rglob("steer.nc"))
+    before = hashlib.md5(path.read_bytes()).hexdigest()
+    res = _invoke(["steer", "--limit", "4", *SMALL[:-1], "0,7", "--overwrite"], tiny_model_dir, tmp_path)
+    assert res.exit_code == 2 and "--layers: layer 7 does not exist: the model has layers 0-2" in res.output, \
+        res.output
+    assert hashlib.md5(path.read_bytes()).hexdigest() == before
+
+
+def test_a_rerun_leaves_the_finished_file_and_run_fuses_steer(tiny_model_dir, tmp_path):
+    res = _invoke(["steer", "--limit", "4", *SMALL], tiny_model_dir, tmp_path)
+    assert res.exit_code == 0, res.output
+    path = next(tmp_path.rglob("steer.nc"))
+    before = ne.load(path).load()
+    again = _invoke(["steer", "--limit", "4", *SMALL], tiny_model_dir, tmp_path)
+    assert again.exit_code == 0, again.output
+    after = ne.load(path)
+    assert "skipping 4 of 4 prompts already done" in again.output
+    xr.testing.assert_identical(before.assign_attrs(created=0), after.assign_attrs(created=0))  # values and attrs
+    assert "4 pairs in 2 folds, layers 0-1 (given (--layers))" in again.output
+    other = tmp_path / "run"
+    res = _invoke(["run", "--limit", "3", "--analyses", "decisions,patching,steer"], tiny_model_dir, other)
+    assert res.exit_code == 0, res.output
+    assert {p.stem for p in other.rglob("*.nc")} == {"decisions", "patching", "steer"}
+    assert "steer: " in res.output and "3 pairs in 3 folds" in res.output  # 5 folds asked, leave-one-out
