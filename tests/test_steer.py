@@ -200,6 +200,13 @@ def test_the_null_rule_on_both_sides():
     above = stats.kind_summary(stats.grid_statistics(_grid_ds(1.4), n_resamples=999), "content")
     assert above["null_high"] == pytest.approx(1.4) and above["ci_low"] < 1.4 and not above["beats_null"]
     assert below["one_logit_alpha"] == pytest.approx(0.8)  # 0 -> 1.25 over alpha 0 -> 1
+    # a band with width: the CI's lower end (1.0 here) must clear the band's top, not its bottom
+    g = stats.grid_statistics(_grid_ds(), n_resamples=999)
+    low = float(g["preference_change_ci_low"].sel(layer=5, direction_kind="content", alpha=1.0))
+    for top, beats in ((low + 0.3, False), (low - 0.01, True)):
+        g["null_low"].loc[{"layer": 5, "alpha": 1.0}] = low - 0.5
+        g["null_high"].loc[{"layer": 5, "alpha": 1.0}] = top
+        assert stats.kind_summary(g, "content")["beats_null"] is beats, top
 
 
 def test_one_logit_alpha():
@@ -243,10 +250,14 @@ def test_the_summary_reads_the_statistics(run):
 def test_the_crossing_rows_are_patchings_resid_rows(tiny_models, prompt_set, family):
     model = tiny_models(family)
     ps = prompt_set.subset(limit=4)
-    out = ne.analyze(model, ps, ["patching", "steer"], batch_size=4,
-                     steer=SteerOptions(folds=2, null_seeds=2, alphas=(-1.0, 1.0)))
-    patched = out["patching"]["patched_logit_diff"].sel(component="resid").transpose("prompt", "layer").values
+    out = ne.analyze(model, ps, ["patching", "steer"], batch_size=4, patching=ne.PatchingOptions(min_gap=0.001),
+                     steer=SteerOptions(folds=2, null_seeds=2, alphas=(-1.0, 1.0), min_gap=0.001))
+    resid = out["patching"].sel(component="resid")
+    patched = resid["patched_logit_diff"].transpose("prompt", "layer").values
     np.testing.assert_allclose(out["steer"]["patched_logit_diff"].values, patched, atol=1e-5)
+    effect = resid["effect"].transpose("prompt", "layer").values  # min_gap 0.001: tiny random models' gaps are small
+    assert np.isfinite(effect).any()
+    np.testing.assert_allclose(out["steer"]["patch_effect"].values, effect, atol=1e-2, equal_nan=True)
     ds = out["steer"]
     layers, rule = stats.default_layers(ds["mean_patch_effect"].values)
     assert tuple(ds["layer"].values) == layers and ds["layer"].attrs["rule"] == rule

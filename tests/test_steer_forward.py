@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, make_tiny
 from reference.steer import last_states, steered_next_token
 
 from nnethics.analyses.common import encode_pairs
@@ -80,3 +80,29 @@ def test_answer_states_equal_a_plain_forward_of_the_prompt_and_the_answer(tiny_m
                 want = last_states(hf, torch.cat([toks[s], torch.tensor([[ids[a]]])], 1))
                 np.testing.assert_allclose(got[s, a].double().numpy(), want.numpy(), atol=2e-5,
                                            err_msg=f"{family} {s} {a}")
+
+
+def test_the_kl_is_unsteered_against_steered_on_a_peaked_distribution(tokenizer, prompt_set):
+    """A tiny model whose unembedding is scaled up has peaked distributions; a push along one token's unembedding
+    after the last layer moves the mass, and the two directions of KL differ by far more than rounding: the row's
+    KL is KL(unsteered || steered)."""
+    model = make_tiny("llama", tokenizer, seed=7)
+    with torch.no_grad():
+        model.lm._module.lm_head.weight.mul_(300.0)
+    batch, ids, hf, toks, states = _setup(model, prompt_set)
+    L = model.n_layers
+    w = hf.lm_head.weight[ids[0]].detach().float()
+    units = (w / w.norm())[None]
+    coef = 3.0 * float(states[0, L - 1].norm())
+    refs, rows = empty_rows(), empty_rows()
+    add_row(refs, 0, 0, L - 1, L - 1)
+    add_row(rows, 0, 0, L - 1, L - 1, 0, coef, 0)
+    prefix = own_prefix(model, batch.encoded, 4)
+    r0 = run_rows(model, batch.encoded, prefix, ids, states, units, refs, 4, torch.float32, keep=True)
+    got = float(run_rows(model, batch.encoded, prefix, ids, states, units, rows, 4, torch.float32,
+                         ref=r0["logp"])["kl"][0])
+    _, p = steered_next_token(hf, toks[0], L - 1, torch.zeros(model.d_model), ids)
+    _, q = steered_next_token(hf, toks[0], L - 1, coef * units[0], ids)
+    forward, reverse = float((p.exp() * (p - q)).sum()), float((q.exp() * (q - p)).sum())
+    assert abs(forward - reverse) > 0.1 * forward  # the case separates the two
+    assert got == pytest.approx(forward, rel=1e-3)
