@@ -238,12 +238,15 @@ def test_default_layers_on_both_sides_of_the_threshold():
 
 def test_the_summary_reads_the_statistics(run):
     _, _, ds = run
-    line = summarize(ds)
-    assert line.startswith("6 pairs in 3 folds, layers 0,2 (given (--layers))")
-    for kind in ("content", "caa", "position"):
+    lines = summarize(ds).split("\n")
+    assert lines[0].startswith("6 pairs in 3 folds; layers 0,2 (given (--layers)); unsteered: ethical preference")
+    assert "null band: 2 random directions of the same norm" in lines[0]
+    for line, kind in zip(lines[1:], ("content", "caa", "position")):
         s = stats.kind_summary(ds, kind)
-        assert f"{kind}: best at layer {s['layer']}, alpha +1 moves the ethical preference {s['change']:+.3f}" in line
-    assert "2 random directions" in line
+        assert line.strip().startswith(f"{kind} ") and f"best layer {s['layer']}: alpha +1 " in line
+        assert f"moves the ethical preference {s['change']:+.3f}" in line
+        assert ("beats the null" in line) == s["beats_null"]
+    assert len(lines) == 4
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])  # gemma2: sliding-window layers, a prefix forward of its own
@@ -271,7 +274,10 @@ def test_full_forwards_give_the_kv_paths_numbers(tiny_models, prompt_set, monkey
     ps = prompt_set.subset(limit=4)
     opts = SteerOptions(layers=(1,), folds=2, null_seeds=2, alphas=(-0.5, 1.0))
     kv = ne.analyze(model, ps, ["steer"], steer=opts, batch_size=4)["steer"]
-    monkeypatch.setattr(patching_engine, "kv_possible", lambda *a: "forced by the test")
+    from nnethics.analyses.steer import chunk
+
+    for module in (patching_engine, chunk):  # the chunk pass and the complete pass
+        monkeypatch.setattr(module, "kv_possible", lambda *a: "forced by the test")
     full = ne.analyze(model, ps, ["steer"], steer=opts, batch_size=4)["steer"]
     assert set(full["forward_path"].values) == {"full"} and set(kv["forward_path"].values) == {"kv_cache"}
     for var in ("patched_logit_diff", "steered_logit_diff", "unsteered_logit_diff", "steered_kl", "direction"):

@@ -64,9 +64,9 @@ def test_a_rerun_leaves_the_finished_file_and_run_fuses_steer(tiny_model_dir, tm
     after = ne.load(path)
     assert "skipping 4 of 4 prompts already done" in again.output
     xr.testing.assert_identical(before.assign_attrs(created=0), after.assign_attrs(created=0))  # values and attrs
-    assert "4 pairs in 2 folds, layers 0-1 (given (--layers))" in again.output
+    assert "4 pairs in 2 folds; layers 0-1 (given (--layers))" in again.output
     other = tmp_path / "run"
     res = _invoke(["run", "--limit", "3", "--analyses", "decisions,patching,steer"], tiny_model_dir, other)
     assert res.exit_code == 0, res.output
     assert {p.stem for p in other.rglob("*.nc")} == {"decisions", "patching", "steer"}
-    assert "steer: " in res.output and "3 pairs in 3 folds" in res.output  # 5 folds asked, leave-one-out
+    assert "steer: " in res.output and "3 pairs in 3 folds;" in res.output  # 5 folds asked, leave-one-out

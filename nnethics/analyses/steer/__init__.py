@@ -103,28 +103,28 @@ def check_model(model: Any, options: SteerOptions) -> None:
 
 
 def summarize(ds: xr.Dataset) -> str:
-    """One line: pairs, folds, layers and their rule; per kind its best layer, the change in ethical preference at
-    the largest alpha with its CI against the null band, the alpha of one logit, and the unsteered baseline."""
+    """A header (pairs, folds, layers and their rule, the unsteered baselines, the null) and a line per kind: its
+    best layer, the change in ethical preference at the largest alpha with its CI against the null band there, the
+    alpha that moves the preference by one logit, and the change in position bias."""
     n = ds.sizes["prompt"]
     if "mean_preference_change" not in ds:
         return f"{n} pairs (no steering grid)"
     kinds = [str(k) for k, null in zip(ds["direction_kind"].values, ds["is_null"].values) if not null]
     e = stats.ethical_sign(ds)
     ld0 = ds["unsteered_logit_diff"].transpose("layer", "prompt", "side").values.astype(np.float64)
-    pref0 = float(np.nanmean((e[None] * ld0).mean(-1)))
-    head = (f"{n} pairs in {ds.sizes['fold_id']} folds, layers {format_layers(ds['layer'].values)} "
-            f"({ds['layer'].attrs.get('rule', '')}); unsteered ethical preference {pref0:+.3f} logits; "
-            f"{int(ds['is_null'].values.sum())} random directions give the null band")
-    parts = [head]
+    pref0, bias0 = float(np.nanmean((e[None] * ld0).mean(-1))), float(np.nanmean(ld0.mean(-1)))
+    lines = [f"{n} pairs in {ds.sizes['fold_id']} folds; layers {format_layers(ds['layer'].values)} "
+             f"({ds['layer'].attrs.get('rule', '')}); unsteered: ethical preference {pref0:+.3f}, position bias "
+             f"{bias0:+.2f} logits; null band: {int(ds['is_null'].values.sum())} random directions of the same norm"]
     for kind in kinds:
         s = stats.kind_summary(ds, kind)
-        one = "not reached" if not np.isfinite(s["one_logit_alpha"]) else f"alpha {s['one_logit_alpha']:.2f}"
-        parts.append(f"{kind}: best at layer {s['layer']}, alpha {s['alpha']:+g} moves the ethical preference "
-                     f"{s['change']:+.3f} ({metrics.format_ci(s['ci_low'], s['ci_high'], '+.3f')}; null band "
-                     f"{s['null_low']:+.3f} to {s['null_high']:+.3f}: "
-                     f"{'beats the null' if s['beats_null'] else 'within reach of the null'}), position bias "
-                     f"{s['bias_change']:+.3f}; +1 logit: {one}")
-    return "; ".join(parts)
+        one = "not reached" if not np.isfinite(s["one_logit_alpha"]) else f"at alpha {s['one_logit_alpha']:.2f}"
+        lines.append(f"{kind:<9} best layer {s['layer']}: alpha {s['alpha']:+g} (x the mean residual norm) moves the "
+                     f"ethical preference {s['change']:+.3f} ({metrics.format_ci(s['ci_low'], s['ci_high'], '+.3f')}) "
+                     f"against a null of {s['null_low']:+.3f} to {s['null_high']:+.3f}: "
+                     f"{'beats the null' if s['beats_null'] else 'not beyond the null'}; +1 logit {one}; position "
+                     f"bias {s['bias_change']:+.3f}")
+    return "\n    ".join(lines)
 
 
 def tables(name: str, ds: xr.Dataset, data: Mapping[str, xr.Dataset]) -> dict[str, Any]:
