@@ -8,6 +8,8 @@ rotated (each round starts one item later), the minimum of ``--rounds`` rounds p
 * job 2: decisions + resid/attn/MLP patching + attribution patching + DLA with heads + logit lens;
 * job 3: resid/attn/MLP patching + per-head patching (no seed-style loop: the seed had none): fused, heads reads the
   shared trace's prefix cache that patching reads, so the prefix runs once;
+* job 4: decisions + steer over a 7-layer x 9-alpha x 2-kind grid with its 4 random directions (no seed-style loop),
+  and decisions alone: steer's cost beyond the shared forward is the difference;
 * cloze alone (``ne.analyze(model, pairs, ["cloze"])``), in forward-equivalents per pair too;
 
 each as (a) a seed-style loop of plain PyTorch hooks (``tests/reference``: one forward per patched cell), (b)
@@ -42,6 +44,7 @@ from nnethics.analyses.common import encode_pairs  # noqa: E402
 from nnethics.analyses.heads import HeadsOptions  # noqa: E402
 from nnethics.analyses.lens import LensOptions  # noqa: E402
 from nnethics.analyses.patching import PatchingOptions  # noqa: E402
+from nnethics.analyses.steer import SteerOptions  # noqa: E402
 from nnethics.models import load_model  # noqa: E402
 from nnethics.prompts import load_prompts  # noqa: E402
 from tests.reference.attribution import dla  # noqa: E402
@@ -57,8 +60,11 @@ JOBS = {  # name: {analysis: options}; the description is printed
         "decisions": None, "patching": PatchingOptions(atp=True), "attribution": AttributionOptions(), "lens": LENS},
     "job 3: resid/attn/MLP patching + per-head patching (heads, its complete pass included)": {
         "patching": PatchingOptions(), "heads": HeadsOptions()},
+    "job 4: decisions + steer (7 layers x 9 alphas x content, caa + 4 random directions; its complete pass included)": {
+        "decisions": None, "steer": SteerOptions(layers=tuple(range(20, 27)), kinds=("content", "caa"))},
 }
-SEEDLESS = {"heads"}  # no seed-style loop is timed for a job with these (the seed scripts had no head patching)
+DECISIONS = {"decisions": None}  # the shared forward alone: steer's cost beyond it is job 4 minus this
+SEEDLESS = {"heads", "steer"}  # no seed-style loop is timed for a job with these (the seed scripts had no head patching)
 SHAPE_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5)
 SHAPE_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -150,6 +156,7 @@ def cpu_bench(args) -> None:
             items[f"seed{j}"] = lambda job=job: seed_loop(hf, base, cf, ids, job)
         items[f"separate{j}"] = lambda job=job, j=j: results.__setitem__(f"separate{j}", separate(model, prompts, job))
         items[f"fused{j}"] = lambda job=job, j=j: results.__setitem__(f"fused{j}", fused(model, prompts, job))
+    items["decisions"] = lambda: fused(model, prompts, DECISIONS)
     items["cloze"] = lambda: ne.analyze(model, prompts, ["cloze"])  # its own session: the stems, then 2 option rows each
     for name, fn in items.items():  # warm-up: first calls pay one-off costs
         if not name.startswith("seed"):
@@ -167,6 +174,10 @@ def cpu_bench(args) -> None:
         print(f"{title}\n  forward-equivalents per pair: seed-style hooks {fe['seed']:.1f}, separate API calls "
               f"{fe['separate']:.2f}, fused {fe['fused']:.2f}; speed-up fused vs seed {fe['seed'] / fe['fused']:.1f}x, "
               f"vs separate {fe['separate'] / fe['fused']:.2f}x; max |fused - separate| {diff:.1e}")
+    steer_job = next(j for j, title in enumerate(JOBS) if title.startswith("job 4"))
+    shared = best["decisions"] / n / t_unit
+    print(f"decisions alone (the shared forward and its readout): {shared:.2f} forward-equivalents per pair; "
+          f"steer beyond it (job 4 fused minus that): {best[f'fused{steer_job}'] / n / t_unit - shared:.2f}")
     print(f"cloze (scenario + stem once, then its 2 options over the stem's key/value cache, per pair): "
           f"forward-equivalents per pair {best['cloze'] / n / t_unit:.2f}")
     print("fused == separate within 1e-5:", "yes" if ok else "NO")

@@ -91,7 +91,8 @@ def default_layers(mean_effect: np.ndarray, threshold: float = THRESHOLD, margin
     cross = [i for i in range(L) if above[i] and (i == 0 or not above[i - 1])] + \
             [i for i in range(1, L) if not above[i] and above[i - 1]]
     if cross:
-        rule = f"mean resid patching effect crosses {threshold:g} at layer(s) {sorted(cross)}, +-{margin}"
+        rule = f"mean resid patching effect crosses {threshold:g} at layer {', '.join(map(str, sorted(cross)))}, " \
+               f"+-{margin}"
     elif np.isfinite(m).any():
         cross = [int(np.nanargmax(m))]
         rule = f"mean resid patching effect never crosses {threshold:g}: its largest at layer {cross[0]}, +-{margin}"
