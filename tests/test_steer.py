@@ -216,6 +216,9 @@ def test_one_logit_alpha():
     assert f(np.array([0.5, 1]), np.array([2.0, 3.0])) == pytest.approx(0.25)  # from (0, 0)
     assert np.isnan(f(np.array([-1, 0, 0.5, 1]), np.array([-2, 0, 0.5, 0.99])))  # never reached
     assert np.isnan(f(np.array([-1, 0.5]), np.array([5.0, np.nan])))  # negative alphas do not count
+    # the negative side: sizes in order from zero, interpolated as on the positive side
+    assert f(np.array([-1, -0.5, 0, 0.5]), np.array([1.5, 0.5, 0, 3]), -1) == pytest.approx(-0.75)
+    assert np.isnan(f(np.array([-1, -0.5, 0.5]), np.array([0.5, 0.2, 3.0]), -1))
 
 
 def test_default_layers_on_both_sides_of_the_threshold():
@@ -243,8 +246,8 @@ def test_the_summary_reads_the_statistics(run):
     assert "null band: 2 random directions of the same norm" in lines[0]
     for line, kind in zip(lines[1:], ("content", "caa", "position")):
         s = stats.kind_summary(ds, kind)
-        assert line.strip().startswith(f"{kind} ") and f"best layer {s['layer']}: alpha +1 " in line
-        assert f"moves the ethical preference {s['change']:+.3f}" in line
+        assert line.strip().startswith(f"{kind} ") and f"most at layer {s['layer']}, alpha {s['alpha']:+g} " in line
+        assert f"ethical preference {s['change']:+.3f}" in line
         assert ("beats the null" in line) == s["beats_null"]
     assert len(lines) == 4
 
@@ -282,3 +285,10 @@ def test_full_forwards_give_the_kv_paths_numbers(tiny_models, prompt_set, monkey
     assert set(full["forward_path"].values) == {"full"} and set(kv["forward_path"].values) == {"kv_cache"}
     for var in ("patched_logit_diff", "steered_logit_diff", "unsteered_logit_diff", "steered_kl", "direction"):
         np.testing.assert_allclose(full[var].values, kv[var].values, atol=1e-4, err_msg=var)
+
+
+def test_the_summary_finds_a_direction_that_works_subtracted():
+    g = stats.grid_statistics(_grid_ds(), n_resamples=999)
+    flipped = g.assign_coords(alpha=-g["alpha"].values)  # the same numbers at alpha 0 and -1
+    s = stats.kind_summary(flipped, "content")
+    assert s["alpha"] == -1.0 and s["change"] == pytest.approx(1.25) and s["one_logit_alpha"] == pytest.approx(-0.8)

@@ -103,9 +103,9 @@ def check_model(model: Any, options: SteerOptions) -> None:
 
 
 def summarize(ds: xr.Dataset) -> str:
-    """A header (pairs, folds, layers and their rule, the unsteered baselines, the null) and a line per kind: its
-    best layer, the change in ethical preference at the largest alpha with its CI against the null band there, the
-    alpha that moves the preference by one logit, and the change in position bias."""
+    """A header (pairs, folds, layers and their rule, the unsteered baselines, the null) and a line per kind: where
+    it moves the ethical preference up the most (:func:`.stats.kind_summary`), that change with its CI against the
+    null band there, the alpha that moves the preference by one logit, and the change in position bias."""
     n = ds.sizes["prompt"]
     if "mean_preference_change" not in ds:
         return f"{n} pairs (no steering grid)"
@@ -118,9 +118,9 @@ def summarize(ds: xr.Dataset) -> str:
              f"{bias0:+.2f} logits; null band: {int(ds['is_null'].values.sum())} random directions of the same norm"]
     for kind in kinds:
         s = stats.kind_summary(ds, kind)
-        one = "not reached" if not np.isfinite(s["one_logit_alpha"]) else f"at alpha {s['one_logit_alpha']:.2f}"
-        lines.append(f"{kind:<9} best layer {s['layer']}: alpha {s['alpha']:+g} (x the mean residual norm) moves the "
-                     f"ethical preference {s['change']:+.3f} ({metrics.format_ci(s['ci_low'], s['ci_high'], '+.3f')}) "
+        one = "not reached" if not np.isfinite(s["one_logit_alpha"]) else f"at alpha {s['one_logit_alpha']:+.2f}"
+        lines.append(f"{kind:<9} most at layer {s['layer']}, alpha {s['alpha']:+g} (x the mean residual norm): ethical "
+                     f"preference {s['change']:+.3f} ({metrics.format_ci(s['ci_low'], s['ci_high'], '+.3f')}) "
                      f"against a null of {s['null_low']:+.3f} to {s['null_high']:+.3f}: "
                      f"{'beats the null' if s['beats_null'] else 'not beyond the null'}; +1 logit {one}; position "
                      f"bias {s['bias_change']:+.3f}")

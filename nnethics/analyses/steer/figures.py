@@ -2,9 +2,9 @@
 
 ``mean_preference_change``/``preference_change_ci_low``/``preference_change_ci_high (layer, kind, alpha)``,
 ``null_low``/``null_high (layer, alpha)``, ``is_null (kind)``; ``mean_patch_effect`` with its CI ``(patch_layer)``.
-Three figures: the dose-response per steered layer (each real kind's mean change in ethical preference with its
-BCa CI, over the random directions' band), a layer x alpha heatmap per kind, and the resid patching curve that
-chose the default layers."""
+Five figures: the dose-response per steered layer (each real kind's mean change in ethical preference with its
+BCa CI, over the random directions' band), the same for the position bias, the side effects (KL, label top-1), a
+layer x alpha heatmap per kind, and the resid patching curve that chose the default layers."""
 
 from __future__ import annotations
 
@@ -26,26 +26,76 @@ def _kinds(ds: xr.Dataset) -> list[str]:
     return [str(k) for k, null in zip(values(ds["direction_kind"]), values(ds["is_null"])) if not null]
 
 
-def dose_response(ds: xr.Dataset) -> hv.Layout:
-    """Per steered layer: mean change in ethical preference against alpha for each kind (CI band), the random
-    directions' band (grey) and zero."""
-    require(ds, "mean_preference_change", "preference_change_ci_low", "preference_change_ci_high", "null_low",
-            "null_high", "alpha")
+def _band(ds: xr.Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest of ``name (layer, direction_kind, alpha)`` over the random directions: ``[layer,
+    alpha]`` each (the stored null_low/null_high for the preference; computed here for others)."""
+    null = values(ds["is_null"]).astype(bool)
+    v = values(ds[name].transpose("layer", "direction_kind", "alpha")).astype(float)[:, null]
+    if not null.any():
+        return np.full(v.shape[::2], np.nan), np.full(v.shape[::2], np.nan)
+    return np.nanmin(v, axis=1), np.nanmax(v, axis=1)
+
+
+def _response(ds: xr.Dataset, name: str, ylabel: str, ci: bool) -> hv.Layout:
+    """Per steered layer: ``name`` against alpha for each real kind (with its CI band where ``ci``), the random
+    directions' band (grey) and zero; the legend beside the first panel."""
+    require(ds, name, "alpha", "is_null")
     alphas = values(ds["alpha"]).astype(float)
+    lo, hi = _band(ds, name)
     panels = []
-    for layer in values(ds["layer"]).astype(int):
+    for j, layer in enumerate(values(ds["layer"]).astype(int)):
         one = ds.sel(layer=layer)
-        null = hv.Area((alphas, values(one["null_low"]).astype(float), values(one["null_high"]).astype(float)),
-                       kdims=["alpha"], vdims=["null_lo", "null_hi"], label="random (null band)").opts(
-            color="#bbbbbb", alpha=0.5, line_alpha=0)
-        curves = [band_and_curve(alphas, *(values(one[v].sel(direction_kind=k)).astype(float) for v in (
-            "mean_preference_change", "preference_change_ci_low", "preference_change_ci_high")), k,
-            COLORS.get(k, "#2ca02c"), kdim="alpha", vdim="preference_change") for k in _kinds(ds)]
-        over = hv.Overlay([null, *curves, reference_hline()])
-        panels.append(over.opts(title=f"layer {layer}", width=PANEL, height=PANEL, show_legend=bool(layer == int(
-            values(ds["layer"])[0])), legend_position="top_left", xlabel="alpha (x mean residual norm)",
-            ylabel="change in ethical preference (logit)"))
+        null = hv.Area((alphas, lo[j], hi[j]), kdims=["alpha"], vdims=["null_lo", "null_hi"],
+                       label="random (null band)").opts(color="#bbbbbb", alpha=0.5, line_alpha=0)
+        curves = []
+        for k in _kinds(ds):
+            mean = values(one[name].sel(direction_kind=k)).astype(float)
+            band = [values(one[f"preference_change_ci_{e}"].sel(direction_kind=k)).astype(float) for e in
+                    ("low", "high")] if ci else [mean, mean]
+            curves.append(band_and_curve(alphas, mean, *band, k, COLORS.get(k, "#2ca02c"), kdim="alpha", vdim=name))
+        first = j == 0
+        panels.append(hv.Overlay([null, *curves, reference_hline()]).opts(
+            title=f"layer {layer}", width=PANEL + (130 if first else 0), height=PANEL, show_legend=first,
+            legend_position="right", xlabel="alpha (x mean residual norm)", ylabel=ylabel))
     return hv.Layout(panels).cols(4)
+
+
+def dose_response(ds: xr.Dataset) -> hv.Layout:
+    """Per steered layer: mean change in ethical preference against alpha for each kind (BCa CI band), the random
+    directions' band (grey) and zero."""
+    require(ds, "preference_change_ci_low", "preference_change_ci_high")
+    return _response(ds, "mean_preference_change", "change in ethical preference (logit)", ci=True)
+
+
+def bias_response(ds: xr.Dataset) -> hv.Layout:
+    """The same for the mean change in position bias (no CI band: its means only)."""
+    return _response(ds, "mean_bias_change", "change in position bias (logit)", ci=False)
+
+
+def side_effects(ds: xr.Dataset) -> hv.Layout:
+    """At each kind's layer of the summary: the mean KL from the unsteered next-token distribution and the share of
+    prompts where a label stays the top-1 token, against alpha, beside the random directions' range there."""
+    from .stats import kind_summary
+
+    require(ds, "mean_kl", "label_top_share", "alpha")
+    alphas = values(ds["alpha"]).astype(float)
+    out = []
+    for name, ylabel in (("mean_kl", "mean KL(unsteered || steered) (nats)"),
+                         ("label_top_share", "share of prompts: a label is top-1")):
+        lo, hi = _band(ds, name)
+        parts = []
+        for k in _kinds(ds):
+            layer = kind_summary(ds, k)["layer"]
+            j = int(np.flatnonzero(values(ds["layer"]).astype(int) == layer)[0])
+            parts.append(hv.Area((alphas, lo[j], hi[j]), kdims=["alpha"], vdims=["lo", "hi"],
+                                 label=f"random at layer {layer}").opts(color=COLORS.get(k, "#2ca02c"), alpha=0.12,
+                                                                        line_alpha=0))
+            parts.append(hv.Curve((alphas, values(ds[name].sel(layer=layer, direction_kind=k)).astype(float)),
+                                  "alpha", name, label=f"{k} (layer {layer})").opts(
+                color=COLORS.get(k, "#2ca02c"), line_width=2, tools=["hover"]))
+        out.append(hv.Overlay(parts).opts(width=WIDTH, height=300, legend_position="top", xlabel="alpha",
+                                          ylabel=ylabel, title=ylabel))
+    return hv.Layout(out).cols(2)
 
 
 def heatmaps(ds: xr.Dataset) -> hv.Layout:
@@ -104,6 +154,15 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
                             f"over the {n} pairs of the change in ethical preference (the mean ethical margin of the "
                             f"two sides) from the unsteered row, {metrics.ci_label('pairs', n)}. Grey: the lowest to "
                             f"highest mean change of {nulls} random directions of the same norm (the null band)."),
+        lambda: Figure("steer_bias", "Position bias under the same pushes", bias_response(ds), SECTION,
+                       note="The mean change in position bias (the logit difference averaged over the two sides; "
+                            "over the pairs that swap the ethical label) at the same layers and alphas: a push "
+                            "toward each side's ethical label leaves it unmoved if it acts through the content alone. "
+                            "Grey: the random directions' range."),
+        lambda: Figure("steer_side_effects", "Side effects", side_effects(ds), SECTION,
+                       note="At the layer where each kind moves the ethical preference most: how far the whole "
+                            "next-token distribution moves (mean KL from the unsteered row, nats) and whether a label "
+                            "stays the most likely token; shaded: the random directions' range at that layer."),
         lambda: Figure("steer_heatmap", "Preference change over layer x alpha", heatmaps(ds), SECTION,
                        note="The same means as the dose-response, one heatmap per direction kind; hover for the CI "
                             "and the null band of the cell."),

@@ -197,14 +197,16 @@ def grid_statistics(ds: xr.Dataset, n_resamples: int = metrics.N_RESAMPLES, seed
     return out
 
 
-def one_logit_alpha(alphas: np.ndarray, change: np.ndarray, target: float = ONE_LOGIT) -> float:
-    """The smallest positive alpha where the mean change first reaches ``target``, linearly interpolated between grid
-    points (from (0, 0) below the first positive alpha); NaN where it never does."""
+def one_logit_alpha(alphas: np.ndarray, change: np.ndarray, sign: float = 1.0, target: float = ONE_LOGIT) -> float:
+    """The alpha of the smallest size, on the side ``sign`` of zero (+1: positive alphas, -1: negative), where the
+    mean change first reaches ``target``, linearly interpolated between grid points (from (0, 0) before the first);
+    NaN where it never does."""
     a = np.asarray(alphas, dtype=np.float64)
     c = np.asarray(change, dtype=np.float64)
-    pos = a > 0
-    xs = np.concatenate([[0.0], a[pos]])
-    ys = np.concatenate([[0.0], c[pos]])
+    side = a * sign > 0
+    order = np.argsort(np.abs(a[side]))
+    xs = np.concatenate([[0.0], a[side][order]])
+    ys = np.concatenate([[0.0], c[side][order]])
     for i in range(1, xs.size):
         if np.isfinite(ys[i]) and ys[i] >= target:
             y0 = ys[i - 1] if np.isfinite(ys[i - 1]) else 0.0
@@ -213,25 +215,25 @@ def one_logit_alpha(alphas: np.ndarray, change: np.ndarray, target: float = ONE_
 
 
 def kind_summary(ds: xr.Dataset, kind: str) -> dict[str, Any]:
-    """A real kind's summary: the best layer (largest mean preference change at the largest positive alpha), the
-    alpha that moves the preference by one logit there, that change with its CI and the null band at that alpha,
-    and whether it beats the band (the CI's lower end above the band's top)."""
-    alphas = ds["alpha"].values
-    top = int(np.argmax(alphas))
+    """A real kind's summary at the (layer, alpha != 0) where it moves the ethical preference up the most, either
+    sign of alpha (a direction that works subtracted is found too; the sign says so): that change with its CI and
+    the null band there, whether it beats the band (the CI's lower end above the band's top), the change in position
+    bias there, and the alpha of that sign that moves the preference by one logit at that layer."""
+    alphas = ds["alpha"].values.astype(np.float64)
 
     def grid(name: str, kind: str | None = None) -> np.ndarray:  # [layer, alpha], whatever order the file keeps
         da = ds[name] if kind is None else ds[name].sel(direction_kind=kind)
         return da.transpose("layer", "alpha").values.astype(np.float64)
 
     m = grid("mean_preference_change", kind)
-    col = np.where(np.isfinite(m[:, top]), m[:, top], -np.inf)
-    j = int(np.argmax(col))
-    low = float(grid("preference_change_ci_low", kind)[j, top])
-    null_high = float(grid("null_high")[j, top])
-    return {"kind": kind, "layer": int(ds["layer"].values[j]), "alpha": float(alphas[top]),
-            "change": float(m[j, top]), "ci_low": low,
-            "ci_high": float(grid("preference_change_ci_high", kind)[j, top]),
-            "null_low": float(grid("null_low")[j, top]), "null_high": null_high,
-            "bias_change": float(grid("mean_bias_change", kind)[j, top]),
-            "one_logit_alpha": one_logit_alpha(alphas, m[j]),
+    score = np.where(np.isfinite(m) & (alphas[None] != 0), m, -np.inf)
+    j, a = np.unravel_index(int(np.argmax(score)), score.shape)
+    low = float(grid("preference_change_ci_low", kind)[j, a])
+    null_high = float(grid("null_high")[j, a])
+    return {"kind": kind, "layer": int(ds["layer"].values[j]), "alpha": float(alphas[a]),
+            "change": float(m[j, a]), "ci_low": low,
+            "ci_high": float(grid("preference_change_ci_high", kind)[j, a]),
+            "null_low": float(grid("null_low")[j, a]), "null_high": null_high,
+            "bias_change": float(grid("mean_bias_change", kind)[j, a]),
+            "one_logit_alpha": one_logit_alpha(alphas, m[j], 1.0 if alphas[a] > 0 else -1.0),
             "beats_null": bool(np.isfinite(low) and np.isfinite(null_high) and low > null_high)}
