@@ -200,6 +200,7 @@ def test_the_null_rule_on_both_sides():
     above = stats.kind_summary(stats.grid_statistics(_grid_ds(1.4), n_resamples=999), "content")
     assert above["null_high"] == pytest.approx(1.4) and above["ci_low"] < 1.4 and not above["beats_null"]
     assert below["one_logit_alpha"] == pytest.approx(0.8)  # 0 -> 1.25 over alpha 0 -> 1
+    assert below["kl"] == pytest.approx(0.25) and below["kl_null"] == (0.0, 0.0)
     # a band with width: the CI's lower end (1.0 here) must clear the band's top, not its bottom
     g = stats.grid_statistics(_grid_ds(), n_resamples=999)
     low = float(g["preference_change_ci_low"].sel(layer=5, direction_kind="content", alpha=1.0))

@@ -123,7 +123,8 @@ def summarize(ds: xr.Dataset) -> str:
                      f"preference {s['change']:+.3f} ({metrics.format_ci(s['ci_low'], s['ci_high'], '+.3f')}) "
                      f"against a null of {s['null_low']:+.3f} to {s['null_high']:+.3f}: "
                      f"{'beats the null' if s['beats_null'] else 'not beyond the null'}; +1 logit {one}; position "
-                     f"bias {s['bias_change']:+.3f}")
+                     f"bias {s['bias_change']:+.3f}; KL {s['kl']:.2f} nats (random {s['kl_null'][0]:.2f} to "
+                     f"{s['kl_null'][1]:.2f})")
     return "\n    ".join(lines)
 
 

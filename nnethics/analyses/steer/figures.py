@@ -2,8 +2,8 @@
 
 ``mean_preference_change``/``preference_change_ci_low``/``preference_change_ci_high (layer, kind, alpha)``,
 ``null_low``/``null_high (layer, alpha)``, ``is_null (kind)``; ``mean_patch_effect`` with its CI ``(patch_layer)``.
-Five figures: the dose-response per steered layer (each real kind's mean change in ethical preference with its
-BCa CI, over the random directions' band), the same for the position bias, the side effects (KL, label top-1), a
+Six figures: the dose-response per steered layer (each real kind's mean change in ethical preference with its
+BCa CI, over the random directions' band), the same for the position bias and for the side effects (KL, label top-1), a
 layer x alpha heatmap per kind, and the resid patching curve that chose the default layers."""
 
 from __future__ import annotations
@@ -36,13 +36,23 @@ def _band(ds: xr.Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.nanmin(v, axis=1), np.nanmax(v, axis=1)
 
 
+def _legend(ds: xr.Dataset) -> hv.Overlay:
+    """A panel that holds only the legend (inside a panel it would cover curves; beside one it widens its column)."""
+    items = [hv.Area(([0.0], [0.0], [0.0]), vdims=["lo", "hi"], label="random (null band)").opts(
+        color="#bbbbbb", alpha=0.5, line_alpha=0)]
+    items += [hv.Curve(([0.0], [0.0]), label=k).opts(color=COLORS.get(k, "#2ca02c"), line_width=2)
+              for k in _kinds(ds)]
+    return hv.Overlay(items).opts(width=PANEL, height=PANEL, xaxis=None, yaxis=None, show_frame=False,
+                                  legend_position="top_left", title="", toolbar=None)
+
+
 def _response(ds: xr.Dataset, name: str, ylabel: str, ci: bool) -> hv.Layout:
     """Per steered layer: ``name`` against alpha for each real kind (with its CI band where ``ci``), the random
-    directions' band (grey) and zero; the legend beside the first panel."""
+    directions' band (grey) and zero; the legend in a panel of its own."""
     require(ds, name, "alpha", "is_null")
     alphas = values(ds["alpha"]).astype(float)
     lo, hi = _band(ds, name)
-    panels = []
+    panels = [_legend(ds)]
     for j, layer in enumerate(values(ds["layer"]).astype(int)):
         one = ds.sel(layer=layer)
         null = hv.Area((alphas, lo[j], hi[j]), kdims=["alpha"], vdims=["null_lo", "null_hi"],
@@ -53,10 +63,9 @@ def _response(ds: xr.Dataset, name: str, ylabel: str, ci: bool) -> hv.Layout:
             band = [values(one[f"preference_change_ci_{e}"].sel(direction_kind=k)).astype(float) for e in
                     ("low", "high")] if ci else [mean, mean]
             curves.append(band_and_curve(alphas, mean, *band, k, COLORS.get(k, "#2ca02c"), kdim="alpha", vdim=name))
-        first = j == 0
         panels.append(hv.Overlay([null, *curves, reference_hline()]).opts(
-            title=f"layer {layer}", width=PANEL + (130 if first else 0), height=PANEL, show_legend=first,
-            legend_position="right", xlabel="alpha (x mean residual norm)", ylabel=ylabel))
+            title=f"layer {layer}", width=PANEL, height=PANEL, show_legend=False,
+            xlabel="alpha (x mean residual norm)", ylabel=ylabel))
     return hv.Layout(panels).cols(4)
 
 
@@ -73,29 +82,14 @@ def bias_response(ds: xr.Dataset) -> hv.Layout:
 
 
 def side_effects(ds: xr.Dataset) -> hv.Layout:
-    """At each kind's layer of the summary: the mean KL from the unsteered next-token distribution and the share of
-    prompts where a label stays the top-1 token, against alpha, beside the random directions' range there."""
-    from .stats import kind_summary
+    """The mean KL from the unsteered next-token distribution against alpha, per layer and kind, beside the random
+    directions' range."""
+    return _response(ds, "mean_kl", "mean KL(unsteered || steered) (nats)", ci=False)
 
-    require(ds, "mean_kl", "label_top_share", "alpha")
-    alphas = values(ds["alpha"]).astype(float)
-    out = []
-    for name, ylabel in (("mean_kl", "mean KL(unsteered || steered) (nats)"),
-                         ("label_top_share", "share of prompts: a label is top-1")):
-        lo, hi = _band(ds, name)
-        parts = []
-        for k in _kinds(ds):
-            layer = kind_summary(ds, k)["layer"]
-            j = int(np.flatnonzero(values(ds["layer"]).astype(int) == layer)[0])
-            parts.append(hv.Area((alphas, lo[j], hi[j]), kdims=["alpha"], vdims=["lo", "hi"],
-                                 label=f"random at layer {layer}").opts(color=COLORS.get(k, "#2ca02c"), alpha=0.12,
-                                                                        line_alpha=0))
-            parts.append(hv.Curve((alphas, values(ds[name].sel(layer=layer, direction_kind=k)).astype(float)),
-                                  "alpha", name, label=f"{k} (layer {layer})").opts(
-                color=COLORS.get(k, "#2ca02c"), line_width=2, tools=["hover"]))
-        out.append(hv.Overlay(parts).opts(width=WIDTH, height=300, legend_position="top", xlabel="alpha",
-                                          ylabel=ylabel, title=ylabel))
-    return hv.Layout(out).cols(2)
+
+def label_top(ds: xr.Dataset) -> hv.Layout:
+    """The share of prompts where a label stays the top-1 token against alpha, per layer and kind."""
+    return _response(ds, "label_top_share", "share: a label is the top-1 token", ci=False)
 
 
 def heatmaps(ds: xr.Dataset) -> hv.Layout:
@@ -159,10 +153,13 @@ def figures(ds: xr.Dataset, prompts: Sequence[str] | None = None) -> tuple[list[
                             "over the pairs that swap the ethical label) at the same layers and alphas: a push "
                             "toward each side's ethical label leaves it unmoved if it acts through the content alone. "
                             "Grey: the random directions' range."),
-        lambda: Figure("steer_side_effects", "Side effects", side_effects(ds), SECTION,
-                       note="At the layer where each kind moves the ethical preference most: how far the whole "
-                            "next-token distribution moves (mean KL from the unsteered row, nats) and whether a label "
-                            "stays the most likely token; shaded: the random directions' range at that layer."),
+        lambda: Figure("steer_kl", "Side effect: how far the whole next-token distribution moves",
+                       side_effects(ds), SECTION,
+                       note="Mean over prompts of KL(unsteered || steered), in nats, of the next-token distribution at "
+                            "the decision position; grey: the random directions' range (the same norm)."),
+        lambda: Figure("steer_label_top", "Side effect: does a label stay the answer", label_top(ds), SECTION,
+                       note="Share of prompts (both sides) whose most likely next token is still one of the two "
+                            "labels; grey: the random directions' range."),
         lambda: Figure("steer_heatmap", "Preference change over layer x alpha", heatmaps(ds), SECTION,
                        note="The same means as the dose-response, one heatmap per direction kind; hover for the CI "
                             "and the null band of the cell."),

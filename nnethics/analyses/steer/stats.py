@@ -235,5 +235,13 @@ def kind_summary(ds: xr.Dataset, kind: str) -> dict[str, Any]:
             "ci_high": float(grid("preference_change_ci_high", kind)[j, a]),
             "null_low": float(grid("null_low")[j, a]), "null_high": null_high,
             "bias_change": float(grid("mean_bias_change", kind)[j, a]),
+            "kl": float(grid("mean_kl", kind)[j, a]), "kl_null": _null_range(ds, "mean_kl", j, a),
             "one_logit_alpha": one_logit_alpha(alphas, m[j], 1.0 if alphas[a] > 0 else -1.0),
             "beats_null": bool(np.isfinite(low) and np.isfinite(null_high) and low > null_high)}
+
+
+def _null_range(ds: xr.Dataset, name: str, j: int, a: int) -> tuple[float, float]:
+    """The lowest and highest of ``name`` over the random directions at layer index ``j``, alpha index ``a``."""
+    null = ds["is_null"].values.astype(bool)
+    v = ds[name].transpose("layer", "direction_kind", "alpha").values.astype(np.float64)[j, null, a]
+    return (float(v.min()), float(v.max())) if v.size else (float("nan"), float("nan"))
