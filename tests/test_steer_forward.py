@@ -23,7 +23,7 @@ def _setup(model, prompt_set):
     return batch, ids, hf, toks, states
 
 
-@pytest.mark.parametrize("path", ["kv", "full"])
+@pytest.mark.parametrize("path", ["kv", "kv-every-layer", "full"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_steered_rows_equal_a_hooked_plain_forward(tiny_models, prompt_set, family, path):
     model = tiny_models(family)
@@ -35,13 +35,15 @@ def test_steered_rows_equal_a_hooked_plain_forward(tiny_models, prompt_set, fami
     # (seq, layer, direction, coefficient): every layer, both sides, negative and zero coefficients, no direction
     spec = [(0, 0, 0, 2.0), (1, 1, 1, -3.0), (2, L - 1, 2, 1.5), (3, 1, 0, 0.0), (0, 1, -1, 0.0), (3, 0, 2, 4.0),
             (1, L - 1, 1, -2.5)]
-    refs, rows = empty_rows(), empty_rows()
-    for r, (seq, layer, u, coef) in enumerate(spec):
-        add_row(refs, seq, seq, layer, layer)
-        add_row(rows, seq, seq, layer, layer, u, coef, r)
-    prefix = own_prefix(model, batch.encoded, 4) if path == "kv" else None
-    r0 = run_rows(model, batch.encoded, prefix, ids, states, units, refs, 3, torch.float32, keep=True)
-    got = run_rows(model, batch.encoded, prefix, ids, states, units, rows, 3, torch.float32, ref=r0["logp"])
+    rows, pairs = empty_rows(), []
+    for seq, layer, u, coef in spec:
+        ref = add_row(rows, seq, seq, layer, layer)
+        pairs.append((ref, add_row(rows, seq, seq, layer, layer, u, coef, ref)))
+    prefix = own_prefix(model, batch.encoded, 4) if path.startswith("kv") else None
+    out = run_rows(model, batch.encoded, prefix, ids, states, units, rows, 3, torch.float32,
+                   skip=path != "kv-every-layer")
+    r0 = {key: out[key][[a for a, _ in pairs]] for key in out}
+    got = {key: out[key][[b for _, b in pairs]] for key in out}
     for r, (seq, layer, u, coef) in enumerate(spec):
         vec = torch.zeros(d) if u < 0 else coef * units[u]
         want_ld, want_logp = steered_next_token(hf, toks[seq], layer, vec, ids)
@@ -94,13 +96,11 @@ def test_the_kl_is_unsteered_against_steered_on_a_peaked_distribution(tokenizer,
     w = hf.lm_head.weight[ids[0]].detach().float()
     units = (w / w.norm())[None]
     coef = 3.0 * float(states[0, L - 1].norm())
-    refs, rows = empty_rows(), empty_rows()
-    add_row(refs, 0, 0, L - 1, L - 1)
-    add_row(rows, 0, 0, L - 1, L - 1, 0, coef, 0)
+    rows = empty_rows()
+    ref = add_row(rows, 0, 0, L - 1, L - 1)
+    add_row(rows, 0, 0, L - 1, L - 1, 0, coef, ref)
     prefix = own_prefix(model, batch.encoded, 4)
-    r0 = run_rows(model, batch.encoded, prefix, ids, states, units, refs, 4, torch.float32, keep=True)
-    got = float(run_rows(model, batch.encoded, prefix, ids, states, units, rows, 4, torch.float32,
-                         ref=r0["logp"])["kl"][0])
+    got = float(run_rows(model, batch.encoded, prefix, ids, states, units, rows, 4, torch.float32)["kl"][1])
     _, p = steered_next_token(hf, toks[0], L - 1, torch.zeros(model.d_model), ids)
     _, q = steered_next_token(hf, toks[0], L - 1, coef * units[0], ids)
     forward, reverse = float((p.exp() * (p - q)).sum()), float((q.exp() * (q - p)).sum())

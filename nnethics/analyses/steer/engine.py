@@ -32,79 +32,96 @@ from ..prefix_cache import Prefix, SharedPrefixCache, inputs_token
 FIELDS = ("seq", "src", "k", "layer", "u", "coef", "ref")
 
 
+
+FIELDS = ("seq", "src", "k", "layer", "u", "coef", "ref")
+
+
 def empty_rows() -> dict[str, list]:
     return {f: [] for f in FIELDS}
 
 
 def add_row(rows: dict[str, list], seq: int, src: int, k: int, layer: int, u: int = -1, coef: float = 0.0,
-            ref: int = -1) -> None:
-    """One row: input row ``seq`` of the chunk, ``x = states[src, k] + coef * units[u]`` (u = -1: no direction)
-    after layer ``layer``; ``ref``: the row of the reference log-probabilities its KL is taken against (-1: none)."""
+            ref: int = -1) -> int:
+    """Add one row and return its index: input row ``seq`` of the chunk, ``x = states[src, k] + coef * units[u]``
+    (u = -1: no direction) after layer ``layer``; ``ref``: the index in ``rows`` of the row whose next-token
+    distribution its KL is taken against (-1: none; that row runs in the same forward, at the same layer)."""
     for f, v in zip(FIELDS, (seq, src, k, layer, u, coef, ref)):
         rows[f].append(v)
+    return len(rows["seq"]) - 1
 
 
-def _readout(model: Any, ids: tuple[int, int], ref: Any, keep: bool) -> dict:
-    """Inside a trace: LD, label-is-top-1 and KL against ``ref`` (log-probs of the same rows' references; None:
-    NaN) at the last position; ``keep``: the log-probabilities too (a reference pass)."""
+def _readout(model: Any, ids: tuple[int, int], ref: list[int]) -> dict:
+    """Inside a trace: LD, label-is-top-1 and, for the rows with a reference row in the forward (``ref[r]``, its
+    index here; -1: none, KL 0), KL(reference || row) at the last position."""
     import nnsight
     import torch
 
     a, b = ids
     logits = model.lm.output.logits[:, -1].float()  # after the model's own final soft-cap, if any
-    logp = logits.log_softmax(-1)
     top = logits.argmax(-1)
     out = {"ld": logits[:, a] - logits[:, b], "top": (top == a) | (top == b)}
-    if ref is not None:
-        out["kl"] = (ref.exp() * (ref - logp)).sum(-1).clamp_min(0)
-    if keep:
-        out["logp"] = logp
+    if max(ref) >= 0:
+        # KL(q || p) = sum q log q - sum q logits_p + logsumexp(logits_p), q the reference's distribution: one
+        # product of the rows' logits with the forward's few reference distributions instead of a rows x
+        # vocabulary gather (measured: a fifth of a row's readout)
+        heads = sorted({r for r in ref if r >= 0})
+        col = {r: i for i, r in enumerate(heads)}
+        logq = logits[heads].log_softmax(-1)
+        q = logq.exp()
+        cross = logits @ q.T  # [rows, references]
+        pick = torch.tensor([col[r] if r >= 0 else 0 for r in ref], device=logits.device)
+        rows = torch.arange(len(ref), device=logits.device)
+        own = (q * logq).sum(-1)[pick]
+        lse = torch.logsumexp(logits, -1)
+        out["kl"] = (own - cross[rows, pick] + lse).clamp_min(0)
     return nnsight.save(out)
 
 
-def _trace_kv(model: Any, inputs: dict, start: int, x: Any, ids: tuple[int, int], ref: Any, keep: bool) -> dict:
-    """One-token rows over the prefix cache whose steered layer is ``start - 1``: layers ``0..start-1`` are skipped,
-    their output being ``x`` (the steered state after layer ``start - 1``)."""
+def _trace_rows(model: Any, inputs: dict, start: int, by_layer: dict, x: Any, ids: tuple[int, int],
+                ref: list[int], use_cache: bool | None) -> dict:
+    """One forward of rows. ``start > 0`` (one-token rows over a prefix cache, all steered after layer ``start -
+    1``): layers ``0..start-1`` are skipped, their output being ``x``. ``by_layer[l]``: the rows whose layer-``l``
+    output at the last position is set to theirs of ``x``."""
     import torch
 
-    with torch.no_grad(), model.trace(inputs, logits_to_keep=1):
-        xs = x[:, None]
-        for j in range(start):
-            model.lm.model.layers[j].skip(xs)
-        got = _readout(model, ids, ref, keep)
-    return got
-
-
-def _trace_full(model: Any, inputs: dict, by_layer: dict, x: Any, ids: tuple[int, int], ref: Any, keep: bool
-                ) -> dict:
-    """Full forwards: ``by_layer[l]`` = the rows whose layer-``l`` output at the last position is set to theirs of
-    ``x``."""
-    import torch
-
-    with torch.no_grad(), model.trace(inputs, logits_to_keep=1, use_cache=False):
+    kw = {} if use_cache is None else {"use_cache": use_cache}
+    with torch.no_grad(), model.trace(inputs, logits_to_keep=1, **kw):
+        if start > 0:
+            xs = x[:, None]
+            for j in range(start):
+                model.lm.model.layers[j].skip(xs)
         for layer in sorted(by_layer):
             out = model.lm.model.layers[layer].output
             h = out[0] if isinstance(out, tuple) else out
             rows = by_layer[layer]
             h[torch.tensor(rows, device=h.device), -1] = x[rows].to(device=h.device, dtype=h.dtype)
-        got = _readout(model, ids, ref, keep)
+        got = _readout(model, ids, ref)
     return got
 
 
-def _forwards(rows: dict[str, list], kv: bool, size: int) -> list[list[int]]:
-    """The rows in forwards of at most ``size``, in row order within one layer (KV: a forward starts at one layer)."""
-    order = sorted(range(len(rows["seq"])), key=lambda r: rows["layer"][r]) if kv else list(range(len(rows["seq"])))
+def _units(rows: dict[str, list]) -> list[list[int]]:
+    """Rows that must share a forward: a reference row and the rows whose KL is taken against it."""
+    units: dict[int, list[int]] = {}
+    for r, ref in enumerate(rows["ref"]):
+        units.setdefault(r if ref < 0 else ref, []).append(r)
+    return sorted(units.values(), key=lambda u: (rows["layer"][u[0]], u[0]))
+
+
+def _forwards(rows: dict[str, list], skip: bool, size: int) -> list[list[int]]:
+    """The rows in forwards of at most ``size`` (a reference row and its rows are never split; with ``skip`` a
+    forward holds one layer's rows)."""
     out: list[list[int]] = []
-    for r in order:
-        if out and len(out[-1]) < size and (not kv or rows["layer"][out[-1][0]] == rows["layer"][r]):
-            out[-1].append(r)
+    for unit in _units(rows):
+        same = bool(out) and (not skip or rows["layer"][out[-1][0]] == rows["layer"][unit[0]])
+        if same and len(out[-1]) + len(unit) <= size:
+            out[-1].extend(unit)
         else:
-            out.append([r])
+            out.append(list(unit))
     return out
 
 
 def _forward(model: Any, enc: Any, prefix: Prefix | None, ids: tuple[int, int], states: Any, table: Any,
-             rows: dict[str, list], chunk: list[int], dtype: Any, ref: Any, keep: bool) -> dict:
+             rows: dict[str, list], chunk: list[int], dtype: Any, skip: bool) -> dict:
     """One forward of the rows ``chunk``: ``x = states[src, k] + coef * table[u]`` made here (where the model runs)."""
     import torch
 
@@ -114,23 +131,25 @@ def _forward(model: Any, enc: Any, prefix: Prefix | None, ids: tuple[int, int], 
     u = torch.tensor(col["u"], device=table.device)
     coef = torch.tensor(col["coef"], dtype=states.dtype, device=states.device)
     x = (states[src, k] + coef[:, None] * table[u]).to(dtype)
-    r_ref = None if ref is None else ref[torch.tensor(col["ref"], device=ref.device)]
-    if prefix is not None:
-        inputs = inputs_token(enc, col["seq"], prefix.width, prefix.cache,
-                              [prefix.index[(s, None)] for s in col["seq"]])
-        return _trace_kv(model, inputs, col["layer"][0] + 1, x, ids, r_ref, keep)
+    local = {r: i for i, r in enumerate(chunk)}
+    ref = [local[q] if q >= 0 else -1 for q in col["ref"]]
     by_layer: dict[int, list[int]] = {}
-    for j, layer in enumerate(col["layer"]):
-        by_layer.setdefault(layer, []).append(j)
-    return _trace_full(model, inputs_full(enc, col["seq"])[0], by_layer, x, ids, r_ref, keep)
+    if not (skip and prefix is not None):
+        for j, layer in enumerate(col["layer"]):
+            by_layer.setdefault(layer, []).append(j)
+    if prefix is None:
+        return _trace_rows(model, inputs_full(enc, col["seq"])[0], 0, by_layer, x, ids, ref, False)
+    inputs = inputs_token(enc, col["seq"], prefix.width, prefix.cache, [prefix.index[(s, None)] for s in col["seq"]])
+    return _trace_rows(model, inputs, col["layer"][0] + 1 if skip else 0, by_layer, x, ids, ref, None)
 
 
 def run_rows(model: Any, enc: Any, prefix: Prefix | None, ids: tuple[int, int], states: Any, units: Any,
-             rows: dict[str, list], max_rows: int, dtype: Any, ref: Any = None, keep: bool = False) -> dict:
+             rows: dict[str, list], max_rows: int, dtype: Any, skip: bool = True) -> dict:
     """Every row of ``rows`` (see the module docstring) over ``prefix`` (None: full forwards), in forwards of at
-    most ``max_rows`` rows, halved on out-of-memory. ``states [seqs, K, d]``, ``units [U, d]`` (float32);
-    ``dtype``: the residual stream's. Returns ``{"ld", "top", "kl", "logp"?}`` per row (CPU; kl NaN without
-    ``ref``; ``logp [R, vocab]`` kept on the model's device with ``keep``)."""
+    most ``max_rows`` rows, halved on out-of-memory. ``skip`` (KV path): a forward holds one layer's rows and starts
+    after that layer; else its rows set their layer's output and every layer runs (one trace for the rows of many
+    layers, where each layer has few). ``states [seqs, K, d]``, ``units [U, d]`` (float32); ``dtype``: the residual
+    stream's. Returns ``{"ld", "top", "kl"}`` per row (CPU; kl NaN where a row has no reference)."""
     import torch
 
     R = len(rows["seq"])
@@ -138,36 +157,28 @@ def run_rows(model: Any, enc: Any, prefix: Prefix | None, ids: tuple[int, int], 
     table = torch.cat([units, zero])  # u = -1: the zero row
     out = {"ld": torch.full((R,), float("nan")), "top": torch.zeros(R, dtype=torch.bool),
            "kl": torch.full((R,), float("nan"))}
-    kept: dict[int, Any] = {}
-    state = {"todo": None, "size": None}
+    state: dict = {"todo": None, "size": None}
 
     def loop(size: int) -> None:
-        if state["size"] != size:
-            remaining = {r for chunk in (state["todo"] or []) for r in chunk}  # a retry: the failed forward on
-            left = [r for r in range(R) if state["todo"] is None or r in remaining]
+        if state["size"] != size:  # the first pass, or a retry: the failed forward and the rest, packed smaller
+            left = sorted({r for c in state["todo"] for r in c}) if state["todo"] is not None else list(range(R))
+            where = {r: i for i, r in enumerate(left)}
             sub = {f: [rows[f][r] for r in left] for f in FIELDS}
-            state["todo"] = [[left[i] for i in c] for c in _forwards(sub, prefix is not None, size)]
+            sub["ref"] = [where[q] if q >= 0 else -1 for q in sub["ref"]]
+            state["todo"] = [[left[i] for i in c] for c in _forwards(sub, skip and prefix is not None, size)]
             state["size"] = size
         while state["todo"]:
             chunk = state["todo"][0]
-            got = _forward(model, enc, prefix, ids, states, table, rows, chunk, dtype, ref, keep)
+            got = _forward(model, enc, prefix, ids, states, table, rows, chunk, dtype, skip)
             idx = torch.tensor(chunk)
             for key in ("ld", "top", "kl"):
                 if key in got:
                     out[key][idx] = got[key].detach().to("cpu", out[key].dtype)
-            if keep:
-                kept[chunk[0]] = (chunk, got["logp"])
             state["todo"].pop(0)
 
     if R:
         halving(max_rows, loop)
-    if keep:
-        logp = None
-        for chunk, lp in kept.values():
-            if logp is None:
-                logp = torch.empty((R, lp.shape[-1]), dtype=lp.dtype, device=lp.device)
-            logp[torch.tensor(chunk, device=lp.device)] = lp
-        out["logp"] = logp
+        out["kl"][torch.tensor([q < 0 for q in rows["ref"]], dtype=torch.bool)] = float("nan")
     return out
 
 
@@ -178,9 +189,9 @@ def own_prefix(model: Any, enc: Any, n_seqs: int) -> Prefix:
 
 
 def max_rows(max_tokens: int, kv: bool, width: int) -> int:
-    """Rows per forward: one-token rows carry a full next-token distribution each (a quarter of ``max_tokens``, as
-    heads' rows); full rows ``max_tokens // width``."""
-    return max(1, max_tokens // 4 if kv else max_tokens // max(1, width))
+    """Rows per forward: one-token rows carry a full next-token distribution each (a sixteenth of ``max_tokens``:
+    with their log-probabilities, three ``rows x vocabulary`` float32 tensors); full rows ``max_tokens // width``."""
+    return max(1, max_tokens // 16 if kv else max_tokens // max(1, width))
 
 
 def chunk_pass(model: Any, batch: Any, job: dict, states: Any, prefix: Prefix | None) -> dict:
@@ -201,19 +212,19 @@ def chunk_pass(model: Any, batch: Any, job: dict, states: Any, prefix: Prefix | 
     units = torch.zeros(1, states.shape[-1], dtype=torch.float32, device=states.device)
     size = max_rows(job["max_tokens"], kv, int(batch.encoded.input_ids.shape[1]))
     ids = [batch.label_ids[0], batch.label_ids[1]]
-    got = run_rows(model, batch.encoded, prefix, (ids[0], ids[1]), states.float(), units, rows, size, states.dtype)
+    got = run_rows(model, batch.encoded, prefix, (ids[0], ids[1]), states.float(), units, rows, size, states.dtype,
+                   skip=False)  # a row per pair and layer: one trace for every layer, not one per layer
     answers = answer_states(model, batch.encoded, prefix, ids, size)
     return {"ld": got["ld"], "answers": answers}
 
 
-def grid_session(model: Any, enc: Any, kv: bool, ids: tuple[int, int], states: Any, units: Any, refs: dict,
-                 rows: dict, size: int, dtype: Any) -> dict:
-    """The complete pass of one chunk, in one session (one request remotely): its prefix (KV path), the unsteered
-    rows (their log-probabilities kept there), then the steered rows and their KL against those."""
+
+def grid_session(model: Any, enc: Any, kv: bool, ids: tuple[int, int], states: Any, units: Any, rows: dict,
+                 size: int, dtype: Any) -> dict:
+    """The complete pass of one chunk, in one session (one request remotely): its prefix (KV path), then every row,
+    each unsteered row in the forward of the steered rows whose KL is taken against it."""
     prefix = own_prefix(model, enc, int(enc.input_ids.shape[0])) if kv else None
-    r0 = run_rows(model, enc, prefix, ids, states, units, refs, size, dtype, keep=True)
-    r1 = run_rows(model, enc, prefix, ids, states, units, rows, size, dtype, ref=r0["logp"])
-    return {"ref_ld": r0["ld"], "ref_top": r0["top"], "ld": r1["ld"], "top": r1["top"], "kl": r1["kl"]}
+    return run_rows(model, enc, prefix, ids, states, units, rows, size, dtype)
 
 
 def _answer_inputs(enc: Any, seqs: list[int], answers: list[int], prefix: Prefix | None) -> dict:

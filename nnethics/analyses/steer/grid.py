@@ -14,10 +14,11 @@ from ..common import encode_pairs
 from . import stats
 
 
-def chunk_rows(ds: xr.Dataset, idx: Sequence[int]) -> tuple[dict, dict, list]:
+def chunk_rows(ds: xr.Dataset, idx: Sequence[int]) -> tuple[dict, list, list]:
     """The rows of the pairs ``idx`` of ``ds`` (a chunk, in that order: row ``i`` is pair ``idx[i]``'s base, ``n + i``
-    its counterfactual): the unsteered ones (one per pair, side, layer) and the steered ones (one per pair, side,
-    layer, kind and alpha != 0), with where each lands: ``(pair, side, layer, kind, alpha)`` indices."""
+    its counterfactual): per pair, side and layer one unsteered row, then one per kind and alpha != 0 whose KL is
+    taken against it; with where each lands: ``(pair, side, layer)`` for the unsteered rows and ``(pair, side,
+    layer, kind, alpha)`` for the others (``None`` for the unsteered rows in the second list, and so on)."""
     from .engine import add_row, empty_rows
 
     n = len(idx)
@@ -28,29 +29,22 @@ def chunk_rows(ds: xr.Dataset, idx: Sequence[int]) -> tuple[dict, dict, list]:
     scale = ds["scale"].values  # [fold, layer]
     sign = stats.ethical_sign(ds)
     signed = ds["signed"].values
-    refs, rows, where = empty_rows(), empty_rows(), []
-    ref_of: dict = {}
-    for i, p in enumerate(idx):
-        for s in range(2):
-            seq = i if s == 0 else n + i
-            for j, layer in enumerate(layers):
-                ref_of[(i, s, j)] = len(refs["seq"])
-                add_row(refs, seq, seq, j, layer)
+    rows, unsteered, steered = empty_rows(), [], []
     for i, p in enumerate(idx):
         f = int(fold[p])
         for s in range(2):
             seq = i if s == 0 else n + i
             for j, layer in enumerate(layers):
+                ref = add_row(rows, seq, seq, j, layer)
+                unsteered.append((ref, (p, s, j)))
                 for c in range(K):
                     u = (f * len(layers) + j) * K + c
                     for a, alpha in enumerate(alphas):
                         if alpha == 0:
                             continue
-                        add_row(rows, seq, seq, j, layer, u, stats.coefficient(alpha, scale[f, j],
-                                                                              sign[p, s] if signed[c] else 1.0),
-                                ref_of[(i, s, j)])
-                        where.append((p, s, j, c, a))
-    return refs, rows, where
+                        coef = stats.coefficient(alpha, scale[f, j], sign[p, s] if signed[c] else 1.0)
+                        steered.append((add_row(rows, seq, seq, j, layer, u, coef, ref), (p, s, j, c, a)))
+    return rows, unsteered, steered
 
 
 def run_grid(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], options: Any, label_ids: Any,
@@ -82,19 +76,17 @@ def run_grid(model: Any, ds: xr.Dataset, pairs: Sequence[PromptPair], options: A
         batch = encode_pairs(model, [by_id[ids[i]] for i in idx], list(options.labels), options.chat, label_ids)
         m = len(idx)
         kv = kv_possible(model, batch.encoded, [[Row(i), Row(m + i)] for i in range(m)]) is None
-        refs, rows, where = chunk_rows(ds, idx)
+        rows, unsteered, steered = chunk_rows(ds, idx)
         h = torch.as_tensor(np.concatenate([state[idx, 0], state[idx, 1]]))  # [2m, layers, d]
         size = max_rows(options.max_tokens, kv, int(batch.encoded.input_ids.shape[1]))
         got = model.session(grid_session, batch.encoded, kv, (batch.label_ids[0], batch.label_ids[1]), h, units,
-                            refs, rows, size, dtype)
-        r_ld, r_top = got["ref_ld"].double().numpy(), got["ref_top"].numpy()
-        for r, (seq, k) in enumerate(zip(refs["seq"], refs["k"])):
-            p, s = idx[seq % m], seq // m
-            ld0[k, p, s], top0[k, p, s] = r_ld[r], r_top[r]
-            for a in zero:  # alpha 0: the unsteered row, KL 0
-                ld[k, :, a, p, s], top[k, :, a, p, s], kl[k, :, a, p, s] = r_ld[r], r_top[r], 0.0
+                            rows, size, dtype)
         g_ld, g_top, g_kl = got["ld"].double().numpy(), got["top"].numpy(), got["kl"].double().numpy()
-        for r, (p, s, j, c, a) in enumerate(where):
+        for r, (p, s, j) in unsteered:
+            ld0[j, p, s], top0[j, p, s] = g_ld[r], g_top[r]
+            for a in zero:  # alpha 0: the unsteered row, KL 0
+                ld[j, :, a, p, s], top[j, :, a, p, s], kl[j, :, a, p, s] = g_ld[r], g_top[r], 0.0
+        for r, (p, s, j, c, a) in steered:
             ld[j, c, a, p, s], top[j, c, a, p, s], kl[j, c, a, p, s] = g_ld[r], g_top[r], g_kl[r]
     cell = ("layer", "direction_kind", "alpha", "prompt", "side")
     return ds.assign(steered_logit_diff=(cell, ld.astype(np.float32)), steered_kl=(cell, kl.astype(np.float32)),
