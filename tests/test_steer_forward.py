@@ -23,9 +23,10 @@ def _setup(model, prompt_set):
     return batch, ids, hf, toks, states
 
 
+@pytest.mark.parametrize("size", [3, 16])  # 3: one reference and its row per forward; 16: several share one
 @pytest.mark.parametrize("path", ["kv", "kv-every-layer", "full"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_steered_rows_equal_a_hooked_plain_forward(tiny_models, prompt_set, family, path):
+def test_steered_rows_equal_a_hooked_plain_forward(tiny_models, prompt_set, family, path, size):
     model = tiny_models(family)
     batch, ids, hf, toks, states = _setup(model, prompt_set)
     L, d = model.n_layers, model.d_model
@@ -40,7 +41,7 @@ def test_steered_rows_equal_a_hooked_plain_forward(tiny_models, prompt_set, fami
         ref = add_row(rows, seq, seq, layer, layer)
         pairs.append((ref, add_row(rows, seq, seq, layer, layer, u, coef, ref)))
     prefix = own_prefix(model, batch.encoded, 4) if path.startswith("kv") else None
-    out = run_rows(model, batch.encoded, prefix, ids, states, units, rows, 3, torch.float32,
+    out = run_rows(model, batch.encoded, prefix, ids, states, units, rows, size, torch.float32,
                    skip=path != "kv-every-layer")
     r0 = {key: out[key][[a for a, _ in pairs]] for key in out}
     got = {key: out[key][[b for _, b in pairs]] for key in out}
