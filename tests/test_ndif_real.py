@@ -216,3 +216,23 @@ def test_killing_the_model_actor_mid_run_then_rerunning_loses_nothing(real, tmp_
     for name, f in here.items():
         with xr.open_dataset(f) as a, xr.open_dataset(there[name]) as b:
             xr.testing.assert_identical(a.load().drop_attrs(), b.load().drop_attrs())
+
+
+def test_steer_through_the_real_server_equals_local(real, builtin_dir):
+    """steer on the real server: its chunk pass rides in the shared trace's request (decisions+steer: one), its
+    complete pass is one request per chunk (one here), and the file equals the local one."""
+    import nnethics as ne
+    from nnethics.analyses.steer import SteerOptions
+
+    pairs = ne.load_prompts(PROMPTS).pairs[:3]
+    opts = SteerOptions(layers=(20, 23), folds=3, null_seeds=2, alphas=(-1.0, 0.0, 0.5))
+    names = ["decisions", "steer"]
+    remote = ne.analyze(load_model("builtin", remote=True), pairs, names, batch_size=3, steer=opts)
+    local = ne.analyze(load_model("builtin"), pairs, names, batch_size=3, steer=opts)
+    print(f"\n{STATS.report(n_pairs=3)}")
+    assert STATS.totals("decisions+steer")["requests"] == 1
+    assert STATS.totals("steer")["requests"] == 1
+    skip = ["created", "device", "remote", "fingerprint", "source", "model_revision", "quantization"]
+    a, b = local["steer"], remote["steer"]
+    _same(a.drop_attrs(deep=False), b.drop_attrs(deep=False))
+    assert {k: v for k, v in a.attrs.items() if k not in skip} == {k: v for k, v in b.attrs.items() if k not in skip}

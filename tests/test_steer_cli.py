@@ -70,3 +70,21 @@ def test_a_rerun_leaves_the_finished_file_and_run_fuses_steer(tiny_model_dir, tm
     assert res.exit_code == 0, res.output
     assert {p.stem for p in other.rglob("*.nc")} == {"decisions", "patching", "steer"}
     assert "steer: " in res.output and "3 pairs in 3 folds;" in res.output  # 5 folds asked, leave-one-out
+
+
+def test_export_writes_the_steer_tables(tiny_model_dir, tmp_path):
+    import pandas as pd
+
+    res = _invoke(["steer", "--limit", "4", *SMALL], tiny_model_dir, tmp_path)
+    assert res.exit_code == 0, res.output
+    folder = next(p.parent for p in tmp_path.rglob("steer.nc"))
+    res = CliRunner().invoke(cli, ["export", str(folder)])
+    assert res.exit_code == 0, res.output
+    ds = ne.load(folder / "steer.nc")
+    cells = pd.read_csv(folder / "export" / "steer.csv")
+    rows = pd.read_csv(folder / "export" / "steer_rows.csv")
+    assert len(cells) == ds.sizes["layer"] * ds.sizes["direction_kind"] * ds.sizes["alpha"]
+    assert len(rows) == len(cells) * ds.sizes["prompt"] * 2
+    one = cells[(cells["layer"] == 1) & (cells["direction_kind"] == "content") & (cells["alpha"] == 1.0)]
+    assert float(one["mean_preference_change"].iloc[0]) == pytest.approx(
+        float(ds["mean_preference_change"].sel(layer=1, direction_kind="content", alpha=1.0)), rel=1e-6)

@@ -12,8 +12,8 @@ is computed again, as heads' layer blocks do. Full path (else): full forwards, l
 position set to ``x``.
 
 Every row reads the full next-token distribution at the last position: the label logit difference, whether one of
-the labels is the top-1 token and, against a reference row's log-probabilities (the unsteered row of the same
-prompt, side and layer), ``KL(unsteered || steered)``. Only those numbers come back from a remote model.
+the labels is the top-1 token and, against its reference row (the unsteered row of the same prompt, side and
+layer, in the same forward), ``KL(unsteered || steered)``. Only those numbers come back from a remote model.
 
 Rows travel as lists of ints and floats (``seq``, ``src``, ``k``, ``layer``, ``u``, ``coef``, ``ref``): the states
 and unit directions travel once per chunk and ``x`` is made where the model runs.
