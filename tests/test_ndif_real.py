@@ -234,5 +234,8 @@ def test_steer_through_the_real_server_equals_local(real, builtin_dir):
     assert STATS.totals("steer")["requests"] == 1
     skip = ["created", "device", "remote", "fingerprint", "source", "model_revision", "quantization"]
     a, b = local["steer"], remote["steer"]
-    _same(a.drop_attrs(deep=False), b.drop_attrs(deep=False))
+    # the normalised effects divide LDs that agree within 1e-5 by gaps of at least min_gap (0.1): 1e-4 apart
+    derived = ["patch_effect", "mean_patch_effect", "patch_effect_ci_low", "patch_effect_ci_high"]
+    _same(a.drop_vars(derived).drop_attrs(deep=False), b.drop_vars(derived).drop_attrs(deep=False))
+    xr.testing.assert_allclose(a[derived], b[derived], rtol=0, atol=1e-3)
     assert {k: v for k, v in a.attrs.items() if k not in skip} == {k: v for k, v in b.attrs.items() if k not in skip}

@@ -131,7 +131,8 @@ def _synthetic(n=9, L=4, d=6, seed=0):
     pairs = [ne.PromptPair(f"q{i}", f"b{i}", f"c{i}", "1" if i % 2 else "2", "2" if i % 2 else "1")
              for i in range(n)]
     return stats.chunk_dataset(pairs, ["1", "2"], rng.normal(size=(n, 2)), rng.normal(size=(n, L)),
-                               rng.normal(size=(n, 2, L, d)), rng.normal(size=(n, 2, 2, L, d)), "kv_cache", "float32")
+                               rng.normal(size=(n, 2, L, d)), rng.normal(size=(n, 2, 2, L, d)), range(L), "kv_cache",
+                               "float32")
 
 
 def test_a_pairs_states_never_enter_the_directions_it_is_steered_with():

@@ -18,7 +18,9 @@ def start(model: Any, batch: Any, options: SteerOptions, prepared: dict) -> dict
     """The chunk's plan: whether its rows run over a prefix cache (``cache``)."""
     n = batch.n
     why = kv_possible(model, batch.encoded, [[Row(i), Row(n + i)] for i in range(n)])
-    return {"cache": why is None, "max_tokens": options.max_tokens, "_options": options, "_why": why or ""}
+    keep = list(options.layers) if options.layers is not None else list(range(model.n_layers))
+    return {"cache": why is None, "max_tokens": options.max_tokens, "keep": keep, "_options": options,
+            "_why": why or ""}
 
 
 def read(model: Any, batch: Any, job: dict) -> Any:
@@ -37,7 +39,7 @@ def rows(model: Any, batch: Any, job: dict, saved: Any, prefix: Any) -> dict:
     """After the shared trace, in its session: resid patching at the decision position and the answer-token states
     (:func:`.engine.chunk_pass`)."""
     got = chunk_pass(model, batch, job, saved["states"], prefix)
-    return {"states": saved["states"], "label": saved["label"], **got}
+    return {"label": saved["label"], **got}
 
 
 def build(model: Any, batch: Any, job: dict, got: dict) -> xr.Dataset:
@@ -49,7 +51,7 @@ def build(model: Any, batch: Any, job: dict, got: dict) -> xr.Dataset:
     h = states.float().cpu().numpy().reshape(2, n, *states.shape[1:]).transpose(1, 0, 2, 3)
     answers = got["answers"].float().cpu().numpy().reshape(2, n, *got["answers"].shape[1:]).transpose(1, 0, 2, 3, 4)
     patched = got["ld"].double().numpy().reshape(n, -1)
-    ds = stats.chunk_dataset(batch.pairs, options.labels, ld, patched, h, answers,
+    ds = stats.chunk_dataset(batch.pairs, options.labels, ld, patched, h, answers, job["keep"],
                              "kv_cache" if job["cache"] else "full", dtype)
     ds.attrs["min_gap"] = float(options.min_gap)
     ds.attrs["forward_path_why"] = job["_why"]

@@ -199,7 +199,8 @@ def chunk_pass(model: Any, batch: Any, job: dict, states: Any, prefix: Prefix | 
     layer (resid patching at the decision position: ``ld [n * L]``, pair-major) and every layer's state at an
     appended answer token (:func:`answer_states`: ``answers [2n, 2, L, d]``), over ``prefix`` (the shared trace's
     cache; on the KV path without one, a prefix forward of this analysis; full forwards where the KV path cannot
-    run). ``states [2n, L, d]``: the chunk's, from the shared trace."""
+    run). ``states [2n, L, d]``: the chunk's, from the shared trace; only the layers ``job["keep"]`` of them and of
+    the answer-token states come back (``--layers``, or every layer when the crossing is to choose them)."""
     n, L = batch.n, model.n_layers
     kv = job["cache"]
     if kv and prefix is None:
@@ -214,8 +215,9 @@ def chunk_pass(model: Any, batch: Any, job: dict, states: Any, prefix: Prefix | 
     ids = [batch.label_ids[0], batch.label_ids[1]]
     got = run_rows(model, batch.encoded, prefix, (ids[0], ids[1]), states.float(), units, rows, size, states.dtype,
                    skip=False)  # a row per pair and layer: one trace for every layer, not one per layer
-    answers = answer_states(model, batch.encoded, prefix, ids, size)
-    return {"ld": got["ld"], "answers": answers}
+    keep = job["keep"]
+    answers = answer_states(model, batch.encoded, prefix, ids, size, keep)
+    return {"ld": got["ld"], "answers": answers, "states": states[:, keep].clone()}
 
 
 
@@ -247,8 +249,10 @@ def _answer_inputs(enc: Any, seqs: list[int], answers: list[int], prefix: Prefix
             "cache": SharedPrefixCache(prefix.cache, rows)}
 
 
-def answer_states(model: Any, enc: Any, prefix: Prefix | None, label_ids: list[int], max_rows: int) -> Any:
-    """Every layer's output at an appended answer token, ``[seqs, 2, L, d]``: each row of ``enc`` followed by the
+def answer_states(model: Any, enc: Any, prefix: Prefix | None, label_ids: list[int], max_rows: int,
+                  layers: list[int] | None = None) -> Any:
+    """The output of ``layers`` (None: every layer) at an appended answer token, ``[seqs, 2, layers, d]``: each row of
+    ``enc`` followed by the
     token of label 1 (index 0) and of label 2 (index 1), two tokens over ``prefix`` (None: full forwards). The
     states contrastive activation addition contrasts (Rimsky et al. 2024: the answer letter's position)."""
     import nnsight
@@ -266,7 +270,7 @@ def answer_states(model: Any, enc: Any, prefix: Prefix | None, label_ids: list[i
             inputs = _answer_inputs(enc, [q for q, _ in part], [label_ids[a] for _, a in part], prefix)
             kw = {} if prefix is not None else {"use_cache": False}
             with torch.no_grad(), model.trace(inputs, logits_to_keep=1, **kw):
-                outs = [model.lm.model.layers[i].output for i in range(model.n_layers)]
+                outs = [model.lm.model.layers[i].output for i in (range(model.n_layers) if layers is None else layers)]
                 hs = nnsight.save(torch.stack([(o[0] if isinstance(o, tuple) else o)[:, -1] for o in outs], dim=1))
             for j in range(len(part)):
                 out[lo + j] = hs[j]

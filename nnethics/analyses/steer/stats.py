@@ -36,23 +36,25 @@ def unbroadcast(ds: xr.Dataset) -> xr.Dataset:
 
 
 def chunk_dataset(pairs: Sequence[PromptPair], labels: Sequence[str], label_ld: np.ndarray, patched: np.ndarray,
-                  states: np.ndarray, answers: np.ndarray, forward_path: str, state_dtype: str) -> xr.Dataset:
+                  states: np.ndarray, answers: np.ndarray, state_layers: Sequence[int], forward_path: str,
+                  state_dtype: str) -> xr.Dataset:
     """One chunk: ``label_ld [n, 2]`` (side 0 base), ``patched [n, L]`` (the base with the cf's state after layer
-    l), ``states [n, 2, L, d]`` (every layer's output at the decision position), ``answers [n, 2, 2, L, d]`` (at an
-    appended answer token, label 1 then label 2)."""
+    l), ``states [n, 2, S, d]`` (the output of the layers ``state_layers`` at the decision position),
+    ``answers [n, 2, 2, S, d]`` (at an appended answer token, label 1 then label 2)."""
     n, L = patched.shape
     ethical = np.array([[p.ethical(s) for s in SIDES] for p in pairs], dtype=str)
     ds = xr.Dataset(
         {"logit_diff": (("prompt", "side"), label_ld.astype(np.float32)),
          "ethical_option": (("prompt", "side"), ethical),
          "patched_logit_diff": (("prompt", "patch_layer"), patched.astype(np.float32)),
-         "state_all": (("prompt", "side", "patch_layer", "hidden"), states.astype(np.float32)),
-         "answer_state_all": (("prompt", "side", "answer", "patch_layer", "hidden"), answers.astype(np.float32)),
+         "state_all": (("prompt", "side", "state_layer", "hidden"), states.astype(np.float32)),
+         "answer_state_all": (("prompt", "side", "answer", "state_layer", "hidden"), answers.astype(np.float32)),
          "category": (("prompt",), np.array([p.category for p in pairs], dtype=str)),
          "forward_path": (("prompt",), np.array([forward_path] * n, dtype=str))},
         coords={"prompt": [p.prompt_id for p in pairs], "side": list(SIDES), "option": list(labels),
                 "answer": list(labels),
-                "patch_layer": np.arange(L, dtype=np.int32)})
+                "patch_layer": np.arange(L, dtype=np.int32),
+                "state_layer": np.asarray(state_layers, dtype=np.int32)})
     ds.attrs["state_dtype"] = state_dtype
     return ds
 
@@ -113,10 +115,9 @@ def fold_directions(ds: xr.Dataset, layers: Sequence[int], kinds: Sequence[str],
     ids = [str(p) for p in ds["prompt"].values]
     fold = dirs.folds(ids, k)
     k = int(fold.max()) + 1  # more folds than pairs: leave-one-out
-    h_all = ds["state_all"].transpose("prompt", "side", "patch_layer", "hidden").values
-    h = h_all[:, :, list(layers)]
-    answers = ds["answer_state_all"].transpose("prompt", "side", "answer", "patch_layer", "hidden").values[
-        :, :, :, list(layers)]
+    h = ds["state_all"].sel(state_layer=list(layers)).transpose("prompt", "side", "state_layer", "hidden").values
+    answers = ds["answer_state_all"].sel(state_layer=list(layers)).transpose(
+        "prompt", "side", "answer", "state_layer", "hidden").values
     e = ethical_sign(ds)
     ethical = np.where(e > 0, 0, 1)
     names = list(kinds) + [f"random{s}" for s in range(null_seeds)]
@@ -134,7 +135,7 @@ def fold_directions(ds: xr.Dataset, layers: Sequence[int], kinds: Sequence[str],
             unit[f, j, len(kinds):] = rand
             norm[f, j, len(kinds):] = 1.0
             scale[f, j] = dirs.scale(h[:, :, j], train)
-    out = ds.drop_vars(["state_all", "answer_state_all"]).assign_coords(
+    out = ds.drop_vars(["state_all", "answer_state_all", "state_layer"]).assign_coords(
         layer=np.asarray(layers, dtype=np.int32), direction_kind=names, fold_id=np.arange(k, dtype=np.int32),
         is_null=("direction_kind", np.array([n.startswith("random") for n in names])),
         signed=("direction_kind", np.array([dirs.SIGNED.get(n, True) for n in names])))
