@@ -154,6 +154,19 @@ def check_values(opts: Any) -> None:
                 raise OptionError(f.name, f"must be <= {spec.max:g}, got {item}")
 
 
+def recorded_option(ds: xr.Dataset, key: str, default: Any) -> Any:
+    """An option as the Dataset was computed with it, for a ``finalize`` (which gets the Dataset alone): from the
+    provenance ``options`` (the gathered chunks carry the run's attrs, a chunk's own attrs are replaced), else the
+    chunk's own attr ``key``, else ``default``."""
+    import json
+
+    try:
+        value = json.loads(ds.attrs.get("options", "{}")).get(key)
+    except (TypeError, ValueError, AttributeError):
+        value = None
+    return value if value is not None else ds.attrs.get(key, default)
+
+
 # ----------------------------------------------------------------------------------------------
 # option syntaxes (one parser each)
 

@@ -49,7 +49,7 @@ import xarray as xr
 from ... import metrics
 from ...prompts import PromptPair
 from ...store.variables import LD, LOGIT, ONE
-from ..base import Analysis, OptionError, Prepared, SharedReads, register
+from ..base import Analysis, OptionError, Prepared, SharedReads, recorded_option, register
 from .candidates import CANDIDATES, RunningRank, assemble
 from .results import CELL, HeadsOptions, build_dataset
 
@@ -114,7 +114,7 @@ def finalize(ds: xr.Dataset, top: int | None = None, n_resamples: int = metrics.
     computed with) as ``top_layer``/``top_head (rank)``, whose attention :func:`complete_attention` adds; see the
     module docstring."""
     ds = ds.copy()
-    top = _top_option(ds, 8) if top is None else int(top)
+    top = int(recorded_option(ds, "top_heads", 8)) if top is None else int(top)
     ds.attrs["heads"] = "query heads (GQA models: one o_proj input slice per query head)"
     mean, low, high = metrics.mean_ci(ds["effect"].values, axis=0, n_resamples=n_resamples, seed=seed)
     cell = ("layer", "head")
@@ -217,17 +217,6 @@ def with_attention(ds: xr.Dataset, att: np.ndarray) -> xr.Dataset:
         "attention weights of the top heads (rank 0: largest mean |effect|) from the decision position to each "
         "prompt token (token 0 = first; NaN padding); query heads")
     return ds
-
-
-def _top_option(ds: xr.Dataset, default: int) -> int:
-    """``top_heads`` as run: from the provenance ``options`` (a consolidated file) or the chunk's own attr."""
-    import json
-
-    try:
-        recorded = json.loads(ds.attrs.get("options", "{}")).get("top_heads")
-    except (TypeError, ValueError):
-        recorded = None
-    return int(recorded if recorded is not None else ds.attrs.get("top_heads", default))
 
 
 def summarize(ds: xr.Dataset) -> str:

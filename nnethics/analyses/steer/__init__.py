@@ -30,7 +30,7 @@ import xarray as xr
 
 from ... import metrics
 from ...store.variables import LD, LOGIT, NATS, ONE
-from ..base import Analysis, OptionError, SharedReads, check_layers, format_layers, register
+from ..base import Analysis, OptionError, SharedReads, check_layers, format_layers, recorded_option, register
 from . import stats
 from .directions import FoldError
 from .options import SteerOptions
@@ -49,19 +49,7 @@ def finalize(ds: xr.Dataset) -> xr.Dataset:
     """The resid patching effect per layer (a finished file: as it was written)."""
     if "steered_logit_diff" in ds:
         return stats.unbroadcast(ds)
-    return stats.patch_statistics(ds, _recorded(ds, "min_gap", metrics.DEFAULT_MIN_GAP))
-
-
-def _recorded(ds: xr.Dataset, key: str, default: float) -> float:
-    """An option as run: from the provenance ``options`` (the gathered chunks carry the run's attrs) or the chunk's
-    own attr."""
-    import json
-
-    try:
-        value = json.loads(ds.attrs.get("options", "{}")).get(key)
-    except (TypeError, ValueError):
-        value = None
-    return float(value if value is not None else ds.attrs.get(key, default))
+    return stats.patch_statistics(ds, float(recorded_option(ds, "min_gap", metrics.DEFAULT_MIN_GAP)))
 
 
 def complete(model: Any, ds: xr.Dataset, pairs: Any, options: SteerOptions, label_ids: Any = None,
