@@ -1,23 +1,25 @@
 """Steering: write a direction into the residual stream at the decision position and measure how the decision
 moves, with a dose-response over alpha, held-out pairs, a random-direction null and a position baseline.
 
-Directions (:mod:`.directions`) per layer from *training* pairs at the decision position: ``content`` (the mean
-over pairs of cf - base, signed toward "the ethical option is label 1"), ``caa`` (contrastive activation
-addition: the mean state where the ethical option is label 1 minus where it is label 2), ``position`` (where the
-model chose label 1 minus label 2: content-free) and ``random0..`` (seeded Gaussian directions: the null). Pairs
-are dealt into ``folds`` by the sha256 of their id; a pair is steered only with its fold's directions, made from
-the other folds. A row adds ``alpha x scale x sign x unit`` after layer ``l`` at the decision position: ``scale``
-the mean norm of the fold's training states at that layer (alpha in units of the mean residual norm), ``sign``
-+1 where the side's ethical option is label 1, -1 where it is label 2, so a positive alpha pushes every prompt
-toward its ethical option's label (through the direction's reading of it) and a negative one away.
+Directions (:mod:`.directions`) per layer from *training* pairs: ``content`` (the mean over pairs of cf - base at
+the decision position, signed toward "the ethical option is label 1"), ``caa`` (contrastive activation addition
+at the answer token, as Rimsky et al.: after the ethical answer minus after the other; applied unsigned),
+``position`` (the same answer-token states by label: after label 1 minus after label 2; content-free) and
+``random0..`` (seeded Gaussian directions: the null). Pairs are dealt into ``folds`` by the sha256 of their id; a
+pair is steered only with its fold's directions, made from the other folds. A row adds ``alpha x scale x sign x
+unit`` after layer ``l`` at the decision position: ``scale`` the mean norm of the fold's training states at that
+layer (alpha in units of the mean residual norm), ``sign`` +1 where the side's ethical option is label 1, -1 where
+it is label 2 (1 for caa), so a positive alpha pushes every prompt toward its ethical option (through the
+direction's reading of it) and a negative one away.
 
-Three passes. The chunk pass reads the chunk's shared trace (every layer's state at the decision position, the
-label logits) and runs the base rows with the counterfactual's state after each layer (resid patching at the
-decision position, over the shared trace's prefix cache: ``patched_logit_diff``), whose mean effect crossing 0.5
-picks the default layers. ``finalize`` normalises those. The ``complete`` pass (one session, one request remotely,
-per chunk) picks the layers, makes the fold directions and runs the grid: per pair, side and layer one unsteered
-row and one row per (kind, alpha != 0), each one token over the prefix cache from layer ``l + 1`` (see
-:mod:`.engine`). The file is ``store/<slug>/steer.nc``; its variables are in the README.
+Three passes. The chunk pass (:mod:`.chunk`) reads the chunk's shared trace (every layer's state at the decision
+position, the label logits) and, in its session, runs the base rows with the counterfactual's state after each
+layer (resid patching at the decision position: ``patched_logit_diff``, whose mean effect crossing 0.5 picks the
+default layers) and the answer-token rows, over the trace's prefix cache. ``finalize`` normalises the crossing.
+The ``complete`` pass (one session, one request remotely, per chunk; :mod:`.grid`) picks the layers, makes the
+fold directions and runs the grid: per pair, side and layer one unsteered row and one row per (kind, alpha != 0),
+each one token over the prefix cache from layer ``l + 1`` (:mod:`.engine`). The file is
+``store/<slug>/steer.nc``; its variables are in the README.
 """
 
 from __future__ import annotations
