@@ -294,3 +294,11 @@ def test_the_summary_finds_a_direction_that_works_subtracted():
     flipped = g.assign_coords(alpha=-g["alpha"].values)  # the same numbers at alpha 0 and -1
     s = stats.kind_summary(flipped, "content")
     assert s["alpha"] == -1.0 and s["change"] == pytest.approx(1.25) and s["one_logit_alpha"] == pytest.approx(-0.8)
+
+
+def test_the_summary_says_when_a_kind_has_no_direction(run):
+    _, _, ds = run
+    empty = ds.copy(deep=True)
+    empty["direction_norm"].loc[{"direction_kind": "content"}] = 0.0
+    lines = summarize(empty).split("\n")
+    assert lines[1].strip().startswith("content   no direction") and lines[2].strip().startswith("caa ")

@@ -88,3 +88,10 @@ def test_export_writes_the_steer_tables(tiny_model_dir, tmp_path):
     one = cells[(cells["layer"] == 1) & (cells["direction_kind"] == "content") & (cells["alpha"] == 1.0)]
     assert float(one["mean_preference_change"].iloc[0]) == pytest.approx(
         float(ds["mean_preference_change"].sel(layer=1, direction_kind="content", alpha=1.0)), rel=1e-6)
+
+
+def test_the_alpha_grid_is_one_sorted_grid_however_it_is_given():
+    from nnethics.analyses.steer import SteerOptions
+
+    assert SteerOptions(alphas=(1, -0.5, 1.0, 0)).alphas == (-0.5, 0.0, 1.0)
+    assert SteerOptions(alphas=(1, -0.5)) == SteerOptions(alphas=(-0.5, 1.0))  # the same options, one fingerprint

@@ -107,6 +107,10 @@ def summarize(ds: xr.Dataset) -> str:
              f"({ds['layer'].attrs.get('rule', '')}); unsteered: ethical preference {pref0:+.3f}, position bias "
              f"{bias0:+.2f} logits; null band: {int(ds['is_null'].values.sum())} random directions of the same norm"]
     for kind in kinds:
+        if not float(np.abs(ds["direction_norm"].sel(direction_kind=kind).values).max()):
+            lines.append(f"{kind:<9} no direction: every fold's is zero (content: no training pair swaps the "
+                         "ethical label)")
+            continue
         s = stats.kind_summary(ds, kind)
         one = "not reached" if not np.isfinite(s["one_logit_alpha"]) else f"at alpha {s['one_logit_alpha']:+.2f}"
         lines.append(f"{kind:<9} most at layer {s['layer']}, alpha {s['alpha']:+g} (x the mean residual norm): ethical "

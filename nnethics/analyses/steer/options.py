@@ -54,6 +54,8 @@ class SteerOptions:
 
     def __post_init__(self) -> None:
         check_values(self)
+        # one grid whatever the order given (the API takes tuples as they come): sorted, each value once
+        object.__setattr__(self, "alphas", tuple(sorted({float(a) for a in self.alphas})))
         if not any(a != 0 for a in self.alphas):
             raise OptionError("alphas", "needs a non-zero value (alpha 0 is the unsteered row, always computed); "
                                         "e.g. '-1,-0.5,0.5,1'")
