@@ -31,7 +31,8 @@ def _invoke(args, model_dir, store):
     (["--kinds", ""], "--kinds", "must not be empty"),
     (["--folds", "1"], "--folds", "1"),
     (["--null-seeds", "1"], "--null-seeds", "1"),
-    (["--limit", "3", "--folds", "2"], "--folds", "fewer than 2 training pairs"),
+    (["--limit", "3", "--folds", "2"], "--folds", "3 pairs in 2 folds leave fewer than 2 training pairs"),
+    (["--limit", "2"], "--folds", "2 pairs: even one pair per fold leaves fewer than 2 training pairs"),
     (["--layers", "3-1"], "--layers", "empty range"),
 ])
 def test_bad_input_is_one_line_before_the_model_loads(tiny_model_dir, tmp_path, args, flag, message):

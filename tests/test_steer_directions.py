@@ -18,7 +18,7 @@ def test_folds_are_balanced_order_free_and_refuse_too_few_training_pairs():
     with pytest.raises(FoldError, match="fewer than 2 training pairs"):
         folds(["a", "b", "c"], 2)  # the fold of 2 leaves 1
     np.testing.assert_array_equal(np.sort(folds(["a", "b", "c"], 5)), [0, 1, 2])  # more folds than pairs: one each
-    with pytest.raises(FoldError, match="fewer than 2 training pairs"):
+    with pytest.raises(FoldError, match="2 pairs: even one pair per fold leaves fewer than 2 training pairs"):
         folds(["a", "b"], 5)
     with pytest.raises(FoldError, match="at least 2 folds"):
         folds(ids, 1)

@@ -48,8 +48,11 @@ def folds(prompt_ids: Sequence[str], k: int) -> np.ndarray:
     n = len(prompt_ids)
     if k < 2:
         raise FoldError(f"k = {k}: at least 2 folds are needed to hold pairs out")
-    k = min(k, n) if n else k
+    asked, k = k, (min(k, n) if n else k)
     if n - (-(-n // k)) < 2:  # the largest fold leaves fewer than 2 pairs to train on
+        if k < asked:  # one pair per fold already
+            raise FoldError(f"{n} pairs: even one pair per fold leaves fewer than 2 training pairs; steering needs "
+                            "at least 3 pairs")
         raise FoldError(f"{n} pairs in {k} folds leave fewer than 2 training pairs per fold; use more pairs or "
                         "fewer folds")
     order = sorted(range(n), key=lambda i: hashlib.sha256(str(prompt_ids[i]).encode()).hexdigest())
