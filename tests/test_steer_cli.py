@@ -31,6 +31,9 @@ def _invoke(args, model_dir, store):
     (["--kinds", ""], "--kinds", "must not be empty"),
     (["--folds", "1"], "--folds", "1"),
     (["--null-seeds", "1"], "--null-seeds", "1"),
+    (["--null-seeds", "65"], "--null-seeds", "65"),
+    (["--alphas", "-1,1e308"], "--alphas", "must be <= 100"),
+    (["--alphas", "-101"], "--alphas", "must be >= -100"),
     (["--limit", "3", "--folds", "2"], "--folds", "3 pairs in 2 folds leave fewer than 2 training pairs"),
     (["--limit", "2"], "--folds", "2 pairs: even one pair per fold leaves fewer than 2 training pairs"),
     (["--layers", "3-1"], "--layers", "empty range"),
@@ -96,3 +99,4 @@ def test_the_alpha_grid_is_one_sorted_grid_however_it_is_given():
 
     assert SteerOptions(alphas=(1, -0.5, 1.0, 0)).alphas == (-0.5, 0.0, 1.0)
     assert SteerOptions(alphas=(1, -0.5)) == SteerOptions(alphas=(-0.5, 1.0))  # the same options, one fingerprint
+    assert SteerOptions(kinds=("caa", "content", "caa")).kinds == ("caa", "content")  # a coordinate: each once

@@ -46,9 +46,10 @@ class SteerOptions:
                                     metavar="KIND[,KIND...]")
     alphas: tuple[float, ...] = option(ALPHAS, "Steering strengths, in units of the layer's mean residual norm at "
                                                "the decision position (comma-separated; negative values push away "
-                                               "from the ethical label).", parse=parse_alphas, metavar="A[,A...]")
+                                               "from the ethical label).", parse=parse_alphas, metavar="A[,A...]",
+                                       min=-100, max=100)
     folds: int = option(5, "Folds by pair: each pair is steered with directions from the other folds only.", min=2)
-    null_seeds: int = option(4, "Random directions of the same norm (seeds 0..N-1): the null band.", min=2)
+    null_seeds: int = option(4, "Random directions of the same norm (seeds 0..N-1): the null band.", min=2, max=64)
     min_gap: float = option(DEFAULT_MIN_GAP, MIN_GAP_HELP, min=0)
     max_tokens: int = max_tokens_field()
 
@@ -56,6 +57,7 @@ class SteerOptions:
         check_values(self)
         # one grid whatever the order given (the API takes tuples as they come): sorted, each value once
         object.__setattr__(self, "alphas", tuple(sorted({float(a) for a in self.alphas})))
+        object.__setattr__(self, "kinds", tuple(dict.fromkeys(self.kinds)))  # each kind once (a coordinate)
         if not any(a != 0 for a in self.alphas):
             raise OptionError("alphas", "needs a non-zero value (alpha 0 is the unsteered row, always computed); "
                                         "e.g. '-1,-0.5,0.5,1'")
