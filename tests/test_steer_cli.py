@@ -100,3 +100,31 @@ def test_the_alpha_grid_is_one_sorted_grid_however_it_is_given():
     assert SteerOptions(alphas=(1, -0.5, 1.0, 0)).alphas == (-0.5, 0.0, 1.0)
     assert SteerOptions(alphas=(1, -0.5)) == SteerOptions(alphas=(-0.5, 1.0))  # the same options, one fingerprint
     assert SteerOptions(kinds=("caa", "content", "caa")).kinds == ("caa", "content")  # a coordinate: each once
+
+
+def test_a_crash_in_the_complete_pass_keeps_the_chunks_and_a_rerun_finishes(tiny_model_dir, tmp_path, monkeypatch):
+    """The grid fails (a dropped connection, say): the chunks' parts stay, nothing is written, and the same command
+    again does only the complete pass, giving the file an uninterrupted run gives."""
+    from nnethics.analyses.steer import engine
+
+    whole = _invoke(["steer", "--limit", "4", *SMALL], tiny_model_dir, tmp_path / "whole")
+    assert whole.exit_code == 0, whole.output
+    real = engine.grid_session
+    calls = {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("dropped")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "grid_session", flaky)
+    store = tmp_path / "crash"
+    first = _invoke(["steer", "--limit", "4", *SMALL], tiny_model_dir, store)
+    assert first.exit_code != 0 and not list(store.rglob("steer.nc"))
+    assert list(store.rglob("*.nc"))  # the chunks' parts
+    again = _invoke(["steer", "--limit", "4", *SMALL], tiny_model_dir, store)
+    assert again.exit_code == 0, again.output
+    assert "skipping 4 of 4 prompts already done" in again.output
+    a, b = ne.load(next(store.rglob("steer.nc"))), ne.load(next((tmp_path / "whole").rglob("steer.nc")))
+    xr.testing.assert_identical(a.assign_attrs(created=0), b.assign_attrs(created=0))
