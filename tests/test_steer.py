@@ -250,6 +250,9 @@ def test_the_summary_reads_the_statistics(run):
         s = stats.kind_summary(ds, kind)
         assert line.strip().startswith(f"{kind} ") and f"most at layer {s['layer']}, alpha {s['alpha']:+g} " in line
         assert f"ethical preference {s['change']:+.3f}" in line
+        own = np.mean([float(ds["direction_norm"].sel(fold_id=f, layer=s["layer"], direction_kind=kind))
+                       / float(ds["scale"].sel(fold_id=f, layer=s["layer"])) for f in range(3)])
+        assert f"the direction's own norm is {own:.3g} of it" in line
         assert ("beats the null" in line) == s["beats_null"]
     assert len(lines) == 4
 

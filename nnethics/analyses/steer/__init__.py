@@ -113,7 +113,10 @@ def summarize(ds: xr.Dataset) -> str:
             continue
         s = stats.kind_summary(ds, kind)
         one = "not reached" if not np.isfinite(s["one_logit_alpha"]) else f"at alpha {s['one_logit_alpha']:+.2f}"
-        lines.append(f"{kind:<9} most at layer {s['layer']}, alpha {s['alpha']:+g} (x the mean residual norm): ethical "
+        own = float((ds["direction_norm"].sel(direction_kind=kind, layer=s["layer"]) /
+                     ds["scale"].sel(layer=s["layer"])).mean())  # the direction's own size in units of alpha
+        lines.append(f"{kind:<9} most at layer {s['layer']}, alpha {s['alpha']:+g} (x the mean residual norm; the "
+                     f"direction's own norm is {own:.3g} of it): ethical "
                      f"preference {s['change']:+.3f} ({metrics.format_ci(s['ci_low'], s['ci_high'], '+.3f')}) "
                      f"against a null of {s['null_low']:+.3f} to {s['null_high']:+.3f}: "
                      f"{'beats the null' if s['beats_null'] else 'not beyond the null'}; +1 logit {one}; position "
