@@ -16,6 +16,7 @@ import xarray as xr
 
 from ... import metrics
 from ...render._base import WIDE, WIDTH, Figure, MissingData, band_and_curve, collect, reference_hline, require, values
+from .stats import null_range
 
 SECTION = "Steering"
 COLORS = {"content": "#1f77b4", "caa": "#d62728", "position": "#7f7f7f"}
@@ -24,16 +25,6 @@ PANEL = 250
 
 def _kinds(ds: xr.Dataset) -> list[str]:
     return [str(k) for k, null in zip(values(ds["direction_kind"]), values(ds["is_null"])) if not null]
-
-
-def _band(ds: xr.Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """The lowest and highest of ``name (layer, direction_kind, alpha)`` over the random directions: ``[layer,
-    alpha]`` each (the stored null_low/null_high for the preference; computed here for others)."""
-    null = values(ds["is_null"]).astype(bool)
-    v = values(ds[name].transpose("layer", "direction_kind", "alpha")).astype(float)[:, null]
-    if not null.any():
-        return np.full(v.shape[::2], np.nan), np.full(v.shape[::2], np.nan)
-    return np.nanmin(v, axis=1), np.nanmax(v, axis=1)
 
 
 def _legend(ds: xr.Dataset) -> hv.Overlay:
@@ -51,7 +42,7 @@ def _response(ds: xr.Dataset, name: str, ylabel: str, ci: bool) -> hv.Layout:
     directions' band (grey) and zero; the legend in a panel of its own."""
     require(ds, name, "alpha", "is_null")
     alphas = values(ds["alpha"]).astype(float)
-    lo, hi = _band(ds, name)
+    lo, hi = null_range(ds, name)
     panels = [_legend(ds)]
     for j, layer in enumerate(values(ds["layer"]).astype(int)):
         one = ds.sel(layer=layer)

@@ -176,7 +176,6 @@ def grid_statistics(ds: xr.Dataset, n_resamples: int = metrics.N_RESAMPLES, seed
     flipped = np.sign(ld) != np.sign(np.broadcast_to(ld0, ld.shape))
     top = ds["steered_label_top"].transpose(*cell, "prompt", "side").values
     kl = ds["steered_kl"].transpose(*cell, "prompt", "side").values.astype(np.float64)
-    null = ds["is_null"].values
     out = ds.assign(
         steered_ethical_margin=(cell + ("prompt", "side"), margin.astype(np.float32)),
         preference_change=(cell + ("prompt",), d_pref.astype(np.float32)),
@@ -188,11 +187,9 @@ def grid_statistics(ds: xr.Dataset, n_resamples: int = metrics.N_RESAMPLES, seed
         steered_flip_rate=(cell, flipped.mean(axis=(-2, -1)).astype(np.float32)),
         label_top_share=(cell, top.mean(axis=(-2, -1)).astype(np.float32)),
         mean_kl=(cell, kl.mean(axis=(-2, -1)).astype(np.float32)),
-        null_low=(("layer", "alpha"), (mean[:, null].min(axis=1) if null.any() else np.full(mean[:, 0].shape, np.nan)
-                                       ).astype(np.float32)),
-        null_high=(("layer", "alpha"), (mean[:, null].max(axis=1) if null.any() else np.full(mean[:, 0].shape, np.nan)
-                                        ).astype(np.float32)),
     )
+    low_null, high_null = null_range(out, "mean_preference_change")
+    out = out.assign(null_low=(("layer", "alpha"), low_null), null_high=(("layer", "alpha"), high_null))
     for end in ("low", "high"):
         out[f"preference_change_ci_{end}"].attrs.update(metrics.ci_attrs(seed, n_resamples))
     return out
@@ -236,13 +233,18 @@ def kind_summary(ds: xr.Dataset, kind: str) -> dict[str, Any]:
             "ci_high": float(grid("preference_change_ci_high", kind)[j, a]),
             "null_low": float(grid("null_low")[j, a]), "null_high": null_high,
             "bias_change": float(grid("mean_bias_change", kind)[j, a]),
-            "kl": float(grid("mean_kl", kind)[j, a]), "kl_null": _null_range(ds, "mean_kl", j, a),
+            "kl": float(grid("mean_kl", kind)[j, a]), "kl_null": tuple(float(r[j, a]) for r in null_range(ds, "mean_kl")),
             "one_logit_alpha": one_logit_alpha(alphas, m[j], 1.0 if alphas[a] > 0 else -1.0),
             "beats_null": bool(np.isfinite(low) and np.isfinite(null_high) and low > null_high)}
 
 
-def _null_range(ds: xr.Dataset, name: str, j: int, a: int) -> tuple[float, float]:
-    """The lowest and highest of ``name`` over the random directions at layer index ``j``, alpha index ``a``."""
+def null_range(ds: xr.Dataset, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest of ``name (layer, direction_kind, alpha)`` over the random directions, ``[layer,
+    alpha]`` each (NaN without any): the stored null band of the preference, and the figures' and the summary's
+    ranges of the other quantities."""
     null = ds["is_null"].values.astype(bool)
-    v = ds[name].transpose("layer", "direction_kind", "alpha").values.astype(np.float64)[j, null, a]
-    return (float(v.min()), float(v.max())) if v.size else (float("nan"), float("nan"))
+    v = ds[name].transpose("layer", "direction_kind", "alpha").values
+    if not null.any():
+        nan = np.full((v.shape[0], v.shape[2]), np.nan, dtype=v.dtype)
+        return nan, nan.copy()
+    return v[:, null].min(axis=1), v[:, null].max(axis=1)
