@@ -66,7 +66,6 @@ def complete(model: Any, ds: xr.Dataset, pairs: Any, options: SteerOptions, labe
     else:
         layers, rule = stats.default_layers(ds["mean_patch_effect"].values)
     check_layers("layers", layers, ds.sizes["patch_layer"])
-    check_folds(options, [str(p) for p in ds["prompt"].values])
     ds = stats.fold_directions(ds, layers, options.kinds, options.folds, options.null_seeds)
     ds = ds.assign_coords(alpha=np.asarray(options.alphas, dtype=np.float64))
     ds["layer"].attrs["rule"] = rule  # on the coordinate: a rerun's provenance replaces the file's own attrs
